@@ -1,0 +1,18 @@
+"""Shared fixtures: every test starts from a fixed seed; flow tests run in float64."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as the default dtype (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

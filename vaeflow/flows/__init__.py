@@ -1,0 +1,34 @@
+"""Normalizing flows, usable on their own or inside a VAE.
+
+Direction convention: ``forward`` maps data -> noise and returns ``(u, log|det du/dx|)``;
+``inverse`` maps noise -> data and returns ``(x, log|det dx/du|)``. See
+:mod:`vaeflow.flows.base`.
+"""
+
+from .base import (
+    Composite,
+    FixedAffine,
+    Inverse,
+    LULinear,
+    Permutation,
+    RandomPermutation,
+    ReversePermutation,
+    ShapeError,
+    Transform,
+)
+from .density import DiagonalNormal, FlowDensity, StandardNormal
+
+__all__ = [
+    "Composite",
+    "DiagonalNormal",
+    "FixedAffine",
+    "FlowDensity",
+    "Inverse",
+    "LULinear",
+    "Permutation",
+    "RandomPermutation",
+    "ReversePermutation",
+    "ShapeError",
+    "StandardNormal",
+    "Transform",
+]

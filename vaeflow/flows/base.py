@@ -1,0 +1,389 @@
+"""The transform contract every flow layer keeps, its wrappers, and permutations.
+
+Direction convention (DESIGN.md, convention 1): ``forward`` runs data -> noise, the
+normalising direction of RealNVP, Glow and MAF::
+
+    u, logabsdet = t.forward(x, context)   # logabsdet = log|det du/dx|
+    x, logabsdet = t.inverse(u, context)   # logabsdet = log|det dx/du|
+
+Shapes (convention 2): ``x`` is ``(*, *event_shape)`` with any number of leading
+(sample/batch) dimensions; ``logabsdet`` always has exactly the leading shape ``(*)``.
+A context vector ``(*, C)`` is broadcast against the leading dimensions of ``x``, so a
+posterior may pass ``h`` of shape ``(B, C)`` with latents of shape ``(K, B, D)``.
+
+References:
+    Dinh et al. 2017, "Density estimation using Real NVP", arXiv:1605.08803.
+    Kingma & Dhariwal 2018, "Glow", arXiv:1807.03039 (LU-decomposed linear maps).
+    Papamakarios et al. 2021, "Normalizing Flows for Probabilistic Modeling and
+    Inference", arXiv:1912.02762 (the forward/inverse vocabulary used here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Transform",
+    "Composite",
+    "Inverse",
+    "FixedAffine",
+    "Permutation",
+    "ReversePermutation",
+    "RandomPermutation",
+    "LULinear",
+    "ShapeError",
+    "sum_except_leading",
+]
+
+
+class ShapeError(ValueError):
+    """Raised when an input or a context does not have the shape a transform expects."""
+
+
+def sum_except_leading(x: Tensor, event_ndim: int) -> Tensor:
+    """Sum over the trailing ``event_ndim`` dimensions: ``(*, *event) -> (*)``."""
+    if event_ndim == 0:
+        return x
+    return x.sum(dim=tuple(range(-event_ndim, 0)))
+
+
+class Transform(nn.Module):
+    """A bijection with a tractable log-determinant, optionally conditioned on a context.
+
+    Subclasses implement :meth:`forward` (data -> noise) and :meth:`inverse`
+    (noise -> data), both returning ``(output, logabsdet)``. A layer that has no
+    analytic inverse in one direction raises :class:`NotImplementedError` there and
+    says which direction it does have.
+
+    Args:
+        event_shape: trailing shape of the inputs of :meth:`forward`, e.g. ``(D,)`` for
+            vectors or ``(C, H, W)`` for images.
+        context_features: width ``C`` of the context vector (0: unconditional).
+        out_event_shape: trailing shape of the outputs of :meth:`forward` when it differs
+            from ``event_shape`` (squeeze, multi-scale flattening).
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int] | int,
+        context_features: int = 0,
+        out_event_shape: Sequence[int] | int | None = None,
+    ) -> None:
+        super().__init__()
+        self.event_shape: tuple[int, ...] = _as_shape(event_shape)
+        self.out_event_shape: tuple[int, ...] = (
+            self.event_shape if out_event_shape is None else _as_shape(out_event_shape)
+        )
+        if context_features < 0:
+            raise ValueError(f"context_features must be >= 0, got {context_features}")
+        self.context_features = int(context_features)
+
+    # -- the contract ---------------------------------------------------------------
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data -> noise. Returns ``u (*, *out_event_shape)`` and ``log|det du/dx| (*)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Noise -> data. Returns ``x (*, *event_shape)`` and ``log|det dx/du| (*)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement inverse")
+
+    # -- validation shared by every layer -----------------------------------------------
+    def check_input(
+        self, x: Tensor, context: Tensor | None, inverse: bool = False
+    ) -> tuple[torch.Size, Tensor | None]:
+        """Validate ``x`` and ``context``; return the leading shape and the expanded context.
+
+        Raises :class:`ShapeError` naming what was expected, instead of letting a wrong
+        shape broadcast silently into a wrong answer.
+        """
+        shape = self.out_event_shape if inverse else self.event_shape
+        n = len(shape)
+        name = "inverse" if inverse else "forward"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}.{name}: expected a Tensor, got {type(x)}")
+        if x.dim() < n or tuple(x.shape[x.dim() - n :]) != shape:
+            raise ShapeError(
+                f"{type(self).__name__}.{name}: expected input of shape (*, "
+                f"{', '.join(map(str, shape))}), got {tuple(x.shape)}"
+            )
+        lead = x.shape[: x.dim() - n]
+        return lead, self.expand_context(context, lead)
+
+    def expand_context(self, context: Tensor | None, lead: torch.Size) -> Tensor | None:
+        """Broadcast a context ``(*c, C)`` to ``(*lead, C)``, or fail with a clear message."""
+        name = type(self).__name__
+        if self.context_features == 0:
+            if context is not None:
+                raise ShapeError(
+                    f"{name} was built without context (context_features=0) but a context "
+                    f"of shape {tuple(context.shape)} was given"
+                )
+            return None
+        if context is None:
+            raise ShapeError(
+                f"{name} needs a context of shape (*, {self.context_features}); none given"
+            )
+        if context.dim() < 1 or context.shape[-1] != self.context_features:
+            raise ShapeError(
+                f"{name}: expected context of shape (*, {self.context_features}), "
+                f"got {tuple(context.shape)}"
+            )
+        try:
+            target = torch.broadcast_shapes(context.shape[:-1], lead)
+        except RuntimeError:
+            target = None
+        if target != lead:
+            raise ShapeError(
+                f"{name}: context leading shape {tuple(context.shape[:-1])} does not "
+                f"broadcast to the input's leading shape {tuple(lead)}"
+            )
+        return context.expand(*lead, self.context_features)
+
+    @property
+    def event_ndim(self) -> int:
+        return len(self.event_shape)
+
+
+def _as_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
+    if isinstance(shape, int):
+        return (shape,)
+    return tuple(int(s) for s in shape)
+
+
+class Composite(Transform):
+    """Apply transforms in sequence; forward runs them in order, inverse in reverse.
+
+    The context is handed only to the layers that take one (``context_features > 0``),
+    so conditional and unconditional layers can be mixed freely.
+    """
+
+    def __init__(self, transforms: Iterable[Transform]) -> None:
+        transforms = list(transforms)
+        if not transforms:
+            raise ValueError("Composite needs at least one transform")
+        ctx = {t.context_features for t in transforms if t.context_features > 0}
+        if len(ctx) > 1:
+            raise ValueError(f"Composite: layers disagree on context_features: {sorted(ctx)}")
+        for a, b in zip(transforms, transforms[1:], strict=False):
+            if a.out_event_shape != b.event_shape:
+                raise ShapeError(
+                    f"Composite: {type(a).__name__} outputs {a.out_event_shape} but "
+                    f"{type(b).__name__} expects {b.event_shape}"
+                )
+        super().__init__(
+            transforms[0].event_shape,
+            ctx.pop() if ctx else 0,
+            out_event_shape=transforms[-1].out_event_shape,
+        )
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, context = self.check_input(x, context)
+        total = x.new_zeros(lead)
+        for t in self.transforms:
+            x, ld = t(x, context if t.context_features else None)
+            total = total + ld
+        return x, total
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, context = self.check_input(u, context, inverse=True)
+        total = u.new_zeros(lead)
+        for t in reversed(self.transforms):
+            u, ld = t.inverse(u, context if t.context_features else None)
+            total = total + ld
+        return u, total
+
+
+class Inverse(Transform):
+    """Swap the two directions of a transform: ``Inverse(t).forward == t.inverse``.
+
+    ``Inverse(AffineAutoregressive(...))`` is the IAF: its sampling direction
+    (``inverse``) is the autoregressive layer's one-pass ``forward``.
+    """
+
+    def __init__(self, transform: Transform) -> None:
+        super().__init__(
+            transform.out_event_shape,
+            transform.context_features,
+            out_event_shape=transform.event_shape,
+        )
+        self.transform = transform
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(x, context)
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform(u, context)
+
+
+class FixedAffine(Transform):
+    """Fixed elementwise affine map ``u = scale * x + shift`` (no parameters).
+
+    Mostly a known-answer reference: a scaling by 2 in ``D`` dimensions has forward
+    log-determinant ``D * log 2``, which pins the sign convention in the tests.
+    """
+
+    def __init__(self, event_shape: Sequence[int] | int, scale: float, shift: float = 0.0):
+        super().__init__(event_shape)
+        if scale == 0:
+            raise ValueError("FixedAffine: scale must be non-zero")
+        self.scale = float(scale)
+        self.shift = float(shift)
+
+    def _ld(self, x: Tensor, lead: torch.Size, sign: float) -> Tensor:
+        n = math.prod(self.event_shape)
+        return x.new_full(lead, sign * n * math.log(abs(self.scale)))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, _ = self.check_input(x, context)
+        return x * self.scale + self.shift, self._ld(x, lead, 1.0)
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, _ = self.check_input(u, context, inverse=True)
+        return (u - self.shift) / self.scale, self._ld(u, lead, -1.0)
+
+
+class Permutation(Transform):
+    """Permute one dimension of the event (features of a vector, channels of an image).
+
+    Args:
+        permutation: a permutation of ``range(n)``.
+        event_shape: the event shape; defaults to ``(n,)``.
+        dim: which event dimension to permute, counted from the end (``-1`` for vector
+            features, ``-3`` for the channels of ``(C, H, W)`` images).
+    """
+
+    def __init__(
+        self,
+        permutation: Tensor,
+        event_shape: Sequence[int] | int | None = None,
+        dim: int = -1,
+    ) -> None:
+        permutation = torch.as_tensor(permutation, dtype=torch.long)
+        n = permutation.numel()
+        if not torch.equal(permutation.sort().values, torch.arange(n)):
+            raise ValueError(f"not a permutation of range({n}): {permutation.tolist()}")
+        super().__init__((n,) if event_shape is None else event_shape)
+        if dim >= 0 or -dim > self.event_ndim or self.event_shape[dim] != n:
+            raise ValueError(
+                f"Permutation of length {n} does not fit dim {dim} of event {self.event_shape}"
+            )
+        self.dim = dim
+        self.register_buffer("perm", permutation)
+        self.register_buffer("inv_perm", torch.argsort(permutation))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, _ = self.check_input(x, context)
+        return x.index_select(self.dim, self.perm), x.new_zeros(lead)
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, _ = self.check_input(u, context, inverse=True)
+        return u.index_select(self.dim, self.inv_perm), u.new_zeros(lead)
+
+
+class ReversePermutation(Permutation):
+    """Reverse the order of the features (or channels with ``dim=-3``)."""
+
+    def __init__(
+        self, features: int, event_shape: Sequence[int] | int | None = None, dim: int = -1
+    ) -> None:
+        super().__init__(torch.arange(features - 1, -1, -1), event_shape, dim)
+
+
+class RandomPermutation(Permutation):
+    """A fixed random permutation, drawn once from ``seed`` and stored as a buffer."""
+
+    def __init__(
+        self,
+        features: int,
+        seed: int = 0,
+        event_shape: Sequence[int] | int | None = None,
+        dim: int = -1,
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(torch.randperm(features, generator=g), event_shape, dim)
+
+
+class LULinear(Transform):
+    """Learned invertible linear map ``u = W x + b`` along one event dimension, W = P L U.
+
+    ``P`` is a fixed permutation, ``L`` unit lower-triangular, ``U`` upper-triangular
+    with diagonal ``sign * exp(log_s)``; the log-determinant is ``sum(log_s)`` times the
+    number of positions the map is applied at (``H * W`` for a 1x1 convolution). Starts
+    as the identity (Glow starts from a random rotation; DESIGN.md convention 5 asks
+    every layer to start as the identity instead).
+
+    Args:
+        features: size ``n`` of the mixed dimension.
+        event_shape: the event shape; defaults to ``(n,)``. For images ``(C, H, W)``
+            with ``dim=-3`` this is Glow's invertible 1x1 convolution.
+        dim: which event dimension is mixed, counted from the end.
+        bias: learn a shift ``b`` as well.
+
+    References:
+        Kingma & Dhariwal 2018, "Glow", arXiv:1807.03039, section 3.2.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        event_shape: Sequence[int] | int | None = None,
+        dim: int = -1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__((features,) if event_shape is None else event_shape)
+        if dim >= 0 or -dim > self.event_ndim or self.event_shape[dim] != features:
+            raise ValueError(f"LULinear({features}) does not fit dim {dim} of {self.event_shape}")
+        self.features = features
+        self.dim = dim
+        self.positions = math.prod(self.event_shape) // features
+        self.lower = nn.Parameter(torch.zeros(features, features))
+        self.upper = nn.Parameter(torch.zeros(features, features))
+        self.log_s = nn.Parameter(torch.zeros(features))
+        self.register_buffer("sign_s", torch.ones(features))
+        self.register_buffer("perm", torch.arange(features))
+        self.bias = nn.Parameter(torch.zeros(features)) if bias else None
+
+    def _lu(self) -> tuple[Tensor, Tensor]:
+        n = self.features
+        eye = torch.eye(n, dtype=self.lower.dtype, device=self.lower.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The ``(n, n)`` matrix ``W = P L U`` (rows of ``L U`` taken in order ``perm``)."""
+        lower, upper = self._lu()
+        return (lower @ upper)[self.perm]
+
+    def _bias_shape(self) -> tuple[int, ...]:
+        shape = [1] * self.event_ndim
+        shape[self.dim] = self.features
+        return tuple(shape)
+
+    def _logdet(self, x: Tensor, lead: torch.Size, sign: float) -> Tensor:
+        return (sign * self.positions * self.log_s.sum()).to(x.dtype).expand(lead)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, _ = self.check_input(x, context)
+        u = (x.movedim(self.dim, -1) @ self.weight().T).movedim(-1, self.dim)
+        if self.bias is not None:
+            u = u + self.bias.view(self._bias_shape())
+        return u, self._logdet(x, lead, 1.0)
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, _ = self.check_input(u, context, inverse=True)
+        if self.bias is not None:
+            u = u - self.bias.view(self._bias_shape())
+        lower, upper = self._lu()
+        # W x = v  <=>  L U x = v[argsort(perm)]: two triangular solves, never an inverse.
+        v = u.movedim(self.dim, -1)
+        rhs = v.reshape(-1, self.features)[:, self.perm.argsort()].T
+        y = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(upper, y, upper=True)
+        x = x.T.reshape(v.shape).movedim(-1, self.dim)
+        return x, self._logdet(u, lead, -1.0)
