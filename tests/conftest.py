@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+# The tests run many tiny ops; intra-op threads only add contention on 2-core machines
+# (measured ~20x slower with 2 threads while another process ran).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

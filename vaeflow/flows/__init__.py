@@ -17,8 +17,13 @@ from .base import (
     Transform,
 )
 from .density import DiagonalNormal, FlowDensity, StandardNormal
+from .registry import FLOWS, FlowSpec, build_flow, flow_names
 
 __all__ = [
+    "FLOWS",
+    "FlowSpec",
+    "build_flow",
+    "flow_names",
     "Composite",
     "DiagonalNormal",
     "FixedAffine",

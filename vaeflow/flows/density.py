@@ -87,9 +87,7 @@ class FlowDensity(nn.Module):
         u, logabsdet = self.transform(x, context)
         return self.base.log_prob(u) + logabsdet
 
-    def sample_and_log_prob(
-        self, n: int, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` samples per context row and their log-density in one pass.
 
         Returns ``x (n, *ctx_lead, *event)`` and ``log p(x) (n, *ctx_lead)``, where

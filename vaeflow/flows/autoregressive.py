@@ -1,0 +1,608 @@
+"""Autoregressive flows: MADE, the affine autoregressive layer (MAF / IAF) and the gated IAF.
+
+One class, two uses (STYLE.md practice 2). An autoregressive layer computes the
+parameters of feature ``i`` from the features that come before ``i`` in its order, so
+one of its two directions is a single network pass and the other needs ``D`` passes:
+
+* :class:`AffineAutoregressive` has the one-pass direction as ``forward`` (data ->
+  noise): it is a MAF layer, cheap to score data with (flow priors, density models).
+* ``Inverse(AffineAutoregressive(...))`` is an IAF layer: its ``inverse`` (noise ->
+  data, the sampling direction a posterior needs) is that same single pass, and the
+  log-determinant comes out of the pass that produced the sample.
+
+:class:`GatedAutoregressive` is Kingma et al.'s LSTM-style update, with the same
+convention: one-pass ``forward``, sequential ``inverse``; the IAF use is
+``Inverse(GatedAutoregressive(...))``.
+
+References:
+    Germain et al. 2015, "MADE: Masked Autoencoder for Distribution Estimation",
+    arXiv:1502.03509.
+    Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive
+    Flow", arXiv:1606.04934.
+    Papamakarios et al. 2017, "Masked Autoregressive Flow for Density Estimation",
+    arXiv:1705.07057.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..nn import MaskedLinear, make_activation, zero_init
+from .base import (
+    Composite,
+    Inverse,
+    Permutation,
+    RandomPermutation,
+    ReversePermutation,
+    Transform,
+)
+
+__all__ = [
+    "MADE",
+    "AffineAutoregressive",
+    "GatedAutoregressive",
+    "make_order",
+    "make_permutation",
+    "undo_permutations",
+    "soft_clip",
+    "build_maf",
+    "build_iaf",
+    "build_gated_iaf",
+]
+
+ORDERS = ("natural", "random")
+PERMUTATIONS = ("reverse", "random", "none")
+
+
+def soft_clip(s: Tensor, bound: float | None) -> Tensor:
+    """Smoothly squash ``s`` into ``(-bound, bound)``: ``bound * tanh(s / bound)``.
+
+    Near zero it is the identity (slope 1), so a zero-initialised conditioner still gives
+    an exactly zero log-scale; far away it saturates, so scales can never explode.
+    ``bound=None`` disables the clip.
+    """
+    if bound is None:
+        return s
+    return bound * torch.tanh(s / bound)
+
+
+def make_order(features: int, order: str | Tensor = "natural", seed: int = 0) -> Tensor:
+    """The autoregressive order as ranks: feature ``d`` is the ``order[d]``-th to be generated.
+
+    Args:
+        features: number of features ``D``.
+        order: ``"natural"`` (``0, 1, ..., D-1``), ``"random"`` (a permutation drawn from
+            ``seed``) or an explicit permutation of ``range(D)``.
+        seed: seed of the random order.
+
+    Returns:
+        A long tensor ``(D,)``, a permutation of ``range(D)``. Output ``i`` of a MADE with
+        this order may depend on input ``j`` only if ``order[j] < order[i]``.
+    """
+    if isinstance(order, str):
+        if order == "natural":
+            return torch.arange(features)
+        if order == "random":
+            return torch.randperm(features, generator=torch.Generator().manual_seed(seed))
+        raise ValueError(f"order must be one of {ORDERS} or a permutation tensor, got {order!r}")
+    ranks = torch.as_tensor(order, dtype=torch.long).reshape(-1)
+    if ranks.numel() != features or not torch.equal(ranks.sort().values, torch.arange(features)):
+        raise ValueError(f"order must be a permutation of range({features}), got {ranks.tolist()}")
+    return ranks.clone()
+
+
+class MADE(nn.Module):
+    """Masked autoencoder: ``(*, D) -> (*, D, P)`` with output ``i`` a function of ``x_<i``.
+
+    Every unit gets a degree. Inputs have degree ``order[d] + 1`` (1..D); a hidden unit
+    sees the units below it of degree ``<=`` its own, and output ``i`` sees the hidden
+    units of degree strictly ``<`` its input degree. Hence ``out[..., i, :]`` depends
+    only on the inputs ``j`` with ``order[j] < order[i]``. Hidden degrees cycle
+    deterministically (the paper draws them at random; a cycle guarantees that every
+    degree is present whenever ``hidden`` is at least the number of degrees, so no
+    allowed connection is silently lost) through ``1..D-1`` without context, and through
+    ``0..D-1`` with context: degree-0 units see no input but do see the context, and
+    they are the only hidden units the first feature in the order may use. Without them
+    (as in a plain conditional MADE) the first feature's parameters would be constants
+    that ignore the context.
+
+    A context ``(*, C)`` enters through an *unmasked* linear map added to the first
+    hidden pre-activation (Kingma et al. 2016, section 4; STYLE.md practice 5). Context
+    is not one of the autoregressive variables, so every output may depend on it
+    without breaking the triangular structure.
+
+    Args:
+        features: ``D``.
+        params_per_feature: ``P``, the number of outputs per feature.
+        hidden: width of each hidden layer.
+        num_hidden: number of hidden layers (0: one masked linear map ``x -> out``,
+            with the context added to the output directly).
+        context_features: ``C`` (0: no context).
+        order: ``"natural"``, ``"random"`` or an explicit permutation (see
+            :func:`make_order`).
+        seed: seed of a random order.
+        activation: hidden non-linearity (a name in :data:`vaeflow.nn.ACTIVATIONS`).
+        zero_last: zero-initialise the output layer (and with ``num_hidden=0`` also the
+            context map) so every output is exactly 0 at init.
+
+    References:
+        Germain et al. 2015, arXiv:1502.03509 (masks and degrees).
+        Kingma et al. 2016, arXiv:1606.04934 (context in the autoregressive network).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        params_per_feature: int,
+        hidden: int = 64,
+        num_hidden: int = 2,
+        context_features: int = 0,
+        order: str | Tensor = "natural",
+        seed: int = 0,
+        activation: str = "relu",
+        zero_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if features < 1 or params_per_feature < 1:
+            raise ValueError(
+                f"MADE needs features >= 1 and params_per_feature >= 1, "
+                f"got {features} and {params_per_feature}"
+            )
+        if num_hidden < 0 or (num_hidden > 0 and hidden < 1):
+            raise ValueError(f"MADE: bad hidden={hidden} / num_hidden={num_hidden}")
+        self.features = features
+        self.params_per_feature = params_per_feature
+        self.context_features = context_features
+        ranks = make_order(features, order, seed)
+        self.register_buffer("order", ranks)
+
+        in_deg = ranks + 1
+        if context_features:
+            # Degree 0 carries the context to the first feature in the order.
+            hid_deg = torch.arange(hidden) % features
+        else:
+            # 1..D-1 in a cycle (degree-0 units would only be constants); with D = 1 no
+            # input can be used at all and every unit has degree 0.
+            hid_deg = torch.arange(hidden) % max(features - 1, 1) + min(features - 1, 1)
+        # Output unit (i, p) sits at index i * P + p, so a reshape gives (*, D, P).
+        out_deg = in_deg.repeat_interleave(params_per_feature)
+
+        layers: list[MaskedLinear] = []
+        prev = in_deg
+        for _ in range(num_hidden):
+            mask = (hid_deg[:, None] >= prev[None, :]).to(torch.get_default_dtype())
+            layers.append(MaskedLinear(prev.numel(), hidden, mask))
+            prev = hid_deg
+        out_mask = (out_deg[:, None] > prev[None, :]).to(torch.get_default_dtype())
+        self.out = MaskedLinear(prev.numel(), features * params_per_feature, out_mask)
+        self.hidden_layers = nn.ModuleList(layers)
+        self.activations = nn.ModuleList(make_activation(activation) for _ in layers)
+        first_width = hidden if num_hidden > 0 else features * params_per_feature
+        self.context = nn.Linear(context_features, first_width) if context_features else None
+        if zero_last:
+            zero_init(self.out)
+            if num_hidden == 0 and self.context is not None:
+                zero_init(self.context)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``x (*, D)``, ``context (*, C)`` (same leading dims) ``-> (*, D, P)``."""
+        h = x
+        for i, (layer, act) in enumerate(zip(self.hidden_layers, self.activations, strict=True)):
+            h = layer(h)
+            if i == 0 and self.context is not None:
+                h = h + self.context(context)
+            h = act(h)
+        out = self.out(h)
+        if not self.hidden_layers and self.context is not None:
+            out = out + self.context(context)
+        return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
+
+
+class _Autoregressive(Transform):
+    """Shared machinery: a MADE conditioner and the sequential inversion loop."""
+
+    params_per_feature: int
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int,
+        num_hidden: int,
+        context_features: int,
+        order: str | Tensor,
+        seed: int,
+        activation: str,
+    ) -> None:
+        super().__init__(features, context_features)
+        self.features = features
+        self.made = MADE(
+            features,
+            self.params_per_feature,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            order=order,
+            seed=seed,
+            activation=activation,
+            zero_last=True,
+        )
+
+    @property
+    def order(self) -> Tensor:
+        """Ranks ``(D,)`` of the features in the autoregressive order."""
+        return self.made.order
+
+    def _sequential_inverse(
+        self, u: Tensor, context: Tensor | None, step
+    ) -> tuple[Tensor, Tensor]:
+        # Invert a triangular map by D passes. Pass t recomputes every feature from the
+        # current guess; features of rank < t are already exact before pass t, so after
+        # pass t ranks <= t are exact, and after D passes all are. The parameters of the
+        # last pass were computed from an x exact at ranks <= D-2, which is all the last
+        # feature depends on, so its log-det is exact too. Cost: D network passes.
+        x = torch.zeros_like(u)
+        ld = u.new_zeros(u.shape[:-1])
+        for _ in range(self.features):
+            x, ld = step(u, self.made(x, context))
+        return x, ld
+
+
+class AffineAutoregressive(_Autoregressive):
+    """Affine autoregressive layer: MAF as it stands, IAF when wrapped in ``Inverse``.
+
+    ``forward`` (data -> noise, one network pass)::
+
+        (m, s_raw) = MADE(x, context),   s = b * tanh(s_raw / b)
+        u_i = (x_i - m_i(x_<i)) * exp(-s_i(x_<i)),   log|det du/dx| = -sum_i s_i
+
+    ``inverse`` (noise -> data) solves ``x_i = u_i * exp(s_i) + m_i`` in ``D`` sequential
+    network passes, with ``log|det dx/du| = +sum_i s_i``.
+
+    The MADE output layer is zero at init, so ``m = s = 0`` and the layer is exactly the
+    identity. The soft clip ``b * tanh(s / b)`` bounds every per-feature scale to
+    ``(e^-b, e^b)``.
+
+    ``Inverse(AffineAutoregressive(...))`` is the IAF of Kingma et al. 2016: its
+    ``inverse`` (the sampling direction) is this class's one-pass ``forward`` applied to
+    the noise, ``z = eps * exp(-s(eps)) - m(eps) * exp(-s(eps))``, which is the paper's
+    ``z = mu(eps) + sigma(eps) * eps`` with ``sigma = exp(-s)`` and ``mu = -m * sigma``.
+
+    Args:
+        features: ``D``.
+        hidden: MADE hidden width.
+        num_hidden: number of MADE hidden layers.
+        context_features: ``C`` (0: unconditional).
+        order: ``"natural"``, ``"random"`` or an explicit permutation (ranks).
+        seed: seed of a random order.
+        scale_bound: ``b`` of the soft clip (``None``: unbounded).
+        activation: MADE non-linearity.
+
+    References:
+        Papamakarios et al. 2017, arXiv:1705.07057, section 3 (MAF).
+        Kingma et al. 2016, arXiv:1606.04934 (IAF = the inverse of this layer).
+    """
+
+    params_per_feature = 2
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int = 64,
+        num_hidden: int = 2,
+        context_features: int = 0,
+        order: str | Tensor = "natural",
+        seed: int = 0,
+        scale_bound: float | None = 5.0,
+        activation: str = "relu",
+    ) -> None:
+        if scale_bound is not None and not scale_bound > 0:
+            raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
+        super().__init__(features, hidden, num_hidden, context_features, order, seed, activation)
+        self.scale_bound = scale_bound
+
+    def _shift_logscale(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        return params[..., 0], soft_clip(params[..., 1], self.scale_bound)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data -> noise in one pass: ``x (*, D) -> u (*, D)``, ``log|det du/dx| (*)``."""
+        _, context = self.check_input(x, context)
+        m, s = self._shift_logscale(self.made(x, context))
+        return (x - m) * torch.exp(-s), -s.sum(-1)
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Noise -> data in ``D`` sequential passes: ``u (*, D) -> x (*, D)``, log-det ``(*)``."""
+        _, context = self.check_input(u, context, inverse=True)
+
+        def step(u: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+            m, s = self._shift_logscale(params)
+            return u * torch.exp(s) + m, s.sum(-1)
+
+        return self._sequential_inverse(u, context, step)
+
+
+class GatedAutoregressive(_Autoregressive):
+    """Kingma et al.'s gated (LSTM-style) autoregressive update, one-pass as ``forward``.
+
+    ``forward`` (one network pass)::
+
+        (m, s_raw) = MADE(x, context),   sigma = sigmoid(b * tanh(s_raw / b) + forget_bias)
+        y = sigma * x + (1 - sigma) * m,  log|det dy/dx| = sum_i log sigma_i
+
+    ``inverse`` solves ``x = (y - (1 - sigma) * m) / sigma`` sequentially (``D`` passes).
+
+    Used as ``Inverse(GatedAutoregressive(...))``, the sampling direction (its
+    ``inverse``) is exactly the update of Kingma et al. 2016 (algorithm 1):
+    ``z = sigma * eps + (1 - sigma) * m`` with ``m, sigma`` computed from ``eps``.
+
+    Not the identity at init (a documented exception to DESIGN.md convention 5): the
+    MADE output is zero, so ``m = 0`` and ``sigma = sigmoid(forget_bias)``, i.e. the layer
+    starts as the fixed scaling ``y = sigmoid(forget_bias) * x`` with log-det
+    ``D * logsigmoid(forget_bias)``. Kingma et al. recommend a positive bias (+1 or +2)
+    so that ``sigma`` starts near 1; the default 1.0 follows the reference IAF of
+    van den Berg et al. 2018 (Sylvester flows); 2.0 starts closer to the identity
+    (``sigmoid(2) = 0.88``).
+
+    The gate pre-activation is soft-clipped like the affine layer's log-scale, so
+    ``sigma`` stays in ``[sigmoid(forget_bias - b), sigmoid(forget_bias + b)]``: the
+    paper's gate is bounded above by 1 but not away from 0, and a vanishing ``sigma``
+    would make the inverse divide by zero.
+
+    Args:
+        features: ``D``.
+        hidden: MADE hidden width.
+        num_hidden: number of MADE hidden layers.
+        context_features: ``C`` (0: unconditional).
+        order: ``"natural"``, ``"random"`` or an explicit permutation (ranks).
+        seed: seed of a random order.
+        forget_bias: constant added to the gate pre-activation.
+        scale_bound: ``b`` of the soft clip on the gate pre-activation (``None``: off).
+        activation: MADE non-linearity.
+
+    References:
+        Kingma et al. 2016, arXiv:1606.04934, section 4 and algorithm 1.
+        van den Berg et al. 2018, "Sylvester Normalizing Flows", arXiv:1803.05649.
+    """
+
+    params_per_feature = 2
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int = 64,
+        num_hidden: int = 2,
+        context_features: int = 0,
+        order: str | Tensor = "natural",
+        seed: int = 0,
+        forget_bias: float = 1.0,
+        scale_bound: float | None = 5.0,
+        activation: str = "relu",
+    ) -> None:
+        if scale_bound is not None and not scale_bound > 0:
+            raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
+        super().__init__(features, hidden, num_hidden, context_features, order, seed, activation)
+        self.forget_bias = float(forget_bias)
+        self.scale_bound = scale_bound
+
+    def _mean_gate(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``m``, ``sigma`` and ``log sigma`` (via logsigmoid: no log(0))."""
+        pre = soft_clip(params[..., 1], self.scale_bound) + self.forget_bias
+        return params[..., 0], torch.sigmoid(pre), F.logsigmoid(pre)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One pass: ``x (*, D) -> y (*, D)``, ``log|det dy/dx| (*)``."""
+        _, context = self.check_input(x, context)
+        m, sigma, log_sigma = self._mean_gate(self.made(x, context))
+        return sigma * x + (1 - sigma) * m, log_sigma.sum(-1)
+
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``D`` sequential passes: ``y (*, D) -> x (*, D)``, ``log|det dx/dy| (*)``."""
+        _, context = self.check_input(u, context, inverse=True)
+
+        def step(y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+            m, sigma, log_sigma = self._mean_gate(params)
+            return (y - (1 - sigma) * m) / sigma, -log_sigma.sum(-1)
+
+        return self._sequential_inverse(u, context, step)
+
+
+# -- builders ------------------------------------------------------------------------------
+
+
+def _check_common(features: int, num_layers: int, hidden: int, context_features: int) -> None:
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"features must be a positive int, got {features!r}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if hidden < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden}")
+    if context_features < 0:
+        raise ValueError(f"context_features must be >= 0, got {context_features}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"option {name}={value!r} is not one of {choices}")
+
+
+def make_permutation(kind: str, features: int, seed: int) -> Transform | None:
+    """The feature permutation put between autoregressive layers (``None`` for ``"none"``)."""
+    _check_choice("permutation", kind, PERMUTATIONS)
+    if kind == "reverse":
+        return ReversePermutation(features)
+    if kind == "random":
+        return RandomPermutation(features, seed=seed)
+    return None
+
+
+def _stack(layer_fn, features: int, num_layers: int, permutation: str, seed: int) -> Composite:
+    """``layer_0, perm, layer_1, ..., perm, layer_{n-1}[, undo]``.
+
+    Permutations go between layers. If they do not compose to the identity, a final
+    fixed permutation puts every feature back in its original position, so that the
+    whole stack is exactly the identity at init (DESIGN.md convention 5) and output
+    feature ``i`` of the flow corresponds to input feature ``i``.
+    """
+    layers: list[Transform] = []
+    # where[p] = original index of the feature at position p after the permutations so far.
+    where = torch.arange(features)
+    for i in range(num_layers):
+        if i > 0:
+            perm = make_permutation(permutation, features, seed + 1000 + i)
+            if perm is not None:
+                layers.append(perm)
+                where = where[perm.perm]
+        layers.append(layer_fn(i))
+    return Composite(undo_permutations(layers, where))
+
+
+def undo_permutations(layers: list[Transform], where: Tensor) -> list[Transform]:
+    """Append the permutation that returns each feature to its original position, if needed.
+
+    Args:
+        layers: the layers built so far.
+        where: ``(D,)``, original index of the feature at each position after ``layers``.
+    """
+    if not torch.equal(where, torch.arange(where.numel())):
+        layers = [*layers, Permutation(torch.argsort(where))]
+    return layers
+
+
+def build_maf(
+    features: int,
+    num_layers: int,
+    hidden: int,
+    context_features: int = 0,
+    *,
+    num_hidden: int = 2,
+    order: str = "natural",
+    permutation: str = "reverse",
+    scale_bound: float | None = 5.0,
+    activation: str = "relu",
+    seed: int = 0,
+) -> Transform:
+    """Masked autoregressive flow: a stack of :class:`AffineAutoregressive` layers.
+
+    ``forward`` (density, data -> noise) is one MADE pass per layer; ``inverse``
+    (sampling) costs ``D`` passes per layer.
+
+    Args:
+        features: ``D``.
+        num_layers: number of autoregressive layers.
+        hidden: MADE hidden width.
+        context_features: ``C`` (0: unconditional).
+        num_hidden: MADE hidden layers (default 2).
+        order: ``"natural"`` (default) or ``"random"`` (layer ``i`` draws its order from
+            ``seed + i``).
+        permutation: between layers, ``"reverse"`` (default), ``"random"`` or ``"none"``;
+            a final fixed permutation undoes their composition, so feature ``i`` comes
+            out at position ``i``.
+        scale_bound: soft clip of the log-scales (default 5.0; ``None`` disables it).
+        activation: MADE non-linearity (default ``"relu"``).
+        seed: base seed for random orders and permutations.
+
+    Returns:
+        A :class:`Composite`, exactly the identity at init.
+
+    References:
+        Papamakarios et al. 2017, arXiv:1705.07057.
+    """
+    _check_common(features, num_layers, hidden, context_features)
+    _check_choice("order", order, ORDERS)
+    _check_choice("permutation", permutation, PERMUTATIONS)
+
+    def layer(i: int) -> Transform:
+        return AffineAutoregressive(
+            features,
+            hidden,
+            num_hidden,
+            context_features,
+            order,
+            seed + i,
+            scale_bound,
+            activation,
+        )
+
+    return _stack(layer, features, num_layers, permutation, seed)
+
+
+def build_iaf(
+    features: int,
+    num_layers: int,
+    hidden: int,
+    context_features: int = 0,
+    **options: object,
+) -> Transform:
+    """Inverse autoregressive flow: ``Inverse`` of a :func:`build_maf` stack.
+
+    The sampling direction (``inverse``, noise -> data) is one MADE pass per layer, and
+    its log-det comes from the same pass; ``forward`` (scoring a given ``z``) costs ``D``
+    passes per layer. Same options as :func:`build_maf`: ``num_hidden``, ``order``,
+    ``permutation``, ``scale_bound``, ``activation``, ``seed``.
+
+    Returns:
+        An :class:`Inverse`, exactly the identity at init.
+
+    References:
+        Kingma et al. 2016, arXiv:1606.04934.
+    """
+    return Inverse(build_maf(features, num_layers, hidden, context_features, **options))
+
+
+def build_gated_iaf(
+    features: int,
+    num_layers: int,
+    hidden: int,
+    context_features: int = 0,
+    *,
+    num_hidden: int = 2,
+    order: str = "natural",
+    permutation: str = "reverse",
+    forget_bias: float = 1.0,
+    scale_bound: float | None = 5.0,
+    activation: str = "relu",
+    seed: int = 0,
+) -> Transform:
+    """Gated IAF: ``Inverse`` of a stack of :class:`GatedAutoregressive` layers.
+
+    The sampling direction (``inverse``) applies Kingma et al.'s update
+    ``z = sigma * eps + (1 - sigma) * m`` layer by layer, one MADE pass each.
+    Not the identity at init: it starts as the scaling ``sigmoid(forget_bias)^L``.
+
+    Args:
+        features: ``D``.
+        num_layers: number of gated layers ``L``.
+        hidden: MADE hidden width.
+        context_features: ``C`` (0: unconditional).
+        num_hidden: MADE hidden layers (default 2).
+        order: ``"natural"`` (default) or ``"random"``.
+        permutation: between layers, ``"reverse"`` (default), ``"random"`` or ``"none"``;
+            a final fixed permutation undoes their composition, so feature ``i`` comes
+            out at position ``i``.
+        forget_bias: gate bias (default 1.0, see :class:`GatedAutoregressive`).
+        scale_bound: soft clip of the gate pre-activation (default 5.0; ``None``: off).
+        activation: MADE non-linearity (default ``"relu"``).
+        seed: base seed for random orders and permutations.
+
+    References:
+        Kingma et al. 2016, arXiv:1606.04934.
+    """
+    _check_common(features, num_layers, hidden, context_features)
+    _check_choice("order", order, ORDERS)
+    _check_choice("permutation", permutation, PERMUTATIONS)
+
+    def layer(i: int) -> Transform:
+        return GatedAutoregressive(
+            features,
+            hidden,
+            num_hidden,
+            context_features,
+            order,
+            seed + i,
+            forget_bias,
+            scale_bound,
+            activation,
+        )
+
+    return Inverse(_stack(layer, features, num_layers, permutation, seed))
