@@ -286,7 +286,9 @@ class RQSplineCoupling(Transform):
             zero_last=True,
         )
 
-    def _apply(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _spline_pass(
+        self, x: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
         x_id = x.index_select(-1, self.identity_idx)
         x_tr = x.index_select(-1, self.transform_idx)
         h = x_id if context is None else torch.cat([x_id, context], dim=-1)
@@ -303,12 +305,12 @@ class RQSplineCoupling(Transform):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> noise: ``x (*, D) -> u (*, D)``, ``log|det du/dx| (*)``."""
         _, context = self.check_input(x, context)
-        return self._apply(x, context, inverse=False)
+        return self._spline_pass(x, context, inverse=False)
 
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise -> data: ``u (*, D) -> x (*, D)``, ``log|det dx/du| (*)``."""
         _, context = self.check_input(u, context, inverse=True)
-        return self._apply(u, context, inverse=True)
+        return self._spline_pass(u, context, inverse=True)
 
 
 class RQSplineAutoregressive(_Autoregressive):
