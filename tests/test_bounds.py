@@ -1,0 +1,263 @@
+"""The bounds against a model whose log-likelihood is known in closed form.
+
+Linear-Gaussian latent model (a probabilistic PCA):
+
+    z ~ N(0, I_d),   x | z ~ N(W z + b, s^2 I_n)   =>   x ~ N(b, W W^T + s^2 I_n)
+    p(z | x) = N(S W^T (x - b) / s^2, S),          S = (I + W^T W / s^2)^-1
+
+With the exact posterior plugged in, every importance weight equals p(x), so the ELBO
+and every IWAE_K equal log p(x) exactly (zero variance). With a wrong posterior,
+ELBO <= IWAE_K <= IWAE_K' <= log p(x) in expectation, and IWAE_5000 approaches log p(x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from vaeflow.bounds import (
+    Terms,
+    elbo,
+    free_bits_kl,
+    iwae,
+    log_likelihood,
+    log_likelihood_from_sampler,
+    nats_to_bits_per_dim,
+)
+from vaeflow.flows.base import LULinear
+from vaeflow.posteriors import LOG_STD_BOUND, FlowPosterior, GaussianPosterior
+from vaeflow.vae import VAE
+
+N_X, N_Z, NOISE = 5, 3, 0.7
+
+
+class _StdNormal(nn.Module):
+    """Reference prior written out by hand (independent of vaeflow.priors)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.latent_dim = d
+
+    def log_prob_dims(self, z: Tensor) -> Tensor:
+        return -0.5 * z**2 - 0.5 * math.log(2 * math.pi)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self.log_prob_dims(z).sum(-1)
+
+    def sample(self, n: int) -> Tensor:
+        return torch.randn(n, self.latent_dim)
+
+
+class _FixedGaussian(nn.Module):
+    """Likelihood N(params, s^2 I) summed over the event (torch.distributions reference)."""
+
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def param_shape(self, x_shape):
+        return x_shape
+
+    def forward(self, params: Tensor) -> torch.distributions.Distribution:
+        return torch.distributions.Independent(torch.distributions.Normal(params, self.s), 1)
+
+
+def _linear_gaussian(w: Tensor, b: Tensor, posterior: nn.Module) -> VAE:
+    decoder = nn.Linear(N_Z, N_X)
+    with torch.no_grad():
+        decoder.weight.copy_(w)
+        decoder.bias.copy_(b)
+    return VAE(nn.Identity(), posterior, _StdNormal(N_Z), decoder, _FixedGaussian(NOISE), (N_X,))
+
+
+def _exact_log_px(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    cov = w @ w.T + NOISE**2 * torch.eye(N_X)
+    return torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+
+
+def _set_log_std(head_bias: Tensor, log_std: Tensor) -> None:
+    # The posterior soft-clips log sigma = B tanh(raw / B); invert it for the target.
+    head_bias[N_Z:] = LOG_STD_BOUND * torch.atanh(log_std / LOG_STD_BOUND)
+
+
+def _orthogonal_w() -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(N_X, N_Z))
+    return q * torch.tensor([2.0, 1.0, 0.5])  # orthogonal columns => W^T W diagonal
+
+
+def _exact_diag_model(w: Tensor, b: Tensor) -> VAE:
+    """Diagonal Gaussian posterior set to the exact posterior (W^T W is diagonal)."""
+    lam = (w * w).sum(0)
+    s_diag = 1.0 / (1.0 + lam / NOISE**2)
+    post = GaussianPosterior(N_X, N_Z)
+    with torch.no_grad():
+        a = s_diag[:, None] * w.T / NOISE**2  # mean = A (x - b)
+        post.head.weight.zero_()
+        post.head.weight[:N_Z] = a
+        post.head.bias.zero_()
+        post.head.bias[:N_Z] = -a @ b
+        _set_log_std(post.head.bias, 0.5 * torch.log(s_diag))
+    return _linear_gaussian(w, b, post)
+
+
+def test_exact_diagonal_posterior_makes_every_bound_tight(float64):
+    w, b = _orthogonal_w(), torch.randn(N_X)
+    model = _exact_diag_model(w, b)
+    x = torch.randn(8, N_X) * 2
+    exact = _exact_log_px(x, w, b)
+    terms = model(x, k=16)
+    # Every single importance weight equals p(x): ELBO and IWAE are exact per sample.
+    assert torch.allclose(terms.log_weights, exact.expand(16, -1), atol=1e-12, rtol=0)
+    assert torch.allclose(elbo(terms), exact, atol=1e-12, rtol=0)
+    assert torch.allclose(iwae(terms), exact, atol=1e-12, rtol=0)
+    ll = model.log_likelihood(x, k=100, chunk=30)
+    assert torch.allclose(ll.log_px, exact, atol=1e-12, rtol=0)
+    assert torch.allclose(ll.ess, torch.full_like(ll.ess, 100.0), atol=1e-8)
+
+
+def test_exact_full_covariance_posterior_through_an_lu_flow(float64):
+    """A general W has a full-covariance posterior: a FlowPosterior with a linear flow
+    z = M eps (M = chol S) set by hand represents it exactly, so ELBO == log p(x)."""
+    w, b = torch.randn(N_X, N_Z), torch.randn(N_X)
+    s = torch.linalg.inv(torch.eye(N_Z) + w.T @ w / NOISE**2)
+    m = torch.linalg.cholesky(s)  # z = M eps: covariance M M^T = S
+    flow = LULinear(N_Z, bias=False)  # forward u = W_f z, inverse z = W_f^-1 u
+    w_f = torch.linalg.inv(m)  # lower triangular
+    d = torch.diagonal(w_f)
+    post = FlowPosterior(N_X, N_Z, flow)
+    with torch.no_grad():
+        flow.lower.copy_(torch.tril(w_f / d, -1))
+        flow.upper.zero_()
+        flow.log_s.copy_(d.abs().log())
+        flow.sign_s.copy_(d.sign())
+        a = m.T @ w.T / NOISE**2  # base mean mu = A (x - b), unit variance
+        post.base.head.weight.zero_()
+        post.base.head.weight[:N_Z] = a
+        post.base.head.bias.zero_()
+        post.base.head.bias[:N_Z] = -a @ b
+        _set_log_std(post.base.head.bias, torch.zeros(N_Z))
+    model = _linear_gaussian(w, b, post)
+    x = torch.randn(6, N_X)
+    exact = _exact_log_px(x, w, b)
+    terms = model(x, k=8)
+    assert torch.allclose(terms.log_weights, exact.expand(8, -1), atol=1e-11, rtol=0)
+    # The fused log q equals an independent evaluation through the forward direction.
+    h = model.encode(x)
+    sample = post.sample(h, 4)
+    assert torch.allclose(sample.log_q, post.log_prob(sample.z, h), atol=1e-12)
+
+
+def test_mismatched_posterior_orders_the_bounds(float64):
+    """E[ELBO] <= E[IWAE_10] <= E[IWAE_100] <= log p(x), and IWAE_5000 ~ log p(x)."""
+    w0, b = _orthogonal_w(), torch.randn(N_X)
+    w = w0 + 0.3 * torch.randn(N_X, N_Z)
+    # The exact posterior of a nearby W, widened 1.5x: a clear gap, but over-dispersed
+    # so the importance weights have finite variance and IWAE_5000 converges.
+    model = _exact_diag_model(w0, b)
+    model.decoder.weight.data.copy_(w)
+    with torch.no_grad():
+        log_std = model.posterior.params(torch.zeros(1, N_X))[1][0] + math.log(1.5)
+        _set_log_std(model.posterior.head.bias, log_std)
+    x = torch.randn(3, N_X)
+    exact = _exact_log_px(x, w, b)
+    reps = 400  # replicate each example to average out Monte Carlo noise
+    xr = x.repeat(reps, 1)
+    means, errs = {}, {}
+    for k in (1, 10, 100):
+        vals = iwae(model(xr, k=k)).view(reps, 3)
+        means[k], errs[k] = vals.mean(0), vals.std(0) / math.sqrt(reps)
+    e = elbo(model(xr, k=1)).view(reps, 3)
+    assert torch.allclose(e.mean(0), means[1], atol=5 * errs[1].max().item())
+    for lo, hi in ((1, 10), (10, 100)):
+        margin = 3 * (errs[lo] + errs[hi])
+        assert (means[lo] < means[hi] + margin).all(), (lo, hi, means)
+    assert (means[100] <= exact + 3 * errs[100]).all()
+    gap_elbo = exact - means[1]
+    assert (gap_elbo > 0.05).all(), "the posterior should be clearly mismatched"
+    ll = model.log_likelihood(x, k=5000, chunk=512)
+    # Delta method: the relative std of the mean weight is sqrt((k / ESS - 1) / k).
+    tol = 4 * torch.sqrt((ll.k / ll.ess - 1) / ll.k)
+    assert (tol < 0.1 * gap_elbo).all(), "the estimator should be far tighter than the ELBO"
+    assert ((ll.log_px - exact).abs() < tol).all(), (ll.log_px, exact, tol)
+    assert (ll.elbo < ll.log_px).all()
+
+
+def test_chunked_estimator_equals_unchunked_exactly(float64):
+    """The streaming log-sum-exp over chunks equals one logsumexp over all samples."""
+    k, b = 1000, 4
+    lw = torch.randn(k, b) * 30.0  # large spread: exercises the running max shift
+    full = Terms(lw, torch.zeros(k, b), torch.zeros(k, b))
+    pos = [0]
+
+    def terms_fn(n: int) -> Terms:
+        t = Terms(lw[pos[0] : pos[0] + n], torch.zeros(n, b), torch.zeros(n, b))
+        pos[0] += n
+        return t
+
+    res = log_likelihood_from_sampler(terms_fn, k=k, chunk=77)
+    assert torch.allclose(res.log_px, iwae(full), atol=1e-12, rtol=0)
+    assert torch.allclose(res.elbo, elbo(full), atol=1e-12, rtol=0)
+    w = torch.softmax(lw, 0)
+    assert torch.allclose(res.ess, 1.0 / (w**2).sum(0), rtol=1e-10)
+
+
+def test_no_batch_mixing_in_the_terms(float64):
+    w, b = torch.randn(N_X, N_Z), torch.randn(N_X)
+    model = _exact_diag_model(_orthogonal_w(), b)
+    model.decoder.weight.data.copy_(w)
+    x = torch.randn(3, N_X, requires_grad=True)
+    lw = model(x, k=2).log_weights
+    for i in range(3):
+        (g,) = torch.autograd.grad(lw[:, i].sum(), x, retain_graph=True)
+        assert g[torch.arange(3) != i].abs().max() == 0
+
+
+def test_elbo_beta_and_free_bits_known_answers():
+    log_px_z = torch.tensor([[-10.0, -20.0]])
+    qd = torch.tensor([[[1.0, 0.1], [3.0, 0.3]]])  # (K=1, B=2, D=2)
+    pd = torch.zeros_like(qd)
+    t = Terms(log_px_z, pd.sum(-1), qd.sum(-1), pd, qd)
+    assert torch.allclose(elbo(t), torch.tensor([-11.1, -23.3]))
+    assert torch.allclose(elbo(t, beta=0.5), torch.tensor([-10.55, -21.65]))
+    # Batch-mean KL per dim: [2.0, 0.2]; with lambda = 0.5 the second dim is floored at
+    # 0.5 for every example (a constant), the first keeps its per-example value.
+    fb = free_bits_kl(t, 0.5)
+    assert torch.allclose(fb, torch.tensor([1.5, 3.5]))
+    assert torch.allclose(elbo(t, free_bits=0.5), log_px_z[0] - fb)
+    # Without per-dimension terms the whole latent is one group: mean KL 2.2 > 0.5.
+    t2 = Terms(log_px_z, pd.sum(-1), qd.sum(-1))
+    assert torch.allclose(free_bits_kl(t2, 0.5), torch.tensor([1.1, 3.3]))
+    assert torch.allclose(free_bits_kl(t2, 5.0), torch.tensor([5.0, 5.0]))
+
+
+def test_free_bits_floor_has_no_gradient():
+    q = torch.tensor([[[0.1, 2.0]]], requires_grad=True)
+    t = Terms(torch.zeros(1, 1), torch.zeros(1, 1), q.sum(-1), torch.zeros(1, 1, 2), q)
+    free_bits_kl(t, 1.0).sum().backward()
+    assert torch.equal(q.grad, torch.tensor([[[0.0, 1.0]]]))
+
+
+def test_iwae_with_one_sample_is_the_elbo():
+    t = Terms(torch.randn(1, 5), torch.randn(1, 5), torch.randn(1, 5))
+    assert torch.allclose(iwae(t), elbo(t))
+
+
+def test_terms_reject_wrong_shapes():
+    with pytest.raises(ValueError, match="log_pz"):
+        Terms(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"\(K, B\)"):
+        Terms(torch.zeros(6), torch.zeros(6), torch.zeros(6))
+
+
+def test_log_likelihood_rejects_bad_k():
+    with pytest.raises(ValueError, match="k and chunk"):
+        log_likelihood(None, torch.zeros(1), k=0)
+
+
+def test_bits_per_dim_known_answer():
+    # A uniform distribution over 256 levels in each of D dims is exactly 8 bits/dim.
+    d = 3072
+    assert nats_to_bits_per_dim(d * math.log(256.0), d) == pytest.approx(8.0, abs=1e-12)

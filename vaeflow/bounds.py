@@ -1,0 +1,256 @@
+"""Log-likelihood bounds from the three log-terms of a VAE, and the test-NLL estimator.
+
+Everything here is a *bound* on ``log p(x)``: higher is better, in nats per example
+(DESIGN.md convention 3). Only the training loop negates. The model returns
+:class:`Terms`, each ``(K, B)`` with ``K`` importance samples first:
+
+    log w_k = log p(x | z_k) + log p(z_k) - log q(z_k | x),   z_k ~ q(z | x)
+    ELBO    = mean_k log w_k                        (Kingma & Welling 2014, arXiv:1312.6114)
+    IWAE_K  = logsumexp_k log w_k - log K           (Burda et al. 2016, arXiv:1509.00519)
+
+``ELBO <= IWAE_K <= IWAE_{K'} <= log p(x)`` in expectation for ``K <= K'``;
+:func:`log_likelihood` evaluates ``IWAE_K`` with large ``K`` (5000 by convention, as in
+Burda et al. and van den Berg et al.) in chunks so memory stays flat in ``K``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Terms",
+    "elbo",
+    "iwae",
+    "kl",
+    "free_bits_kl",
+    "log_likelihood",
+    "log_likelihood_from_sampler",
+    "LogLikelihood",
+    "nats_to_bits_per_dim",
+]
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The per-sample log-terms of a VAE.
+
+    Attributes:
+        log_px_z: ``log p(x | z_k)`` ``(K, B)``.
+        log_pz: ``log p(z_k)`` ``(K, B)``.
+        log_qz: ``log q(z_k | x)`` ``(K, B)``.
+        log_pz_dims: per-dimension ``log p(z_k)`` ``(K, B, D)`` when the prior factorises
+            over dimensions, else ``None``.
+        log_qz_dims: per-dimension ``log q(z_k | x)`` ``(K, B, D)`` when the posterior
+            factorises (diagonal Gaussian, no flow), else ``None``. Together with
+            ``log_pz_dims`` they allow per-dimension free bits and KL-per-dimension plots.
+        flow_logdet: ``log|det dz/d eps|`` of the posterior flow ``(K, B)`` (zeros
+            without a flow), for logging how far the flow moves from its base.
+    """
+
+    log_px_z: Tensor
+    log_pz: Tensor
+    log_qz: Tensor
+    log_pz_dims: Tensor | None = None
+    log_qz_dims: Tensor | None = None
+    flow_logdet: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        shape = self.log_px_z.shape
+        if self.log_px_z.dim() != 2:
+            raise ValueError(f"Terms must be (K, B); log_px_z has shape {tuple(shape)}")
+        for name in ("log_pz", "log_qz"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(
+                    f"Terms: {name} has shape {tuple(getattr(self, name).shape)}, "
+                    f"expected {tuple(shape)} like log_px_z"
+                )
+
+    @property
+    def log_weights(self) -> Tensor:
+        """``log w = log p(x|z) + log p(z) - log q(z|x)`` ``(K, B)``."""
+        return self.log_px_z + self.log_pz - self.log_qz
+
+    @property
+    def kl(self) -> Tensor:
+        """Single-sample KL estimates ``log q(z|x) - log p(z)`` ``(K, B)``."""
+        return self.log_qz - self.log_pz
+
+    @property
+    def kl_dims(self) -> Tensor | None:
+        """Per-dimension KL estimates ``(K, B, D)`` when both sides factorise, else None."""
+        if self.log_pz_dims is None or self.log_qz_dims is None:
+            return None
+        return self.log_qz_dims - self.log_pz_dims
+
+
+def kl(terms: Terms) -> Tensor:
+    """Monte Carlo ``KL(q(z|x) || p(z))`` averaged over the K samples: ``(B,)``."""
+    return terms.kl.mean(0)
+
+
+def free_bits_kl(terms: Terms, free_bits: float, per_dimension: bool = True) -> Tensor:
+    """KL with "free bits" (Kingma et al. 2016, arXiv:1606.04934, appendix C.8).
+
+    The objective replaces each group's KL ``KL_j`` by ``max(lambda, E_batch[KL_j])``: a
+    group whose batch-averaged KL is below ``lambda`` nats contributes the constant
+    ``lambda`` (no gradient, so the encoder is not pushed to collapse it further).
+    Groups are latent dimensions when both posterior and prior factorise and
+    ``per_dimension`` is set; otherwise the whole latent vector is one group.
+
+    Returns a per-example ``(B,)`` tensor whose batch mean equals the free-bits KL.
+    """
+    kl_dims = terms.kl_dims if per_dimension else None
+    groups = terms.kl.unsqueeze(-1) if kl_dims is None else kl_dims  # (K, B, G)
+    per_example = groups.mean(0)  # (B, G)
+    batch_mean = per_example.mean(0, keepdim=True)  # (1, G)
+    floor = torch.full_like(per_example, float(free_bits))
+    return torch.where(batch_mean < free_bits, floor, per_example).sum(-1)
+
+
+def elbo(terms: Terms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
+    """Evidence lower bound ``E_q[log p(x|z)] - beta * KL``, per example ``(B,)``.
+
+    Args:
+        terms: the model's log-terms, each ``(K, B)``; the expectation averages over K.
+        beta: weight of the KL term (KL warm-up anneals it 0 -> 1; Bowman et al. 2016,
+            arXiv:1511.06349). With ``beta != 1`` or ``free_bits > 0`` the value is a
+            training objective, not a bound: report ``elbo(terms)``.
+        free_bits: "free bits" floor per latent dimension in nats (see
+            :func:`free_bits_kl`); 0 disables it.
+    """
+    rec = terms.log_px_z.mean(0)
+    if free_bits > 0:
+        return rec - beta * free_bits_kl(terms, free_bits)
+    return rec - beta * kl(terms)
+
+
+def iwae(terms: Terms) -> Tensor:
+    """Importance-weighted bound ``logsumexp_k log w_k - log K``, per example ``(B,)``.
+
+    With ``K = 1`` it equals the ELBO. Burda et al. 2016, arXiv:1509.00519, eq. 8.
+    """
+    k = terms.log_px_z.shape[0]
+    return torch.logsumexp(terms.log_weights, dim=0) - math.log(k)
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """Result of :func:`log_likelihood`, each ``(B,)`` in nats per example.
+
+    Attributes:
+        log_px: importance-sampled estimate ``IWAE_K`` of ``log p(x)`` (the test "NLL" is
+            its negative).
+        elbo: the ELBO averaged over the same ``K`` samples.
+        kl: the Monte Carlo KL averaged over the same samples.
+        log_px_z: the reconstruction term averaged over the same samples.
+        ess: effective sample size of the normalised importance weights, in ``[1, K]``.
+        k: number of importance samples.
+    """
+
+    log_px: Tensor
+    elbo: Tensor
+    kl: Tensor
+    log_px_z: Tensor
+    ess: Tensor
+    k: int
+
+
+class SupportsTermsSampler(Protocol):
+    """Anything that can encode ``x`` once and then draw posterior samples in chunks."""
+
+    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]: ...
+
+
+def log_likelihood(
+    model: SupportsTermsSampler, x: Tensor, k: int = 5000, chunk: int = 500
+) -> LogLikelihood:
+    """Importance-sampled test log-likelihood of a batch ``x`` ``(B, *x_shape)``.
+
+    The standard estimator of Burda et al. 2016 (``k = 5000`` as in their and van den
+    Berg et al.'s tables): batched across examples, chunked over ``k``, the encoder run
+    once. See :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors.
+    """
+    if k < 1 or chunk < 1:
+        raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
+    with torch.no_grad():
+        return log_likelihood_from_sampler(model.terms_sampler(x), k=k, chunk=chunk)
+
+
+@torch.no_grad()
+def log_likelihood_from_sampler(
+    terms_fn: Callable[[int], Terms],
+    k: int = 5000,
+    chunk: int = 500,
+) -> LogLikelihood:
+    """Importance-sampled ``log p(x)`` with ``k`` samples, ``chunk`` at a time.
+
+    Memory is bounded by ``chunk`` whatever ``k`` is: a running log-sum-exp (max-shifted,
+    so no overflow) and running sums for the ELBO are kept per example. The encoder is
+    meant to run once; ``terms_fn(n)`` should reuse its features and draw ``n`` fresh
+    posterior samples (see :meth:`vaeflow.vae.VAE.terms_sampler`).
+
+    Args:
+        terms_fn: ``n -> Terms`` with ``(n, B)`` tensors, fresh samples on every call.
+        k: total number of importance samples.
+        chunk: samples per call.
+
+    Returns:
+        :class:`LogLikelihood` with ``(B,)`` tensors.
+    """
+    if k < 1 or chunk < 1:
+        raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
+    running_max = running_sum = sum_w2 = None
+    elbo_sum = kl_sum = rec_sum = None
+    done = 0
+    while done < k:
+        n = min(chunk, k - done)
+        t = terms_fn(n)
+        if t.log_px_z.shape[0] != n:
+            raise ValueError(f"terms_fn({n}) returned {t.log_px_z.shape[0]} samples")
+        lw = t.log_weights.double()  # (n, B); float64 accumulation for k = 5000+
+        m = lw.max(0).values
+        if running_max is None:
+            running_max = m
+            running_sum = torch.exp(lw - m).sum(0)
+            sum_w2 = torch.exp(2 * (lw - m)).sum(0)
+            elbo_sum = lw.sum(0)
+            kl_sum = t.kl.double().sum(0)
+            rec_sum = t.log_px_z.double().sum(0)
+        else:
+            new_max = torch.maximum(running_max, m)
+            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
+                lw - new_max
+            ).sum(0)
+            sum_w2 = sum_w2 * torch.exp(2 * (running_max - new_max)) + torch.exp(
+                2 * (lw - new_max)
+            ).sum(0)
+            running_max = new_max
+            elbo_sum = elbo_sum + lw.sum(0)
+            kl_sum = kl_sum + t.kl.double().sum(0)
+            rec_sum = rec_sum + t.log_px_z.double().sum(0)
+        done += n
+    log_px = running_max + torch.log(running_sum) - math.log(k)
+    ess = running_sum**2 / sum_w2
+    return LogLikelihood(
+        log_px=log_px,
+        elbo=elbo_sum / k,
+        kl=kl_sum / k,
+        log_px_z=rec_sum / k,
+        ess=ess,
+        k=k,
+    )
+
+
+def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Convert a log-likelihood or NLL in nats per example to bits per dimension.
+
+    ``bpd = nats / (D * ln 2)`` (DESIGN.md convention 3); the 8-bit discretisation is
+    already inside the likelihood, so no offset is added here.
+    """
+    return nats / (num_dims * math.log(2.0))

@@ -1,0 +1,150 @@
+"""The VAE: encoder -> posterior -> (prior, decoder -> likelihood) -> :class:`Terms`.
+
+One class for every combination of posterior and prior (no subclass per flow type, a
+pitfall of sylvester-flows): the model computes the three log-terms, the bounds in
+:mod:`vaeflow.bounds` turn them into objectives, and the loop only sees
+``model(x, k) -> Terms``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .bounds import LogLikelihood, Terms, log_likelihood
+from .posteriors import PosteriorSample
+
+__all__ = ["VAE", "Posterior", "Prior", "Likelihood"]
+
+
+class Posterior(Protocol):
+    """What the VAE needs from a posterior (see :mod:`vaeflow.posteriors`)."""
+
+    latent_dim: int
+
+    def sample(self, h: Tensor, k: int = 1) -> PosteriorSample: ...
+
+
+class Prior(Protocol):
+    """What the VAE needs from a prior (see :mod:`vaeflow.priors`)."""
+
+    latent_dim: int
+
+    def log_prob(self, z: Tensor) -> Tensor: ...
+
+    def log_prob_dims(self, z: Tensor) -> Tensor | None: ...
+
+    def sample(self, n: int) -> Tensor: ...
+
+
+class Likelihood(Protocol):
+    """``likelihood(params)`` returns a distribution whose ``log_prob`` sums the event."""
+
+    def param_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+    def __call__(self, params: Tensor) -> torch.distributions.Distribution: ...
+
+
+class VAE(nn.Module):
+    """Variational autoencoder with a (flow) posterior and a (flow) prior.
+
+    Args:
+        encoder: ``x (B, *x_shape) -> h (B, H)``.
+        posterior: ``sample(h, k) -> PosteriorSample`` with ``z (K, B, D)``.
+        prior: ``log_prob(z (*, D)) -> (*)``, ``sample(n) -> (n, D)``.
+        decoder: ``z (*, D) -> params (*, *param_shape)``.
+        likelihood: ``likelihood(params).log_prob(x) -> (*)`` summed over the event.
+        x_shape: shape of one example, e.g. ``(1, 28, 28)``.
+
+    References:
+        Kingma & Welling 2014, arXiv:1312.6114; Rezende et al. 2014, arXiv:1401.4082.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        posterior: nn.Module,
+        prior: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        x_shape: Sequence[int],
+    ) -> None:
+        super().__init__()
+        if posterior.latent_dim != prior.latent_dim:
+            raise ValueError(
+                f"posterior latent_dim {posterior.latent_dim} != prior latent_dim "
+                f"{prior.latent_dim}"
+            )
+        self.encoder = encoder
+        self.posterior = posterior
+        self.prior = prior
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.x_shape = tuple(int(s) for s in x_shape)
+        self.latent_dim = posterior.latent_dim
+
+    def _check_x(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise ValueError(
+                f"VAE expects data of shape (B, {', '.join(map(str, self.x_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Encoder features ``h (B, H)`` for data ``x (B, *x_shape)``."""
+        self._check_x(x)
+        return self.encoder(x)
+
+    def terms_from_features(
+        self, x: Tensor, h: Tensor, k: int = 1
+    ) -> tuple[Terms, PosteriorSample]:
+        """Draw ``k`` posterior samples given encoder features and score them.
+
+        Returns the :class:`~vaeflow.bounds.Terms` (each ``(K, B)``) and the posterior
+        sample (for logging latent statistics).
+        """
+        s = self.posterior.sample(h, k)
+        log_pz = self.prior.log_prob(s.z)
+        log_pz_dims = self.prior.log_prob_dims(s.z) if s.log_q_dims is not None else None
+        log_px_z = self.likelihood(self.decoder(s.z)).log_prob(x)
+        terms = Terms(log_px_z, log_pz, s.log_q, log_pz_dims, s.log_q_dims, s.flow_logdet)
+        return terms, s
+
+    def forward(self, x: Tensor, k: int = 1) -> Terms:
+        """``x (B, *x_shape) -> Terms`` with ``(K, B)`` log-terms from ``k`` samples."""
+        return self.terms_from_features(x, self.encode(x), k)[0]
+
+    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]:
+        """Encode ``x`` once; return ``n -> Terms`` drawing ``n`` fresh samples per call.
+
+        Used by the chunked log-likelihood estimator so the encoder does not rerun for
+        every chunk of importance samples.
+        """
+        h = self.encode(x)
+        return lambda n: self.terms_from_features(x, h, n)[0]
+
+    def log_likelihood(self, x: Tensor, k: int = 5000, chunk: int = 500) -> LogLikelihood:
+        """Importance-sampled ``log p(x)`` (and ELBO) per example, ``(B,)`` tensors."""
+        return log_likelihood(self, x, k=k, chunk=chunk)
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = True) -> Tensor:
+        """Draw ``n`` data samples ``(n, *x_shape)`` from the generative model.
+
+        Args:
+            n: number of samples.
+            mean: return the likelihood's mean (clean images) instead of a sample of x.
+        """
+        z = self.prior.sample(n)
+        dist = self.likelihood(self.decoder(z))
+        return dist.mean if mean else dist.sample()
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, mean: bool = True) -> Tensor:
+        """Reconstruct ``x (B, *x_shape)`` through one posterior sample: ``(B, *x_shape)``."""
+        s = self.posterior.sample(self.encode(x), 1)
+        dist = self.likelihood(self.decoder(s.z[0]))
+        return dist.mean if mean else dist.sample()
