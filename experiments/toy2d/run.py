@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
+    commit = git_commit()  # at start: later commits must not relabel this run's code
     device = torch.device(args.device)
     datasets = args.datasets or cfg["datasets"]
     flows = [f for f in cfg["flows"] if args.only is None or f["label"] in args.only]
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = {
         "command": "python "
         + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        "commit": git_commit(),
+        "commit": commit,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
