@@ -1,0 +1,378 @@
+"""Tests for vaeflow.priors: normalisation, independent references, sampling, gradients,
+state_dict ownership of the VampPrior encoder, and the registry's errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+from tests.flows.harness import perturb
+from vaeflow.flows.base import ShapeError
+from vaeflow.priors import (
+    PRIORS,
+    FlowPrior,
+    LearnedGaussianPrior,
+    MixtureOfGaussiansPrior,
+    Prior,
+    StandardNormalPrior,
+    VampPrior,
+    build_prior,
+)
+
+D = 2
+X_SHAPE = (3,)
+
+
+class TinyEncoder(nn.Module):
+    """Linear Gaussian encoder: x (K, 3) -> (mu, log_std) each (K, D)."""
+
+    def __init__(self, latent_dim: int = D) -> None:
+        super().__init__()
+        self.net = nn.Linear(math.prod(X_SHAPE), 2 * latent_dim)
+
+    def gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.net(x.flatten(1)).chunk(2, dim=-1)
+        # Keep the components broad enough for a coarse integration grid.
+        return mu, 0.3 * log_std
+
+    forward = gaussian
+
+
+class Model(nn.Module):
+    """A container owning both the encoder and a VampPrior that uses it."""
+
+    def __init__(self, as_module: bool = False) -> None:
+        super().__init__()
+        self.encoder = TinyEncoder()
+        encode = self.encoder if as_module else self.encoder.gaussian
+        self.prior = VampPrior(D, 4, X_SHAPE, encode)
+
+
+@torch.no_grad()
+def spread_vamp(prior: VampPrior, seed: int = 5) -> VampPrior:
+    """Move pseudo-inputs to distinct points in (0, 1) so the components differ."""
+    g = torch.Generator().manual_seed(seed)
+    raw = prior.pseudo_inputs_raw
+    raw.copy_(0.1 + 0.8 * torch.rand(raw.shape, generator=g, dtype=raw.dtype))
+    return prior
+
+
+def make_priors() -> dict[str, Prior]:
+    """One of each kind, moved away from its initialisation (float64 default dtype)."""
+    learned = perturb(LearnedGaussianPrior(D), 0.3)
+    mog = perturb(MixtureOfGaussiansPrior(D, 3), 0.3)
+    model = Model()
+    perturb(model.encoder, 0.3)
+    return {
+        "standard": StandardNormalPrior(D),
+        "learned": learned,
+        "mog": mog,
+        "vamp": spread_vamp(model.prior),
+        "realnvp": perturb(FlowPrior.from_registry(D, "realnvp", 2, 8), 0.1),
+        "maf": perturb(FlowPrior.from_registry(D, "maf", 2, 8), 0.1),
+        "nsf_coupling": perturb(FlowPrior.from_registry(D, "nsf_coupling", 2, 8), 0.1),
+    }
+
+
+def grid(lim: float = 10.0, n: int = 400) -> tuple[Tensor, float]:
+    """Midpoints of an n x n grid on [-lim, lim]^2 as (n*n, 2), and the cell area."""
+    h = 2 * lim / n
+    t = -lim + h * (torch.arange(n) + 0.5)
+    zz = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    return zz, h * h
+
+
+# -- normalisation ----------------------------------------------------------------------
+
+
+def test_every_prior_integrates_to_one(float64):
+    zz, area = grid()
+    for name, prior in make_priors().items():
+        with torch.no_grad():
+            mass = (prior.log_prob(zz).exp().sum() * area).item()
+        assert abs(mass - 1) < 1e-3, f"{name}: mass {mass}"
+
+
+# -- independent references -------------------------------------------------------------
+
+
+def test_standard_and_learned_gaussian_match_torch_distributions(float64):
+    z = 2 * torch.randn(5, 4, D)
+    ref = Independent(Normal(torch.zeros(D), torch.ones(D)), 1)
+    torch.testing.assert_close(StandardNormalPrior(D).log_prob(z), ref.log_prob(z))
+    p = perturb(LearnedGaussianPrior(D), 0.5)
+    ref = Independent(Normal(p.loc, p.log_scale.exp()), 1)
+    out = p.log_prob(z)
+    assert out.shape == (5, 4)
+    torch.testing.assert_close(out, ref.log_prob(z), rtol=0, atol=1e-12)
+
+
+def test_mog_matches_mixture_same_family(float64):
+    p = perturb(MixtureOfGaussiansPrior(D, 4), 0.5)
+    ref = MixtureSameFamily(
+        Categorical(logits=p.logits), Independent(Normal(p.loc, p.log_scale.exp()), 1)
+    )
+    z = 3 * torch.randn(6, 5, D)
+    torch.testing.assert_close(p.log_prob(z), ref.log_prob(z), rtol=0, atol=1e-12)
+
+
+def test_mog_init_is_spread_with_unit_marginal_scale(float64):
+    p = MixtureOfGaussiansPrior(D, 50, mean_scale=0.5)
+    # Distinct means (symmetry broken) and component variance + mean spread = 1.
+    assert p.loc.std().item() > 0.3
+    torch.testing.assert_close(p.log_scale.exp() ** 2, torch.full((50, D), 0.75))
+    torch.testing.assert_close(p.logits, torch.zeros(50))
+
+
+@pytest.mark.parametrize("name", ["realnvp", "maf", "nsf_coupling", "nice"])
+def test_identity_flow_prior_equals_standard_normal(float64, name):
+    z = 3 * torch.randn(4, 5, D)
+    prior = FlowPrior.from_registry(D, name, 2, 8)
+    torch.testing.assert_close(
+        prior.log_prob(z), StandardNormalPrior(D).log_prob(z), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["realnvp", "maf", "nsf_coupling"])
+def test_flow_prior_is_base_log_prob_plus_forward_logdet(float64, name):
+    prior = perturb(FlowPrior.from_registry(D, name, 2, 8), 0.1)
+    z = 2 * torch.randn(3, 4, D)
+    u, ld = prior.flow(z)
+    by_hand = Normal(0.0, 1.0).log_prob(u).sum(-1) + ld
+    out = prior.log_prob(z)
+    assert out.shape == (3, 4)
+    torch.testing.assert_close(out, by_hand, rtol=0, atol=1e-12)
+    # The fused sampling path scores its own samples the same way.
+    zs, lp = prior.sample_and_log_prob(7)
+    torch.testing.assert_close(lp, prior.log_prob(zs), rtol=0, atol=1e-10)
+
+
+def test_vamp_matches_explicit_mixture(float64):
+    model = Model()
+    perturb(model.encoder, 0.3)
+    prior = spread_vamp(model.prior)
+    z = 2 * torch.randn(3, 5, D)
+    terms = []
+    for k in range(prior.num_components):
+        u_k = prior.pseudo_inputs_raw[k].clamp(0, 1)  # hardtanh(0, 1) by hand
+        mu, log_std = model.encoder.gaussian(u_k[None])
+        terms.append(Independent(Normal(mu[0], log_std[0].exp()), 1).log_prob(z))
+    ref = torch.logsumexp(torch.stack(terms), 0) - math.log(prior.num_components)
+    torch.testing.assert_close(prior.log_prob(z), ref, rtol=0, atol=1e-12)
+
+
+def test_vamp_activations_keep_pseudo_inputs_in_range(float64):
+    for act in ("hardtanh", "sigmoid"):
+        prior = VampPrior(D, 6, X_SHAPE, TinyEncoder().gaussian, activation=act)
+        with torch.no_grad():
+            prior.pseudo_inputs_raw.mul_(0).add_(torch.linspace(-5, 5, 18).view(6, 3))
+        u = prior.pseudo_inputs()
+        assert u.min() >= 0 and u.max() <= 1
+    with pytest.raises(ValueError, match="hardtanh"):
+        VampPrior(D, 2, X_SHAPE, TinyEncoder(), activation="relu")
+
+
+@pytest.mark.parametrize("activation", ["hardtanh", "sigmoid", "none"])
+def test_vamp_default_init_and_init_from(float64, activation):
+    prior = VampPrior(D, 4, X_SHAPE, TinyEncoder().gaussian, activation=activation)
+    u = prior.pseudo_inputs()
+    # The paper's default: pseudo-inputs ~ N(0.05, 0.01^2) in data space.
+    assert abs(u.mean().item() - 0.05) < 0.01 and u.std().item() < 0.03
+    x = torch.rand(10, *X_SHAPE) * 0.9 + 0.05
+    prior.init_from(x, noise_std=0.0)
+    torch.testing.assert_close(prior.pseudo_inputs(), x[:4])
+    with pytest.raises(ShapeError):
+        prior.init_from(x[:3])
+
+
+# -- sampling ---------------------------------------------------------------------------
+
+
+def test_sample_shapes_dtypes_and_fused_log_prob(float64):
+    for name, prior in make_priors().items():
+        z = prior.sample(5)
+        assert z.shape == (5, D) and z.dtype == torch.float64, name
+        assert prior.sample(0).shape == (0, D), name
+        zs, lp = prior.sample_and_log_prob(6)
+        assert zs.shape == (6, D) and lp.shape == (6,), name
+        torch.testing.assert_close(lp, prior.log_prob(zs), rtol=0, atol=1e-10)
+
+
+def test_samples_follow_module_dtype():
+    for name, prior in make_priors().items():
+        if isinstance(prior, VampPrior):
+            # The encoder is not owned by the prior: move the model that owns both.
+            enc = prior.encode.__self__
+            enc.to(torch.float64)
+        prior.to(torch.float64)
+        z = prior.sample(3)
+        assert z.dtype == torch.float64, name
+        assert prior.log_prob(z).dtype == torch.float64, name
+
+
+def _mixture_moments(w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    mean = (w[:, None] * loc).sum(0)
+    second = (w[:, None] * (scale**2 + loc**2)).sum(0)
+    return mean, second - mean**2
+
+
+def test_sample_moments_match_closed_forms(float64):
+    torch.manual_seed(123)
+    n = 40000
+    priors = make_priors()
+    mog, learned, vamp = priors["mog"], priors["learned"], priors["vamp"]
+    with torch.no_grad():
+        mu_v, ls_v = vamp.components()
+        cases = {
+            "mog": (mog, *_mixture_moments(mog.logits.softmax(-1), mog.loc, mog.log_scale.exp())),
+            "vamp": (vamp, *_mixture_moments(torch.full((4,), 0.25), mu_v, ls_v.exp())),
+            "learned": (learned, learned.loc, learned.log_scale.exp() ** 2),
+            "standard": (priors["standard"], torch.zeros(D), torch.ones(D)),
+        }
+        for name, (prior, mean, var) in cases.items():
+            z = prior.sample(n)
+            se = (var / n).sqrt()
+            assert ((z.mean(0) - mean).abs() < 5 * se).all(), name
+            torch.testing.assert_close(z.var(0), var, rtol=0.05, atol=0, msg=name)
+        # Flow priors: pushing samples back through the flow gives N(0, I) noise.
+        for name in ("realnvp", "maf", "nsf_coupling"):
+            u, _ = priors[name].flow(priors[name].sample(n))
+            assert (u.mean(0).abs() < 5 / math.sqrt(n)).all(), name
+            torch.testing.assert_close(u.var(0), torch.ones(D), rtol=0.05, atol=0, msg=name)
+
+
+# -- gradients and ownership ------------------------------------------------------------
+
+
+def test_gradients_reach_every_parameter(float64):
+    model = Model()
+    priors = make_priors()
+    priors["vamp"] = spread_vamp(model.prior)
+    assert not list(priors.pop("standard").parameters())
+    for name, prior in priors.items():
+        owner = model if name == "vamp" else prior
+        owner.zero_grad()
+        prior.log_prob(torch.randn(4, 3, D)).sum().backward()
+        for pname, p in owner.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: {pname}"
+    assert len(list(model.named_parameters())) == 3  # pseudo-inputs, weight, bias
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_vamp_state_dict_lists_encoder_once(float64, as_module):
+    model = Model(as_module=as_module)
+    keys = list(model.state_dict())
+    assert sorted(keys) == ["encoder.net.bias", "encoder.net.weight", "prior.pseudo_inputs_raw"]
+    assert list(model.prior.state_dict()) == ["pseudo_inputs_raw"]
+    # A round trip into a fresh model restores the same density.
+    z = torch.randn(5, D)
+    fresh = Model(as_module=as_module)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.prior.log_prob(z), model.prior.log_prob(z))
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_vamp_deepcopy_binds_to_the_copied_encoder(float64, as_module):
+    # EMA/averaged models are deep copies: the copy's prior must use the copy's encoder.
+    model = Model(as_module=as_module)
+    twin = copy.deepcopy(model)
+    enc = twin.prior.encode
+    assert (enc if as_module else enc.__self__) is twin.encoder
+    with torch.no_grad():
+        twin.encoder.net.bias.add_(1.0)
+    z = torch.randn(5, D)
+    assert not torch.allclose(twin.prior.log_prob(z), model.prior.log_prob(z))
+
+
+def test_gaussian_samples_are_reparameterised(float64):
+    for prior in (perturb(LearnedGaussianPrior(D), 0.3), MixtureOfGaussiansPrior(D, 3)):
+        (prior.sample(16) ** 2).sum().backward()
+        for pname in ("loc", "log_scale"):
+            grad = getattr(prior, pname).grad
+            assert grad is not None and grad.abs().sum() > 0, (type(prior).__name__, pname)
+
+
+def test_vamp_rejects_wrong_encoder_output(float64):
+    prior = VampPrior(3, 2, X_SHAPE, TinyEncoder(latent_dim=2).gaussian)
+    with pytest.raises(ShapeError, match="encode must return"):
+        prior.log_prob(torch.randn(4, 3))
+
+
+# -- factorisation ----------------------------------------------------------------------
+
+
+def test_log_prob_dims_sum_or_none(float64):
+    z = torch.randn(3, 4, D)
+    for name, prior in make_priors().items():
+        dims = prior.log_prob_dims(z)
+        if name in ("standard", "learned"):
+            assert dims.shape == (3, 4, D), name
+            torch.testing.assert_close(dims.sum(-1), prior.log_prob(z), rtol=0, atol=1e-12)
+        else:
+            assert dims is None, name
+
+
+def test_wrong_latent_shape_is_a_clear_error(float64):
+    for prior in make_priors().values():
+        with pytest.raises(ShapeError, match=r"\(\*, 2\)"):
+            prior.log_prob(torch.randn(4, 3))
+        with pytest.raises(ShapeError):
+            prior.log_prob_dims(torch.randn(4, 3))
+
+
+# -- registry ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["planar", "radial", "sylvester_orthogonal"])
+def test_from_registry_rejects_sampling_only_flows(name):
+    with pytest.raises(ValueError, match="only has a sampling direction") as err:
+        FlowPrior.from_registry(D, name)
+    assert "realnvp" in str(err.value)  # names the flows that do work
+
+
+def test_from_registry_rejects_unknown_and_image_flows():
+    with pytest.raises(ValueError, match="unknown flow 'nope'"):
+        FlowPrior.from_registry(D, "nope")
+    with pytest.raises(ValueError, match="image flow"):
+        FlowPrior.from_registry(D, "glow")
+
+
+def test_flow_prior_rejects_mismatched_or_conditional_flows():
+    from vaeflow.flows.registry import build_flow
+
+    with pytest.raises(ShapeError):
+        FlowPrior(D, build_flow("realnvp", 3, 1, 4))
+    with pytest.raises(ValueError, match="unconditional"):
+        FlowPrior(D, build_flow("realnvp", D, 1, 4, context_features=2))
+
+
+def test_build_prior_every_name(float64):
+    enc = TinyEncoder()
+    kwargs = {
+        "flow": {"flow": "realnvp", "num_layers": 2, "hidden": 8},
+        "mog": {"num_components": 3},
+        "vamp": {"num_components": 2, "pseudo_input_shape": X_SHAPE, "encode": enc.gaussian},
+    }
+    for name in PRIORS:
+        prior = build_prior(name, D, **kwargs.get(name, {}))
+        assert isinstance(prior, Prior) and prior.latent_dim == D
+        assert prior.log_prob(torch.zeros(2, D)).shape == (2,)
+    assert isinstance(build_prior("mog", D, num_components=2), MixtureOfGaussiansPrior)
+
+
+def test_build_prior_errors_name_the_alternatives():
+    with pytest.raises(ValueError, match="registered priors: flow, learned_gaussian"):
+        build_prior("gaussian", D)
+    with pytest.raises(ValueError, match="unknown option.*num_comp.*allowed: num_components"):
+        build_prior("mog", D, num_comp=3)
+    with pytest.raises(ValueError, match="allowed: none"):
+        build_prior("standard_normal", D, scale=2.0)
+    with pytest.raises(ValueError, match="missing required option.*encode"):
+        build_prior("vamp", D, num_components=2, pseudo_input_shape=X_SHAPE)
+    with pytest.raises(ValueError, match="only has a sampling direction"):
+        build_prior("flow", D, flow="planar")
