@@ -1,0 +1,92 @@
+"""Config -> model: assemble any encoder x posterior x prior x decoder x likelihood by name.
+
+Each piece is looked up in its own small registry (``ENCODERS``/``DECODERS`` in
+:mod:`vaeflow.nn`, ``FLOWS``, ``PRIORS``, ``LIKELIHOODS``): no if/elif ladders, and an
+unknown name is an error that lists the names that exist.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .config import ConfigError, ModelConfig, PosteriorConfig, PriorConfig
+from .flows.registry import FLOWS, build_flow, flow_names
+from .likelihoods import build_likelihood
+from .nn import build_decoder, build_encoder
+from .posteriors import FlowPosterior, GaussianPosterior
+from .priors import FlowPrior, build_prior
+from .vae import VAE
+
+__all__ = ["build_model", "build_posterior", "build_prior_for"]
+
+
+def build_posterior(cfg: PosteriorConfig, in_features: int, latent_dim: int) -> nn.Module:
+    """A diagonal Gaussian (``cfg.flow is None``) or a Gaussian + registry flow."""
+    if cfg.flow is None:
+        return GaussianPosterior(in_features, latent_dim)
+    sampling = [n for n in flow_names("vector") if FLOWS[n].sampling]
+    if cfg.flow not in sampling:
+        raise ConfigError(
+            f"model.posterior.flow = {cfg.flow!r} is not a vector flow with a sampling "
+            f"direction; choose from {sampling}"
+        )
+    flow = build_flow(
+        cfg.flow, latent_dim, cfg.num_layers, cfg.hidden, cfg.context_features, **cfg.options
+    )
+    return FlowPosterior(in_features, latent_dim, flow)
+
+
+class _BaseEncode(nn.Module):
+    """Maps pseudo-inputs to the posterior base's Gaussian ``(mu, log_std)`` (VampPrior).
+
+    Holds references to modules owned by the VAE without registering them, so the VAE's
+    ``state_dict`` lists every parameter once.
+    """
+
+    def __init__(self, encoder: nn.Module, base: GaussianPosterior) -> None:
+        super().__init__()
+        object.__setattr__(self, "_refs", (encoder, base))
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        encoder, base = self._refs
+        return base.params(encoder(u))
+
+
+def build_prior_for(
+    cfg: PriorConfig,
+    latent_dim: int,
+    x_shape: tuple[int, ...],
+    encoder: nn.Module,
+    posterior: nn.Module,
+) -> nn.Module:
+    """The prior of ``cfg``; a VampPrior reuses the encoder and the posterior's base."""
+    if cfg.name == "flow":
+        if cfg.flow is None:
+            raise ConfigError("model.prior.name = 'flow' needs model.prior.flow (a flow name)")
+        return FlowPrior.from_registry(
+            latent_dim, cfg.flow, cfg.num_layers, cfg.hidden, **cfg.options
+        )
+    if cfg.flow is not None:
+        raise ConfigError(
+            f"model.prior.flow = {cfg.flow!r} is only used with model.prior.name = 'flow'"
+        )
+    kwargs = dict(cfg.options)
+    if cfg.name in ("mog", "vamp"):
+        kwargs["num_components"] = cfg.num_components
+    if cfg.name == "vamp":
+        base = posterior.base if isinstance(posterior, FlowPosterior) else posterior
+        kwargs["encode"] = _BaseEncode(encoder, base)
+        kwargs["pseudo_input_shape"] = x_shape
+    return build_prior(cfg.name, latent_dim, **kwargs)
+
+
+def build_model(cfg: ModelConfig) -> VAE:
+    """Assemble the VAE described by ``cfg`` (see :class:`~vaeflow.config.ModelConfig`)."""
+    options = {"event_ndim": len(cfg.x_shape), **cfg.likelihood_options}
+    likelihood = build_likelihood(cfg.likelihood, **options)
+    param_shape = likelihood.param_shape(tuple(cfg.x_shape))
+    encoder = build_encoder(cfg.encoder.name, tuple(cfg.x_shape), **cfg.encoder.options)
+    decoder = build_decoder(cfg.decoder.name, cfg.latent_dim, param_shape, **cfg.decoder.options)
+    posterior = build_posterior(cfg.posterior, encoder.out_features, cfg.latent_dim)
+    prior = build_prior_for(cfg.prior, cfg.latent_dim, tuple(cfg.x_shape), encoder, posterior)
+    return VAE(encoder, posterior, prior, decoder, likelihood, cfg.x_shape)
