@@ -1,0 +1,870 @@
+"""Datasets, data-root resolution, binarisation and fast deterministic batch loaders.
+
+Datasets (:data:`DATASETS`), all returned as ``uint8`` tensors ``(N, C, H, W)``:
+
+============== ======== ============ ======================================================
+name           kind     x_shape      split (train / val / test), default ``val_size``
+============== ======== ============ ======================================================
+mnist          binary   (1, 28, 28)  first 50,000 / last 10,000 of the 60,000 training
+                                     images / the 10,000 test images
+fashion_mnist  binary   (1, 28, 28)  same 50k / 10k / 10k split as MNIST
+cifar10        8bit     (3, 32, 32)  first 45,000 / last 5,000 of the 50,000 training
+                                     images / the test file (10,000 images from
+                                     torchvision; **only the first 1,000** in the packed
+                                     offline copy, see ``DataSplits.notes``)
+============== ======== ============ ======================================================
+
+The 50k/10k/10k MNIST split is the classic one of the ``mnist.pkl.gz`` pickle (train = the
+first 50,000 training images, validation = the last 10,000, in file order), used by the IWAE,
+IAF and Sylvester-flow papers. ``val_size`` is configurable; ``val_size=0`` trains on the
+whole training file with an empty validation split.
+
+Files (below the data root, see :func:`resolve_data_root`):
+
+- MNIST / Fashion-MNIST: torchvision's raw layout ``MNIST/raw/{train,t10k}-images-idx3-ubyte``
+  and ``FashionMNIST/raw/...`` (a ``.gz`` next to a missing file is read too). The IDX files
+  are parsed directly (no per-item Python, no PIL).
+- CIFAR-10: the packed layout ``CIFAR10/cifar10_{train,test}.npz`` (``x`` uint8
+  ``(N, 32, 32, 3)`` HWC, ``y`` uint8 ``(N,)``), else torchvision's ``cifar-10-batches-py``.
+  :func:`pack_cifar10` converts the latter into the former (``vaeflow data pack``).
+
+Missing files: if ``download=True`` torchvision's download is tried; when that fails (no
+internet) or is disabled, :class:`DatasetNotFoundError` names the dataset, the searched root
+and how it was resolved, the exact files expected and what to do.
+
+Preprocessing keeps the conventions of :mod:`vaeflow.likelihoods`:
+
+- binarised data (``kind="binary"``, Bernoulli likelihood): values in {0, 1}, drawn as
+  ``Bernoulli(x / 255)``. Training uses *dynamic* binarisation (a fresh draw per batch,
+  :func:`binarize`) or *static* binarisation (one fixed draw, :func:`static_binarize`).
+  Validation and test always use a fixed-seed draw (:func:`prepare_eval`), the same one in
+  both modes, so every evaluation of every run sees the same binary images (NVAE re-draws the
+  test set at every evaluation — STYLE.md pitfall).
+- 8-bit data (``kind="8bit"``, discretised-logistic likelihood): ``x / 255``, floats on the
+  ``k/255`` grid (:func:`to_unit_interval`).
+
+:class:`TrainBatches` returns the batch of step ``s`` as a pure function of ``(seed, s)``:
+resuming at step ``s`` reproduces the uninterrupted run bit for bit without saving any data
+RNG state.
+
+References:
+    Salakhutdinov & Murray 2008, "On the quantitative analysis of deep belief networks"
+    (binarised MNIST, stochastic binarisation).
+    Burda et al. 2016, "Importance Weighted Autoencoders", arXiv:1509.00519 (dynamic
+    binarisation, 50k/10k/10k evaluation protocol).
+    Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images" (CIFAR-10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "TrainBatches",
+    "binarize",
+    "eval_batches",
+    "fixed_binarize",
+    "load_splits",
+    "pack_cifar10",
+    "prepare_eval",
+    "resolve_data_root",
+    "static_binarize",
+    "to_unit_interval",
+]
+
+ENV_VAR = "VAEFLOW_DATA"
+DEFAULT_ROOT = "data"
+
+Kind = Literal["binary", "8bit"]
+Binarization = Literal["dynamic", "static"]
+Downloader = Callable[[str, Path], None]
+
+_KINDS = ("binary", "8bit")
+_BINARIZATIONS = ("dynamic", "static")
+# Fixed binarisations draw their noise on the CPU in chunks of this many examples: the same
+# bits on every device (CUDA generators give other numbers than CPU ones) and bounded memory.
+_FIXED_CHUNK = 8192
+_CIFAR_BATCHES = "cifar-10-batches-py"
+_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST_FILES = ("test_batch",)
+_CIFAR_FULL_TEST = 10000
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not under the data root (and could not be downloaded).
+
+    The message names the dataset, the searched root and how it was resolved, the files
+    expected and what to do.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Data root
+# ---------------------------------------------------------------------------------------
+
+
+def _resolve_root(data_root: str | os.PathLike | None) -> tuple[Path, str]:
+    """The data root and a phrase saying where it came from (for error messages)."""
+    if data_root is not None and str(data_root) != "":
+        return Path(data_root).expanduser(), "from the data_root argument / --data-root"
+    env = os.environ.get(ENV_VAR)
+    # An empty variable counts as unset: `VAEFLOW_DATA= cmd` should not mean "cwd".
+    if env:
+        return Path(env).expanduser(), f"from ${ENV_VAR}={env!r}"
+    return Path(DEFAULT_ROOT), (
+        f"the default ./{DEFAULT_ROOT} (neither --data-root nor ${ENV_VAR} was set)"
+    )
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """The folder that holds the datasets.
+
+    Precedence (DESIGN.md): the explicit argument (``--data-root``), else ``$VAEFLOW_DATA``
+    (an empty value counts as unset), else ``./data`` relative to the working directory.
+    ``~`` is expanded; the path is not required to exist.
+
+    Args:
+        data_root: an explicit root, or ``None``/``""`` to fall back.
+
+    Returns:
+        The root as a :class:`~pathlib.Path`.
+    """
+    return _resolve_root(data_root)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSplits:
+    """Train/validation/test images of one dataset, as ``uint8`` intensities.
+
+    Attributes:
+        train: ``(N_train, C, H, W)`` uint8.
+        val: ``(N_val, C, H, W)`` uint8 (``N_val`` may be 0).
+        test: ``(N_test, C, H, W)`` uint8.
+        x_shape: ``(C, H, W)``.
+        kind: ``"binary"`` (binarise; Bernoulli likelihood) or ``"8bit"`` (``x / 255``;
+            discretised likelihood).
+        name: dataset name, a key of :data:`DATASETS`.
+        notes: caveats results must print (e.g. a partial test set, static binarisation).
+    """
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    x_shape: tuple[int, int, int]
+    kind: Kind
+    name: str
+    notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        # The default dataclass repr would print tensor contents.
+        sizes = ", ".join(f"{s}={tuple(getattr(self, s).shape)}" for s in ("train", "val", "test"))
+        return f"DataSplits(name={self.name!r}, kind={self.kind!r}, {sizes}, notes={self.notes})"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to find, read and download one dataset (an entry of :data:`DATASETS`).
+
+    Attributes:
+        kind: ``"binary"`` or ``"8bit"``.
+        x_shape: ``(C, H, W)``.
+        default_val_size: validation examples taken from the end of the training file.
+        read: ``root -> (train_full, test, notes)`` uint8 ``(N, C, H, W)`` tensors, or
+            ``None`` when the files are not there.
+        expected: ``root -> [(description, [paths])]``, the file sets :attr:`read` accepts.
+        download: ``root -> None``, torchvision's download into ``root``.
+        hint: dataset-specific advice for the not-found message.
+    """
+
+    kind: Kind
+    x_shape: tuple[int, int, int]
+    default_val_size: int
+    read: Callable[[Path], tuple[Tensor, Tensor, list[str]] | None]
+    expected: Callable[[Path], list[tuple[str, list[Path]]]]
+    download: Callable[[Path], None]
+    hint: str
+
+
+# ----- MNIST-like IDX files ------------------------------------------------------------
+
+_IDX_IMAGES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+
+def _idx_paths(root: Path, folder: str) -> dict[str, Path]:
+    return {split: root / folder / "raw" / fname for split, fname in _IDX_IMAGES.items()}
+
+
+def _read_idx_images(path: Path) -> Tensor:
+    """Parse an IDX image file (magic 2051, big-endian dims, uint8 payload) -> (N, 1, H, W)."""
+    if path.exists():
+        data = path.read_bytes()
+    else:
+        with gzip.open(path.with_name(path.name + ".gz"), "rb") as f:
+            data = f.read()
+    if len(data) < 16:
+        raise ValueError(f"{path}: {len(data)} bytes is too short for an IDX image file")
+    magic, n, h, w = (int.from_bytes(data[i : i + 4], "big") for i in range(0, 16, 4))
+    if magic != 2051:
+        raise ValueError(
+            f"{path}: IDX magic number {magic}, expected 2051 (uint8 images, 3 dims); "
+            "the file is not an uncompressed MNIST image file — re-download or re-extract it"
+        )
+    if len(data) != 16 + n * h * w:
+        raise ValueError(
+            f"{path}: {len(data)} bytes, expected {16 + n * h * w} for {n}x{h}x{w} images; "
+            "the file is truncated or corrupt — re-download it"
+        )
+    # bytearray: torch.frombuffer needs a writable buffer to avoid a warning.
+    x = torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8)
+    return x.reshape(n, 1, h, w)
+
+
+def _idx_exists(path: Path) -> bool:
+    return path.exists() or path.with_name(path.name + ".gz").exists()
+
+
+def _mnist_like(folder: str, torchvision_class: str) -> tuple[Callable, Callable, Callable]:
+    def read(root: Path) -> tuple[Tensor, Tensor, list[str]] | None:
+        paths = _idx_paths(root, folder)
+        if not all(_idx_exists(p) for p in paths.values()):
+            return None
+        return _read_idx_images(paths["train"]), _read_idx_images(paths["test"]), []
+
+    def expected(root: Path) -> list[tuple[str, list[Path]]]:
+        layout = f"torchvision's {torchvision_class} raw layout (or the same names + .gz)"
+        return [(layout, list(_idx_paths(root, folder).values()))]
+
+    def download(root: Path) -> None:
+        import torchvision
+
+        # download() fetches all four files (images and labels) into <root>/<folder>/raw/.
+        getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
+
+    return read, expected, download
+
+
+# ----- CIFAR-10 -------------------------------------------------------------------------
+
+
+def _cifar_npz_paths(root: Path) -> dict[str, Path]:
+    return {s: root / "CIFAR10" / f"cifar10_{s}.npz" for s in ("train", "test")}
+
+
+def _cifar_batches_dir(root: Path) -> Path:
+    return root / _CIFAR_BATCHES
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batch files, allowing only numpy array reconstruction.
+
+    The batch files are pickles; refusing every other global keeps a tampered file from
+    running code (the same spirit as ``torch.load(weights_only=True)``).
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"CIFAR-10 batch file refers to {module}.{name}; only numpy arrays are allowed "
+                "— the file is not an original cifar-10-batches-py file"
+            )
+        # Pickles from numpy 1.x name numpy.core, which numpy 2 only keeps as a shim.
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.split(".", 2)[2]
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One ``cifar-10-batches-py`` file -> images ``(N, 3, 32, 32)`` uint8, labels ``(N,)``."""
+    with open(path, "rb") as f:
+        # latin1: the files are Python 2 pickles (as torchvision reads them).
+        entry = _CifarUnpickler(f, encoding="latin1").load()
+    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or "labels" not in entry:
+        raise ValueError(
+            f"{path}: keys {sorted(entry)}; a CIFAR-10 batch needs 'data' and 'labels'"
+        )
+    x = np.asarray(entry["data"])
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: data is {x.dtype} {x.shape}, expected uint8 (N, 3072)")
+    y = np.asarray(entry["labels"], dtype=np.uint8)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{path}: {y.shape[0]} labels for {x.shape[0]} images")
+    # Rows are the 1024 red, then green, then blue values of a 32x32 image in row-major order.
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def _read_cifar_batches(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for split, files in (("train", _CIFAR_TRAIN_FILES), ("test", _CIFAR_TEST_FILES)):
+        parts = [_read_cifar_batch(directory / f) for f in files]
+        out[split] = (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+        )
+    return out
+
+
+def _read_cifar_npz(path: Path) -> Tensor:
+    with np.load(path, allow_pickle=False) as z:
+        if "x" not in z.files:
+            raise ValueError(f"{path}: arrays {z.files}, expected 'x' (and 'y')")
+        x = z["x"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise ValueError(
+            f"{path}: x is {x.dtype} {x.shape}, expected uint8 (N, 32, 32, 3) HWC; "
+            "rebuild it with `vaeflow data pack`"
+        )
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def _cifar_test_notes(n_test: int) -> list[str]:
+    if n_test == _CIFAR_FULL_TEST:
+        return []
+    return [
+        f"CIFAR-10 test split: only the first {n_test} of {_CIFAR_FULL_TEST} images "
+        "(packed npz); test numbers are on this subset"
+    ]
+
+
+def _cifar_read(root: Path) -> tuple[Tensor, Tensor, list[str]] | None:
+    npz = _cifar_npz_paths(root)
+    if all(p.exists() for p in npz.values()):
+        train, test = _read_cifar_npz(npz["train"]), _read_cifar_npz(npz["test"])
+        return train, test, _cifar_test_notes(test.shape[0])
+    batches = _cifar_batches_dir(root)
+    if all((batches / f).exists() for f in _CIFAR_TRAIN_FILES + _CIFAR_TEST_FILES):
+        arrays = _read_cifar_batches(batches)
+        train, test = (torch.from_numpy(arrays[s][0]) for s in ("train", "test"))
+        return train, test, _cifar_test_notes(test.shape[0])
+    return None
+
+
+def _cifar_expected(root: Path) -> list[tuple[str, list[Path]]]:
+    batches = _cifar_batches_dir(root)
+    return [
+        ("packed npz layout", list(_cifar_npz_paths(root).values())),
+        (
+            "or torchvision's cifar-10-batches-py layout",
+            [batches / f for f in _CIFAR_TRAIN_FILES + _CIFAR_TEST_FILES],
+        ),
+    ]
+
+
+def _cifar_download(root: Path) -> None:
+    import torchvision
+
+    torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+
+
+_mnist = _mnist_like("MNIST", "MNIST")
+_fashion = _mnist_like("FashionMNIST", "FashionMNIST")
+_OFFLINE_COPY = (
+    "The offline copy (shared/datasets, see its PROVENANCE.md) has this layout; point "
+    f"${ENV_VAR} or --data-root at that folder."
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec("binary", (1, 28, 28), 10000, *_mnist, hint=_OFFLINE_COPY),
+    "fashion_mnist": DatasetSpec("binary", (1, 28, 28), 10000, *_fashion, hint=_OFFLINE_COPY),
+    "cifar10": DatasetSpec(
+        "8bit",
+        (3, 32, 32),
+        5000,
+        _cifar_read,
+        _cifar_expected,
+        _cifar_download,
+        hint=(
+            "If you have torchvision's cifar-10-batches-py elsewhere, run `vaeflow data pack` "
+            "to write the npz layout into the root. The offline copy (shared/datasets) holds "
+            "the npz layout with only the first 1000 of the 10000 test images."
+        ),
+    ),
+}
+"""Every dataset :func:`load_splits` knows, by name."""
+
+
+def _not_found(
+    name: str, spec: DatasetSpec, root: Path, how: str, download_outcome: str
+) -> DatasetNotFoundError:
+    lines = [
+        f"dataset {name!r} not found under {root} (absolute: {root.absolute()}), the data root "
+        f"resolved {how}.",
+        "Expected files:",
+    ]
+    for description, paths in spec.expected(root):
+        lines.append(f"  {description}:")
+        lines.extend(f"    {p}" for p in paths)
+    lines.append(f"Download: {download_outcome}")
+    lines.append(
+        f"To fix: set ${ENV_VAR} (or pass --data-root) to the folder that holds these files, "
+        "or enable download where the internet is reachable. " + spec.hint
+    )
+    return DatasetNotFoundError("\n".join(lines))
+
+
+def load_splits(
+    name: str,
+    data_root: str | os.PathLike | None = None,
+    val_size: int | None = None,
+    download: bool = False,
+    *,
+    downloader: Downloader | None = None,
+) -> DataSplits:
+    """Load a dataset as train/validation/test ``uint8`` tensors ``(N, C, H, W)``.
+
+    Validation is the *last* ``val_size`` images of the training file, train the rest, in
+    file order (MNIST default: the classic 50k/10k/10k split; CIFAR-10: 45k/5k/test).
+
+    Args:
+        name: a key of :data:`DATASETS` (``mnist``, ``fashion_mnist``, ``cifar10``).
+        data_root: the data root; ``None`` resolves ``$VAEFLOW_DATA`` then ``./data``
+            (:func:`resolve_data_root`).
+        val_size: validation examples (``None``: the dataset default, 10000 for MNIST-like
+            data, 5000 for CIFAR-10); 0 gives an empty validation split.
+        download: if the files are missing, try torchvision's download into the root.
+        downloader: replaces torchvision's download, called as ``downloader(name, root)``
+            (tests inject a failing or file-writing one so no network is touched).
+
+    Returns:
+        :class:`DataSplits`. For CIFAR-10 from the packed offline copy the test split has
+        only the first 1000 of the 10000 test images, and ``notes`` says so.
+
+    Raises:
+        DatasetNotFoundError: the files are missing and download is disabled or failed.
+        ValueError: unknown ``name`` or a ``val_size`` outside ``[0, N_train_file)``.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    spec = DATASETS[name]
+    root, how = _resolve_root(data_root)
+
+    loaded = spec.read(root)
+    if loaded is None:
+        if not download:
+            outcome = "not attempted (download=False)."
+        else:
+            try:
+                if downloader is not None:
+                    downloader(name, root)
+                else:
+                    spec.download(root)
+            except Exception as e:
+                # Any failure (DNS, HTTP, checksum, permissions) ends in the same clear error.
+                first = str(e).strip().splitlines()
+                outcome = f"tried and failed ({type(e).__name__}: {first[0] if first else ''})."
+            else:
+                outcome = "tried; it finished but the files are still missing."
+            loaded = spec.read(root)
+        if loaded is None:
+            raise _not_found(name, spec, root, how, outcome)
+    train_full, test, notes = loaded
+
+    n_full = train_full.shape[0]
+    val_size = spec.default_val_size if val_size is None else val_size
+    if isinstance(val_size, bool) or not isinstance(val_size, int):
+        raise ValueError(f"val_size must be an int, got {type(val_size).__name__}")
+    if not 0 <= val_size < n_full:
+        raise ValueError(
+            f"val_size={val_size} for {name!r}: must be in [0, {n_full}) "
+            f"(the training file has {n_full} images)"
+        )
+    for split, x in (("train", train_full), ("test", test)):
+        if tuple(x.shape[1:]) != spec.x_shape or x.dtype != torch.uint8:
+            raise ValueError(
+                f"{name} {split}: loaded {x.dtype} {tuple(x.shape)}, expected uint8 "
+                f"(N, {', '.join(map(str, spec.x_shape))}); the files under {root} are not "
+                f"{name} — check the data root"
+            )
+    n_train = n_full - val_size
+    return DataSplits(
+        train=train_full[:n_train],
+        val=train_full[n_train:],
+        test=test,
+        x_shape=spec.x_shape,
+        kind=spec.kind,
+        name=name,
+        notes=list(notes),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Packing CIFAR-10
+# ---------------------------------------------------------------------------------------
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    """Write an npz atomically: a temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # A file object, not a name: np.savez would append ".npz" to a name.
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pack_cifar10(src_root: str | os.PathLike, dst_root: str | os.PathLike) -> list[Path]:
+    """Convert torchvision's ``cifar-10-batches-py`` into the packed npz layout.
+
+    Reads ``data_batch_1..5`` and ``test_batch`` (pickled dicts with ``data`` uint8
+    ``(N, 3072)`` CHW-flattened and ``labels``) and writes
+    ``<dst_root>/CIFAR10/cifar10_{train,test}.npz`` with ``x`` uint8 ``(N, 32, 32, 3)`` HWC
+    and ``y`` uint8 ``(N,)``, each file atomically. The pickles are read with an unpickler
+    that allows only numpy arrays.
+
+    Args:
+        src_root: the folder that contains ``cifar-10-batches-py``, or that folder itself.
+        dst_root: the data root to write into.
+
+    Returns:
+        The written paths ``[train_npz, test_npz]``.
+
+    Raises:
+        DatasetNotFoundError: a batch file is missing.
+    """
+    src = Path(src_root).expanduser()
+    batches = src if (src / _CIFAR_TRAIN_FILES[0]).exists() else _cifar_batches_dir(src)
+    missing = [
+        batches / f for f in _CIFAR_TRAIN_FILES + _CIFAR_TEST_FILES if not (batches / f).exists()
+    ]
+    if missing:
+        raise DatasetNotFoundError(
+            f"cannot pack CIFAR-10: missing {', '.join(str(p) for p in missing)}. Pass the "
+            f"folder that contains {_CIFAR_BATCHES}/ (torchvision's CIFAR-10 download, the "
+            "extracted cifar-10-python.tar.gz) as the source."
+        )
+    arrays = _read_cifar_batches(batches)
+    out = []
+    for split, path in _cifar_npz_paths(Path(dst_root).expanduser()).items():
+        x, y = arrays[split]
+        _atomic_savez(path, x=np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y=y)
+        out.append(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------
+
+
+def _check_uint8(x: Tensor, what: str) -> None:
+    if not isinstance(x, Tensor) or x.dtype != torch.uint8:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(
+            f"{what} expects uint8 intensities 0..255, got {got}; pass the uint8 tensors of "
+            "DataSplits (already-scaled floats would be scaled twice)"
+        )
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what}={value!r}; choose one of {list(allowed)}")
+
+
+def _derive_seed(seed: int, stream: str, index: int = 0) -> int:
+    """A 63-bit seed from (seed, stream, index), stable across Python versions and platforms.
+
+    Python's ``hash`` is not guaranteed stable, and ``seed + index`` would make the streams
+    of neighbouring seeds overlap (seed 0 epoch 1 == seed 1 epoch 0).
+    """
+    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def to_unit_interval(x_uint8: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """8-bit intensities -> floats on the ``k/255`` grid in [0, 1] (the likelihoods' convention).
+
+    Args:
+        x_uint8: uint8 tensor of any shape.
+        dtype: float dtype of the result (default: torch's default dtype).
+
+    Returns:
+        ``x / 255``, same shape and device.
+    """
+    _check_uint8(x_uint8, "to_unit_interval")
+    return x_uint8.to(dtype or torch.get_default_dtype()) / 255
+
+
+def binarize(
+    x_uint8: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Dynamic binarisation: one ``Bernoulli(x / 255)`` draw per pixel, on ``x``'s device.
+
+    Pixels 0 always give 0 and pixels 255 always give 1, so already-binary data (values in
+    {0, 255}, e.g. from :func:`static_binarize`) is returned unchanged.
+
+    Args:
+        x_uint8: uint8 intensities, any shape.
+        generator: a ``torch.Generator`` on ``x``'s device (``None``: the global RNG).
+        dtype: float dtype of the result (default: torch's default dtype).
+
+    Returns:
+        Floats in {0, 1}, same shape and device as ``x``.
+    """
+    _check_uint8(x_uint8, "binarize")
+    if generator is not None and generator.device.type != x_uint8.device.type:
+        raise ValueError(
+            f"binarize: generator is on {generator.device}, data on {x_uint8.device}; create "
+            "it with torch.Generator(device=x.device)"
+        )
+    u = torch.rand(x_uint8.shape, generator=generator, device=x_uint8.device)
+    # u in [0, 1): u < k/255 has probability k/255, exactly 0 for k=0 and 1 for k=255.
+    return (u < x_uint8.to(torch.float32) / 255).to(dtype or torch.get_default_dtype())
+
+
+def fixed_binarize(x_uint8: Tensor, seed: int, stream: str = "eval") -> Tensor:
+    """A fixed binarisation: the same bits for the same ``(seed, stream)`` on every device.
+
+    The noise is drawn on the CPU (CUDA generators give other numbers) in fixed-size chunks,
+    then the result moves back to ``x``'s device.
+
+    Args:
+        x_uint8: uint8 intensities ``(N, ...)``.
+        seed: the data seed; use a constant across runs so all runs see the same bits.
+        stream: separates independent draws of the same seed (``"eval"``, ``"train"``).
+
+    Returns:
+        uint8 ``(N, ...)`` with values in {0, 255}, on ``x``'s device (still uint8 so it
+        passes through every uint8 path, where re-binarising it is the identity).
+    """
+    _check_uint8(x_uint8, "fixed_binarize")
+    g = torch.Generator().manual_seed(_derive_seed(seed, stream))
+    x_cpu = x_uint8.cpu()
+    chunks = [binarize(c, g, dtype=torch.float32) for c in x_cpu.split(_FIXED_CHUNK)] or [
+        x_cpu.to(torch.float32)
+    ]
+    return (torch.cat(chunks) * 255).to(torch.uint8).to(x_uint8.device)
+
+
+def static_binarize(splits: DataSplits, seed: int) -> DataSplits:
+    """Static binarisation: every split binarised once with a fixed seed.
+
+    Train uses stream ``"train"``; validation and test use the ``"eval"`` stream of
+    :func:`prepare_eval`, so the evaluation images are the same bits under static and dynamic
+    training. The result stays uint8 (values {0, 255}), so it feeds :class:`TrainBatches`
+    and :func:`prepare_eval` unchanged.
+
+    Args:
+        splits: binary-kind splits (uint8 intensities).
+        seed: the binarisation seed (keep it constant across runs).
+
+    Returns:
+        New :class:`DataSplits` with binarised splits and a note saying so.
+    """
+    if splits.kind != "binary":
+        raise ValueError(
+            f"static_binarize: {splits.name!r} is {splits.kind!r} data; only binary-kind "
+            "datasets (mnist, fashion_mnist) are binarised"
+        )
+    return dataclasses.replace(
+        splits,
+        train=fixed_binarize(splits.train, seed, "train"),
+        val=fixed_binarize(splits.val, seed, "eval"),
+        test=fixed_binarize(splits.test, seed, "eval"),
+        notes=[*splits.notes, f"static binarisation: every split binarised once (seed {seed})"],
+    )
+
+
+def prepare_eval(
+    x_uint8: Tensor,
+    kind: Kind,
+    binarization: Binarization = "dynamic",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Preprocess a validation/test split once, deterministically.
+
+    Binary data gets the fixed-seed binarisation :func:`fixed_binarize` (stream ``"eval"``)
+    under either training binarisation — NVAE's random re-binarisation at every evaluation
+    makes numbers noisy and incomparable. 8-bit data becomes ``x / 255``.
+
+    Args:
+        x_uint8: ``(N, C, H, W)`` uint8.
+        kind: ``"binary"`` or ``"8bit"``.
+        binarization: the training binarisation (``"dynamic"``/``"static"``); validated, and
+            the evaluation draw is the same for both (static splits are already binary and
+            pass through unchanged).
+        seed: the binarisation seed; keep it constant across runs.
+        device: target device (default: ``x``'s).
+        dtype: float dtype (default: torch's default dtype).
+
+    Returns:
+        ``(N, C, H, W)`` floats on ``device``: {0, 1} for binary, the ``k/255`` grid for 8-bit.
+    """
+    _check_uint8(x_uint8, "prepare_eval")
+    _check_choice(kind, _KINDS, "kind")
+    _check_choice(binarization, _BINARIZATIONS, "binarization")
+    x = fixed_binarize(x_uint8, seed, "eval") if kind == "binary" else x_uint8
+    return to_unit_interval(x.to(device if device is not None else x.device), dtype)
+
+
+def eval_batches(x_processed: Tensor, batch_size: int) -> Iterator[Tensor]:
+    """Consecutive batches of an already-preprocessed split, in order; the last may be short.
+
+    Args:
+        x_processed: ``(N, ...)``, e.g. from :func:`prepare_eval`.
+        batch_size: examples per batch.
+
+    Yields:
+        Views ``(<= batch_size, ...)`` covering every example exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    yield from x_processed.split(batch_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Training batches
+# ---------------------------------------------------------------------------------------
+
+
+class TrainBatches:
+    """Training batches as a pure function of ``(seed, step)``: resume is bit-exact.
+
+    Epoch ``e`` visits the examples in the order ``randperm(N)`` drawn from a CPU generator
+    seeded with a hash of ``(seed, e)`` (so the order is the same on every device); step
+    ``s`` takes slice ``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch``. Dynamic
+    binarisation of step ``s`` uses a generator on the data's device seeded with a hash of
+    ``(seed, s)``. Nothing else is random, so ``batch(s)`` of a fresh object equals
+    ``batch(s)`` of the one that trained up to ``s``, and a checkpoint needs only the step,
+    no data RNG state. (Dynamic binarisation bits are reproducible per device type: CPU and
+    CUDA generators draw different numbers.)
+
+    The uint8 data is moved to ``device`` once at construction; each batch is a gather and
+    a vectorised preprocessing on the device, with no per-item Python.
+
+    Args:
+        x_uint8: training images ``(N, C, H, W)`` uint8.
+        batch_size: examples per step.
+        seed: the data seed (order and binarisation).
+        kind: ``"binary"`` or ``"8bit"``.
+        binarization: ``"dynamic"`` (fresh draw per step) or ``"static"`` (the data are
+            binarised once at construction with :func:`fixed_binarize` stream ``"train"``,
+            identical to :func:`static_binarize`'s train split; already-binary data is kept).
+            Ignored for 8-bit data.
+        device: where the data and batches live (default: ``x``'s device).
+        drop_last: drop the last incomplete batch of each epoch (then every batch has
+            ``batch_size`` examples); otherwise the last batch of an epoch is short.
+        dtype: float dtype of the batches (default: torch's default dtype).
+
+    Attributes:
+        steps_per_epoch: steps in one pass over the data.
+        num_examples: ``N``.
+    """
+
+    def __init__(
+        self,
+        x_uint8: Tensor,
+        batch_size: int,
+        seed: int,
+        kind: Kind,
+        binarization: Binarization = "dynamic",
+        device: torch.device | str | None = None,
+        drop_last: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_uint8(x_uint8, "TrainBatches")
+        _check_choice(kind, _KINDS, "kind")
+        _check_choice(binarization, _BINARIZATIONS, "binarization")
+        n = x_uint8.shape[0]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if drop_last and batch_size > n:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {n} training examples with "
+                "drop_last=True (no full batch); lower batch_size or pass drop_last=False"
+            )
+        if n == 0:
+            raise ValueError("TrainBatches: the training split is empty")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.kind = kind
+        self.binarization = binarization
+        self.drop_last = drop_last
+        self.dtype = dtype or torch.get_default_dtype()
+        self.num_examples = n
+        self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        self.device = torch.device(device) if device is not None else x_uint8.device
+        if kind == "binary" and binarization == "static":
+            x_uint8 = fixed_binarize(x_uint8, seed, "train")
+        self._x = x_uint8.to(self.device)
+        self._dynamic = kind == "binary" and binarization == "dynamic"
+        self._gen = torch.Generator(device=self.device) if self._dynamic else None
+        self._perm_epoch = -1
+        self._perm: Tensor | None = None
+
+    def epoch_permutation(self, epoch: int) -> Tensor:
+        """The visiting order of epoch ``epoch``: ``(N,)`` int64 on the CPU."""
+        g = torch.Generator().manual_seed(_derive_seed(self.seed, "perm", epoch))
+        return torch.randperm(self.num_examples, generator=g)
+
+    def indices(self, step: int) -> Tensor:
+        """The example indices of step ``step``: ``(batch,)`` int64 on the data's device."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, i = divmod(step, self.steps_per_epoch)
+        # Cache one epoch's permutation: consecutive steps reuse it, resume recomputes it.
+        if epoch != self._perm_epoch:
+            self._perm = self.epoch_permutation(epoch).to(self.device)
+            self._perm_epoch = epoch
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, step: int) -> Tensor:
+        """The preprocessed batch of step ``step``.
+
+        Returns:
+            ``(batch, C, H, W)`` floats on the device: {0, 1} for binary data, the ``k/255``
+            grid for 8-bit data.
+        """
+        x = self._x.index_select(0, self.indices(step))
+        if self._dynamic:
+            self._gen.manual_seed(_derive_seed(self.seed, "binarize", step))
+            return binarize(x, self._gen, self.dtype)
+        return to_unit_interval(x, self.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainBatches(N={self.num_examples}, batch_size={self.batch_size}, "
+            f"steps_per_epoch={self.steps_per_epoch}, kind={self.kind!r}, "
+            f"binarization={self.binarization!r}, device={self.device})"
+        )
