@@ -9,10 +9,13 @@ key and what is allowed — never vdvae's silent ``None`` for a typo, never ``ev
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 __all__ = [
     "ConfigError",
@@ -20,8 +23,16 @@ __all__ = [
     "PosteriorConfig",
     "PriorConfig",
     "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "Config",
     "from_dict",
     "to_dict",
+    "load_config",
+    "apply_overrides",
+    "validate",
 ]
 
 T = TypeVar("T")
@@ -105,6 +116,247 @@ class ModelConfig:
     likelihood_options: dict[str, Any] = field(default_factory=dict)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is split and preprocessed.
+
+    Attributes:
+        dataset: ``mnist``, ``fashion_mnist`` (binarised) or ``cifar10`` (8-bit).
+        root: data root; ``None`` resolves ``$VAEFLOW_DATA`` then ``./data``.
+        binarization: ``dynamic`` (a fresh Bernoulli draw per training batch, a fixed-seed
+            draw for validation/test) or ``static`` (one fixed draw for every split).
+        val_size: validation examples taken from the end of the training file
+            (``None``: 10000 for MNIST-like data, 5000 for CIFAR-10).
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and test evaluation.
+        seed: seed of the fixed binarisations and of the data order.
+    """
+
+    dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"
+    root: str | None = None
+    binarization: Literal["dynamic", "static"] = "dynamic"
+    val_size: int | None = None
+    batch_size: int = 100
+    eval_batch_size: int = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: objective, schedules, robustness, validation, devices.
+
+    Attributes:
+        steps: total optimiser steps.
+        objective: ``elbo`` or ``iwae`` (Burda et al. 2016) with ``k`` samples.
+        k: importance samples per example during training.
+        optimizer: ``adam`` or ``adamax``.
+        lr: peak learning rate.
+        betas: Adam's betas.
+        weight_decay: L2 weight decay (decoupled only for adamw-style; here plain).
+        lr_warmup_steps: linear learning-rate warm-up from 0.
+        lr_schedule: ``constant``, ``cosine`` (to ``min_lr_ratio * lr``) or
+            ``exponential`` (multiply by ``lr_decay`` every ``lr_decay_every`` steps).
+        lr_decay: factor of the exponential schedule.
+        lr_decay_every: steps between exponential decays.
+        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
+        kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
+        free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
+        clip_norm: clip the gradient norm to this value (``None``: no clipping).
+        skip_grad_norm: skip the update when the gradient norm exceeds this (vdvae).
+        max_consecutive_skips: stop the run (with a usable checkpoint) after this many
+            skipped updates in a row.
+        ema_decay: keep an exponential moving average of the weights for evaluation
+            (Polyak averaging); ``None`` disables it.
+        val_every: steps between validations.
+        val_k: importance samples of the validation IWAE bound.
+        val_size: validation examples used (``None``: all).
+        early_stopping: validations without improvement before stopping (``None``: never).
+        log_every: steps between training-scalar logs.
+        image_every: steps between reconstruction/sample grids (0: only at the end).
+        ckpt_every: steps between ``last.pt`` checkpoints.
+        seed: global seed.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: bf16 autocast on CUDA (ignored on CPU with a warning).
+        compile: wrap the model in ``torch.compile``.
+    """
+
+    steps: int = 10000
+    objective: Literal["elbo", "iwae"] = "elbo"
+    k: int = 1
+    optimizer: Literal["adam", "adamax"] = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    lr_decay: float = 0.5
+    lr_decay_every: int = 100000
+    min_lr_ratio: float = 0.0
+    kl_warmup_steps: int = 0
+    free_bits: float = 0.0
+    clip_norm: float | None = 100.0
+    skip_grad_norm: float | None = None
+    max_consecutive_skips: int = 50
+    ema_decay: float | None = None
+    val_every: int = 1000
+    val_k: int = 100
+    val_size: int | None = None
+    early_stopping: int | None = None
+    log_every: int = 50
+    image_every: int = 0
+    ckpt_every: int = 1000
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Final test evaluation.
+
+    Attributes:
+        k: importance samples of the test log-likelihood (5000 as in Burda et al. 2016).
+        chunk: samples per pass (memory is flat in ``k``).
+        batch_size: test examples per pass.
+        n_test: evaluate on the first ``n_test`` test examples (``None``: all).
+        use_ema: evaluate the EMA weights when they exist.
+    """
+
+    k: int = 5000
+    chunk: int = 500
+    batch_size: int = 20
+    n_test: int | None = None
+    use_ema: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives: ``<root>/<name>/``."""
+
+    name: str = "run"
+    root: str = "runs"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment: one TOML file with these five tables."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_DATA_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+_DATA_LIKELIHOODS = {
+    "mnist": {"bernoulli"},
+    "fashion_mnist": {"bernoulli"},
+    "cifar10": {"discretized_logistic", "discretized_logistic_mixture"},
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible combinations with a message naming the keys involved."""
+    shape = _DATA_SHAPES[cfg.data.dataset]
+    if tuple(cfg.model.x_shape) != shape:
+        raise ConfigError(
+            f"model.x_shape = {list(cfg.model.x_shape)} but data.dataset = "
+            f"{cfg.data.dataset!r} has examples of shape {list(shape)}"
+        )
+    allowed = _DATA_LIKELIHOODS[cfg.data.dataset]
+    if cfg.model.likelihood not in allowed:
+        raise ConfigError(
+            f"model.likelihood = {cfg.model.likelihood!r} does not fit data.dataset = "
+            f"{cfg.data.dataset!r}; use one of {sorted(allowed)}"
+        )
+    t = cfg.train
+    positive = {
+        "train.steps": t.steps,
+        "train.k": t.k,
+        "train.val_every": t.val_every,
+        "train.val_k": t.val_k,
+        "train.log_every": t.log_every,
+        "train.ckpt_every": t.ckpt_every,
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "eval.k": cfg.eval.k,
+        "eval.chunk": cfg.eval.chunk,
+        "eval.batch_size": cfg.eval.batch_size,
+        "model.latent_dim": cfg.model.latent_dim,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if t.objective == "iwae" and (t.free_bits > 0 or t.kl_warmup_steps > 0):
+        raise ConfigError(
+            "train.objective = 'iwae' cannot use train.free_bits or train.kl_warmup_steps "
+            "(they modify the ELBO's KL term, which the IWAE bound does not have)"
+        )
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas must have two entries, got {list(t.betas)}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax (numbers, booleans, lists, strings), else a bare string.
+
+    Parsed with :mod:`tomllib`, never ``eval``.
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested dict (returns a new dict).
+
+    ``none``/``null`` set a key to ``None``. Unknown keys are caught by
+    :func:`from_dict` afterwards, with the full dotted name.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set key must look like section.key, got {key!r}")
+        value = None if text.strip().lower() in ("none", "null") else _parse_value(text.strip())
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a table")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config, apply ``--set`` overrides, build and validate :class:`Config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return validate(from_dict(Config, apply_overrides(data, overrides)))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:

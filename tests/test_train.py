@@ -1,0 +1,215 @@
+"""The training loop on real MNIST: learning, resume, robustness, logs, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaeflow.checkpoint import CheckpointError, load_checkpoint
+from vaeflow.cli import main as cli_main
+from vaeflow.config import ConfigError, load_config
+from vaeflow.logger import read_metrics
+from vaeflow.train import TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("VAEFLOW_DATA") or str(ROOT.parent / "shared" / "datasets")
+
+TINY = [
+    f'data.root="{DATA}"',
+    "data.batch_size=50",
+    "data.eval_batch_size=250",
+    "model.latent_dim=8",
+    "model.encoder.options={hidden=[64]}",
+    "model.decoder.options={hidden=[64]}",
+    'model.posterior.flow="iaf"',
+    "model.posterior.num_layers=1",
+    "model.posterior.hidden=32",
+    "model.posterior.context_features=8",
+    'model.prior.name="flow"',
+    'model.prior.flow="realnvp"',
+    "model.prior.num_layers=2",
+    "model.prior.hidden=16",
+    "train.lr=2e-3",
+    "train.val_size=500",
+    "train.val_k=10",
+    "train.log_every=10",
+    "train.device=cpu",
+    "eval.k=20",
+    "eval.chunk=10",
+    "eval.n_test=100",
+]
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short real MNIST run shared by the read-only tests below."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = _cfg(
+        "train.steps=300",
+        "train.val_every=100",
+        "train.ckpt_every=100",
+        "train.image_every=300",
+        "train.ema_decay=0.99",
+    )
+    summary = train(cfg, run_dir)
+    return run_dir, summary
+
+
+def test_short_mnist_run_learns(trained_run):
+    run_dir, summary = trained_run
+    assert summary["status"] == "completed" and summary["step"] == 300
+    vals = [r["val/elbo_nats"] for r in read_metrics(run_dir) if "val/elbo_nats" in r]
+    assert len(vals) == 3
+    assert vals[-1] > vals[0] + 20, f"validation ELBO did not improve: {vals}"
+    assert all(math.isfinite(v) for v in vals)
+    for f in (
+        "config.json",
+        "environment.json",
+        "metrics.jsonl",
+        "train_summary.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run_dir / f).exists(), f
+    assert list((run_dir / "samples").glob("*.png"))
+
+
+def test_tensorboard_has_the_expected_tags(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained_run
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in (
+        "train/loss_nats",
+        "train/elbo_nats",
+        "train/kl_nats",
+        "train/grad_norm",
+        "train/lr",
+        "train/beta",
+        "train/skipped_steps",
+        "train/flow_logdet_nats",
+        "val/elbo_nats",
+        "val/iwae_k10_nats",
+    ):
+        assert tag in scalars, tag
+    assert {"val/reconstructions", "samples/prior"} <= set(acc.Tags()["images"])
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    cfg = _cfg(
+        "train.steps=40",
+        "train.val_every=20",
+        "train.ckpt_every=10",
+        "train.ema_decay=0.9",
+        "train.kl_warmup_steps=20",
+    )
+    train(cfg, tmp_path / "full")
+    # "Killed" after step 25: the last checkpoint is from step 20; resume from there.
+    train(cfg, tmp_path / "killed", stop_after_step=25)
+    assert load_checkpoint(tmp_path / "killed/checkpoints/last.pt")["step"] == 20
+    train(cfg, tmp_path / "killed", resume=True)
+    a = load_checkpoint(tmp_path / "full/checkpoints/last.pt")
+    b = load_checkpoint(tmp_path / "killed/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 40
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch):
+    from vaeflow import vae as vae_mod
+
+    original = vae_mod.VAE.forward
+    calls = {"n": 0}
+
+    def flaky(self, x, k=1):
+        calls["n"] += 1
+        terms = original(self, x, k)
+        if self.training and calls["n"] in (3, 4):
+            return type(terms)(terms.log_px_z * float("nan"), terms.log_pz, terms.log_qz)
+        return terms
+
+    monkeypatch.setattr(vae_mod.VAE, "forward", flaky)
+    summary = train(_cfg("train.steps=10", "train.val_every=10"), tmp_path / "nan")
+    assert summary["skipped_steps"] == 2 and summary["status"] == "completed"
+    logged = [
+        r["train/skipped_steps"]
+        for r in read_metrics(tmp_path / "nan")
+        if "train/skipped_steps" in r
+    ]
+    assert logged[-1] == 2
+    ckpt = load_checkpoint(tmp_path / "nan/checkpoints/last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_repeated_failures_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
+    from vaeflow import vae as vae_mod
+
+    original = vae_mod.VAE.forward
+
+    def broken(self, x, k=1):
+        terms = original(self, x, k)
+        return type(terms)(terms.log_px_z * float("nan"), terms.log_pz, terms.log_qz)
+
+    monkeypatch.setattr(vae_mod.VAE, "forward", broken)
+    with pytest.raises(TrainingDiverged, match="consecutive updates skipped"):
+        train(_cfg("train.steps=50", "train.max_consecutive_skips=5"), tmp_path / "div")
+    ckpt = load_checkpoint(tmp_path / "div/checkpoints/last.pt")
+    assert ckpt["step"] == 5
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    cfg = _cfg("train.steps=10", "train.val_every=10")
+    train(cfg, tmp_path / "c")
+    last = tmp_path / "c/checkpoints/last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(cfg, tmp_path / "c", resume=True)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    cfg = _cfg("train.steps=5", "train.val_every=5")
+    train(cfg, tmp_path / "r")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "r")
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="train.lrr"):
+        _cfg("train.lrr=1")
+    with pytest.raises(ConfigError, match="model.likelihood"):
+        _cfg('model.likelihood="discretized_logistic"')
+    with pytest.raises(ConfigError, match="model.x_shape"):
+        _cfg('data.dataset="cifar10"', 'model.likelihood="discretized_logistic"')
+
+
+def test_cli_train_eval_sample(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\nname = "cli"\nroot = "' + str(tmp_path) + '"\n')
+    args = ["train", str(cfg)] + [a for s in TINY for a in ("--set", s)]
+    args += ["--set", "train.steps=20", "--set", "train.val_every=20"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "test/nll_iw20_nats" in out and "tensorboard --logdir" in out
+    summary = json.loads((tmp_path / "cli/summary.json").read_text())
+    assert summary["test/n_examples"] == 100 and math.isfinite(summary["test/nll_iw20_nats"])
+    assert cli_main(["sample", str(tmp_path / "cli"), "--n", "4"]) == 0
+    assert (
+        cli_main(["eval", str(tmp_path / "cli"), "--k", "5", "--chunk", "5", "--n-test", "10"])
+        == 0
+    )
+    # A user error is one clear line and exit status 2, not a traceback.
+    assert cli_main(["train", str(cfg), "--set", "train.nope=1"]) == 2
+    assert "unknown config key(s) train.nope" in capsys.readouterr().err

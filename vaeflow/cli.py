@@ -1,0 +1,169 @@
+"""Command line: ``vaeflow train|eval|sample|data`` (also ``python -m vaeflow``).
+
+Thin by design (STYLE.md practice 13): parse, build the config, call the library.
+
+    vaeflow train experiments/quickstart/mnist_iaf.toml --set train.steps=500
+    vaeflow train CONFIG --resume            # continue a killed run bit-exactly
+    vaeflow eval runs/quickstart --k 5000    # test NLL, ELBO, bpd, active units
+    vaeflow sample runs/quickstart --n 64
+    vaeflow data pack SRC_ROOT DST_ROOT      # CIFAR-10: torchvision layout -> npz layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .evaluate import evaluate_run
+    from .train import train
+
+    overrides = list(args.set or [])
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.data_root:
+        overrides.append(f'data.root="{args.data_root}"')
+    if args.name:
+        overrides.append(f'run.name="{args.name}"')
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
+    print(f"run directory: {run_dir}", flush=True)
+    summary = train(cfg, run_dir, resume=args.resume)
+    print(json.dumps(summary, indent=2), flush=True)
+    if not args.no_eval:
+        result = evaluate_run(run_dir, data_root=args.data_root, device=args.device or "auto")
+        _print_summary(result)
+    print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print("\ntest results (summary.json):")
+    for key, value in summary.items():
+        if key.startswith("test/") and not isinstance(value, list):
+            print(
+                f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}"
+            )
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    summary = evaluate_run(
+        args.run_dir,
+        k=args.k,
+        chunk=args.chunk,
+        n_test=args.n_test,
+        checkpoint=args.checkpoint,
+        use_ema=None if args.ema is None else args.ema == "on",
+        device=args.device or "auto",
+        data_root=args.data_root,
+    )
+    _print_summary(summary)
+    print(f"\nwrote {Path(args.run_dir) / 'summary.json'}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .evaluate import sample_run
+
+    path = sample_run(
+        args.run_dir,
+        n=args.n,
+        checkpoint=args.checkpoint,
+        device=args.device or "auto",
+        seed=args.seed,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _data_pack(args: argparse.Namespace) -> int:
+    from .data import pack_cifar10
+
+    for path in pack_cifar10(args.src, args.dst):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vaeflow", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a TOML config")
+    t.add_argument("config", help="TOML config (see experiments/)")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    t.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    t.add_argument("--run-dir", help="run directory (default: run.root/run.name)")
+    t.add_argument("--name", help="run name (sets run.name)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="sets train.device")
+    t.add_argument("--data-root", help="data root (default: $VAEFLOW_DATA, then ./data)")
+    t.add_argument("--no-eval", action="store_true", help="skip the test evaluation at the end")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="test NLL / ELBO / bpd / active units of a run")
+    e.add_argument("run_dir")
+    e.add_argument("--k", type=int, help="importance samples (default: eval.k, 5000)")
+    e.add_argument("--chunk", type=int, help="samples per pass (default: eval.chunk)")
+    e.add_argument("--n-test", type=int, help="only the first N test examples")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--ema", choices=["on", "off"], help="use EMA weights (default: eval.use_ema)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--data-root")
+    e.set_defaults(func=_eval)
+
+    s = sub.add_parser("sample", help="write a grid of prior samples")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_sample)
+
+    d = sub.add_parser("data", help="dataset utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    pk = dsub.add_parser("pack", help="CIFAR-10: torchvision's cifar-10-batches-py -> npz layout")
+    pk.add_argument("src", help="root containing cifar-10-batches-py/")
+    pk.add_argument("dst", help="root to write CIFAR10/cifar10_{train,test}.npz into")
+    pk.set_defaults(func=_data_pack)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status. Known user errors print one clear line."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DatasetNotFoundError
+    from .train import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (
+        ConfigError,
+        CheckpointError,
+        DatasetNotFoundError,
+        TrainingDiverged,
+        FileExistsError,
+        FileNotFoundError,
+    ) as e:
+        print(f"vaeflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

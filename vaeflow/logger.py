@@ -1,0 +1,497 @@
+"""Run logging: TensorBoard events plus an append-only ``metrics.jsonl``, and a progress bar.
+
+A run directory (DESIGN.md) gets
+
+* ``tb/`` — TensorBoard events: scalars, image grids, histograms and an HParams entry;
+* ``metrics.jsonl`` — one JSON object per :meth:`RunLogger.log_scalars` call,
+  ``{"step": 1200, "time": 1718000000.1, "train/loss_nats": 98.2, ...}``, from which
+  ``results/`` tables are rebuilt by script (:func:`read_metrics`);
+* ``samples/`` — every logged image grid also as a PNG.
+
+Scalar names carry their split and unit (``train/loss_nats``, ``val/elbo_nats``,
+``test/bpd``; STYLE.md practice 14). Only rank 0 of a distributed run writes; on other
+ranks every method is a no-op, so the training loop need not branch.
+
+This module imports no other vaeflow module (DESIGN.md layering).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+__all__ = ["RunLogger", "Progress", "flatten_config", "read_metrics", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+_RESERVED = ("step", "time")
+HParam = int | float | str | bool
+
+
+def _as_float(tag: str, value: Any) -> float:
+    """A metric value as a Python float (numbers and one-element tensors)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"metric {tag!r} is a tensor of shape {tuple(value.shape)}; log a scalar "
+                "(e.g. .mean()) or use log_histogram for a distribution"
+            )
+        return float(value.detach().cpu().item())
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
+        return float(value)
+    raise TypeError(f"metric {tag!r} is a {type(value)}; pass a number or a 0-d tensor")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` via a temp file in the same directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunLogger:
+    """TensorBoard + ``metrics.jsonl`` + PNG sample grids for one run directory.
+
+    Usage::
+
+        with RunLogger(run_dir) as log:
+            log.log_scalars({"train/loss_nats": 98.2, "train/lr": 1e-3}, step)
+            log.log_images("samples/prior", x_samples, step)
+            log.log_hparams(flatten_config(config_dict), {"hparam/val_elbo_nats": -85.1})
+
+    Non-finite scalars: written as ``null`` in ``metrics.jsonl`` (JSON has no NaN; every
+    line stays valid JSON, :func:`read_metrics` turns them back into ``nan``) and kept
+    as-is in TensorBoard, where a NaN or inf loss is exactly what one wants to see.
+
+    Resuming: ``metrics.jsonl`` is opened for appending, so a resumed run continues the
+    same file. Pass ``purge_step`` (the checkpoint's step) so the records a killed run
+    wrote after its last checkpoint are dropped from ``metrics.jsonl`` and hidden in
+    TensorBoard (``SummaryWriter(purge_step=...)``) instead of appearing twice.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        enabled_tb: write TensorBoard events to ``run_dir/tb``; ``False`` keeps only
+            ``metrics.jsonl`` and the PNGs (and does not import TensorBoard).
+        rank: the process rank in distributed training; only rank 0 writes anything.
+        purge_step: when resuming from a checkpoint at this step, drop logged records
+            with ``step >= purge_step``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        enabled_tb: bool = True,
+        rank: int = 0,
+        purge_step: int | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.active = rank == 0
+        self._closed = False
+        self._writer = None
+        self._metrics: TextIO | None = None
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / METRICS_FILE
+        if purge_step is not None and metrics_path.exists():
+            self._purge_metrics(metrics_path, purge_step)
+        self._metrics = open(metrics_path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open
+        # A run killed mid-line leaves a partial last line; end it so the next record
+        # starts on its own line (read_metrics skips the partial one with a warning).
+        if self._metrics.tell() > 0:
+            self._metrics.seek(self._metrics.tell() - 1)
+            last = self._metrics.read(1)
+            self._metrics.seek(0, os.SEEK_END)
+            if last != "\n":
+                self._metrics.write("\n")
+                self._metrics.flush()
+        if enabled_tb:
+            # Imported here so runs with enabled_tb=False work without tensorboard.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+
+    @staticmethod
+    def _purge_metrics(path: Path, purge_step: int) -> None:
+        """Rewrite ``metrics.jsonl`` without records at ``step >= purge_step`` (atomic)."""
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the partial line of a killed run: it is being purged anyway
+            if isinstance(record, dict) and record.get("step", -1) < purge_step:
+                kept.append(line + "\n")
+        _write_text_atomic(path, "".join(kept))
+
+    def _check_open(self) -> bool:
+        """Whether to write: rank 0 and not closed (logging after close is a bug)."""
+        if self._closed:
+            raise RuntimeError(
+                f"RunLogger for {self.run_dir} is closed; create a new RunLogger (with "
+                "purge_step when resuming) to log more"
+            )
+        return self.active
+
+    def log_scalars(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log scalars to TensorBoard and as one line of ``metrics.jsonl``.
+
+        Args:
+            metrics: ``{tag: value}`` with tags like ``train/loss_nats``; values are
+                numbers or one-element tensors. Non-finite values become ``null`` in
+                JSON and stay as they are in TensorBoard.
+            step: the global training step (x axis).
+
+        Raises:
+            ValueError: a tag is ``"step"`` or ``"time"`` (reserved JSON keys), or a
+                tensor value has more than one element.
+            TypeError: a value is not a number.
+        """
+        if not self._check_open():
+            return
+        values: dict[str, float] = {}
+        for tag, value in metrics.items():
+            if tag in _RESERVED:
+                raise ValueError(
+                    f"metric name {tag!r} is reserved in metrics.jsonl; name it with its "
+                    "split and unit, e.g. 'train/step_time_s'"
+                )
+            values[str(tag)] = _as_float(tag, value)
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+        assert self._metrics is not None
+        # allow_nan=False guarantees standard JSON: a stray NaN would fail here, not in a
+        # downstream parser.
+        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+        self._metrics.flush()  # a killed run keeps every completed line
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, int(step))
+
+    def log_images(
+        self, tag: str, images: Tensor, step: int, nrow: int | None = None
+    ) -> Path | None:
+        """Log a grid of images to TensorBoard and save it as a PNG.
+
+        Args:
+            tag: e.g. ``samples/prior`` or ``val/reconstructions``.
+            images: ``(N, C, H, W)`` with ``C`` in {1, 3}, values in [0, 1] (clamped, so
+                slight overshoot of a decoder mean is harmless).
+            step: the global step; part of the PNG name.
+            nrow: images per grid row; default ``ceil(sqrt(N))`` (a square-ish grid).
+
+        Returns:
+            The PNG path ``run_dir/samples/{tag with '/' -> '_'}_{step:07d}.png`` (written
+            atomically), or ``None`` on ranks other than 0.
+
+        Raises:
+            ValueError: ``images`` is not ``(N, C, H, W)`` with 1 or 3 channels.
+        """
+        if not self._check_open():
+            return None
+        if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+            raise ValueError(
+                f"log_images({tag!r}) expects a non-empty (N, C, H, W) batch with C = 1 or 3, "
+                f"got shape {tuple(images.shape)}; reshape flat images with "
+                ".view(N, C, H, W)"
+            )
+        from torchvision.utils import make_grid
+
+        n = images.shape[0]
+        nrow = nrow if nrow is not None else math.ceil(math.sqrt(n))
+        images = images.detach().float().cpu().clamp(0.0, 1.0)
+        grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+        if self._writer is not None:
+            self._writer.add_image(tag, grid, int(step), dataformats="CHW")
+        return self._save_png(tag, grid, int(step))
+
+    def _save_png(self, tag: str, grid: Tensor, step: int) -> Path:
+        """Write a ``(3, H, W)`` grid in [0, 1] to ``samples/`` atomically."""
+        from PIL import Image
+
+        samples = self.run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        path = samples / f"{tag.replace('/', '_').replace(os.sep, '_')}_{step:07d}.png"
+        # Round to the nearest 8-bit level, as torchvision.utils.save_image does.
+        pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=samples)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG")  # explicit: the temp name has no .png suffix
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        """Log the distribution of ``values`` (any shape) to TensorBoard.
+
+        Non-finite entries are dropped (TensorBoard's binning cannot place them); if none
+        is finite, nothing is logged and a ``UserWarning`` says so. Histograms are not
+        written to ``metrics.jsonl``.
+
+        Args:
+            tag: e.g. ``val/kl_per_dim_nats``.
+            values: any shape; flattened.
+            step: the global step.
+        """
+        if not self._check_open() or self._writer is None:
+            return
+        flat = values.detach().float().cpu().flatten()
+        finite = flat[torch.isfinite(flat)]
+        if finite.numel() == 0:
+            warnings.warn(
+                f"histogram {tag!r} at step {step} has no finite values; nothing logged",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self._writer.add_histogram(tag, finite, int(step))
+
+    def log_hparams(
+        self, hparams: Mapping[str, HParam], metrics: Mapping[str, float], step: int = 0
+    ) -> None:
+        """Record the run's hyperparameters and headline metrics for TensorBoard's HParams tab.
+
+        Unlike ``SummaryWriter.add_hparams``, which writes into a new timestamped sub-run
+        (so TensorBoard shows every run twice), this writes the HParams summaries
+        (``torch.utils.tensorboard.summary.hparams``) into this run's own event file,
+        so the HParams tab lists the run itself next to its scalar curves. The metrics
+        are logged as scalars at ``step`` (TensorBoard reads their values from there) and
+        also go to ``metrics.jsonl``. Call it once per run, typically at the end; use
+        metric tags distinct from the training curves (e.g. ``hparam/val_elbo_nats``).
+
+        Args:
+            hparams: flat ``{name: int | float | str | bool}``, e.g. from
+                :func:`flatten_config` (torch's summary records bools as 0/1 numbers).
+            metrics: ``{tag: value}`` for the comparison columns.
+            step: the step to log the metric values at.
+
+        Raises:
+            TypeError: a hyperparameter is not an int, float, str or bool (name given).
+        """
+        if not self._check_open():
+            return
+        for name, value in hparams.items():
+            if type(value) not in (int, float, str, bool):
+                raise TypeError(
+                    f"hyperparameter {name!r} is a {type(value)}; pass only int, float, str "
+                    "or bool values (vaeflow.logger.flatten_config converts a nested config)"
+                )
+        if self._writer is not None:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+            experiment, start, end = hparams_summary(dict(hparams), dict(metrics))
+            # The writer's own FileWriter (what add_scalar uses), not add_hparams' sub-run.
+            file_writer = self._writer._get_file_writer()
+            for summary in (experiment, start, end):
+                file_writer.add_summary(summary, int(step))
+        self.log_scalars(metrics, step)
+
+    def flush(self) -> None:
+        """Push buffered TensorBoard events and metrics lines to disk."""
+        if self._closed or not self.active:
+            return
+        if self._metrics is not None:
+            self._metrics.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the files; further logging raises. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._metrics is not None:
+            self._metrics.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, HParam]:
+    """Flatten a nested config dict into dotted keys with TensorBoard-friendly values.
+
+    ``{"model": {"posterior": {"flow": "iaf"}}}`` becomes ``{"model.posterior.flow":
+    "iaf"}``. ``None`` becomes ``"none"``, lists and tuples their ``str()``, an empty
+    dict ``"{}"`` (so the key still appears); ints, floats, strings and bools are kept.
+
+    Args:
+        d: a plain nested dict (e.g. ``vaeflow.config.to_dict(cfg)``).
+        prefix: prepended to every key (with a dot).
+
+    Returns:
+        A flat ``{dotted.key: int | float | str | bool}``.
+
+    Raises:
+        TypeError: a value of another type (its dotted key is named); convert it first.
+    """
+    flat: dict[str, HParam] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            if value:
+                flat.update(flatten_config(value, name))
+            else:
+                flat[name] = "{}"
+        elif value is None:
+            flat[name] = "none"
+        elif isinstance(value, list | tuple):
+            flat[name] = str(list(value))
+        elif type(value) in (int, float, str, bool):
+            flat[name] = value
+        else:
+            raise TypeError(
+                f"config value {name!r} is a {type(value)}; flatten_config takes plain "
+                "dicts of int, float, str, bool, None and lists (use vaeflow.config.to_dict)"
+            )
+    return flat
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read ``run_dir/metrics.jsonl`` back, one dict per logged line.
+
+    ``null`` values (non-finite when logged) come back as ``nan`` so metric columns stay
+    numeric. A line that is not valid JSON — the partial last line of a killed run, which
+    a resumed :class:`RunLogger` leaves in place and ends with a newline — is skipped with
+    a ``UserWarning`` naming the line.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The records in file order, each ``{"step": int, "time": float, tag: float, ...}``.
+
+    Raises:
+        FileNotFoundError: there is no ``metrics.jsonl`` in ``run_dir``.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {METRICS_FILE} in {run_dir}; pass a run directory written by "
+            "vaeflow.logger.RunLogger (e.g. runs/<name>)"
+        )
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            where = "the last line" if number == len(lines) else f"line {number}"
+            warnings.warn(
+                f"skipping {where} of {path}: not valid JSON (a partial line, e.g. "
+                f"from a run killed while logging): {line[:80]!r}",
+                stacklevel=2,
+            )
+            continue
+        if not isinstance(record, dict):
+            warnings.warn(f"skipping line {number} of {path}: not a JSON object", stacklevel=2)
+            continue
+        records.append({k: (math.nan if v is None else v) for k, v in record.items()})
+    return records
+
+
+class Progress:
+    """A dependency-free progress line for interactive terminals.
+
+    On a terminal it redraws ``\\r step 1234/5000 | loss 98.21 nats | 12.3 it/s`` on
+    standard error at most every ``min_interval`` seconds (and always at the last step).
+    When standard error is not a terminal (a batch job, a log file, pytest) it prints
+    nothing: ``metrics.jsonl`` is the record, and ``\\r`` redraws would only litter a log.
+
+    Args:
+        total: the final step.
+        enabled: force on or off; ``None`` means "on iff ``sys.stderr.isatty()``".
+        min_interval: seconds between redraws.
+    """
+
+    def __init__(self, total: int, enabled: bool | None = None, min_interval: float = 0.1):
+        self.total = int(total)
+        self.enabled = sys.stderr.isatty() if enabled is None else bool(enabled)
+        self.min_interval = min_interval
+        self._first: tuple[int, float] | None = None
+        self._last_draw = -math.inf
+        self._width = 0
+
+    def update(self, step: int, loss: float | None = None, **metrics: float) -> None:
+        """Report progress at ``step``.
+
+        Args:
+            step: the current step (after the update), ``0 <= step <= total``.
+            loss: the training loss in nats, shown as ``loss 98.21 nats``.
+            **metrics: more values to show as ``name value`` (e.g. ``bpd=3.2``).
+        """
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            # Rate counts from the first update, so a resumed run does not count the
+            # steps done before it started.
+            self._first = (step, now)
+        if now - self._last_draw < self.min_interval and step < self.total:
+            return
+        self._last_draw = now
+        parts = [f" step {step}/{self.total}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.2f} nats")
+        parts.extend(f"{name} {value:.4g}" for name, value in metrics.items())
+        first_step, first_time = self._first
+        elapsed = now - first_time
+        if step > first_step and elapsed > 0:
+            parts.append(f"{(step - first_step) / elapsed:.1f} it/s")
+        line = " | ".join(parts)
+        # Pad with spaces so a shorter line fully overwrites the previous one.
+        sys.stderr.write("\r" + line.ljust(self._width))
+        sys.stderr.flush()
+        self._width = len(line)
+
+    def close(self) -> None:
+        """End the line so later output starts on a fresh one."""
+        if self.enabled and self._width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._width = 0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

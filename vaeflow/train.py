@@ -1,0 +1,430 @@
+"""The training loop: config -> trained model, checkpoints, logs; resumable and robust.
+
+One function, :func:`train`, runs a whole experiment: it builds data and model from the
+config, optimises the (beta-weighted, free-bits) ELBO or the IWAE bound, validates with
+IWAE-k, keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The
+model is only ever used as ``model(x, k) -> Terms`` (DESIGN.md).
+
+Robust step (after vdvae): a non-finite loss, a non-finite gradient norm or a norm above
+``skip_grad_norm`` skips the update; skips are counted and logged, and too many in a row
+stop the run with a message and a usable checkpoint.
+
+Resume is bit-exact on CPU: data batches are a pure function of (seed, step)
+(:class:`vaeflow.data.TrainBatches`), RNG states are checkpointed, and validation runs
+under a forked RNG so its frequency never changes the training trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bounds import elbo, iwae
+from .build import build_model
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, to_dict
+from .data import DataSplits, TrainBatches, eval_batches, load_splits, prepare_eval
+from .logger import Progress, RunLogger, flatten_config
+from .utils import resolve_device, write_json_atomic
+from .vae import VAE
+
+__all__ = ["train", "TrainingDiverged", "EMA", "validate_bounds"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive skipped updates (non-finite loss or exploding gradients)."""
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (Polyak averaging).
+
+    Evaluated weights are ``ema = d * ema + (1 - d) * current`` after every update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.state:
+                self.state[k].lerp_(v.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily load the averaged weights into ``model``."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.state}
+        model.load_state_dict(self.state, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup, strict=False)
+
+
+def _lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else 1.0
+        if t.lr_schedule == "cosine":
+            progress = min(1.0, step / max(1, t.steps))
+            decay = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+        elif t.lr_schedule == "exponential":
+            decay = t.lr_decay ** (step // t.lr_decay_every)
+        else:
+            decay = 1.0
+        return warm * decay
+
+    return factor
+
+
+def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:  # noqa: ANN001
+    t = cfg.train
+    cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[t.optimizer]
+    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def _beta(cfg: Config, step: int) -> float:
+    w = cfg.train.kl_warmup_steps
+    return 1.0 if w <= 0 else min(1.0, step / w)
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=here,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "vaeflow": __import__("vaeflow").__version__,
+    }
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best: float = -math.inf
+    best_step: int = -1
+    bad_validations: int = 0
+    skipped: int = 0
+    consecutive_skips: int = 0
+
+
+@torch.no_grad()
+def validate_bounds(
+    model: VAE, x: Tensor, k: int, batch_size: int, amp: bool = False
+) -> dict[str, float]:
+    """ELBO and IWAE-k (nats per example) on preprocessed data ``x (N, *x_shape)``."""
+    model.eval()
+    sums = {"elbo": 0.0, "iwae": 0.0, "kl": 0.0, "recon": 0.0}
+    n = 0
+    for xb in eval_batches(x, batch_size):
+        ll = model.log_likelihood(xb, k=k, chunk=k)
+        sums["elbo"] += ll.elbo.sum().item()
+        sums["iwae"] += ll.log_px.sum().item()
+        sums["kl"] += ll.kl.sum().item()
+        sums["recon"] += ll.log_px_z.sum().item()
+        n += xb.shape[0]
+    model.train()
+    return {name: v / n for name, v in sums.items()}
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after_step: int | None = None,
+    splits: DataSplits | None = None,
+) -> dict[str, Any]:
+    """Train the model described by ``cfg``; return the summary (also ``summary.json``).
+
+    Args:
+        cfg: a validated :class:`~vaeflow.config.Config`.
+        run_dir: run directory (default ``cfg.run.root / cfg.run.name``).
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        stop_after_step: stop (as if preempted) after this step, after any checkpoint
+            due at it; for tests of resume and for time-boxed jobs.
+        splits: preloaded data (tests); default loads ``cfg.data``.
+
+    Returns:
+        The summary dict: final/best validation bounds, steps, skipped updates, timing.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
+    ckpt_dir = run_dir / "checkpoints"
+    if not resume and (ckpt_dir / "last.pt").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run (checkpoints/last.pt); pass --resume to continue "
+            "it, or choose another run.name / delete the directory"
+        )
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    amp = t.amp and device.type == "cuda"
+    if t.amp and not amp:
+        warnings.warn(
+            "train.amp = true is ignored on CPU (bf16 autocast is CUDA-only)", stacklevel=2
+        )
+
+    splits = (
+        splits
+        if splits is not None
+        else load_splits(cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size)
+    )
+    batches = TrainBatches(
+        splits.train,
+        cfg.data.batch_size,
+        cfg.data.seed,
+        splits.kind,
+        cfg.data.binarization,
+        device,
+    )
+    x_val = prepare_eval(splits.val, splits.kind, cfg.data.binarization, cfg.data.seed, device)
+    if t.val_size is not None:
+        x_val = x_val[: t.val_size]
+
+    model = build_model(cfg.model).to(device)
+    opt = _optimizer(cfg, model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
+    state = _State()
+    config_dict = to_dict(cfg)
+
+    if resume:
+        ckpt = load_checkpoint(
+            ckpt_dir / "last.pt", map_location=device, required=("model", "optimizer", "step")
+        )
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        state = _State(**ckpt["train_state"])
+        set_rng_state(ckpt["rng"])
+    else:
+        write_json_atomic(run_dir / "config.json", config_dict)
+        write_json_atomic(
+            run_dir / "environment.json",
+            {
+                "commit": _git_commit(),
+                "versions": _versions(),
+                "device": str(device),
+                "splits": {
+                    "train": len(splits.train),
+                    "val": len(x_val),
+                    "test": len(splits.test),
+                },
+                "notes": list(splits.notes),
+            },
+        )
+
+    def checkpoint(name: str) -> None:
+        save_checkpoint(
+            ckpt_dir / name,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "ema": None if ema is None else ema.state,
+                "step": state.step,
+                "train_state": vars(state).copy(),
+                "rng": rng_state(),
+                "config": config_dict,
+            },
+        )
+
+    # On resume, records past the checkpoint (logged before the kill) are dropped so
+    # metrics.jsonl and TensorBoard hold each step once.
+    logger = RunLogger(run_dir, purge_step=state.step + 1 if resume else None)
+    progress = Progress(t.steps)
+    step_model = torch.compile(model) if t.compile else model
+    model.train()
+    t_start = time.perf_counter()
+    steps_done = 0
+    last_val: dict[str, float] = {}
+    stopped = "completed"
+    try:
+        while state.step < t.steps:
+            step = state.step
+            x = batches.batch(step)
+            beta = _beta(cfg, step)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                terms = step_model(x, k=t.k)
+            if t.objective == "iwae":
+                objective = iwae(terms)
+            else:
+                objective = elbo(terms, beta=beta, free_bits=t.free_bits)
+            loss = -objective.mean()
+            opt.zero_grad(set_to_none=True)
+            skip_reason = None
+            grad_norm = float("nan")
+            if not torch.isfinite(loss):
+                skip_reason = "non-finite loss"
+            else:
+                loss.backward()
+                max_norm = t.clip_norm if t.clip_norm is not None else math.inf
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+                if not math.isfinite(grad_norm):
+                    skip_reason = "non-finite gradient"
+                elif t.skip_grad_norm is not None and grad_norm > t.skip_grad_norm:
+                    skip_reason = f"gradient norm {grad_norm:.3g} > {t.skip_grad_norm}"
+            if skip_reason is None:
+                opt.step()
+                if ema is not None:
+                    ema.update(model)
+                state.consecutive_skips = 0
+            else:
+                state.skipped += 1
+                state.consecutive_skips += 1
+            with warnings.catch_warnings():
+                # The schedule is indexed by step, skipped updates included; torch warns
+                # when the very first optimiser step was skipped, which is intended here.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                sched.step()
+            state.step = step + 1
+            steps_done += 1
+
+            if skip_reason is not None and state.consecutive_skips >= t.max_consecutive_skips:
+                checkpoint("last.pt")
+                raise TrainingDiverged(
+                    f"{state.consecutive_skips} consecutive updates skipped at step {step} "
+                    f"(last: {skip_reason}). The parameters before the failures are saved in "
+                    f"{ckpt_dir / 'last.pt'}. Lower train.lr, set train.clip_norm, add "
+                    "train.kl_warmup_steps, or raise train.max_consecutive_skips."
+                )
+            if state.step % t.log_every == 0 or state.step == t.steps:
+                with torch.no_grad():
+                    scalars = {
+                        "train/loss_nats": loss.item(),
+                        "train/elbo_nats": elbo(terms).mean().item(),
+                        "train/kl_nats": terms.kl.mean().item(),
+                        "train/recon_nats": terms.log_px_z.mean().item(),
+                        "train/grad_norm": grad_norm,
+                        "train/lr": sched.get_last_lr()[0],
+                        "train/beta": beta,
+                        "train/skipped_steps": float(state.skipped),
+                    }
+                    if terms.flow_logdet is not None:
+                        scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
+                logger.log_scalars(scalars, state.step)
+                progress.update(state.step, loss.item())
+            if state.step % t.val_every == 0 or state.step == t.steps:
+                last_val = _validate(model, ema, x_val, cfg, logger, state, amp)
+                if last_val["val/iwae"] > state.best:
+                    state.best, state.best_step, state.bad_validations = (
+                        last_val["val/iwae"],
+                        state.step,
+                        0,
+                    )
+                    checkpoint("best.pt")
+                else:
+                    state.bad_validations += 1
+            if t.image_every and state.step % t.image_every == 0:
+                _log_images(model, ema, x_val, logger, state.step)
+            if state.step % t.ckpt_every == 0 or state.step == t.steps:
+                checkpoint("last.pt")
+            if t.early_stopping is not None and state.bad_validations >= t.early_stopping:
+                stopped = f"early stopping at step {state.step}"
+                checkpoint("last.pt")
+                break
+            if stop_after_step is not None and state.step >= stop_after_step:
+                stopped = f"stopped after step {state.step} (stop_after_step)"
+                break
+    finally:
+        progress.close()
+
+    elapsed = time.perf_counter() - t_start
+    summary: dict[str, Any] = {
+        "status": stopped,
+        "step": state.step,
+        "skipped_steps": state.skipped,
+        "best_val_iwae_nats": state.best,
+        "best_step": state.best_step,
+        "train_seconds_this_session": elapsed,
+        "steps_per_second": steps_done / elapsed if elapsed > 0 else None,
+        **{k: v for k, v in last_val.items()},
+    }
+    if state.step >= t.steps or stopped.startswith("early"):
+        _log_images(model, ema, x_val, logger, state.step)
+        logger.log_hparams(
+            flatten_config(config_dict),
+            {f"hparam/{k.replace('/', '_')}": v for k, v in last_val.items()},
+        )
+    logger.close()
+    write_json_atomic(run_dir / "train_summary.json", summary)
+    return summary
+
+
+def _eval_context(model: nn.Module, ema: EMA | None):
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+
+
+def _validate(
+    model: VAE,
+    ema: EMA | None,
+    x_val: Tensor,
+    cfg: Config,
+    logger: RunLogger,
+    state: _State,
+    amp: bool,
+) -> dict[str, float]:
+    # Forked RNG: validation draws must not shift the training trajectory, so a run's
+    # result does not depend on how often it is validated (and resume stays exact).
+    devices = [torch.cuda.current_device()] if x_val.is_cuda else []
+    with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
+        v = validate_bounds(model, x_val, cfg.train.val_k, cfg.data.eval_batch_size, amp)
+    k = cfg.train.val_k
+    metrics = {
+        "val/elbo_nats": v["elbo"],
+        f"val/iwae_k{k}_nats": v["iwae"],
+        "val/kl_nats": v["kl"],
+        "val/recon_nats": v["recon"],
+    }
+    logger.log_scalars(metrics, state.step)
+    return {**metrics, "val/iwae": v["iwae"]}
+
+
+def _log_images(model: VAE, ema: EMA | None, x_val: Tensor, logger: RunLogger, step: int) -> None:
+    devices = [torch.cuda.current_device()] if x_val.is_cuda else []
+    with torch.random.fork_rng(devices=devices), _eval_context(model, ema), torch.no_grad():
+        model.eval()
+        torch.manual_seed(step)
+        x = x_val[:32]
+        rec = model.reconstruct(x)
+        logger.log_images("val/reconstructions", torch.cat([x, rec]).clamp(0, 1), step, nrow=16)
+        logger.log_images("samples/prior", model.sample(64).clamp(0, 1), step, nrow=8)
+        model.train()
