@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import subprocess
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .bounds import elbo, iwae
@@ -43,6 +45,46 @@ __all__ = ["train", "TrainingDiverged", "EMA", "validate_bounds"]
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive skipped updates (non-finite loss or exploding gradients)."""
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """Data-parallel context: ``world == 1`` without ``torchrun``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device_name: str) -> _Dist:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Backend: NCCL on CUDA, gloo on CPU (multi-node works the same way: ``torchrun``
+    sets MASTER_ADDR/PORT, RANK and WORLD_SIZE).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return _Dist(rank, world, local)
+
+
+def _any(flag: bool, ctx: _Dist, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (skip decisions must agree across ranks)."""
+    if not ctx.active:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class EMA:
@@ -185,15 +227,26 @@ def train(
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
+    ctx = _init_distributed(cfg.train.device)
     if not resume and (ckpt_dir / "last.pt").exists():
         raise FileExistsError(
             f"{run_dir} already holds a run (checkpoints/last.pt); pass --resume to continue "
             "it, or choose another run.name / delete the directory"
         )
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.active:
+        dist.barrier()  # every rank has checked for an existing run before rank 0 writes
+    if ctx.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     device = resolve_device(t.device)
-    torch.manual_seed(t.seed)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    if ctx.active and cfg.data.batch_size % ctx.world:
+        raise ValueError(
+            f"data.batch_size = {cfg.data.batch_size} is the global batch and must be "
+            f"divisible by the {ctx.world} processes"
+        )
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
     amp = t.amp and device.type == "cuda"
     if t.amp and not amp:
         warnings.warn(
@@ -218,6 +271,8 @@ def train(
         x_val = x_val[: t.val_size]
 
     model = build_model(cfg.model).to(device)
+    # Independent posterior noise per rank (rank 0 keeps the single-process stream).
+    torch.manual_seed(t.seed + 7919 * ctx.rank)
     opt = _optimizer(cfg, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
@@ -235,7 +290,9 @@ def train(
             ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
         state = _State(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
-    else:
+        if ctx.rank > 0:  # only rank 0's RNG is checkpointed: bit-exact resume is 1-process
+            torch.manual_seed(t.seed + 7919 * ctx.rank + state.step)
+    elif ctx.rank == 0:
         write_json_atomic(run_dir / "config.json", config_dict)
         write_json_atomic(
             run_dir / "environment.json",
@@ -253,6 +310,8 @@ def train(
         )
 
     def checkpoint(name: str) -> None:
+        if ctx.rank != 0:
+            return
         save_checkpoint(
             ckpt_dir / name,
             {
@@ -269,9 +328,15 @@ def train(
 
     # On resume, records past the checkpoint (logged before the kill) are dropped so
     # metrics.jsonl and TensorBoard hold each step once.
-    logger = RunLogger(run_dir, purge_step=state.step + 1 if resume else None)
-    progress = Progress(t.steps)
-    step_model = torch.compile(model) if t.compile else model
+    logger = RunLogger(run_dir, rank=ctx.rank, purge_step=state.step + 1 if resume else None)
+    progress = Progress(t.steps, enabled=None if ctx.rank == 0 else False)
+    step_model: nn.Module = model
+    if ctx.active:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if device.type == "cuda" else None
+        )
+    if t.compile:
+        step_model = torch.compile(step_model)
     model.train()
     t_start = time.perf_counter()
     steps_done = 0
@@ -281,6 +346,8 @@ def train(
         while state.step < t.steps:
             step = state.step
             x = batches.batch(step)
+            if ctx.active:  # this rank's shard of the global batch
+                x = x[ctx.rank :: ctx.world]
             beta = _beta(cfg, step)
             with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
                 terms = step_model(x, k=t.k)
@@ -291,17 +358,17 @@ def train(
             loss = -objective.mean()
             opt.zero_grad(set_to_none=True)
             skip_reason = None
-            grad_norm = float("nan")
-            if not torch.isfinite(loss):
+            # Backward runs even for a non-finite loss so that every rank takes part in
+            # the gradient all-reduce; the update is then skipped everywhere.
+            loss.backward()
+            max_norm = t.clip_norm if t.clip_norm is not None else math.inf
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            if _any(not math.isfinite(loss.item()), ctx, device):
                 skip_reason = "non-finite loss"
-            else:
-                loss.backward()
-                max_norm = t.clip_norm if t.clip_norm is not None else math.inf
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-                if not math.isfinite(grad_norm):
-                    skip_reason = "non-finite gradient"
-                elif t.skip_grad_norm is not None and grad_norm > t.skip_grad_norm:
-                    skip_reason = f"gradient norm {grad_norm:.3g} > {t.skip_grad_norm}"
+            elif not math.isfinite(grad_norm):
+                skip_reason = "non-finite gradient"
+            elif t.skip_grad_norm is not None and grad_norm > t.skip_grad_norm:
+                skip_reason = f"gradient norm {grad_norm:.3g} > {t.skip_grad_norm}"
             if skip_reason is None:
                 opt.step()
                 if ema is not None:
@@ -342,7 +409,7 @@ def train(
                         scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
                 logger.log_scalars(scalars, state.step)
                 progress.update(state.step, loss.item())
-            if state.step % t.val_every == 0 or state.step == t.steps:
+            if (state.step % t.val_every == 0 or state.step == t.steps) and ctx.rank == 0:
                 last_val = _validate(model, ema, x_val, cfg, logger, state, amp)
                 if last_val["val/iwae"] > state.best:
                     state.best, state.best_step, state.bad_validations = (
@@ -353,11 +420,14 @@ def train(
                     checkpoint("best.pt")
                 else:
                     state.bad_validations += 1
-            if t.image_every and state.step % t.image_every == 0:
+            if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
                 _log_images(model, ema, x_val, logger, state.step)
             if state.step % t.ckpt_every == 0 or state.step == t.steps:
                 checkpoint("last.pt")
-            if t.early_stopping is not None and state.bad_validations >= t.early_stopping:
+            stop_early = t.early_stopping is not None and state.bad_validations >= t.early_stopping
+            if t.early_stopping is not None and ctx.active:
+                stop_early = _any(stop_early, ctx, device)  # only rank 0 validates
+            if stop_early:
                 stopped = f"early stopping at step {state.step}"
                 checkpoint("last.pt")
                 break
@@ -378,14 +448,17 @@ def train(
         "steps_per_second": steps_done / elapsed if elapsed > 0 else None,
         **{k: v for k, v in last_val.items()},
     }
-    if state.step >= t.steps or stopped.startswith("early"):
+    if (state.step >= t.steps or stopped.startswith("early")) and ctx.rank == 0:
         _log_images(model, ema, x_val, logger, state.step)
         logger.log_hparams(
             flatten_config(config_dict),
             {f"hparam/{k.replace('/', '_')}": v for k, v in last_val.items()},
         )
     logger.close()
-    write_json_atomic(run_dir / "train_summary.json", summary)
+    if ctx.rank == 0:
+        write_json_atomic(run_dir / "train_summary.json", summary)
+    if ctx.active:
+        dist.barrier()
     return summary
 
 
