@@ -292,6 +292,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     flows = [f for f in cfg["flows"] if args.only is None or f["label"] in args.only]
     labels = [f["label"] for f in flows]
     args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "python "
+        + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "commit": commit,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "train": cfg["train"] if args.steps is None else {**cfg["train"], "steps": args.steps},
+        "config": cfg,
+    }
     results = []
     for ds in datasets:
         for fl in flows:
@@ -305,18 +316,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 flush=True,
             )
             results.append(r)
-    meta = {
-        "command": "python "
-        + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        "commit": commit,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "train": cfg["train"] if args.steps is None else {**cfg["train"], "steps": args.steps},
-        "config": cfg,
-    }
-    write_tables(results, datasets, labels, meta, args.out)
+            # Tables after every fit: a run killed part-way keeps the numbers it has.
+            write_tables(results, datasets, labels, meta, args.out)
     plot(results, datasets, labels, cfg.get("plot", {}), args.out, device)
     print(f"wrote {args.out}/results.md, results.json, density.png, samples.png")
     return results
