@@ -2,7 +2,8 @@
 
 Usage (the exact command behind ``results/toy2d/``)::
 
-    python experiments/toy2d/run.py --config experiments/toy2d/config.toml --out results/toy2d
+    python experiments/toy2d/run.py --config experiments/toy2d/config.toml --out results/toy2d \
+        --threads 1
 
 Every (flow, dataset) pair in the config is trained from the same seed on CPU (or
 ``--device cuda``), then scored on an independent test set drawn with another seed:
