@@ -69,7 +69,16 @@ def test_short_mnist_run_learns(trained_run):
     assert summary["status"] == "completed" and summary["step"] == 300
     vals = [r["val/elbo_nats"] for r in read_metrics(run_dir) if "val/elbo_nats" in r]
     assert len(vals) == 3
-    assert vals[-1] > vals[0] + 20, f"validation ELBO did not improve: {vals}"
+    assert vals[-1] > vals[0], f"validation ELBO did not improve: {vals}"
+    # A model that ignores z can at best learn each pixel's marginal (~206 nats on MNIST):
+    # beating that baseline clearly means the latents carry information.
+    from vaeflow.data import load_splits, prepare_eval
+
+    splits = load_splits("mnist", DATA)
+    p = (splits.train.double() / 255).mean(0).clamp(1e-6, 1 - 1e-6)
+    xv = prepare_eval(splits.val[:500], "binary", "dynamic", 0).double()
+    baseline = (xv * p.log() + (1 - xv) * (1 - p).log()).sum((1, 2, 3)).mean().item()
+    assert vals[-1] > baseline + 5, (vals, baseline)
     assert all(math.isfinite(v) for v in vals)
     for f in (
         "config.json",
@@ -124,8 +133,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert a["step"] == b["step"] == 40
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["ema"]:
-        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 40
+    for key in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
 
 
 def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch):

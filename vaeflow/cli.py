@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="sets train.device")
     t.add_argument("--data-root", help="data root (default: $VAEFLOW_DATA, then ./data)")
     t.add_argument("--no-eval", action="store_true", help="skip the test evaluation at the end")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="test NLL / ELBO / bpd / active units of a run")
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ema", choices=["on", "off"], help="use EMA weights (default: eval.use_ema)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"])
     e.add_argument("--data-root")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample", help="write a grid of prior samples")
@@ -151,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        # On small shared machines, intra-op threads fighting another process for the
+        # same cores can be 100x slower than one thread (measured here); let users pin it.
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (

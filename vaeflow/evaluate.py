@@ -52,7 +52,7 @@ def load_run(
     model = build_model(cfg.model).to(dev)
     model.load_state_dict(ckpt["model"])
     if use_ema and ckpt.get("ema") is not None:
-        model.load_state_dict(ckpt["ema"], strict=False)
+        model.load_state_dict(ckpt["ema"]["shadow"], strict=False)
     model.eval()
     return cfg, model, ckpt
 

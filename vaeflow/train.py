@@ -90,26 +90,39 @@ def _any(flag: bool, ctx: _Dist, device: torch.device) -> bool:
 class EMA:
     """Exponential moving average of a model's floating-point state (Polyak averaging).
 
-    Evaluated weights are ``ema = d * ema + (1 - d) * current`` after every update.
+    After update ``n`` the average is ``ema = d_n * ema + (1 - d_n) * current`` with
+    ``d_n = min(decay, (1 + n) / (10 + n))``: the warm-up keeps the average from being
+    dominated by the random initial weights early in training (a plain 0.999 average
+    still holds 74 % of the initialisation after 300 steps).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.state = {
+        self.updates = 0
+        self.shadow = {
             k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
         }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, v in model.state_dict().items():
-            if k in self.state:
-                self.state[k].lerp_(v.detach(), 1.0 - self.decay)
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach(), 1.0 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.shadow = {k: v.to(device) for k, v in state["shadow"].items()}
+        self.updates = int(state["updates"])
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
         """Temporarily load the averaged weights into ``model``."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.state}
-        model.load_state_dict(self.state, strict=False)
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
         try:
             yield model
         finally:
@@ -287,7 +300,7 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if ema is not None and ckpt.get("ema") is not None:
-            ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
+            ema.load_state_dict(ckpt["ema"], device)
         state = _State(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
         if ctx.rank > 0:  # only rank 0's RNG is checkpointed: bit-exact resume is 1-process
@@ -318,7 +331,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "ema": None if ema is None else ema.state,
+                "ema": None if ema is None else ema.state_dict(),
                 "step": state.step,
                 "train_state": vars(state).copy(),
                 "rng": rng_state(),
