@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# README command 1: install vaeflow into ./.venv and run the main job.
-# Until the VAE training loop lands (issue 4), the main job is a short toy 2-D fit:
-# RealNVP, MAF, NSF, residual and FFJORD on two moons, ~2 minutes on 2 CPU cores.
+# README command 1: install vaeflow into ./.venv and run the main job, a short real MNIST
+# training run on CPU (IAF posterior + RealNVP prior; a few minutes on 2 cores) that ends
+# with test numbers, sample grids and TensorBoard logs in runs/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -9,9 +9,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -e ".[dev]"
-export MPLBACKEND=Agg
-.venv/bin/python experiments/toy2d/run.py --config experiments/toy2d/config.toml \
-  --datasets two_moons --steps "${STEPS:-500}" --out runs/quickstart "$@"
-echo
-cat runs/quickstart/results.md
-echo "plots: runs/quickstart/density.png runs/quickstart/samples.png"
+# Offline development machines keep the datasets beside the checkout.
+if [ -z "${VAEFLOW_DATA:-}" ] && [ -d ../shared/datasets ]; then
+  export VAEFLOW_DATA="$(cd ../shared/datasets && pwd)"
+fi
+RUN_DIR="${RUN_DIR:-runs/quickstart}"
+if [ -e "$RUN_DIR/checkpoints/last.pt" ]; then
+  echo "$RUN_DIR already holds a run; continuing it (delete the folder to start afresh)"
+  RESUME=--resume
+fi
+.venv/bin/vaeflow train experiments/quickstart/mnist_iaf_flowprior.toml \
+  --run-dir "$RUN_DIR" ${RESUME:-} "$@"
+echo "samples: $RUN_DIR/samples/"

@@ -96,7 +96,9 @@ def test_tensorboard_has_the_expected_tags(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = trained_run
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(
+        str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
+    )
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     for tag in (
@@ -110,9 +112,12 @@ def test_tensorboard_has_the_expected_tags(trained_run):
         "train/flow_logdet_nats",
         "val/elbo_nats",
         "val/iwae_k10_nats",
+        "val/active_units",
+        "val/flow_logdet_nats",
     ):
         assert tag in scalars, tag
     assert {"val/reconstructions", "samples/prior"} <= set(acc.Tags()["images"])
+    assert {"val/posterior_mean", "val/flow_logdet"} <= set(acc.Tags()["histograms"])
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):

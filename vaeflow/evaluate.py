@@ -139,7 +139,9 @@ def evaluate_run(
     use_ema = e.use_ema if use_ema is None else use_ema
     cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema, device)
     dev = next(model.parameters()).device
-    splits = load_splits(cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size)
+    splits = load_splits(
+        cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True
+    )
     x = prepare_eval(splits.test, splits.kind, cfg.data.binarization, cfg.data.seed, dev)
     if n_test is not None:
         x = x[:n_test]

@@ -269,7 +269,9 @@ def train(
     splits = (
         splits
         if splits is not None
-        else load_splits(cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size)
+        else load_splits(
+            cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size, download=True
+        )
     )
     batches = TrainBatches(
         splits.train,
@@ -493,15 +495,47 @@ def _validate(
     devices = [torch.cuda.current_device()] if x_val.is_cuda else []
     with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
         v = validate_bounds(model, x_val, cfg.train.val_k, cfg.data.eval_batch_size, amp)
+        latents = _latent_statistics(model, x_val[:1000], cfg.data.eval_batch_size)
     k = cfg.train.val_k
     metrics = {
         "val/elbo_nats": v["elbo"],
         f"val/iwae_k{k}_nats": v["iwae"],
         "val/kl_nats": v["kl"],
         "val/recon_nats": v["recon"],
+        "val/active_units": latents["active_units"],
+        "val/flow_logdet_nats": latents["flow_logdet"].mean().item(),
     }
     logger.log_scalars(metrics, state.step)
+    logger.log_histogram("val/posterior_mean", latents["mu"], state.step)
+    logger.log_histogram("val/posterior_log_std", latents["log_std"], state.step)
+    logger.log_histogram("val/flow_logdet", latents["flow_logdet"], state.step)
     return {**metrics, "val/iwae": v["iwae"]}
+
+
+@torch.no_grad()
+def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8) -> dict:
+    """Posterior statistics on ``x``: base means/log-stds, flow log-dets, active units.
+
+    A unit is active when the variance over ``x`` of its posterior mean ``E_q[z_d|x]``
+    exceeds 0.01 (Burda et al. 2016, section 5.2); the mean is estimated with
+    ``samples`` draws so flow posteriors are covered.
+    """
+    model.eval()
+    mus, log_stds, lds, means = [], [], [], []
+    for xb in eval_batches(x, batch_size):
+        s = model.posterior.sample(model.encode(xb), samples)
+        mus.append(s.mu)
+        log_stds.append(s.log_std)
+        lds.append(s.flow_logdet.reshape(-1))
+        means.append(s.z.mean(0))
+    model.train()
+    active = (torch.cat(means).double().var(0) > 0.01).sum().item()
+    return {
+        "mu": torch.cat(mus),
+        "log_std": torch.cat(log_stds),
+        "flow_logdet": torch.cat(lds),
+        "active_units": float(active),
+    }
 
 
 def _log_images(model: VAE, ema: EMA | None, x_val: Tensor, logger: RunLogger, step: int) -> None:
