@@ -96,7 +96,8 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(
-        f"Exactness (float64; vector D={VECTOR_D}, images {IMAGE_SHAPE}; 2 layers; parameters perturbed by N(0, 0.3^2), images N(0, 0.1^2))"
+        f"Exactness (float64; vector D={VECTOR_D}, images {IMAGE_SHAPE}; 2 layers; "
+        "parameters perturbed by N(0, 0.3^2), images N(0, 0.1^2))"
     )
     print("| flow | exact | round trip | log-det vs slogdet(J) | ctx round trip | ctx log-det |")
     print("|---|---|---|---|---|---|")
