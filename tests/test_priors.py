@@ -376,3 +376,23 @@ def test_build_prior_errors_name_the_alternatives():
         build_prior("vamp", D, num_components=2, pseudo_input_shape=X_SHAPE)
     with pytest.raises(ValueError, match="only has a sampling direction"):
         build_prior("flow", D, flow="planar")
+
+
+@pytest.mark.parametrize("name", ["standard_normal", "learned_gaussian", "flow", "mog"])
+def test_temperature_zero_collapses_the_noise(name, float64):
+    """T scales the Gaussian noise: T = 0 gives the noise-free point of each draw."""
+    kw = {"flow": "realnvp", "num_layers": 2, "hidden": 8} if name == "flow" else {}
+    if name == "mog":
+        kw = {"num_components": 1}
+    prior = build_prior(name, 3, **kw)
+    z0 = prior.sample(5, temperature=0.0)
+    expected = {
+        "standard_normal": torch.zeros(3),
+        "learned_gaussian": prior.loc if name == "learned_gaussian" else None,
+        "flow": prior.flow.inverse(torch.zeros(1, 3))[0][0] if name == "flow" else None,
+        "mog": prior.loc[0] if name == "mog" else None,
+    }[name]
+    assert torch.allclose(z0, expected.expand(5, 3).detach())
+    spread = prior.sample(4000, temperature=0.5).std(0)
+    full = prior.sample(4000).std(0)
+    assert torch.allclose(spread / full, torch.full((3,), 0.5), atol=0.06)

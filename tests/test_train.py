@@ -116,7 +116,9 @@ def test_tensorboard_has_the_expected_tags(trained_run):
         "val/flow_logdet_nats",
     ):
         assert tag in scalars, tag
-    assert {"val/reconstructions", "samples/prior"} <= set(acc.Tags()["images"])
+    assert {"val/reconstructions", "samples/prior_t1", "samples/prior_t0.7"} <= set(
+        acc.Tags()["images"]
+    )
     assert {"val/posterior_mean", "val/flow_logdet"} <= set(acc.Tags()["histograms"])
 
 
@@ -220,7 +222,8 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert "test/nll_iw20_nats" in out and "tensorboard --logdir" in out
     summary = json.loads((tmp_path / "cli/summary.json").read_text())
     assert summary["test/n_examples"] == 100 and math.isfinite(summary["test/nll_iw20_nats"])
-    assert cli_main(["sample", str(tmp_path / "cli"), "--n", "4"]) == 0
+    assert cli_main(["sample", str(tmp_path / "cli"), "--n", "4", "--temperature", "0.5"]) == 0
+    assert list((tmp_path / "cli/samples").glob("prior_best_step*_t0.5.png"))
     assert (
         cli_main(["eval", str(tmp_path / "cli"), "--k", "5", "--chunk", "5", "--n-test", "10"])
         == 0

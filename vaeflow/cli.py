@@ -78,6 +78,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     path = sample_run(
         args.run_dir,
+        temperature=args.temperature,
         n=args.n,
         checkpoint=args.checkpoint,
         device=args.device or "auto",
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="best", choices=["best", "last"])
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=1.0, help="prior noise scale (e.g. 0.7)")
     s.set_defaults(func=_sample)
 
     d = sub.add_parser("data", help="dataset utilities")

@@ -170,14 +170,19 @@ def sample_run(
     checkpoint: str = "best",
     device: str = "auto",
     seed: int = 0,
+    temperature: float = 1.0,
 ) -> Path:
-    """Write a grid of ``n`` prior samples (likelihood means) to ``samples/``; return its path."""
+    """Write a grid of ``n`` prior samples (likelihood means) to ``samples/``; return its path.
+
+    ``temperature`` scales the prior's noise (see :meth:`vaeflow.vae.VAE.sample`).
+    """
     from torchvision.utils import save_image
 
     _, model, ckpt = load_run(run_dir, checkpoint, True, device)
     torch.manual_seed(seed)
-    images = model.sample(n).clamp(0, 1).cpu()
-    out = Path(run_dir) / "samples" / f"prior_{checkpoint}_step{ckpt.get('step', 0):07d}.png"
+    images = model.sample(n, temperature=temperature).clamp(0, 1).cpu()
+    name = f"prior_{checkpoint}_step{ckpt.get('step', 0):07d}_t{temperature:g}.png"
+    out = Path(run_dir) / "samples" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
     save_image(images, tmp, nrow=int(math.sqrt(n)) or 1)

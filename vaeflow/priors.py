@@ -106,8 +106,13 @@ class Prior(nn.Module):
         self.check_latent(z)
         return None
 
-    def sample(self, n: int) -> Tensor:
-        """Draw ``n`` latents ``(n, D)`` on the module's device and dtype."""
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """Draw ``n`` latents ``(n, D)`` on the module's device and dtype.
+
+        ``temperature`` scales the standard deviation of the Gaussian noise the sample is
+        built from (reduced-temperature sampling, Kingma & Dhariwal 2018, arXiv:1807.03039);
+        ``1.0`` samples the prior itself.
+        """
         raise NotImplementedError
 
     def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
@@ -158,10 +163,12 @@ class StandardNormalPrior(Prior):
         """``log N(z | 0, I)``: ``(*lead, D) -> (*lead)``, ``-D/2 log 2 pi`` included."""
         return self.log_prob_dims(z).sum(-1)
 
-    def sample(self, n: int) -> Tensor:
-        """``(n, D)`` standard normal draws."""
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """``(n, D)`` standard normal draws (scaled by ``temperature``)."""
         a = self._anchor
-        return torch.randn(_check_n(n), self.latent_dim, device=a.device, dtype=a.dtype)
+        return temperature * torch.randn(
+            _check_n(n), self.latent_dim, device=a.device, dtype=a.dtype
+        )
 
 
 class LearnedGaussianPrior(Prior):
@@ -188,12 +195,12 @@ class LearnedGaussianPrior(Prior):
         """``(*lead, D) -> (*lead)``, fully normalised."""
         return self.log_prob_dims(z).sum(-1)
 
-    def sample(self, n: int) -> Tensor:
-        """``(n, D)`` reparameterised draws ``mu + sigma * eps``."""
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """``(n, D)`` reparameterised draws ``mu + sigma * T * eps``."""
         eps = torch.randn(
             _check_n(n), self.latent_dim, device=self.loc.device, dtype=self.loc.dtype
         )
-        return self.loc + torch.exp(self.log_scale) * eps
+        return self.loc + torch.exp(self.log_scale) * (temperature * eps)
 
 
 class FlowPrior(Prior):
@@ -302,9 +309,12 @@ class FlowPrior(Prior):
         """One inverse pass: ``z (n, D)`` and ``log p(z) = log N(u) - log|det dz/du|`` ``(n,)``."""
         return self.density.sample_and_log_prob(_check_n(n))
 
-    def sample(self, n: int) -> Tensor:
-        """``(n, D)`` draws ``z = flow.inverse(u)``, ``u ~ N(0, I)``."""
-        return self.sample_and_log_prob(n)[0]
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """``(n, D)`` draws ``z = flow.inverse(T u)``, ``u ~ N(0, I)``."""
+        if temperature == 1.0:
+            return self.sample_and_log_prob(n)[0]
+        u = temperature * self.density.base.sample((_check_n(n),))
+        return self.flow.inverse(u)[0]
 
 
 def _prior_flows() -> list[str]:
@@ -328,7 +338,9 @@ def _mixture_log_prob(z: Tensor, loc: Tensor, log_scale: Tensor, log_weights: Te
     return torch.logsumexp(comp + log_weights, dim=-1)
 
 
-def _sample_mixture(n: int, loc: Tensor, log_scale: Tensor, logits: Tensor | None) -> Tensor:
+def _sample_mixture(
+    n: int, loc: Tensor, log_scale: Tensor, logits: Tensor | None, temperature: float = 1.0
+) -> Tensor:
     """``(n, D)`` draws: a component per draw (uniform if ``logits`` is None), then a
     reparameterised Gaussian sample from it."""
     num = loc.shape[0]
@@ -340,7 +352,7 @@ def _sample_mixture(n: int, loc: Tensor, log_scale: Tensor, logits: Tensor | Non
         u = torch.rand(n, num, device=logits.device, dtype=logits.dtype)
         idx = torch.argmax(logits.detach() - torch.log(-torch.log(u)), dim=-1)
     eps = torch.randn(n, loc.shape[-1], device=loc.device, dtype=loc.dtype)
-    return loc[idx] + torch.exp(log_scale[idx]) * eps
+    return loc[idx] + torch.exp(log_scale[idx]) * (temperature * eps)
 
 
 class MixtureOfGaussiansPrior(Prior):
@@ -382,9 +394,9 @@ class MixtureOfGaussiansPrior(Prior):
         log_w = torch.log_softmax(self.logits, -1)
         return _mixture_log_prob(z, self.loc, self.log_scale, log_w)
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """``(n, D)`` draws (the component choice is discrete, so not reparameterised)."""
-        return _sample_mixture(_check_n(n), self.loc, self.log_scale, self.logits)
+        return _sample_mixture(_check_n(n), self.loc, self.log_scale, self.logits, temperature)
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_components={self.num_components}"
@@ -520,10 +532,10 @@ class VampPrior(Prior):
         log_w = z.new_full((self.num_components,), -math.log(self.num_components))
         return _mixture_log_prob(z, mu, log_std, log_w)
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """``(n, D)`` draws: a uniformly chosen pseudo-input, then ``q0(z | u_k)``."""
         mu, log_std = self.components()
-        return _sample_mixture(_check_n(n), mu, log_std, None)
+        return _sample_mixture(_check_n(n), mu, log_std, None, temperature)
 
     def extra_repr(self) -> str:
         return (

@@ -546,5 +546,7 @@ def _log_images(model: VAE, ema: EMA | None, x_val: Tensor, logger: RunLogger, s
         x = x_val[:32]
         rec = model.reconstruct(x)
         logger.log_images("val/reconstructions", torch.cat([x, rec]).clamp(0, 1), step, nrow=16)
-        logger.log_images("samples/prior", model.sample(64).clamp(0, 1), step, nrow=8)
+        for temperature in (1.0, 0.7):
+            images = model.sample(64, temperature=temperature).clamp(0, 1)
+            logger.log_images(f"samples/prior_t{temperature:g}", images, step, nrow=8)
         model.train()

@@ -37,7 +37,7 @@ class Prior(Protocol):
 
     def log_prob_dims(self, z: Tensor) -> Tensor | None: ...
 
-    def sample(self, n: int) -> Tensor: ...
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor: ...
 
 
 class Likelihood(Protocol):
@@ -131,14 +131,16 @@ class VAE(nn.Module):
         return log_likelihood(self, x, k=k, chunk=chunk)
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True) -> Tensor:
+    def sample(self, n: int, mean: bool = True, temperature: float = 1.0) -> Tensor:
         """Draw ``n`` data samples ``(n, *x_shape)`` from the generative model.
 
         Args:
             n: number of samples.
             mean: return the likelihood's mean (clean images) instead of a sample of x.
+            temperature: scale of the prior's noise (``< 1`` gives cleaner, less diverse
+                samples; Kingma & Dhariwal 2018).
         """
-        z = self.prior.sample(n)
+        z = self.prior.sample(n, temperature=temperature)
         dist = self.likelihood(self.decoder(z))
         return dist.mean if mean else dist.sample()
 
