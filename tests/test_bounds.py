@@ -261,3 +261,18 @@ def test_bits_per_dim_known_answer():
     # A uniform distribution over 256 levels in each of D dims is exactly 8 bits/dim.
     d = 3072
     assert nats_to_bits_per_dim(d * math.log(256.0), d) == pytest.approx(8.0, abs=1e-12)
+
+
+def test_estimate_does_not_depend_on_batch_composition(float64):
+    """With the exact posterior the estimator has zero variance, so any difference between
+    an example scored alone and inside a batch would be a cross-example leak."""
+    w, b = _orthogonal_w(), torch.randn(N_X)
+    model = _exact_diag_model(w, b)
+    x = torch.randn(6, N_X)
+    together = model.log_likelihood(x, k=50, chunk=20).log_px
+    alone = torch.cat(
+        [model.log_likelihood(x[i : i + 1], k=50, chunk=20).log_px for i in range(6)]
+    )
+    assert torch.allclose(together, alone, atol=1e-12, rtol=0)
+    shuffled = model.log_likelihood(x.flip(0), k=50, chunk=20).log_px.flip(0)
+    assert torch.allclose(together, shuffled, atol=1e-12, rtol=0)
