@@ -231,6 +231,9 @@ def test_elbo_beta_and_free_bits_known_answers():
     t2 = Terms(log_px_z, pd.sum(-1), qd.sum(-1))
     assert torch.allclose(free_bits_kl(t2, 0.5), torch.tensor([1.1, 3.3]))
     assert torch.allclose(free_bits_kl(t2, 5.0), torch.tensor([5.0, 5.0]))
+    # ... and its floor is lambda * D when D is given (lambda stays "per dimension").
+    assert torch.allclose(free_bits_kl(t2, 2.0, num_dims=2), torch.tensor([4.0, 4.0]))
+    assert torch.allclose(free_bits_kl(t2, 1.0, num_dims=2), torch.tensor([1.1, 3.3]))
 
 
 def test_free_bits_floor_has_no_gradient():

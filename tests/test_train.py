@@ -212,6 +212,38 @@ def test_config_errors_name_the_key():
         _cfg('data.dataset="cifar10"', 'model.likelihood="discretized_logistic"')
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.clip_norm=-1.0", "train.clip_norm"),
+        ("train.early_stopping=0", "train.early_stopping"),
+        ("train.betas=[1.5, 0.9]", "train.betas"),
+        ("eval.n_test=-5", "eval.n_test"),
+        ("data.val_size=0", "data.val_size"),
+    ],
+)
+def test_impossible_values_are_config_errors(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _cfg(override)
+
+
+def test_unknown_component_is_a_config_error_and_leaves_no_run(tmp_path):
+    with pytest.raises(ConfigError, match="cannot build the model"):
+        train(_cfg('model.prior.name="nope"'), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resume_with_changed_config_records_it(tmp_path):
+    cfg = _cfg("train.steps=10", "train.val_every=10")
+    train(cfg, tmp_path / "r")
+    more = _cfg("train.steps=20", "train.val_every=10")
+    with pytest.warns(UserWarning, match="changed config"):
+        train(more, tmp_path / "r", resume=True)
+    assert json.loads((tmp_path / "r/config.json").read_text())["train"]["steps"] == 20
+    old = json.loads((tmp_path / "r/config.before_resume_step10.json").read_text())
+    assert old["train"]["steps"] == 10
+
+
 def test_cli_train_eval_sample(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[run]\nname = "cli"\nroot = "' + str(tmp_path) + '"\n')

@@ -168,3 +168,19 @@ def test_bad_model_configs_are_clear_errors():
         build_model(_cfg(prior={"name": "flow"}))
     with pytest.raises(ValueError, match="expects data of shape"):
         build_model(_cfg())(torch.zeros(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("flow", [None, "iaf"])
+def test_collapsed_posterior_has_no_active_units(flow, float64):
+    """q(z|x) = N(0, I) for every x (head zeroed): no unit may count as active, even
+    though Monte Carlo means of a flow posterior carry sampling noise."""
+    from vaeflow.evaluate import active_units
+
+    model = build_model(_cfg({"flow": flow}))
+    head = model.posterior.head if flow is None else model.posterior.base.head
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    assert (active_units(model, _binary(500), samples=32) <= 0.01).all()
+    # An informative encoder does have active units.
+    torch.nn.init.normal_(head.weight, std=0.5)
+    assert (active_units(model, _binary(500), samples=32) > 0.01).sum() >= 1

@@ -94,26 +94,38 @@ def kl(terms: Terms) -> Tensor:
     return terms.kl.mean(0)
 
 
-def free_bits_kl(terms: Terms, free_bits: float, per_dimension: bool = True) -> Tensor:
+def free_bits_kl(
+    terms: Terms, free_bits: float, per_dimension: bool = True, num_dims: int | None = None
+) -> Tensor:
     """KL with "free bits" (Kingma et al. 2016, arXiv:1606.04934, appendix C.8).
 
-    The objective replaces each group's KL ``KL_j`` by ``max(lambda, E_batch[KL_j])``: a
-    group whose batch-averaged KL is below ``lambda`` nats contributes the constant
-    ``lambda`` (no gradient, so the encoder is not pushed to collapse it further).
-    Groups are latent dimensions when both posterior and prior factorise and
-    ``per_dimension`` is set; otherwise the whole latent vector is one group.
+    The objective replaces each group's KL ``KL_j`` by ``max(lambda_j, E_batch[KL_j])``: a
+    group whose batch-averaged KL is below its floor contributes the constant floor (no
+    gradient, so the encoder is not pushed to collapse it further). Groups are latent
+    dimensions (floor ``free_bits`` each) when both posterior and prior factorise and
+    ``per_dimension`` is set; otherwise the whole latent vector is one group whose floor
+    is ``free_bits * num_dims``, so ``free_bits`` keeps meaning "nats per latent
+    dimension" with flow posteriors too (``num_dims=None`` gives a floor of
+    ``free_bits``).
 
     Returns a per-example ``(B,)`` tensor whose batch mean equals the free-bits KL.
     """
     kl_dims = terms.kl_dims if per_dimension else None
-    groups = terms.kl.unsqueeze(-1) if kl_dims is None else kl_dims  # (K, B, G)
+    lam = float(free_bits)
+    if kl_dims is None:
+        groups = terms.kl.unsqueeze(-1)  # (K, B, 1)
+        lam *= num_dims or 1
+    else:
+        groups = kl_dims  # (K, B, D)
     per_example = groups.mean(0)  # (B, G)
     batch_mean = per_example.mean(0, keepdim=True)  # (1, G)
-    floor = torch.full_like(per_example, float(free_bits))
-    return torch.where(batch_mean < free_bits, floor, per_example).sum(-1)
+    floor = torch.full_like(per_example, lam)
+    return torch.where(batch_mean < lam, floor, per_example).sum(-1)
 
 
-def elbo(terms: Terms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
+def elbo(
+    terms: Terms, beta: float = 1.0, free_bits: float = 0.0, num_dims: int | None = None
+) -> Tensor:
     """Evidence lower bound ``E_q[log p(x|z)] - beta * KL``, per example ``(B,)``.
 
     Args:
@@ -123,10 +135,12 @@ def elbo(terms: Terms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
             training objective, not a bound: report ``elbo(terms)``.
         free_bits: "free bits" floor per latent dimension in nats (see
             :func:`free_bits_kl`); 0 disables it.
+        num_dims: latent dimension ``D``, scaling the floor when the KL does not split
+            into per-dimension terms (flow posteriors, non-factorised priors).
     """
     rec = terms.log_px_z.mean(0)
     if free_bits > 0:
-        return rec - beta * free_bits_kl(terms, free_bits)
+        return rec - beta * free_bits_kl(terms, free_bits, num_dims=num_dims)
     return rec - beta * kl(terms)
 
 

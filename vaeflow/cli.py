@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
     print(f"run directory: {run_dir}", flush=True)
     summary = train(cfg, run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports and evaluates
     print(json.dumps(summary, indent=2), flush=True)
     if not args.no_eval:
         result = evaluate_run(run_dir, data_root=args.data_root, device=args.device or "auto")

@@ -293,6 +293,51 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    checks = [
+        ("train.clip_norm", t.clip_norm, t.clip_norm is None or t.clip_norm > 0, "> 0 or none"),
+        (
+            "train.skip_grad_norm",
+            t.skip_grad_norm,
+            t.skip_grad_norm is None or t.skip_grad_norm > 0,
+            "> 0 or none",
+        ),
+        (
+            "train.early_stopping",
+            t.early_stopping,
+            t.early_stopping is None or t.early_stopping >= 1,
+            ">= 1 or none",
+        ),
+        (
+            "train.max_consecutive_skips",
+            t.max_consecutive_skips,
+            t.max_consecutive_skips >= 1,
+            ">= 1",
+        ),
+        ("train.lr_decay_every", t.lr_decay_every, t.lr_decay_every >= 1, ">= 1"),
+        ("train.lr_decay", t.lr_decay, 0 < t.lr_decay <= 1, "in (0, 1]"),
+        ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
+        ("train.kl_warmup_steps", t.kl_warmup_steps, t.kl_warmup_steps >= 0, ">= 0"),
+        ("train.lr_warmup_steps", t.lr_warmup_steps, t.lr_warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("train.betas", list(t.betas), all(0 <= b < 1 for b in t.betas), "each in [0, 1)"),
+        ("train.val_size", t.val_size, t.val_size is None or t.val_size >= 1, ">= 1 or none"),
+        (
+            "data.val_size",
+            cfg.data.val_size,
+            cfg.data.val_size is None or cfg.data.val_size >= 1,
+            ">= 1 or none (validation drives best.pt and early stopping)",
+        ),
+        (
+            "eval.n_test",
+            cfg.eval.n_test,
+            cfg.eval.n_test is None or cfg.eval.n_test >= 1,
+            ">= 1 or none",
+        ),
+    ]
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {allowed}, got {value}")
     if t.objective == "iwae" and (t.free_bits > 0 or t.kl_warmup_steps > 0):
         raise ConfigError(
             "train.objective = 'iwae' cannot use train.free_bits or train.kl_warmup_steps "

@@ -61,14 +61,22 @@ def load_run(
 def active_units(model: VAE, x: Tensor, batch_size: int = 500, samples: int = 32) -> Tensor:
     """Per-dimension variance over ``x`` of the posterior mean ``E_q[z_d | x]``: ``(D,)``.
 
-    For flow posteriors the mean is estimated with ``samples`` posterior draws.
-    A unit is active when its value exceeds :data:`ACTIVE_UNIT_THRESHOLD`.
+    Exact means for a Gaussian posterior; for flow posteriors a ``samples``-draw Monte
+    Carlo mean whose own sampling variance is subtracted (otherwise a collapsed unit
+    with ``Var_q = 1`` would look active: 1/32 > 0.01). A unit is active when its value
+    exceeds :data:`ACTIVE_UNIT_THRESHOLD` (Burda et al. 2016).
     """
-    means = []
+    return activity(model, x, batch_size, samples)
+
+
+def activity(model: VAE, x: Tensor, batch_size: int = 500, samples: int = 32) -> Tensor:
+    """``Var_x(E_q[z | x])`` per dimension ``(D,)``, noise-corrected (see active_units)."""
+    means, noise = [], []
     for xb in eval_batches(x, batch_size):
-        s = model.posterior.sample(model.encode(xb), samples)
-        means.append(s.z.mean(0))
-    return torch.cat(means).double().var(0)
+        m, v = model.posterior_mean(xb, samples)
+        means.append(m)
+        noise.append(v)
+    return torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
 
 
 @torch.no_grad()
@@ -132,12 +140,13 @@ def evaluate_run(
     Arguments left ``None`` come from the run's ``[eval]`` config.
     """
     run_dir = Path(run_dir)
-    cfg = from_dict(Config, json.loads((run_dir / "config.json").read_text()))
+    cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema is not False, device)
     e = cfg.eval
     k, chunk = k or e.k, chunk or e.chunk
     n_test = n_test if n_test is not None else e.n_test
+    if use_ema is None and not e.use_ema and ckpt.get("ema") is not None:
+        model.load_state_dict(ckpt["model"])  # the run's config asks for the raw weights
     use_ema = e.use_ema if use_ema is None else use_ema
-    cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema, device)
     dev = next(model.parameters()).device
     splits = load_splits(
         cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True

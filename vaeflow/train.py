@@ -17,6 +17,7 @@ under a forked RNG so its frequency never changes the training trajectory.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from .bounds import elbo, iwae
 from .build import build_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .data import DataSplits, TrainBatches, eval_batches, load_splits, prepare_eval
 from .logger import Progress, RunLogger, flatten_config
 from .utils import resolve_device, write_json_atomic
@@ -248,6 +249,13 @@ def train(
         )
     if ctx.active:
         dist.barrier()  # every rank has checked for an existing run before rank 0 writes
+    # Build the model before touching the run directory: a bad component name or option
+    # is a config error, and must not leave an empty run behind.
+    try:
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot build the model from [model]: {e}") from e
     if ctx.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
@@ -259,7 +267,6 @@ def train(
             f"data.batch_size = {cfg.data.batch_size} is the global batch and must be "
             f"divisible by the {ctx.world} processes"
         )
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
     amp = t.amp and device.type == "cuda"
     if t.amp and not amp:
         warnings.warn(
@@ -285,7 +292,7 @@ def train(
     if t.val_size is not None:
         x_val = x_val[: t.val_size]
 
-    model = build_model(cfg.model).to(device)
+    model = model.to(device)
     # Independent posterior noise per rank (rank 0 keeps the single-process stream).
     torch.manual_seed(t.seed + 7919 * ctx.rank)
     opt = _optimizer(cfg, model.parameters())
@@ -305,6 +312,8 @@ def train(
             ema.load_state_dict(ckpt["ema"], device)
         state = _State(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
+        if ctx.rank == 0:
+            _record_resumed_config(run_dir, config_dict, state.step)
         if ctx.rank > 0:  # only rank 0's RNG is checkpointed: bit-exact resume is 1-process
             torch.manual_seed(t.seed + 7919 * ctx.rank + state.step)
     elif ctx.rank == 0:
@@ -343,7 +352,9 @@ def train(
 
     # On resume, records past the checkpoint (logged before the kill) are dropped so
     # metrics.jsonl and TensorBoard hold each step once.
-    logger = RunLogger(run_dir, rank=ctx.rank, purge_step=state.step + 1 if resume else None)
+    # Resume: drop records past the checkpoint (logged before the kill). Fresh start:
+    # drop everything a killed, never-checkpointed earlier attempt left behind.
+    logger = RunLogger(run_dir, rank=ctx.rank, purge_step=state.step + 1 if resume else 0)
     progress = Progress(t.steps, enabled=None if ctx.rank == 0 else False)
     step_model: nn.Module = model
     if ctx.active:
@@ -369,7 +380,9 @@ def train(
             if t.objective == "iwae":
                 objective = iwae(terms)
             else:
-                objective = elbo(terms, beta=beta, free_bits=t.free_bits)
+                objective = elbo(
+                    terms, beta=beta, free_bits=t.free_bits, num_dims=model.latent_dim
+                )
             loss = -objective.mean()
             opt.zero_grad(set_to_none=True)
             skip_reason = None
@@ -477,6 +490,25 @@ def train(
     return summary
 
 
+def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:
+    """Keep ``config.json`` equal to the config in force; keep the previous one beside it.
+
+    Resuming with ``--set`` overrides (more steps, other eval settings) is allowed, but
+    the run directory must say so.
+    """
+    path = run_dir / "config.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old != config_dict:
+        if old is not None:
+            write_json_atomic(run_dir / f"config.before_resume_step{step}.json", old)
+        write_json_atomic(path, config_dict)
+        warnings.warn(
+            f"resumed {run_dir} with a changed config; the previous one is kept as "
+            f"config.before_resume_step{step}.json",
+            stacklevel=3,
+        )
+
+
 def _eval_context(model: nn.Module, ema: EMA | None):
     return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
 
@@ -521,15 +553,19 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
     ``samples`` draws so flow posteriors are covered.
     """
     model.eval()
-    mus, log_stds, lds, means = [], [], [], []
+    mus, log_stds, lds, means, noise = [], [], [], [], []
     for xb in eval_batches(x, batch_size):
         s = model.posterior.sample(model.encode(xb), samples)
         mus.append(s.mu)
         log_stds.append(s.log_std)
         lds.append(s.flow_logdet.reshape(-1))
-        means.append(s.z.mean(0))
+        m, v = model.posterior_mean(xb, samples)
+        means.append(m)
+        noise.append(v)
     model.train()
-    active = (torch.cat(means).double().var(0) > 0.01).sum().item()
+    # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.evaluate.active_units).
+    variance = torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
+    active = (variance > 0.01).sum().item()
     return {
         "mu": torch.cat(mus),
         "log_std": torch.cat(log_stds),

@@ -145,6 +145,19 @@ class VAE(nn.Module):
         return dist.mean if mean else dist.sample()
 
     @torch.no_grad()
+    def posterior_mean(self, x: Tensor, samples: int = 32) -> tuple[Tensor, Tensor]:
+        """``E_q[z | x]`` per example and the variance of that estimate, each ``(B, D)``.
+
+        Exact (``mu``, zero variance) for a diagonal Gaussian posterior; for a flow
+        posterior a Monte Carlo mean of ``samples`` draws, with its sampling variance
+        ``Var_q[z] / samples`` so callers can remove that noise (active units).
+        """
+        s = self.posterior.sample(self.encode(x), samples)
+        if s.log_q_dims is not None:  # no flow: the base Gaussian is the posterior
+            return s.mu, torch.zeros_like(s.mu)
+        return s.z.mean(0), s.z.var(0) / samples
+
+    @torch.no_grad()
     def reconstruct(self, x: Tensor, mean: bool = True) -> Tensor:
         """Reconstruct ``x (B, *x_shape)`` through one posterior sample: ``(B, *x_shape)``."""
         s = self.posterior.sample(self.encode(x), 1)
