@@ -417,3 +417,14 @@ def test_derived_seeds_are_pinned() -> None:
     assert data._derive_seed(0, "perm", 1) != data._derive_seed(1, "perm", 0)
     perm = TrainBatches(_indexed_images(10), 10, 0, "8bit").epoch_permutation(0)
     assert perm.tolist() == [8, 1, 0, 9, 3, 2, 5, 7, 4, 6]
+
+
+def test_cli_data_pack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from vaeflow.cli import main
+
+    _, _, x_test, _ = _fake_cifar_batches(tmp_path / "src")
+    assert main(["data", "pack", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    assert "cifar10_test.npz" in capsys.readouterr().out
+    packed = np.load(tmp_path / "dst" / "CIFAR10" / "cifar10_test.npz")
+    assert packed["x"].shape == (3, 32, 32, 3)
+    assert np.array_equal(packed["x"], x_test.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
