@@ -1,4 +1,4 @@
-"""Command line: ``vaeflow train|eval|sample|data`` (also ``python -m vaeflow``).
+"""Command line: ``vaeflow train|eval|sample|sweep|report|data`` (also ``python -m vaeflow``).
 
 Thin by design (STYLE.md practice 13): parse, build the config, call the library.
 
@@ -6,6 +6,8 @@ Thin by design (STYLE.md practice 13): parse, build the config, call the library
     vaeflow train CONFIG --resume            # continue a killed run bit-exactly
     vaeflow eval runs/quickstart --k 5000    # test NLL, ELBO, bpd, active units
     vaeflow sample runs/quickstart --n 64
+    vaeflow sweep SWEEP.toml --jobs 2        # a grid of runs, resumable; --dry-run lists it
+    vaeflow report runs/my_sweep -o results/my_sweep   # mean +- std tables and figures
     vaeflow data pack SRC_ROOT DST_ROOT      # CIFAR-10: torchvision layout -> npz layout
 """
 
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temperature", type=float, default=1.0, help="prior noise scale (e.g. 0.7)")
     s.set_defaults(func=_sample)
+
+    from .report import add_report_parser
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+    add_report_parser(sub)
 
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)

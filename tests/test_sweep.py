@@ -1,0 +1,265 @@
+"""Sweep runner: expansion, up-front validation, shell-safe commands, resumable runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vaeflow import sweep as sw
+from vaeflow.cli import build_parser
+from vaeflow.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "experiments" / "quickstart" / "mnist_iaf_flowprior.toml"
+DATA_ROOT = os.environ.get("VAEFLOW_DATA") or str(REPO.parent / "shared" / "datasets")
+
+TINY = [
+    f"data.root={json.dumps(DATA_ROOT)}",
+    "model.latent_dim=4",
+    "model.encoder.options={hidden=[16]}",
+    "model.decoder.options={hidden=[16]}",
+    'model.prior.name="standard_normal"',
+    "model.prior.flow=none",
+    "train.steps=5",
+    "train.val_every=5",
+    "train.val_size=50",
+    "train.val_k=2",
+    'train.device="cpu"',
+    "eval.k=4",
+    "eval.chunk=4",
+    "eval.n_test=20",
+    "eval.batch_size=10",
+]
+
+
+def _write_sweep(tmp_path: Path, body: str, name: str = "sweep.toml") -> Path:
+    """A base config (quickstart copy) and a sweep file next to it; returns the sweep."""
+    shutil.copy(QUICKSTART, tmp_path / "base.toml")
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def _grid_sweep(tmp_path: Path, extra: str = "") -> Path:
+    root = json.dumps(str(tmp_path / "runs"))
+    return _write_sweep(
+        tmp_path,
+        f"""base = "base.toml"
+name = "iaf_depth"
+root = {root}
+seeds = [0, 1]
+set = ["train.steps=7"]
+{extra}
+[grid]
+"model.posterior.flow" = ["iaf", "gated_iaf"]
+"model.posterior.num_layers" = [1, 2, 4]
+""",
+    )
+
+
+def test_expand_order_count_names_overrides(tmp_path: Path) -> None:
+    points = sw.expand(_grid_sweep(tmp_path))
+    assert len(points) == 2 * 3 * 2
+    assert [p.name for p in points[:4]] == [
+        "posterior.flow=iaf__posterior.num_layers=1__seed=0",
+        "posterior.flow=iaf__posterior.num_layers=1__seed=1",
+        "posterior.flow=iaf__posterior.num_layers=2__seed=0",
+        "posterior.flow=iaf__posterior.num_layers=2__seed=1",
+    ]
+    assert points[-1].name == "posterior.flow=gated_iaf__posterior.num_layers=4__seed=1"
+    assert len({p.name for p in points}) == len(points)
+    p = points[3]
+    assert p.overrides[0] == "train.steps=7"
+    assert 'model.posterior.flow="iaf"' in p.overrides
+    assert "model.posterior.num_layers=2" in p.overrides
+    assert "train.seed=1" in p.overrides
+    assert p.overrides[-1] == f'run.name="{p.name}"'
+    assert p.run_dir == tmp_path / "runs" / "iaf_depth" / p.name
+    cfg = load_config(p.base, p.overrides)
+    assert cfg.model.posterior.flow == "iaf"
+    assert cfg.model.posterior.num_layers == 2
+    assert cfg.train.seed == 1 and cfg.train.steps == 7
+    assert cfg.data.seed == 0  # data seed stays as in the base config
+    assert Path(cfg.run.root) / cfg.run.name == p.run_dir
+    assert not (tmp_path / "runs").exists()  # expanding creates nothing
+
+
+def test_none_value_and_no_seeds(tmp_path: Path) -> None:
+    path = _write_sweep(
+        tmp_path,
+        'base = "base.toml"\nname = "s"\n[grid]\n"model.posterior.flow" = ["none", "iaf"]\n',
+    )
+    points = sw.expand(path)
+    assert [p.name for p in points] == ["posterior.flow=none", "posterior.flow=iaf"]
+    assert load_config(points[0].base, points[0].overrides).model.posterior.flow is None
+    assert points[0].run_dir == Path("runs") / "s" / "posterior.flow=none"
+    assert not any(o.startswith("train.seed") for o in points[0].overrides)
+
+
+def test_bad_grid_key_fails_up_front_naming_it(tmp_path: Path) -> None:
+    path = _grid_sweep(tmp_path, extra="")
+    path.write_text(path.read_text() + '"model.posterior.flw" = [1]\n')
+    with pytest.raises(ConfigError, match=r"model\.posterior\.flw"):
+        sw.run_sweep(path, jobs=1)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_grid_value_fails_naming_key(tmp_path: Path) -> None:
+    path = _grid_sweep(tmp_path)
+    path.write_text(path.read_text() + '"train.steps" = [10, "many"]\n')
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        sw.expand(path)
+
+
+def test_unbuildable_model_fails_up_front(tmp_path: Path) -> None:
+    """Valid config keys, but a prior flow without a flow prior: caught by the build."""
+    path = _grid_sweep(tmp_path)
+    path.write_text(path.read_text() + '"model.prior.name" = ["standard_normal"]\n')
+    with pytest.raises(ConfigError, match=r"model\.prior\.flow"):
+        sw.run_sweep(path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    path = _grid_sweep(tmp_path, extra="sedes = [1]\n")
+    with pytest.raises(ConfigError, match="sedes"):
+        sw.expand(path)
+
+
+def test_dry_run_lists_commands_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    statuses = sw.run_sweep(_grid_sweep(tmp_path), dry_run=True, threads=1)
+    assert len(statuses) == 12
+    assert all(s["status"] == "pending" and s["returncode"] is None for s in statuses)
+    out = capsys.readouterr().out
+    for s in statuses:
+        assert s["command"] in out
+        assert "--threads 1" in s["command"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_commands_are_shell_safe_and_parse_back(tmp_path: Path) -> None:
+    root = tmp_path / "my runs"
+    path = _write_sweep(
+        tmp_path,
+        f"""base = "base.toml"
+name = "quote_test"
+root = {json.dumps(str(root))}
+set = ["data.root=\\"/data with space/it's\\""]
+[grid]
+"model.encoder.options" = [{{ hidden = [16, 8], activation = "tanh" }}]
+"train.lr" = [0.001]
+""",
+    )
+    points = sw.expand(path)
+    (cmd,) = sw.commands(points)
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["vaeflow", "train", str(points[0].base)]
+    assert argv[argv.index("--run-dir") + 1] == str(points[0].run_dir)
+    assert "--resume" not in argv
+    args = build_parser().parse_args(argv[1:])
+    assert args.set == points[0].overrides
+    cfg = load_config(args.config, args.set)
+    assert cfg.data.root == "/data with space/it's"
+    assert cfg.model.encoder.options == {"hidden": [16, 8], "activation": "tanh"}
+    assert "/" not in points[0].name and " " not in points[0].name
+    out = sw.write_commands(points, tmp_path / "cmds" / "all.sh", python="python -m vaeflow")
+    assert out.read_text() == sw.commands(points, python="python -m vaeflow")[0] + "\n"
+
+
+def test_resume_and_skip_detection(tmp_path: Path) -> None:
+    path = _grid_sweep(tmp_path)
+    points = sw.expand(path)
+    (points[0].run_dir / "checkpoints").mkdir(parents=True)
+    (points[0].run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    points[1].run_dir.mkdir(parents=True)
+    (points[1].run_dir / "summary.json").write_text("{}")
+    assert sw.needs_resume(points[0]) and not sw.is_finished(points[0])
+    assert sw.is_finished(points[1]) and not sw.needs_resume(points[1])
+    assert shlex.split(sw.commands(points[:1])[0])[-1] == "--resume"
+    statuses = sw.run_sweep(path, dry_run=True)
+    assert [s["status"] for s in statuses[:3]] == ["resume", "skipped", "pending"]
+
+
+def test_failing_point_does_not_stop_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subprocesses faked: odd points fail, the rest write summary.json."""
+    path = _grid_sweep(tmp_path)
+    calls: list[list[str]] = []
+
+    def fake_call(args: list[str], **kwargs: object) -> int:
+        calls.append(args)
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        if "train.seed=1" in args:
+            return 3
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(sw.subprocess, "call", fake_call)
+    statuses = sw.run_sweep(path, jobs=3, threads=2)
+    assert len(calls) == 12
+    assert all(c[1:4] == ["-m", "vaeflow", "train"] and "--threads" in c for c in calls)
+    assert [s["status"] for s in statuses] == ["finished", "failed"] * 6
+    assert [s["returncode"] for s in statuses] == [0, 3] * 6
+    record = json.loads((tmp_path / "runs" / "iaf_depth" / "sweep.json").read_text())
+    assert [p["status"] for p in record["points"]] == ["finished", "failed"] * 6
+    assert (tmp_path / "runs" / "iaf_depth" / "logs" / f"{statuses[1]['name']}.log").exists()
+    # The CLI handler reports failure with exit code 1 and reruns only the failed points.
+    parser = argparse.ArgumentParser()
+    sw.add_sweep_parser(parser.add_subparsers())
+    args = parser.parse_args(["sweep", str(path), "--jobs", "2"])
+    calls.clear()
+    assert args.func(args) == 1
+    assert len(calls) == 6
+
+
+def test_cli_commands_file(tmp_path: Path) -> None:
+    path = _grid_sweep(tmp_path)
+    parser = argparse.ArgumentParser()
+    sw.add_sweep_parser(parser.add_subparsers())
+    out = tmp_path / "cmds.txt"
+    args = parser.parse_args(["sweep", str(path), "--commands-file", str(out), "--threads", "1"])
+    assert args.func(args) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 12 and all(shlex.split(line)[-2:] == ["--threads", "1"] for line in lines)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tiny_real_sweep_runs_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two real 5-step MNIST runs in parallel; a second call starts no subprocess."""
+    # The datasets are always beside the checkout here and in CI: a missing copy must fail.
+    assert (Path(DATA_ROOT) / "MNIST").exists(), f"MNIST not found under {DATA_ROOT}"
+    root = json.dumps(str(tmp_path / "runs"))
+    path = _write_sweep(
+        tmp_path,
+        f"""base = "base.toml"
+name = "tiny"
+root = {root}
+set = {json.dumps(TINY)}
+[grid]
+"model.posterior.flow" = ["none", "iaf"]
+""",
+    )
+    statuses = sw.run_sweep(path, jobs=2, threads=1)
+    logs = [Path(s["log"]).read_text()[-2000:] for s in statuses]
+    assert [s["status"] for s in statuses] == ["finished", "finished"], logs
+    assert [s["returncode"] for s in statuses] == [0, 0]
+    for p in sw.expand(path):
+        assert (p.run_dir / "summary.json").is_file()
+        assert (p.run_dir / "train_summary.json").is_file()
+
+    def no_call(*args: object, **kwargs: object) -> int:
+        raise AssertionError("a finished point was started again")
+
+    monkeypatch.setattr(sw.subprocess, "call", no_call)
+    again = sw.run_sweep(path, jobs=2)
+    assert [s["status"] for s in again] == ["skipped", "skipped"]

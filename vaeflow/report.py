@@ -1,0 +1,517 @@
+"""Run directories -> results tables (markdown + JSON) and figures.
+
+    records = collect([Path("runs")])          # one record per run directory
+    groups = group(records)                    # seeds averaged, protocol checked
+    print(to_markdown(groups))
+    write_report([Path("runs")], Path("results/mnist_flows"))
+
+A run directory (written by :mod:`vaeflow.train` and :mod:`vaeflow.evaluate`) holds
+``config.json``, ``environment.json``, ``metrics.jsonl`` and, once evaluated,
+``summary.json``.
+
+Runs without ``summary.json`` are **kept** with ``status = "not evaluated"`` (and a
+``UserWarning`` naming them): they have no test metrics, so :func:`group` leaves them
+out of every table, but :func:`write_report` lists them under the table and still draws
+their learning curves. Numbers measured under different protocols (dataset,
+binarisation, importance samples ``k``, number of test examples) are never averaged:
+:func:`group` raises ``ValueError`` naming the key instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .logger import flatten_config, read_metrics
+
+__all__ = [
+    "EXCLUDED_KEYS",
+    "PROTOCOL_KEYS",
+    "add_report_parser",
+    "collect",
+    "group",
+    "metric_label",
+    "to_markdown",
+    "write_report",
+]
+
+#: config keys that never define a group (seeds are averaged; names and paths are labels)
+EXCLUDED_KEYS: tuple[str, ...] = ("train.seed", "run.name", "run.root", "data.root")
+#: evaluation protocol: must agree within a group (summary fields, see :func:`collect`)
+PROTOCOL_KEYS: tuple[str, ...] = ("dataset", "binarization", "k", "n_examples")
+#: summary entries that are protocol, not metrics
+_PROTOCOL_METRICS = {"test/k": "k", "test/n_examples": "n_examples"}
+#: default table columns, in order (regexes over metric names)
+_DEFAULT_METRICS = (
+    r"test/nll_iw\d+_nats",
+    r"test/bpd",
+    r"test/elbo_nats",
+    r"test/kl_nats",
+    r"test/recon_nats",
+    r"test/active_units",
+)
+_UNITS = {"nats": "nats", "bpd": "bpd", "bits": "bits", "s": "s", "seconds": "s"}
+_NAMES = {"nll": "NLL", "elbo": "ELBO", "kl": "KL", "recon": "recon"}
+EXPECTED_FILES = "config.json (and summary.json after `vaeflow eval`)"
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand ``paths`` into run directories (a path without config.json: its children)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / "config.json").is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        else:
+            candidates = []
+        if not candidates:
+            raise FileNotFoundError(
+                f"{path} is neither a run directory nor a directory of run directories "
+                f"(expected {EXPECTED_FILES} in it or in its subdirectories)"
+            )
+        for c in candidates:
+            if all(c.resolve() != f.resolve() for f in found):
+                found.append(c)
+    return found
+
+
+def _load_record(run_dir: Path) -> dict[str, Any]:
+    config = flatten_config(_read_json(run_dir / "config.json"))
+    env_path = run_dir / "environment.json"
+    env = _read_json(env_path) if env_path.is_file() else {}
+    summary_path = run_dir / "summary.json"
+    summary: dict[str, Any] = _read_json(summary_path) if summary_path.is_file() else {}
+    metrics = {
+        key: float(value)
+        for key, value in summary.items()
+        if "/" in key and _is_number(value) and key not in _PROTOCOL_METRICS
+    }
+    protocol = {
+        "dataset": summary.get("dataset", config.get("data.dataset")),
+        "binarization": summary.get("binarization"),
+        **{name: summary.get(key) for key, name in _PROTOCOL_METRICS.items()},
+    }
+    notes: list[str] = []
+    for note in [*summary.get("notes", []), *env.get("notes", [])]:
+        if note not in notes:
+            notes.append(str(note))
+    return {
+        "run_dir": str(run_dir),
+        "name": run_dir.name,
+        "status": "evaluated" if summary_path.is_file() else "not evaluated",
+        "commit": env.get("commit") or "unknown",
+        "seed": config.get("train.seed"),
+        "checkpoint_step": summary.get("checkpoint_step"),
+        "config": config,
+        "protocol": protocol,
+        "metrics": metrics,
+        "notes": notes,
+    }
+
+
+def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Read run directories into one flat record each.
+
+    Args:
+        run_dirs: run directories, or directories whose children are run directories
+            (one level of recursion when a path has no ``config.json`` itself).
+
+    Returns:
+        Records ``{"run_dir", "name", "status", "commit", "seed", "checkpoint_step",
+        "config": {dotted.key: value}, "protocol": {dataset, binarization, k,
+        n_examples}, "metrics": {"test/...": float}, "notes": [...]}``. A run without
+        ``summary.json`` has ``status == "not evaluated"`` and empty metrics, and a
+        ``UserWarning`` names it.
+
+    Raises:
+        FileNotFoundError: a path holds no run directory.
+    """
+    records = []
+    for run_dir in _run_dirs(run_dirs):
+        record = _load_record(run_dir)
+        if record["status"] != "evaluated":
+            warnings.warn(
+                f"{run_dir} has no summary.json (run `vaeflow eval {run_dir}`): listed as "
+                "'not evaluated' and left out of the tables",
+                stacklevel=2,
+            )
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- group
+
+
+def _varying_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = sorted({k for r in records for k in r["config"]} - set(EXCLUDED_KEYS))
+    return [k for k in keys if len({repr(r["config"].get(k)) for r in records}) > 1]
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, str(value))
+
+
+def group(
+    records: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Average evaluated runs over seeds.
+
+    Args:
+        records: from :func:`collect`; runs that are not evaluated are ignored.
+        by: config keys defining a group. Default: every config key that varies across
+            the evaluated runs except :data:`EXCLUDED_KEYS` (so runs differing only in
+            ``train.seed`` fall together).
+
+    Returns:
+        One dict per group, sorted by its key values: ``{"config": {key: value},
+        "by": [...], "runs": [run_dir, ...], "seeds": [...], "n_seeds": int,
+        "protocol": {...}, "metrics": {name: {"mean", "std", "n"}}, "notes": [...],
+        "commits": [...]}``. ``std`` is the sample standard deviation (n-1), ``None``
+        for one value; non-finite values are left out of mean/std (``n`` counts the
+        finite ones; a metric with none has mean ``nan``).
+
+    Raises:
+        ValueError: a ``by`` key no run has, or a protocol key (dataset, binarization,
+            k, n_examples) that differs within a group — it is named.
+    """
+    evaluated = [r for r in records if r["status"] == "evaluated"]
+    if by is None:
+        keys = _varying_keys(evaluated)
+    else:
+        keys = list(by)
+        unknown = [k for k in keys if not any(k in r["config"] for r in evaluated)]
+        if unknown:
+            raise ValueError(f"--by key(s) {unknown} are in no evaluated run's config")
+    buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for r in evaluated:
+        buckets.setdefault(tuple(repr(r["config"].get(k)) for k in keys), []).append(r)
+    groups = []
+    for members in buckets.values():
+        config = {k: members[0]["config"].get(k) for k in keys}
+        protocol: dict[str, Any] = {}
+        for pk in PROTOCOL_KEYS:
+            values = {repr(m["protocol"].get(pk)) for m in members}
+            if len(values) > 1:
+                runs = ", ".join(f"{m['name']}={m['protocol'].get(pk)!r}" for m in members)
+                raise ValueError(
+                    f"protocol key {pk!r} differs within group {config}: {runs}; "
+                    "re-evaluate the runs alike or group them apart (--by)"
+                )
+            protocol[pk] = members[0]["protocol"].get(pk)
+        names = sorted({n for m in members for n in m["metrics"]})
+        metrics = {}
+        for name in names:
+            vals = [m["metrics"][name] for m in members if name in m["metrics"]]
+            finite = [v for v in vals if math.isfinite(v)]
+            metrics[name] = {
+                "mean": statistics.fmean(finite) if finite else math.nan,
+                "std": statistics.stdev(finite) if len(finite) > 1 else None,
+                "n": len(finite),
+            }
+        notes: list[str] = []
+        for m in members:
+            notes.extend(n for n in m["notes"] if n not in notes)
+        groups.append(
+            {
+                "config": config,
+                "by": keys,
+                "runs": [m["run_dir"] for m in members],
+                "seeds": [m["seed"] for m in members],
+                "n_seeds": len(members),
+                "protocol": protocol,
+                "metrics": metrics,
+                "notes": notes,
+                "commits": sorted({m["commit"] for m in members}),
+            }
+        )
+    groups.sort(key=lambda g: [_sort_key(g["config"][k]) for k in keys])
+    return groups
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def metric_label(name: str) -> str:
+    """Column header with units: ``test/nll_iw5000_nats`` -> ``test NLL (nats, k=5000)``."""
+    split, _, rest = name.partition("/")
+    if not rest:
+        split, rest = "", split
+    if rest == "bpd":
+        return f"{split} bpd".strip()
+    if rest == "active_units":
+        return f"{split} active units".strip()
+    m = re.fullmatch(r"nll_iw(\d+)(_stderr)?_(\w+)", rest)
+    if m:
+        stderr = " stderr" if m.group(2) else ""
+        return f"{split} NLL{stderr} ({_UNITS.get(m.group(3), m.group(3))}, k={m.group(1)})"
+    stem, _, unit = rest.rpartition("_")
+    if stem and unit in _UNITS:
+        words = [_NAMES.get(w, w) for w in stem.split("_")]
+        return f"{split} {' '.join(words)} ({_UNITS[unit]})".strip()
+    return f"{split} {rest.replace('_', ' ')}".strip()
+
+
+def _default_metrics(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    present = sorted({n for g in groups for n in g["metrics"]})
+    chosen: list[str] = []
+    for pattern in _DEFAULT_METRICS:
+        chosen.extend(n for n in present if re.fullmatch(pattern, n) and n not in chosen)
+    return chosen
+
+
+def _cell(stats: Mapping[str, Any] | None, name: str) -> str:
+    if stats is None or stats["n"] == 0:
+        return "—"
+    digits = 3 if name.endswith("bpd") else 2
+    mean, std, n = stats["mean"], stats["std"], stats["n"]
+    if std is None:
+        return f"{mean:.{digits}f} ({n})"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({n})"
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(
+    groups: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] | None = None,
+    not_evaluated: Sequence[str] = (),
+) -> str:
+    """Render groups as a markdown table with a footer of protocol, notes and commits.
+
+    Args:
+        groups: from :func:`group`.
+        metrics: metric names for the columns; default: NLL, bpd, ELBO, KL, recon,
+            active units, those present.
+        not_evaluated: run directories to list under the table as not evaluated.
+
+    Returns:
+        Markdown: the grouping config keys as the first columns, then one
+        ``mean ± std (n)`` cell per metric (``mean (1)`` for a single seed, ``—`` when
+        missing), then a footer.
+    """
+    keys = list(groups[0]["by"]) if groups else []
+    names = list(metrics) if metrics is not None else _default_metrics(groups)
+    headers = (keys or ["runs"]) + ["seeds"] + [metric_label(n) for n in names]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] * (len(keys) or 1) + ["---:"] * (1 + len(names))) + "|",
+    ]
+    for g in groups:
+        first = [_fmt_value(g["config"][k]) for k in keys] or ["all"]
+        cells = [_cell(g["metrics"].get(n), n) for n in names]
+        lines.append("| " + " | ".join([*first, str(g["n_seeds"]), *cells]) + " |")
+    if not groups:
+        lines.append("| " + " | ".join(["(no evaluated runs)"] + [""] * (len(headers) - 1)) + " |")
+    lines += ["", "Cells: mean ± std over seeds (n); std uses n-1."]
+    protocols = []
+    for g in groups:
+        p = ", ".join(f"{k}={g['protocol'].get(k)}" for k in PROTOCOL_KEYS)
+        if p not in protocols:
+            protocols.append(p)
+    if protocols:
+        lines += ["", "Protocol:"] + [f"- {p}" for p in protocols]
+    notes: list[str] = []
+    for g in groups:
+        notes.extend(n for n in g["notes"] if n not in notes)
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    commits = sorted({c for g in groups for c in g["commits"]})
+    if commits:
+        lines += ["", "Commits: " + ", ".join(f"`{c}`" for c in commits)]
+    if not_evaluated:
+        lines += ["", "Not evaluated (no summary.json):"] + [f"- {r}" for r in not_evaluated]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats -> None so the file is standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _new_figure() -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="tight")
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    return fig
+
+
+def _label(record: Mapping[str, Any], keys: Sequence[str]) -> str:
+    parts = [f"{k.rsplit('.', 1)[-1]}={_fmt_value(record['config'].get(k))}" for k in keys]
+    parts.append(f"seed={record['seed']}")
+    return ", ".join(parts)
+
+
+def _learning_curves(
+    records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: Path
+) -> bool:
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for r in records:
+        try:
+            rows = read_metrics(r["run_dir"])
+        except FileNotFoundError:
+            continue
+        pts = [
+            (row["step"], row["val/elbo_nats"])
+            for row in rows
+            if _is_number(row.get("val/elbo_nats")) and math.isfinite(row["val/elbo_nats"])
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", label=_label(r, keys))
+            drawn += 1
+    if not drawn:
+        warnings.warn("no run logged val/elbo_nats: learning_curves.png not written", stacklevel=3)
+        return False
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation ELBO (nats)")
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def _nll_metric(groups: Sequence[Mapping[str, Any]]) -> str | None:
+    for pattern in (r"test/nll_iw\d+_nats", r"test/elbo_nats"):
+        for g in groups:
+            hits = sorted(n for n in g["metrics"] if re.fullmatch(pattern, n))
+            if hits:
+                return hits[0]
+    return None
+
+
+def _metric_vs_key(groups: Sequence[Mapping[str, Any]], key: str, metric: str, path: Path) -> None:
+    pts = [
+        (g["config"][key], g["metrics"][metric]["mean"], g["metrics"][metric]["std"] or 0.0)
+        for g in groups
+        if metric in g["metrics"]
+    ]
+    xs, ys, errs = zip(*sorted(pts), strict=True)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3)
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric_label(metric))
+    fig.savefig(path, dpi=120)
+
+
+def write_report(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    by: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Collect, group and write ``results.md``, ``results.json`` and figures.
+
+    Figures: ``learning_curves.png`` (``val/elbo_nats`` vs step, one line per run,
+    labelled by the grouping keys and seed) and, when exactly one numeric config key
+    defines the groups, ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was
+    computed — vs that key, std error bars).
+
+    Returns:
+        ``{"markdown", "json", "learning_curves", "metric_vs_key"}`` -> path, for the
+        files written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = collect(run_dirs)
+    groups = group(records, by)
+    keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
+    not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
+    written: dict[str, Path] = {}
+    md = out / "results.md"
+    _write_text_atomic(md, to_markdown(groups, not_evaluated=not_evaluated))
+    written["markdown"] = md
+    js = out / "results.json"
+    payload = {"by": keys, "records": records, "groups": groups}
+    _write_text_atomic(js, json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
+    written["json"] = js
+    curves = out / "learning_curves.png"
+    if _learning_curves(records, keys, curves):
+        written["learning_curves"] = curves
+    metric = _nll_metric(groups)
+    if (
+        len(keys) == 1
+        and metric is not None
+        and all(_is_number(g["config"][keys[0]]) for g in groups)
+    ):
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", keys[0])
+        path = out / f"metric_vs_{safe}.png"
+        _metric_vs_key(groups, keys[0], metric, path)
+        written["metric_vs_key"] = path
+    return written
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    written = write_report(args.runs, args.out, by=args.by)
+    for name, path in written.items():
+        print(f"{name:16s} {path}")
+    return 0
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``report RUNS... -o OUT [--by KEY ...]`` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "report",
+        help="results tables (markdown + JSON) and figures from run directories",
+        description="Average evaluated runs over seeds and write results.md, "
+        "results.json, learning_curves.png (and metric_vs_<key>.png).",
+    )
+    p.add_argument("runs", nargs="+", help="run directories, or directories of them")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument(
+        "--by",
+        nargs="+",
+        action="extend",
+        metavar="KEY",
+        help="config keys to group by (default: every varying key except the seed)",
+    )
+    p.set_defaults(func=_report_command)
+    return p

@@ -1,0 +1,448 @@
+"""Ablation sweeps: a grid (and seeds) over one base config, run locally or on a cluster.
+
+A sweep file is TOML, read with :mod:`tomllib` (never ``eval``)::
+
+    base = "experiments/quickstart/mnist_iaf_flowprior.toml"  # relative to this file
+    name = "iaf_depth"          # runs go to <root>/<name>/<point name>/
+    root = "runs"               # optional (default "runs"), relative to the working directory
+    seeds = [0, 1]              # optional: each point runs once per train.seed
+    set = ["train.steps=2000"]  # optional overrides shared by every point
+    [grid]
+    "model.posterior.flow" = ["iaf", "gated_iaf"]
+    "model.posterior.num_layers" = [1, 2, 4]
+
+Grid values are TOML values; the string ``"none"`` (or ``"null"``) means ``None``, as in
+``--set``. Every point's full :class:`~vaeflow.config.Config` is built before anything
+runs (and each distinct model is built once on the CPU), so a typo in a grid key or value
+fails the whole sweep up front, naming the key.
+
+Points whose run directory holds ``summary.json`` (trained and evaluated) are skipped,
+so an interrupted sweep is continued by running it again; a point with
+``checkpoints/last.pt`` but no summary is continued with ``--resume``.
+
+Running: :func:`run_sweep` starts each pending point as a subprocess
+(``python -m vaeflow train ...``), at most ``jobs`` at a time, and writes
+``<root>/<name>/sweep.json`` (statuses and return codes) and one log per point under
+``<root>/<name>/logs/``. Every subprocess inherits the environment, so on a GPU machine
+run one sweep process per GPU with ``CUDA_VISIBLE_DEVICES`` set (or ``jobs > 1`` only
+when the points fit on one device together); placing jobs on GPUs is the user's (or the
+scheduler's) job. For a cluster, :func:`commands` / :func:`write_commands` give one
+shell-quoted ``vaeflow train`` command per pending point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load_config, to_dict
+
+__all__ = [
+    "Point",
+    "Sweep",
+    "load_sweep",
+    "expand",
+    "is_finished",
+    "needs_resume",
+    "commands",
+    "write_commands",
+    "run_sweep",
+    "add_sweep_parser",
+]
+
+_TOP_LEVEL_KEYS = {"base", "name", "root", "seeds", "set", "grid"}
+_SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+_MAX_NAME = 200  # well under the 255-byte file-name limit
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file.
+
+    Attributes:
+        path: the sweep file.
+        base: the base config (resolved relative to the sweep file).
+        name: sweep name.
+        root: runs root; the sweep lives in ``root / name``.
+        seeds: ``train.seed`` values (``None``: keep the base config's seed).
+        fixed: overrides applied to every point.
+        grid: ``(dotted key, values)`` in file order.
+    """
+
+    path: Path
+    base: Path
+    name: str
+    root: Path
+    seeds: tuple[int, ...] | None
+    fixed: tuple[str, ...]
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+
+    @property
+    def directory(self) -> Path:
+        """``root / name``: where the points, ``sweep.json`` and logs go."""
+        return self.root / self.name
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep.
+
+    Attributes:
+        name: deterministic, filesystem-safe name (``posterior.flow=iaf__seed=0``).
+        overrides: ``--set`` items: fixed ones, grid values, ``train.seed``,
+            ``run.root`` and ``run.name``.
+        run_dir: the run directory, ``root / sweep name / name``.
+        base: the base config file.
+    """
+
+    name: str
+    overrides: list[str]
+    run_dir: Path
+    base: Path
+
+
+def _format_value(value: Any) -> str:
+    """A grid value as ``--set`` text (TOML syntax), so it parses back to ``value``."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "null"):
+            return "none"
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {_format_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    raise ConfigError(f"sweep grid value {value!r} has an unsupported type {type(value).__name__}")
+
+
+def _name_value(value: Any) -> str:
+    """A grid value as a short readable piece of a point name."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "-".join(_name_value(v) for v in value)
+    if isinstance(value, dict):
+        return "-".join(f"{k}{_name_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _safe(text: str) -> str:
+    out = _SAFE.sub("_", text)
+    if len(out) > _MAX_NAME:
+        digest = hashlib.sha1(out.encode()).hexdigest()[:10]
+        out = f"{out[: _MAX_NAME - 12]}__{digest}"
+    return out
+
+
+def load_sweep(sweep_path: str | Path) -> Sweep:
+    """Parse and check a sweep file's structure (not yet the configs of its points).
+
+    Raises:
+        ConfigError: unknown top-level keys, missing ``base``/``name``, wrong types.
+    """
+    import tomllib
+
+    path = Path(sweep_path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown sweep key(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))}"
+        )
+    for key in ("base", "name"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise ConfigError(f"{path}: '{key}' must be a non-empty string")
+    name = data["name"]
+    if _safe(name) != name or name in (".", ".."):
+        raise ConfigError(f"{path}: name = {name!r} must be a plain file name ([A-Za-z0-9._=,+-])")
+    root = data.get("root", "runs")
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"{path}: 'root' must be a non-empty string")
+    seeds = data.get("seeds")
+    if seeds is not None and (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct integers")
+    fixed = data.get("set", [])
+    if not isinstance(fixed, list) or not all(isinstance(s, str) for s in fixed):
+        raise ConfigError(f"{path}: 'set' must be a list of 'section.key=value' strings")
+    grid = data.get("grid", {})
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{path}: [grid] must be a table of 'section.key' = [values]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values")
+    return Sweep(
+        path=path,
+        base=path.parent / data["base"],
+        name=name,
+        root=Path(root),
+        seeds=tuple(seeds) if seeds is not None else None,
+        fixed=tuple(fixed),
+        grid=tuple((k, tuple(v)) for k, v in grid.items()),
+    )
+
+
+def _short_keys(keys: Sequence[str]) -> list[str]:
+    """Drop the leading section (``model.``) when the shortened keys stay distinct."""
+    short = [k.split(".", 1)[1] if "." in k else k for k in keys]
+    return short if len(set(short)) == len(short) else list(keys)
+
+
+def expand(sweep_path: str | Path, validate: bool = True) -> list[Point]:
+    """All points of a sweep: the cartesian product of the grid, seeds innermost.
+
+    Order is stable: grid keys in file order (the first varies slowest), then seeds.
+    With ``validate`` every point's full config is built first (``load_config``) and each
+    distinct model once, so a bad key, value or component raises :class:`ConfigError`
+    naming it before anything runs.
+    """
+    sweep = load_sweep(sweep_path)
+    keys = [k for k, _ in sweep.grid]
+    labels = _short_keys(keys)
+    seeds: list[int | None] = list(sweep.seeds) if sweep.seeds is not None else [None]
+    points: list[Point] = []
+    for combo in itertools.product(*(values for _, values in sweep.grid)):
+        for seed in seeds:
+            parts = [f"{lab}={_name_value(v)}" for lab, v in zip(labels, combo, strict=True)]
+            overrides = list(sweep.fixed)
+            overrides += [f"{k}={_format_value(v)}" for k, v in zip(keys, combo, strict=True)]
+            if seed is not None:
+                parts.append(f"seed={seed}")
+                overrides.append(f"train.seed={seed}")
+            name = _safe("__".join(parts) or "base")
+            overrides.append(f"run.root={json.dumps(str(sweep.directory))}")
+            overrides.append(f"run.name={json.dumps(name)}")
+            points.append(Point(name, overrides, sweep.directory / name, sweep.base))
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{sweep.path}: grid values give duplicate point names {dup}")
+    if validate:
+        built: dict[str, None] = {}  # model configs already built (points differ by seed)
+        for p in points:
+            try:
+                cfg = load_config(p.base, p.overrides)
+            except ConfigError as e:
+                raise ConfigError(f"{sweep.path}: point {p.name}: {e}") from None
+            key = json.dumps(to_dict(cfg.model), sort_keys=True, default=str)
+            if key not in built:
+                _check_model(cfg, f"{sweep.path}: point {p.name}")
+                built[key] = None
+    return points
+
+
+def _check_model(cfg: Config, where: str) -> None:
+    """Build the point's model once (on CPU) so component errors also fail up front."""
+    from .build import build_model  # torch is imported only when a sweep is validated
+
+    try:
+        build_model(cfg.model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: cannot build the model from [model]: {e}") from None
+
+
+def is_finished(point: Point) -> bool:
+    """True when the point was trained and evaluated (its ``summary.json`` exists)."""
+    return (point.run_dir / "summary.json").is_file()
+
+
+def needs_resume(point: Point) -> bool:
+    """True when an unfinished point has a checkpoint to continue (``--resume``)."""
+    return not is_finished(point) and (point.run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def _train_args(point: Point, extra_args: Sequence[str] = ()) -> list[str]:
+    args = ["train", str(point.base)]
+    for item in point.overrides:
+        args += ["--set", item]
+    args += ["--run-dir", str(point.run_dir)]
+    if needs_resume(point):
+        args.append("--resume")
+    return args + list(extra_args)
+
+
+def commands(
+    points: Sequence[Point], python: str = "vaeflow", extra_args: Sequence[str] = ()
+) -> list[str]:
+    """One shell command per point (``vaeflow train BASE --set k=v ... --run-dir DIR``).
+
+    Args:
+        points: the points (typically the unfinished ones).
+        python: the program prefix, inserted verbatim (e.g. ``"python -m vaeflow"``).
+        extra_args: appended to every command (e.g. ``["--threads", "1"]``).
+
+    Every argument is quoted with :func:`shlex.quote`; ``--resume`` is added where a
+    checkpoint exists at the time of the call.
+    """
+    return [
+        " ".join([python, *(shlex.quote(a) for a in _train_args(p, extra_args))]) for p in points
+    ]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_commands(
+    points: Sequence[Point],
+    path: str | Path,
+    python: str = "vaeflow",
+    extra_args: Sequence[str] = (),
+) -> Path:
+    """Write :func:`commands` one per line (atomically); returns the path."""
+    path = Path(path)
+    lines = commands(points, python, extra_args)
+    _write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return path
+
+
+def _run_point(point: Point, args: list[str], log_path: Path) -> dict[str, Any]:
+    start = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(a) for a in args) + "\n")
+        log.flush()
+        code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
+    finished = code == 0 and is_finished(point)
+    return {
+        "status": "finished" if finished else "failed",
+        "returncode": code,
+        "seconds": round(time.time() - start, 3),
+        "log": str(log_path),
+    }
+
+
+def run_sweep(
+    sweep_path: str | Path,
+    jobs: int = 1,
+    dry_run: bool = False,
+    threads: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Run the sweep's pending points as subprocesses, at most ``jobs`` at a time.
+
+    Args:
+        sweep_path: the sweep TOML.
+        jobs: concurrent subprocesses (one per GPU is the user's job: set
+            ``CUDA_VISIBLE_DEVICES`` per sweep process).
+        dry_run: print and return the points and commands; run and create nothing.
+        threads: ``--threads`` for every subprocess (torch CPU threads).
+        extra_args: more ``vaeflow train`` arguments for every point.
+
+    Returns:
+        One dict per point, in sweep order: ``name``, ``run_dir``, ``overrides``,
+        ``command``, ``status`` (``skipped`` = already finished, ``finished``,
+        ``failed``, or ``pending``/``resume`` in a dry run) and ``returncode``.
+        Also written to ``<root>/<name>/sweep.json`` (not in a dry run). A failing point
+        does not stop the others.
+    """
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    points = expand(sweep_path)
+    sweep = load_sweep(sweep_path)
+    extra = list(extra_args) + (["--threads", str(threads)] if threads else [])
+    statuses: list[dict[str, Any]] = []
+    for p in points:
+        done = is_finished(p)
+        statuses.append(
+            {
+                "name": p.name,
+                "run_dir": str(p.run_dir),
+                "overrides": list(p.overrides),
+                "command": commands([p], extra_args=extra)[0],
+                "status": "skipped" if done else ("resume" if needs_resume(p) else "pending"),
+                "returncode": None,
+            }
+        )
+    if dry_run:
+        for s in statuses:
+            print(f"[{s['status']}] {s['command']}", flush=True)
+        return statuses
+
+    log_dir = sweep.directory / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(i, p) for i, p in enumerate(points) if statuses[i]["status"] != "skipped"]
+
+    def work(item: tuple[int, Point]) -> None:
+        i, p = item
+        args = [sys.executable, "-m", "vaeflow", *_train_args(p, extra)]
+        print(f"start {p.name}", flush=True)
+        result = _run_point(p, args, log_dir / f"{p.name}.log")
+        statuses[i].update(result)
+        print(f"{result['status']} {p.name} (exit {result['returncode']})", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(work, todo))
+    record = {"sweep": str(sweep.path), "base": str(sweep.base), "points": statuses}
+    _write_text_atomic(sweep.directory / "sweep.json", json.dumps(record, indent=2) + "\n")
+    failed = [s["name"] for s in statuses if s["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return statuses
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    """``vaeflow sweep``: 0 when every point is finished, 1 when any failed."""
+    if args.commands_file:
+        pending = [p for p in expand(args.sweep) if not is_finished(p)]
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        path = write_commands(pending, args.commands_file, extra_args=extra)
+        print(f"wrote {len(pending)} command(s) to {path}")
+        return 0  # handed to a scheduler: nothing runs here
+    statuses = run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, threads=args.threads)
+    if args.dry_run:
+        return 0
+    return 0 if all(s["status"] in ("finished", "skipped") for s in statuses) else 1
+
+
+def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``sweep SWEEP.toml [--jobs N] [--dry-run] [--threads N] [--commands-file PATH]``."""
+    s = subparsers.add_parser("sweep", help="run a grid/seed sweep over a base config")
+    s.add_argument("sweep", help="sweep TOML (base, name, [grid], seeds, set)")
+    s.add_argument("--jobs", type=int, default=1, help="concurrent runs (default 1)")
+    s.add_argument("--dry-run", action="store_true", help="list points and commands only")
+    s.add_argument("--threads", type=int, help="torch CPU threads per run")
+    s.add_argument(
+        "--commands-file",
+        metavar="PATH",
+        help="write one shell command per unfinished point (for a cluster scheduler) "
+        "and run nothing",
+    )
+    s.set_defaults(func=_sweep_command)
+    return s
