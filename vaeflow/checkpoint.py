@@ -265,7 +265,7 @@ def load_checkpoint(
                 "arbitrary code (torch.load with weights_only=True refuses them). Re-save it "
                 "with vaeflow.checkpoint.save_checkpoint (state_dicts and a plain config "
                 "dict); only if you trust the file, convert it once with "
-                f"torch.load(weights_only=False). Loader message: {_unpickler_reason(e)}"
+                f"torch's loader with weights_only=False. Loader message: {_unpickler_reason(e)}"
             ) from e
         others = {"last.pt": "best.pt", "best.pt": "last.pt"}
         other = others.get(path.name)
