@@ -62,6 +62,9 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
     (-elbo(ddp(x[rank::world], k=2)).mean()).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    # Both ranks leave together: tearing down gloo while the peer is still connected can
+    # abort the peer ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
