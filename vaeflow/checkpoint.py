@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -183,21 +184,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     """
     validate_state(state)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # BaseException: a KeyboardInterrupt mid-save must not leave the temp file either.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, "wb") as f:  # a KeyboardInterrupt mid-save leaves no temp file
+        torch.save(state, f)
     _fsync_directory(path.parent)
 
 

@@ -62,7 +62,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +70,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -528,18 +529,8 @@ def load_splits(
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     """Write an npz atomically: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # A file object, not a name: np.savez would append ".npz" to a name.
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)  # a file object, not a name: np.savez would append ".npz"
 
 
 def pack_cifar10(src_root: str | os.PathLike, dst_root: str | os.PathLike) -> list[Path]:

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import write_json_atomic
 from .bounds import nats_to_bits_per_dim
 from .build import build_model
 from .checkpoint import load_checkpoint
 from .config import Config, from_dict
 from .data import eval_batches, load_splits, prepare_eval
-from .utils import resolve_device, write_json_atomic
+from .utils import resolve_device
 from .vae import VAE
 
 __all__ = ["load_run", "evaluate_model", "evaluate_run", "active_units", "sample_run"]

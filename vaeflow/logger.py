@@ -22,7 +22,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -32,6 +31,8 @@ from typing import Any, TextIO
 
 import torch
 from torch import Tensor
+
+from .atomic import atomic_write, write_text_atomic
 
 __all__ = ["RunLogger", "Progress", "flatten_config", "read_metrics", "METRICS_FILE"]
 
@@ -52,20 +53,6 @@ def _as_float(tag: str, value: Any) -> float:
     if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
         return float(value)
     raise TypeError(f"metric {tag!r} is a {type(value)}; pass a number or a 0-d tensor")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` via a temp file in the same directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunLogger:
@@ -141,7 +128,7 @@ class RunLogger:
                 continue  # the partial line of a killed run: it is being purged anyway
             if isinstance(record, dict) and record.get("step", -1) < purge_step:
                 kept.append(line + "\n")
-        _write_text_atomic(path, "".join(kept))
+        write_text_atomic(path, "".join(kept))
 
     def _check_open(self) -> bool:
         """Whether to write: rank 0 and not closed (logging after close is a bug)."""
@@ -234,14 +221,8 @@ class RunLogger:
         # Round to the nearest 8-bit level, as torchvision.utils.save_image does.
         pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
         image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=samples)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG")  # explicit: the temp name has no .png suffix
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as f:
+            image.save(f, format="PNG")  # explicit: the temp name has no .png suffix
         return path
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:

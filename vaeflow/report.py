@@ -25,12 +25,12 @@ import math
 import os
 import re
 import statistics
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
 from .logger import flatten_config, read_metrics
 
 __all__ = [
@@ -361,17 +361,6 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _new_figure() -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -464,11 +453,11 @@ def write_report(
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
     written: dict[str, Path] = {}
     md = out / "results.md"
-    _write_text_atomic(md, to_markdown(groups, not_evaluated=not_evaluated))
+    write_text_atomic(md, to_markdown(groups, not_evaluated=not_evaluated))
     written["markdown"] = md
     js = out / "results.json"
     payload = {"by": keys, "records": records, "groups": groups}
-    _write_text_atomic(js, json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
+    write_text_atomic(js, json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
     written["json"] = js
     curves = out / "learning_curves.png"
     if _learning_curves(records, keys, curves):

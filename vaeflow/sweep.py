@@ -36,12 +36,10 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config, to_dict
+from .atomic import write_text_atomic
+from .config import Config, ConfigError, load_config, read_toml, to_dict
 
 __all__ = [
     "Point",
@@ -158,16 +157,8 @@ def load_sweep(sweep_path: str | Path) -> Sweep:
     Raises:
         ConfigError: unknown top-level keys, missing ``base``/``name``, wrong types.
     """
-    import tomllib
-
     path = Path(sweep_path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    data = read_toml(path, "sweep file")
     unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(
@@ -308,18 +299,6 @@ def commands(
     ]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_commands(
     points: Sequence[Point],
     path: str | Path,
@@ -329,7 +308,7 @@ def write_commands(
     """Write :func:`commands` one per line (atomically); returns the path."""
     path = Path(path)
     lines = commands(points, python, extra_args)
-    _write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
     return path
 
 
@@ -410,7 +389,7 @@ def run_sweep(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(work, todo))
     record = {"sweep": str(sweep.path), "base": str(sweep.base), "points": statuses}
-    _write_text_atomic(sweep.directory / "sweep.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(sweep.directory / "sweep.json", json.dumps(record, indent=2) + "\n")
     failed = [s["name"] for s in statuses if s["status"] == "failed"]
     if failed:
         print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .atomic import write_json_atomic
 from .bounds import elbo, iwae
 from .build import build_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, to_dict
 from .data import DataSplits, TrainBatches, eval_batches, load_splits, prepare_eval
 from .logger import Progress, RunLogger, flatten_config
-from .utils import resolve_device, write_json_atomic
+from .utils import resolve_device
 from .vae import VAE
 
 __all__ = ["train", "TrainingDiverged", "EMA", "validate_bounds"]

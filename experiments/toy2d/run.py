@@ -15,7 +15,6 @@ test log-likelihood in nats per point (mean and standard error). Outputs: ``resu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from vaeflow.atomic import write_json_atomic, write_text_atomic
 from vaeflow.flows import FlowDensity
 from vaeflow.flows.registry import FLOWS, build_flow
 from vaeflow.toy2d import TOY_DATASETS, sample_toy, true_log_prob
@@ -231,9 +231,7 @@ def write_tables(
     out: Path,
 ) -> None:
     rows = [{k: v for k, v in r.items() if k != "model"} for r in results]
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json_atomic(out / "results.json", {"meta": meta, "results": rows})
     by_key = {(r["dataset"], r["flow"]): r for r in rows}
     lines = [
         "# Toy 2-D density estimation: test log-likelihood (nats per point, higher is better)",
@@ -269,7 +267,7 @@ def write_tables(
         "`true density` is the exact log-likelihood of the same test points where it "
         "has a closed form (see `vaeflow.toy2d.true_log_prob`).",
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
