@@ -143,20 +143,6 @@ class MaskedLinear(nn.Linear):
         return nn.functional.linear(x, self.weight * self.mask, self.bias)
 
 
-class _ResBlock(nn.Module):
-    def __init__(self, channels: int, activation: str) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            make_activation(activation),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            make_activation(activation),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.net(x)
-
-
 class ResidualConvNet(nn.Module):
     """Shape-preserving conv net ``(N, C_in, H, W) -> (N, C_out, H, W)``.
 
@@ -176,7 +162,9 @@ class ResidualConvNet(nn.Module):
     ) -> None:
         super().__init__()
         self.inp = nn.Conv2d(in_channels, hidden, 3, padding=1)
-        self.blocks = nn.Sequential(*[_ResBlock(hidden, activation) for _ in range(num_blocks)])
+        self.blocks = nn.Sequential(
+            *[ResidualBlock(hidden, activation) for _ in range(num_blocks)]
+        )
         self.act = make_activation(activation)
         self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
         if zero_last:
@@ -366,8 +354,7 @@ class ResidualBlock(nn.Module):
 
     The branch's last 3x3 conv is zero-initialised (its magnitude ``g`` under weight norm),
     so a stack of blocks starts as the identity and the signal scale does not grow with
-    depth (as vdvae's ``zero_last``). Unlike the private ``_ResBlock`` of
-    :class:`ResidualConvNet`, it can be weight-normalised.
+    depth (as vdvae's ``zero_last``). Also the block of :class:`ResidualConvNet`.
 
     Args:
         channels: channels in and out.
@@ -514,7 +501,25 @@ class MLPDecoder(nn.Module):
         return self.net(z).reshape(*z.shape[:-1], *self.param_shape)
 
 
-class GatedConvEncoder(nn.Module):
+class _ImageEncoder(nn.Module):
+    """Shared forward of the convolutional encoders: check, flatten leading dims, centre,
+    run ``self.net`` to ``(N, out_features)``, restore the leading dims."""
+
+    x_shape: tuple[int, ...]
+    center: bool
+    out_features: int
+    net: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map images ``(*lead, C, H, W)`` to features ``(*lead, out_features)``."""
+        _check_trailing(x, self.x_shape, type(self).__name__)
+        x, lead = flatten_leading(x, 3)
+        if self.center:
+            x = 2 * x - 1
+        return self.net(x).reshape(*lead, self.out_features)
+
+
+class GatedConvEncoder(_ImageEncoder):
     """Gated convolutional encoder of van den Berg et al. 2018 (their MNIST network).
 
     A stack of 5x5 :class:`GatedConv2d` layers with strides ``(1, 2, 1, 2, 1)`` and
@@ -565,14 +570,6 @@ class GatedConvEncoder(nn.Module):
         layers.append(GatedConv2d(c, out_features, (h, w), 1, 0, activation))
         self.net = nn.Sequential(*layers)
         self.out_features = out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Map images ``(*lead, C, H, W)`` to features ``(*lead, out_features)``."""
-        _check_trailing(x, self.x_shape, type(self).__name__)
-        x, lead = flatten_leading(x, 3)
-        if self.center:
-            x = 2 * x - 1
-        return self.net(x).reshape(*lead, self.out_features)
 
 
 class GatedConvDecoder(nn.Module):
@@ -649,7 +646,7 @@ class GatedConvDecoder(nn.Module):
         return self.net(z[:, :, None, None]).reshape(*lead, *self.param_shape)
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(_ImageEncoder):
     """Residual convolutional encoder for CIFAR-size images (no normalisation layers).
 
     A 3x3 input conv, then ``num_downsamples`` stages of ``num_blocks``
@@ -710,14 +707,6 @@ class ResNetEncoder(nn.Module):
         ]
         self.net = nn.Sequential(*layers)
         self.out_features = out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Map images ``(*lead, C, H, W)`` to features ``(*lead, out_features)``."""
-        _check_trailing(x, self.x_shape, type(self).__name__)
-        x, lead = flatten_leading(x, 3)
-        if self.center:
-            x = 2 * x - 1
-        return self.net(x).reshape(*lead, self.out_features)
 
 
 class ResNetDecoder(nn.Module):
