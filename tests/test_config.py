@@ -45,3 +45,30 @@ def test_nested_values_and_conversions():
 def test_errors_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(ModelConfig, data)
+
+
+def test_multistep_schedule_decays_at_each_milestone():
+    from vaeflow.config import Config
+    from vaeflow.train import _lr_lambda
+
+    cfg = from_dict(
+        Config,
+        {"train": {"lr_schedule": "multistep", "lr_milestones": [3, 5], "lr_decay": 0.1}},
+    )
+    factor = _lr_lambda(cfg)
+    got = [factor(s) for s in range(7)]
+    assert got == pytest.approx([1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"lr_schedule": "multistep"}, r"needs train\.lr_milestones"),
+        ({"lr_schedule": "multistep", "lr_milestones": [5, 5]}, r"strictly increasing"),
+    ],
+)
+def test_multistep_schedule_errors(train, match):
+    from vaeflow.config import Config, validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(from_dict(Config, {"train": train}))

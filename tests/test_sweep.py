@@ -102,6 +102,83 @@ def test_none_value_and_no_seeds(tmp_path: Path) -> None:
     assert not any(o.startswith("train.seed") for o in points[0].overrides)
 
 
+_VARIANTS = """base = "base.toml"
+name = "rows"
+seeds = [3]
+[grid]
+"model.posterior.num_layers" = [1, 2]
+[[variant]]
+name = "gaussian"
+"model.posterior.flow" = "none"
+[[variant]]
+"model.posterior.flow" = "iaf"
+"model.posterior.hidden" = 64
+"""
+
+
+def test_variants_times_grid_times_seeds(tmp_path: Path) -> None:
+    points = sw.expand(_write_sweep(tmp_path, _VARIANTS))
+    assert [p.name for p in points] == [
+        "gaussian__posterior.num_layers=1__seed=3",
+        "gaussian__posterior.num_layers=2__seed=3",
+        "posterior.flow=iaf,posterior.hidden=64__posterior.num_layers=1__seed=3",
+        "posterior.flow=iaf,posterior.hidden=64__posterior.num_layers=2__seed=3",
+    ]
+    first = load_config(points[0].base, points[0].overrides)
+    last = load_config(points[-1].base, points[-1].overrides)
+    assert first.model.posterior.flow is None and first.model.posterior.num_layers == 1
+    assert last.model.posterior.flow == "iaf" and last.model.posterior.hidden == 64
+    assert last.model.posterior.num_layers == 2 and last.train.seed == 3
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ('[[variant]]\n"model.posterior.num_layers" = 3\n', r"grid also varies"),
+        ('[[variant]]\nname = "x"\n', r"sets no 'section\.key' values"),
+        ('[[variant]]\nname = "gaussian"\n"train.k" = 2\n', r"distinct; repeated"),
+        ('[[variant]]\n"model.posterior.flw" = "iaf"\n', r"model\.posterior\.flw"),
+    ],
+)
+def test_bad_variants_fail_up_front(tmp_path: Path, extra: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        sw.expand(_write_sweep(tmp_path, _VARIANTS + extra))
+
+
+def test_extends_inherits_and_overrides(tmp_path: Path) -> None:
+    _write_sweep(tmp_path, _VARIANTS)
+    (tmp_path / "reduced.toml").write_text(
+        'extends = "sweep.toml"\nname = "rows_cpu"\nset = ["train.steps=3"]\n'
+        '[grid]\n"model.posterior.num_layers" = [4]\n'
+    )
+    points = sw.expand(tmp_path / "reduced.toml")
+    assert [p.name for p in points] == [
+        "gaussian__posterior.num_layers=4__seed=3",
+        "posterior.flow=iaf,posterior.hidden=64__posterior.num_layers=4__seed=3",
+    ]
+    assert points[0].run_dir == Path("runs") / "rows_cpu" / points[0].name
+    assert points[0].base == tmp_path / "base.toml"
+    cfg = load_config(points[1].base, points[1].overrides)
+    assert cfg.train.steps == 3 and cfg.model.posterior.num_layers == 4
+    assert cfg.model.posterior.flow == "iaf" and cfg.train.seed == 3
+
+
+def test_extends_errors(tmp_path: Path) -> None:
+    _write_sweep(tmp_path, 'extends = "b.toml"\nname = "a"\n', name="a.toml")
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\nname = "b"\n')
+    with pytest.raises(ConfigError, match="chain loops"):
+        sw.expand(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "missing.toml"\nname = "c"\n')
+    with pytest.raises(ConfigError, match="missing.toml"):
+        sw.expand(tmp_path / "c.toml")
+    _write_sweep(tmp_path, _VARIANTS)
+    (tmp_path / "d.toml").write_text(
+        'extends = "sweep.toml"\nname = "d"\n[grid]\n"model.posterior.flow" = ["iaf"]\n'
+    )
+    with pytest.raises(ConfigError, match="inherited"):
+        sw.expand(tmp_path / "d.toml")
+
+
 def test_bad_grid_key_fails_up_front_naming_it(tmp_path: Path) -> None:
     path = _grid_sweep(tmp_path, extra="")
     path.write_text(path.read_text() + '"model.posterior.flw" = [1]\n')

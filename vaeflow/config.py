@@ -9,6 +9,7 @@ key and what is allowed — never vdvae's silent ``None`` for a typo, never ``ev
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tomllib
 import types
 import typing
@@ -157,10 +158,13 @@ class TrainConfig:
         betas: Adam's betas.
         weight_decay: L2 weight decay (decoupled only for adamw-style; here plain).
         lr_warmup_steps: linear learning-rate warm-up from 0.
-        lr_schedule: ``constant``, ``cosine`` (to ``min_lr_ratio * lr``) or
-            ``exponential`` (multiply by ``lr_decay`` every ``lr_decay_every`` steps).
-        lr_decay: factor of the exponential schedule.
+        lr_schedule: ``constant``, ``cosine`` (to ``min_lr_ratio * lr``),
+            ``exponential`` (multiply by ``lr_decay`` every ``lr_decay_every`` steps) or
+            ``multistep`` (multiply by ``lr_decay`` at each step in ``lr_milestones``;
+            Burda et al. 2016's 3^i-epoch stages are milestones with decay 10^(-1/7)).
+        lr_decay: factor of the exponential and multistep schedules.
         lr_decay_every: steps between exponential decays.
+        lr_milestones: increasing steps at which the multistep schedule decays.
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
@@ -191,9 +195,10 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "exponential", "multistep"] = "constant"
     lr_decay: float = 0.5
     lr_decay_every: int = 100000
+    lr_milestones: tuple[int, ...] = ()
     min_lr_ratio: float = 0.0
     kl_warmup_steps: int = 0
     free_bits: float = 0.0
@@ -315,6 +320,13 @@ def validate(cfg: Config) -> Config:
             ">= 1",
         ),
         ("train.lr_decay_every", t.lr_decay_every, t.lr_decay_every >= 1, ">= 1"),
+        (
+            "train.lr_milestones",
+            list(t.lr_milestones),
+            all(m >= 1 for m in t.lr_milestones)
+            and all(a < b for a, b in itertools.pairwise(t.lr_milestones)),
+            "strictly increasing steps >= 1",
+        ),
         ("train.lr_decay", t.lr_decay, 0 < t.lr_decay <= 1, "in (0, 1]"),
         ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
@@ -339,6 +351,11 @@ def validate(cfg: Config) -> Config:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} must be {allowed}, got {value}")
+    if t.lr_schedule == "multistep" and not t.lr_milestones:
+        raise ConfigError(
+            'train.lr_schedule = "multistep" needs train.lr_milestones (steps at which the '
+            "learning rate is multiplied by train.lr_decay), e.g. lr_milestones = [2500, 10000]"
+        )
     if t.objective == "iwae" and (t.free_bits > 0 or t.kl_warmup_steps > 0):
         raise ConfigError(
             "train.objective = 'iwae' cannot use train.free_bits or train.kl_warmup_steps "

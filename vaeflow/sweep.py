@@ -11,6 +11,20 @@ A sweep file is TOML, read with :mod:`tomllib` (never ``eval``)::
     "model.posterior.flow" = ["iaf", "gated_iaf"]
     "model.posterior.num_layers" = [1, 2, 4]
 
+Rows of a paper table are rarely a full product, so a sweep may also list **variants**:
+each ``[[variant]]`` table is one named set of overrides, and the points are
+variants x grid x seeds (no ``[[variant]]``: the grid alone)::
+
+    [[variant]]
+    name = "vae_k5"                     # optional; default "key=value,..." of its values
+    "train.objective" = "elbo"
+    "train.k" = 5
+
+A sweep may **extend** another (``extends = "sweep.toml"``, relative to this file): it
+inherits ``base``, ``root``, ``seeds``, the grid and the variants, appends its own ``set``
+to the parent's, and may replace any of the others (grid keys one by one). A paper's
+reduced-budget CPU sweep is its full sweep plus a few ``set`` overrides and a new name.
+
 Grid values are TOML values; the string ``"none"`` (or ``"null"``) means ``None``, as in
 ``--set``. Every point's full :class:`~vaeflow.config.Config` is built before anything
 runs (and each distinct model is built once on the CPU), so a typo in a grid key or value
@@ -63,7 +77,7 @@ __all__ = [
     "add_sweep_parser",
 ]
 
-_TOP_LEVEL_KEYS = {"base", "name", "root", "seeds", "set", "grid"}
+_TOP_LEVEL_KEYS = {"base", "name", "root", "seeds", "set", "grid", "variant", "extends"}
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_NAME = 200  # well under the 255-byte file-name limit
 
@@ -80,6 +94,7 @@ class Sweep:
         seeds: ``train.seed`` values (``None``: keep the base config's seed).
         fixed: overrides applied to every point.
         grid: ``(dotted key, values)`` in file order.
+        variants: ``(name, ((dotted key, value), ...))`` per ``[[variant]]``, in file order.
     """
 
     path: Path
@@ -89,6 +104,7 @@ class Sweep:
     seeds: tuple[int, ...] | None
     fixed: tuple[str, ...]
     grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -151,13 +167,17 @@ def _safe(text: str) -> str:
     return out
 
 
-def load_sweep(sweep_path: str | Path) -> Sweep:
+def load_sweep(sweep_path: str | Path, _seen: tuple[Path, ...] = ()) -> Sweep:
     """Parse and check a sweep file's structure (not yet the configs of its points).
 
     Raises:
-        ConfigError: unknown top-level keys, missing ``base``/``name``, wrong types.
+        ConfigError: unknown top-level keys, missing ``base``/``name``, wrong types, an
+            ``extends`` chain that loops or names a missing file.
     """
     path = Path(sweep_path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"sweep 'extends' chain loops: {chain}")
     data = read_toml(path, "sweep file")
     unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
     if unknown:
@@ -165,13 +185,21 @@ def load_sweep(sweep_path: str | Path) -> Sweep:
             f"{path}: unknown sweep key(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))}"
         )
+    parent: Sweep | None = None
+    if "extends" in data:
+        if not isinstance(data["extends"], str) or not data["extends"]:
+            raise ConfigError(f"{path}: 'extends' must be a sweep file path (a string)")
+        parent = load_sweep(path.parent / data["extends"], (*_seen, path.resolve()))
+    required = ("name",) if parent is not None else ("base", "name")
     for key in ("base", "name"):
-        if not isinstance(data.get(key), str) or not data[key]:
+        if (key in required or key in data) and (
+            not isinstance(data.get(key), str) or not data[key]
+        ):
             raise ConfigError(f"{path}: '{key}' must be a non-empty string")
     name = data["name"]
     if _safe(name) != name or name in (".", ".."):
         raise ConfigError(f"{path}: name = {name!r} must be a plain file name ([A-Za-z0-9._=,+-])")
-    root = data.get("root", "runs")
+    root = data.get("root", "runs" if parent is None else str(parent.root))
     if not isinstance(root, str) or not root:
         raise ConfigError(f"{path}: 'root' must be a non-empty string")
     seeds = data.get("seeds")
@@ -191,15 +219,69 @@ def load_sweep(sweep_path: str | Path) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values")
+    grid_items = {k: tuple(v) for k, v in grid.items()}
+    if parent is not None:
+        grid_items = {**dict(parent.grid), **grid_items}
+    if "variant" in data or parent is None:
+        variants = _load_variants(path, data.get("variant", []), set(grid_items))
+    else:
+        variants = parent.variants
+        clash = sorted(set(grid_items).intersection(k for _, vs in variants for k, _ in vs))
+        if clash:
+            raise ConfigError(
+                f"{path}: the grid varies {', '.join(clash)}, which the inherited "
+                "[[variant]] tables also set; set each key in one place"
+            )
+    if "base" in data:
+        base = path.parent / data["base"]
+    else:
+        assert parent is not None
+        base = parent.base
     return Sweep(
         path=path,
-        base=path.parent / data["base"],
+        base=base,
         name=name,
         root=Path(root),
-        seeds=tuple(seeds) if seeds is not None else None,
-        fixed=tuple(fixed),
-        grid=tuple((k, tuple(v)) for k, v in grid.items()),
+        seeds=(
+            tuple(seeds) if seeds is not None else (parent.seeds if parent is not None else None)
+        ),
+        fixed=(parent.fixed if parent is not None else ()) + tuple(fixed),
+        grid=tuple(grid_items.items()),
+        variants=variants,
     )
+
+
+def _load_variants(
+    path: Path, raw: Any, grid_keys: set[str]
+) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """Check the ``[[variant]]`` tables: named, non-empty, distinct, disjoint from the grid."""
+    if not isinstance(raw, list) or not all(isinstance(v, dict) for v in raw):
+        raise ConfigError(f"{path}: 'variant' must be [[variant]] tables of 'section.key' = value")
+    out: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
+    for i, table in enumerate(raw):
+        items = tuple((k, v) for k, v in table.items() if k != "name")
+        if not items:
+            raise ConfigError(f"{path}: [[variant]] number {i + 1} sets no 'section.key' values")
+        clash = sorted(grid_keys.intersection(k for k, _ in items))
+        if clash:
+            raise ConfigError(
+                f"{path}: [[variant]] number {i + 1} sets {', '.join(clash)}, which the grid "
+                "also varies; set each key in one place"
+            )
+        name = table.get("name")
+        if name is None:
+            labels = _short_keys([k for k, _ in items])
+            name = ",".join(
+                f"{lab}={_name_value(v)}" for lab, (_, v) in zip(labels, items, strict=True)
+            )
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}: [[variant]] number {i + 1}: name must be a string")
+        out.append((_safe(name), items))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{path}: [[variant]] names must be distinct; repeated: {dup}")
+    return tuple(out)
 
 
 def _short_keys(keys: Sequence[str]) -> list[str]:
@@ -209,9 +291,10 @@ def _short_keys(keys: Sequence[str]) -> list[str]:
 
 
 def expand(sweep_path: str | Path, validate: bool = True) -> list[Point]:
-    """All points of a sweep: the cartesian product of the grid, seeds innermost.
+    """All points of a sweep: variants x the grid's cartesian product x seeds.
 
-    Order is stable: grid keys in file order (the first varies slowest), then seeds.
+    Order is stable: variants in file order (slowest), grid keys in file order (the first
+    varies slowest), then seeds.
     With ``validate`` every point's full config is built first (``load_config``) and each
     distinct model once, so a bad key, value or component raises :class:`ConfigError`
     naming it before anything runs.
@@ -220,19 +303,25 @@ def expand(sweep_path: str | Path, validate: bool = True) -> list[Point]:
     keys = [k for k, _ in sweep.grid]
     labels = _short_keys(keys)
     seeds: list[int | None] = list(sweep.seeds) if sweep.seeds is not None else [None]
+    variants: list[tuple[str | None, tuple[tuple[str, Any], ...]]] = list(sweep.variants) or [
+        (None, ())
+    ]
     points: list[Point] = []
-    for combo in itertools.product(*(values for _, values in sweep.grid)):
-        for seed in seeds:
-            parts = [f"{lab}={_name_value(v)}" for lab, v in zip(labels, combo, strict=True)]
-            overrides = list(sweep.fixed)
-            overrides += [f"{k}={_format_value(v)}" for k, v in zip(keys, combo, strict=True)]
-            if seed is not None:
-                parts.append(f"seed={seed}")
-                overrides.append(f"train.seed={seed}")
-            name = _safe("__".join(parts) or "base")
-            overrides.append(f"run.root={json.dumps(str(sweep.directory))}")
-            overrides.append(f"run.name={json.dumps(name)}")
-            points.append(Point(name, overrides, sweep.directory / name, sweep.base))
+    for (variant, settings), combo, seed in itertools.product(
+        variants, itertools.product(*(values for _, values in sweep.grid)), seeds
+    ):
+        parts = [variant] if variant is not None else []
+        parts += [f"{lab}={_name_value(v)}" for lab, v in zip(labels, combo, strict=True)]
+        overrides = list(sweep.fixed)
+        overrides += [f"{k}={_format_value(v)}" for k, v in settings]
+        overrides += [f"{k}={_format_value(v)}" for k, v in zip(keys, combo, strict=True)]
+        if seed is not None:
+            parts.append(f"seed={seed}")
+            overrides.append(f"train.seed={seed}")
+        name = _safe("__".join(parts) or "base")
+        overrides.append(f"run.root={json.dumps(str(sweep.directory))}")
+        overrides.append(f"run.name={json.dumps(name)}")
+        points.append(Point(name, overrides, sweep.directory / name, sweep.base))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -16,6 +16,7 @@ under a forked RNG so its frequency never changes the training trajectory.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -143,6 +144,8 @@ def _lr_lambda(cfg: Config):
             )
         elif t.lr_schedule == "exponential":
             decay = t.lr_decay ** (step // t.lr_decay_every)
+        elif t.lr_schedule == "multistep":
+            decay = t.lr_decay ** bisect.bisect_right(t.lr_milestones, step)
         else:
             decay = 1.0
         return warm * decay
