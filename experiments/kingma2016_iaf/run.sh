@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# kingma2016_iaf: 'bash experiments/kingma2016_iaf/run.sh' runs the full-budget MNIST and
+# CIFAR-10 sweeps (sweep_mnist.toml, sweep_cifar10.toml; meant for a GPU machine) and
+# reports to results/kingma2016_iaf/{mnist,cifar10}_full/. 'bash
+# experiments/kingma2016_iaf/run.sh reduced' runs the reduced CPU sweeps behind
+# results/kingma2016_iaf/{mnist,cifar10}/. See README.md.
+set -euo pipefail
+here="$(dirname "$0")"
+mode="${1:-full}"
+bash "$here/../_run_sweep.sh" kingma2016_iaf/mnist "$mode" \
+  experiments/kingma2016_iaf/sweep_mnist.toml experiments/kingma2016_iaf/reduced_mnist.toml
+bash "$here/../_run_sweep.sh" kingma2016_iaf/cifar10 "$mode" \
+  experiments/kingma2016_iaf/sweep_cifar10.toml experiments/kingma2016_iaf/reduced_cifar10.toml

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# rezende2015_planar: 'bash experiments/rezende2015_planar/run.sh' runs the full-budget sweep (sweep.toml; meant for a
+# GPU machine, one process per GPU -- set JOBS/CUDA_VISIBLE_DEVICES to spread points) and
+# reports to results/rezende2015_planar_full/. 'bash experiments/rezende2015_planar/run.sh reduced' runs the
+# reduced CPU sweep (reduced.toml) behind results/rezende2015_planar/. See README.md.
+set -euo pipefail
+here="$(dirname "$0")"
+exec bash "$here/../_run_sweep.sh" rezende2015_planar "${1:-full}" \
+  "experiments/rezende2015_planar/sweep.toml" "experiments/rezende2015_planar/reduced.toml"
