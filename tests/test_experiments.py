@@ -50,9 +50,7 @@ def test_experiment_folder_is_complete(name: str) -> None:
     assert any("reduced" in rel for rel in named) and any("sweep" in rel for rel in named)
 
 
-@pytest.mark.parametrize(
-    "path", SWEEPS, ids=lambda p: str(p.relative_to(EXPERIMENTS))
-)
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_every_experiment_sweep_expands_and_builds(path: Path) -> None:
     points = sw.expand(path)  # validates every point and builds each distinct model
     assert points

@@ -1,0 +1,199 @@
+"""Images per second of one full training step; print a markdown table.
+
+    python benchmarks/train_step.py                          # CPU, every model, eager
+    python benchmarks/train_step.py --threads 2 --compile    # add torch.compile rows
+    python benchmarks/train_step.py --device cuda --compile  # + bf16 autocast rows
+    python benchmarks/train_step.py --small --repeats 2      # smoke run (tiny models)
+
+A step is what :func:`vaeflow.train.train` does per iteration: draw the batch from
+:class:`~vaeflow.data.TrainBatches` (index gather + dynamic binarisation on the device),
+``model(x, k)``, the bound (ELBO with free bits, or IWAE), ``backward``, gradient-norm
+clipping and the optimiser update. The data are random images of the right shape and
+dtype (timing does not depend on pixel values), so no dataset is needed. Models come from
+the experiment configs, so the rows are the networks the paper experiments train:
+
+- ``quickstart``: README command 1 (MLP VAE, IAF posterior, RealNVP prior), batch 100.
+- ``sylvester_iaf``: van den Berg et al.'s gated-conv VAE with an IAF posterior
+  (``experiments/vandenberg2018_sylvester``), batch 100.
+- ``cifar10``: the CIFAR-10 ResNet VAE with IAF and a discretised logistic mixture
+  (``experiments/kingma2016_iaf/cifar10.toml``), batch 64.
+
+Variants: eager vs ``torch.compile`` (``--compile``), fp32 vs bf16 autocast (CUDA only,
+as in training). Reports median / min / max seconds per step over ``--repeats`` steps after
+``--warmup`` steps, images per second from the median, and peak memory (CUDA: allocator
+peak; CPU: see ``_timing.peak_memory``). Never run as a test (a smoke run is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import machine_header, markdown_table, peak_memory, time_fn  # noqa: E402
+
+from vaeflow.bounds import elbo, iwae  # noqa: E402
+from vaeflow.build import build_model  # noqa: E402
+from vaeflow.config import Config, load_config  # noqa: E402
+from vaeflow.data import TrainBatches  # noqa: E402
+
+MODELS: dict[str, tuple[str, list[str]]] = {
+    "quickstart": ("experiments/quickstart/mnist_iaf_flowprior.toml", []),
+    "sylvester_iaf": (
+        "experiments/vandenberg2018_sylvester/config.toml",
+        ['model.posterior.flow="iaf"', "model.posterior.options={num_hidden=1}"],
+    ),
+    "cifar10": ("experiments/kingma2016_iaf/cifar10.toml", []),
+}
+"""Name -> (config file, overrides): the benchmarked networks."""
+
+SMALL = {
+    "quickstart": [
+        "model.encoder.options={hidden=[32]}",
+        "model.decoder.options={hidden=[32]}",
+        "model.latent_dim=4",
+        "model.posterior.hidden=16",
+        "model.posterior.context_features=8",
+        "model.prior.hidden=16",
+        "data.batch_size=8",
+    ],
+    "sylvester_iaf": [
+        "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
+        "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
+        "model.latent_dim=4",
+        "model.posterior.hidden=16",
+        "model.posterior.context_features=8",
+        "data.batch_size=8",
+    ],
+    "cifar10": [
+        "model.encoder.options={channels=8,num_blocks=1,num_downsamples=3,out_features=16}",
+        "model.decoder.options={channels=8,num_blocks=1,num_upsamples=3}",
+        "model.latent_dim=4",
+        "model.posterior.hidden=16",
+        "model.posterior.context_features=8",
+        "model.likelihood_options={num_mixtures=2}",
+        "data.batch_size=4",
+    ],
+}
+"""Overrides of ``--small``: the same code paths on tiny networks (CI smoke run)."""
+
+
+def make_step(
+    cfg: Config, device: torch.device, compile_: bool, amp: bool
+) -> tuple[Callable[[], None], int, int]:
+    """Build the model, optimiser and data of ``cfg``; return ``(step, batch, params)``."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    model.train()
+    t = cfg.train
+    cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[t.optimizer]
+    opt = cls(model.parameters(), lr=t.lr)
+    binary = cfg.model.likelihood == "bernoulli"
+    n = max(4 * cfg.data.batch_size, 64)
+    x_uint8 = torch.randint(0, 256, (n, *cfg.model.x_shape), dtype=torch.uint8)
+    batches = TrainBatches(
+        x_uint8,
+        cfg.data.batch_size,
+        seed=0,
+        kind="binary" if binary else "8bit",
+        device=device,
+        drop_last=True,
+    )
+    step_model = torch.compile(model) if compile_ else model
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    )
+    counter = [0]
+
+    def step() -> None:
+        x = batches.batch(counter[0])
+        counter[0] += 1
+        with autocast():
+            terms = step_model(x, k=t.k)
+        if t.objective == "iwae":
+            objective = iwae(terms)
+        else:
+            objective = elbo(terms, beta=1.0, free_bits=t.free_bits, num_dims=model.latent_dim)
+        loss = -objective.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = t.clip_norm if t.clip_norm is not None else math.inf
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+
+    params = sum(p.numel() for p in model.parameters())
+    return step, cfg.data.batch_size, params
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--small", action="store_true", help="tiny networks (smoke run)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    variants = [("eager", False, False)]
+    if args.compile:
+        variants.append(("compile", True, False))
+    if device.type == "cuda":
+        variants.append(("eager + bf16", False, True))
+        if args.compile:
+            variants.append(("compile + bf16", True, True))
+    print(machine_header(device, torch.get_num_threads()))
+    small = ", small networks" if args.small else ""
+    print(f"repeats {args.repeats} after {args.warmup} warm-up steps{small}\n")
+    rows = []
+    for name in args.models:
+        path, overrides = MODELS[name]
+        cfg = load_config(ROOT / path, overrides + (SMALL[name] if args.small else []))
+        for label, compile_, amp in variants:
+            try:
+                step, batch, params = make_step(cfg, device, compile_, amp)
+                times = time_fn(step, repeats=args.repeats, warmup=args.warmup, device=device)
+                mem = peak_memory(step, device)
+            except Exception as e:  # a failing variant (e.g. no compiler) must not hide the rest
+                rows.append(
+                    [name, label, "", "", f"failed: {type(e).__name__}: {e}"[:120], "", ""]
+                )
+                continue
+            rows.append(
+                [
+                    name,
+                    label,
+                    str(batch),
+                    f"{params / 1e6:.2f}M",
+                    f"{times['median'] * 1e3:.1f} / {times['min'] * 1e3:.1f} / "
+                    f"{times['max'] * 1e3:.1f}",
+                    f"{batch / times['median']:.0f}",
+                    "n/a" if mem is None else f"{mem:.0f}",
+                ]
+            )
+    headers = [
+        "model",
+        "variant",
+        "batch",
+        "params",
+        "step ms (median / min / max)",
+        "images/s",
+        "peak MiB",
+    ]
+    print(markdown_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()

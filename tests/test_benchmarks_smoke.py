@@ -1,0 +1,122 @@
+"""Smoke runs of the benchmark scripts: tiny sizes, one repeat, exit code and table shape.
+
+The benchmarks themselves are never asserted on (numbers depend on the machine); these
+tests only check that the scripts still run against the current library and print the
+rows they promise. Each test is self-contained (its own subprocess and helpers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_flows_benchmark(extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
+    }
+    cmd = [
+        sys.executable,
+        "benchmarks/flows.py",
+        "--small",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _flows_table_rows(stdout: str) -> list[list[str]]:
+    """Cells of the markdown table's body rows (header and separator dropped)."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
+    assert lines and lines[0].startswith("| case | library |"), stdout
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def _flows_cases() -> list[str]:
+    """``CASES`` of benchmarks/flows.py, imported without leaving its ``sys.path`` edits."""
+    name = "_vaeflow_benchmarks_flows"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "flows.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+        return list(module.CASES)
+    finally:
+        sys.path[:] = saved
+        sys.modules.pop(name, None)
+        sys.modules.pop("_timing", None)
+
+
+@pytest.mark.parametrize("disable", ["", "zuko,nflows"], ids=["installed-peers", "peers-disabled"])
+def test_flows_benchmark_smoke(disable: str) -> None:
+    """Exit 0; a timed vaeflow row for every case; a missing peer is named, not fatal.
+
+    ``VAEFLOW_BENCH_DISABLE=zuko,nflows`` makes the script treat both peers as missing,
+    so the "not installed" branch is exercised whether or not they are installed (CI
+    installs ``.[dev]`` only, where the first run takes the same branch for real).
+    """
+    proc = _run_flows_benchmark({"VAEFLOW_BENCH_DISABLE": disable})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _flows_table_rows(proc.stdout)
+    vaeflow_rows = {r[0]: r for r in rows if r[1] == "vaeflow"}
+    assert sorted(vaeflow_rows) == sorted(_flows_cases()), proc.stdout
+    for case, row in vaeflow_rows.items():
+        assert "failed" not in " ".join(row), (case, row)
+        assert row[3].count("/") == 2, (case, row)  # train ms median / min / max
+    for peer in ("zuko", "nflows"):
+        missing = f"{peer} not installed: pip install -e '.[bench]'"
+        peer_rows = [r for r in rows if r[1] == peer]
+        if peer in disable.split(","):
+            assert missing in proc.stdout and not peer_rows, proc.stdout
+        else:
+            # installed: one row per case; not installed: the message instead
+            assert (missing in proc.stdout) != bool(peer_rows), proc.stdout
+            if peer_rows:
+                assert len(peer_rows) == len(vaeflow_rows), proc.stdout
+
+
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, f"benchmarks/{script}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_train_step_benchmark_smoke() -> None:
+    """Every benchmarked model runs a real training step (tiny widths) and gets a row."""
+    proc = _run_script("train_step.py", "--small", "--repeats", "1", "--warmup", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "eager" in ln]
+    assert len(rows) == 3, proc.stdout
+    assert not any("failed" in r for r in rows), proc.stdout
+
+
+def test_nll_eval_benchmark_smoke() -> None:
+    """The speed table (with FLOP counts and the matmul replay) and the memory table."""
+    proc = _run_script("nll_eval.py", "--small", "--threads", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "### Speed" in proc.stdout and "### Memory vs k" in proc.stdout, proc.stdout
+    speed = proc.stdout.split("### Speed", 1)[1].split("###", 1)[0]
+    body = [ln for ln in speed.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert len(body) == 4, proc.stdout  # 2 batch sizes x 2 chunk sizes in --small
+    for line in body:
+        achieved = float(line.split("|")[5])
+        assert achieved > 0, line  # the FLOP counter saw the model's matmuls
