@@ -132,6 +132,8 @@ class Transform(nn.Module):
                 f"{name}: expected context of shape (*, {self.context_features}), "
                 f"got {tuple(context.shape)}"
             )
+        if context.shape[:-1] == lead:
+            return context  # the common case, checked without torch.broadcast_shapes (hot path)
         try:
             target = torch.broadcast_shapes(context.shape[:-1], lead)
         except RuntimeError:
