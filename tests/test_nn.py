@@ -302,12 +302,15 @@ def test_default_decoder_output_depends_on_z(key):
 
 
 def test_center_maps_unit_interval_to_symmetric():
+    """center=True feeds 2x - 1; the binary-data encoders default to raw x (see nn's doc)."""
     x = torch.rand(4, 2, 3)
     flat = x.reshape(4, 6)
-    torch.testing.assert_close(MLPEncoder((2, 3), hidden=())(x), 2 * flat - 1)
-    torch.testing.assert_close(MLPEncoder((2, 3), hidden=(), center=False)(x), flat)
-    centred = GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4)
-    raw = GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4, center=False)
+    torch.testing.assert_close(MLPEncoder((2, 3), hidden=(), center=True)(x), 2 * flat - 1)
+    torch.testing.assert_close(MLPEncoder((2, 3), hidden=())(x), flat)
+    assert MLPEncoder((2, 3)).center is False and GatedConvEncoder((1, 8, 8)).center is False
+    assert ResNetEncoder((3, 8, 8), 4, 1, 1, 4).center is True
+    centred = GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4, center=True)
+    raw = GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4)
     raw.load_state_dict(centred.state_dict())
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(centred(x), raw(2 * x - 1))
