@@ -317,13 +317,41 @@ def test_mixture_samples_follow_pmf(float64):
 
 
 def test_bernoulli_matches_torch_and_formula(float64):
-    logits = 3 * torch.randn(4, 5, 1, 3, 3)
+    logits = (3 * torch.randn(4, 5, 1, 3, 3)).requires_grad_()  # autograd: torch's formula
     x = torch.randint(0, 2, (5, 1, 3, 3)).double()
     got = Bernoulli()(logits).log_prob(x)
     ref = torch.distributions.Bernoulli(logits=logits).log_prob(x).sum((-3, -2, -1))
     assert torch.equal(got, ref)
     formula = (x * logits - torch.nn.functional.softplus(logits)).sum((-3, -2, -1))
     torch.testing.assert_close(got, formula, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_bernoulli_no_grad_fast_path_matches_float64_reference(dtype, tol):
+    """The in-place evaluation path (no autograd) agrees with an exact float64 softplus,
+    per pixel, across logit magnitudes from 0 to 1e4 and for binary and fractional x."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(2000, generator=gen) * s for s in (0.01, 1, 10, 100)])
+    logits = torch.cat([logits, torch.tensor([0.0, 1e4, -1e4, 88.0, -88.0])])
+    x = torch.cat(
+        [
+            torch.randint(0, 2, (logits.numel() - 5,), generator=gen).double(),
+            torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]),
+        ]
+    )
+    ld = logits.double()  # float64 softplus without torch's threshold-20 shortcut
+    exact = x * ld - (ld.clamp_min(0) + torch.log1p(torch.exp(-ld.abs())))
+    lik = Bernoulli(event_ndim=1)
+    with torch.no_grad():
+        per_pixel = lik(logits.to(dtype)[:, None]).log_prob(x.to(dtype)[:, None])
+        whole = lik(logits.to(dtype)[None]).log_prob(x.to(dtype))
+    torch.testing.assert_close(per_pixel.double(), exact, rtol=0, atol=tol)
+    torch.testing.assert_close(whole.double(), exact.sum()[None], rtol=1e-6, atol=1e-3)
+    frac = torch.rand(50, generator=gen).to(dtype)  # fractional targets use the same formula
+    with torch.no_grad():
+        got = Bernoulli(event_ndim=1, validate=False)(logits[:50].to(dtype)[None]).log_prob(frac)
+    ref = frac.double() * logits[:50].double() - torch.nn.functional.softplus(logits[:50].double())
+    torch.testing.assert_close(got.double(), ref.sum()[None], rtol=1e-6, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

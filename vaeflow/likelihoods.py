@@ -438,6 +438,31 @@ class DiscretizedLogisticMixtureDistribution(Distribution):
 # ----------------------------------------------------------------------------- likelihoods
 
 
+class _LogitBernoulli(_TorchBernoulli):
+    """``torch.distributions.Bernoulli`` with a faster ``log_prob`` when no gradient is needed.
+
+    ``log p(x | l) = x l - softplus(l)``. torch computes ``softplus`` with ``log1p``, which is
+    not vectorised in its CPU kernels (about 20 ns per element on one core against 1 ns for
+    ``exp``), and in the k = 5000 test-NLL estimator this likelihood (784 terms per
+    importance sample) costs more than the decoder's matrix products. Without autograd
+    this evaluates ``x l - max(l, 0) - log(1 + exp(-|l|))`` with in-place operations
+    (about 4 ns per element): ``log(1 + e)`` for ``e = exp(-|l|)`` in ``(0, 1]`` is within
+    one float32 ulp of ``log1p(e)``, so the result matches torch's to ~3e-7 nats per pixel
+    (tested against float64). With autograd, torch's own (exact-gradient) formula is used:
+    the decomposition above has the wrong subgradient at ``l = 0`` exactly.
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        logits = self.logits
+        if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        t = logits.abs().neg_().exp_().add_(1.0).log_()  # log(1 + exp(-|l|))
+        out = torch.mul(logits, value)  # broadcasts value to the logits' shape
+        return out.sub_(logits.clamp_min(0.0)).sub_(t)
+
+
 class Bernoulli(nn.Module):
     """Bernoulli likelihood for binary data, parameterised by logits (never probabilities).
 
@@ -464,7 +489,7 @@ class Bernoulli(nn.Module):
 
     def forward(self, params: Tensor) -> Independent:
         _check_params("Bernoulli", params, self.event_ndim)
-        base = _TorchBernoulli(logits=params, validate_args=self.validate)
+        base = _LogitBernoulli(logits=params, validate_args=self.validate)
         return Independent(base, self.event_ndim, validate_args=self.validate)
 
 
