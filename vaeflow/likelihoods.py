@@ -489,8 +489,12 @@ class Bernoulli(nn.Module):
 
     def forward(self, params: Tensor) -> Independent:
         _check_params("Bernoulli", params, self.event_ndim)
-        base = _LogitBernoulli(logits=params, validate_args=self.validate)
-        return Independent(base, self.event_ndim, validate_args=self.validate)
+        # Parameters are not validated (a NaN-check pass over every logit, which the
+        # training loop's non-finite-loss check already covers); the data still are: with
+        # ``validate`` log_prob rejects x outside {0, 1}.
+        base = _LogitBernoulli(logits=params, validate_args=False)
+        base._validate_args = self.validate
+        return Independent(base, self.event_ndim, validate_args=False)
 
 
 class Gaussian(nn.Module):
