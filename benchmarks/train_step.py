@@ -8,9 +8,13 @@
 A step is what :func:`vaeflow.train.train` does per iteration: draw the batch from
 :class:`~vaeflow.data.TrainBatches` (index gather + dynamic binarisation on the device),
 ``model(x, k)``, the bound (ELBO with free bits, or IWAE), ``backward``, gradient-norm
-clipping and the optimiser update. The data are random images of the right shape and
-dtype (timing does not depend on pixel values), so no dataset is needed. Models come from
-the experiment configs, so the rows are the networks the paper experiments train:
+clipping, the two host reads the loop makes (``loss.item()`` and the gradient norm, for
+its finiteness checks), the optimiser update (the config's optimiser, betas and weight
+decay), the EMA update when the config keeps one, and the learning-rate schedule step.
+Logging, validation and checkpoints are not included. The data are random images of the
+right shape and dtype (timing does not depend on pixel values), so no dataset is needed.
+Models come from the experiment configs, so the rows are the networks the paper
+experiments train:
 
 - ``quickstart``: README command 1 (MLP VAE, IAF posterior, RealNVP prior), batch 100.
 - ``sylvester_iaf``: van den Berg et al.'s gated-conv VAE with an IAF posterior
@@ -45,6 +49,7 @@ from vaeflow.bounds import elbo, iwae  # noqa: E402
 from vaeflow.build import build_model  # noqa: E402
 from vaeflow.config import Config, load_config  # noqa: E402
 from vaeflow.data import TrainBatches  # noqa: E402
+from vaeflow.train import EMA, _lr_lambda, _optimizer  # noqa: E402
 
 MODELS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("experiments/quickstart/mnist_iaf_flowprior.toml", []),
@@ -95,8 +100,9 @@ def make_step(
     model = build_model(cfg.model).to(device)
     model.train()
     t = cfg.train
-    cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[t.optimizer]
-    opt = cls(model.parameters(), lr=t.lr)
+    opt = _optimizer(cfg, model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     binary = cfg.model.likelihood == "bernoulli"
     n = max(4 * cfg.data.batch_size, 64)
     x_uint8 = torch.randint(0, 256, (n, *cfg.model.x_shape), dtype=torch.uint8)
@@ -127,8 +133,12 @@ def make_step(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = t.clip_norm if t.clip_norm is not None else math.inf
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        if math.isfinite(loss.item()) and math.isfinite(grad_norm):
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+        sched.step()
 
     params = sum(p.numel() for p in model.parameters())
     return step, cfg.data.batch_size, params

@@ -120,3 +120,22 @@ def test_nll_eval_benchmark_smoke() -> None:
     for line in body:
         achieved = float(line.split("|")[5])
         assert achieved > 0, line  # the FLOP counter saw the model's matmuls
+
+
+def test_matmul_trace_counts_exact_flops() -> None:
+    """nll_eval's FLOP counter: 2*m*k*n per matmul, for 3-D linears (addmm), bmm, baddbmm."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from nll_eval import MatmulTrace
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    lin = torch.nn.Linear(200, 784)
+    a, b, c = torch.randn(5, 7, 3), torch.randn(5, 3, 4), torch.randn(5, 7, 4)
+    with torch.no_grad(), MatmulTrace() as trace:
+        lin(torch.randn(3, 7, 200))  # one addmm of (21, 200) x (200, 784)
+        torch.bmm(a, b)
+        torch.baddbmm(c, a, b)
+        torch.randn(6, 8) @ torch.randn(8, 9)  # mm
+    assert trace.flops == 2 * 21 * 200 * 784 + 2 * (2 * 5 * 7 * 3 * 4) + 2 * 6 * 8 * 9

@@ -72,3 +72,10 @@ def test_multistep_schedule_errors(train, match):
 
     with pytest.raises(ConfigError, match=match):
         validate(from_dict(Config, {"train": train}))
+
+
+def test_milestones_without_multistep_are_refused():
+    from vaeflow.config import Config, validate
+
+    with pytest.raises(ConfigError, match=r'only used by lr_schedule = "multistep"'):
+        validate(from_dict(Config, {"train": {"lr_schedule": "cosine", "lr_milestones": [5]}}))

@@ -7,9 +7,11 @@ longer exists or a typo in a grid fails here rather than hours into a GPU job.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,18 +70,83 @@ def test_every_experiment_config_loads(path: Path) -> None:
     assert cfg.train.steps >= 1
 
 
-def test_reduced_sweeps_only_shrink_the_budget() -> None:
-    """A reduced sweep keeps its paper sweep's rows: same point names, same base."""
-    for reduced in EXPERIMENTS.glob("*/reduced*.toml"):
+def test_reduced_sweeps_keep_the_rows_and_cut_the_budget() -> None:
+    """A reduced sweep is a subset of its paper sweep's rows (same names, same base config)
+    with fewer training steps at every point."""
+    reduced_files = sorted(EXPERIMENTS.glob("*/reduced*.toml"))
+    assert len(reduced_files) >= 6
+    for reduced in reduced_files:
         full_name = reduced.read_text().split('extends = "', 1)[1].split('"', 1)[0]
-        full = sw.expand(reduced.parent / full_name, validate=False)
+        full = {p.name: p for p in sw.expand(reduced.parent / full_name, validate=False)}
         small = sw.expand(reduced, validate=False)
-        assert {p.base for p in small} == {p.base for p in full}
-        assert {p.name for p in small} <= {p.name for p in full}, reduced
+        assert {p.base for p in small} == {p.base for p in full.values()}
+        for p in small:
+            assert p.name in full, (reduced, p.name)
+            big = full[p.name]
+            small_steps = load_config(p.base, p.overrides).train.steps
+            assert small_steps < load_config(big.base, big.overrides).train.steps, reduced
+
+
+def test_burda_schedule_is_the_papers_3_to_the_i_epoch_stages() -> None:
+    cfg = load_config(EXPERIMENTS / "burda2016_iwae" / "config.toml")
+    per_epoch = (60000 - cfg.data.val_size) // cfg.data.batch_size
+    epochs = [sum(3**j for j in range(i + 1)) for i in range(7)]  # 1, 4, 13, ..., 1093
+    assert list(cfg.train.lr_milestones) == [e * per_epoch for e in epochs]
+    assert cfg.train.steps == 3280 * per_epoch
+    assert cfg.train.lr_decay**7 == pytest.approx(0.1)
+
+
+def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:
+    """A fake ``vaeflow`` that logs its arguments (and fails ``sweep`` if asked)."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "vaeflow"
+    stub.write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {log}\nif [ "$1" = sweep ]; then exit {sweep_rc}; fi\n'
+    )
+    stub.chmod(0o755)
+    return stub, log
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
-def test_run_scripts_parse(name: str) -> None:
-    subprocess.run(["bash", "-n", str(EXPERIMENTS / name / "run.sh")], check=True)
-    subprocess.run(["bash", "-n", str(EXPERIMENTS / "_run_sweep.sh")], check=True)
+def test_run_scripts_call_sweep_and_report(tmp_path: Path, name: str) -> None:
+    """Each run.sh, in both modes, runs the right sweep and reports its run directory."""
+    for mode, jobs in (("reduced", "--jobs 2 --threads 1"), ("full", "--jobs 1")):
+        stub, log = _stub(tmp_path)
+        log.unlink(missing_ok=True)
+        env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+        env.pop("THREADS", None)
+        env.pop("JOBS", None)
+        run = subprocess.run(
+            ["bash", str(EXPERIMENTS / name / "run.sh"), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        calls = log.read_text().splitlines()
+        sweeps = [c for c in calls if c.startswith("sweep ")]
+        reports = [c for c in calls if c.startswith("report ")]
+        assert sweeps and len(sweeps) == len(reports), calls
+        for sweep_call, report_call in zip(sweeps, reports, strict=True):
+            sweep_file = sweep_call.split()[1]
+            assert ("reduced" in sweep_file) == (mode == "reduced"), sweep_call
+            assert sweep_call.endswith(jobs), sweep_call
+            directory = sw.load_sweep(REPO / sweep_file).directory
+            assert report_call.startswith(f"report {directory} -o results/"), report_call
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
+    stub, log = _stub(tmp_path, sweep_rc=1)
+    env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", str(EXPERIMENTS / "kingma2016_iaf" / "run.sh"), "reduced"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    calls = log.read_text().splitlines()
+    assert sum(c.startswith("report ") for c in calls) == 2  # MNIST and CIFAR-10 both ran

@@ -311,7 +311,8 @@ def test_center_maps_unit_interval_to_symmetric():
     assert ResNetEncoder((3, 8, 8), 4, 1, 1, 4).center is True
     centred = GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4, center=True)
     raw = GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4)
-    raw.load_state_dict(centred.state_dict())
+    weights = {k: v for k, v in centred.state_dict().items() if k != "center_inputs"}
+    raw.load_state_dict(weights, strict=False)  # same weights, raw keeps center=False
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(centred(x), raw(2 * x - 1))
 
@@ -412,3 +413,23 @@ def test_int_hidden_builds_num_layers():
     widths = [m.out_features for m in enc.modules() if isinstance(m, nn.Linear)]
     assert widths == [6, 6, 6]
     assert math.prod(enc(torch.rand(2, 10)).shape) == 12
+
+
+def test_center_flag_travels_with_the_state_dict():
+    """A checkpoint restores its encoder's input centring whatever the new default is, and
+    a checkpoint without the flag (written before it was recorded) cannot load silently."""
+    from vaeflow.checkpoint import CheckpointError, load_model_state
+
+    for make in (
+        lambda c: MLPEncoder((1, 4, 4), hidden=(8,), center=c),
+        lambda c: GatedConvEncoder((1, 8, 8), (3,), (2,), 3, 4, center=c),
+    ):
+        trained = make(True)
+        fresh = make(False)
+        x = torch.rand(3, 1, *((4, 4) if isinstance(trained, MLPEncoder) else (8, 8)))
+        load_model_state(fresh, trained.state_dict())
+        assert fresh.center is True
+        torch.testing.assert_close(fresh(x), trained(x))
+        old = {k: v for k, v in trained.state_dict().items() if k != "center_inputs"}
+        with pytest.raises(CheckpointError, match="center_inputs"):
+            load_model_state(make(False), old)

@@ -179,6 +179,49 @@ def test_extends_errors(tmp_path: Path) -> None:
         sw.expand(tmp_path / "d.toml")
 
 
+def test_set_may_not_fix_what_the_grid_or_a_variant_varies(tmp_path: Path) -> None:
+    """Variants and the grid are applied after `set`: a clash would silently lose `set`."""
+    _write_sweep(tmp_path, _VARIANTS)
+    for i, item in enumerate(["train.k=7", "model.posterior.num_layers=3"]):
+        (tmp_path / f"c{i}.toml").write_text(
+            f'extends = "sweep.toml"\nname = "c{i}"\nset = ["{item}"]\n'
+        )
+    with pytest.raises(ConfigError, match=r"'set' fixes model\.posterior\.num_layers"):
+        sw.expand(tmp_path / "c1.toml")
+    (tmp_path / "c2.toml").write_text(
+        'extends = "sweep.toml"\nname = "c2"\nset = ["model.posterior.flow=\\"iaf\\""]\n'
+    )
+    with pytest.raises(ConfigError, match=r"'set' fixes model\.posterior\.flow"):
+        sw.expand(tmp_path / "c2.toml")
+    assert all(
+        load_config(p.base, p.overrides).train.k == 7 for p in sw.expand(tmp_path / "c0.toml")
+    )
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("[[variant]]\ntrain.k = 3\n", r"quote dotted keys"),
+        ("[grid]\ntrain.k = [1, 2]\n", r"quote dotted keys"),
+    ],
+)
+def test_unquoted_dotted_keys_are_refused(tmp_path: Path, body: str, match: str) -> None:
+    path = _write_sweep(tmp_path, 'base = "base.toml"\nname = "s"\n' + body)
+    with pytest.raises(ConfigError, match=match):
+        sw.expand(path)
+
+
+def test_extends_across_folders_resolves_each_base_where_declared(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write_sweep(tmp_path / "a", _VARIANTS)
+    (tmp_path / "b" / "cpu.toml").write_text(
+        'extends = "../a/sweep.toml"\nname = "cpu"\nset = ["train.steps=2"]\n'
+    )
+    points = sw.expand(tmp_path / "b" / "cpu.toml")
+    assert points and all(p.base.resolve() == (tmp_path / "a" / "base.toml") for p in points)
+
+
 def test_bad_grid_key_fails_up_front_naming_it(tmp_path: Path) -> None:
     path = _grid_sweep(tmp_path, extra="")
     path.write_text(path.read_text() + '"model.posterior.flw" = [1]\n')

@@ -34,6 +34,7 @@ import torch
 from .atomic import atomic_write
 
 __all__ = [
+    "load_model_state",
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
@@ -386,3 +387,30 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             "the GPU will differ from the original run",
             stacklevel=2,
         )
+
+
+def load_model_state(model: Any, state: Mapping[str, Any], where: str = "checkpoint") -> None:
+    """``model.load_state_dict(state)`` (strict), with a hint for known format changes.
+
+    A checkpoint written before encoders recorded their input centring (the
+    ``center_inputs`` buffer) is refused with what to do, rather than loaded into a model
+    whose encoder now sees differently scaled inputs.
+
+    Raises:
+        CheckpointError: the state does not fit the model.
+    """
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        message = str(e)
+        if "center_inputs" in message and "Missing key" in message:
+            raise CheckpointError(
+                f"{where} predates the encoder's recorded input centring (center_inputs): "
+                "vaeflow before commit 7340d0a centred MLP and gated-conv encoder inputs "
+                "(2x - 1) by default and now feeds raw x. Evaluate it with the version that "
+                "wrote it, or add `center = true` to [model.encoder] options in the run's "
+                "config.json and load the state with strict=False."
+            ) from None
+        raise CheckpointError(
+            f"{where} does not fit the model built from its config: {e}"
+        ) from None

@@ -351,6 +351,12 @@ def validate(cfg: Config) -> Config:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} must be {allowed}, got {value}")
+    if t.lr_milestones and t.lr_schedule != "multistep":
+        raise ConfigError(
+            f"train.lr_milestones = {list(t.lr_milestones)} is only used by "
+            f'lr_schedule = "multistep" (got {t.lr_schedule!r}); set lr_milestones = [] '
+            "or change the schedule"
+        )
     if t.lr_schedule == "multistep" and not t.lr_milestones:
         raise ConfigError(
             'train.lr_schedule = "multistep" needs train.lr_milestones (steps at which the '

@@ -23,7 +23,7 @@ from torch import Tensor
 from .atomic import write_json_atomic
 from .bounds import nats_to_bits_per_dim
 from .build import build_model
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model_state
 from .config import Config, from_dict
 from .data import eval_batches, load_splits, prepare_eval
 from .utils import resolve_device
@@ -51,7 +51,7 @@ def load_run(
         run_dir / "checkpoints" / f"{checkpoint}.pt", map_location=dev, required=("model",)
     )
     model = build_model(cfg.model).to(dev)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"], "checkpoint")
     if use_ema and ckpt.get("ema") is not None:
         model.load_state_dict(ckpt["ema"]["shadow"], strict=False)
     model.eval()

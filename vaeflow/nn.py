@@ -387,7 +387,31 @@ class ResidualBlock(nn.Module):
         return x + self.net(x)
 
 
-class MLPEncoder(nn.Module):
+class _CentredInputs(nn.Module):
+    """Holds an encoder's ``center`` flag as a persistent buffer as well as an attribute.
+
+    The flag changes what the weights mean, so it travels with the checkpoint: loading a
+    state dict restores it (whatever the constructor's default), and a checkpoint without
+    it (written before vaeflow recorded it, when MLP and gated-conv encoders centred their
+    inputs by default) fails to load with a missing-key error instead of silently
+    evaluating the weights on differently scaled inputs. The attribute mirrors the buffer
+    so ``forward`` never reads a tensor (no device sync).
+    """
+
+    center: bool
+
+    def _set_center(self, center: bool) -> None:
+        self.center = bool(center)
+        self.register_buffer("center_inputs", torch.tensor(self.center))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        flag = state_dict.get(prefix + "center_inputs")
+        if flag is not None:
+            self.center = bool(flag)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MLPEncoder(_CentredInputs):
     """Fully connected encoder: flattened input -> hidden layers -> feature vector.
 
     ``MLPEncoder((1, 28, 28))`` is the inference network of Burda et al. 2016's
@@ -425,7 +449,7 @@ class MLPEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.x_shape = _as_shape(x_shape)
-        self.center = center
+        self._set_center(center)
         widths = _widths(hidden, num_layers)
         if activation is None and not gated and widths:
             raise ValueError("activation=None needs gated=True (the gate is the non-linearity)")
@@ -506,7 +530,7 @@ class MLPDecoder(nn.Module):
         return self.net(z).reshape(*z.shape[:-1], *self.param_shape)
 
 
-class _ImageEncoder(nn.Module):
+class _ImageEncoder(_CentredInputs):
     """Shared forward of the convolutional encoders: check, flatten leading dims, centre,
     run ``self.net`` to ``(N, out_features)``, restore the leading dims."""
 
@@ -565,7 +589,7 @@ class GatedConvEncoder(_ImageEncoder):
             raise ValueError(f"channels {channels} and strides {strides} differ in length")
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.center = center
+        self._set_center(center)
         c, h, w = self.x_shape
         layers: list[nn.Module] = []
         for c_out, s in zip(channels, strides, strict=True):
@@ -696,7 +720,7 @@ class ResNetEncoder(_ImageEncoder):
         scale = 2**num_downsamples
         if h % scale or w % scale:
             raise ValueError(f"image size {(h, w)} is not divisible by 2**{num_downsamples}")
-        self.center = center
+        self._set_center(center)
         wn = weight_norm
         layers: list[nn.Module] = [_weight_norm(nn.Conv2d(c, channels, 3, padding=1), wn)]
         for stage in range(num_downsamples + 1):

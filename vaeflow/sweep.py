@@ -217,6 +217,11 @@ def load_sweep(sweep_path: str | Path, _seen: tuple[Path, ...] = ()) -> Sweep:
     if not isinstance(grid, dict):
         raise ConfigError(f"{path}: [grid] must be a table of 'section.key' = [values]")
     for key, values in grid.items():
+        if isinstance(values, dict):
+            raise ConfigError(
+                f"{path}: grid key {key!r} is a table: quote dotted keys "
+                f'("{key}.x" = [...]), or TOML reads {key}.x as a nested table'
+            )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values")
     grid_items = {k: tuple(v) for k, v in grid.items()}
@@ -232,6 +237,16 @@ def load_sweep(sweep_path: str | Path, _seen: tuple[Path, ...] = ()) -> Sweep:
                 f"{path}: the grid varies {', '.join(clash)}, which the inherited "
                 "[[variant]] tables also set; set each key in one place"
             )
+    fixed_all = (parent.fixed if parent is not None else ()) + tuple(fixed)
+    varied = set(grid_items) | {k for _, items in variants for k, _ in items}
+    clash = sorted({item.split("=", 1)[0].strip() for item in fixed_all} & varied)
+    if clash:
+        # Variants and the grid are applied after `set`, so a `set` of the same key would
+        # be silently overridden; refuse it instead.
+        raise ConfigError(
+            f"{path}: 'set' fixes {', '.join(clash)}, which the grid or a [[variant]] also "
+            "sets (and would override); change it there instead"
+        )
     if "base" in data:
         base = path.parent / data["base"]
     else:
@@ -245,7 +260,7 @@ def load_sweep(sweep_path: str | Path, _seen: tuple[Path, ...] = ()) -> Sweep:
         seeds=(
             tuple(seeds) if seeds is not None else (parent.seeds if parent is not None else None)
         ),
-        fixed=(parent.fixed if parent is not None else ()) + tuple(fixed),
+        fixed=fixed_all,
         grid=tuple(grid_items.items()),
         variants=variants,
     )
@@ -259,6 +274,12 @@ def _load_variants(
         raise ConfigError(f"{path}: 'variant' must be [[variant]] tables of 'section.key' = value")
     out: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
     for i, table in enumerate(raw):
+        nested = sorted(k for k, v in table.items() if isinstance(v, dict) and "." not in k)
+        if nested:
+            raise ConfigError(
+                f'{path}: [[variant]] number {i + 1}: quote dotted keys ("{nested[0]}.key" = '
+                f"...); unquoted, TOML reads them as a nested table {nested[0]!r}"
+            )
         items = tuple((k, v) for k, v in table.items() if k != "name")
         if not items:
             raise ConfigError(f"{path}: [[variant]] number {i + 1} sets no 'section.key' values")

@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from .atomic import write_json_atomic
 from .bounds import elbo, iwae
 from .build import build_model
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import Config, ConfigError, to_dict
 from .data import DataSplits, TrainBatches, eval_batches, load_splits, prepare_eval
 from .logger import Progress, RunLogger, flatten_config
@@ -309,7 +315,7 @@ def train(
         ckpt = load_checkpoint(
             ckpt_dir / "last.pt", map_location=device, required=("model", "optimizer", "step")
         )
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt["model"], "checkpoint")
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if ema is not None and ckpt.get("ema") is not None:
