@@ -196,6 +196,40 @@ def test_metric_vs_numeric_key(tmp_path: Path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_depth_curve_and_heatmap_for_a_two_key_grid(tmp_path: Path) -> None:
+    """Flow x depth (rezende-style) gives NLL vs depth, one line per flow, and a heat map
+    whose cells are the group means (a missing combination stays empty)."""
+    root = tmp_path / "runs"
+    grid = {("planar", 4): 95.0, ("planar", 8): 93.0, ("iaf", 4): 90.0, ("iaf", 8): 88.0}
+    grid[("none", 1)] = 97.0
+    for (flow, depth), nll in grid.items():
+        cfg = _config(flow, 1)
+        cfg["model"]["posterior"]["num_layers"] = depth
+        _write_run(root, f"{flow}_{depth}", cfg, nll)
+    written = write_report([root], tmp_path / "out")
+    assert written["metric_vs_key"].name == "metric_vs_model.posterior.num_layers.png"
+    assert written["heatmap"].read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.figure import Figure
+
+    captured: list = []
+    original = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        captured.append(self)
+        return original(self, *args, **kwargs)
+
+    Figure.savefig = spy
+    try:
+        write_report([root], tmp_path / "out2")
+    finally:
+        Figure.savefig = original
+    heat = captured[-1].axes[0]
+    cells = {t.get_text() for t in heat.texts}
+    assert cells == {f"{v:.2f}" for v in grid.values()}
+    curve = captured[-2].axes[0]
+    assert len(curve.get_lines()) >= 3  # one errorbar line per flow (none, planar, iaf)
+
+
 def test_not_evaluated_run_listed_not_averaged(runs: Path, tmp_path: Path) -> None:
     _write_run(runs, "iaf_s3", _config("iaf", 3))  # trained, never evaluated
     with pytest.warns(UserWarning, match="iaf_s3.*summary.json"):

@@ -414,18 +414,65 @@ def _nll_metric(groups: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _metric_vs_key(groups: Sequence[Mapping[str, Any]], key: str, metric: str, path: Path) -> None:
-    pts = [
-        (g["config"][key], g["metrics"][metric]["mean"], g["metrics"][metric]["std"] or 0.0)
-        for g in groups
-        if metric in g["metrics"]
-    ]
-    xs, ys, errs = zip(*sorted(pts), strict=True)
+def _metric_vs_key(
+    groups: Sequence[Mapping[str, Any]],
+    key: str,
+    metric: str,
+    path: Path,
+    others: Sequence[str] = (),
+) -> None:
+    """``metric`` vs the numeric ``key``, one line per combination of the ``others`` keys."""
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for g in groups:
+        if metric not in g["metrics"]:
+            continue
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt_value(g['config'][k])}" for k in others)
+        m = g["metrics"][metric]
+        lines.setdefault(label, []).append((g["config"][key], m["mean"], m["std"] or 0.0))
     fig = _new_figure()
     ax = fig.add_subplot()
-    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3)
+    for label, pts in lines.items():
+        xs, ys, errs = zip(*sorted(pts), strict=True)
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label or None)
     ax.set_xlabel(key)
     ax.set_ylabel(metric_label(metric))
+    if any(lines):
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _heatmap(
+    groups: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str, path: Path
+) -> None:
+    """A table-shaped figure of ``metric``: columns = the key with the fewest values (the
+    last such key on ties, e.g. the posterior), rows = the other keys' combinations (e.g.
+    the prior); cells annotated with the mean, missing combinations left blank."""
+    import numpy as np
+
+    distinct = {k: sorted({_fmt_value(g["config"][k]) for g in groups}) for k in keys}
+    col_key = min(reversed(keys), key=lambda k: len(distinct[k]))
+    row_keys = [k for k in keys if k != col_key]
+
+    def row_label(g: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt_value(g['config'][k])}" for k in row_keys)
+
+    rows = list(dict.fromkeys(row_label(g) for g in groups))
+    cols = distinct[col_key]
+    values = np.full((len(rows), len(cols)), np.nan)
+    for g in groups:
+        if metric in g["metrics"]:
+            i, j = rows.index(row_label(g)), cols.index(_fmt_value(g["config"][col_key]))
+            values[i, j] = g["metrics"][metric]["mean"]
+    fig = _new_figure()
+    fig.set_size_inches(2.2 + 1.6 * len(cols), 1.2 + 0.45 * len(rows))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    fig.colorbar(image, ax=ax, label=metric_label(metric))
+    ax.set_xticks(range(len(cols)), [f"{col_key.rsplit('.', 1)[-1]}={c}" for c in cols])
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize="small")
     fig.savefig(path, dpi=120)
 
 
@@ -437,13 +484,15 @@ def write_report(
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
     Figures: ``learning_curves.png`` (``val/elbo_nats`` vs step, one line per run,
-    labelled by the grouping keys and seed) and, when exactly one numeric config key
-    defines the groups, ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was
-    computed — vs that key, std error bars).
+    labelled by the grouping keys and seed); when a grouping key is numeric (e.g. flow
+    depth), ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was computed — vs
+    that key, std error bars, one line per combination of the other keys); and when two or
+    more keys define the groups, ``heatmap.png`` (the same metric as a grid, e.g. prior x
+    posterior).
 
     Returns:
-        ``{"markdown", "json", "learning_curves", "metric_vs_key"}`` -> path, for the
-        files written.
+        ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap"}`` -> path,
+        for the files written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -463,15 +512,17 @@ def write_report(
     if _learning_curves(records, keys, curves):
         written["learning_curves"] = curves
     metric = _nll_metric(groups)
-    if (
-        len(keys) == 1
-        and metric is not None
-        and all(_is_number(g["config"][keys[0]]) for g in groups)
-    ):
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", keys[0])
+    numeric = [k for k in keys if all(_is_number(g["config"][k]) for g in groups)]
+    if metric is not None and numeric:
+        key = numeric[0]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)
         path = out / f"metric_vs_{safe}.png"
-        _metric_vs_key(groups, keys[0], metric, path)
+        _metric_vs_key(groups, key, metric, path, [k for k in keys if k != key])
         written["metric_vs_key"] = path
+    if metric is not None and len(keys) >= 2:
+        path = out / "heatmap.png"
+        _heatmap(groups, keys, metric, path)
+        written["heatmap"] = path
     return written
 
 
