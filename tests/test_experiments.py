@@ -65,9 +65,14 @@ def test_every_experiment_sweep_expands_and_builds(path: Path) -> None:
     [p for p in EXPERIMENTS.glob("*/*.toml") if not _is_sweep(p) and "toy2d" not in str(p)],
     ids=lambda p: str(p.relative_to(EXPERIMENTS)),
 )
-def test_every_experiment_config_loads(path: Path) -> None:
+def test_every_experiment_config_loads_and_builds(path: Path) -> None:
+    """The base configs work on their own too (``vaeflow train CONFIG``), not only as
+    the starting point of their sweeps."""
+    from vaeflow.build import build_model
+
     cfg = load_config(path)
     assert cfg.train.steps >= 1
+    build_model(cfg.model)
 
 
 def test_reduced_sweeps_keep_the_rows_and_cut_the_budget() -> None:
