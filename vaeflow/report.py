@@ -414,6 +414,11 @@ def _nll_metric(groups: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
+def _short(key: str) -> str:
+    """``model.prior.flow`` -> ``prior.flow``: unambiguous where the last part is not."""
+    return key.split(".", 1)[1] if key.count(".") >= 2 else key.rsplit(".", 1)[-1]
+
+
 def _metric_vs_key(
     groups: Sequence[Mapping[str, Any]],
     key: str,
@@ -426,7 +431,7 @@ def _metric_vs_key(
     for g in groups:
         if metric not in g["metrics"]:
             continue
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt_value(g['config'][k])}" for k in others)
+        label = ", ".join(f"{_short(k)}={_fmt_value(g['config'][k])}" for k in others)
         m = g["metrics"][metric]
         lines.setdefault(label, []).append((g["config"][key], m["mean"], m["std"] or 0.0))
     fig = _new_figure()
@@ -454,7 +459,7 @@ def _heatmap(
     row_keys = [k for k in keys if k != col_key]
 
     def row_label(g: Mapping[str, Any]) -> str:
-        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt_value(g['config'][k])}" for k in row_keys)
+        return ", ".join(f"{_short(k)}={_fmt_value(g['config'][k])}" for k in row_keys)
 
     rows = list(dict.fromkeys(row_label(g) for g in groups))
     cols = distinct[col_key]
@@ -468,7 +473,7 @@ def _heatmap(
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="viridis_r", aspect="auto")
     fig.colorbar(image, ax=ax, label=metric_label(metric))
-    ax.set_xticks(range(len(cols)), [f"{col_key.rsplit('.', 1)[-1]}={c}" for c in cols])
+    ax.set_xticks(range(len(cols)), [f"{_short(col_key)}={c}" for c in cols])
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
