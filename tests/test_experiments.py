@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +111,6 @@ def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:
     return stub, log
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
 def test_run_scripts_call_sweep_and_report(tmp_path: Path, name: str) -> None:
     """Each run.sh, in both modes, runs the right sweep and reports its run directory."""
@@ -142,7 +140,6 @@ def test_run_scripts_call_sweep_and_report(tmp_path: Path, name: str) -> None:
             assert report_call.startswith(f"report {directory} -o results/"), report_call
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
     stub, log = _stub(tmp_path, sweep_rc=1)
     env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
