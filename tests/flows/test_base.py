@@ -14,6 +14,9 @@ from vaeflow.flows.base import (
     RandomPermutation,
     ReversePermutation,
     ShapeError,
+    merge_by_parity,
+    parity_of,
+    split_by_parity,
 )
 
 
@@ -77,3 +80,29 @@ def test_unconditional_layer_rejects_context():
 def test_wrong_event_shape_is_a_clear_error():
     with pytest.raises(ShapeError, match=r"expected input of shape \(\*, 3\)"):
         LULinear(3)(torch.zeros(2, 4))
+
+
+def test_parity_split_and_merge():
+    assert parity_of(torch.tensor([True, False, True, False])) == 0
+    assert parity_of(torch.tensor([False, True, False, True])) == 1
+    assert parity_of(torch.tensor([True, False, True])) is None  # odd D
+    assert parity_of(torch.tensor([True, True, False, False])) is None
+    x = torch.arange(12.0).reshape(2, 6)
+    for q in (0, 1):
+        a, b = split_by_parity(x, q)
+        assert torch.equal(a, x[:, q::2]) and torch.equal(b, x[:, 1 - q :: 2])
+        assert torch.equal(merge_by_parity(a, b, q), x)
+
+
+def test_zero_logdet_layers_apply_map_matches_their_directions():
+    x = torch.randn(3, 2, 7)
+    for layer in (ReversePermutation(7), RandomPermutation(7, seed=3)):
+        for t in (layer, Inverse(layer)):
+            assert t.zero_logdet
+            assert torch.equal(t.apply_map(x), t(x)[0])
+            assert torch.equal(t.apply_map(x, inverse=True), t.inverse(x)[0])
+    # A composite of permutations only still returns a zero log-det of the leading shape.
+    both = Composite([ReversePermutation(7), RandomPermutation(7, seed=1)])
+    u, ld = both(x)
+    assert ld.shape == (3, 2) and torch.equal(ld, torch.zeros(3, 2))
+    assert torch.equal(both.inverse(u)[0], x)

@@ -80,6 +80,9 @@ def _layer_cases(ctx: int):
     return {
         "additive_vector": lambda: AdditiveCoupling(alternating_mask(5, 0), **kw),
         "affine_vector": lambda: AffineCoupling(alternating_mask(5, 1), **kw),
+        # Even D, alternating: split/merged by parity views instead of index gathers.
+        "affine_vector_even_d": lambda: AffineCoupling(alternating_mask(6, 0), **kw),
+        "additive_vector_even_d": lambda: AdditiveCoupling(alternating_mask(6, 1), **kw),
         "additive_checkerboard": lambda: AdditiveCoupling(
             checkerboard_mask(4, 4, 1), (2, 4, 4), **img
         ),

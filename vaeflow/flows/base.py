@@ -37,6 +37,9 @@ __all__ = [
     "LULinear",
     "ShapeError",
     "sum_except_leading",
+    "parity_of",
+    "split_by_parity",
+    "merge_by_parity",
 ]
 
 
@@ -49,6 +52,34 @@ def sum_except_leading(x: Tensor, event_ndim: int) -> Tensor:
     if event_ndim == 0:
         return x
     return x.sum(dim=tuple(range(-event_ndim, 0)))
+
+
+def parity_of(mask: Tensor) -> int | None:
+    """``q`` if the bool mask ``(D,)`` selects exactly the positions of parity ``q`` (even ``D``).
+
+    Coupling layers with such a mask (the usual alternating one) split and merge the
+    features with :func:`split_by_parity` / :func:`merge_by_parity`: a view and one
+    ``stack``, instead of index gathers whose backward is a scatter each.
+    """
+    d = mask.numel()
+    if mask.dim() != 1 or d % 2:
+        return None
+    for q in (0, 1):
+        if torch.equal(mask.cpu(), torch.arange(d) % 2 == q):
+            return q
+    return None
+
+
+def split_by_parity(x: Tensor, q: int) -> tuple[Tensor, Tensor]:
+    """``x (*, D)`` -> features at positions of parity ``q`` and the others, each ``(*, D/2)``."""
+    pairs = x.unflatten(-1, (x.shape[-1] // 2, 2)).unbind(-1)
+    return pairs[q], pairs[1 - q]
+
+
+def merge_by_parity(x_q: Tensor, x_other: Tensor, q: int) -> Tensor:
+    """Inverse of :func:`split_by_parity`: interleave back into ``(*, D)``."""
+    pair = (x_q, x_other) if q == 0 else (x_other, x_q)
+    return torch.stack(pair, dim=-1).flatten(-2)
 
 
 class Transform(nn.Module):
@@ -90,6 +121,14 @@ class Transform(nn.Module):
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise -> data. Returns ``x (*, *event_shape)`` and ``log|det dx/du| (*)``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement inverse")
+
+    #: True when the log-determinant is identically zero whatever the input (permutations):
+    #: :class:`Composite` then calls :meth:`apply_map` and skips the zero log-det.
+    zero_logdet: bool = False
+
+    def apply_map(self, x: Tensor, inverse: bool = False) -> Tensor:
+        """The output alone (no log-det, no context); only for ``zero_logdet`` layers."""
+        return (self.inverse(x) if inverse else self(x))[0]
 
     # -- validation shared by every layer -----------------------------------------------
     def check_input(
@@ -185,19 +224,33 @@ class Composite(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lead, context = self.check_input(x, context)
-        total = x.new_zeros(lead)
-        for t in self.transforms:
-            x, ld = t(x, context if t.context_features else None)
-            total = total + ld
-        return x, total
+        return self._run(x, lead, context, self.transforms, inverse=False)
 
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lead, context = self.check_input(u, context, inverse=True)
-        total = u.new_zeros(lead)
-        for t in reversed(self.transforms):
-            u, ld = t.inverse(u, context if t.context_features else None)
-            total = total + ld
-        return u, total
+        return self._run(u, lead, context, reversed(self.transforms), inverse=True)
+
+    @staticmethod
+    def _run(
+        x: Tensor,
+        lead: torch.Size,
+        context: Tensor | None,
+        transforms: Iterable[Transform],
+        inverse: bool,
+    ) -> tuple[Tensor, Tensor]:
+        # Layers whose log-det is identically zero (permutations) are applied without
+        # producing one, and the sum starts from the first real log-det: small flows on a
+        # GPU are launch-bound, and each skipped zeros + add is two kernels (four with
+        # their backward).
+        total: Tensor | None = None
+        for t in transforms:
+            if t.zero_logdet:
+                x = t.apply_map(x, inverse)
+                continue
+            ctx = context if t.context_features else None
+            x, ld = t.inverse(x, ctx) if inverse else t(x, ctx)
+            total = ld if total is None else total + ld
+        return x, x.new_zeros(lead) if total is None else total
 
 
 class Inverse(Transform):
@@ -214,6 +267,10 @@ class Inverse(Transform):
             out_event_shape=transform.event_shape,
         )
         self.transform = transform
+        self.zero_logdet = transform.zero_logdet
+
+    def apply_map(self, x: Tensor, inverse: bool = False) -> Tensor:
+        return self.transform.apply_map(x, not inverse)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform.inverse(x, context)
@@ -278,13 +335,18 @@ class Permutation(Transform):
         self.register_buffer("perm", permutation)
         self.register_buffer("inv_perm", torch.argsort(permutation))
 
+    zero_logdet = True
+
+    def apply_map(self, x: Tensor, inverse: bool = False) -> Tensor:
+        return x.index_select(self.dim, self.inv_perm if inverse else self.perm)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lead, _ = self.check_input(x, context)
-        return x.index_select(self.dim, self.perm), x.new_zeros(lead)
+        return self.apply_map(x), x.new_zeros(lead)
 
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lead, _ = self.check_input(u, context, inverse=True)
-        return u.index_select(self.dim, self.inv_perm), u.new_zeros(lead)
+        return self.apply_map(u, inverse=True), u.new_zeros(lead)
 
 
 class ReversePermutation(Permutation):
@@ -294,6 +356,11 @@ class ReversePermutation(Permutation):
         self, features: int, event_shape: Sequence[int] | int | None = None, dim: int = -1
     ) -> None:
         super().__init__(torch.arange(features - 1, -1, -1), event_shape, dim)
+
+    def apply_map(self, x: Tensor, inverse: bool = False) -> Tensor:
+        # A reversal is its own inverse; flip's backward is one flip, while index_select's
+        # is zeros + index_add.
+        return x.flip(self.dim)
 
 
 class RandomPermutation(Permutation):

@@ -50,6 +50,9 @@ from .base import (
     RandomPermutation,
     ReversePermutation,
     Transform,
+    merge_by_parity,
+    parity_of,
+    split_by_parity,
     sum_except_leading,
 )
 
@@ -248,6 +251,8 @@ class _Coupling(Transform):
             self.register_buffer("idx_b", idx_b)
             # Positions of [x_A, x_B] back in the original order.
             self.register_buffer("unsplit", torch.argsort(torch.cat([idx_a, idx_b])))
+            # Alternating vector masks split by a view instead of index gathers.
+            self.keep_parity = parity_of(keep) if self.dim == -1 else None
             n_in, n_out = n_a + ctx_width, k * n_b
         else:
             channels = self.event_shape[0]
@@ -295,11 +300,18 @@ class _Coupling(Transform):
         lead, context = self.check_input(x, context, inverse=inverse)
         context = self._context(context)
         if self.layout == "split":
-            x_a = x.index_select(self.dim, self.idx_a)
-            x_b = x.index_select(self.dim, self.idx_b)
+            q = self.keep_parity
+            if q is None:
+                x_a = x.index_select(self.dim, self.idx_a)
+                x_b = x.index_select(self.dim, self.idx_b)
+            else:
+                x_a, x_b = split_by_parity(x, q)
             y_b, s = self._map(x_b, self._condition(x_a, context), inverse)
             # x_A is copied, not recomputed: the unchanged part stays bit-exact.
-            y = torch.cat([x_a, y_b], dim=self.dim).index_select(self.dim, self.unsplit)
+            if q is None:
+                y = torch.cat([x_a, y_b], dim=self.dim).index_select(self.dim, self.unsplit)
+            else:
+                y = merge_by_parity(x_a, y_b, q)
         else:
             keep = self.mask
             params = self._condition(x * keep.to(x.dtype), context)

@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,16 @@ from .autoregressive import (
     _stack,
     undo_permutations,
 )
-from .base import Composite, LULinear, RandomPermutation, ReversePermutation, Transform
+from .base import (
+    Composite,
+    LULinear,
+    RandomPermutation,
+    ReversePermutation,
+    Transform,
+    merge_by_parity,
+    parity_of,
+    split_by_parity,
+)
 
 __all__ = [
     "rational_quadratic_spline",
@@ -49,34 +59,147 @@ __all__ = [
 
 DEFAULT_TAIL_BOUND = 3.0
 DEFAULT_NUM_BINS = 8
+DEFAULT_MIN_BIN_WIDTH = 1e-3
+DEFAULT_MIN_BIN_HEIGHT = 1e-3
+DEFAULT_MIN_DERIVATIVE = 1e-3
+
+
+def _softplus_shift(min_derivative: float) -> float:
+    """``c`` with ``min_derivative + softplus(0 + c) = 1``: zero raw derivatives give slope 1."""
+    return math.log(math.expm1(1.0 - min_derivative))
+
+
+@functools.lru_cache(maxsize=128)
+def _knot_constants(
+    k: int, bound: float, min_sizes: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Constants that turn cumulative softmax fractions into knots in one ``addcmul``.
+
+    Knot ``j`` of a set with minimum bin size ``m`` (a fraction of ``2B``) and softmax
+    cumulative sums ``S_j`` (``S_0 = 0``) is ``-B + 2B (m j + (1 - K m) S_j)``, i.e.
+    ``offset_j + scale_j * S_j`` with ``offset_j = 2B m j - B`` and ``scale_j = 2B (1 - K m)``.
+    At the two ends ``scale`` is 0 and ``offset`` is exactly ``-B`` / ``B``, so the end knots
+    are pinned without cumsum round-off. Returns ``offset`` and ``scale`` of shape
+    ``(len(min_sizes), K + 1)`` and ``pair = [0, 1]`` (long), for gathering bin ``k`` and
+    ``k + 1`` together. Cached per device and dtype (made outside inference mode, so that
+    autograd may save them), never modified.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        j = torch.arange(k + 1, dtype=torch.float64)
+        interior = ((j > 0) & (j < k)).to(torch.float64)
+        offsets, scales = [], []
+        for m in min_sizes:
+            offset = 2 * bound * m * j - bound
+            offset[0], offset[-1] = -bound, bound
+            offsets.append(offset)
+            scales.append(2 * bound * (1 - k * m) * interior)
+        pair = torch.arange(2, device=device)
+        return (
+            torch.stack(offsets).to(device=device, dtype=dtype),
+            torch.stack(scales).to(device=device, dtype=dtype),
+            pair,
+        )
+
+
+def _knot_table(unnormalized: Tensor, bound: float, min_sizes: tuple[float, ...]) -> Tensor:
+    """Knots ``(*, S, K + 1)`` from ``-B`` to ``B`` of ``S`` sets of raw bin sizes ``(*, S, K)``.
+
+    Each bin of set ``s`` gets at least ``min_sizes[s]`` of the interval, the rest is shared
+    by a softmax. Four kernels for all sets together (softmax, cumsum, pad, addcmul).
+    """
+    k = unnormalized.shape[-1]
+    offset, scale, _ = _knot_constants(
+        k, bound, min_sizes, unnormalized.device, unnormalized.dtype
+    )
+    cum = F.pad(torch.cumsum(torch.softmax(unnormalized, dim=-1), dim=-1), (1, 0))
+    return torch.addcmul(offset, cum, scale)
 
 
 def _knots(unnormalized: Tensor, bound: float, min_size: float) -> tuple[Tensor, Tensor]:
-    """Bin sizes (*, K) summing to ``2 * bound`` and knot positions (*, K + 1) from -B to B."""
-    k = unnormalized.shape[-1]
-    # Each bin gets at least min_size of the unit interval, the rest is shared by softmax.
-    frac = min_size + (1 - min_size * k) * torch.softmax(unnormalized, dim=-1)
-    cum = F.pad(torch.cumsum(frac, dim=-1), (1, 0), value=0.0)
-    knots = 2 * bound * cum - bound
-    # Pin the end knots exactly, so that +-B map to +-B without cumsum round-off and the
-    # spline meets the identity tails exactly there.
-    knots = torch.cat(
-        [
-            torch.full_like(knots[..., :1], -bound),
-            knots[..., 1:-1],
-            torch.full_like(knots[..., :1], bound),
-        ],
-        dim=-1,
+    """Bin sizes (*, K) summing to ``2 * bound`` and knot positions (*, K + 1) from -B to B.
+
+    The same computation as inside the spline (so tests can probe the exact knots).
+    """
+    knots = _knot_table(unnormalized.unsqueeze(-2), bound, (min_size,)).squeeze(-2)
+    return knots.diff(dim=-1), knots
+
+
+def _rqs(
+    inputs: Tensor,
+    unnormalized_sizes: Tensor,
+    unnormalized_derivatives: Tensor,
+    inverse: bool,
+    bound: float,
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+) -> tuple[Tensor, Tensor]:
+    """The spline on packed parameters: raw widths and heights ``(*, 2, K)``, raw interior
+    derivatives ``(*, K - 1)``. No validation (callers validate); see
+    :func:`rational_quadratic_spline` for the maths.
+
+    Written for few kernels per call (these layers are launch-bound on a GPU and memory-
+    bound on a CPU): all knots in one table, one ``gather`` for both ends of each element's
+    bin, derivatives computed for the two gathered knots only, fused ``addcmul``s.
+    """
+    k = unnormalized_sizes.shape[-1]
+    knots = _knot_table(unnormalized_sizes, bound, (min_bin_width, min_bin_height))
+    # Raw derivatives padded with 0 at the two outer knots, where min_d + softplus(0 + c)
+    # = 1: the spline meets the identity tails with unit slope (to one rounding).
+    raw_d = F.pad(unnormalized_derivatives, (1, 1)).unsqueeze(-2)
+    table = torch.cat([knots, raw_d], dim=-2)  # (*, 3, K + 1): x knots, y knots, raw d
+
+    # Evaluate the spline everywhere on inputs clamped into [-B, B] and select afterwards:
+    # no boolean indexing (so all-tail or empty batches need no special case), and the
+    # discarded branch stays finite, so torch.where cannot leak NaN into the gradients.
+    inside = inputs.abs() < bound
+    v = inputs.clamp(-bound, bound)
+    # Bin index = number of interior knots <= v, in 0..K-1 (v = B falls in the last bin).
+    interior = knots[..., 1 if inverse else 0, 1:k]
+    idx = (v.unsqueeze(-1) >= interior).sum(-1, keepdim=True)
+    _, _, pair = _knot_constants(k, bound, (min_bin_width, min_bin_height), v.device, v.dtype)
+    index = (idx + pair).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
+    xs, ys, rs = table.gather(-1, index).unbind(-2)  # each (*, 2): knot k and k + 1
+    ds = F.softplus(rs + _softplus_shift(min_derivative)) + min_derivative
+    x_k, x_k1 = xs.unbind(-1)
+    y_k, y_k1 = ys.unbind(-1)
+    d_k, d_k1 = ds.unbind(-1)
+    w_k = x_k1 - x_k
+    h_k = y_k1 - y_k
+    s_k = h_k / w_k
+    slack = torch.add(d_k + d_k1, s_k, alpha=-2.0)  # d_k + d_{k+1} - 2 s_k
+
+    if inverse:
+        # Solve a xi^2 + b xi + c = 0 (Durkan et al. 2019, appendix A) with c = -s dy.
+        # The wanted root is (-b + root) / (2a) = 2 s dy / (b + root). Take whichever form
+        # adds two numbers of the same sign: with b < 0 (steep bin ends) the second form
+        # would subtract two nearly equal numbers. a > 0 whenever b < 0 for y in the bin,
+        # and the division happens after the selection, so no inf/NaN reaches autograd.
+        dy = v - y_k
+        a = torch.addcmul(h_k * (s_k - d_k), dy, slack)
+        b = torch.addcmul(h_k * d_k, dy, slack, value=-1.0)
+        s_dy = s_k * dy
+        root = torch.sqrt(torch.addcmul(b * b, a, s_dy, value=4.0).clamp_min(0.0))
+        neg_b = b < 0
+        xi = torch.where(neg_b, root - b, 2 * s_dy) / torch.where(neg_b, 2 * a, b + root)
+        out = torch.addcmul(x_k, xi, w_k)
+    else:
+        xi = (v - x_k) / w_k
+
+    one_minus = 1 - xi
+    t = xi * one_minus
+    xi2 = xi * xi
+    denom = torch.addcmul(s_k, slack, t)
+    if not inverse:
+        out = torch.addcmul(y_k, h_k, torch.addcmul(s_k * xi2, d_k, t) / denom)
+    # dy/dx = s^2 (d_{k+1} xi^2 + 2 s t + d_k (1 - xi)^2) / denom^2 (eq. 5 of the paper).
+    deriv_num = torch.addcmul(
+        torch.addcmul(d_k1 * xi2, s_k, t, value=2.0), d_k, one_minus * one_minus
     )
-    return knots[..., 1:] - knots[..., :-1], knots
-
-
-def _search(knots: Tensor, values: Tensor) -> Tensor:
-    """Bin index (*, 1) of each value in ``[knots[0], knots[K]]``, always within ``0..K-1``."""
-    idx = torch.searchsorted(knots.contiguous(), values[..., None].contiguous(), right=True) - 1
-    # right=True puts a value equal to the last knot (exactly +B) at index K and one
-    # equal to the first knot at 0; clamping folds +B into the last bin (xi = 1).
-    return idx.clamp(0, knots.shape[-1] - 2)
+    logdet = torch.add(torch.log(deriv_num), torch.log(s_k / denom), alpha=2.0)
+    if inverse:
+        logdet = -logdet
+    return torch.where(inside, out, inputs), torch.where(inside, logdet, 0.0)
 
 
 def rational_quadratic_spline(
@@ -86,9 +209,9 @@ def rational_quadratic_spline(
     unnormalized_derivatives: Tensor,
     inverse: bool = False,
     tail_bound: float = DEFAULT_TAIL_BOUND,
-    min_bin_width: float = 1e-3,
-    min_bin_height: float = 1e-3,
-    min_derivative: float = 1e-3,
+    min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
+    min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
+    min_derivative: float = DEFAULT_MIN_DERIVATIVE,
 ) -> tuple[Tensor, Tensor]:
     """Elementwise monotone rational-quadratic spline with identity tails.
 
@@ -99,12 +222,13 @@ def rational_quadratic_spline(
         y = y_k + h_k (s_k xi^2 + d_k xi (1 - xi)) / (s_k + (d_{k+1} + d_k - 2 s_k) xi (1 - xi))
 
     Outside ``[-B, B]`` it is the identity with log-derivative exactly 0. The outer
-    derivatives ``d_0 = d_K = 1``, so value and slope are continuous at ``+-B``.
+    derivatives ``d_0 = d_K = 1`` (computed as ``min_derivative + softplus(0 + c)``, i.e.
+    1 to one rounding), so value and slope are continuous at ``+-B``.
 
     Parameterisation: widths (and heights) are ``min + (1 - K min) softmax(raw)`` of
     ``2B``; interior derivatives are ``min_derivative + softplus(raw + c)`` with
-    ``c = log(exp(1 - min_derivative) - 1)``, so that ``raw = 0`` gives exactly 1. With all
-    raw parameters zero the spline is the identity.
+    ``c = log(exp(1 - min_derivative) - 1)``, so that ``raw = 0`` gives 1 (to one
+    rounding). With all raw parameters zero the spline is the identity.
 
     The inverse solves the quadratic ``a xi^2 + b xi + c = 0`` of Durkan et al. 2019,
     appendix A, for its root in ``[0, 1]``. The paper's form ``2c / (-b - sqrt(b^2 - 4ac))``
@@ -152,65 +276,37 @@ def rational_quadratic_spline(
     if not 0 < min_derivative < 1:
         raise ValueError(f"min_derivative must be in (0, 1), got {min_derivative}")
 
-    bound = float(tail_bound)
-    inside = (inputs > -bound) & (inputs < bound)
-    # Evaluate the spline everywhere on inputs clamped into [-B, B] and select afterwards:
-    # no boolean indexing (so all-tail or empty batches need no special case), and the
-    # discarded branch stays finite, so torch.where cannot leak NaN into the gradients.
-    v = inputs.clamp(-bound, bound)
-
-    widths, cumwidths = _knots(unnormalized_widths, bound, min_bin_width)
-    heights, cumheights = _knots(unnormalized_heights, bound, min_bin_height)
-    shift = math.log(math.expm1(1.0 - min_derivative))
-    inner = min_derivative + F.softplus(unnormalized_derivatives + shift)
-    ones = inner.new_ones(*inner.shape[:-1], 1)
-    derivs = torch.cat([ones, inner, ones], dim=-1)  # (*, K + 1): d_0 = d_K = 1
-
-    idx = _search(cumheights if inverse else cumwidths, v)
-
-    def pick(t: Tensor, offset: int = 0) -> Tensor:
-        return t.gather(-1, idx + offset)[..., 0]
-
-    x_k, w_k = pick(cumwidths), pick(widths)
-    y_k, h_k = pick(cumheights), pick(heights)
-    d_k, d_k1 = pick(derivs), pick(derivs, 1)
-    s_k = h_k / w_k
-    slack = d_k1 + d_k - 2 * s_k
-
-    if inverse:
-        dy = v - y_k
-        a = h_k * (s_k - d_k) + dy * slack
-        b = h_k * d_k - dy * slack
-        c = -s_k * dy
-        root = torch.sqrt((b * b - 4 * a * c).clamp_min(0.0))
-        # The wanted root is (-b + root) / (2a) = 2c / (-b - root). Take whichever form
-        # adds two numbers of the same sign: with b < 0 (steep bin ends) the second form
-        # would subtract two nearly equal numbers. a > 0 whenever b < 0 for y in the bin,
-        # and the division happens after the selection, so no inf/NaN reaches autograd.
-        neg_b = b < 0
-        num = torch.where(neg_b, root - b, 2 * c)
-        den = torch.where(neg_b, 2 * a, -b - root)
-        xi = num / den
-        out = xi * w_k + x_k
-    else:
-        xi = (v - x_k) / w_k
-        out = y_k + h_k * (s_k * xi * xi + d_k * xi * (1 - xi)) / (s_k + slack * xi * (1 - xi))
-
-    t = xi * (1 - xi)
-    denom = s_k + slack * t
-    deriv_num = d_k1 * xi * xi + 2 * s_k * t + d_k * (1 - xi) * (1 - xi)
-    logdet = 2 * torch.log(s_k) + torch.log(deriv_num) - 2 * torch.log(denom)
-    if inverse:
-        logdet = -logdet
-
-    outputs = torch.where(inside, out, inputs)
-    logdet = torch.where(inside, logdet, torch.zeros_like(logdet))
-    return outputs, logdet
+    return _rqs(
+        inputs,
+        torch.stack([unnormalized_widths, unnormalized_heights], dim=-2),
+        unnormalized_derivatives,
+        inverse,
+        float(tail_bound),
+        min_bin_width,
+        min_bin_height,
+        min_derivative,
+    )
 
 
-def _split_params(params: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(*, 3K - 1) -> widths (*, K), heights (*, K), derivatives (*, K - 1)``."""
-    return params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
+def _spline_from_params(
+    x: Tensor, params: Tensor, num_bins: int, tail_bound: float, inverse: bool
+) -> tuple[Tensor, Tensor]:
+    """Layer entry point: ``x (*)``, conditioner output ``params (*, 3K - 1)`` laid out as
+    ``[widths (K), heights (K), interior derivatives (K - 1)]`` -> ``y (*)``, ``log-det (*)``.
+
+    One ``split`` (its backward is one ``cat``), no per-part slices.
+    """
+    sizes, derivs = params.split([2 * num_bins, num_bins - 1], dim=-1)
+    return _rqs(
+        x,
+        sizes.unflatten(-1, (2, num_bins)),
+        derivs,
+        inverse,
+        tail_bound,
+        DEFAULT_MIN_BIN_WIDTH,
+        DEFAULT_MIN_BIN_HEIGHT,
+        DEFAULT_MIN_DERIVATIVE,
+    )
 
 
 def _check_spline_options(num_bins: int, tail_bound: float) -> None:
@@ -276,6 +372,8 @@ class RQSplineCoupling(Transform):
         # Putting [identity, transformed] back in place is a gather by this inverse index.
         order = torch.cat([self.identity_idx, self.transform_idx])
         self.register_buffer("unsort_idx", torch.argsort(order))
+        # Alternating masks (the default) split by a view instead of index gathers.
+        self.transform_parity = parity_of(mask)
         n_id, n_tr = self.identity_idx.numel(), self.transform_idx.numel()
         self.conditioner = MLP(
             n_id + context_features,
@@ -289,17 +387,19 @@ class RQSplineCoupling(Transform):
     def _spline_pass(
         self, x: Tensor, context: Tensor | None, inverse: bool
     ) -> tuple[Tensor, Tensor]:
-        x_id = x.index_select(-1, self.identity_idx)
-        x_tr = x.index_select(-1, self.transform_idx)
+        q = self.transform_parity
+        if q is None:
+            x_id = x.index_select(-1, self.identity_idx)
+            x_tr = x.index_select(-1, self.transform_idx)
+        else:
+            x_tr, x_id = split_by_parity(x, q)
         h = x_id if context is None else torch.cat([x_id, context], dim=-1)
         params = self.conditioner(h).reshape(*x_tr.shape, 3 * self.num_bins - 1)
-        y_tr, ld = rational_quadratic_spline(
-            x_tr,
-            *_split_params(params, self.num_bins),
-            inverse=inverse,
-            tail_bound=self.tail_bound,
-        )
-        y = torch.cat([x_id, y_tr], dim=-1).index_select(-1, self.unsort_idx)
+        y_tr, ld = _spline_from_params(x_tr, params, self.num_bins, self.tail_bound, inverse)
+        if q is None:
+            y = torch.cat([x_id, y_tr], dim=-1).index_select(-1, self.unsort_idx)
+        else:
+            y = merge_by_parity(y_tr, x_id, q)
         return y, ld.sum(-1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -356,9 +456,7 @@ class RQSplineAutoregressive(_Autoregressive):
         self.tail_bound = float(tail_bound)
 
     def _spline(self, x: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        y, ld = rational_quadratic_spline(
-            x, *_split_params(params, self.num_bins), inverse=inverse, tail_bound=self.tail_bound
-        )
+        y, ld = _spline_from_params(x, params, self.num_bins, self.tail_bound, inverse)
         return y, ld.sum(-1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
