@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU session for benchmarks/README.md's CUDA tables (run through the device tool):
 #   bash benchmarks/gpu_run.sh OUT_DIR
-# Expects MNIST in .gpudata/MNIST/raw (for gpu_check's training rows) and the zuko/nflows
-# packages in .gpuwheels/site (carried: the GPU machine has no package index). Each part has
+# Expects the zuko/nflows packages in .gpuwheels/site (carried: the GPU machine has no package
+# index); benchmarks/gpu_check.py (CUDA correctness: bf16, RNG state, training on MNIST from
+# .gpudata/MNIST/raw) is run separately: python3 benchmarks/gpu_check.py --out OUT_DIR. Each part has
 # its own time limit and writes its table to OUT_DIR as soon as it finishes.
 set -uo pipefail
 out="${1:?usage: gpu_run.sh OUT_DIR}"
@@ -13,8 +14,6 @@ git rev-parse HEAD 2>/dev/null > "$out/commit.txt" || true
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/machine.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/machine.txt"
 timeout 150 python3 benchmarks/flows.py --device cuda --repeats 20 --warmup 3 2>>"$out/stderr.txt" | tee "$out/flows_cuda.md"
+timeout 240 python3 benchmarks/nll_eval.py --device cuda --images 200 --batch 20 100 --chunk 1000 5000 --repeats 3 --modes eager compile 2>>"$out/stderr.txt" | tee "$out/nll_eval_cuda.md"
 timeout 60 python3 benchmarks/train_step.py --device cuda --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_cuda.md"
-timeout 150 python3 benchmarks/train_step.py --device cuda --compile --models quickstart --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_compile_cuda.md"
-timeout 90 python3 benchmarks/nll_eval.py --device cuda --images 200 --batch 20 100 --chunk 1000 5000 --repeats 3 2>>"$out/stderr.txt" | tee "$out/nll_eval_cuda.md"
-timeout 90 python3 benchmarks/gpu_check.py --out "$out" --steps 400 2>>"$out/stderr.txt" | tail -20
 tail -5 "$out/stderr.txt"

@@ -3,6 +3,7 @@
     python benchmarks/nll_eval.py --threads 1                  # IWAE-size MLP VAE, CPU
     python benchmarks/nll_eval.py --posterior iaf --prior realnvp --images 20
     python benchmarks/nll_eval.py --device cuda --images 200 --batch 20 100
+    python benchmarks/nll_eval.py --modes eager compile        # also torch.compile'd chunks
     python benchmarks/nll_eval.py --small                      # smoke run
 
 Table 1 (speed): for each (batch, chunk), seconds per image over ``--images`` binarised
@@ -10,11 +11,13 @@ MNIST-shaped inputs (``batch`` images at a time, ``chunk`` importance samples pe
 the achieved matmul FLOP rate, and the rate of a *plain replay of the same matmuls* timed
 in the same run -- the machine's practical limit for this work. FLOPs are counted by
 intercepting every ``mm``/``addmm``/``bmm``/``baddbmm`` the evaluation dispatches (one
-traced call per row; ``mv``/``dot`` are not counted, and the models here use none), so the
+traced call per row; ``linear`` as dispatched under ``inference_mode`` is counted as its
+matmul; ``mv``/``dot`` are not counted, and the models here use none), so the
 count is exact for the model actually run. The replay multiplies preallocated random
 tensors of exactly those shapes: no bias add, no allocation, operands reused (cache-warm
 on a CPU for small shapes), so it is an optimistic upper bound. ``% of matmul`` =
-achieved / replay.
+achieved / replay. ``--modes compile`` adds rows for ``eval.compile`` (each chunk through
+``torch.compile``; compilation happens in the untimed warm-up pass).
 
 Table 2 (memory): peak memory for k = 1000, 5000, 50000 at chunk 1000 -- flat in k once
 ``k >= chunk``, because samples are processed ``chunk`` at a time with a running
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,7 +75,12 @@ class MatmulTrace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        if func in _MATMULS:
+        if func is _aten.linear.default:
+            # Under inference_mode (the evaluator's) linear reaches the dispatch mode
+            # undecomposed: input (*, k) @ weight (n, k).T.
+            a, w = args[0], args[1]
+            self.shapes.append((a.numel() // a.shape[-1], a.shape[-1], w.shape[0], 1))
+        elif func in _MATMULS:
             a, b = (
                 (args[1], args[2])
                 if func in (_aten.addmm.default, _aten.baddbmm.default)
@@ -127,6 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prior", default=None, help="prior flow name (default: N(0, I))")
     p.add_argument("--latent", type=int, default=50)
     p.add_argument("--memory-ks", type=int, nargs="*", default=[1000, 5000, 50000])
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        default=["eager"],
+        choices=["eager", "compile"],
+        help="eager and/or torch.compile'd chunks (eval.compile)",
+    )
     p.add_argument("--small", action="store_true", help="tiny sizes (smoke run)")
     args = p.parse_args(argv)
     hidden = 200
@@ -150,37 +166,46 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batch:
         for chunk in args.chunk:
 
-            def evaluate(batch: int = batch, chunk: int = chunk) -> None:
+            def evaluate(batch: int = batch, chunk: int = chunk, compile: bool = False) -> None:
                 for i in range(0, args.images, batch):
-                    model.log_likelihood(x[i : i + batch], k=args.k, chunk=chunk)
+                    model.log_likelihood(x[i : i + batch], k=args.k, chunk=chunk, compile=compile)
 
+            # FLOPs and matmul shapes from an eager pass (a dispatch mode does not see
+            # inside compiled graphs; the compiled evaluation does the same matmuls).
             trace = MatmulTrace()
             with trace:
                 evaluate()
-            t = time_fn(evaluate, repeats=args.repeats, warmup=1, device=device)
             t_mm = time_fn(
                 replay(trace.shapes, device), repeats=args.repeats, warmup=1, device=device
             )
-            achieved = trace.flops / t["median"] / 1e9
             limit = trace.flops / t_mm["median"] / 1e9
-            mem = peak_memory(evaluate, device)
-            rows.append(
-                [
-                    str(batch),
-                    str(chunk),
-                    f"{t['median'] / args.images:.4f}",
-                    f"{t['min'] / args.images:.4f} / {t['max'] / args.images:.4f}",
-                    f"{achieved:.1f}",
-                    f"{limit:.1f}",
-                    f"{100 * achieved / limit:.0f} %",
-                    "n/a" if mem is None else f"{mem:.0f}",
-                ]
-            )
-            print(f"  measured batch {batch}, chunk {chunk}", file=sys.stderr, flush=True)
+            for mode in args.modes:
+                run = partial(evaluate, compile=mode == "compile")
+                # Warm-up = one full pass: for "compile" that compiles every (B, n) shape.
+                t = time_fn(run, repeats=args.repeats, warmup=1, device=device)
+                achieved = trace.flops / t["median"] / 1e9
+                mem = peak_memory(run, device)
+                rows.append(
+                    [
+                        mode,
+                        str(batch),
+                        str(chunk),
+                        f"{t['median'] / args.images:.5f}",
+                        f"{t['min'] / args.images:.5f} / {t['max'] / args.images:.5f}",
+                        f"{achieved:.1f}",
+                        f"{limit:.1f}",
+                        f"{100 * achieved / limit:.0f} %",
+                        "n/a" if mem is None else f"{mem:.0f}",
+                    ]
+                )
+                print(
+                    f"  measured {mode}, batch {batch}, chunk {chunk}", file=sys.stderr, flush=True
+                )
     print(f"### Speed (k = {args.k})\n")
     print(
         markdown_table(
             [
+                "mode",
                 "batch",
                 "chunk",
                 "s / image (median)",

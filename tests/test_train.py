@@ -256,10 +256,11 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert summary["test/n_examples"] == 100 and math.isfinite(summary["test/nll_iw20_nats"])
     assert cli_main(["sample", str(tmp_path / "cli"), "--n", "4", "--temperature", "0.5"]) == 0
     assert list((tmp_path / "cli/samples").glob("prior_best_step*_t0.5.png"))
-    assert (
-        cli_main(["eval", str(tmp_path / "cli"), "--k", "5", "--chunk", "5", "--n-test", "10"])
-        == 0
-    )
+    assert summary["compiled"] is False
+    eval_args = ["eval", str(tmp_path / "cli"), "--k", "5", "--chunk", "5", "--n-test", "10"]
+    assert cli_main([*eval_args, "--compile"]) == 0
+    summary = json.loads((tmp_path / "cli/summary.json").read_text())
+    assert summary["compiled"] is True and math.isfinite(summary["test/nll_iw5_nats"])
     # A user error is one clear line and exit status 2, not a traceback.
     assert cli_main(["train", str(cfg), "--set", "train.nope=1"]) == 2
     assert "unknown config key(s) train.nope" in capsys.readouterr().err

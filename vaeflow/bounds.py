@@ -178,22 +178,29 @@ class LogLikelihood:
 class SupportsTermsSampler(Protocol):
     """Anything that can encode ``x`` once and then draw posterior samples in chunks."""
 
-    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]: ...
+    def terms_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Terms]: ...
 
 
 def log_likelihood(
-    model: SupportsTermsSampler, x: Tensor, k: int = 5000, chunk: int = 500
+    model: SupportsTermsSampler,
+    x: Tensor,
+    k: int = 5000,
+    chunk: int = 500,
+    compile: bool = False,
 ) -> LogLikelihood:
     """Importance-sampled test log-likelihood of a batch ``x`` ``(B, *x_shape)``.
 
     The standard estimator of Burda et al. 2016 (``k = 5000`` as in their and van den
     Berg et al.'s tables): batched across examples, chunked over ``k``, the encoder run
-    once. See :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors.
+    once, under ``torch.inference_mode`` (no autograd bookkeeping at all). See
+    :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors. ``compile`` is passed
+    to ``model.terms_sampler`` (see :meth:`vaeflow.vae.VAE.terms_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
-    with torch.no_grad():
-        return log_likelihood_from_sampler(model.terms_sampler(x), k=k, chunk=chunk)
+    with torch.inference_mode():
+        sampler = model.terms_sampler(x, compile=True) if compile else model.terms_sampler(x)
+        return log_likelihood_from_sampler(sampler, k=k, chunk=chunk)
 
 
 @torch.no_grad()

@@ -72,6 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
         use_ema=None if args.ema is None else args.ema == "on",
         device=args.device or "auto",
         data_root=args.data_root,
+        compile=args.compile,
     )
     _print_summary(summary)
     print(f"\nwrote {Path(args.run_dir) / 'summary.json'}")
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["auto", "cpu", "cuda"])
     e.add_argument("--data-root")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    e.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile each chunk of importance samples (default: eval.compile)",
+    )
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample", help="write a grid of prior samples")

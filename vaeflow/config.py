@@ -229,6 +229,9 @@ class EvalConfig:
         batch_size: test examples per pass.
         n_test: evaluate on the first ``n_test`` test examples (``None``: all).
         use_ema: evaluate the EMA weights when they exist.
+        compile: run each chunk of importance samples through ``torch.compile`` (fuses
+            the elementwise work; worth it on a GPU for long evaluations; the first
+            batch pays the compilation).
     """
 
     k: int = 5000
@@ -236,6 +239,7 @@ class EvalConfig:
     batch_size: int = 20
     n_test: int | None = None
     use_ema: bool = True
+    compile: bool = False
 
 
 @dataclass(frozen=True)

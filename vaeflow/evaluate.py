@@ -82,15 +82,24 @@ def activity(model: VAE, x: Tensor, batch_size: int = 500, samples: int = 32) ->
 
 @torch.no_grad()
 def evaluate_model(
-    model: VAE, x: Tensor, k: int = 5000, chunk: int = 500, batch_size: int = 20, bpd: bool = False
+    model: VAE,
+    x: Tensor,
+    k: int = 5000,
+    chunk: int = 500,
+    batch_size: int = 20,
+    bpd: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Score preprocessed test data ``x (N, *x_shape)``; metric names carry their units."""
+    """Score preprocessed test data ``x (N, *x_shape)``; metric names carry their units.
+
+    ``compile``: see :meth:`vaeflow.vae.VAE.terms_sampler`.
+    """
     model.eval()
     log_px, elbos, kls, recons, ess = [], [], [], [], []
     kl_dims = []
     t0 = time.perf_counter()
     for xb in eval_batches(x, batch_size):
-        ll = model.log_likelihood(xb, k=k, chunk=chunk)
+        ll = model.log_likelihood(xb, k=k, chunk=chunk, compile=compile)
         log_px.append(ll.log_px)
         elbos.append(ll.elbo)
         kls.append(ll.kl)
@@ -135,6 +144,7 @@ def evaluate_run(
     use_ema: bool | None = None,
     device: str = "auto",
     data_root: str | None = None,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run directory on its test split and write ``summary.json``.
 
@@ -148,6 +158,7 @@ def evaluate_run(
     if use_ema is None and not e.use_ema and ckpt.get("ema") is not None:
         model.load_state_dict(ckpt["model"])  # the run's config asks for the raw weights
     use_ema = e.use_ema if use_ema is None else use_ema
+    compile = e.compile if compile is None else compile
     dev = next(model.parameters()).device
     splits = load_splits(
         cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True
@@ -157,13 +168,20 @@ def evaluate_run(
         x = x[:n_test]
     torch.manual_seed(cfg.train.seed)
     metrics = evaluate_model(
-        model, x, k=k, chunk=chunk, batch_size=e.batch_size, bpd=splits.kind == "8bit"
+        model,
+        x,
+        k=k,
+        chunk=chunk,
+        batch_size=e.batch_size,
+        bpd=splits.kind == "8bit",
+        compile=compile,
     )
     summary = {
         "run_dir": str(run_dir),
         "checkpoint": checkpoint,
         "checkpoint_step": ckpt.get("step"),
         "ema": bool(use_ema and ckpt.get("ema") is not None),
+        "compiled": compile,
         "dataset": cfg.data.dataset,
         "binarization": cfg.data.binarization if splits.kind == "binary" else None,
         "notes": list(splits.notes),
