@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU session for benchmarks/README.md's CUDA tables (run through the device tool):
 #   bash benchmarks/gpu_run.sh OUT_DIR
-# Expects the zuko/nflows packages in .gpuwheels/site (carried: the GPU machine has no package
-# index); benchmarks/gpu_check.py (CUDA correctness: bf16, RNG state, training on MNIST from
-# .gpudata/MNIST/raw) is run separately: python3 benchmarks/gpu_check.py --out OUT_DIR. Each part has
-# its own time limit and writes its table to OUT_DIR as soon as it finishes.
+# Expects the zuko/nflows packages in .gpuwheels/site (carried: the GPU machine has no
+# package index). Each part has its own time limit and writes its table to OUT_DIR as soon
+# as it finishes. CUDA correctness checks (bf16, RNG state, training on MNIST from
+# .gpudata/MNIST/raw) are a separate script: python3 benchmarks/gpu_check.py --out OUT_DIR.
 set -uo pipefail
 out="${1:?usage: gpu_run.sh OUT_DIR}"
 mkdir -p "$out"
