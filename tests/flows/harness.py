@@ -299,3 +299,31 @@ def gaussian_grid_integral(
     with torch.no_grad():
         lp = log_prob(pts)
     return (torch.exp(lp).sum() * h * h).item() if math.isfinite(h) else float("nan")
+
+
+def count_made_passes(fn) -> int:
+    """Number of MADE network evaluations while running ``fn()``.
+
+    ``MADE.forward`` and the sequential inversions both evaluate the function returned by
+    ``MADE.conditioner``, so counting calls of that function counts every pass (a forward
+    hook would miss the inversion's passes, which reuse one conditioner).
+    """
+    from unittest import mock
+
+    from vaeflow.flows.autoregressive import MADE
+
+    calls = []
+    original = MADE.conditioner
+
+    def counting(self, context=None):
+        made = original(self, context)
+
+        def wrapped(x):
+            calls.append(1)
+            return made(x)
+
+        return wrapped
+
+    with mock.patch.object(MADE, "conditioner", counting):
+        fn()
+    return len(calls)

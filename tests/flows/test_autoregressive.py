@@ -12,6 +12,7 @@ from tests.flows.harness import (
     Directions,
     check_finite,
     check_roundtrip,
+    count_made_passes,
     full_check,
     make_inputs,
     perturb,
@@ -196,18 +197,9 @@ def test_gated_update_matches_kingma_formula_after_training():
 
 
 def _count_made_calls(flow, fn):
-    calls = []
-    hooks = [
-        m.register_forward_hook(lambda *_: calls.append(1))
-        for m in flow.modules()
-        if isinstance(m, MADE)
-    ]
-    try:
-        fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return len(calls)
+    """Network passes of every MADE in ``flow`` while running ``fn`` (the forward pass and
+    the sequential inversion both evaluate the function made by ``MADE.conditioner``)."""
+    return count_made_passes(fn)
 
 
 def test_iaf_sampling_is_the_one_pass_forward_exactly():

@@ -25,6 +25,8 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -188,16 +190,34 @@ class MADE(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``x (*, D)``, ``context (*, C)`` (same leading dims) ``-> (*, D, P)``."""
-        h = x
-        for i, (layer, act) in enumerate(zip(self.hidden_layers, self.activations, strict=True)):
-            h = layer(h)
-            if i == 0 and self.context is not None:
-                h = h + self.context(context)
-            h = act(h)
-        out = self.out(h)
-        if not self.hidden_layers and self.context is not None:
-            out = out + self.context(context)
-        return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
+        return self.conditioner(context)(x)
+
+    def conditioner(self, context: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """This MADE as a function of ``x`` alone, for one fixed ``context``.
+
+        The masked weights and the context's contribution are computed here, once: a
+        sequential inversion calls the result ``D`` times, and recomputing them on every
+        pass would be four extra kernels per pass (``D = 784`` passes per MAF layer).
+        The returned function computes exactly what :meth:`forward` computes.
+        """
+        weights = [(layer.weight * layer.mask, layer.bias) for layer in self.hidden_layers]
+        out_w, out_b = self.out.weight * self.out.mask, self.out.bias
+        ctx = None if self.context is None else self.context(context)
+        acts = list(self.activations)
+
+        def made(x: Tensor) -> Tensor:
+            h = x
+            for i, ((w, b), act) in enumerate(zip(weights, acts, strict=True)):
+                h = F.linear(h, w, b)
+                if i == 0 and ctx is not None:
+                    h = h + ctx
+                h = act(h)
+            out = F.linear(h, out_w, out_b)
+            if not weights and ctx is not None:
+                out = out + ctx
+            return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
+
+        return made
 
 
 class _Autoregressive(Transform):
@@ -235,18 +255,27 @@ class _Autoregressive(Transform):
         return self.made.order
 
     def _sequential_inverse(
-        self, u: Tensor, context: Tensor | None, step
+        self,
+        u: Tensor,
+        context: Tensor | None,
+        invert: Callable[[Tensor, Tensor], Tensor],
+        logdet: Callable[[Tensor, Tensor], Tensor],
     ) -> tuple[Tensor, Tensor]:
-        # Invert a triangular map by D passes. Pass t recomputes every feature from the
-        # current guess; features of rank < t are already exact before pass t, so after
-        # pass t ranks <= t are exact, and after D passes all are. The parameters of the
-        # last pass were computed from an x exact at ranks <= D-2, which is all the last
-        # feature depends on, so its log-det is exact too. Cost: D network passes.
+        """Invert by ``D`` passes: ``invert(u, params) -> x`` per pass, then
+        ``logdet(u, params) -> (*)`` once, from the last pass's parameters."""
+        # Pass t recomputes every feature from the current guess; features of rank < t
+        # are already exact before pass t, so after pass t ranks <= t are exact, and after
+        # D passes all are. The parameters of the last pass were computed from an x exact
+        # at ranks <= D-2, which is all the last feature depends on, so the log-det from
+        # them is exact too. Cost: D network passes (masked weights and the context term
+        # computed once, the log-det only at the end).
+        made = self.made.conditioner(context)
         x = torch.zeros_like(u)
-        ld = u.new_zeros(u.shape[:-1])
-        for _ in range(self.features):
-            x, ld = step(u, self.made(x, context))
-        return x, ld
+        params = made(x)
+        for _ in range(self.features - 1):
+            x = invert(u, params)
+            params = made(x)
+        return invert(u, params), logdet(u, params)
 
 
 class AffineAutoregressive(_Autoregressive):
@@ -322,11 +351,14 @@ class AffineAutoregressive(_Autoregressive):
         """Noise -> data in ``D`` sequential passes: ``u (*, D) -> x (*, D)``, log-det ``(*)``."""
         _, context = self.check_input(u, context, inverse=True)
 
-        def step(u: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        def invert(u: Tensor, params: Tensor) -> Tensor:
             m, s = self._shift_logscale(params)
-            return u * torch.exp(s) + m, s.sum(-1)
+            return torch.addcmul(m, u, torch.exp(s))
 
-        return self._sequential_inverse(u, context, step)
+        def logdet(u: Tensor, params: Tensor) -> Tensor:
+            return self._shift_logscale(params)[1].sum(-1)
+
+        return self._sequential_inverse(u, context, invert, logdet)
 
 
 class GatedAutoregressive(_Autoregressive):
@@ -407,11 +439,14 @@ class GatedAutoregressive(_Autoregressive):
         """``D`` sequential passes: ``y (*, D) -> x (*, D)``, ``log|det dx/dy| (*)``."""
         _, context = self.check_input(u, context, inverse=True)
 
-        def step(y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-            m, sigma, log_sigma = self._mean_gate(params)
-            return (y - (1 - sigma) * m) / sigma, -log_sigma.sum(-1)
+        def invert(y: Tensor, params: Tensor) -> Tensor:
+            m, sigma, _ = self._mean_gate(params)
+            return (y - (1 - sigma) * m) / sigma
 
-        return self._sequential_inverse(u, context, step)
+        def logdet(y: Tensor, params: Tensor) -> Tensor:
+            return -self._mean_gate(params)[2].sum(-1)
+
+        return self._sequential_inverse(u, context, invert, logdet)
 
 
 # -- builders ------------------------------------------------------------------------------

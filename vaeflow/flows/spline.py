@@ -133,10 +133,13 @@ def _rqs(
     min_bin_width: float,
     min_bin_height: float,
     min_derivative: float,
-) -> tuple[Tensor, Tensor]:
+    with_logdet: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """The spline on packed parameters: raw widths and heights ``(*, 2, K)``, raw interior
     derivatives ``(*, K - 1)``. No validation (callers validate); see
-    :func:`rational_quadratic_spline` for the maths.
+    :func:`rational_quadratic_spline` for the maths. ``with_logdet=False`` returns
+    ``None`` for the log-det and skips its computation (the passes of a sequential
+    inversion before the last).
 
     Written for few kernels per call (these layers are launch-bound on a GPU and memory-
     bound on a CPU): all knots in one table, one ``gather`` for both ends of each element's
@@ -186,12 +189,16 @@ def _rqs(
     else:
         xi = (v - x_k) / w_k
 
+    if inverse and not with_logdet:
+        return torch.where(inside, out, inputs), None
     one_minus = 1 - xi
     t = xi * one_minus
     xi2 = xi * xi
     denom = torch.addcmul(s_k, slack, t)
     if not inverse:
         out = torch.addcmul(y_k, h_k, torch.addcmul(s_k * xi2, d_k, t) / denom)
+        if not with_logdet:
+            return torch.where(inside, out, inputs), None
     # dy/dx = s^2 (d_{k+1} xi^2 + 2 s t + d_k (1 - xi)^2) / denom^2 (eq. 5 of the paper).
     deriv_num = torch.addcmul(
         torch.addcmul(d_k1 * xi2, s_k, t, value=2.0), d_k, one_minus * one_minus
@@ -289,8 +296,13 @@ def rational_quadratic_spline(
 
 
 def _spline_from_params(
-    x: Tensor, params: Tensor, num_bins: int, tail_bound: float, inverse: bool
-) -> tuple[Tensor, Tensor]:
+    x: Tensor,
+    params: Tensor,
+    num_bins: int,
+    tail_bound: float,
+    inverse: bool,
+    with_logdet: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Layer entry point: ``x (*)``, conditioner output ``params (*, 3K - 1)`` laid out as
     ``[widths (K), heights (K), interior derivatives (K - 1)]`` -> ``y (*)``, ``log-det (*)``.
 
@@ -306,6 +318,7 @@ def _spline_from_params(
         DEFAULT_MIN_BIN_WIDTH,
         DEFAULT_MIN_BIN_HEIGHT,
         DEFAULT_MIN_DERIVATIVE,
+        with_logdet,
     )
 
 
@@ -467,9 +480,15 @@ class RQSplineAutoregressive(_Autoregressive):
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise -> data in ``D`` passes: ``u (*, D) -> x (*, D)``, ``log|det dx/du| (*)``."""
         _, context = self.check_input(u, context, inverse=True)
-        return self._sequential_inverse(
-            u, context, lambda u, params: self._spline(u, params, inverse=True)
-        )
+        k, bound = self.num_bins, self.tail_bound
+
+        def invert(u: Tensor, params: Tensor) -> Tensor:
+            return _spline_from_params(u, params, k, bound, inverse=True, with_logdet=False)[0]
+
+        def logdet(u: Tensor, params: Tensor) -> Tensor:
+            return self._spline(u, params, inverse=True)[1]
+
+        return self._sequential_inverse(u, context, invert, logdet)
 
 
 # -- builders ------------------------------------------------------------------------------
