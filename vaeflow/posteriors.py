@@ -129,7 +129,13 @@ class FlowPosterior(nn.Module):
     def sample(self, h: Tensor, k: int = 1) -> PosteriorSample:
         """Draw ``k`` samples per example; ``log_q`` comes from the same pass."""
         base = self.base.sample(h, k)
-        z, ld = self.flow.inverse(base.z, self._context(h))
+        if k == 1:
+            # One sample (the usual training step): run the flow on (B, D), not on a
+            # leading singleton dim (the same arithmetic with fewer reshapes per layer).
+            z, ld = self.flow.inverse(base.z[0], self._context(h))
+            z, ld = z.unsqueeze(0), ld.unsqueeze(0)
+        else:
+            z, ld = self.flow.inverse(base.z, self._context(h))
         return PosteriorSample(z, base.log_q - ld, None, ld, base.mu, base.log_std)
 
     def rsample_and_log_prob(self, h: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:

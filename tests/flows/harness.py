@@ -302,12 +302,9 @@ def gaussian_grid_integral(
 
 
 def count_made_passes(fn) -> int:
-    """Number of MADE network evaluations while running ``fn()``.
-
-    ``MADE.forward`` and the sequential inversions both evaluate the function returned by
-    ``MADE.conditioner``, so counting calls of that function counts every pass (a forward
-    hook would miss the inversion's passes, which reuse one conditioner).
-    """
+    """Number of MADE network evaluations while running ``fn()``: calls of ``MADE.forward``
+    plus calls of the functions ``MADE.conditioner`` returns (the sequential inversions'
+    passes, which a forward hook would miss)."""
     from unittest import mock
 
     from vaeflow.flows.autoregressive import MADE
@@ -324,6 +321,15 @@ def count_made_passes(fn) -> int:
 
         return wrapped
 
-    with mock.patch.object(MADE, "conditioner", counting):
+    forward = MADE.forward
+
+    def counting_forward(self, x, context=None):
+        calls.append(1)
+        return forward(self, x, context)
+
+    with (
+        mock.patch.object(MADE, "conditioner", counting),
+        mock.patch.object(MADE, "forward", counting_forward),
+    ):
         fn()
     return len(calls)

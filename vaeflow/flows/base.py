@@ -122,6 +122,12 @@ class Transform(nn.Module):
         """Noise -> data. Returns ``x (*, *event_shape)`` and ``log|det dx/du| (*)``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement inverse")
 
+    #: True when the layer consumes a context of a broadcastable leading shape itself
+    #: (a MADE adds its context projection with broadcasting): ``expand_context`` then
+    #: validates but does not expand, so a posterior's ``(B, C)`` context with ``(K, B, D)``
+    #: latents is projected once per example, not once per sample.
+    broadcasts_context: bool = False
+
     #: True when the log-determinant is identically zero whatever the input (permutations):
     #: :class:`Composite` then calls :meth:`apply_map` and skips the zero log-det.
     zero_logdet: bool = False
@@ -171,17 +177,19 @@ class Transform(nn.Module):
                 f"{name}: expected context of shape (*, {self.context_features}), "
                 f"got {tuple(context.shape)}"
             )
-        if context.shape[:-1] == lead:
-            return context  # the common case, checked without torch.broadcast_shapes (hot path)
-        try:
-            target = torch.broadcast_shapes(context.shape[:-1], lead)
-        except RuntimeError:
-            target = None
-        if target != lead:
+        c_lead = context.shape[:-1]
+        if c_lead == lead:
+            return context  # the common case (hot path)
+        # Broadcastable to lead (never growing lead): right-aligned, each dim 1 or equal.
+        # Checked by hand: torch.broadcast_shapes is a slow Python reference function.
+        offset = len(lead) - len(c_lead)
+        if offset < 0 or any(c not in (1, lead[offset + i]) for i, c in enumerate(c_lead)):
             raise ShapeError(
                 f"{name}: context leading shape {tuple(context.shape[:-1])} does not "
                 f"broadcast to the input's leading shape {tuple(lead)}"
             )
+        if self.broadcasts_context:
+            return context
         return context.expand(*lead, self.context_features)
 
     @property
@@ -221,6 +229,9 @@ class Composite(Transform):
             out_event_shape=transforms[-1].out_event_shape,
         )
         self.transforms = nn.ModuleList(transforms)
+
+    # Each layer validates (and, if it needs to, expands) the context itself.
+    broadcasts_context = True
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lead, context = self.check_input(x, context)

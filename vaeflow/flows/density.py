@@ -93,6 +93,12 @@ class FlowDensity(nn.Module):
         Returns ``x (n, *ctx_lead, *event)`` and ``log p(x) (n, *ctx_lead)``, where
         ``ctx_lead`` is ``context.shape[:-1]`` (empty without context): samples first.
         """
+        if n == 1 and context is not None and context.dim() > 1:
+            # One sample per context row: run the flow on (*ctx_lead, *event), not on a
+            # leading singleton dim (the same arithmetic with fewer reshapes per layer).
+            u = self.base.sample(context.shape[:-1])
+            x, ld = self.transform.inverse(u, context)
+            return x.unsqueeze(0), (self.base.log_prob(u) - ld).unsqueeze(0)
         lead = (n,) if context is None else (n, *context.shape[:-1])
         u = self.base.sample(lead)
         x, ld = self.transform.inverse(u, context)
