@@ -10,10 +10,12 @@ out="${1:?usage: gpu_run.sh OUT_DIR}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/.gpuwheels/site" VAEFLOW_DATA="$PWD/.gpudata"
 export PYTHONUNBUFFERED=1 KINETO_LOG_LEVEL=5 MPLBACKEND=Agg
-git rev-parse HEAD 2>/dev/null > "$out/commit.txt" || true
+# The device tool copies the working tree but not always a current .git: pass the commit.
+echo "${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" > "$out/commit.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/machine.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/machine.txt"
-timeout 150 python3 benchmarks/flows.py --device cuda --repeats 20 --warmup 3 2>>"$out/stderr.txt" | tee "$out/flows_cuda.md"
+timeout 200 python3 benchmarks/flows.py --device cuda --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/flows_cuda.md"
 timeout 240 python3 benchmarks/nll_eval.py --device cuda --images 200 --batch 20 100 --chunk 1000 5000 --repeats 3 --modes eager compile 2>>"$out/stderr.txt" | tee "$out/nll_eval_cuda.md"
 timeout 60 python3 benchmarks/train_step.py --device cuda --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_cuda.md"
+timeout 150 python3 benchmarks/train_step.py --device cuda --compile --models quickstart sylvester_iaf --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_compile_cuda.md"
 tail -5 "$out/stderr.txt"
