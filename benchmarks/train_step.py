@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                          # CPU, every model, eager
     python benchmarks/train_step.py --threads 2 --compile    # add torch.compile rows
     python benchmarks/train_step.py --device cuda --compile  # + bf16 autocast rows
+    python benchmarks/train_step.py --channels-last          # + NHWC rows (train.channels_last)
     python benchmarks/train_step.py --small --repeats 2      # smoke run (tiny models)
 
 A step is what :func:`vaeflow.train.train` does per iteration: draw the batch from
@@ -23,8 +24,9 @@ experiments train:
   (``experiments/kingma2016_iaf/cifar10.toml``), batch 64.
 
 Variants: eager vs ``torch.compile`` (``--compile``), fp32 vs bf16 autocast (CUDA only,
-as in training). Reports median / min / max seconds per step over ``--repeats`` steps after
-``--warmup`` steps, images per second from the median, and peak memory (CUDA: allocator
+as in training), NCHW vs NHWC memory layout (``--channels-last``, as
+``train.channels_last``). Reports median / min / max seconds per step over ``--repeats``
+steps after ``--warmup`` steps, images per second from the median, and peak memory (CUDA: allocator
 peak; CPU: see ``_timing.peak_memory``). Never run as a test (a smoke run is).
 """
 
@@ -48,7 +50,7 @@ from _timing import machine_header, markdown_table, peak_memory, time_fn  # noqa
 from vaeflow.bounds import elbo, iwae  # noqa: E402
 from vaeflow.build import build_model  # noqa: E402
 from vaeflow.config import Config, load_config  # noqa: E402
-from vaeflow.data import TrainBatches  # noqa: E402
+from vaeflow.data import TrainBatches, to_memory_format  # noqa: E402
 from vaeflow.train import EMA, _lr_lambda, _optimizer  # noqa: E402
 
 MODELS: dict[str, tuple[str, list[str]]] = {
@@ -93,11 +95,13 @@ SMALL = {
 
 
 def make_step(
-    cfg: Config, device: torch.device, compile_: bool, amp: bool
+    cfg: Config, device: torch.device, compile_: bool, amp: bool, channels_last: bool = False
 ) -> tuple[Callable[[], None], int, int]:
     """Build the model, optimiser and data of ``cfg``; return ``(step, batch, params)``."""
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
+    if channels_last:  # as the loop does for train.channels_last
+        model = model.to(memory_format=torch.channels_last)
     model.train()
     t = cfg.train
     opt = _optimizer(cfg, model.parameters())
@@ -121,7 +125,7 @@ def make_step(
     counter = [0]
 
     def step() -> None:
-        x = batches.batch(counter[0])
+        x = to_memory_format(batches.batch(counter[0]), channels_last)
         counter[0] += 1
         with autocast():
             terms = step_model(x, k=t.k)
@@ -152,18 +156,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="add rows with train.channels_last (NHWC conv weights and batches)",
+    )
     p.add_argument("--small", action="store_true", help="tiny networks (smoke run)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = [("eager", False, False)]
+    variants = [("eager", False, False, False)]
+    if args.channels_last:
+        variants.append(("eager + channels_last", False, False, True))
     if args.compile:
-        variants.append(("compile", True, False))
+        variants.append(("compile", True, False, False))
     if device.type == "cuda":
-        variants.append(("eager + bf16", False, True))
+        variants.append(("eager + bf16", False, True, False))
         if args.compile:
-            variants.append(("compile + bf16", True, True))
+            variants.append(("compile + bf16", True, True, False))
     print(machine_header(device, torch.get_num_threads()))
     small = ", small networks" if args.small else ""
     print(f"repeats {args.repeats} after {args.warmup} warm-up steps{small}\n")
@@ -171,9 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         path, overrides = MODELS[name]
         cfg = load_config(ROOT / path, overrides + (SMALL[name] if args.small else []))
-        for label, compile_, amp in variants:
+        for label, compile_, amp, nhwc in variants:
             try:
-                step, batch, params = make_step(cfg, device, compile_, amp)
+                step, batch, params = make_step(cfg, device, compile_, amp, nhwc)
                 times = time_fn(step, repeats=args.repeats, warmup=args.warmup, device=device)
                 mem = peak_memory(step, device)
             except Exception as e:  # a failing variant (e.g. no compiler) must not hide the rest

@@ -102,10 +102,12 @@ def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_train_step_benchmark_smoke() -> None:
     """Every benchmarked model runs a real training step (tiny widths) and gets a row."""
-    proc = _run_script("train_step.py", "--small", "--repeats", "1", "--warmup", "1")
+    proc = _run_script(
+        "train_step.py", "--small", "--repeats", "1", "--warmup", "1", "--channels-last"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "eager" in ln]
-    assert len(rows) == 3, proc.stdout
+    assert len(rows) == 6, proc.stdout  # 3 models x (eager, eager + channels_last)
     assert not any("failed" in r for r in rows), proc.stdout
 
 

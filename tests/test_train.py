@@ -13,6 +13,7 @@ import torch
 from vaeflow.checkpoint import CheckpointError, load_checkpoint
 from vaeflow.cli import main as cli_main
 from vaeflow.config import ConfigError, load_config
+from vaeflow.evaluate import evaluate_run
 from vaeflow.logger import read_metrics
 from vaeflow.train import TrainingDiverged, train
 
@@ -264,3 +265,30 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     # A user error is one clear line and exit status 2, not a traceback.
     assert cli_main(["train", str(cfg), "--set", "train.nope=1"]) == 2
     assert "unknown config key(s) train.nope" in capsys.readouterr().err
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    """train.channels_last only changes the memory layout: a conv VAE trained a few steps
+    either way ends with the same weights (to conv-algorithm rounding), its conv weights
+    are NHWC, and the run evaluates."""
+    conv = [
+        'model.encoder.name="gated_conv"',
+        "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
+        'model.decoder.name="gated_conv"',
+        "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
+        "train.steps=6",
+        "train.val_every=6",
+        "train.ckpt_every=6",
+        "eval.n_test=20",
+    ]
+    train(_cfg(*conv), tmp_path / "nchw")
+    train(_cfg(*conv, "train.channels_last=true"), tmp_path / "nhwc")
+    a = load_checkpoint(tmp_path / "nchw/checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "nhwc/checkpoints/last.pt")["model"]
+    convs = [k for k, v in b.items() if v.dim() == 4]
+    assert convs and all(b[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert not all(a[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+    summary = evaluate_run(tmp_path / "nhwc", data_root=DATA)
+    assert math.isfinite(summary["test/nll_iw20_nats"])

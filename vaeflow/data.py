@@ -87,6 +87,7 @@ __all__ = [
     "prepare_eval",
     "resolve_data_root",
     "static_binarize",
+    "to_memory_format",
     "to_unit_interval",
 ]
 
@@ -859,3 +860,10 @@ class TrainBatches:
             f"steps_per_epoch={self.steps_per_epoch}, kind={self.kind!r}, "
             f"binarization={self.binarization!r}, device={self.device})"
         )
+
+
+def to_memory_format(x: Tensor, channels_last: bool) -> Tensor:
+    """Image batches ``(B, C, H, W)`` in NHWC layout when ``channels_last`` (else as given)."""
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

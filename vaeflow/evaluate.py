@@ -25,7 +25,7 @@ from .bounds import nats_to_bits_per_dim
 from .build import build_model
 from .checkpoint import load_checkpoint, load_model_state
 from .config import Config, from_dict
-from .data import eval_batches, load_splits, prepare_eval
+from .data import eval_batches, load_splits, prepare_eval, to_memory_format
 from .utils import resolve_device
 from .vae import VAE
 
@@ -166,6 +166,9 @@ def evaluate_run(
     x = prepare_eval(splits.test, splits.kind, cfg.data.binarization, cfg.data.seed, dev)
     if n_test is not None:
         x = x[:n_test]
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = to_memory_format(x, channels_last=True)
     torch.manual_seed(cfg.train.seed)
     metrics = evaluate_model(
         model,

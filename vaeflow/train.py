@@ -44,7 +44,14 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, ConfigError, to_dict
-from .data import DataSplits, TrainBatches, eval_batches, load_splits, prepare_eval
+from .data import (
+    DataSplits,
+    TrainBatches,
+    eval_batches,
+    load_splits,
+    prepare_eval,
+    to_memory_format,
+)
 from .logger import Progress, RunLogger, flatten_config
 from .utils import resolve_device
 from .vae import VAE
@@ -303,6 +310,9 @@ def train(
         x_val = x_val[: t.val_size]
 
     model = model.to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x_val = to_memory_format(x_val, channels_last=True)
     # Independent posterior noise per rank (rank 0 keeps the single-process stream).
     torch.manual_seed(t.seed + 7919 * ctx.rank)
     opt = _optimizer(cfg, model.parameters())
@@ -381,7 +391,7 @@ def train(
     try:
         while state.step < t.steps:
             step = state.step
-            x = batches.batch(step)
+            x = to_memory_format(batches.batch(step), t.channels_last)
             if ctx.active:  # this rank's shard of the global batch
                 x = x[ctx.rank :: ctx.world]
             beta = _beta(cfg, step)
