@@ -188,19 +188,22 @@ def test_mismatched_posterior_orders_the_bounds(float64):
 def test_chunked_estimator_equals_unchunked_exactly(float64):
     """The streaming log-sum-exp over chunks equals one logsumexp over all samples."""
     k, b = 1000, 4
-    lw = torch.randn(k, b) * 30.0  # large spread: exercises the running max shift
-    full = Terms(lw, torch.zeros(k, b), torch.zeros(k, b))
+    lpxz = torch.randn(k, b) * 30.0  # large spread: exercises the max shift across chunks
+    lpz, lqz = torch.randn(k, b), torch.randn(k, b)
+    full = Terms(lpxz, lpz, lqz)
     pos = [0]
 
     def terms_fn(n: int) -> Terms:
-        t = Terms(lw[pos[0] : pos[0] + n], torch.zeros(n, b), torch.zeros(n, b))
+        sl = slice(pos[0], pos[0] + n)
         pos[0] += n
-        return t
+        return Terms(lpxz[sl], lpz[sl], lqz[sl])
 
     res = log_likelihood_from_sampler(terms_fn, k=k, chunk=77)
     assert torch.allclose(res.log_px, iwae(full), atol=1e-12, rtol=0)
     assert torch.allclose(res.elbo, elbo(full), atol=1e-12, rtol=0)
-    w = torch.softmax(lw, 0)
+    assert torch.allclose(res.kl, (lqz - lpz).mean(0), atol=1e-12, rtol=0)
+    assert torch.allclose(res.log_px_z, lpxz.mean(0), atol=1e-12, rtol=0)
+    w = torch.softmax(full.log_weights, 0)
     assert torch.allclose(res.ess, 1.0 / (w**2).sum(0), rtol=1e-10)
 
 

@@ -211,10 +211,17 @@ def log_likelihood_from_sampler(
 ) -> LogLikelihood:
     """Importance-sampled ``log p(x)`` with ``k`` samples, ``chunk`` at a time.
 
-    Memory is bounded by ``chunk`` whatever ``k`` is: a running log-sum-exp (max-shifted,
-    so no overflow) and running sums for the ELBO are kept per example. The encoder is
-    meant to run once; ``terms_fn(n)`` should reuse its features and draw ``n`` fresh
-    posterior samples (see :meth:`vaeflow.vae.VAE.terms_sampler`).
+    Memory is bounded by ``chunk`` whatever ``k`` is: each chunk is reduced at once to six
+    float64 numbers per example (its max log-weight, the max-shifted sums of the weights
+    and of their squares, and the sums of the log-weights, KL and reconstruction terms),
+    and the chunks' numbers are combined at the end with one max-shifted log-sum-exp, so
+    nothing overflows. (The ``ceil(k / chunk) x 6 x B`` numbers kept are the only memory
+    that grows with ``k``: 4 KB per example at k = 50000, chunk = 100.) About 18 small
+    operations per chunk, half of what rescaling running sums every chunk took: at small
+    chunks on a GPU these host-side launches, not the model, set the pace.
+
+    The encoder is meant to run once; ``terms_fn(n)`` should reuse its features and draw
+    ``n`` fresh posterior samples (see :meth:`vaeflow.vae.VAE.terms_sampler`).
 
     Args:
         terms_fn: ``n -> Terms`` with ``(n, B)`` tensors, fresh samples on every call.
@@ -226,45 +233,43 @@ def log_likelihood_from_sampler(
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
-    running_max = running_sum = sum_w2 = None
-    elbo_sum = kl_sum = rec_sum = None
-    done = 0
+    stats: Tensor | None = None
+    done = i = 0
     while done < k:
         n = min(chunk, k - done)
         t = terms_fn(n)
         if t.log_px_z.shape[0] != n:
             raise ValueError(f"terms_fn({n}) returned {t.log_px_z.shape[0]} samples")
-        lw = t.log_weights.double()  # (n, B); float64 accumulation for k = 5000+
-        m = lw.max(0).values
-        if running_max is None:
-            running_max = m
-            running_sum = torch.exp(lw - m).sum(0)
-            sum_w2 = torch.exp(2 * (lw - m)).sum(0)
-            elbo_sum = lw.sum(0)
-            kl_sum = t.kl.double().sum(0)
-            rec_sum = t.log_px_z.double().sum(0)
-        else:
-            new_max = torch.maximum(running_max, m)
-            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
-                lw - new_max
-            ).sum(0)
-            sum_w2 = sum_w2 * torch.exp(2 * (running_max - new_max)) + torch.exp(
-                2 * (lw - new_max)
-            ).sum(0)
-            running_max = new_max
-            elbo_sum = elbo_sum + lw.sum(0)
-            kl_sum = kl_sum + t.kl.double().sum(0)
-            rec_sum = rec_sum + t.log_px_z.double().sum(0)
+        s = _chunk_stats(t)
+        if stats is None:
+            stats = s.new_empty(math.ceil(k / chunk), *s.shape)
+        stats[i] = s
         done += n
-    log_px = running_max + torch.log(running_sum) - math.log(k)
-    ess = running_sum**2 / sum_w2
+        i += 1
+    assert stats is not None
+    m, s1, s2, lw_sum, kl_sum, rec_sum = stats.unbind(1)  # each (chunks, B)
+    top = m.amax(0)
+    scale = torch.exp(m - top)
+    total = (s1 * scale).sum(0)
+    total_sq = (s2 * scale * scale).sum(0)
     return LogLikelihood(
-        log_px=log_px,
-        elbo=elbo_sum / k,
-        kl=kl_sum / k,
-        log_px_z=rec_sum / k,
-        ess=ess,
+        log_px=top + torch.log(total) - math.log(k),
+        elbo=lw_sum.sum(0) / k,
+        kl=kl_sum.sum(0) / k,
+        log_px_z=rec_sum.sum(0) / k,
+        ess=total**2 / total_sq,
         k=k,
+    )
+
+
+def _chunk_stats(t: Terms) -> Tensor:
+    """``(6, B)`` float64: max log-weight ``m``, ``sum exp(lw - m)``, ``sum exp(2 (lw - m))``,
+    ``sum lw``, ``sum kl``, ``sum log p(x|z)`` over the chunk's samples."""
+    lw = t.log_weights.double()  # float64 accumulation for k = 5000+
+    m = lw.amax(0)
+    w = torch.exp(lw - m)
+    return torch.stack(
+        [m, w.sum(0), (w * w).sum(0), lw.sum(0), t.kl.double().sum(0), t.log_px_z.double().sum(0)]
     )
 
 
