@@ -282,3 +282,23 @@ def test_estimate_does_not_depend_on_batch_composition(float64):
     assert torch.allclose(together, alone, atol=1e-12, rtol=0)
     shuffled = model.log_likelihood(x.flip(0), k=50, chunk=20).log_px.flip(0)
     assert torch.allclose(together, shuffled, atol=1e-12, rtol=0)
+
+
+def test_a_chunk_of_zero_weights_does_not_poison_the_estimate(float64):
+    """An example whose log-weights are all -inf in one chunk (e.g. a prior with bounded
+    support) contributes nothing from that chunk; if every chunk is -inf, log p = -inf."""
+    k, b = 20, 3
+    lpxz = torch.randn(k, b)
+    lpxz[10:, 0] = -math.inf  # example 0: second chunk all -inf
+    lpxz[:, 2] = -math.inf  # example 2: every sample -inf
+    full = Terms(lpxz, torch.zeros(k, b), torch.zeros(k, b))
+    pos = [0]
+
+    def terms_fn(n: int) -> Terms:
+        sl = slice(pos[0], pos[0] + n)
+        pos[0] += n
+        return Terms(lpxz[sl], torch.zeros(n, b), torch.zeros(n, b))
+
+    res = log_likelihood_from_sampler(terms_fn, k=k, chunk=10)
+    assert torch.allclose(res.log_px[:2], iwae(full)[:2], atol=1e-12, rtol=0)
+    assert res.log_px[2] == -math.inf

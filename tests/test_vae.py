@@ -137,6 +137,26 @@ def test_log_likelihood_checks_the_data_once_per_batch_not_per_chunk():
     assert model.likelihood.validate is True  # restored after the error too
 
 
+@pytest.mark.parametrize(
+    "where, flow",
+    [(w, f) for w in ("posterior", "prior") for f in ("residual", "ffjord")],
+)
+def test_log_likelihood_of_models_whose_flows_need_autograd(where, flow):
+    """FFJORD and residual flows call torch.autograd.grad inside their passes, which
+    inference_mode would forbid: the estimator must fall back to no_grad for them (and
+    keep inference_mode for everything else). latent_dim 20 > 16 puts the residual flow on
+    its stochastic log-det estimator."""
+    opts = {"flow": flow, "num_layers": 1}
+    cfg = (
+        _cfg(posterior=opts, latent_dim=20)
+        if where == "posterior"
+        else _cfg(prior={"name": "flow", **opts}, latent_dim=20)
+    )
+    model = build_model(cfg).eval()
+    ll = model.log_likelihood(_binary(2), k=4, chunk=2)
+    assert ll.log_px.isfinite().all() and (ll.elbo <= ll.log_px + 1e-6).all()
+
+
 def test_compiled_log_likelihood_equals_eager():
     """torch.compile of the per-chunk step (eval.compile) computes the same estimator; with
     inductor's fallback_random the compiled code draws the same noise as eager, so the

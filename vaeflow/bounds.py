@@ -15,6 +15,7 @@ Burda et al. and van den Berg et al.) in chunks so memory stays flat in ``K``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,15 +193,27 @@ def log_likelihood(
 
     The standard estimator of Burda et al. 2016 (``k = 5000`` as in their and van den
     Berg et al.'s tables): batched across examples, chunked over ``k``, the encoder run
-    once, under ``torch.inference_mode`` (no autograd bookkeeping at all). See
+    once, under ``torch.inference_mode`` (``no_grad`` for models with FFJORD or residual
+    flows, which need autograd inside their passes). See
     :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors. ``compile`` is passed
     to ``model.terms_sampler`` (see :meth:`vaeflow.vae.VAE.terms_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
-    with torch.inference_mode():
+    with _no_autograd(model):
         sampler = model.terms_sampler(x, compile=True) if compile else model.terms_sampler(x)
         return log_likelihood_from_sampler(sampler, k=k, chunk=chunk)
+
+
+def _no_autograd(model: object) -> contextlib.AbstractContextManager:
+    """``inference_mode`` (no autograd bookkeeping at all), or ``no_grad`` when a layer of
+    ``model`` calls ``torch.autograd.grad`` in its own passes (FFJORD, residual flows):
+    inside ``inference_mode`` their ``enable_grad`` blocks could not track anything."""
+    if isinstance(model, torch.nn.Module) and any(
+        getattr(m, "needs_autograd", False) for m in model.modules()
+    ):
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 @torch.no_grad()
@@ -249,7 +262,9 @@ def log_likelihood_from_sampler(
     assert stats is not None
     m, s1, s2, lw_sum, kl_sum, rec_sum = stats.unbind(1)  # each (chunks, B)
     top = m.amax(0)
-    scale = torch.exp(m - top)
+    # A chunk (or all of them) with every weight zero has m = -inf and s1 = s2 = 0: shift
+    # by a finite number so that its scale is exp(-inf) = 0, not exp(nan).
+    scale = torch.exp(m - _finite_or_zero(top))
     total = (s1 * scale).sum(0)
     total_sq = (s2 * scale * scale).sum(0)
     return LogLikelihood(
@@ -267,7 +282,7 @@ def _chunk_stats(t: Terms) -> Tensor:
     ``sum lw``, ``sum kl``, ``sum log p(x|z)`` over the chunk's samples."""
     lw = t.log_weights.double()  # float64 accumulation for k = 5000+
     m = lw.amax(0)
-    w = torch.exp(lw - m)
+    w = torch.exp(lw - _finite_or_zero(m))  # all weights zero (m = -inf): w = 0, not nan
     return torch.stack(
         [m, w.sum(0), (w * w).sum(0), lw.sum(0), t.kl.double().sum(0), t.log_px_z.double().sum(0)]
     )
@@ -280,3 +295,7 @@ def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
     already inside the likelihood, so no offset is added here.
     """
     return nats / (num_dims * math.log(2.0))
+
+
+def _finite_or_zero(t: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))

@@ -21,7 +21,9 @@ from vaeflow.flows.base import LULinear, Permutation
 from vaeflow.flows.spline import (
     RQSplineAutoregressive,
     RQSplineCoupling,
+    _knot_table,
     _knots,
+    _spline_from_params,
     build_nsf_autoregressive,
     build_nsf_coupling,
     rational_quadratic_spline,
@@ -405,3 +407,18 @@ def test_extreme_inputs_stay_finite(name, magnitude, seed):
     x = magnitude * torch.randn(3, flow.event_shape[0], generator=g)
     c = magnitude * torch.randn(3, 3, generator=g)
     check_finite(flow, x, c, Directions())
+
+
+def test_knots_keep_the_minimum_bin_size_for_bf16_parameters():
+    """Under bf16 autocast the conditioner's output is bf16; the knot constants must stay in
+    float32, or neighbouring offsets (2 B m j - B) round together and a bin whose softmax
+    weight is ~0 collapses to width 0 (s_k = 0, log-det -inf)."""
+    raw = torch.zeros(2, 2, 8)
+    raw[:, :, 0] = -30.0  # bin 0 gets only its minimum size
+    knots = _knot_table(raw.to(torch.bfloat16), B, (1e-3, 1e-3))
+    assert knots.dtype == torch.float32
+    assert (knots.diff(dim=-1) >= 2 * B * 1e-3 * (1 - 1e-4)).all()
+    y, ld = _spline_from_params(
+        torch.full((2,), -B + 1e-3), torch.zeros(2, 23).to(torch.bfloat16), 8, B, False
+    )
+    assert ld.isfinite().all()

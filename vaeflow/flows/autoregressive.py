@@ -192,7 +192,8 @@ class MADE(nn.Module):
         """``x (*, D)``, ``context (*, C)`` (same leading dims) ``-> (*, D, P)``."""
         # The same computation as conditioner(context)(x), written out: this one-pass
         # direction is the hot path of IAF posteriors and MAF priors, and building the
-        # closure costs host time that small flows on a GPU are bound by.
+        # closure costs host time that small flows on a GPU are bound by. The masked
+        # layers are applied with F.linear, not called as modules (their hooks don't fire).
         h = x
         for i, (layer, act) in enumerate(zip(self.hidden_layers, self.activations, strict=True)):
             h = F.linear(h, layer.weight * layer.mask, layer.bias)

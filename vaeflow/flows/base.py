@@ -128,6 +128,11 @@ class Transform(nn.Module):
     #: latents is projected once per example, not once per sample.
     broadcasts_context: bool = False
 
+    #: True when the layer calls ``torch.autograd.grad`` inside its own passes (FFJORD's
+    #: trace estimator, residual flows' log-det series and inverse): evaluation must then
+    #: run under ``no_grad``, not ``inference_mode``, where autograd cannot be re-enabled.
+    needs_autograd: bool = False
+
     #: True when the log-determinant is identically zero whatever the input (permutations):
     #: :class:`Composite` then calls :meth:`apply_map` and skips the zero log-det.
     zero_logdet: bool = False

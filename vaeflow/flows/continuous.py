@@ -286,6 +286,8 @@ class ContinuousFlow(Transform):
         Chen et al. 2018, arXiv:1806.07366; Grathwohl et al. 2019, arXiv:1810.01367.
     """
 
+    needs_autograd = True  # autograd.grad inside its passes (see Transform)
+
     def __init__(
         self,
         features: int,

@@ -291,6 +291,8 @@ class InvertibleResidual(Transform):
         Behrmann et al. 2019, arXiv:1811.00995; Chen et al. 2019, arXiv:1906.02735.
     """
 
+    needs_autograd = True  # autograd.grad inside its passes (see Transform)
+
     def __init__(
         self,
         features: int,

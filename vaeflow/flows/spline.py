@@ -108,10 +108,12 @@ def _knot_table(unnormalized: Tensor, bound: float, min_sizes: tuple[float, ...]
     by a softmax. Four kernels for all sets together (softmax, cumsum, pad, addcmul).
     """
     k = unnormalized.shape[-1]
-    offset, scale, _ = _knot_constants(
-        k, bound, min_sizes, unnormalized.device, unnormalized.dtype
-    )
     cum = F.pad(torch.cumsum(torch.softmax(unnormalized, dim=-1), dim=-1), (1, 0))
+    # Constants in at least float32: under bf16 autocast the conditioner's output is bf16
+    # while softmax/cumsum run in float32, and bf16 offsets would merge neighbouring knots
+    # (the minimum bin size lost, empty bins, -inf log-dets).
+    dtype = torch.promote_types(cum.dtype, torch.float32)
+    offset, scale, _ = _knot_constants(k, bound, min_sizes, cum.device, dtype)
     return torch.addcmul(offset, cum, scale)
 
 
