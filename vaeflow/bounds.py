@@ -229,9 +229,9 @@ def log_likelihood_from_sampler(
     and of their squares, and the sums of the log-weights, KL and reconstruction terms),
     and the chunks' numbers are combined at the end with one max-shifted log-sum-exp, so
     nothing overflows. (The ``ceil(k / chunk) x 6 x B`` numbers kept are the only memory
-    that grows with ``k``: 4 KB per example at k = 50000, chunk = 100.) About 18 small
-    operations per chunk, half of what rescaling running sums every chunk took: at small
-    chunks on a GPU these host-side launches, not the model, set the pace.
+    that grows with ``k``: 24 KB per example at k = 50000, chunk = 100.) 19 small
+    operations per chunk, where rescaling running sums every chunk took 30 (small chunks
+    on a GPU are host-bound, see benchmarks/README.md).
 
     The encoder is meant to run once; ``terms_fn(n)`` should reuse its features and draw
     ``n`` fresh posterior samples (see :meth:`vaeflow.vae.VAE.terms_sampler`).
@@ -298,4 +298,4 @@ def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
 
 
 def _finite_or_zero(t: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
