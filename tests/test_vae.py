@@ -157,10 +157,31 @@ def test_log_likelihood_of_models_whose_flows_need_autograd(where, flow):
     assert ll.log_px.isfinite().all() and (ll.elbo <= ll.log_px + 1e-6).all()
 
 
+def test_stats_sampler_reduces_the_same_samples_as_terms_sampler():
+    from vaeflow.bounds import chunk_statistics, log_likelihood
+
+    model = build_model(_cfg({"flow": "iaf"}, {"name": "flow", "flow": "realnvp"})).eval()
+    x = _binary(3)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        t = model.terms_sampler(x)(7)
+        torch.manual_seed(5)
+        s = model.stats_sampler(x)(7)
+    assert s.shape == (6, 3) and s.dtype == torch.float64
+    assert torch.equal(s, chunk_statistics(t.log_px_z, t.log_pz, t.log_qz))
+
+    class OnlyTerms:  # a sampler without stats_sampler cannot be compiled
+        def terms_sampler(self, x):
+            return model.terms_sampler(x)
+
+    with pytest.raises(ValueError, match="stats_sampler"):
+        log_likelihood(OnlyTerms(), x, k=4, chunk=2, compile=True)
+
+
 def test_compiled_log_likelihood_equals_eager():
-    """torch.compile of the per-chunk step (eval.compile) computes the same estimator; with
-    inductor's fallback_random the compiled code draws the same noise as eager, so the
-    estimates agree to float32 rounding (the fused kernels round differently)."""
+    """torch.compile of the per-chunk step and its reduction (eval.compile) computes the
+    same estimator; with inductor's fallback_random the compiled code draws the same noise
+    as eager, so the estimates agree to float32 rounding (fused kernels round differently)."""
     import torch._inductor.config as inductor_config
 
     model = build_model(_cfg({"flow": "iaf"}, {"name": "flow", "flow": "realnvp"})).eval()

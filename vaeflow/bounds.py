@@ -32,6 +32,8 @@ __all__ = [
     "free_bits_kl",
     "log_likelihood",
     "log_likelihood_from_sampler",
+    "log_likelihood_from_stats",
+    "chunk_statistics",
     "LogLikelihood",
     "nats_to_bits_per_dim",
 ]
@@ -179,7 +181,7 @@ class LogLikelihood:
 class SupportsTermsSampler(Protocol):
     """Anything that can encode ``x`` once and then draw posterior samples in chunks."""
 
-    def terms_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Terms]: ...
+    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]: ...
 
 
 def log_likelihood(
@@ -195,14 +197,21 @@ def log_likelihood(
     Berg et al.'s tables): batched across examples, chunked over ``k``, the encoder run
     once, under ``torch.inference_mode`` (``no_grad`` for models with FFJORD or residual
     flows, which need autograd inside their passes). See
-    :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors. ``compile`` is passed
-    to ``model.terms_sampler`` (see :meth:`vaeflow.vae.VAE.terms_sampler`).
+    :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors. ``compile``: use the
+    model's compiled ``stats_sampler`` (see :meth:`vaeflow.vae.VAE.stats_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
+    if compile and not hasattr(model, "stats_sampler"):
+        raise ValueError(
+            f"compile=True needs a model with a stats_sampler (a vaeflow VAE); "
+            f"{type(model).__name__} has none"
+        )
     with _no_autograd(model):
-        sampler = model.terms_sampler(x, compile=True) if compile else model.terms_sampler(x)
-        return log_likelihood_from_sampler(sampler, k=k, chunk=chunk)
+        if compile:
+            # The whole chunk, its reduction included, in one compiled graph.
+            return log_likelihood_from_stats(model.stats_sampler(x, compile=True), k, chunk)
+        return log_likelihood_from_sampler(model.terms_sampler(x), k=k, chunk=chunk)
 
 
 def _no_autograd(model: object) -> contextlib.AbstractContextManager:
@@ -244,16 +253,33 @@ def log_likelihood_from_sampler(
     Returns:
         :class:`LogLikelihood` with ``(B,)`` tensors.
     """
+
+    def stats_fn(n: int) -> Tensor:
+        t = terms_fn(n)
+        if t.log_px_z.shape[0] != n:
+            raise ValueError(f"terms_fn({n}) returned {t.log_px_z.shape[0]} samples")
+        return chunk_statistics(t.log_px_z, t.log_pz, t.log_qz)
+
+    return log_likelihood_from_stats(stats_fn, k, chunk)
+
+
+@torch.no_grad()
+def log_likelihood_from_stats(
+    stats_fn: Callable[[int], Tensor], k: int = 5000, chunk: int = 500
+) -> LogLikelihood:
+    """:func:`log_likelihood_from_sampler` for a sampler that reduces its own chunks.
+
+    ``stats_fn(n)`` draws ``n`` fresh samples and returns their
+    :func:`chunk_statistics` ``(6, B)``; a compiled model fuses that reduction into the
+    chunk (see :meth:`vaeflow.vae.VAE.stats_sampler`).
+    """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     stats: Tensor | None = None
     done = i = 0
     while done < k:
         n = min(chunk, k - done)
-        t = terms_fn(n)
-        if t.log_px_z.shape[0] != n:
-            raise ValueError(f"terms_fn({n}) returned {t.log_px_z.shape[0]} samples")
-        s = _chunk_stats(t)
+        s = stats_fn(n)
         if stats is None:
             stats = s.new_empty(math.ceil(k / chunk), *s.shape)
         stats[i] = s
@@ -277,14 +303,16 @@ def log_likelihood_from_sampler(
     )
 
 
-def _chunk_stats(t: Terms) -> Tensor:
-    """``(6, B)`` float64: max log-weight ``m``, ``sum exp(lw - m)``, ``sum exp(2 (lw - m))``,
-    ``sum lw``, ``sum kl``, ``sum log p(x|z)`` over the chunk's samples."""
-    lw = t.log_weights.double()  # float64 accumulation for k = 5000+
+def chunk_statistics(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor:
+    """Reduce one chunk of ``n`` importance samples, each term ``(n, B)``, to ``(6, B)``
+    float64: the max log-weight ``m``, ``sum exp(lw - m)``, ``sum exp(2 (lw - m))``,
+    ``sum lw``, ``sum (log q - log p)`` and ``sum log p(x|z)`` over the samples."""
+    lw = (log_px_z + log_pz - log_qz).double()  # float64 accumulation for k = 5000+
     m = lw.amax(0)
     w = torch.exp(lw - _finite_or_zero(m))  # all weights zero (m = -inf): w = 0, not nan
+    kl = (log_qz - log_pz).double()
     return torch.stack(
-        [m, w.sum(0), (w * w).sum(0), lw.sum(0), t.kl.double().sum(0), t.log_px_z.double().sum(0)]
+        [m, w.sum(0), (w * w).sum(0), lw.sum(0), kl.sum(0), log_px_z.double().sum(0)]
     )
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .bounds import LogLikelihood, Terms, log_likelihood
+from .bounds import LogLikelihood, Terms, chunk_statistics, log_likelihood
 from .posteriors import PosteriorSample
 
 __all__ = ["VAE", "Posterior", "Prior", "Likelihood"]
@@ -119,40 +119,55 @@ class VAE(nn.Module):
         """``x (B, *x_shape) -> Terms`` with ``(K, B)`` log-terms from ``k`` samples."""
         return self.terms_from_features(x, self.encode(x), k)[0]
 
-    def terms_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Terms]:
+    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]:
         """Encode ``x`` once; return ``n -> Terms`` drawing ``n`` fresh samples per call.
 
         Used by the chunked log-likelihood estimator: the encoder does not rerun for every
         chunk of importance samples, and ``x`` is validated once here rather than in every
         chunk (each check is a host-device sync that leaves a GPU idle between chunks).
         The returned ``Terms`` carry ``log_px_z``, ``log_pz`` and ``log_qz`` only.
-
-        Args:
-            x: ``(B, *x_shape)``.
-            compile: run each chunk through ``torch.compile`` (fuses the sampling, the
-                decoder's elementwise work and the likelihood; one compilation per
-                distinct ``(B, n)``). Compiled code draws its noise from its own random
-                stream, so estimates differ from eager ones by Monte Carlo error only.
         """
         h = self.encode(x)
+        self._check_data(x)
+
+        def draw(n: int) -> Terms:
+            with _data_validation_off(self.likelihood):
+                return Terms(*_chunk_log_terms(self, x, h, n))
+
+        return draw
+
+    def stats_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Tensor]:
+        """Like :meth:`terms_sampler`, but each call returns the chunk already reduced by
+        :func:`~vaeflow.bounds.chunk_statistics` ``(6, B)``.
+
+        ``compile``: run each chunk through ``torch.compile`` — the sampling, the decoder,
+        the likelihood and the reduction become one graph, so the host issues one call per
+        chunk (small chunks on a GPU are host-bound). One compilation per distinct
+        ``(B, n)``. Compiled code draws its noise from its own random stream, so estimates
+        differ from eager ones by Monte Carlo error only.
+        """
+        h = self.encode(x)
+        self._check_data(x)
+        chunk_fn = _compiled_chunk_statistics() if compile else _chunk_statistics
+
+        def draw(n: int) -> Tensor:
+            with _data_validation_off(self.likelihood):
+                return chunk_fn(self, x, h, n)
+
+        return draw
+
+    def _check_data(self, x: Tensor) -> None:
         # A log-likelihood under all-zero parameters checks x's shape and values (binary,
         # on the 8-bit grid, ...) at the cost of one elementwise pass.
         params = x.new_zeros(x.shape[0], *self.likelihood.param_shape(self.x_shape))
         self.likelihood(params).log_prob(x)
-        chunk_fn = _compiled_chunk_log_terms() if compile else _chunk_log_terms
-
-        def draw(n: int) -> Terms:
-            with _data_validation_off(self.likelihood):
-                return Terms(*chunk_fn(self, x, h, n))
-
-        return draw
 
     def log_likelihood(
         self, x: Tensor, k: int = 5000, chunk: int = 500, compile: bool = False
     ) -> LogLikelihood:
         """Importance-sampled ``log p(x)`` (and ELBO) per example, ``(B,)`` tensors.
 
-        ``compile``: see :meth:`terms_sampler`.
+        ``compile``: see :meth:`stats_sampler`.
         """
         return log_likelihood(self, x, k=k, chunk=chunk, compile=compile)
 
@@ -198,11 +213,16 @@ def _chunk_log_terms(model: VAE, x: Tensor, h: Tensor, n: int) -> tuple[Tensor, 
     return log_px_z, model.prior.log_prob(s.z), s.log_q
 
 
+def _chunk_statistics(model: VAE, x: Tensor, h: Tensor, n: int) -> Tensor:
+    """:func:`~vaeflow.bounds.chunk_statistics` ``(6, B)`` of ``n`` fresh samples."""
+    return chunk_statistics(*_chunk_log_terms(model, x, h, n))
+
+
 @functools.cache
-def _compiled_chunk_log_terms() -> Callable[[VAE, Tensor, Tensor, int], tuple[Tensor, ...]]:
+def _compiled_chunk_statistics() -> Callable[[VAE, Tensor, Tensor, int], Tensor]:
     # Built on first use: importing vaeflow must not import the compiler stack. Shapes are
     # static (each distinct (B, n) compiles once: typically the full and the last chunk).
-    return torch.compile(_chunk_log_terms, dynamic=False)
+    return torch.compile(_chunk_statistics, dynamic=False)
 
 
 @contextlib.contextmanager
