@@ -267,20 +267,35 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert "unknown config key(s) train.nope" in capsys.readouterr().err
 
 
+CONV = [
+    'model.encoder.name="gated_conv"',
+    "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
+    'model.decoder.name="gated_conv"',
+    "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
+    "eval.n_test=20",
+]
+
+
+def test_resume_with_channels_last_switched_continues_the_same_training(tmp_path):
+    """A checkpoint's Adam moments keep their saved layout; resuming with
+    train.channels_last flipped must still pair each weight with its own moments (the fused
+    kernel walks memory linearly), i.e. match the uninterrupted run to layout rounding."""
+    base = [*CONV, "train.steps=10", "train.val_every=10", "train.ckpt_every=5"]
+    train(_cfg(*base), tmp_path / "full")
+    train(_cfg(*base), tmp_path / "flipped", stop_after_step=5)
+    with pytest.warns(UserWarning, match="changed config"):
+        train(_cfg(*base, "train.channels_last=true"), tmp_path / "flipped", resume=True)
+    a = load_checkpoint(tmp_path / "full/checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "flipped/checkpoints/last.pt")["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), key
+
+
 def test_channels_last_trains_the_same_model(tmp_path):
     """train.channels_last only changes the memory layout: a conv VAE trained a few steps
     either way ends with the same weights (to conv-algorithm rounding), its conv weights
     are NHWC, and the run evaluates."""
-    conv = [
-        'model.encoder.name="gated_conv"',
-        "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
-        'model.decoder.name="gated_conv"',
-        "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
-        "train.steps=6",
-        "train.val_every=6",
-        "train.ckpt_every=6",
-        "eval.n_test=20",
-    ]
+    conv = [*CONV, "train.steps=6", "train.val_every=6", "train.ckpt_every=6"]
     train(_cfg(*conv), tmp_path / "nchw")
     train(_cfg(*conv, "train.channels_last=true"), tmp_path / "nhwc")
     a = load_checkpoint(tmp_path / "nchw/checkpoints/last.pt")["model"]

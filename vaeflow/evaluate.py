@@ -92,7 +92,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score preprocessed test data ``x (N, *x_shape)``; metric names carry their units.
 
-    ``compile``: see :meth:`vaeflow.vae.VAE.terms_sampler`.
+    ``compile``: see :meth:`vaeflow.vae.VAE.stats_sampler`.
     """
     model.eval()
     log_px, elbos, kls, recons, ess = [], [], [], [], []

@@ -124,10 +124,10 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         live = model.state_dict()
         keys = list(self.shadow)
-        # One foreach call instead of a lerp_ per tensor (same arithmetic).
-        torch._foreach_lerp_(
-            [self.shadow[k] for k in keys], [live[k].detach() for k in keys], 1.0 - d
-        )
+        if keys:  # one foreach call instead of a lerp_ per tensor (same arithmetic)
+            torch._foreach_lerp_(
+                [self.shadow[k] for k in keys], [live[k].detach() for k in keys], 1.0 - d
+            )
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -176,9 +176,24 @@ def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:  # noqa: ANN001
     if t.optimizer == "adam":
         # The fused kernel (CPU and CUDA): one pass over all parameters instead of ~10
         # small ops per tensor; 2.05 -> 0.62 ms per step for the quickstart model on the
-        # 2-core CPU (benchmarks/README.md). Same update rule, different rounding.
+        # 2-core CPU (benchmarks/README.md). Same update rule, different rounding. A
+        # resumed run keeps its checkpoint's implementation (load_state_dict restores the
+        # param groups' fused/foreach flags), so it continues bit-exactly.
         return torch.optim.Adam(params, fused=_fusable(params), **kw)
     return torch.optim.Adamax(params, foreach=True, **kw)  # Adamax has no fused kernel
+
+
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    ``load_state_dict`` keeps the saved layout; after a resume that switched
+    ``train.channels_last`` the conv weights are NHWC and their moments NCHW, and the fused
+    kernel walks all of them linearly, pairing each weight with another element's moments.
+    """
+    for p, state in opt.state.items():
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
@@ -343,6 +358,7 @@ def train(
         )
         load_model_state(model, ckpt["model"], "checkpoint")
         opt.load_state_dict(ckpt["optimizer"])
+        _match_state_layout(opt)
         sched.load_state_dict(ckpt["scheduler"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"], device)
