@@ -302,34 +302,19 @@ def gaussian_grid_integral(
 
 
 def count_made_passes(fn) -> int:
-    """Number of MADE network evaluations while running ``fn()``: calls of ``MADE.forward``
-    plus calls of the functions ``MADE.conditioner`` returns (the sequential inversions'
-    passes, which a forward hook would miss)."""
+    """Number of MADE network passes while running ``fn()`` (``MADE.forward`` and the
+    sequential inversions' reused conditioners both run ``MADE._pass`` once per pass)."""
     from unittest import mock
 
     from vaeflow.flows.autoregressive import MADE
 
     calls = []
-    original = MADE.conditioner
+    original = MADE._pass
 
-    def counting(self, context=None):
-        made = original(self, context)
-
-        def wrapped(x):
-            calls.append(1)
-            return made(x)
-
-        return wrapped
-
-    forward = MADE.forward
-
-    def counting_forward(self, x, context=None):
+    def counting(self, *args):
         calls.append(1)
-        return forward(self, x, context)
+        return original(self, *args)
 
-    with (
-        mock.patch.object(MADE, "conditioner", counting),
-        mock.patch.object(MADE, "forward", counting_forward),
-    ):
+    with mock.patch.object(MADE, "_pass", counting):
         fn()
     return len(calls)

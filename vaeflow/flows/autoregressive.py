@@ -190,20 +190,7 @@ class MADE(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``x (*, D)``, ``context (*, C)`` (same leading dims) ``-> (*, D, P)``."""
-        # The same computation as conditioner(context)(x), written out: this one-pass
-        # direction is the hot path of IAF posteriors and MAF priors, and building the
-        # closure costs host time that small flows on a GPU are bound by. The masked
-        # layers are applied with F.linear, not called as modules (their hooks don't fire).
-        h = x
-        for i, (layer, act) in enumerate(zip(self.hidden_layers, self.activations, strict=True)):
-            h = F.linear(h, layer.weight * layer.mask, layer.bias)
-            if i == 0 and self.context is not None:
-                h = h + self.context(context)
-            h = act(h)
-        out = F.linear(h, self.out.weight * self.out.mask, self.out.bias)
-        if not self.hidden_layers and self.context is not None:
-            out = out + self.context(context)
-        return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
+        return self._pass(x, *self._frozen(context))
 
     def conditioner(self, context: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """This MADE as a function of ``x`` alone, for one fixed ``context``.
@@ -213,24 +200,38 @@ class MADE(nn.Module):
         pass would be four extra kernels per pass (``D = 784`` passes per MAF layer).
         The returned function computes exactly what :meth:`forward` computes.
         """
+        frozen = self._frozen(context)
+        return lambda x: self._pass(x, *frozen)
+
+    def _frozen(
+        self, context: Tensor | None
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor, Tensor | None]:
+        """Masked weights with biases, the output layer's, and the context projection."""
         weights = [(layer.weight * layer.mask, layer.bias) for layer in self.hidden_layers]
-        out_w, out_b = self.out.weight * self.out.mask, self.out.bias
         ctx = None if self.context is None else self.context(context)
-        acts = list(self.activations)
+        return weights, self.out.weight * self.out.mask, self.out.bias, ctx
 
-        def made(x: Tensor) -> Tensor:
-            h = x
-            for i, ((w, b), act) in enumerate(zip(weights, acts, strict=True)):
-                h = F.linear(h, w, b)
-                if i == 0 and ctx is not None:
-                    h = h + ctx
-                h = act(h)
-            out = F.linear(h, out_w, out_b)
-            if not weights and ctx is not None:
-                out = out + ctx
-            return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
-
-        return made
+    def _pass(
+        self,
+        x: Tensor,
+        weights: list[tuple[Tensor, Tensor]],
+        out_w: Tensor,
+        out_b: Tensor,
+        ctx: Tensor | None,
+    ) -> Tensor:
+        """One network pass. The masked layers are applied with ``F.linear``, not called
+        as modules (no per-call module overhead on this hot path; their hooks don't fire).
+        The context projection ``(*c, H)`` is added with broadcasting."""
+        h = x
+        for i, ((w, b), act) in enumerate(zip(weights, self.activations, strict=True)):
+            h = F.linear(h, w, b)
+            if i == 0 and ctx is not None:
+                h = h + ctx
+            h = act(h)
+        out = F.linear(h, out_w, out_b)
+        if not weights and ctx is not None:
+            out = out + ctx
+        return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
 
 
 class _Autoregressive(Transform):
