@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vaeflow.config import ConfigError, ModelConfig, from_dict, to_dict
+from vaeflow.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
 
 
 def test_defaults_round_trip_through_plain_dicts():
@@ -79,3 +79,32 @@ def test_milestones_without_multistep_are_refused():
 
     with pytest.raises(ConfigError, match=r'only used by lr_schedule = "multistep"'):
         validate(from_dict(Config, {"train": {"lr_schedule": "cosine", "lr_milestones": [5]}}))
+
+
+# ----- data: the standard static MNIST and binarisation names ----------------------------
+
+
+def test_dataset_tables_agree_with_the_data_layer() -> None:
+    """config.py keeps its own copy of the per-dataset facts (layering); they must agree."""
+    from vaeflow import config as config_module
+    from vaeflow.data import DATASETS
+
+    assert set(config_module._DATA_SHAPES) == set(DATASETS)
+    for name, spec in DATASETS.items():
+        assert config_module._DATA_SHAPES[name] == spec.x_shape
+        expected = spec.binarizations if spec.kind == "binary" else None
+        assert config_module.DATA_BINARIZATIONS[name] == expected
+
+
+def test_binarized_mnist_takes_only_the_given_binarization() -> None:
+    cfg = load_config(None, ["data.dataset=binarized_mnist", "data.binarization=given"])
+    assert cfg.data.dataset == "binarized_mnist"
+    with pytest.raises(ConfigError, match="binarization = 'dynamic' does not fit.*given"):
+        load_config(None, ["data.dataset=binarized_mnist"])
+    with pytest.raises(ConfigError, match="'given' does not fit data.dataset = 'mnist'"):
+        load_config(None, ["data.binarization=given"])
+
+
+def test_retired_static_binarization_says_what_to_use() -> None:
+    with pytest.raises(ConfigError, match="retired.*binarized_mnist.*fixed_seed"):
+        load_config(None, ["data.binarization=static"])

@@ -20,11 +20,11 @@ from vaeflow.data import (
     TrainBatches,
     binarize,
     eval_batches,
+    fixed_seed_binarize,
     load_splits,
     pack_cifar10,
     prepare_eval,
     resolve_data_root,
-    static_binarize,
     to_unit_interval,
 )
 
@@ -306,13 +306,13 @@ def test_eval_binarisation_is_fixed(mnist: DataSplits) -> None:
     b = prepare_eval(x, "binary", "dynamic", seed=0)
     assert torch.equal(a, b) and set(a.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(a, prepare_eval(x, "binary", "dynamic", seed=1))
-    # Same evaluation bits under static training, and static_binarize agrees with them.
-    assert torch.equal(a, prepare_eval(x, "binary", "static", seed=0))
+    # Same evaluation bits under fixed-seed training, and fixed_seed_binarize agrees with them.
+    assert torch.equal(a, prepare_eval(x, "binary", "fixed_seed", seed=0))
     small = DataSplits(mnist.train[:50], x, x, (1, 28, 28), "binary", "mnist")
-    st = static_binarize(small, seed=0)
+    st = fixed_seed_binarize(small, seed=0)
     assert torch.equal(to_unit_interval(st.val), a)
-    assert torch.equal(prepare_eval(st.test, "binary", "static", seed=0), a)  # idempotent
-    assert "static binarisation" in st.notes[-1]
+    assert torch.equal(prepare_eval(st.test, "binary", "fixed_seed", seed=0), a)  # idempotent
+    assert "fixed-seed binarisation" in st.notes[-1]
 
 
 def test_8bit_preprocessing_is_the_k_over_255_grid(cifar: DataSplits) -> None:
@@ -321,8 +321,8 @@ def test_8bit_preprocessing_is_the_k_over_255_grid(cifar: DataSplits) -> None:
     assert torch.equal(y, to_unit_interval(x)) and y.dtype == torch.float32
     assert torch.equal((y * 255).round().to(torch.uint8), x)
     assert y.min() >= 0 and y.max() <= 1
-    with pytest.raises(ValueError, match="static_binarize.*8bit"):
-        static_binarize(cifar, 0)
+    with pytest.raises(ValueError, match="fixed_seed_binarize.*8bit"):
+        fixed_seed_binarize(cifar, 0)
 
 
 def test_eval_batches_in_order() -> None:
@@ -381,7 +381,7 @@ def test_dynamic_binarisation_differs_between_steps(mnist: DataSplits) -> None:
     p = x[0].double() / 255
     assert abs(b0.double().mean(0) - p).mean() < 0.1  # 64 draws per pixel
 
-    st = TrainBatches(x, 64, seed=0, kind="binary", binarization="static")
+    st = TrainBatches(x, 64, seed=0, kind="binary", binarization="fixed_seed")
     # Fixed bits per example: epochs 0 and 1 (one step each) hold the same examples, in
     # another order; sorted by example index they are identical.
     s0 = st.batch(0)[st.indices(0).argsort()]
@@ -389,13 +389,13 @@ def test_dynamic_binarisation_differs_between_steps(mnist: DataSplits) -> None:
     assert not torch.equal(st.indices(0), st.indices(1)) and torch.equal(s0, s1)
 
 
-def test_static_train_batches_match_static_binarize(mnist: DataSplits) -> None:
+def test_fixed_seed_train_batches_match_fixed_seed_binarize(mnist: DataSplits) -> None:
     small = DataSplits(
         mnist.train[:100], mnist.val[:10], mnist.test[:10], (1, 28, 28), "binary", "mnist"
     )
-    st = static_binarize(small, seed=4)
-    for data_in in (small.train, st.train):  # raw or already static-binarised: same batches
-        tb = TrainBatches(data_in, 32, seed=4, kind="binary", binarization="static")
+    st = fixed_seed_binarize(small, seed=4)
+    for data_in in (small.train, st.train):  # raw or already binarised: same batches
+        tb = TrainBatches(data_in, 32, seed=4, kind="binary", binarization="fixed_seed")
         for s in (0, 5):
             assert torch.equal(tb.batch(s), to_unit_interval(st.train[tb.indices(s)]))
 
@@ -428,3 +428,124 @@ def test_cli_data_pack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     packed = np.load(tmp_path / "dst" / "CIFAR10" / "cifar10_test.npz")
     assert packed["x"].shape == (3, 32, 32, 3)
     assert np.array_equal(packed["x"], x_test.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+# ----- binarized MNIST (Larochelle & Murray's static binarisation) -----------------------
+
+# sha256 of the decompressed originals (shared/datasets/PROVENANCE.md; TensorFlow Datasets
+# records the same for the download from Larochelle's page).
+_AMAT_SHA256 = {
+    "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+    "valid": "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
+    "test": "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
+}
+
+
+def _amat_text(bits: np.ndarray, newline: str = "\n") -> bytes:
+    return "".join(" ".join(map(str, row)) + newline for row in bits).encode()
+
+
+def _write_amat(root: Path, sizes: dict[str, int], gz: bool, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    folder = root / "BinarizedMNIST"
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in sizes.items():
+        bits = (rng.random((n, 784)) < 0.3).astype(np.uint8)
+        arrays[split] = bits
+        path = folder / f"binarized_mnist_{split}.amat"
+        if gz:
+            with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+                f.write(_amat_text(bits))
+        else:
+            path.write_bytes(_amat_text(bits))
+    return arrays
+
+
+def test_parse_amat_layouts_and_errors() -> None:
+    bits = (np.random.default_rng(1).random((3, 784)) < 0.5).astype(np.uint8)
+    expected = torch.from_numpy(bits * 255).reshape(3, 1, 28, 28)
+    assert torch.equal(data.parse_amat(_amat_text(bits)), expected)  # the original layout
+    crlf = _amat_text(bits, "\r\n")  # another layout goes through the general parser
+    assert torch.equal(data.parse_amat(crlf), expected)
+    assert torch.equal(data.parse_amat(_amat_text(bits)[:-1]), expected)  # no final newline
+    bad = bits.copy()
+    bad[1, 5] = 2
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        data.parse_amat(_amat_text(bad), "f.amat")
+    with pytest.raises(ValueError, match="line 2 has 783 values"):
+        data.parse_amat(_amat_text(bits[:1]) + _amat_text(bits[:1, :-1]), "f.amat")
+    with pytest.raises(ValueError, match="values other than 0 and 1 \\(or no images\\)"):
+        data.parse_amat(b"", "f.amat")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_binarized_mnist_splits_from_files(tmp_path: Path, gz: bool) -> None:
+    arrays = _write_amat(tmp_path, {"train": 7, "valid": 3, "test": 4}, gz=gz)
+    s = load_splits("binarized_mnist", tmp_path, val_size=3)
+    as_uint8 = {k: torch.from_numpy(v * 255).reshape(-1, 1, 28, 28) for k, v in arrays.items()}
+    # val_size = the valid file's size: validation is exactly the valid file.
+    assert torch.equal(s.train, as_uint8["train"]) and torch.equal(s.val, as_uint8["valid"])
+    assert torch.equal(s.test, as_uint8["test"])
+    assert s.kind == "binary" and s.name == "binarized_mnist"
+    assert any("sorted by digit class" in n for n in s.notes)
+    assert any("not the standard 50000 / 10000 / 10000" in n for n in s.notes)
+    full = load_splits("binarized_mnist", tmp_path, val_size=0)  # train on train + valid
+    assert torch.equal(full.train, torch.cat([as_uint8["train"], as_uint8["valid"]]))
+    assert full.val.shape[0] == 0
+    # Used as they are: training batches and evaluation data are the files' bits.
+    x_eval = prepare_eval(s.test, "binary", "given", seed=5)
+    assert torch.equal(x_eval, as_uint8["test"].float() / 255)
+    tb = TrainBatches(s.train, 7, seed=3, kind="binary", binarization="given")
+    assert torch.equal(tb.batch(0), as_uint8["train"][tb.indices(0)].float() / 255)
+
+
+def test_given_binarization_rejects_grey_images(mnist: DataSplits) -> None:
+    with pytest.raises(ValueError, match='binarization="given" needs images that are binary'):
+        TrainBatches(mnist.train[:64], 8, seed=0, kind="binary", binarization="given")
+    with pytest.raises(ValueError, match="these are grey"):
+        prepare_eval(mnist.test[:8], "binary", "given")
+
+
+def test_binarized_mnist_missing_files_name_the_expected_paths(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_splits("binarized_mnist", tmp_path)
+    message = str(e.value)
+    for split in ("train", "valid", "test"):
+        assert str(tmp_path / "BinarizedMNIST" / f"binarized_mnist_{split}.amat") in message
+
+    # A download that fails (no network here) ends in the same clear error.
+    def failing(name: str, root: Path) -> None:
+        raise OSError("no route to host")
+
+    with pytest.raises(DatasetNotFoundError, match="tried and failed.*no route to host"):
+        load_splits("binarized_mnist", tmp_path, download=True, downloader=failing)
+
+
+def test_binarized_mnist_is_the_standard_file(tmp_path: Path) -> None:
+    """The shipped files decompress to the originals, and load as 50k / 10k / 10k."""
+    import hashlib
+
+    for split, digest in _AMAT_SHA256.items():
+        with gzip.open(DATA / "BinarizedMNIST" / f"binarized_mnist_{split}.amat.gz") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest
+    s = load_splits("binarized_mnist", DATA)
+    assert [x.shape[0] for x in (s.train, s.val, s.test)] == [50000, 10000, 10000]
+    assert not any("not the standard" in n for n in s.notes)
+    # Mean pixel values as PROVENANCE.md records them: train 0.1306, valid 0.1311, test 0.1325.
+    means = [round(float(x.float().mean() / 255), 4) for x in (s.train, s.val, s.test)]
+    assert means == [0.1306, 0.1311, 0.1325]
+    # It is not grey MNIST binarised here: a different set of bits from the fixed-seed draw.
+    grey = load_splits("mnist", DATA)
+    assert not torch.equal(s.test, data.fixed_binarize(grey.test, 0, "eval"))
+
+
+def test_test_subset_is_fixed_random_and_sorted() -> None:
+    idx, what = data.test_subset(10000, 500)
+    again, _ = data.test_subset(10000, 500)
+    assert torch.equal(idx, again) and what == "fixed random subset of 500 of 10000"
+    assert idx.unique().numel() == 500 and torch.equal(idx, idx.sort().values)
+    # Not the first 500 (the binarized_mnist test file is sorted by class): spread out.
+    assert idx.max() > 9000 and idx.min() < 1000
+    assert data.test_subset(10000, None) == (None, "all 10000")
+    assert data.test_subset(100, 100) == (None, "all 100")

@@ -104,6 +104,7 @@ def test_collect_flattens_and_recurses(runs: Path) -> None:
         "binarization": "dynamic",
         "k": 5000,
         "n_examples": 10000,
+        "test_examples": None,  # summaries before the field existed
     }
     assert r["notes"] == [NOTE]
     # a run directory given directly, twice, and its parent: no duplicates
@@ -146,6 +147,24 @@ def test_protocol_mismatch_raises(tmp_path: Path) -> None:
     # grouped apart on purpose, the different k are two columns, never averaged
     groups = group(records, by=["train.seed"])
     assert [list(g["metrics"]) for g in groups][0] != [list(g["metrics"]) for g in groups][1]
+
+
+def test_rows_on_different_data_state_their_protocol(tmp_path: Path) -> None:
+    """Two datasets in one table: each row says which, under a warning line."""
+    _write_run(tmp_path, "grey", _config("iaf", 1), 85.0)
+    static = _write_run(tmp_path, "static", _config("planar", 1), 84.0)
+    summary = json.loads((static / "summary.json").read_text())
+    summary.update(dataset="binarized_mnist", binarization="given")
+    (static / "summary.json").write_text(json.dumps(summary))
+    md = to_markdown(group(collect([tmp_path])))
+    assert md.startswith("**Rows differ in their evaluation protocol (dataset, binarization)")
+    assert "| model.posterior.flow | dataset | binarization | seeds |" in md
+    assert (
+        "| iaf | mnist | dynamic | 1 |" in md and "| planar | binarized_mnist | given | 1 |" in md
+    )
+    # One protocol: no protocol columns, no warning.
+    plain = to_markdown(group(collect([tmp_path / "grey"])))
+    assert "Rows differ" not in plain and "| dataset |" not in plain
 
 
 def test_markdown_units_cells_notes_commits(runs: Path) -> None:

@@ -172,6 +172,29 @@ def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize(("delay", "stop_step"), [(0, 30), (50, 70)])
+def test_early_stopping_counts_after_its_delay(tmp_path, monkeypatch, delay, stop_step):
+    """A validation bound that only gets worse after step 10: stop after 2 bad validations,
+    counted from the start, or only after ``early_stopping_delay`` steps (as the VampPrior
+    and Sylvester codes count only after the KL warm-up). The best checkpoint stays."""
+    from vaeflow import train as train_mod
+
+    def worsening(model, ema, x_val, cfg, logger, state, amp):
+        return {"val/iwae": -float(state.step), "val/elbo_nats": -float(state.step)}
+
+    monkeypatch.setattr(train_mod, "_validate", worsening)
+    cfg = _cfg(
+        "train.steps=100",
+        "train.val_every=10",
+        "train.early_stopping=2",
+        f"train.early_stopping_delay={delay}",
+    )
+    summary = train(cfg, tmp_path / f"es{delay}")
+    assert summary["status"] == f"early stopping at step {stop_step}"
+    assert summary["step"] == stop_step and summary["best_step"] == 10
+    assert load_checkpoint(tmp_path / f"es{delay}/checkpoints/best.pt")["step"] == 10
+
+
 def test_repeated_failures_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
     from vaeflow import vae as vae_mod
 
@@ -255,6 +278,9 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert "test/nll_iw20_nats" in out and "tensorboard --logdir" in out
     summary = json.loads((tmp_path / "cli/summary.json").read_text())
     assert summary["test/n_examples"] == 100 and math.isfinite(summary["test/nll_iw20_nats"])
+    # A reduced evaluation says which examples it scored, and the data it scored them on.
+    assert summary["test_examples"] == "fixed random subset of 100 of 10000"
+    assert (summary["dataset"], summary["binarization"]) == ("mnist", "dynamic")
     assert cli_main(["sample", str(tmp_path / "cli"), "--n", "4", "--temperature", "0.5"]) == 0
     assert list((tmp_path / "cli/samples").glob("prior_best_step*_t0.5.png"))
     assert summary["compiled"] is False

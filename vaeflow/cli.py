@@ -127,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--k", type=int, help="importance samples (default: eval.k, 5000)")
     e.add_argument("--chunk", type=int, help="samples per pass (default: eval.chunk)")
-    e.add_argument("--n-test", type=int, help="only the first N test examples")
+    e.add_argument(
+        "--n-test",
+        type=int,
+        help="a fixed random subset of N test examples (the same for every run)",
+    )
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
     e.add_argument("--ema", choices=["on", "off"], help="use EMA weights (default: eval.use_ema)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -125,10 +125,15 @@ class DataConfig:
     """Which data, how it is split and preprocessed.
 
     Attributes:
-        dataset: ``mnist``, ``fashion_mnist`` (binarised) or ``cifar10`` (8-bit).
+        dataset: ``mnist``, ``fashion_mnist`` (grey, binarised here), ``binarized_mnist``
+            (Larochelle & Murray's fixed binarisation: the papers' "static MNIST") or
+            ``cifar10`` (8-bit).
         root: data root; ``None`` resolves ``$VAEFLOW_DATA`` then ``./data``.
-        binarization: ``dynamic`` (a fresh Bernoulli draw per training batch, a fixed-seed
-            draw for validation/test) or ``static`` (one fixed draw for every split).
+        binarization: for grey data ``dynamic`` (a fresh Bernoulli draw per training batch,
+            a fixed-seed draw for validation/test) or ``fixed_seed`` (one fixed-seed draw
+            for every split — vaeflow's own, *not* the papers' static MNIST); for
+            ``binarized_mnist`` ``given`` (the files are binary; used as they are).
+            Ignored for 8-bit data.
         val_size: validation examples taken from the end of the training file
             (``None``: 10000 for MNIST-like data, 5000 for CIFAR-10).
         batch_size: training batch size.
@@ -136,9 +141,9 @@ class DataConfig:
         seed: seed of the fixed binarisations and of the data order.
     """
 
-    dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"
+    dataset: Literal["mnist", "fashion_mnist", "binarized_mnist", "cifar10"] = "mnist"
     root: str | None = None
-    binarization: Literal["dynamic", "static"] = "dynamic"
+    binarization: Literal["dynamic", "fixed_seed", "given"] = "dynamic"
     val_size: int | None = None
     batch_size: int = 100
     eval_batch_size: int = 500
@@ -153,9 +158,13 @@ class TrainConfig:
         steps: total optimiser steps.
         objective: ``elbo`` or ``iwae`` (Burda et al. 2016) with ``k`` samples.
         k: importance samples per example during training.
-        optimizer: ``adam`` or ``adamax``.
+        optimizer: ``adam``, ``adamax`` or ``adam_normgrad`` (Adam on gradients
+            rescaled to unit L2 norm per parameter tensor, the optimiser of Tomczak &
+            Welling's VampPrior code, ``vaeflow.optim.AdamNormGrad``).
         lr: peak learning rate.
         betas: Adam's betas.
+        eps: the optimiser's epsilon (Burda et al. 2016: 1e-4; the Sylvester-flow code:
+            1e-7; torch's default 1e-8).
         weight_decay: L2 weight decay (decoupled only for adamw-style; here plain).
         lr_warmup_steps: linear learning-rate warm-up from 0.
         lr_schedule: ``constant``, ``cosine`` (to ``min_lr_ratio * lr``),
@@ -178,6 +187,9 @@ class TrainConfig:
         val_k: importance samples of the validation IWAE bound.
         val_size: validation examples used (``None``: all).
         early_stopping: validations without improvement before stopping (``None``: never).
+        early_stopping_delay: steps before validations without improvement start to count
+            (the VampPrior and Sylvester-flow codes count only after the KL warm-up: set it
+            to ``kl_warmup_steps``); the best checkpoint is kept from the start.
         log_every: steps between training-scalar logs.
         image_every: steps between reconstruction/sample grids (0: only at the end).
         ckpt_every: steps between ``last.pt`` checkpoints.
@@ -194,9 +206,10 @@ class TrainConfig:
     steps: int = 10000
     objective: Literal["elbo", "iwae"] = "elbo"
     k: int = 1
-    optimizer: Literal["adam", "adamax"] = "adam"
+    optimizer: Literal["adam", "adamax", "adam_normgrad"] = "adam"
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine", "exponential", "multistep"] = "constant"
@@ -214,6 +227,7 @@ class TrainConfig:
     val_k: int = 100
     val_size: int | None = None
     early_stopping: int | None = None
+    early_stopping_delay: int = 0
     log_every: int = 50
     image_every: int = 0
     ckpt_every: int = 1000
@@ -232,7 +246,8 @@ class EvalConfig:
         k: importance samples of the test log-likelihood (5000 as in Burda et al. 2016).
         chunk: samples per pass (memory is flat in ``k``).
         batch_size: test examples per pass.
-        n_test: evaluate on the first ``n_test`` test examples (``None``: all).
+        n_test: evaluate on a fixed random subset of ``n_test`` test examples, the same
+            for every run (``None``: all; see ``vaeflow.data.test_subset``).
         use_ema: evaluate the EMA weights when they exist.
         compile: run each chunk of importance samples through ``torch.compile`` (fuses
             the elementwise work; worth it on a GPU for long evaluations; the first
@@ -266,11 +281,35 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-_DATA_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+# The config layer imports no other vaeflow module, so it keeps its own copy of what it
+# validates about each dataset; tests/test_config.py checks it against vaeflow.data.DATASETS.
+_DATA_SHAPES = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "binarized_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
 _DATA_LIKELIHOODS = {
     "mnist": {"bernoulli"},
     "fashion_mnist": {"bernoulli"},
+    "binarized_mnist": {"bernoulli"},
     "cifar10": {"discretized_logistic", "discretized_logistic_mixture"},
+}
+# data.binarization values each dataset accepts (None: the setting is ignored, 8-bit data).
+DATA_BINARIZATIONS: dict[str, tuple[str, ...] | None] = {
+    "mnist": ("dynamic", "fixed_seed"),
+    "fashion_mnist": ("dynamic", "fixed_seed"),
+    "binarized_mnist": ("given",),
+    "cifar10": None,
+}
+# Values that once meant something else: the error says what to use now.
+_RETIRED_VALUES = {
+    ("data.binarization", "static"): (
+        'data.binarization = "static" is retired: it was a fixed-seed Bernoulli draw of grey '
+        "MNIST, not the papers' static MNIST. For the standard static MNIST (Larochelle & "
+        'Murray\'s files) use data.dataset = "binarized_mnist" with data.binarization = '
+        '"given"; for vaeflow\'s own fixed-seed draw use data.binarization = "fixed_seed"'
+    ),
 }
 
 
@@ -287,6 +326,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.likelihood = {cfg.model.likelihood!r} does not fit data.dataset = "
             f"{cfg.data.dataset!r}; use one of {sorted(allowed)}"
+        )
+    binarizations = DATA_BINARIZATIONS[cfg.data.dataset]
+    if binarizations is not None and cfg.data.binarization not in binarizations:
+        raise ConfigError(
+            f"data.binarization = {cfg.data.binarization!r} does not fit data.dataset = "
+            f"{cfg.data.dataset!r}; use one of {list(binarizations)}"
+            + (
+                " (its files are binary already: the standard static MNIST)"
+                if binarizations == ("given",)
+                else ' ("given" is for data binary in its files, e.g. binarized_mnist)'
+            )
         )
     t = cfg.train
     positive = {
@@ -340,6 +390,13 @@ def validate(cfg: Config) -> Config:
         ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
         ("train.kl_warmup_steps", t.kl_warmup_steps, t.kl_warmup_steps >= 0, ">= 0"),
+        ("train.eps", t.eps, t.eps > 0, "> 0"),
+        (
+            "train.early_stopping_delay",
+            t.early_stopping_delay,
+            t.early_stopping_delay >= 0,
+            ">= 0",
+        ),
         ("train.lr_warmup_steps", t.lr_warmup_steps, t.lr_warmup_steps >= 0, ">= 0"),
         ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
         ("train.betas", list(t.betas), all(0 <= b < 1 for b in t.betas), "each in [0, 1)"),
@@ -490,6 +547,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
+        if (key, value) in _RETIRED_VALUES:
+            raise ConfigError(_RETIRED_VALUES[(key, value)])
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
         return value

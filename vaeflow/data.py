@@ -2,17 +2,22 @@
 
 Datasets (:data:`DATASETS`), all returned as ``uint8`` tensors ``(N, C, H, W)``:
 
-============== ======== ============ ======================================================
-name           kind     x_shape      split (train / val / test), default ``val_size``
-============== ======== ============ ======================================================
-mnist          binary   (1, 28, 28)  first 50,000 / last 10,000 of the 60,000 training
-                                     images / the 10,000 test images
-fashion_mnist  binary   (1, 28, 28)  same 50k / 10k / 10k split as MNIST
-cifar10        8bit     (3, 32, 32)  first 45,000 / last 5,000 of the 50,000 training
-                                     images / the test file (10,000 images from
-                                     torchvision; **only the first 1,000** in the packed
-                                     offline copy, see ``DataSplits.notes``)
-============== ======== ============ ======================================================
+================ ======= ============ ====================================================
+name             kind    x_shape      split (train / val / test), default ``val_size``
+================ ======= ============ ====================================================
+mnist            binary  (1, 28, 28)  first 50,000 / last 10,000 of the 60,000 training
+                                      images / the 10,000 test images
+fashion_mnist    binary  (1, 28, 28)  same 50k / 10k / 10k split as MNIST
+binarized_mnist  binary  (1, 28, 28)  Larochelle & Murray's fixed binarisation (the
+                                      "static MNIST" of the VampPrior, Sylvester, IAF,
+                                      VLAE and planar-flow papers): the train / valid /
+                                      test ``.amat`` files, 50k / 10k / 10k; the test
+                                      file is **sorted by digit class**
+cifar10          8bit    (3, 32, 32)  first 45,000 / last 5,000 of the 50,000 training
+                                      images / the test file (10,000 images from
+                                      torchvision; **only the first 1,000** in the
+                                      packed offline copy, see ``DataSplits.notes``)
+================ ======= ============ ====================================================
 
 The 50k/10k/10k MNIST split is the classic one of the ``mnist.pkl.gz`` pickle (train = the
 first 50,000 training images, validation = the last 10,000, in file order), used by the IWAE,
@@ -21,6 +26,11 @@ whole training file with an empty validation split.
 
 Files (below the data root, see :func:`resolve_data_root`):
 
+- Binarized MNIST: ``BinarizedMNIST/binarized_mnist_{train,valid,test}.amat`` (plain or
+  ``.gz``), one image a line as 784 space-separated ``0``/``1``. The train and valid files
+  are concatenated in that order, so the default ``val_size`` (10,000) is exactly the valid
+  file and ``val_size=0`` trains on all 60,000 images. Download (where the internet is
+  reachable) fetches the originals from Larochelle's page and checks their sha256.
 - MNIST / Fashion-MNIST: torchvision's raw layout ``MNIST/raw/{train,t10k}-images-idx3-ubyte``
   and ``FashionMNIST/raw/...`` (a ``.gz`` next to a missing file is read too). The IDX files
   are parsed directly (no per-item Python, no PIL).
@@ -34,12 +44,15 @@ and how it was resolved, the exact files expected and what to do.
 
 Preprocessing keeps the conventions of :mod:`vaeflow.likelihoods`:
 
-- binarised data (``kind="binary"``, Bernoulli likelihood): values in {0, 1}, drawn as
-  ``Bernoulli(x / 255)``. Training uses *dynamic* binarisation (a fresh draw per batch,
-  :func:`binarize`) or *static* binarisation (one fixed draw, :func:`static_binarize`).
-  Validation and test always use a fixed-seed draw (:func:`prepare_eval`), the same one in
-  both modes, so every evaluation of every run sees the same binary images (NVAE re-draws the
-  test set at every evaluation — STYLE.md pitfall).
+- binarised data (``kind="binary"``, Bernoulli likelihood): values in {0, 1}. Grey images
+  are drawn as ``Bernoulli(x / 255)``: training uses *dynamic* binarisation (a fresh draw
+  per batch, :func:`binarize`) or a *fixed-seed* binarisation (one draw with a fixed seed,
+  :func:`fixed_seed_binarize` — **not** the papers' "static MNIST", which is the dataset
+  ``binarized_mnist``). Validation and test of grey data always use a fixed-seed draw
+  (:func:`prepare_eval`), the same one in both modes, so every evaluation of every run sees
+  the same binary images (re-drawing the test set at every evaluation, as NVAE does, makes
+  numbers noisy and incomparable). Data that is binary in its files (``binarized_mnist``)
+  uses binarisation ``given``: the images are used as they are, in every split.
 - 8-bit data (``kind="8bit"``, discretised-logistic likelihood): ``x / 255``, floats on the
   ``k/255`` grid (:func:`to_unit_interval`).
 
@@ -86,7 +99,9 @@ __all__ = [
     "pack_cifar10",
     "prepare_eval",
     "resolve_data_root",
-    "static_binarize",
+    "test_subset",
+    "fixed_seed_binarize",
+    "parse_amat",
     "to_memory_format",
     "to_unit_interval",
 ]
@@ -95,11 +110,11 @@ ENV_VAR = "VAEFLOW_DATA"
 DEFAULT_ROOT = "data"
 
 Kind = Literal["binary", "8bit"]
-Binarization = Literal["dynamic", "static"]
+Binarization = Literal["dynamic", "fixed_seed", "given"]
 Downloader = Callable[[str, Path], None]
 
 _KINDS = ("binary", "8bit")
-_BINARIZATIONS = ("dynamic", "static")
+_BINARIZATIONS = ("dynamic", "fixed_seed", "given")
 # Fixed binarisations draw their noise on the CPU in chunks of this many examples: the same
 # bits on every device (CUDA generators give other numbers than CPU ones) and bounded memory.
 _FIXED_CHUNK = 8192
@@ -168,7 +183,7 @@ class DataSplits:
         kind: ``"binary"`` (binarise; Bernoulli likelihood) or ``"8bit"`` (``x / 255``;
             discretised likelihood).
         name: dataset name, a key of :data:`DATASETS`.
-        notes: caveats results must print (e.g. a partial test set, static binarisation).
+        notes: caveats results must print (e.g. a partial test set, a fixed-seed binarisation).
     """
 
     train: Tensor
@@ -198,6 +213,10 @@ class DatasetSpec:
         expected: ``root -> [(description, [paths])]``, the file sets :attr:`read` accepts.
         download: ``root -> None``, torchvision's download into ``root``.
         hint: dataset-specific advice for the not-found message.
+        binarizations: the ``data.binarization`` values that fit the data: a grey
+            dataset can be binarised ``dynamic`` or ``fixed_seed``; a dataset whose files
+            are binary already (``binarized_mnist``) only takes ``given``; 8-bit data
+            ignores the setting.
     """
 
     kind: Kind
@@ -207,6 +226,7 @@ class DatasetSpec:
     expected: Callable[[Path], list[tuple[str, list[Path]]]]
     download: Callable[[Path], None]
     hint: str
+    binarizations: tuple[str, ...] = ("dynamic", "fixed_seed")
 
 
 # ----- MNIST-like IDX files ------------------------------------------------------------
@@ -392,6 +412,131 @@ def _cifar_download(root: Path) -> None:
     torchvision.datasets.CIFAR10(str(root), train=True, download=True)
 
 
+# ----- Binarized MNIST (Larochelle & Murray's fixed files) -------------------------------
+
+_AMAT_SPLITS = ("train", "valid", "test")
+_AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+# sha256 of the plain-text originals (the same values TensorFlow Datasets records for the
+# download from the URL above; shared/datasets/PROVENANCE.md). A download that does not
+# match is rejected, so a changed mirror cannot silently change the test set.
+_AMAT_SHA256 = {
+    "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+    "valid": "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
+    "test": "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
+}
+_AMAT_SIZES = {"train": 50000, "valid": 10000, "test": 10000}
+_AMAT_PIXELS = 28 * 28
+_AMAT_TEST_NOTE = (
+    "binarized_mnist test file is sorted by digit class: its first N images are not a "
+    "random subset (vaeflow evaluates a fixed random subset when n_test < 10000)"
+)
+
+
+def _amat_paths(root: Path) -> dict[str, Path]:
+    """``<root>/BinarizedMNIST/binarized_mnist_<split>.amat`` (a ``.gz`` beside counts too)."""
+    folder = root / "BinarizedMNIST"
+    return {s: folder / f"binarized_mnist_{s}.amat" for s in _AMAT_SPLITS}
+
+
+def parse_amat(data: bytes, where: str = "<bytes>") -> Tensor:
+    """Parse Larochelle & Murray's ``.amat`` text: one image a line, 784 ``0``/``1`` digits.
+
+    Args:
+        data: the file's bytes (decompressed).
+        where: the file name, for error messages.
+
+    Returns:
+        ``(N, 1, 28, 28)`` uint8 with values in ``{0, 255}`` (the intensity convention of
+        every binary dataset here, so the already-binary images pass through the uint8
+        paths unchanged).
+
+    Raises:
+        ValueError: a value other than 0/1, or a line without 784 values.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    line = 2 * _AMAT_PIXELS  # 784 digits, 783 spaces and a newline: the original layout
+    if buf.size % line == 0 and buf.size:
+        digits, seps = buf[0::2], buf[1::2].reshape(-1, _AMAT_PIXELS)
+        fast = (seps[:, :-1] == ord(" ")).all() and (seps[:, -1] == ord("\n")).all()
+    else:
+        fast = False
+    if fast:
+        values = digits.astype(np.int16) - ord("0")
+    else:  # another whitespace layout (CRLF, tabs, a missing final newline): split it
+        rows = [r.split() for r in data.decode("ascii", errors="replace").splitlines()]
+        rows = [r for r in rows if r]
+        bad = [i for i, r in enumerate(rows) if len(r) != _AMAT_PIXELS]
+        if bad:
+            raise ValueError(
+                f"{where}: line {bad[0] + 1} has {len(rows[bad[0]])} values, expected "
+                f"{_AMAT_PIXELS} (one 28x28 binary image a line); the file is truncated "
+                "or not a binarized_mnist .amat file"
+            )
+        try:
+            values = np.array(rows, dtype=np.int16)
+        except ValueError as e:
+            raise ValueError(f"{where}: non-numeric value ({e})") from None
+    if values.size == 0 or not np.isin(values, (0, 1)).all():
+        raise ValueError(
+            f"{where}: values other than 0 and 1 (or no images); a binarized_mnist .amat "
+            "file holds one binary image a line — re-download it"
+        )
+    x = torch.from_numpy((values * 255).astype(np.uint8))
+    return x.reshape(-1, 1, 28, 28)
+
+
+def _read_amat(path: Path) -> Tensor:
+    if path.exists():
+        data = path.read_bytes()
+    else:
+        with gzip.open(path.with_name(path.name + ".gz"), "rb") as f:
+            data = f.read()
+    return parse_amat(data, str(path))
+
+
+def _binarized_mnist_read(root: Path) -> tuple[Tensor, Tensor, list[str]] | None:
+    paths = _amat_paths(root)
+    if not all(_idx_exists(p) for p in paths.values()):
+        return None
+    x = {s: _read_amat(p) for s, p in paths.items()}
+    notes = [_AMAT_TEST_NOTE]
+    sizes = {s: int(v.shape[0]) for s, v in x.items()}
+    if sizes != _AMAT_SIZES:
+        # Not an error (a subset for a quick test is legitimate), but never unnoticed.
+        notes.append(
+            "binarized_mnist files hold {train} / {valid} / {test} images, not the standard "
+            "50000 / 10000 / 10000: not the standard static MNIST".format(**sizes)
+        )
+    # train file then valid file: the default val_size (10,000) takes exactly the valid
+    # file as the validation split, and val_size = 0 trains on all 60,000.
+    return torch.cat([x["train"], x["valid"]]), x["test"], notes
+
+
+def _binarized_mnist_expected(root: Path) -> list[tuple[str, list[Path]]]:
+    return [
+        (
+            "Larochelle & Murray's .amat files (or the same names + .gz)",
+            list(_amat_paths(root).values()),
+        )
+    ]
+
+
+def _binarized_mnist_download(root: Path) -> None:
+    import urllib.request
+
+    for split, path in _amat_paths(root).items():
+        with urllib.request.urlopen(_AMAT_URL + path.name, timeout=60) as response:
+            data = response.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != _AMAT_SHA256[split]:
+            raise ValueError(
+                f"downloaded {path.name} has sha256 {digest}, expected "
+                f"{_AMAT_SHA256[split]} (the original file); not saved"
+            )
+        with atomic_write(path, "wb") as f:
+            f.write(data)
+
+
 _mnist = _mnist_like("MNIST", "MNIST")
 _fashion = _mnist_like("FashionMNIST", "FashionMNIST")
 _OFFLINE_COPY = (
@@ -402,6 +547,16 @@ _OFFLINE_COPY = (
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("binary", (1, 28, 28), 10000, *_mnist, hint=_OFFLINE_COPY),
     "fashion_mnist": DatasetSpec("binary", (1, 28, 28), 10000, *_fashion, hint=_OFFLINE_COPY),
+    "binarized_mnist": DatasetSpec(
+        "binary",
+        (1, 28, 28),
+        10000,
+        _binarized_mnist_read,
+        _binarized_mnist_expected,
+        _binarized_mnist_download,
+        hint=_OFFLINE_COPY,
+        binarizations=("given",),
+    ),
     "cifar10": DatasetSpec(
         "8bit",
         (3, 32, 32),
@@ -592,6 +747,16 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what}={value!r}; choose one of {list(allowed)}")
 
 
+def _check_given_binary(x_uint8: Tensor, what: str) -> None:
+    """``binarization="given"`` promises binary images (uint8 0/255); check it once."""
+    if x_uint8.numel() and not ((x_uint8 == 0) | (x_uint8 == 255)).all():
+        raise ValueError(
+            f'{what}: binarization="given" needs images that are binary in their files '
+            "(uint8 values 0 and 255, e.g. dataset binarized_mnist); these are grey — use "
+            'binarization="dynamic" or "fixed_seed"'
+        )
+
+
 def _derive_seed(seed: int, stream: str, index: int = 0) -> int:
     """A 63-bit seed from (seed, stream, index), stable across Python versions and platforms.
 
@@ -622,7 +787,8 @@ def binarize(
     """Dynamic binarisation: one ``Bernoulli(x / 255)`` draw per pixel, on ``x``'s device.
 
     Pixels 0 always give 0 and pixels 255 always give 1, so already-binary data (values in
-    {0, 255}, e.g. from :func:`static_binarize`) is returned unchanged.
+    {0, 255}, e.g. from :func:`fixed_seed_binarize` or ``binarized_mnist``) is returned
+    unchanged.
 
     Args:
         x_uint8: uint8 intensities, any shape.
@@ -667,12 +833,16 @@ def fixed_binarize(x_uint8: Tensor, seed: int, stream: str = "eval") -> Tensor:
     return (torch.cat(chunks) * 255).to(torch.uint8).to(x_uint8.device)
 
 
-def static_binarize(splits: DataSplits, seed: int) -> DataSplits:
-    """Static binarisation: every split binarised once with a fixed seed.
+def fixed_seed_binarize(splits: DataSplits, seed: int) -> DataSplits:
+    """Fixed-seed binarisation: every split of grey data binarised once with a fixed seed.
+
+    This is vaeflow's own draw, not the papers' "static MNIST" (Larochelle & Murray's files,
+    the dataset ``binarized_mnist``): a different test set, whose mean NLL differs by about
+    the gaps between the rows of those papers' tables.
 
     Train uses stream ``"train"``; validation and test use the ``"eval"`` stream of
-    :func:`prepare_eval`, so the evaluation images are the same bits under static and dynamic
-    training. The result stays uint8 (values {0, 255}), so it feeds :class:`TrainBatches`
+    :func:`prepare_eval`, so the evaluation images are the same bits under fixed-seed and
+    dynamic training. The result stays uint8 (values {0, 255}), so it feeds :class:`TrainBatches`
     and :func:`prepare_eval` unchanged.
 
     Args:
@@ -684,7 +854,7 @@ def static_binarize(splits: DataSplits, seed: int) -> DataSplits:
     """
     if splits.kind != "binary":
         raise ValueError(
-            f"static_binarize: {splits.name!r} is {splits.kind!r} data; only binary-kind "
+            f"fixed_seed_binarize: {splits.name!r} is {splits.kind!r} data; only binary-kind "
             "datasets (mnist, fashion_mnist) are binarised"
         )
     return dataclasses.replace(
@@ -692,7 +862,11 @@ def static_binarize(splits: DataSplits, seed: int) -> DataSplits:
         train=fixed_binarize(splits.train, seed, "train"),
         val=fixed_binarize(splits.val, seed, "eval"),
         test=fixed_binarize(splits.test, seed, "eval"),
-        notes=[*splits.notes, f"static binarisation: every split binarised once (seed {seed})"],
+        notes=[
+            *splits.notes,
+            f"fixed-seed binarisation: every split binarised once (seed {seed}); not the "
+            "standard static MNIST (dataset binarized_mnist)",
+        ],
     )
 
 
@@ -706,16 +880,17 @@ def prepare_eval(
 ) -> Tensor:
     """Preprocess a validation/test split once, deterministically.
 
-    Binary data gets the fixed-seed binarisation :func:`fixed_binarize` (stream ``"eval"``)
-    under either training binarisation — NVAE's random re-binarisation at every evaluation
-    makes numbers noisy and incomparable. 8-bit data becomes ``x / 255``.
+    Grey binary-kind data gets the fixed-seed binarisation :func:`fixed_binarize` (stream
+    ``"eval"``) under either training binarisation — a random re-binarisation at every
+    evaluation makes numbers noisy and incomparable. Data binarised in its files
+    (``binarization="given"``) is used as it is. 8-bit data becomes ``x / 255``.
 
     Args:
         x_uint8: ``(N, C, H, W)`` uint8.
         kind: ``"binary"`` or ``"8bit"``.
-        binarization: the training binarisation (``"dynamic"``/``"static"``); validated, and
-            the evaluation draw is the same for both (static splits are already binary and
-            pass through unchanged).
+        binarization: the training binarisation (``"dynamic"``/``"fixed_seed"``: the same
+            evaluation draw for both; ``"given"``: the images are binary already and are
+            checked, not drawn).
         seed: the binarisation seed; keep it constant across runs.
         device: target device (default: ``x``'s).
         dtype: float dtype (default: torch's default dtype).
@@ -726,8 +901,38 @@ def prepare_eval(
     _check_uint8(x_uint8, "prepare_eval")
     _check_choice(kind, _KINDS, "kind")
     _check_choice(binarization, _BINARIZATIONS, "binarization")
-    x = fixed_binarize(x_uint8, seed, "eval") if kind == "binary" else x_uint8
+    if kind == "binary" and binarization == "given":
+        _check_given_binary(x_uint8, "prepare_eval")
+        x = x_uint8
+    else:
+        x = fixed_binarize(x_uint8, seed, "eval") if kind == "binary" else x_uint8
     return to_unit_interval(x.to(device if device is not None else x.device), dtype)
+
+
+def test_subset(n_total: int, n: int | None) -> tuple[Tensor | None, str]:
+    """Which test examples a reduced evaluation scores, and a phrase that says so.
+
+    Test files can be ordered (``binarized_mnist``'s is sorted by digit class), so "the
+    first ``n``" is not a sample of the test set. A reduced evaluation scores a fixed random
+    subset instead: the same ``n`` indices for every run, every seed and every device (a
+    constant seed, drawn on the CPU), in increasing order.
+
+    Args:
+        n_total: examples in the test split.
+        n: examples to score; ``None`` or ``>= n_total`` means all.
+
+    Returns:
+        ``(indices, description)``: ``indices`` is ``(n,)`` int64 on the CPU, or ``None``
+        for the whole split; ``description`` is e.g. ``"all 10000"`` or ``"fixed random
+        subset of 500 of 10000"``.
+    """
+    if n is None or n >= n_total:
+        return None, f"all {n_total}"
+    if n < 1:
+        raise ValueError(f"n_test must be >= 1, got {n}")
+    g = torch.Generator().manual_seed(_derive_seed(0, "test_subset"))
+    indices = torch.randperm(n_total, generator=g)[:n].sort().values
+    return indices, f"fixed random subset of {n} of {n_total}"
 
 
 def eval_batches(x_processed: Tensor, batch_size: int) -> Iterator[Tensor]:
@@ -770,10 +975,11 @@ class TrainBatches:
         batch_size: examples per step.
         seed: the data seed (order and binarisation).
         kind: ``"binary"`` or ``"8bit"``.
-        binarization: ``"dynamic"`` (fresh draw per step) or ``"static"`` (the data are
+        binarization: ``"dynamic"`` (fresh draw per step), ``"fixed_seed"`` (the data are
             binarised once at construction with :func:`fixed_binarize` stream ``"train"``,
-            identical to :func:`static_binarize`'s train split; already-binary data is kept).
-            Ignored for 8-bit data.
+            identical to :func:`fixed_seed_binarize`'s train split; already-binary data is
+            kept) or ``"given"`` (the images are binary in their files and used as they
+            are; checked once). Ignored for 8-bit data.
         device: where the data and batches live (default: ``x``'s device).
         drop_last: drop the last incomplete batch of each epoch (then every batch has
             ``batch_size`` examples); otherwise the last batch of an epoch is short.
@@ -817,8 +1023,10 @@ class TrainBatches:
         self.num_examples = n
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         self.device = torch.device(device) if device is not None else x_uint8.device
-        if kind == "binary" and binarization == "static":
+        if kind == "binary" and binarization == "fixed_seed":
             x_uint8 = fixed_binarize(x_uint8, seed, "train")
+        elif kind == "binary" and binarization == "given":
+            _check_given_binary(x_uint8, "TrainBatches")
         self._x = x_uint8.to(self.device)
         self._dynamic = kind == "binary" and binarization == "dynamic"
         self._gen = torch.Generator(device=self.device) if self._dynamic else None

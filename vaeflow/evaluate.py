@@ -25,7 +25,7 @@ from .bounds import nats_to_bits_per_dim
 from .build import build_model
 from .checkpoint import load_checkpoint, load_model_state
 from .config import Config, from_dict
-from .data import eval_batches, load_splits, prepare_eval, to_memory_format
+from .data import eval_batches, load_splits, prepare_eval, test_subset, to_memory_format
 from .utils import resolve_device
 from .vae import VAE
 
@@ -164,8 +164,9 @@ def evaluate_run(
         cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True
     )
     x = prepare_eval(splits.test, splits.kind, cfg.data.binarization, cfg.data.seed, dev)
-    if n_test is not None:
-        x = x[:n_test]
+    indices, subset = test_subset(len(x), n_test)
+    if indices is not None:
+        x = x[indices.to(dev)]
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = to_memory_format(x, channels_last=True)
@@ -187,6 +188,7 @@ def evaluate_run(
         "compiled": compile,
         "dataset": cfg.data.dataset,
         "binarization": cfg.data.binarization if splits.kind == "binary" else None,
+        "test_examples": subset,
         "notes": list(splits.notes),
         **metrics,
     }

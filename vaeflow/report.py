@@ -47,7 +47,7 @@ __all__ = [
 #: config keys that never define a group (seeds are averaged; names and paths are labels)
 EXCLUDED_KEYS: tuple[str, ...] = ("train.seed", "run.name", "run.root", "data.root")
 #: evaluation protocol: must agree within a group (summary fields, see :func:`collect`)
-PROTOCOL_KEYS: tuple[str, ...] = ("dataset", "binarization", "k", "n_examples")
+PROTOCOL_KEYS: tuple[str, ...] = ("dataset", "binarization", "k", "n_examples", "test_examples")
 #: summary entries that are protocol, not metrics
 _PROTOCOL_METRICS = {"test/k": "k", "test/n_examples": "n_examples"}
 #: default table columns, in order (regexes over metric names)
@@ -111,6 +111,7 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
     protocol = {
         "dataset": summary.get("dataset", config.get("data.dataset")),
         "binarization": summary.get("binarization"),
+        "test_examples": summary.get("test_examples"),
         **{name: summary.get(key) for key, name in _PROTOCOL_METRICS.items()},
     }
     notes: list[str] = []
@@ -315,15 +316,28 @@ def to_markdown(
     """
     keys = list(groups[0]["by"]) if groups else []
     names = list(metrics) if metrics is not None else _default_metrics(groups)
-    headers = (keys or ["runs"]) + ["seeds"] + [metric_label(n) for n in names]
-    lines = [
+    # Rows measured on different data or with different estimators must not sit side by
+    # side unnoticed: then every row states its protocol in columns of its own.
+    mixed = [pk for pk in PROTOCOL_KEYS if len({repr(g["protocol"].get(pk)) for g in groups}) > 1]
+    headers = (keys or ["runs"]) + mixed + ["seeds"] + [metric_label(n) for n in names]
+    lines = []
+    if mixed:
+        lines += [
+            f"**Rows differ in their evaluation protocol ({', '.join(mixed)}): compare only "
+            "rows whose protocol columns agree.**",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(headers) + " |",
-        "|" + "|".join(["---"] * (len(keys) or 1) + ["---:"] * (1 + len(names))) + "|",
+        "|"
+        + "|".join(["---"] * ((len(keys) or 1) + len(mixed)) + ["---:"] * (1 + len(names)))
+        + "|",
     ]
     for g in groups:
         first = [_fmt_value(g["config"][k]) for k in keys] or ["all"]
+        protocol = [_fmt_value(g["protocol"].get(pk)) for pk in mixed]
         cells = [_cell(g["metrics"].get(n), n) for n in names]
-        lines.append("| " + " | ".join([*first, str(g["n_seeds"]), *cells]) + " |")
+        lines.append("| " + " | ".join([*first, *protocol, str(g["n_seeds"]), *cells]) + " |")
     if not groups:
         lines.append("| " + " | ".join(["(no evaluated runs)"] + [""] * (len(headers) - 1)) + " |")
     lines += ["", "Cells: mean ± std over seeds (n); std uses n-1."]

@@ -53,6 +53,7 @@ from .data import (
     to_memory_format,
 )
 from .logger import Progress, RunLogger, flatten_config
+from .optim import AdamNormGrad
 from .utils import resolve_device
 from .vae import VAE
 
@@ -171,8 +172,10 @@ def _lr_lambda(cfg: Config):
 
 def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:  # noqa: ANN001
     t = cfg.train
-    kw = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay}
+    kw = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
     params = list(params)
+    if t.optimizer == "adam_normgrad":
+        return AdamNormGrad(params, fused=_fusable(params), **kw)
     if t.optimizer == "adam":
         # The fused kernel (CPU and CUDA): one pass over all parameters instead of ~10
         # small ops per tensor; 2.05 -> 0.62 ms per step for the quickstart model on the
@@ -498,7 +501,7 @@ def train(
                         0,
                     )
                     checkpoint("best.pt")
-                else:
+                elif state.step > t.early_stopping_delay:
                     state.bad_validations += 1
             if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
                 _log_images(model, ema, x_val, logger, state.step)

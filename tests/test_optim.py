@@ -1,0 +1,54 @@
+"""AdamNormGrad (the VampPrior code's optimiser) against Adam on hand-normalised gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vaeflow.optim import NORMGRAD_EPS, AdamNormGrad
+
+
+def _params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64))
+        for s in ((3, 4), (5,))
+    ]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_steps_equal_adam_on_unit_norm_gradients(fused: bool) -> None:
+    ours, ref = _params(0), _params(0)
+    opt = AdamNormGrad(ours, lr=0.1, betas=(0.9, 0.99), eps=1e-6, fused=fused)
+    ref_opt = torch.optim.Adam(ref, lr=0.1, betas=(0.9, 0.99), eps=1e-6)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) * 10**step for p in ours]
+        for p, q, gr in zip(ours, ref, grads, strict=True):
+            p.grad = gr.clone()
+            q.grad = gr / (gr.norm() + NORMGRAD_EPS)
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ours, ref, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_update_does_not_depend_on_the_gradient_scale() -> None:
+    """With an eps that swamps a small raw gradient, a small gradient still moves its
+    tensor as far as a large one (plain Adam's step shrinks with it)."""
+    small, big = _params(0), _params(0)
+    for params, scale in ((small, 1e-2), (big, 1e4)):
+        opt = AdamNormGrad(params, lr=0.01, eps=1e-3)  # eps that would swamp a tiny raw gradient
+        for p in params:
+            p.grad = torch.ones_like(p) * scale
+        opt.step()
+    for p, q in zip(small, big, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-8)  # up to the 1e-7 in the norm
+    # Plain Adam with the same eps moves the tiny-gradient tensor far less.
+    plain = _params(0)
+    opt = torch.optim.Adam(plain, lr=0.01, eps=1e-3)
+    for p in plain:
+        p.grad = torch.ones_like(p) * 1e-6
+    opt.step()  # step ~ lr * 1e-6 / 1e-3
+    start = _params(0)
+    assert (plain[0] - start[0]).abs().max() < 0.01 * (small[0] - start[0]).abs().max()
