@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import write_json_atomic
+from .atomic import atomic_write, write_json_atomic
 from .bounds import nats_to_bits_per_dim
 from .build import build_model
 from .checkpoint import load_checkpoint, load_model_state
@@ -214,8 +214,6 @@ def sample_run(
     images = model.sample(n, temperature=temperature).clamp(0, 1).cpu()
     name = f"prior_{checkpoint}_step{ckpt.get('step', 0):07d}_t{temperature:g}.png"
     out = Path(run_dir) / "samples" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    save_image(images, tmp, nrow=int(math.sqrt(n)) or 1)
-    tmp.replace(out)
+    with atomic_write(out, "wb") as f:  # the temp name has no .png suffix: say the format
+        save_image(images, f, format="png", nrow=int(math.sqrt(n)) or 1)
     return out
