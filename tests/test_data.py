@@ -237,12 +237,19 @@ def _fake_cifar_batches(root: Path, n_train: int = 4, n_test: int = 3) -> tuple:
 
 def test_pack_cifar10_round_trip(tmp_path: Path) -> None:
     x_train, y_train, x_test, y_test = _fake_cifar_batches(tmp_path / "src")
+    # What a pack killed while writing leaves; a file of someone else's stays.
+    (tmp_path / "dst" / "CIFAR10").mkdir(parents=True)
+    (tmp_path / "dst" / "CIFAR10" / ".cifar10_train.npz.ab12cd34.tmp").write_bytes(b"x")
+    (tmp_path / "dst" / "CIFAR10" / ".other.npz.ab12cd34.tmp").write_bytes(b"x")
     paths = pack_cifar10(tmp_path / "src", tmp_path / "dst")
     assert paths == [
         tmp_path / "dst" / "CIFAR10" / "cifar10_train.npz",
         tmp_path / "dst" / "CIFAR10" / "cifar10_test.npz",
     ]
-    assert not list((tmp_path / "dst" / "CIFAR10").glob("*.tmp"))  # no temp file left
+    # No temp file left, the stale one removed.
+    assert [p.name for p in (tmp_path / "dst" / "CIFAR10").glob("*.tmp")] == [
+        ".other.npz.ab12cd34.tmp"
+    ]
     with np.load(paths[0]) as z:
         assert z["x"].dtype == np.uint8 and z["x"].shape == (20, 32, 32, 3)
         # HWC: channel c of image 5 is the c-th 1024-value plane of its row.

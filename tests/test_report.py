@@ -191,6 +191,9 @@ def test_metric_labels() -> None:
 
 def test_write_report_files(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    out.mkdir()
+    (out / ".results.md.ab12cd34.tmp").write_text("x")  # a killed report's write
+    (out / ".notes.md.ab12cd34.tmp").write_text("x")  # not the report's: stays
     written = write_report([runs], out)
     assert set(written) == {"markdown", "json", "learning_curves"}  # flow is not numeric
     assert written["markdown"].read_text().startswith("| model.posterior.flow")
@@ -198,7 +201,7 @@ def test_write_report_files(runs: Path, tmp_path: Path) -> None:
     assert len(data["records"]) == 4 and len(data["groups"]) == 2
     assert data["by"] == ["model.posterior.flow"]
     assert written["learning_curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob(".*.tmp"))
+    assert [p.name for p in out.glob(".*.tmp")] == [".notes.md.ab12cd34.tmp"]
 
 
 def _refuse(constant: str) -> None:

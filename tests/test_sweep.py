@@ -342,6 +342,33 @@ def test_failing_point_does_not_stop_others(
     assert len(calls) == 6
 
 
+def test_sweep_removes_temp_files_of_its_own_interrupted_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A sweep killed while writing sweep.json (or a commands file) leaves a temp file;
+    the next start removes it. Points' run directories are left to their runs."""
+    path = _grid_sweep(tmp_path)
+    directory = tmp_path / "runs" / "iaf_depth"
+    directory.mkdir(parents=True)
+    stale = directory / ".sweep.json.ab12cd34.tmp"
+    notes = directory / ".notes.tmp"
+    point_temp = directory / sw.expand(path)[0].name / ".summary.json.ab12cd34.tmp"
+    for p in (stale, notes, point_temp):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    monkeypatch.setattr(sw.subprocess, "call", lambda args, **kwargs: 0)
+    sw.run_sweep(path, jobs=1)
+    assert not stale.exists() and notes.exists() and point_temp.exists()
+    assert ".sweep.json.ab12cd34.tmp (1 B)" in capsys.readouterr().out
+
+    out = tmp_path / "cmds.txt"
+    stale_cmds, other = tmp_path / ".cmds.txt.ab12cd34.tmp", tmp_path / ".x.txt.ab12cd34.tmp"
+    for p in (stale_cmds, other):
+        p.write_text("x")
+    sw.write_commands(sw.expand(path), out)
+    assert not stale_cmds.exists() and other.exists()
+
+
 def test_cli_commands_file(tmp_path: Path) -> None:
     path = _grid_sweep(tmp_path)
     parser = argparse.ArgumentParser()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from vaeflow.atomic import atomic_temp_files, remove_stale_temps
 from vaeflow.checkpoint import CheckpointError, load_checkpoint
 from vaeflow.cli import main as cli_main
 from vaeflow.config import ConfigError, load_config
@@ -144,6 +147,71 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert a["ema"]["updates"] == b["ema"]["updates"] == 40
     for key in a["ema"]["shadow"]:
         assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
+
+
+# Saves a checkpoint as train() does, but stalls between writing the bytes and the rename
+# (where a preemption's SIGKILL can land), saying so on stdout.
+_STALLED_WRITER = """
+import os, sys, time
+from vaeflow.checkpoint import load_checkpoint, save_checkpoint
+
+def stall(src, dst):
+    print("written", flush=True)
+    time.sleep(600)
+
+path = sys.argv[1]
+state = load_checkpoint(path)
+os.replace = stall
+save_checkpoint(path, state)
+"""
+
+
+def test_kill_inside_a_checkpoint_write_then_resume_leaves_no_temp_file(tmp_path, capsys):
+    """A run SIGKILLed while writing last.pt leaves the write's temp file (as large as a
+    checkpoint); resuming removes it and says so; the checkpoint still loads."""
+    cfg = _cfg("train.steps=10", "train.val_every=5", "train.ckpt_every=5", "train.log_every=5")
+    run = tmp_path / "run"
+    train(cfg, run, stop_after_step=5)
+    last = run / "checkpoints" / "last.pt"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_WRITER, str(last)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert writer.stdout.readline() == "written\n"
+        (temp,) = atomic_temp_files(run, recursive=True)
+        assert temp.parent == last.parent and temp.stat().st_size > 0.9 * last.stat().st_size
+        # While the writer lives its temp file is in use: nobody may remove it.
+        assert remove_stale_temps(run, recursive=True) == [] and temp.exists()
+    finally:
+        writer.kill()  # SIGKILL: no finally, no atexit; the temp file stays
+        writer.wait()
+        writer.stdout.close()
+    assert temp.exists()
+    capsys.readouterr()
+
+    summary = train(cfg, run, resume=True)
+    assert summary["step"] == 10
+    assert [p for p in run.rglob("*") if p.name.endswith(".tmp")] == []
+    assert torch.load(last, weights_only=True)["step"] == 10
+    assert f"removed 1 temporary file left by an interrupted write in {run}: " in (
+        capsys.readouterr().out
+    )
+
+    # vaeflow eval cleans the run's top level (an interrupted summary.json write), and
+    # leaves checkpoints/ to the run's training, which may still be writing there.
+    stale_summary = run / ".summary.json.ab12cd34.tmp"
+    stale_best = run / "checkpoints" / ".best.pt.ab12cd34.tmp"
+    for p in (stale_summary, stale_best):
+        p.write_bytes(b"x")
+    evaluate_run(run, checkpoint="last", data_root=DATA, k=2, chunk=2, n_test=10)
+    assert not stale_summary.exists() and stale_best.exists()
 
 
 def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch):

@@ -169,8 +169,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     (atomic on POSIX and Windows within one file system). If anything fails — a full
     disk, a kill signal between the write and the rename, an unsaveable object — the old
     file at ``path`` is untouched and the temporary file is removed (a hard kill can leave
-    a ``.*.tmp`` file behind, never a half-written ``path``). Missing parent directories
-    are created.
+    a ``.*.tmp`` file behind, never a half-written ``path``; :func:`vaeflow.train.train`
+    removes such leftovers when a run starts or resumes, with
+    :func:`vaeflow.atomic.remove_stale_temps`). Missing parent directories are created.
 
     Args:
         path: target file, e.g. ``run_dir / "checkpoints" / "last.pt"``.

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temps
 
 __all__ = [
     "DATASETS",
@@ -721,7 +721,10 @@ def pack_cifar10(src_root: str | os.PathLike, dst_root: str | os.PathLike) -> li
         )
     arrays = _read_cifar_batches(batches)
     out = []
-    for split, path in _cifar_npz_paths(Path(dst_root).expanduser()).items():
+    npz = _cifar_npz_paths(Path(dst_root).expanduser())
+    # An interrupted earlier pack leaves a temp file as large as the npz (150 MB).
+    remove_stale_temps(npz["train"].parent, final_names={p.name for p in npz.values()})
+    for split, path in npz.items():
         x, y = arrays[split]
         _atomic_savez(path, x=np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y=y)
         out.append(path)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import write_json_atomic
+from .atomic import atomic_write, remove_stale_temps, write_json_atomic
 from .bounds import nats_to_bits_per_dim
 from .build import build_model
 from .checkpoint import load_checkpoint, load_model_state
@@ -152,6 +152,9 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema is not False, device)
+    # Leftovers of an interrupted write (of summary.json, say). Only the top level: the
+    # run's training, which may still be running, cleans checkpoints/ and samples/.
+    remove_stale_temps(run_dir)
     e = cfg.eval
     k, chunk = k or e.k, chunk or e.chunk
     n_test = n_test if n_test is not None else e.n_test
@@ -216,8 +219,6 @@ def sample_run(
     images = model.sample(n, temperature=temperature).clamp(0, 1).cpu()
     name = f"prior_{checkpoint}_step{ckpt.get('step', 0):07d}_t{temperature:g}.png"
     out = Path(run_dir) / "samples" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    save_image(images, tmp, nrow=int(math.sqrt(n)) or 1)
-    tmp.replace(out)
+    with atomic_write(out, "wb") as f:  # the temp name has no .png suffix: say the format
+        save_image(images, f, format="png", nrow=int(math.sqrt(n)) or 1)
     return out

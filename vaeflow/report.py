@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text_atomic
+from .atomic import remove_stale_temps, write_text_atomic
 from .logger import flatten_config, read_metrics
 
 __all__ = [
@@ -515,6 +515,8 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Temps of an interrupted earlier report; only its own files (out may be shared).
+    remove_stale_temps(out, final_names={"results.md", "results.json"})
     records = collect(run_dirs)
     groups = group(records, by)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])

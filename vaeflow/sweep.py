@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text_atomic
+from .atomic import remove_stale_temps, write_text_atomic
 from .config import Config, ConfigError, load_config, read_toml, to_dict
 
 __all__ = [
@@ -418,6 +418,8 @@ def write_commands(
     """Write :func:`commands` one per line (atomically); returns the path."""
     path = Path(path)
     lines = commands(points, python, extra_args)
+    # Only this file's temps: its folder may be anyone's (the working directory, say).
+    remove_stale_temps(path.parent, final_names={path.name})
     write_text_atomic(path, "".join(line + "\n" for line in lines))
     return path
 
@@ -486,6 +488,8 @@ def run_sweep(
 
     log_dir = sweep.directory / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    # An interrupted write of sweep.json; each point's run cleans its own run directory.
+    remove_stale_temps(sweep.directory)
     todo = [(i, p) for i, p in enumerate(points) if statuses[i]["status"] != "skipped"]
 
     def work(item: tuple[int, Point]) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .atomic import write_json_atomic
+from .atomic import remove_stale_temps, write_json_atomic
 from .bounds import elbo, iwae
 from .build import build_model
 from .checkpoint import (
@@ -309,6 +309,9 @@ def train(
         raise ConfigError(f"cannot build the model from [model]: {e}") from e
     if ctx.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # A run killed inside an atomic write (preempted while saving last.pt) leaves its
+        # temp file, as large as a checkpoint; nothing else would ever remove it.
+        remove_stale_temps(run_dir, recursive=True)
     t = cfg.train
     device = resolve_device(t.device)
     if ctx.active and device.type == "cuda":
