@@ -177,7 +177,10 @@ class TrainConfig:
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
-        clip_norm: clip the gradient norm to this value (``None``: no clipping).
+        clip_norm: clip the global gradient norm to this value (``None``, the default: no
+            clipping — none of the reproduced papers' codes clips unless its config says
+            so; TOML has no null, so a config that clips states it and one that does not
+            leaves the key out).
         skip_grad_norm: skip the update when the gradient norm exceeds this (vdvae).
         max_consecutive_skips: stop the run (with a usable checkpoint) after this many
             skipped updates in a row.
@@ -219,7 +222,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     kl_warmup_steps: int = 0
     free_bits: float = 0.0
-    clip_norm: float | None = 100.0
+    clip_norm: float | None = None
     skip_grad_norm: float | None = None
     max_consecutive_skips: int = 50
     ema_decay: float | None = None

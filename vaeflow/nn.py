@@ -69,6 +69,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
     "silu": nn.SiLU,
     "softplus": nn.Softplus,
+    # No non-linearity: the value half of a gated layer in the VampPrior code's GatedDense
+    # (the sigmoid gate is the only non-linearity); TOML has no None to say it.
+    "identity": nn.Identity,
 }
 
 
