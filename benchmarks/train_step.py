@@ -132,7 +132,13 @@ def make_step(
         if t.objective == "iwae":
             objective = iwae(terms)
         else:
-            objective = elbo(terms, beta=1.0, free_bits=t.free_bits, num_dims=model.latent_dim)
+            objective = elbo(
+                terms,
+                beta=1.0,
+                free_bits=t.free_bits,
+                num_dims=model.latent_dim,
+                group_size=t.free_bits_group_size,
+            )
         loss = -objective.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -230,13 +230,24 @@ def test_elbo_beta_and_free_bits_known_answers():
     fb = free_bits_kl(t, 0.5)
     assert torch.allclose(fb, torch.tensor([1.5, 3.5]))
     assert torch.allclose(elbo(t, free_bits=0.5), log_px_z[0] - fb)
-    # Without per-dimension terms the whole latent is one group: mean KL 2.2 > 0.5.
+    # Groups of two dimensions: group KL [1.1, 3.3] (batch mean 2.2), floor lambda * 2.
+    assert torch.allclose(free_bits_kl(t, 0.5, group_size=2), torch.tensor([1.1, 3.3]))
+    assert torch.allclose(free_bits_kl(t, 2.0, group_size=2), torch.tensor([4.0, 4.0]))
+    with pytest.raises(ValueError, match="divide D=2"):
+        free_bits_kl(t, 0.5, group_size=3)
+    # Without per-dimension terms only one group (the total KL) is possible, and only when
+    # asked for: more groups are an error, never a silent switch of objective.
     t2 = Terms(log_px_z, pd.sum(-1), qd.sum(-1))
-    assert torch.allclose(free_bits_kl(t2, 0.5), torch.tensor([1.1, 3.3]))
-    assert torch.allclose(free_bits_kl(t2, 5.0), torch.tensor([5.0, 5.0]))
-    # ... and its floor is lambda * D when D is given (lambda stays "per dimension").
-    assert torch.allclose(free_bits_kl(t2, 2.0, num_dims=2), torch.tensor([4.0, 4.0]))
-    assert torch.allclose(free_bits_kl(t2, 1.0, num_dims=2), torch.tensor([1.1, 3.3]))
+    with pytest.raises(ValueError, match="splits over dimensions"):
+        free_bits_kl(t2, 0.5)
+    one_group = elbo(t2, free_bits=2.0, num_dims=2, group_size=2)
+    assert torch.allclose(one_group, log_px_z[0] - torch.tensor([4.0, 4.0]))
+    assert torch.allclose(elbo(t2, free_bits=1.0, num_dims=2, group_size=2), elbo(t))
+    # One group with per-dimension terms present: the same value either way.
+    assert torch.allclose(
+        elbo(t, free_bits=2.0, num_dims=2, group_size=2),
+        free_bits_kl(t, 2.0, 2).neg() + log_px_z[0],
+    )
 
 
 def test_free_bits_floor_has_no_gradient():
@@ -302,3 +313,56 @@ def test_a_chunk_of_zero_weights_does_not_poison_the_estimate(float64):
     res = log_likelihood_from_sampler(terms_fn, k=k, chunk=10)
     assert torch.allclose(res.log_px[:2], iwae(full)[:2], atol=1e-12, rtol=0)
     assert res.log_px[2] == -math.inf
+
+
+def test_free_bits_floors_are_the_same_for_gaussian_and_identity_iaf():
+    """An IAF posterior at its identity init is the Gaussian: the same per-dimension KL
+    terms, so the same free-bits floors bind on the same dimensions (Kingma et al. 2016
+    group every posterior alike)."""
+    from vaeflow.build import build_model
+    from vaeflow.config import ModelConfig, from_dict
+
+    spec = {
+        "x_shape": [1, 4, 4],
+        "latent_dim": 6,
+        "encoder": {"name": "mlp", "options": {"hidden": [8]}},
+        "decoder": {"name": "mlp", "options": {"hidden": [8]}},
+    }
+    torch.manual_seed(0)
+    gauss = build_model(from_dict(ModelConfig, spec))
+    flow_spec = {**spec, "posterior": {"flow": "iaf", "num_layers": 2, "hidden": 8}}
+    torch.manual_seed(0)
+    iaf = build_model(from_dict(ModelConfig, flow_spec))
+    # Same encoder, decoder and Gaussian head weights; the IAF is the identity at init.
+    iaf.encoder.load_state_dict(gauss.encoder.state_dict())
+    iaf.decoder.load_state_dict(gauss.decoder.state_dict())
+    iaf.posterior.base.load_state_dict(gauss.posterior.state_dict())
+    assert iaf.kl_splits_over_dimensions and gauss.kl_splits_over_dimensions
+    x = (torch.rand(5, 1, 4, 4) < 0.5).float()
+    torch.manual_seed(1)
+    tg = gauss(x, k=3)
+    torch.manual_seed(1)
+    ti = iaf(x, k=3)
+    torch.testing.assert_close(ti.kl_dims, tg.kl_dims)
+    for group in (1, 2, 3, 6):
+        torch.testing.assert_close(free_bits_kl(ti, 0.3, group), free_bits_kl(tg, 0.3, group))
+
+
+def test_iaf_log_q_per_dimension_sums_to_log_q_after_training_moves_it():
+    """Away from the identity (random MADE weights, permutations between layers) the
+    per-dimension log q still sums to the flow posterior's log q, for IAF and gated IAF."""
+    from vaeflow.flows import build_flow
+    from vaeflow.posteriors import FlowPosterior
+
+    torch.manual_seed(0)
+    for name in ("iaf", "gated_iaf"):
+        flow = build_flow(name, features=5, num_layers=3, hidden=16, context_features=4)
+        for p in flow.parameters():
+            p.data.normal_(0, 0.3)
+        post = FlowPosterior(7, 5, flow).double()
+        h = torch.randn(2, 7, dtype=torch.float64)
+        s = post.sample(h, k=4)
+        assert s.log_q_dims is not None and s.log_q_dims.shape == (4, 2, 5)
+        torch.testing.assert_close(s.log_q_dims.sum(-1), s.log_q)
+        # log q from the flow's density direction (D passes per layer) agrees.
+        torch.testing.assert_close(post.log_prob(s.z, h), s.log_q)

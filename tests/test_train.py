@@ -263,6 +263,33 @@ def test_early_stopping_counts_after_its_delay(tmp_path, monkeypatch, delay, sto
     assert load_checkpoint(tmp_path / f"es{delay}/checkpoints/best.pt")["step"] == 10
 
 
+def test_free_bits_groups_need_a_kl_that_splits(tmp_path):
+    """TINY has a RealNVP prior (does not factorise): per-dimension free bits are a config
+    error naming the fix, before any run directory exists; one group trains."""
+    from vaeflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="free_bits_group_size = 8 \\(one group"):
+        train(_cfg("train.free_bits=0.1", "train.steps=2"), tmp_path / "fb")
+    assert not (tmp_path / "fb").exists()
+    ok = train(
+        _cfg("train.free_bits=0.1", "train.free_bits_group_size=8", "train.steps=2"),
+        tmp_path / "fb1",
+    )
+    assert ok["step"] == 2
+    # A Gaussian prior with an IAF posterior splits: groups of 2 train.
+    ok = train(
+        _cfg(
+            "train.free_bits=0.1",
+            "train.free_bits_group_size=2",
+            'model.prior.name="standard_normal"',
+            "model.prior.flow=none",
+            "train.steps=2",
+        ),
+        tmp_path / "fb2",
+    )
+    assert ok["step"] == 2
+
+
 def test_repeated_failures_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
     from vaeflow import vae as vae_mod
 

@@ -97,37 +97,65 @@ def kl(terms: Terms) -> Tensor:
     return terms.kl.mean(0)
 
 
-def free_bits_kl(
-    terms: Terms, free_bits: float, per_dimension: bool = True, num_dims: int | None = None
-) -> Tensor:
+def free_bits_kl(terms: Terms, free_bits: float, group_size: int = 1) -> Tensor:
     """KL with "free bits" (Kingma et al. 2016, arXiv:1606.04934, appendix C.8).
 
-    The objective replaces each group's KL ``KL_j`` by ``max(lambda_j, E_batch[KL_j])``: a
-    group whose batch-averaged KL is below its floor contributes the constant floor (no
-    gradient, so the encoder is not pushed to collapse it further). Groups are latent
-    dimensions (floor ``free_bits`` each) when both posterior and prior factorise and
-    ``per_dimension`` is set; otherwise the whole latent vector is one group whose floor
-    is ``free_bits * num_dims``, so ``free_bits`` keeps meaning "nats per latent
-    dimension" with flow posteriors too (``num_dims=None`` gives a floor of
-    ``free_bits``).
+    The latent dimensions are split into consecutive groups of ``group_size``; each
+    group's KL ``KL_j`` (the single-sample estimate ``log q - log p`` summed over its
+    dimensions, averaged over the K samples) is replaced by ``max(lambda_j,
+    E_batch[KL_j])``: a group whose batch-averaged KL is below its floor contributes the
+    constant floor (no gradient, so the encoder is not pushed to collapse it further).
+    The floor is ``lambda_j = free_bits * group_size``: ``free_bits`` always means nats per
+    latent dimension. One rule for every posterior: the per-dimension terms exist for a
+    diagonal Gaussian and for autoregressive flow posteriors (``Terms.kl_dims``); with
+    ``group_size == D`` (one group) the total KL is used and any posterior and prior work.
 
-    Returns a per-example ``(B,)`` tensor whose batch mean equals the free-bits KL.
+    Args:
+        terms: log-terms ``(K, B)`` with ``kl_dims`` ``(K, B, D)`` unless one group.
+        free_bits: floor per latent dimension, nats.
+        group_size: dimensions per group; must divide ``D``.
+
+    Returns:
+        A per-example ``(B,)`` tensor whose batch mean equals the free-bits KL.
+
+    Raises:
+        ValueError: more than one group but the KL does not split over dimensions (a
+            posterior or prior that does not factorise) — never a silent switch to a
+            single group, which would be another objective.
     """
-    kl_dims = terms.kl_dims if per_dimension else None
-    lam = float(free_bits)
+    kl_dims = terms.kl_dims
     if kl_dims is None:
-        groups = terms.kl.unsqueeze(-1)  # (K, B, 1)
-        lam *= num_dims or 1
-    else:
-        groups = kl_dims  # (K, B, D)
+        raise ValueError(
+            "free bits per group of latent dimensions need a KL that splits over dimensions "
+            "(a diagonal Gaussian or autoregressive-flow posterior and a factorised prior); "
+            "this model's does not: set train.free_bits_group_size to the latent dimension "
+            "(one group) or train.free_bits = 0"
+        )
+    d = kl_dims.shape[-1]
+    if group_size < 1 or d % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide D={d}")
+    groups = kl_dims.reshape(*kl_dims.shape[:-1], d // group_size, group_size).sum(-1)
+    lam = float(free_bits) * group_size
     per_example = groups.mean(0)  # (B, G)
     batch_mean = per_example.mean(0, keepdim=True)  # (1, G)
     floor = torch.full_like(per_example, lam)
     return torch.where(batch_mean < lam, floor, per_example).sum(-1)
 
 
+def _free_bits_one_group(terms: Terms, free_bits: float, num_dims: int) -> Tensor:
+    """The whole latent vector as one group: ``max(free_bits * D, E_batch[KL])``."""
+    per_example = terms.kl.mean(0)  # (B,)
+    lam = float(free_bits) * num_dims
+    floor = torch.full_like(per_example, lam)
+    return torch.where(per_example.mean() < lam, floor, per_example)
+
+
 def elbo(
-    terms: Terms, beta: float = 1.0, free_bits: float = 0.0, num_dims: int | None = None
+    terms: Terms,
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    num_dims: int | None = None,
+    group_size: int = 1,
 ) -> Tensor:
     """Evidence lower bound ``E_q[log p(x|z)] - beta * KL``, per example ``(B,)``.
 
@@ -138,12 +166,15 @@ def elbo(
             training objective, not a bound: report ``elbo(terms)``.
         free_bits: "free bits" floor per latent dimension in nats (see
             :func:`free_bits_kl`); 0 disables it.
-        num_dims: latent dimension ``D``, scaling the floor when the KL does not split
-            into per-dimension terms (flow posteriors, non-factorised priors).
+        num_dims: latent dimension ``D`` (needed with free bits when ``group_size`` is
+            ``D``, i.e. one group, where the per-dimension terms are not used).
+        group_size: free-bits group size (:func:`free_bits_kl`).
     """
     rec = terms.log_px_z.mean(0)
     if free_bits > 0:
-        return rec - beta * free_bits_kl(terms, free_bits, num_dims=num_dims)
+        if num_dims is not None and group_size == num_dims:
+            return rec - beta * _free_bits_one_group(terms, free_bits, num_dims)
+        return rec - beta * free_bits_kl(terms, free_bits, group_size)
     return rec - beta * kl(terms)
 
 

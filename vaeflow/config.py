@@ -177,6 +177,12 @@ class TrainConfig:
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
+        free_bits_group_size: latent dimensions per free-bits group (consecutive; must
+            divide ``model.latent_dim``); each group's floor is ``free_bits * size``. The
+            same rule for every posterior: groups smaller than the latent vector need a
+            KL that splits over dimensions (a diagonal Gaussian or (gated) IAF posterior
+            with N(0, I) or a learned Gaussian prior) — otherwise a config error at the
+            start of training; ``latent_dim`` (one group) works with any model.
         clip_norm: clip the global gradient norm to this value (``None``, the default: no
             clipping — none of the reproduced papers' codes clips unless its config says
             so; TOML has no null, so a config that clips states it and one that does not
@@ -222,6 +228,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     kl_warmup_steps: int = 0
     free_bits: float = 0.0
+    free_bits_group_size: int = 1
     clip_norm: float | None = None
     skip_grad_norm: float | None = None
     max_consecutive_skips: int = 50
@@ -394,6 +401,12 @@ def validate(cfg: Config) -> Config:
         ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
         ("train.kl_warmup_steps", t.kl_warmup_steps, t.kl_warmup_steps >= 0, ">= 0"),
         ("train.eps", t.eps, t.eps > 0, "> 0"),
+        (
+            "train.free_bits_group_size",
+            t.free_bits_group_size,
+            t.free_bits_group_size >= 1 and cfg.model.latent_dim % t.free_bits_group_size == 0,
+            f">= 1 and divide model.latent_dim = {cfg.model.latent_dim}",
+        ),
         (
             "train.early_stopping_delay",
             t.early_stopping_delay,

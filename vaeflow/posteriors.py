@@ -43,7 +43,9 @@ class PosteriorSample:
     Attributes:
         z: samples ``(K, B, D)``.
         log_q: ``log q(z | x)`` ``(K, B)``.
-        log_q_dims: per-dimension terms ``(K, B, D)`` when q factorises, else ``None``.
+        log_q_dims: per-dimension terms ``(K, B, D)`` whose sum is ``log_q``: for a
+            diagonal Gaussian, and for flows whose log-det splits over dimensions (IAF,
+            gated IAF: see ``Transform.splits_logdet``); else ``None``.
         flow_logdet: ``log|det dz/d eps|`` ``(K, B)`` (zeros without a flow).
         mu: base mean ``(B, D)``.
         log_std: base log standard deviation ``(B, D)``.
@@ -129,14 +131,22 @@ class FlowPosterior(nn.Module):
     def sample(self, h: Tensor, k: int = 1) -> PosteriorSample:
         """Draw ``k`` samples per example; ``log_q`` comes from the same pass."""
         base = self.base.sample(h, k)
+        # A flow whose log-det splits over positions (IAF, gated IAF) gives log q per
+        # dimension too: log q0(eps_d) minus the log-scales that moved position d, which
+        # per-dimension free bits floor exactly as they floor a Gaussian's (Kingma et al.
+        # 2016 apply the same grouping to every posterior).
+        run = self.flow.inverse_dims if self.flow.splits_logdet else self.flow.inverse
+        # One sample (the usual training step): run the flow on (B, D), not on a leading
+        # singleton dim (the same arithmetic with fewer reshapes per layer).
+        z, ld = run(base.z[0] if k == 1 else base.z, self._context(h))
         if k == 1:
-            # One sample (the usual training step): run the flow on (B, D), not on a
-            # leading singleton dim (the same arithmetic with fewer reshapes per layer).
-            z, ld = self.flow.inverse(base.z[0], self._context(h))
             z, ld = z.unsqueeze(0), ld.unsqueeze(0)
-        else:
-            z, ld = self.flow.inverse(base.z, self._context(h))
-        return PosteriorSample(z, base.log_q - ld, None, ld, base.mu, base.log_std)
+        if not self.flow.splits_logdet:
+            return PosteriorSample(z, base.log_q - ld, None, ld, base.mu, base.log_std)
+        log_q_dims = base.log_q_dims - ld
+        return PosteriorSample(
+            z, log_q_dims.sum(-1), log_q_dims, ld.sum(-1), base.mu, base.log_std
+        )
 
     def rsample_and_log_prob(self, h: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         """``z (K, B, D)`` and ``log q(z|x) (K, B)`` in one reparameterised pass."""

@@ -307,6 +307,7 @@ def train(
         model = build_model(cfg.model)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"cannot build the model from [model]: {e}") from e
+    _check_free_bits(cfg, model)
     if ctx.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         # A run killed inside an atomic write (preempted while saving last.pt) leaves its
@@ -439,7 +440,11 @@ def train(
                 objective = iwae(terms)
             else:
                 objective = elbo(
-                    terms, beta=beta, free_bits=t.free_bits, num_dims=model.latent_dim
+                    terms,
+                    beta=beta,
+                    free_bits=t.free_bits,
+                    num_dims=model.latent_dim,
+                    group_size=t.free_bits_group_size,
                 )
             loss = -objective.mean()
             opt.zero_grad(set_to_none=True)
@@ -546,6 +551,26 @@ def train(
     if ctx.active:
         dist.barrier()
     return summary
+
+
+def _check_free_bits(cfg: Config, model: VAE) -> None:
+    """Free bits per group need a KL that splits over dimensions: say so before training.
+
+    Otherwise the run would switch objective silently (or fail at the first step).
+    """
+    t = cfg.train
+    if t.free_bits <= 0 or t.free_bits_group_size == model.latent_dim:
+        return
+    if not model.kl_splits_over_dimensions:
+        raise ConfigError(
+            f"train.free_bits = {t.free_bits} with train.free_bits_group_size = "
+            f"{t.free_bits_group_size} needs a KL that splits over latent dimensions, but "
+            f"posterior {cfg.model.posterior.flow or 'gaussian'!r} with prior "
+            f"{cfg.model.prior.name!r} does not (coupling, Sylvester and planar flows do "
+            "not split log q; mixture, VampPrior and flow priors do not factorise). Set "
+            f"train.free_bits_group_size = {model.latent_dim} (one group: the total KL) "
+            "or train.free_bits = 0"
+        )
 
 
 def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:

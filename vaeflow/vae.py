@@ -185,6 +185,16 @@ class VAE(nn.Module):
         dist = self.likelihood(self.decoder(z))
         return dist.mean if mean else dist.sample()
 
+    @property
+    def kl_splits_over_dimensions(self) -> bool:
+        """Whether ``Terms.kl_dims`` exists: log q splits over dimensions (a diagonal
+        Gaussian, or a flow with ``splits_logdet``) and the prior factorises."""
+        flow = getattr(self.posterior, "flow", None)
+        q_splits = flow is None or flow.splits_logdet
+        z = torch.zeros(1, self.latent_dim, device=next(self.parameters()).device)
+        with torch.no_grad():
+            return q_splits and self.prior.log_prob_dims(z) is not None
+
     @torch.no_grad()
     def posterior_mean(self, x: Tensor, samples: int = 32) -> tuple[Tensor, Tensor]:
         """``E_q[z | x]`` per example and the variance of that estimate, each ``(B, D)``.
@@ -194,7 +204,7 @@ class VAE(nn.Module):
         ``Var_q[z] / samples`` so callers can remove that noise (active units).
         """
         s = self.posterior.sample(self.encode(x), samples)
-        if s.log_q_dims is not None:  # no flow: the base Gaussian is the posterior
+        if getattr(self.posterior, "flow", None) is None:  # the Gaussian is the posterior
             return s.mu, torch.zeros_like(s.mu)
         return s.z.mean(0), s.z.var(0) / samples
 

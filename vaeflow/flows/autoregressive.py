@@ -277,8 +277,8 @@ class _Autoregressive(Transform):
         invert: Callable[[Tensor, Tensor], Tensor],
         logdet: Callable[[Tensor, Tensor], Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """Invert by ``D`` passes: ``invert(u, params) -> x`` per pass, then
-        ``logdet(u, params) -> (*)`` once, from the last pass's parameters."""
+        """Invert by ``D`` passes: ``invert(u, params) -> x`` per pass, then the per-feature
+        log-det ``logdet(u, params) -> (*, D)`` once, from the last pass's parameters."""
         # Pass t recomputes every feature from the current guess; features of rank < t
         # are already exact before pass t, so after pass t ranks <= t are exact, and after
         # D passes all are. The parameters of the last pass were computed from an x exact
@@ -351,8 +351,15 @@ class AffineAutoregressive(_Autoregressive):
         m, raw = params.unbind(-1)
         return m, soft_clip(raw, self.scale_bound)
 
+    splits_logdet = True
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> noise in one pass: ``x (*, D) -> u (*, D)``, ``log|det du/dx| (*)``."""
+        u, neg_s = self.forward_dims(x, context)
+        return u, neg_s.sum(-1)
+
+    def forward_dims(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` with the per-feature log-det ``-s (*, D)``."""
         _, context = self.check_input(x, context)
         # The hot path of MAF density and IAF sampling, written for few kernels: one
         # unbind (backward: one stack, where two selects cost two zeros + copies) and
@@ -361,10 +368,15 @@ class AffineAutoregressive(_Autoregressive):
         m, raw = self.made(x, context).unbind(-1)
         b = self.scale_bound
         neg_s = -raw if b is None else torch.tanh(raw / b) * (-b)
-        return (x - m) * torch.exp(neg_s), neg_s.sum(-1)
+        return (x - m) * torch.exp(neg_s), neg_s
 
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise -> data in ``D`` sequential passes: ``u (*, D) -> x (*, D)``, log-det ``(*)``."""
+        x, s = self.inverse_dims(u, context)
+        return x, s.sum(-1)
+
+    def inverse_dims(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse` with the per-feature log-det ``s (*, D)``."""
         _, context = self.check_input(u, context, inverse=True)
 
         def invert(u: Tensor, params: Tensor) -> Tensor:
@@ -372,7 +384,7 @@ class AffineAutoregressive(_Autoregressive):
             return torch.addcmul(m, u, torch.exp(s))
 
         def logdet(u: Tensor, params: Tensor) -> Tensor:
-            return self._shift_logscale(params)[1].sum(-1)
+            return self._shift_logscale(params)[1]
 
         return self._sequential_inverse(u, context, invert, logdet)
 
@@ -445,14 +457,26 @@ class GatedAutoregressive(_Autoregressive):
         pre = soft_clip(params[..., 1], self.scale_bound) + self.forget_bias
         return params[..., 0], torch.sigmoid(pre), F.logsigmoid(pre)
 
+    splits_logdet = True
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One pass: ``x (*, D) -> y (*, D)``, ``log|det dy/dx| (*)``."""
+        y, log_sigma = self.forward_dims(x, context)
+        return y, log_sigma.sum(-1)
+
+    def forward_dims(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` with the per-feature log-det ``log sigma (*, D)``."""
         _, context = self.check_input(x, context)
         m, sigma, log_sigma = self._mean_gate(self.made(x, context))
-        return sigma * x + (1 - sigma) * m, log_sigma.sum(-1)
+        return sigma * x + (1 - sigma) * m, log_sigma
 
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``D`` sequential passes: ``y (*, D) -> x (*, D)``, ``log|det dx/dy| (*)``."""
+        x, ld = self.inverse_dims(u, context)
+        return x, ld.sum(-1)
+
+    def inverse_dims(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse` with the per-feature log-det ``-log sigma (*, D)``."""
         _, context = self.check_input(u, context, inverse=True)
 
         def invert(y: Tensor, params: Tensor) -> Tensor:
@@ -460,7 +484,7 @@ class GatedAutoregressive(_Autoregressive):
             return (y - (1 - sigma) * m) / sigma
 
         def logdet(y: Tensor, params: Tensor) -> Tensor:
-            return -self._mean_gate(params)[2].sum(-1)
+            return -self._mean_gate(params)[2]
 
         return self._sequential_inverse(u, context, invert, logdet)
 

@@ -141,6 +141,31 @@ class Transform(nn.Module):
         """The output alone (no log-det, no context); only for ``zero_logdet`` layers."""
         return (self.inverse(x) if inverse else self(x))[0]
 
+    #: True when the log-det of a vector flow is a sum of per-position terms, one per
+    #: output feature, that :meth:`forward_dims` / :meth:`inverse_dims` return unsummed
+    #: (elementwise-scaling layers: the affine and gated autoregressive layers, and stacks
+    #: of them with permutations). Free bits per latent dimension (Kingma et al. 2016)
+    #: need it for flow posteriors; a layer without it keeps the default False.
+    splits_logdet: bool = False
+
+    def forward_dims(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` with the log-det per output position ``(*, D)`` (sum = log-det).
+
+        Only for ``splits_logdet`` layers on vectors.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not split its log-det over dimensions"
+        )
+
+    def inverse_dims(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse` with the log-det per output position ``(*, D)`` (sum = log-det).
+
+        Only for ``splits_logdet`` layers on vectors.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not split its log-det over dimensions"
+        )
+
     # -- validation shared by every layer -----------------------------------------------
     def check_input(
         self, x: Tensor, context: Tensor | None, inverse: bool = False
@@ -234,6 +259,9 @@ class Composite(Transform):
             out_event_shape=transforms[-1].out_event_shape,
         )
         self.transforms = nn.ModuleList(transforms)
+        # Zero-log-det layers are index maps of the last dimension (permutations): the
+        # per-position log-dets accumulated so far move with the features they belong to.
+        self.splits_logdet = all(t.splits_logdet or t.zero_logdet for t in transforms)
 
     # Each layer validates (and, if it needs to, expands) the context itself.
     broadcasts_context = True
@@ -245,6 +273,33 @@ class Composite(Transform):
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lead, context = self.check_input(u, context, inverse=True)
         return self._run(u, lead, context, reversed(self.transforms), inverse=True)
+
+    def forward_dims(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, context = self.check_input(x, context)
+        return self._run_dims(x, context, self.transforms, inverse=False)
+
+    def inverse_dims(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lead, context = self.check_input(u, context, inverse=True)
+        return self._run_dims(u, context, reversed(self.transforms), inverse=True)
+
+    def _run_dims(
+        self,
+        x: Tensor,
+        context: Tensor | None,
+        transforms: Iterable[Transform],
+        inverse: bool,
+    ) -> tuple[Tensor, Tensor]:
+        if not self.splits_logdet:
+            return super().inverse_dims(x) if inverse else super().forward_dims(x)
+        total = torch.zeros_like(x)
+        for t in transforms:
+            if t.zero_logdet:
+                x, total = t.apply_map(x, inverse), t.apply_map(total, inverse)
+                continue
+            ctx = context if t.context_features else None
+            x, ld = t.inverse_dims(x, ctx) if inverse else t.forward_dims(x, ctx)
+            total = total + ld
+        return x, total
 
     @staticmethod
     def _run(
@@ -284,6 +339,7 @@ class Inverse(Transform):
         )
         self.transform = transform
         self.zero_logdet = transform.zero_logdet
+        self.splits_logdet = transform.splits_logdet
 
     def apply_map(self, x: Tensor, inverse: bool = False) -> Tensor:
         return self.transform.apply_map(x, not inverse)
@@ -293,6 +349,12 @@ class Inverse(Transform):
 
     def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform(u, context)
+
+    def forward_dims(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse_dims(x, context)
+
+    def inverse_dims(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.forward_dims(u, context)
 
 
 class FixedAffine(Transform):
