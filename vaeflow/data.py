@@ -238,13 +238,17 @@ def _idx_paths(root: Path, folder: str) -> dict[str, Path]:
     return {split: root / folder / "raw" / fname for split, fname in _IDX_IMAGES.items()}
 
 
+def _read_plain_or_gz(path: Path) -> bytes:
+    """The bytes of ``path``, or of ``path`` + ``.gz`` decompressed when only that exists."""
+    if path.exists():
+        return path.read_bytes()
+    with gzip.open(path.with_name(path.name + ".gz"), "rb") as f:
+        return f.read()
+
+
 def _read_idx_images(path: Path) -> Tensor:
     """Parse an IDX image file (magic 2051, big-endian dims, uint8 payload) -> (N, 1, H, W)."""
-    if path.exists():
-        data = path.read_bytes()
-    else:
-        with gzip.open(path.with_name(path.name + ".gz"), "rb") as f:
-            data = f.read()
+    data = _read_plain_or_gz(path)
     if len(data) < 16:
         raise ValueError(f"{path}: {len(data)} bytes is too short for an IDX image file")
     magic, n, h, w = (int.from_bytes(data[i : i + 4], "big") for i in range(0, 16, 4))
@@ -486,12 +490,7 @@ def parse_amat(data: bytes, where: str = "<bytes>") -> Tensor:
 
 
 def _read_amat(path: Path) -> Tensor:
-    if path.exists():
-        data = path.read_bytes()
-    else:
-        with gzip.open(path.with_name(path.name + ".gz"), "rb") as f:
-            data = f.read()
-    return parse_amat(data, str(path))
+    return parse_amat(_read_plain_or_gz(path), str(path))
 
 
 def _binarized_mnist_read(root: Path) -> tuple[Tensor, Tensor, list[str]] | None:
