@@ -1,6 +1,7 @@
 """Config dataclasses from plain dicts: unknown keys and wrong types name the key."""
 
 import json
+import math
 
 import pytest
 
@@ -58,6 +59,36 @@ def test_multistep_schedule_decays_at_each_milestone():
     factor = _lr_lambda(cfg)
     got = [factor(s) for s in range(7)]
     assert got == pytest.approx([1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def _factors(train: dict, steps: int) -> list[float]:
+    from vaeflow.config import Config
+    from vaeflow.train import _lr_lambda
+
+    factor = _lr_lambda(from_dict(Config, {"train": train}))
+    return [factor(s) for s in range(steps)]
+
+
+def test_cosine_schedule_known_answers():
+    # steps = 4: progress s / 4; factor = r + (1 - r) (1 + cos(pi s / 4)) / 2, r = 0.1.
+    got = _factors({"lr_schedule": "cosine", "steps": 4, "min_lr_ratio": 0.1}, 6)
+    c = [0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]
+    assert got == pytest.approx([0.1 + 0.9 * v for v in c] + [0.1])  # held after the end
+
+
+def test_exponential_schedule_known_answers():
+    got = _factors({"lr_schedule": "exponential", "lr_decay": 0.5, "lr_decay_every": 2}, 7)
+    assert got == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25, 0.125])
+
+
+def test_warmup_multiplies_any_schedule():
+    # Linear warm-up (s + 1) / 4 over the first 4 steps, times the schedule's own factor.
+    assert _factors({"lr_warmup_steps": 4}, 6) == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    got = _factors(
+        {"lr_warmup_steps": 4, "lr_schedule": "exponential", "lr_decay": 0.5, "lr_decay_every": 2},
+        5,
+    )
+    assert got == pytest.approx([0.25, 0.5, 0.375, 0.5, 0.25])
 
 
 @pytest.mark.parametrize(

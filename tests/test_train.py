@@ -126,13 +126,25 @@ def test_tensorboard_has_the_expected_tags(trained_run):
     assert {"val/posterior_mean", "val/flow_logdet"} <= set(acc.Tags()["histograms"])
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+SCHEDULES = {
+    "constant": [],
+    "warmup+cosine": ['train.lr_schedule="cosine"', "train.lr_warmup_steps=15"],
+    "exponential": ['train.lr_schedule="exponential"', "train.lr_decay_every=7"],
+    "multistep": ['train.lr_schedule="multistep"', "train.lr_milestones=[12, 23, 31]"],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_kill_and_resume_equals_uninterrupted(tmp_path, schedule):
+    """Bit for bit, also under learning-rate schedules (a resume that restarted the
+    schedule, or lost its step, changes every update after the kill)."""
     cfg = _cfg(
         "train.steps=40",
         "train.val_every=20",
         "train.ckpt_every=10",
         "train.ema_decay=0.9",
         "train.kl_warmup_steps=20",
+        *SCHEDULES[schedule],
     )
     train(cfg, tmp_path / "full")
     # "Killed" after step 25: the last checkpoint is from step 20; resume from there.
