@@ -123,3 +123,116 @@ def test_ddp_training_run_two_gloo_processes(tmp_path):
     # Only rank 0 writes: one metrics file, one TensorBoard event file.
     assert len(list((run_dir / "tb").glob("events.*"))) == 1
     assert (run_dir / "train_summary.json").exists()
+
+
+def _deterministic_posterior_noise() -> None:
+    """Posterior noise as a fixed function of each example's own encoding, so a sharded
+    run and a full-batch run draw the same noise for the same example (per-rank RNG
+    streams otherwise make the two runs differ by their sampling noise)."""
+    from vaeflow import posteriors
+
+    def sample(self, h, k=1):  # noqa: ANN001, ANN202
+        mu, log_std = self.params(h)
+        offsets = torch.arange(k, dtype=mu.dtype).view(k, 1, 1)
+        noise = torch.sin(50 * mu.detach() + offsets)
+        z = mu + torch.exp(log_std) * noise
+        dims = self._log_normal_dims(noise, log_std)
+        return posteriors.PosteriorSample(
+            z, dims.sum(-1), dims, z.new_zeros(z.shape[:-1]), mu, log_std
+        )
+
+    posteriors.GaussianPosterior.sample = sample
+
+
+def _record_training_batches(store: list) -> None:
+    from vaeflow import vae
+
+    forward = vae.VAE.forward
+
+    def recording(self, x, k=1):  # noqa: ANN001, ANN202
+        if self.training:
+            store.append(x.detach().clone())
+        return forward(self, x, k)
+
+    vae.VAE.forward = recording
+
+
+SHARD_RUN = [
+    f'data.root="{DATA}"',
+    "data.batch_size=20",
+    "data.eval_batch_size=100",
+    "model.latent_dim=6",
+    "model.encoder.options={hidden=[32]}",
+    "model.decoder.options={hidden=[32]}",
+    "train.steps=5",
+    "train.val_every=5",
+    "train.val_size=100",
+    "train.val_k=2",
+    "train.device=cpu",
+    "train.log_every=5",
+]
+
+
+def _shard_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    _env(rank, world, port)
+    torch.set_num_threads(1)
+    from vaeflow.config import load_config
+    from vaeflow.train import train
+
+    _deterministic_posterior_noise()
+    seen: list = []
+    _record_training_batches(seen)
+    model_seen = {}
+    from vaeflow import train as train_mod
+
+    build = train_mod.build_model
+
+    def keep(cfg):  # noqa: ANN001, ANN202
+        model_seen["model"] = build(cfg)
+        return model_seen["model"]
+
+    train_mod.build_model = keep
+    train(load_config(None, SHARD_RUN), run_dir)
+    state = {k: v.detach().clone() for k, v in model_seen["model"].state_dict().items()}
+    torch.save({"batches": seen, "state": state}, f"{out}.rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_vaeflow_data_parallel_path_shards_and_matches_one_process(tmp_path):
+    """vaeflow's own DDP path (train() under 2 gloo processes): every rank ends with the
+    same parameters, rank r trained on exactly examples r, r+2, ... of every global batch
+    (disjoint shards covering the batch), and the result equals one process training on
+    the full batch (the same per-example noise), to float tolerance."""
+    out = str(tmp_path / "shard")
+    mp.spawn(
+        _shard_worker,
+        args=(2, _free_port(), str(tmp_path / "ddp"), out),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), f"ranks disagree on {key}"
+
+    # The same run in this process, on the full batch.
+    from vaeflow import posteriors, vae
+    from vaeflow.config import load_config
+    from vaeflow.train import train
+
+    original = (posteriors.GaussianPosterior.sample, vae.VAE.forward)
+    try:
+        _deterministic_posterior_noise()
+        full: list = []
+        _record_training_batches(full)
+        train(load_config(None, SHARD_RUN), tmp_path / "single")
+    finally:
+        posteriors.GaussianPosterior.sample, vae.VAE.forward = original
+    assert len(full) == len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 5
+    for step, batch in enumerate(full):
+        shards = [ranks[r]["batches"][step] for r in range(2)]
+        assert shards[0].shape[0] == shards[1].shape[0] == batch.shape[0] // 2
+        assert torch.equal(shards[0], batch[0::2]) and torch.equal(shards[1], batch[1::2])
+    single = load_checkpoint(tmp_path / "single/checkpoints/last.pt")["model"]
+    for key, value in ranks[0]["state"].items():
+        torch.testing.assert_close(value, single[key], rtol=1e-5, atol=1e-6, msg=key)
