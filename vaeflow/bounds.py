@@ -1,7 +1,7 @@
 """Log-likelihood bounds from the three log-terms of a VAE, and the test-NLL estimator.
 
 Everything here is a *bound* on ``log p(x)``: higher is better, in nats per example
-(DESIGN.md convention 3). Only the training loop negates. The model returns
+(docs/design.md §3.3). Only the training loop negates. The model returns
 :class:`Terms`, each ``(K, B)`` with ``K`` importance samples first:
 
     log w_k = log p(x | z_k) + log p(z_k) - log q(z_k | x),   z_k ~ q(z | x)
@@ -350,7 +350,7 @@ def chunk_statistics(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor
 def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
     """Convert a log-likelihood or NLL in nats per example to bits per dimension.
 
-    ``bpd = nats / (D * ln 2)`` (DESIGN.md convention 3); the 8-bit discretisation is
+    ``bpd = nats / (D * ln 2)`` (docs/design.md §3.3); the 8-bit discretisation is
     already inside the likelihood, so no offset is added here.
     """
     return nats / (num_dims * math.log(2.0))

@@ -14,7 +14,7 @@ states from :func:`rng_state` as tensors. Two guarantees:
   flushes and ``fsync``\\ s it, then ``os.replace``\\ s it over the target. A run killed
   mid-save leaves the previous checkpoint intact and no half-written ``last.pt``.
 
-This module imports no other vaeflow module (DESIGN.md layering).
+This module imports no other vaeflow module (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Command line: ``vaeflow train|eval|sample|sweep|report|data`` (also ``python -m vaeflow``).
 
-Thin by design (STYLE.md practice 13): parse, build the config, call the library.
+Thin by design: parse, build the config, call the library.
 
     vaeflow train experiments/quickstart/mnist_iaf.toml --set train.steps=500
     vaeflow train CONFIG --resume            # continue a killed run bit-exactly

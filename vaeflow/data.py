@@ -153,7 +153,7 @@ def _resolve_root(data_root: str | os.PathLike | None) -> tuple[Path, str]:
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
     """The folder that holds the datasets.
 
-    Precedence (DESIGN.md): the explicit argument (``--data-root``), else ``$VAEFLOW_DATA``
+    Precedence (docs/design.md): the explicit argument (``--data-root``), else ``$VAEFLOW_DATA``
     (an empty value counts as unset), else ``./data`` relative to the working directory.
     ``~`` is expanded; the path is not required to exist.
 

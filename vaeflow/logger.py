@@ -1,6 +1,6 @@
 """Run logging: TensorBoard events plus an append-only ``metrics.jsonl``, and a progress bar.
 
-A run directory (DESIGN.md) gets
+A run directory (docs/design.md) gets
 
 * ``tb/`` — TensorBoard events: scalars, image grids, histograms and an HParams entry;
 * ``metrics.jsonl`` — one JSON object per :meth:`RunLogger.log_scalars` call,
@@ -9,10 +9,10 @@ A run directory (DESIGN.md) gets
 * ``samples/`` — every logged image grid also as a PNG.
 
 Scalar names carry their split and unit (``train/loss_nats``, ``val/elbo_nats``,
-``test/bpd``; STYLE.md practice 14). Only rank 0 of a distributed run writes; on other
+``test/bpd``; docs/design.md §3.3). Only rank 0 of a distributed run writes; on other
 ranks every method is a no-op, so the training loop need not branch.
 
-This module imports no other vaeflow module (DESIGN.md layering).
+This module imports no other vaeflow module (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Network building blocks: flow conditioners, and the VAE's encoders and decoders.
 
 Every conditioner network of a flow ends in a zero-initialised layer so that the flow
-starts as the identity (DESIGN.md, convention 5; normflows ``init_zeros``, vdvae
+starts as the identity (docs/design.md §3.5; normflows ``init_zeros``, vdvae
 ``zero_last``). No BatchNorm anywhere: it would make per-example densities depend on the
 rest of the batch.
 

@@ -2,7 +2,7 @@
 
 Both take encoder features ``h`` ``(B, H)`` and draw ``K`` reparameterised samples
 first-dimension-first: ``z (K, B, D)`` with ``log q(z|x) (K, B)`` from the same pass
-(STYLE.md practice 4). The flow posterior follows DESIGN.md convention 1:
+(docs/design.md §3.2). The flow posterior follows docs/design.md §3.1:
 
     eps ~ q0(. | x) = N(mu(h), diag sigma(h)^2)
     z, ld = flow.inverse(eps, context=c(h))          # sampling direction

@@ -3,7 +3,7 @@
 Every prior is an :class:`nn.Module` with ``latent_dim`` and the same small interface,
 which the VAE relies on:
 
-- ``log_prob(z)``: ``(*lead, D) -> (*lead)``, fully normalised (DESIGN.md convention 4),
+- ``log_prob(z)``: ``(*lead, D) -> (*lead)``, fully normalised (docs/design.md §3.4),
   so Gaussian, mixture and flow priors give comparable bounds in nats.
 - ``log_prob_dims(z)``: ``(*lead, D) -> (*lead, D)`` per-dimension terms whose sum over the
   last dimension is ``log_prob(z)``, for priors that factorise over dimensions (used for
@@ -206,7 +206,7 @@ class LearnedGaussianPrior(Prior):
 class FlowPrior(Prior):
     """A standard normal base pushed through a normalising flow.
 
-    With ``u, ld = flow(z)`` (data -> noise, DESIGN.md convention 1),
+    With ``u, ld = flow(z)`` (data -> noise, docs/design.md §3.1),
     ``log p(z) = log N(u | 0, I) + ld``: a single parallel pass for couplings and MAF,
     which is the direction a prior is evaluated in at every training step. Sampling
     draws ``u ~ N(0, I)`` and runs ``flow.inverse`` (sequential for MAF). Because every

@@ -3,7 +3,7 @@
 One function, :func:`train`, runs a whole experiment: it builds data and model from the
 config, optimises the (beta-weighted, free-bits) ELBO or the IWAE bound, validates with
 IWAE-k, keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The
-model is only ever used as ``model(x, k) -> Terms`` (DESIGN.md).
+model is only ever used as ``model(x, k) -> Terms`` (docs/design.md).
 
 Robust step (after vdvae): a non-finite loss, a non-finite gradient norm or a norm above
 ``skip_grad_norm`` skips the update; skips are counted and logged, and too many in a row

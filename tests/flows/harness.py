@@ -3,7 +3,7 @@
 Each ``check_*`` function asserts and also returns the worst error it measured, so
 ``benchmarks/flow_exactness.py`` can print the same numbers as a table.
 
-The checks follow STYLE.md practice 10: round trip both ways, log-dets that cancel,
+The checks (docs/design.md §3.7 and §7): round trip both ways, log-dets that cancel,
 log-det against ``slogdet`` of a brute-force autograd Jacobian per sample, identity at
 initialisation, a gradient for every parameter, no mixing across the batch, and clear
 errors on wrong shapes or context.
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from vaeflow.flows.base import ShapeError, Transform
 
-# Closed-form layers must agree to ~1e-13 in float64 (DESIGN.md convention 1); we assert
+# Closed-form layers must agree to ~1e-13 in float64 (docs/design.md §3.1); we assert
 # 1e-9 so a float32 accumulator or a dropped term fails loudly.
 EXACT_TOL = 1e-9
 
@@ -159,7 +159,7 @@ def check_logdet_bruteforce(
 def check_identity_at_init(
     flow: Transform, x: Tensor, context: Tensor | None, d: Directions, atol: float = 1e-12
 ) -> None:
-    """A freshly built flow is the identity with zero log-det (DESIGN.md convention 5)."""
+    """A freshly built flow is the identity with zero log-det (docs/design.md §3.5)."""
     if d.forward:
         u, ld = flow(x, context)
         assert (u - x).abs().max().item() <= atol, "forward is not the identity at init"

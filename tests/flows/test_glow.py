@@ -295,7 +295,7 @@ def test_actnorm_data_init_on_constant_channel_is_finite():
 
 @pytest.mark.parametrize("device,dtype", [("meta", torch.float64), ("cpu", torch.float32)])
 def test_device_and_dtype_follow_the_module(device, dtype):
-    """No tensor is created on a fixed device or dtype (DESIGN.md convention 6)."""
+    """No tensor is created on a fixed device or dtype (docs/design.md §3.6)."""
     from vaeflow.flows.coupling import build_realnvp
     from vaeflow.flows.glow import build_realnvp_image
 

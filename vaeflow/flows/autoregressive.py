@@ -1,6 +1,6 @@
 """Autoregressive flows: MADE, the affine autoregressive layer (MAF / IAF) and the gated IAF.
 
-One class, two uses (STYLE.md practice 2). An autoregressive layer computes the
+One class, two uses (MAF and, wrapped in ``Inverse``, IAF). An autoregressive layer computes the
 parameters of feature ``i`` from the features that come before ``i`` in its order, so
 one of its two directions is a single network pass and the other needs ``D`` passes:
 
@@ -111,7 +111,7 @@ class MADE(nn.Module):
     that ignore the context.
 
     A context ``(*, C)`` enters through an *unmasked* linear map added to the first
-    hidden pre-activation (Kingma et al. 2016, section 4; STYLE.md practice 5). Context
+    hidden pre-activation (Kingma et al. 2016, section 4). Context
     is not one of the autoregressive variables, so every output may depend on it
     without breaking the triangular structure.
 
@@ -403,7 +403,7 @@ class GatedAutoregressive(_Autoregressive):
     ``inverse``) is exactly the update of Kingma et al. 2016 (algorithm 1):
     ``z = sigma * eps + (1 - sigma) * m`` with ``m, sigma`` computed from ``eps``.
 
-    Not the identity at init (a documented exception to DESIGN.md convention 5): the
+    Not the identity at init (a documented exception to docs/design.md §3.5): the
     MADE output is zero, so ``m = 0`` and ``sigma = sigmoid(forget_bias)``, i.e. the layer
     starts as the fixed scaling ``y = sigmoid(forget_bias) * x`` with log-det
     ``D * logsigmoid(forget_bias)``. Kingma et al. recommend a positive bias (+1 or +2)
@@ -523,7 +523,7 @@ def _stack(layer_fn, features: int, num_layers: int, permutation: str, seed: int
 
     Permutations go between layers. If they do not compose to the identity, a final
     fixed permutation puts every feature back in its original position, so that the
-    whole stack is exactly the identity at init (DESIGN.md convention 5) and output
+    whole stack is exactly the identity at init (docs/design.md §3.5) and output
     feature ``i`` of the flow corresponds to input feature ``i``.
     """
     layers: list[Transform] = []

@@ -1,6 +1,6 @@
 """The transform contract every flow layer keeps, its wrappers, and permutations.
 
-Direction convention (DESIGN.md, convention 1): ``forward`` runs data -> noise, the
+Direction convention (docs/design.md §3.1): ``forward`` runs data -> noise, the
 normalising direction of RealNVP, Glow and MAF::
 
     u, logabsdet = t.forward(x, context)   # logabsdet = log|det du/dx|
@@ -461,7 +461,7 @@ class LULinear(Transform):
     ``P`` is a fixed permutation, ``L`` unit lower-triangular, ``U`` upper-triangular
     with diagonal ``sign * exp(log_s)``; the log-determinant is ``sum(log_s)`` times the
     number of positions the map is applied at (``H * W`` for a 1x1 convolution). Starts
-    as the identity (Glow starts from a random rotation; DESIGN.md convention 5 asks
+    as the identity (Glow starts from a random rotation; docs/design.md §3.5 asks
     every layer to start as the identity instead).
 
     Args:

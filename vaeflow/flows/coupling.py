@@ -11,7 +11,7 @@ so ``log|det du/dx| = sum_B s`` (forward) and ``-sum_B s`` (inverse). This is th
 direction of Dinh et al. 2017, eq. 4-5, whose ``f`` also maps data to latent. The
 additive (NICE) layer is the special case ``s = 0``: volume preserving, log-det 0.
 
-Conventions kept here (DESIGN.md):
+Conventions kept here (docs/design.md):
 
 * **Masks** are boolean and follow RealNVP's ``b``: ``True`` marks the features that
   pass unchanged and feed the conditioner (``x_A``), ``False`` the transformed ones.
@@ -574,7 +574,7 @@ def _build_vector(
         )
     if not torch.equal(origin, torch.arange(features)):
         # Undo the fixed permutations at the end: the flow then starts as the exact
-        # identity (DESIGN.md convention 5) and u_i stays aligned with x_i.
+        # identity (docs/design.md §3.5) and u_i stays aligned with x_i.
         layers.append(Permutation(torch.argsort(origin)))
     return layers, opts
 

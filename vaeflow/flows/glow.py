@@ -130,8 +130,8 @@ class Invertible1x1Conv(LULinear):
     """Glow's invertible 1x1 convolution: an LU-parameterised channel mixing ``W``.
 
     A thin wrapper of :class:`~vaeflow.flows.base.LULinear` applied along the channels of
-    ``(C, H, W)``; log-det ``H * W * log|det W|``. Starts as the identity (DESIGN.md
-    convention 5) instead of Glow's random rotation.
+    ``(C, H, W)``; log-det ``H * W * log|det W|``. Starts as the identity (docs/design.md
+    §3.5) instead of Glow's random rotation.
 
     Args:
         num_channels: ``C``.

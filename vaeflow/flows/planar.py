@@ -2,7 +2,7 @@
 
 Each layer here is a map ``x = u + g(u)`` from noise to data (``z0 -> z1`` in the papers'
 notation) whose log-determinant is cheap, but whose inverse has no closed form. Following
-DESIGN.md convention 1 they implement only :meth:`~vaeflow.flows.base.Transform.inverse`
+docs/design.md §3.1 they implement only :meth:`~vaeflow.flows.base.Transform.inverse`
 (noise -> data, returning ``log|det dx/du|``); :meth:`forward` raises
 :class:`NotImplementedError`. That is exactly what a flow posterior needs
 (``z, ld = flow.inverse(eps, context=h)``, ``log q(z|x) = log q0(eps|x) - ld``), and a
@@ -66,7 +66,7 @@ _ONE_MINUS_INV_E = -math.expm1(-1.0)
 _SOFTPLUS_THRESHOLD = 40.0
 # |R_ii| and |Rtilde_ii| are at most this, so every factor 1 + R_ii Rtilde_ii tanh'(.) of
 # the Sylvester determinant is >= 1 - 0.999^2 ~ 2e-3: a bounded log-scale (>= -6.2 per
-# dimension, DESIGN.md convention 5), and strictly positive even after rounding. Plain
+# dimension, docs/design.md §3.5), and strictly positive even after rounding. Plain
 # tanh(raw) would round to exactly 1 for raw > 19 and give a zero determinant.
 _DIAG_BOUND = 0.999
 

@@ -5,6 +5,7 @@ family that is tested (``tests/flows/test_registry.py`` runs the generic checks 
 entry), and a typo in a config names the families that do exist.
 
 Example:
+    >>> import torch
     >>> from vaeflow.flows import FlowDensity, build_flow
     >>> flow = build_flow("realnvp", features=2, num_layers=4, hidden=32)
     >>> density = FlowDensity(flow)

@@ -6,7 +6,7 @@ by Banach iteration, and ``log|det(I + J_g)|`` can be computed exactly for small
 estimated without bias for large ``D`` with a Russian-roulette power series and a
 Hutchinson trace (Chen et al. 2019).
 
-Direction (DESIGN.md convention 1): ``forward`` (data -> noise) is the explicit map
+Direction (docs/design.md §3.1): ``forward`` (data -> noise) is the explicit map
 ``u = x + g(x, context)``, one network pass; ``inverse`` is the fixed-point iteration.
 So this family is cheap as a density (prior) and iterative as a sampler (posterior).
 

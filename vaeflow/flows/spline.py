@@ -11,7 +11,7 @@ The derivative at the two outer knots is fixed to 1, so the spline joins the ide
 tails with a continuous derivative, and the parameterisation is chosen so that all-zero
 raw parameters give uniform bins and unit derivatives: the spline is then exactly the
 identity, and a zero-initialised conditioner makes every layer start as the identity
-(DESIGN.md convention 5).
+(docs/design.md §3.5).
 
 References:
     Durkan et al. 2019, "Neural Spline Flows", arXiv:1906.04032, section 3.
