@@ -375,6 +375,48 @@ def test_resume_with_changed_config_records_it(tmp_path):
     assert old["train"]["steps"] == 10
 
 
+def test_resume_auto_before_and_after_the_first_checkpoint(tmp_path, capsys):
+    """A requeued job runs the same command each time: `--resume auto` starts when the
+    job died before its first checkpoint and continues after it, and ends exactly where an
+    uninterrupted run ends."""
+    steps = ["train.steps=30", "train.val_every=30", "train.ckpt_every=10"]
+    cfg = _cfg(*steps)
+    train(cfg, tmp_path / "full")
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("")
+    args = ["train", str(cfg_file), "--run-dir", str(tmp_path / "requeued"), "--no-eval"]
+    args += [a for s in [*TINY, *steps] for a in ("--set", s)]
+    # Killed before its first checkpoint: a run directory without checkpoints/last.pt.
+    train(cfg, tmp_path / "requeued", stop_after_step=5)
+    assert not (tmp_path / "requeued/checkpoints/last.pt").exists()
+    from vaeflow.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):  # plain --resume fails
+        train(cfg, tmp_path / "requeued", resume=True)
+    from vaeflow import train as train_mod
+
+    real = train_mod.train
+    stops = iter([15, None])  # the requeued job is killed again after step 15
+
+    def killed_at(cfg, run_dir, resume=False, **kw):  # noqa: ANN001, ANN202
+        return real(cfg, run_dir, resume=resume, stop_after_step=next(stops), **kw)
+
+    train_mod.train = killed_at
+    try:
+        assert cli_main([*args, "--resume", "auto"]) == 0
+        assert "no checkpoint yet, starting" in capsys.readouterr().out
+        assert load_checkpoint(tmp_path / "requeued/checkpoints/last.pt")["step"] == 10
+        assert cli_main([*args, "--resume", "auto"]) == 0
+        assert "continuing from checkpoints/last.pt" in capsys.readouterr().out
+    finally:
+        train_mod.train = real
+    a = load_checkpoint(tmp_path / "full/checkpoints/last.pt")
+    b = load_checkpoint(tmp_path / "requeued/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 30
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 def test_cli_train_eval_sample(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[run]\nname = "cli"\nroot = "' + str(tmp_path) + '"\n')

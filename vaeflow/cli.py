@@ -4,6 +4,7 @@ Thin by design: parse, build the config, call the library.
 
     vaeflow train experiments/quickstart/mnist_iaf.toml --set train.steps=500
     vaeflow train CONFIG --resume            # continue a killed run bit-exactly
+    vaeflow train CONFIG --resume auto       # continue if there is a checkpoint, else start
     vaeflow eval runs/quickstart --k 5000    # test NLL, ELBO, bpd, active units
     vaeflow sample runs/quickstart --n 64
     vaeflow sweep SWEEP.toml --jobs 2        # a grid of runs, resumable; --dry-run lists it
@@ -38,7 +39,17 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
     print(f"run directory: {run_dir}", flush=True)
-    summary = train(cfg, run_dir, resume=args.resume)
+    resume = args.resume == "yes"
+    if args.resume == "auto":
+        # A requeued job runs the same command every time: continue when a checkpoint
+        # exists, start when the job was killed before its first one.
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        print(
+            "--resume auto: "
+            + ("continuing from checkpoints/last.pt" if resume else "no checkpoint yet, starting"),
+            flush=True,
+        )
+    summary = train(cfg, run_dir, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports and evaluates
     print(json.dumps(summary, indent=2), flush=True)
@@ -114,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
     )
-    t.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=("yes", "auto"),
+        help="continue from checkpoints/last.pt; '--resume auto' continues when it exists "
+        "and starts the run otherwise (for jobs a cluster may requeue)",
+    )
     t.add_argument("--run-dir", help="run directory (default: run.root/run.name)")
     t.add_argument("--name", help="run name (sets run.name)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="sets train.device")
