@@ -31,3 +31,27 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+# The long end-to-end checks (real training runs, subprocesses, benchmarks, ODE solves):
+# `pytest -m "not slow"` skips them for a fast local loop (about a minute); CI runs all.
+# A node id containing any of these strings is marked slow.
+SLOW = (
+    "tests/test_ddp.py",
+    "tests/test_benchmarks_smoke.py",
+    "tests/test_sweep.py::test_tiny_real_sweep",
+    "tests/test_train.py",
+    "tests/test_toy2d.py",
+    "tests/test_docs.py::test_some_docstring_examples_exist",
+    "ffjord",
+    "tests/flows/test_continuous.py",
+    "tests/test_likelihoods.py::test_mixture_three_channels_exhaustive",
+    "tests/test_data.py::test_binarized_mnist_is_the_standard_file",
+    "tests/test_data.py::test_cifar10",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(s in item.nodeid for s in SLOW):
+            item.add_marker(pytest.mark.slow)
