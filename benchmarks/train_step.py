@@ -104,7 +104,7 @@ def make_step(
         model = model.to(memory_format=torch.channels_last)
     model.train()
     t = cfg.train
-    opt = _optimizer(cfg, model.parameters())
+    opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     binary = cfg.model.likelihood == "bernoulli"

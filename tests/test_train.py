@@ -131,6 +131,7 @@ SCHEDULES = {
     "warmup+cosine": ['train.lr_schedule="cosine"', "train.lr_warmup_steps=15"],
     "exponential": ['train.lr_schedule="exponential"', "train.lr_decay_every=7"],
     "multistep": ['train.lr_schedule="multistep"', "train.lr_milestones=[12, 23, 31]"],
+    "slow+delayed prior": ["train.prior_lr_scale=0.3", "train.prior_freeze_steps=25"],
 }
 
 
@@ -300,6 +301,63 @@ def test_free_bits_groups_need_a_kl_that_splits(tmp_path):
         tmp_path / "fb2",
     )
     assert ok["step"] == 2
+
+
+def test_prior_learning_rate_and_delay(tmp_path):
+    """The prior's parameters learn at lr * prior_lr_scale and not at all during
+    prior_freeze_steps; the rest of the model trains as usual."""
+    from vaeflow.build import build_model
+
+    torch.manual_seed(0)
+    init = build_model(_cfg().model).state_dict()
+    runs = {
+        "frozen": ("train.prior_freeze_steps=10",),
+        "zero_lr": ("train.prior_lr_scale=0",),
+        "plain": (),
+    }
+    moved = {}
+    for name, extra in runs.items():
+        train(_cfg("train.steps=6", "train.val_every=6", *extra), tmp_path / name)
+        state = load_checkpoint(tmp_path / name / "checkpoints/last.pt")["model"]
+        moved[name] = {
+            part: any(not torch.equal(state[k], init[k]) for k in state if k.startswith(part))
+            for part in ("prior.", "encoder.", "decoder.")
+        }
+    assert moved["plain"] == {"prior.": True, "encoder.": True, "decoder.": True}
+    for name in ("frozen", "zero_lr"):
+        assert moved[name] == {"prior.": False, "encoder.": True, "decoder.": True}, name
+
+
+def test_vamp_pseudo_inputs_from_training_data(tmp_path):
+    """init_from_data: the K pseudo-inputs start as training images (plus 0.01 noise),
+    not the N(0.05, 0.01) default; the option is only for the VampPrior."""
+    from vaeflow.config import ConfigError
+    from vaeflow.data import load_splits
+
+    vamp = ['model.prior.name="vamp"', "model.prior.flow=none", "model.prior.num_components=7"]
+    cfg = _cfg(*vamp, "model.prior.init_from_data=true", "train.steps=1", "train.val_every=1")
+    seen = {}
+    from vaeflow import train as train_mod
+
+    original = train_mod._optimizer
+
+    def capture(cfg, model):  # noqa: ANN001, ANN202
+        seen["u"] = model.prior.pseudo_inputs().detach().clone()
+        return original(cfg, model)
+
+    train_mod._optimizer = capture
+    try:
+        train(cfg, tmp_path / "vamp")
+    finally:
+        train_mod._optimizer = original
+    u = seen["u"]
+    x = load_splits("mnist", DATA).train.float() / 255
+    # Every pseudo-input is within the noise of some training image (here: its nearest).
+    nearest = torch.cdist(u.flatten(1), x[:50000].flatten(1)).min(1).values
+    assert (nearest < 0.01 * 28 * 5).all(), nearest
+    assert u.mean() > 0.08  # the default init would be ~0.05 everywhere
+    with pytest.raises(ConfigError, match="init_from_data"):
+        _cfg("model.prior.init_from_data=true")
 
 
 def test_repeated_failures_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):

@@ -84,6 +84,9 @@ class PriorConfig:
         num_layers: flow layers.
         hidden: flow conditioner width.
         num_components: mixture components (``mog``) or pseudo-inputs (``vamp``).
+        init_from_data: ``vamp`` only: the pseudo-inputs start as ``K`` random training
+            images plus N(0, 0.01) noise (the VampPrior code's ``use_training_data_init``)
+            instead of N(init_mean, init_std) pixels.
         options: family-specific options (flow options for ``flow``).
     """
 
@@ -92,6 +95,7 @@ class PriorConfig:
     num_layers: int = 4
     hidden: int = 64
     num_components: int = 500
+    init_from_data: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,6 +180,10 @@ class TrainConfig:
         lr_milestones: increasing steps at which the multistep schedule decays.
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
+        prior_lr_scale: the prior's parameters learn at ``lr * prior_lr_scale`` (a slower
+            prior against the co-adaptation of a learned prior with the encoder).
+        prior_freeze_steps: the prior's parameters do not move for the first steps (a
+            delayed prior: it starts learning once the posterior has settled).
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
         free_bits_group_size: latent dimensions per free-bits group (consecutive; must
             divide ``model.latent_dim``); each group's floor is ``free_bits * size``. The
@@ -227,6 +235,8 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = ()
     min_lr_ratio: float = 0.0
     kl_warmup_steps: int = 0
+    prior_lr_scale: float = 1.0
+    prior_freeze_steps: int = 0
     free_bits: float = 0.0
     free_bits_group_size: int = 1
     clip_norm: float | None = None
@@ -401,6 +411,8 @@ def validate(cfg: Config) -> Config:
         ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
         ("train.kl_warmup_steps", t.kl_warmup_steps, t.kl_warmup_steps >= 0, ">= 0"),
         ("train.eps", t.eps, t.eps > 0, "> 0"),
+        ("train.prior_lr_scale", t.prior_lr_scale, t.prior_lr_scale >= 0, ">= 0"),
+        ("train.prior_freeze_steps", t.prior_freeze_steps, t.prior_freeze_steps >= 0, ">= 0"),
         (
             "train.free_bits_group_size",
             t.free_bits_group_size,
@@ -451,6 +463,11 @@ def validate(cfg: Config) -> Config:
         )
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
+    if cfg.model.prior.init_from_data and cfg.model.prior.name != "vamp":
+        raise ConfigError(
+            "model.prior.init_from_data initialises a VampPrior's pseudo-inputs; "
+            f"model.prior.name is {cfg.model.prior.name!r}"
+        )
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas must have two entries, got {list(t.betas)}")
     if not cfg.run.name or "/" in cfg.run.name:

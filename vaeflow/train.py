@@ -51,6 +51,7 @@ from .data import (
     load_splits,
     prepare_eval,
     to_memory_format,
+    to_unit_interval,
 )
 from .logger import Progress, RunLogger, flatten_config
 from .optim import AdamNormGrad
@@ -149,6 +150,38 @@ class EMA:
             model.load_state_dict(backup, strict=False)
 
 
+def _prior_split(cfg: Config) -> bool:
+    """Whether the prior's parameters get a param group of their own (only then, so
+    runs without these options keep the one-group optimiser state of older checkpoints)."""
+    t = cfg.train
+    return t.prior_lr_scale != 1.0 or t.prior_freeze_steps > 0
+
+
+def _lr_lambdas(cfg: Config, model: nn.Module) -> list:
+    """One schedule per param group: the model's, and the prior's when it has its own
+    (the same schedule, zero while the prior is frozen; its scale is in its base lr)."""
+    factor = _lr_lambda(cfg)
+    if not _prior_split(cfg) or not _prior_parameters(model):
+        return [factor]
+    freeze = cfg.train.prior_freeze_steps
+
+    def prior_factor(step: int) -> float:
+        return 0.0 if step < freeze else factor(step)
+
+    return [factor, prior_factor]
+
+
+def _prior_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The prior's own parameters (a VampPrior's encoder belongs to the model, not here)."""
+    prior = getattr(model, "prior", None)
+    if prior is None:
+        return []
+    shared = {
+        id(p) for name, m in model.named_children() if name != "prior" for p in m.parameters()
+    }
+    return [p for p in prior.parameters() if id(p) not in shared]
+
+
 def _lr_lambda(cfg: Config):
     t = cfg.train
 
@@ -170,20 +203,29 @@ def _lr_lambda(cfg: Config):
     return factor
 
 
-def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:  # noqa: ANN001
+def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured optimiser over the model's parameters: one param group, or two
+    when the prior learns at its own rate or starts late (``_prior_split``)."""
     t = cfg.train
     kw = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
-    params = list(params)
+    params = list(model.parameters())
+    fusable = _fusable(params)
+    prior = _prior_parameters(model) if _prior_split(cfg) else []
+    groups: list = params
+    if prior:
+        ids = {id(p) for p in prior}
+        rest = [p for p in params if id(p) not in ids]
+        groups = [{"params": rest}, {"params": prior, "lr": t.lr * t.prior_lr_scale}]
     if t.optimizer == "adam_normgrad":
-        return AdamNormGrad(params, fused=_fusable(params), **kw)
+        return AdamNormGrad(groups, fused=fusable, **kw)
     if t.optimizer == "adam":
         # The fused kernel (CPU and CUDA): one pass over all parameters instead of ~10
         # small ops per tensor; 2.05 -> 0.62 ms per step for the quickstart model on the
         # 2-core CPU (benchmarks/README.md). Same update rule, different rounding. A
         # resumed run keeps its checkpoint's implementation (load_state_dict restores the
         # param groups' fused/foreach flags), so it continues bit-exactly.
-        return torch.optim.Adam(params, fused=_fusable(params), **kw)
-    return torch.optim.Adamax(params, foreach=True, **kw)  # Adamax has no fused kernel
+        return torch.optim.Adam(groups, fused=fusable, **kw)
+    return torch.optim.Adamax(groups, foreach=True, **kw)  # Adamax has no fused kernel
 
 
 def _match_state_layout(opt: torch.optim.Optimizer) -> None:
@@ -353,8 +395,10 @@ def train(
         x_val = to_memory_format(x_val, channels_last=True)
     # Independent posterior noise per rank (rank 0 keeps the single-process stream).
     torch.manual_seed(t.seed + 7919 * ctx.rank)
-    opt = _optimizer(cfg, model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    if cfg.model.prior.init_from_data and not resume:
+        _init_pseudo_inputs_from_data(model, splits.train, cfg.data.seed)
+    opt = _optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(cfg, model))
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     state = _State()
     config_dict = to_dict(cfg)
@@ -551,6 +595,19 @@ def train(
     if ctx.active:
         dist.barrier()
     return summary
+
+
+def _init_pseudo_inputs_from_data(model: VAE, x_train: Tensor, seed: int) -> None:
+    """A VampPrior's pseudo-inputs start as ``K`` random training images (in [0, 1]) plus
+    N(0, 0.01) noise, as the VampPrior code's ``use_training_data_init``. A generator of
+    its own, so the training run's random stream is the same as without the option."""
+    k = model.prior.num_components
+    g = torch.Generator().manual_seed(seed + 104729)
+    idx = torch.randperm(x_train.shape[0], generator=g)[:k]
+    x = to_unit_interval(x_train[idx]).to(next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 104729)
+        model.prior.init_from(x)
 
 
 def _check_free_bits(cfg: Config, model: VAE) -> None:
