@@ -384,7 +384,9 @@ def test_learning_curves_mean_on_shared_steps_then_each_seed(tmp_path: Path) -> 
         env = json.loads((run / "environment.json").read_text())
         env["splits"] = {"train": 1000, "val": 100, "test": 100}
         (run / "environment.json").write_text(json.dumps(env))
-    fig = learning_curves_figure(collect([tmp_path]), [])
+    records = collect([tmp_path])
+    assert learning_curves_figure(records, [], log_x=True).axes[0].get_xscale() == "log"
+    fig = learning_curves_figure(records, [])
     ax = fig.axes[0]
     mean, tail = ax.get_lines()
     assert list(mean.get_ydata()) == [-115.0, -99.0]

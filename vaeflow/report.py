@@ -911,7 +911,7 @@ def learning_curves_figure(
     ref_handles = _draw_references(ax, refs, sign=-1.0)
     handles += [h for h, _ in ref_handles]
     if log_x:
-        ax.set_xscale("log")
+        _log_x(ax)
     ax.set_xlabel("epoch (steps × batch size / training examples)" if epochs else "training step")
     ax.set_ylabel("validation ELBO (nats)\nlower bound on log p(x): higher is better")
     ax.grid(alpha=0.3)
@@ -924,6 +924,19 @@ def learning_curves_figure(
     _legend(fig, handles, legend_labels, note)
     _title(ax, labeller.title([r["config"] for r in records], keys), 5.2)
     return fig
+
+
+def _log_x(ax: Any) -> None:
+    """Log-scale x with plain tick labels (1, 2, 5, 10, ...), not 2 x 10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _: Any) -> str:
+        lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 5) else ""
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _curve(record: Mapping[str, Any]) -> tuple[list[float], list[float]]:
