@@ -140,6 +140,49 @@ def test_run_scripts_call_sweep_and_report(tmp_path: Path, name: str) -> None:
             assert report_call.startswith(f"report {directory} -o results/"), report_call
 
 
+@pytest.mark.parametrize(
+    ("name", "references"),
+    [
+        ("flow_priors", {"VAE + VampPrior, K = 500 (paper, secondary source)": 85.57}),
+        (
+            "rezende2015_planar",
+            {
+                "DLGM, diagonal (paper, secondary source)": 89.9,
+                "DLGM + NF, K = 80 (paper, secondary source)": 85.1,
+            },
+        ),
+    ],
+)
+def test_run_scripts_draw_the_papers_numbers(
+    tmp_path: Path, name: str, references: dict[str, float]
+) -> None:
+    """The experiments whose README quotes a paper's NLL pass it to the report as a
+    reference line (--reference), and the report's parser accepts what they pass."""
+    import argparse
+
+    from vaeflow.report import add_report_parser
+
+    args_file = tmp_path / "report_args"
+    stub = tmp_path / "vaeflow"
+    stub.write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = report ]; then printf "%s\\n" "$@" > {args_file}; fi\n'
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", str(EXPERIMENTS / name / "run.sh"), "reduced"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(args_file.read_text().splitlines())
+    assert dict(parsed.reference) == references
+
+
 def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
     stub, log = _stub(tmp_path, sweep_rc=1)
     env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}

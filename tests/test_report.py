@@ -15,7 +15,11 @@ from vaeflow.report import (
     add_report_parser,
     collect,
     group,
+    learning_curves_figure,
+    make_figures,
     metric_label,
+    render_figures_from_json,
+    series_styles,
     to_markdown,
     write_report,
 )
@@ -275,3 +279,263 @@ def test_cli_parser(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert args.by == ["model.posterior.flow"]
     assert args.func(args) == 0
     assert (out / "results.md").is_file() and "results.md" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- figures
+
+#: (prior name, prior flow) of a flow-priors grid: two keys end in ".flow"
+PRIORS = [
+    ("standard_normal", None),
+    ("learned_gaussian", None),
+    ("vamp", None),
+    ("flow", "realnvp"),
+    ("flow", "maf"),
+    ("flow", "nsf_coupling"),
+]
+REFERENCE = ("VampPrior (paper)", 85.57)
+
+
+def _flow_grid(
+    root: Path, priors: list[tuple[str, str | None]], latents: tuple[int, ...] = (40,)
+) -> int:
+    """Posterior flow x prior (x latent dim) x 2 seeds; returns the number of groups."""
+    groups = 0
+    for latent in latents:
+        for p_name, p_flow in priors:
+            for post in ("none", "iaf"):
+                level = -90.0 - 2.0 * groups
+                for seed in (0, 1):
+                    cfg = _config(post, seed, latent)
+                    cfg["model"]["prior"] = {"name": p_name, "flow": p_flow, "num_layers": 4}
+                    cfg["data"]["batch_size"] = 100
+                    curve = (level - 30.0 + seed, level - 10.0 + seed, level + seed)
+                    name = f"{p_name}_{p_flow}_{post}_{latent}_s{seed}"
+                    _write_run(root, name, cfg, -level + 2.0, level + seed, curve=curve)
+                groups += 1
+    return groups
+
+
+def _legend(fig: Any) -> tuple[list[str], list[Any]]:
+    (legend,) = fig.legends
+    return [t.get_text() for t in legend.get_texts()], list(legend.legend_handles)
+
+
+def _check_readable(fig: Any, n_series: int, constants: tuple[str, ...]) -> list[str]:
+    """The checks every report figure with a legend must pass; returns the labels."""
+    labels, handles = _legend(fig)
+    assert len(labels) == len(set(labels)), labels  # legend entries unique
+    series = [label for label in labels if "(paper)" not in label]
+    assert len(series) == n_series, labels
+    for label in series:
+        names = [part.split(": ")[0] for part in label.split(" · ")]
+        assert len(names) == len(set(names)), label  # no key named twice ("flow", "flow")
+        assert "flow" not in names and "name" not in names, label  # no bare last component
+        assert "seed" not in label, label
+        for constant in constants:  # constant keys are in the title, not the labels
+            assert constant.split(": ")[0] not in names, label
+    title = fig.axes[0].get_title().replace("\n", " ")
+    for constant in constants:
+        assert constant in title, title
+    styles = [(h.get_color(), h.get_linestyle(), h.get_marker()) for h in handles]
+    assert len(styles) == len(set(styles)), styles  # no two entries look alike
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend_box = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:  # the legend covers no axes (data area, nor colour bar)
+        assert not legend_box.overlaps(ax.get_window_extent(renderer))
+    return labels
+
+
+def test_learning_curves_one_readable_line_per_group(tmp_path: Path) -> None:
+    """12 groups x 2 seeds, keys model.posterior.flow, model.prior.flow and model.prior.name:
+    one mean line and one min-max band per group, reader's labels, distinct styles, the
+    legend outside, constants in the title, the paper's NLL drawn at minus it."""
+    n = _flow_grid(tmp_path, PRIORS)
+    assert n == 12
+    records = collect([tmp_path])
+    figures = make_figures(records, group(records), references=[REFERENCE])
+    fig = figures["learning_curves"][1]
+    labels = _check_readable(fig, 12, ("data: MNIST", "latent dim: 40"))
+    assert "posterior: IAF · prior: RealNVP" in labels
+    assert "posterior: diagonal Gaussian · prior: VampPrior" in labels
+    assert "VampPrior (paper): NLL 85.57 nats, drawn at -85.57" in labels
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("epoch") is False  # no training-set size recorded
+    assert "higher is better" in ax.get_ylabel() and "nats" in ax.get_ylabel()
+    lines = ax.get_lines()
+    assert len(lines) == 12 + 1  # one line per group (not per seed) + the reference
+    assert len(ax.collections) == 12  # one band per group
+    reference = [line for line in lines if list(line.get_ydata()) == [-85.57, -85.57]]
+    assert len(reference) == 1 and reference[0].get_color() == "black"
+    # The mean over the two seeds (curves level-30+seed etc.): first group at level -90.
+    first = lines[0]
+    assert list(first.get_xdata()) == [100, 200, 300]
+    assert list(first.get_ydata()) == pytest.approx([-119.5, -99.5, -89.5])
+
+
+def test_learning_curves_mean_on_shared_steps_then_each_seed(tmp_path: Path) -> None:
+    """A seed that stopped early: the mean covers the steps both logged, the longer seed
+    goes on as a thin line of its own, with no legend entry; epochs when the run knows
+    its training-set size."""
+    for seed, curve in [(1, (-120.0, -100.0, -95.0)), (2, (-110.0, -98.0))]:
+        cfg = _config("iaf", seed)
+        cfg["data"]["batch_size"] = 100
+        run = _write_run(tmp_path, f"s{seed}", cfg, 85.0, curve=curve)
+        env = json.loads((run / "environment.json").read_text())
+        env["splits"] = {"train": 1000, "val": 100, "test": 100}
+        (run / "environment.json").write_text(json.dumps(env))
+    records = collect([tmp_path])
+    assert learning_curves_figure(records, [], log_x=True).axes[0].get_xscale() == "log"
+    fig = learning_curves_figure(records, [])
+    ax = fig.axes[0]
+    mean, tail = ax.get_lines()
+    assert list(mean.get_ydata()) == [-115.0, -99.0]
+    assert list(mean.get_xdata()) == [10.0, 20.0]  # step 100 x batch 100 / 1000 examples
+    assert list(tail.get_ydata()) == [-100.0, -95.0] and tail.get_linewidth() < 1.0
+    assert ax.get_xlabel().startswith("epoch")
+    labels, _ = _legend(fig)
+    assert labels == ["all runs"]
+
+
+def test_metric_vs_key_and_heatmap_readable(tmp_path: Path) -> None:
+    """A numeric key (latent dim) on top of the flow grid: the NLL-vs-key figure and the
+    heat map use the same labels and styles; units and direction on the axes."""
+    n = _flow_grid(tmp_path, PRIORS[2:5], latents=(16, 32))
+    assert n == 12
+    records = collect([tmp_path])
+    figures = make_figures(records, group(records), references=[REFERENCE])
+    assert set(figures) == {"learning_curves", "metric_vs_key", "heatmap"}
+    _check_readable(figures["learning_curves"][1], 12, ("data: MNIST",))
+    name, fig = figures["metric_vs_key"]
+    assert name == "metric_vs_model.latent_dim.png"
+    labels = _check_readable(fig, 6, ("data: MNIST",))
+    assert "posterior: IAF · prior: MAF" in labels
+    assert "VampPrior (paper): NLL 85.57 nats" in labels  # an NLL axis: drawn at +85.57
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "latent dim"
+    assert ax.get_ylabel() == "test NLL (nats, k=5000); lower is better"
+    heat = figures["heatmap"][1]
+    hax = heat.axes[0]
+    assert [t.get_text() for t in hax.get_xticklabels()] == ["diagonal Gaussian", "IAF"]
+    assert hax.get_xlabel() == "posterior"
+    rows = [t.get_text() for t in hax.get_yticklabels()]
+    assert rows[0] == "latent dim: 16 · prior: VampPrior" and len(rows) == 6
+    assert "data: MNIST" in hax.get_title()
+    assert heat.axes[1].get_ylabel() == "test NLL (nats, k=5000); lower is better"
+
+
+def test_label_map_and_ambiguous_names(tmp_path: Path) -> None:
+    """A label map renames keys and values; two keys given one name fall back to their
+    longer names; a prior that would read like another is not merged."""
+    _flow_grid(tmp_path, [("flow", "maf"), ("vamp", None), ("vamp", "maf")])
+    records = collect([tmp_path])
+    labels_file = tmp_path / "labels.toml"
+    labels_file.write_text(
+        '"model.posterior.flow" = "flow"\n'
+        '"model.prior.flow" = "flow"\n'
+        '["model.prior.name"]\nvalues = { vamp = "VampPrior (500)" }\n'
+    )
+    out = tmp_path / "out"
+    written = write_report([tmp_path], out, labels=labels_file)
+    data = json.loads(written["json"].read_text())
+    assert data["figures"]["labels"]["model.posterior.flow"] == "flow"
+    fig = make_figures(records, group(records), labels=data["figures"]["labels"])[
+        "learning_curves"
+    ][1]
+    labels = _check_readable(fig, 6, ())
+    assert "posterior.flow: IAF · prior.flow: MAF · prior: VampPrior (500)" in labels
+    assert "posterior.flow: IAF · prior.flow: MAF · prior: flow" in labels
+
+
+def test_variants_with_options_of_their_own(tmp_path: Path) -> None:
+    """Flows each with options of their own (sylvester-style): a label leaves out the
+    keys its run does not set, and no mostly-empty heat map is drawn."""
+    variants = {
+        "none": {},
+        "iaf": {"num_hidden": 1},
+        "sylvester_householder": {"num_householder": 8},
+        "sylvester_orthogonal": {"num_ortho_vectors": 8},
+    }
+    for i, (flow, options) in enumerate(variants.items()):
+        cfg = _config(flow, 1)
+        cfg["model"]["posterior"]["options"] = options
+        _write_run(tmp_path, flow, cfg, 90.0 + i)
+    records = collect([tmp_path])
+    figures = make_figures(records, group(records))
+    assert set(figures) == {"learning_curves"}
+    labels = _check_readable(figures["learning_curves"][1], 4, ())
+    assert labels == [
+        "posterior: diagonal Gaussian",
+        "posterior: IAF · posterior.options.num_hidden: 1",
+        "posterior: Sylvester (Householder) · posterior.options.num_householder: 8",
+        "posterior: Sylvester (orthogonal) · posterior.options.num_ortho_vectors: 8",
+    ]
+
+
+def test_series_styles_never_repeat() -> None:
+    for n in (1, 9, 11, 12, 41, 100):
+        styles = series_styles([(str(i),) for i in range(n)])
+        assert len({tuple(s.values()) for s in styles}) == n
+    # two entries: colour by the one with more values, dashes by the other
+    grid = [(a, b) for a in "abcdef" for b in "xy"]
+    styles = series_styles(grid)
+    assert len({s["color"] for s in styles}) == 6 and len({s["linestyle"] for s in styles}) == 2
+    # three: colour by the prior (3), line style by latent x posterior (4)
+    grid3 = [(a, b, c) for a in "12" for b in "gi" for c in "vmr"]
+    styles = series_styles(grid3)
+    assert len({tuple(s.values()) for s in styles}) == 12
+    assert len({s["color"] for s in styles}) == 3 and len({s["linestyle"] for s in styles}) == 4
+
+
+def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
+    """results.json keeps each run's learning curve (one line per list) and the figure
+    options, so the figures come back without the run directories."""
+    root = tmp_path / "runs"
+    _flow_grid(root, PRIORS[:2])
+    written = write_report([root], tmp_path / "out", references={"paper": 85.57})
+    text = written["json"].read_text()
+    assert '"step": [100, 200, 300]' in text  # compact: not one line per number
+    data = json.loads(text, parse_constant=_refuse)
+    first = next(r for r in data["records"] if r["name"] == "standard_normal_None_none_40_s1")
+    assert first["learning_curve"] == {"step": [100, 200, 300], "val/elbo_nats": [-119, -99, -89]}
+    assert data["figures"]["references"] == [["paper", 85.57]]
+    import shutil
+
+    shutil.rmtree(root)
+    again = render_figures_from_json(written["json"], tmp_path / "again")
+    assert set(again) == {"learning_curves", "heatmap"}
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in again.values())
+    # A results.json from before the curves were stored: no learning curves, a warning.
+    for r in data["records"]:
+        del r["learning_curve"]
+    old = tmp_path / "old" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="val/elbo_nats"):
+        assert set(render_figures_from_json(old)) == {"heatmap"}
+
+
+def test_cli_labels_references_and_redraw(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"model.posterior.flow": {"name": "q(z|x)"}}))
+    out = tmp_path / "cli"
+    argv = ["report", str(runs), "-o", str(out), "--labels", str(labels), "--log-x"]
+    argv += ["--reference", "VampPrior (paper): 85.57", "--reference", "IWAE: 84.78"]
+    args = parser.parse_args(argv)
+    assert args.reference == [("VampPrior (paper)", 85.57), ("IWAE", 84.78)]
+    assert args.func(args) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["figures"]["log_x"] is True
+    assert data["figures"]["labels"] == {"model.posterior.flow": {"name": "q(z|x)"}}
+    redraw = parser.parse_args(["report", str(out / "results.json"), "-o", str(tmp_path / "r")])
+    assert redraw.func(redraw) == 0
+    assert (tmp_path / "r" / "learning_curves.png").is_file()
+    assert not (tmp_path / "r" / "results.md").exists()
+    for bad in ("85.57", "paper: -85.57", "paper: lots"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["report", str(runs), "-o", str(out), "--reference", bad])
+    assert "NAME: NLL" in capsys.readouterr().err

@@ -15,6 +15,15 @@ out of every table, but :func:`write_report` lists them under the table and stil
 their learning curves. Numbers measured under different protocols (dataset,
 binarisation, importance samples ``k``, number of test examples) are never averaged:
 :func:`group` raises ``ValueError`` naming the key instead.
+
+Figures are for a reader who sees only ``results/``: one line per group of seeds (mean
+and a min-max band), legends that name what varies in a reader's words
+(``"posterior: IAF · prior: RealNVP"``, :class:`Labeller`, overridable per experiment
+with a label map), the keys that do not vary once in the title, no two series styled
+alike (:func:`series_styles`), legends outside the axes, axis labels with units and the
+direction of better, and a paper's reported NLLs as dashed reference lines. The learning
+curves are stored in ``results.json``, so :func:`render_figures_from_json` redraws the
+figures without the run directories.
 """
 
 from __future__ import annotations
@@ -36,10 +45,22 @@ from .logger import flatten_config, read_metrics
 __all__ = [
     "EXCLUDED_KEYS",
     "PROTOCOL_KEYS",
+    "READER_NAMES",
+    "READER_VALUES",
+    "TITLE_KEYS",
+    "LabelPlan",
+    "Labeller",
     "add_report_parser",
     "collect",
     "group",
+    "heatmap_figure",
+    "learning_curves_figure",
+    "load_labels",
+    "make_figures",
     "metric_label",
+    "metric_vs_key_figure",
+    "render_figures_from_json",
+    "series_styles",
     "to_markdown",
     "write_report",
 ]
@@ -114,6 +135,15 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         "test_examples": summary.get("test_examples"),
         **{name: summary.get(key) for key, name in _PROTOCOL_METRICS.items()},
     }
+    try:
+        rows = read_metrics(run_dir)
+    except FileNotFoundError:
+        rows = []
+    curve = [
+        (row["step"], row["val/elbo_nats"])
+        for row in rows
+        if _is_number(row.get("val/elbo_nats")) and math.isfinite(row["val/elbo_nats"])
+    ]
     notes: list[str] = []
     for note in [*summary.get("notes", []), *env.get("notes", [])]:
         if note not in notes:
@@ -129,6 +159,11 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         "protocol": protocol,
         "metrics": metrics,
         "notes": notes,
+        "train_examples": (env.get("splits") or {}).get("train"),
+        "learning_curve": {
+            "step": [step for step, _ in curve],
+            "val/elbo_nats": [value for _, value in curve],
+        },
     }
 
 
@@ -142,7 +177,10 @@ def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
     Returns:
         Records ``{"run_dir", "name", "status", "commit", "seed", "checkpoint_step",
         "config": {dotted.key: value}, "protocol": {dataset, binarization, k,
-        n_examples}, "metrics": {"test/...": float}, "notes": [...]}``. A run without
+        n_examples}, "metrics": {"test/...": float}, "notes": [...], "train_examples":
+        int | None (environment.json's training-split size), "learning_curve": {"step":
+        [...], "val/elbo_nats": [...]} (finite validation ELBOs from metrics.jsonl)}``. A
+        run without
         ``summary.json`` has ``status == "not evaluated"`` and empty metrics, and a
         ``UserWarning`` names it.
 
@@ -375,48 +413,676 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _new_figure() -> Any:
+# ----------------------------------------------------------------------------- labels
+
+#: A reader's name for common config keys: what every figure's legend, axes and title
+#: call them (``model.posterior.flow`` and ``model.prior.flow`` must not both read
+#: "flow"). Other keys read as the key without its first section
+#: (``model.posterior.options.num_hidden`` -> ``posterior.options.num_hidden``).
+READER_NAMES: dict[str, str] = {
+    "data.dataset": "data",
+    "data.binarization": "binarisation",
+    "data.batch_size": "batch size",
+    "model.latent_dim": "latent dim",
+    "model.likelihood": "likelihood",
+    "model.encoder.name": "encoder",
+    "model.decoder.name": "decoder",
+    "model.posterior.flow": "posterior",
+    "model.posterior.num_layers": "flow steps",
+    "model.posterior.hidden": "flow width",
+    "model.prior.name": "prior",
+    "model.prior.flow": "prior flow",
+    "model.prior.num_layers": "prior flow steps",
+    "model.prior.num_components": "prior components",
+    "train.objective": "objective",
+    "train.k": "k",
+    "train.lr": "learning rate",
+    "train.optimizer": "optimiser",
+    "train.steps": "training steps",
+    "train.kl_warmup_steps": "KL warm-up steps",
+    "train.free_bits": "free bits",
+}
+_FLOW_VALUES = {
+    "iaf": "IAF",
+    "gated_iaf": "gated IAF",
+    "maf": "MAF",
+    "realnvp": "RealNVP",
+    "realnvp_image": "RealNVP (image)",
+    "nice": "NICE",
+    "glow": "Glow",
+    "ffjord": "FFJORD",
+    "nsf_coupling": "NSF coupling",
+    "nsf_autoregressive": "NSF autoregressive",
+    "sylvester_householder": "Sylvester (Householder)",
+    "sylvester_orthogonal": "Sylvester (orthogonal)",
+    "sylvester_triangular": "Sylvester (triangular)",
+}
+#: A reader's name for common values, per key (the rest print as they are); legends and
+#: heat maps list the values in this order (baselines first), the rest after them.
+READER_VALUES: dict[str, dict[str, str]] = {
+    "model.posterior.flow": {"none": "diagonal Gaussian", **_FLOW_VALUES},
+    "model.prior.flow": dict(_FLOW_VALUES),
+    "model.prior.name": {
+        "standard_normal": "N(0, I)",
+        "learned_gaussian": "learned Gaussian",
+        "mog": "MoG",
+        "vamp": "VampPrior",
+    },
+    "data.dataset": {
+        "mnist": "MNIST",
+        "fashion_mnist": "Fashion-MNIST",
+        "binarized_mnist": "static MNIST",
+        "cifar10": "CIFAR-10",
+    },
+    "train.objective": {"elbo": "ELBO", "iwae": "IWAE"},
+}
+#: Keys stated once in a figure's title when they are the same in every run (with the
+#: keys of a user's label map); the full config is in results.json.
+TITLE_KEYS: tuple[str, ...] = (
+    "data.dataset",
+    "model.latent_dim",
+    "model.posterior.flow",
+    "model.posterior.num_layers",
+    "model.prior.name",
+    "model.prior.flow",
+    "train.objective",
+    "train.k",
+)
+_SEP = " · "
+
+
+def _fallback_name(key: str) -> str:
+    """The key without its first section (``model.prior.flow`` -> ``prior.flow``)."""
+    return key.split(".", 1)[1] if "." in key else key
+
+
+def load_labels(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a label map from a TOML (``.toml``) or JSON file.
+
+    The map takes config keys to a reader's name, or to ``{"name": ..., "values":
+    {value: name}}``::
+
+        "model.posterior.flow" = "posterior"
+        ["model.prior.name"]
+        name = "prior"
+        values = { vamp = "VampPrior (500 pseudo-inputs)" }
+    """
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a label map is a JSON object (config key -> name)")
+    return data
+
+
+class Labeller:
+    """A reader's names for config keys and values: :data:`READER_NAMES` and
+    :data:`READER_VALUES`, overridden by a per-experiment label map (see
+    :func:`load_labels`)."""
+
+    def __init__(self, labels: Mapping[str, Any] | None = None) -> None:
+        self.names = dict(READER_NAMES)
+        self.values = {k: dict(v) for k, v in READER_VALUES.items()}
+        self.user_keys = list(labels or {})
+        for key, spec in (labels or {}).items():
+            if isinstance(spec, str):
+                self.names[key] = spec
+            elif isinstance(spec, Mapping) and set(spec) <= {"name", "values"}:
+                if "name" in spec:
+                    self.names[key] = str(spec["name"])
+                for value, name in dict(spec.get("values", {})).items():
+                    self.values.setdefault(key, {})[str(value)] = str(name)
+            else:
+                raise ValueError(
+                    f"label map entry {key!r}: give a name or {{name = ..., values = "
+                    f"{{value = name}}}}, got {spec!r}"
+                )
+
+    def name(self, key: str) -> str:
+        """A reader's name of ``key``."""
+        return self.names.get(key) or _fallback_name(key)
+
+    def value(self, key: str, value: Any) -> str:
+        """A reader's name of ``value`` under ``key``."""
+        text = _fmt_value(value)
+        return self.values.get(key, {}).get(text, text)
+
+    def plan(self, configs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> LabelPlan:
+        """The legend entries for series that differ in ``keys`` (see :class:`LabelPlan`)."""
+        return LabelPlan(self, configs, keys)
+
+    def title(self, configs: Sequence[Mapping[str, Any]], varying: Sequence[str]) -> str:
+        """``"data: static MNIST · latent dim: 40 · prior: VampPrior"``: the title keys
+        (:data:`TITLE_KEYS` and the label map's) that are the same in every config and
+        not in ``varying``; values reading "none" are left out."""
+        parts = []
+        for key in dict.fromkeys([*TITLE_KEYS, *self.user_keys]):
+            if key in varying or not configs or any(key not in c for c in configs):
+                continue
+            if key == "model.posterior.num_layers" and all(
+                c.get("model.posterior.flow") == "none" for c in configs
+            ):
+                continue  # no posterior flow: its number of steps says nothing
+            if len({repr(c[key]) for c in configs}) == 1:
+                text = self.value(key, configs[0][key])
+                if text != "none":
+                    parts.append(f"{self.name(key)}: {text}")
+        return _SEP.join(parts)
+
+
+class LabelPlan:
+    """Legend entries for a set of series that differ in ``keys``.
+
+    Each entry is one thing a reader tells the series apart by, with a unique name: a
+    config key, or the prior's ``name`` and ``flow`` merged into one "prior" entry (the
+    flow's name when the prior is a flow) when that loses nothing for these configs.
+    ``label(config)`` joins them: ``"posterior: IAF · prior: RealNVP"``, leaving out
+    entries a config does not set (a key it lacks, or empty options ``{}``) as long as
+    the labels stay distinct.
+    """
+
+    def __init__(
+        self, labeller: Labeller, configs: Sequence[Mapping[str, Any]], keys: Sequence[str]
+    ) -> None:
+        self.labeller = labeller
+        self.configs = list(configs)
+        self._compact: bool | None = None
+        self.entries: list[tuple[str, tuple[str, ...]]] = []
+        keys = list(keys)
+        merged = "model.prior.name" in keys and "model.prior.flow" in keys
+        if merged:
+            seen: dict[str, str] = {}
+            for c in configs:
+                raw = repr((c.get("model.prior.name"), c.get("model.prior.flow")))
+                if seen.setdefault(self._prior(c), raw) != raw:
+                    merged = False  # two priors would read the same: keep both keys
+                    break
+        for key in keys:
+            if merged and key == "model.prior.flow":
+                continue
+            if merged and key == "model.prior.name":
+                self.entries.append((labeller.name(key), ("model.prior.name", "model.prior.flow")))
+            else:
+                self.entries.append((labeller.name(key), (key,)))
+        # No two entries may share a name: fall back to the longer forms of the key.
+        for rename in (_fallback_name, lambda k: k):
+            names = [n for n, _ in self.entries]
+            self.entries = [
+                (rename(ks[0]) if names.count(n) > 1 else n, ks) for n, ks in self.entries
+            ]
+
+    def _prior(self, config: Mapping[str, Any]) -> str:
+        name = config.get("model.prior.name")
+        if name == "flow":
+            return self.labeller.value("model.prior.flow", config.get("model.prior.flow"))
+        return self.labeller.value("model.prior.name", name)
+
+    @property
+    def names(self) -> list[str]:
+        """The entries' names, in order."""
+        return [n for n, _ in self.entries]
+
+    def values(self, config: Mapping[str, Any]) -> tuple[str, ...]:
+        """Each entry's reader value for ``config``."""
+        out = []
+        for _, keys in self.entries:
+            if len(keys) == 2:
+                out.append(self._prior(config))
+            else:
+                out.append(self.labeller.value(keys[0], config.get(keys[0])))
+        return tuple(out)
+
+    def sort_key(self, config: Mapping[str, Any], only: int | None = None) -> list[tuple]:
+        """Order of series: by entry, values in :data:`READER_VALUES` order, then numbers
+        by size and other strings alphabetically (``only``: that entry alone)."""
+        out: list[tuple] = []
+        for i, (_, keys) in enumerate(self.entries):
+            if only is not None and i != only:
+                continue
+            for key in keys:
+                value = config.get(key)
+                order = list(self.labeller.values.get(key, {}))
+                text = _fmt_value(value)
+                kind, number, string = _sort_key(value)
+                rank = order.index(text) if text in order else len(order)
+                out.append((rank, kind, number, string.casefold()))
+        return out
+
+    def is_set(self, config: Mapping[str, Any], index: int) -> bool:
+        """Whether ``config`` sets entry ``index`` (has the key, and not as ``{}``)."""
+        return all(config.get(k) not in (None, "{}") for k in self.entries[index][1])
+
+    def label(self, config: Mapping[str, Any], skip: Sequence[int] = ()) -> str:
+        """``"posterior: IAF · prior: RealNVP"`` (entries at the ``skip`` indices left out)."""
+        if self._compact is None:
+            compact = [self._join(c, (), True) for c in self.configs]
+            self._compact = all(compact) and len(set(compact)) == len(compact)
+        return self._join(config, skip, self._compact) or self._join(config, skip, False)
+
+    def _join(self, config: Mapping[str, Any], skip: Sequence[int], compact: bool) -> str:
+        return _SEP.join(
+            f"{name}: {value}"
+            for i, (name, value) in enumerate(zip(self.names, self.values(config), strict=True))
+            if i not in skip and (not compact or self.is_set(config, i))
+        )
+
+
+# ----------------------------------------------------------------------------- styles
+
+#: matplotlib's qualitative tab10 palette
+_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_DASHES = ("-", "--", ":", "-.")
+_MARKERS = ("", "o", "s", "^", "D", "v")
+#: reference lines: black, dash patterns no series uses
+_REF_DASHES = ((0, (6, 2)), (0, (1, 1.5)), (0, (8, 2, 1, 2)), (0, (3, 3)))
+
+
+def series_styles(values: Sequence[tuple[str, ...]]) -> list[dict[str, Any]]:
+    """One matplotlib style (``color``, ``linestyle``, ``marker``) per series, no two alike.
+
+    ``values`` are the series' legend values (:meth:`LabelPlan.values`). The colour
+    follows one entry (the one with the most values, at most 10: e.g. the prior) and the
+    line style (then the marker) the combination of the others (e.g. the posterior), so
+    a reader sees the structure; when that does not fit (more than 10 values in every
+    entry, or more than 24 combinations of the others) series cycle through 10 colours,
+    then 4 line styles, then markers.
+    """
+    n = len(values)
+    width = len(values[0]) if values else 0
+    distinct = [list(dict.fromkeys(v[i] for v in values)) for i in range(width)]
+    fits = [i for i in range(width) if len(distinct[i]) <= len(_COLOURS)]
+    if n and len(set(values)) == n and fits:
+        c = max(fits, key=lambda i: len(distinct[i]))  # the first on ties
+        rest = list(dict.fromkeys(v[:c] + v[c + 1 :] for v in values))
+        if len(rest) <= len(_DASHES) * len(_MARKERS):
+            out = []
+            for v in values:
+                r = rest.index(v[:c] + v[c + 1 :])
+                out.append(
+                    {
+                        "color": _COLOURS[distinct[c].index(v[c])],
+                        "linestyle": _DASHES[r % len(_DASHES)],
+                        "marker": _MARKERS[r // len(_DASHES)],
+                    }
+                )
+            return out
+    nc, nd = len(_COLOURS), len(_DASHES)
+    return [
+        {
+            "color": _COLOURS[i % nc],
+            "linestyle": _DASHES[(i // nc) % nd],
+            "marker": _MARKERS[(i // (nc * nd)) % len(_MARKERS)],
+        }
+        for i in range(n)
+    ]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _new_figure(width: float = 6.4, height: float = 4.2) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), layout="tight")
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
     return fig
 
 
-def _label(record: Mapping[str, Any], keys: Sequence[str]) -> str:
-    parts = [f"{k.rsplit('.', 1)[-1]}={_fmt_value(record['config'].get(k))}" for k in keys]
-    parts.append(f"seed={record['seed']}")
-    return ", ".join(parts)
+def _legend(fig: Any, handles: Sequence[Any], labels: Sequence[str], title: str) -> None:
+    """The legend outside the axes, to the right of them."""
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="outside right upper",
+            fontsize="small",
+            title=title or None,
+            title_fontsize="small",
+            alignment="left",
+            frameon=False,
+        )
 
 
-def _learning_curves(
-    records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: Path
-) -> bool:
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    drawn = 0
+def _legend_width(labels: Sequence[str]) -> float:
+    """Inches the legend needs beside the axes (about 0.065 in per character)."""
+    return 0.8 + 0.065 * max((len(s) for s in labels), default=0)
+
+
+def _title(ax: Any, text: str, width: float) -> None:
+    """``text`` above the axes (not the figure: the legend beside them has the corner),
+    wrapped to the axes' width of ``width`` inches."""
+    import textwrap
+
+    if text:
+        ax.set_title(textwrap.fill(text, max(30, int(width * 13))), fontsize="medium")
+
+
+def _metric_axis_label(metric: str) -> str:
+    """:func:`metric_label` with the direction: ``test NLL (nats, k=5000); lower is better``."""
+    label = metric_label(metric)
+    rest = metric.partition("/")[2] or metric
+    if rest.startswith("nll") or rest.endswith("bpd"):
+        return f"{label}; lower is better"
+    if rest.startswith("elbo") or rest.startswith("iwae"):
+        return f"{label}; higher is better"
+    return label
+
+
+def _parse_references(references: Any) -> list[tuple[str, float]]:
+    if not references:
+        return []
+    items = references.items() if isinstance(references, Mapping) else references
+    out = []
+    for name, value in items:
+        v = float(value)
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(
+                f"reference {name!r}: give the paper's negative log-likelihood in nats, a "
+                f"positive number (got {value!r}; for log p(x) = -85.57 give 85.57)"
+            )
+        out.append((str(name), v))
+    return out
+
+
+def _draw_references(ax: Any, references: Sequence[tuple[str, float]], sign: float) -> list:
+    """Horizontal reference lines at ``sign * value``; returns (handle, label) pairs."""
+    out = []
+    for i, (name, value) in enumerate(references):
+        y = sign * value
+        where = f", drawn at {y:g}" if sign < 0 else ""
+        line = ax.axhline(
+            y, color="black", linestyle=_REF_DASHES[i % len(_REF_DASHES)], linewidth=1.2
+        )
+        out.append((line, f"{name}: NLL {value:g} nats{where}"))
+    return out
+
+
+def _curve_buckets(
+    records: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> list[list[Mapping[str, Any]]]:
+    """Records with a learning curve, in groups that differ only outside ``keys``."""
+    buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in records:
-        try:
-            rows = read_metrics(r["run_dir"])
-        except FileNotFoundError:
-            continue
-        pts = [
-            (row["step"], row["val/elbo_nats"])
-            for row in rows
-            if _is_number(row.get("val/elbo_nats")) and math.isfinite(row["val/elbo_nats"])
-        ]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=".", label=_label(r, keys))
-            drawn += 1
-    if not drawn:
-        warnings.warn("no run logged val/elbo_nats: learning_curves.png not written", stacklevel=3)
-        return False
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation ELBO (nats)")
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
-    return True
+        if (r.get("learning_curve") or {}).get("step"):
+            buckets.setdefault(tuple(repr(r["config"].get(k)) for k in keys), []).append(r)
+    return sorted(
+        buckets.values(), key=lambda ms: [_sort_key(ms[0]["config"].get(k)) for k in keys]
+    )
+
+
+def _steps_per_epoch(record: Mapping[str, Any]) -> float | None:
+    batch, n = record["config"].get("data.batch_size"), record.get("train_examples")
+    if _is_number(batch) and _is_number(n) and batch > 0 and n > 0:
+        return n / batch
+    return None
+
+
+def learning_curves_figure(
+    records: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    labels: Mapping[str, Any] | Labeller | None = None,
+    references: Any = None,
+    log_x: bool = False,
+) -> Any:
+    """Validation ELBO during training, one line per group of seeds.
+
+    Runs that differ only outside ``keys`` (in the seed) form a group: a line at the mean
+    over the group's seeds on the steps they all logged, a band from their minimum to
+    maximum, and after the shortest seed stopped each seed's own curve, thin. One legend
+    entry per group, named by :class:`LabelPlan`, styled by :func:`series_styles`, outside
+    the axes; the keys that are the same in every run go into the title. The x axis is
+    in epochs when every run knows its batch size and training-set size, else in steps.
+    ``references`` (name -> a paper's NLL in nats) are drawn at minus the NLL, where the
+    ELBO, a lower bound on log p(x), would have to be below them.
+
+    Returns:
+        The matplotlib ``Figure``, or ``None`` when no run logged ``val/elbo_nats``.
+    """
+    labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
+    buckets = _curve_buckets(records, keys)
+    if not buckets:
+        return None
+    refs = _parse_references(references)
+    plan = labeller.plan([ms[0]["config"] for ms in buckets], keys)
+    buckets.sort(key=lambda ms: plan.sort_key(ms[0]["config"]))
+    series = [plan.values(ms[0]["config"]) for ms in buckets]
+    styles = series_styles(series)
+    epochs = all(_steps_per_epoch(r) for ms in buckets for r in ms)
+    seeds = {len(ms) for ms in buckets}
+    names = [plan.label(ms[0]["config"]) or "all runs" for ms in buckets]
+    if len(seeds) > 1:
+        names = [f"{n} ({len(ms)} seeds)" for n, ms in zip(names, buckets, strict=True)]
+    legend_labels = names + [f"{n}: NLL {v:g} nats, drawn at {-v:g}" for n, v in refs]
+    fig = _new_figure(5.2 + _legend_width(legend_labels), 4.4)
+    ax = fig.add_subplot()
+    handles = []
+    for members, style in zip(buckets, styles, strict=True):
+        per_epoch = _steps_per_epoch(members[0]) if epochs else None
+        scale = 1.0 / per_epoch if per_epoch else 1.0
+        curves = [dict(zip(*_curve(m), strict=True)) for m in members]
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        marker = style["marker"] or ("o" if len(common) <= 1 else "")
+        if common:
+            xs = [s * scale for s in common]
+            values = [[c[s] for c in curves] for s in common]
+            (line,) = ax.plot(
+                xs,
+                [statistics.fmean(v) for v in values],
+                color=style["color"],
+                linestyle=style["linestyle"],
+                marker=marker,
+                markersize=4,
+                linewidth=1.6,
+            )
+            if len(curves) > 1:
+                lo, hi = [min(v) for v in values], [max(v) for v in values]
+                ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
+        for i, c in enumerate(curves):  # after the shortest seed (or all, if none shared)
+            tail = sorted(s for s in c if not common or s >= common[-1])
+            if len(tail) > (1 if common else 0):
+                (thin,) = ax.plot(
+                    [s * scale for s in tail],
+                    [c[s] for s in tail],
+                    color=style["color"],
+                    linestyle=style["linestyle"],
+                    marker=style["marker"],
+                    linewidth=0.8 if common else 1.6,
+                    alpha=0.6 if common else 1.0,
+                )
+                if not common and i == 0:
+                    line = thin
+        handles.append(line)
+    ref_handles = _draw_references(ax, refs, sign=-1.0)
+    handles += [h for h, _ in ref_handles]
+    if log_x:
+        _log_x(ax)
+    ax.set_xlabel("epoch (steps × batch size / training examples)" if epochs else "training step")
+    ax.set_ylabel("validation ELBO (nats)\nlower bound on log p(x): higher is better")
+    ax.grid(alpha=0.3)
+    n = seeds.pop() if len(seeds) == 1 else None
+    if n == 1:
+        note = "one seed per line"
+    else:
+        count = f"{n} seeds" if n else "seeds"
+        note = f"line: mean over {count}\nband: min to max over seeds"
+    _legend(fig, handles, legend_labels, note)
+    _title(ax, labeller.title([r["config"] for r in records], keys), 5.2)
+    return fig
+
+
+def _log_x(ax: Any) -> None:
+    """Log-scale x with plain tick labels (1, 2, 5, 10, ...), not 2 x 10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _: Any) -> str:
+        lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 5) else ""
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _curve(record: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    curve = record.get("learning_curve") or {}
+    return list(curve.get("step", [])), list(curve.get("val/elbo_nats", []))
+
+
+def metric_vs_key_figure(
+    groups: Sequence[Mapping[str, Any]],
+    key: str,
+    metric: str,
+    others: Sequence[str] = (),
+    labels: Mapping[str, Any] | Labeller | None = None,
+    references: Any = None,
+    title: str = "",
+) -> Any:
+    """``metric`` (mean ± std over seeds) vs the numeric ``key``, one line per combination
+    of the ``others`` keys, labelled and styled as in :func:`learning_curves_figure`;
+    ``references`` (a paper's NLL in nats) drawn at the NLL on an NLL axis, at minus it on
+    an ELBO axis, not at all on other axes. Log x when the values span a factor of 20."""
+    labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
+    present = [g for g in groups if metric in g["metrics"]]
+    plan = labeller.plan([g["config"] for g in present], others)
+    present.sort(key=lambda g: plan.sort_key(g["config"]))
+    lines: dict[tuple[str, ...], list[tuple[float, float, float]]] = {}
+    configs: dict[tuple[str, ...], Mapping[str, Any]] = {}
+    for g in present:
+        m = g["metrics"][metric]
+        mean = math.nan if m["mean"] is None else m["mean"]
+        values = plan.values(g["config"])
+        lines.setdefault(values, []).append((g["config"][key], mean, m["std"] or 0.0))
+        configs.setdefault(values, g["config"])
+    styles = series_styles(list(lines))
+    names = [plan.label(configs[v]) for v in lines]
+    rest = metric.partition("/")[2] or metric
+    sign = 1.0 if rest.startswith("nll") else -1.0 if rest.startswith("elbo") else 0.0
+    refs = _parse_references(references) if sign else []
+    where = [f", drawn at {-v:g}" if sign < 0 else "" for _, v in refs]
+    ref_labels = [f"{n}: NLL {v:g} nats{w}" for (n, v), w in zip(refs, where, strict=True)]
+    fig = _new_figure(5.2 + (_legend_width(names + ref_labels) if any(names) else 0), 4.2)
+    ax = fig.add_subplot()
+    handles, xs_all = [], []
+    for pts, style in zip(lines.values(), styles, strict=True):
+        xs, ys, errs = zip(*sorted(pts), strict=True)
+        xs_all += xs
+        container = ax.errorbar(
+            xs,
+            ys,
+            yerr=errs,
+            color=style["color"],
+            linestyle=style["linestyle"],
+            marker=style["marker"] or "o",
+            capsize=3,
+        )
+        handles.append(container.lines[0])
+    ref_handles = _draw_references(ax, refs, sign=sign) if refs else []
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+        ax.set_xscale("log")
+    if xs_all:
+        ticks = sorted(set(xs_all))
+        ax.set_xticks(ticks, [_fmt_value(t) for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel(labeller.name(key))
+    ax.set_ylabel(_metric_axis_label(metric))
+    ax.grid(alpha=0.3)
+    legend = [(h, n) for h, n in zip(handles, names, strict=True) if n] + ref_handles
+    single = all(g.get("n_seeds", 1) == 1 for g in present)
+    stat = "one seed per point (no error bars)" if single else "mean ± std over seeds"
+    note = stat if any(names) else ""
+    _legend(fig, [h for h, _ in legend], [n for _, n in legend], note)
+    if not any(names):
+        title = _SEP.join(filter(None, [title, stat]))
+    _title(ax, title, 5.2)
+    return fig
+
+
+def heatmap_figure(
+    groups: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    metric: str,
+    labels: Mapping[str, Any] | Labeller | None = None,
+    title: str = "",
+) -> Any:
+    """A table-shaped figure of ``metric`` (the mean over seeds): columns = the legend
+    entry with the fewest values (the last on ties, e.g. the posterior; among entries
+    every group sets), rows = the other entries' combinations (e.g. the prior), names
+    from :class:`LabelPlan`; cells annotated with the mean, missing combinations blank.
+
+    Returns:
+        The ``Figure``, or ``None`` when the groups are no grid (fewer than half the
+        cells filled: e.g. flow variants each with options of its own, a list the
+        results table shows better).
+    """
+    import numpy as np
+
+    labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
+    plan = labeller.plan([g["config"] for g in groups], keys)
+    groups = sorted(groups, key=lambda g: plan.sort_key(g["config"]))
+    values_of = [plan.values(g["config"]) for g in groups]
+    distinct = [list(dict.fromkeys(v[i] for v in values_of)) for i in range(len(plan.names))]
+    always = [i for i in range(len(distinct)) if all(plan.is_set(g["config"], i) for g in groups)]
+    col = min(reversed(always or range(len(distinct))), key=lambda i: len(distinct[i]))
+    by_col = sorted(groups, key=lambda g: plan.sort_key(g["config"], only=col))
+    cols = list(dict.fromkeys(plan.values(g["config"])[col] for g in by_col))
+    # One entry for the rows: its values as tick labels and its name on the axis.
+    short = len(plan.names) == 2
+
+    def row_label(g: Mapping[str, Any]) -> str:
+        if short:
+            return plan.values(g["config"])[1 - col]
+        return plan.label(g["config"], skip=[col])
+
+    rows = list(dict.fromkeys(row_label(g) for g in groups))
+    if len(groups) < 0.5 * len(rows) * len(cols):
+        return None
+    values = np.full((len(rows), len(cols)), np.nan)
+    cells = {
+        (rows.index(row_label(g)), cols.index(v[col]))
+        for g, v in zip(groups, values_of, strict=True)
+    }
+    if len(cells) < len(groups):
+        return None  # two groups would share a cell
+    for g, v in zip(groups, values_of, strict=True):
+        mean = (g["metrics"].get(metric) or {}).get("mean")
+        if mean is not None:
+            values[rows.index(row_label(g)), cols.index(v[col])] = mean
+    row_chars = max((len(r) for r in rows), default=0)
+    width = 1.5 * len(cols)
+    fig = _new_figure(2.6 + 0.065 * row_chars + width, 1.6 + 0.45 * len(rows))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    fig.colorbar(image, ax=ax, label=_metric_axis_label(metric))
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_xlabel(plan.names[col])
+    ax.set_yticks(range(len(rows)), rows)
+    if short:
+        ax.set_ylabel(plan.names[1 - col])
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            r, g, b, _ = image.cmap(image.norm(v))
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=ink, fontsize="small")
+    single = all(g.get("n_seeds", 1) == 1 for g in groups)
+    note = "cells: one seed each" if single else "cells: mean over seeds"
+    _title(ax, _SEP.join(filter(None, [title, note])), width + 1.5)
+    return fig
 
 
 def _nll_metric(groups: Sequence[Mapping[str, Any]]) -> str | None:
@@ -428,86 +1094,135 @@ def _nll_metric(groups: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _short(key: str) -> str:
-    """``model.prior.flow`` -> ``prior.flow``: unambiguous where the last part is not."""
-    return key.split(".", 1)[1] if key.count(".") >= 2 else key.rsplit(".", 1)[-1]
-
-
-def _metric_vs_key(
+def make_figures(
+    records: Sequence[Mapping[str, Any]],
     groups: Sequence[Mapping[str, Any]],
-    key: str,
-    metric: str,
-    path: Path,
-    others: Sequence[str] = (),
-) -> None:
-    """``metric`` vs the numeric ``key``, one line per combination of the ``others`` keys."""
-    lines: dict[str, list[tuple[float, float, float]]] = {}
-    for g in groups:
-        if metric not in g["metrics"]:
-            continue
-        label = ", ".join(f"{_short(k)}={_fmt_value(g['config'][k])}" for k in others)
-        m = g["metrics"][metric]
-        lines.setdefault(label, []).append((g["config"][key], m["mean"], m["std"] or 0.0))
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    for label, pts in lines.items():
-        xs, ys, errs = zip(*sorted(pts), strict=True)
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label or None)
-    ax.set_xlabel(key)
-    ax.set_ylabel(metric_label(metric))
-    if any(lines):
-        ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
+    by: Sequence[str] | None = None,
+    labels: Mapping[str, Any] | None = None,
+    references: Any = None,
+    log_x: bool = False,
+) -> dict[str, tuple[str, Any]]:
+    """The report's figures, not yet saved.
+
+    Args:
+        records: from :func:`collect` (or results.json), with their learning curves.
+        groups: from :func:`group`.
+        by: the grouping keys (default: the groups' own, and for the learning curves,
+            which include runs that are not evaluated, every key that varies across the
+            runs except :data:`EXCLUDED_KEYS`).
+        labels: a label map (see :func:`load_labels`).
+        references: ``{name: a paper's NLL in nats}`` or ``[(name, nll), ...]``.
+        log_x: log-scale the learning curves' x axis.
+
+    Returns:
+        ``{"learning_curves": (file name, Figure), "metric_vs_key": ..., "heatmap": ...}``
+        for the figures that apply: learning curves when some run logged
+        ``val/elbo_nats``; metric vs key when a grouping key is numeric (test NLL, or the
+        ELBO when no NLL was computed); a heat map when two or more keys define the
+        groups and they form a grid (see :func:`heatmap_figure`).
+    """
+    labeller = Labeller(labels)
+    keys = list(groups[0]["by"]) if groups else list(by or [])
+    curve_keys = list(by) if by is not None else _varying_keys(records)
+    title = labeller.title([r["config"] for r in records], keys)
+    figures: dict[str, tuple[str, Any]] = {}
+    fig = learning_curves_figure(records, curve_keys, labeller, references, log_x)
+    if fig is None:
+        warnings.warn(
+            "no run logged val/elbo_nats (or results.json holds no learning curves): "
+            "learning_curves.png not written",
+            stacklevel=3,
+        )
+    else:
+        figures["learning_curves"] = ("learning_curves.png", fig)
+    metric = _nll_metric(groups)
+    numeric = [k for k in keys if all(_is_number(g["config"][k]) for g in groups)]
+    if metric is not None and numeric:
+        key = numeric[0]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)
+        others = [k for k in keys if k != key]
+        fig = metric_vs_key_figure(groups, key, metric, others, labeller, references, title)
+        figures["metric_vs_key"] = (f"metric_vs_{safe}.png", fig)
+    if metric is not None and len(keys) >= 2:
+        fig = heatmap_figure(groups, keys, metric, labeller, title)
+        if fig is not None:
+            figures["heatmap"] = ("heatmap.png", fig)
+    return figures
 
 
-def _heatmap(
-    groups: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str, path: Path
-) -> None:
-    """A table-shaped figure of ``metric``: columns = the key with the fewest values (the
-    last such key on ties, e.g. the posterior), rows = the other keys' combinations (e.g.
-    the prior); cells annotated with the mean, missing combinations left blank."""
-    import numpy as np
+def _save_figures(figures: Mapping[str, tuple[str, Any]], out: Path) -> dict[str, Path]:
+    written = {}
+    for name, (filename, fig) in figures.items():
+        path = out / filename
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        written[name] = path
+    return written
 
-    distinct = {k: sorted({_fmt_value(g["config"][k]) for g in groups}) for k in keys}
-    col_key = min(reversed(keys), key=lambda k: len(distinct[k]))
-    row_keys = [k for k in keys if k != col_key]
 
-    def row_label(g: Mapping[str, Any]) -> str:
-        return ", ".join(f"{_short(k)}={_fmt_value(g['config'][k])}" for k in row_keys)
+# ----------------------------------------------------------------------------- results.json
 
-    rows = list(dict.fromkeys(row_label(g) for g in groups))
-    cols = distinct[col_key]
-    values = np.full((len(rows), len(cols)), np.nan)
-    for g in groups:
-        if metric in g["metrics"]:
-            i, j = rows.index(row_label(g)), cols.index(_fmt_value(g["config"][col_key]))
-            values[i, j] = g["metrics"][metric]["mean"]
-    fig = _new_figure()
-    fig.set_size_inches(2.2 + 1.6 * len(cols), 1.2 + 0.45 * len(rows))
-    ax = fig.add_subplot()
-    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
-    fig.colorbar(image, ax=ax, label=metric_label(metric))
-    ax.set_xticks(range(len(cols)), [f"{_short(col_key)}={c}" for c in cols])
-    ax.set_yticks(range(len(rows)), rows)
-    for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize="small")
-    fig.savefig(path, dpi=120)
+
+def _results_json(payload: Mapping[str, Any]) -> str:
+    """Indented JSON, with each learning curve's lists on one line (not one per number)."""
+    compact: dict[str, str] = {}
+
+    def swap(obj: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return {
+                k: (_placeholder(compact, v) if k == "learning_curve" else swap(v))
+                for k, v in obj.items()
+            }
+        if isinstance(obj, list):
+            return [swap(v) for v in obj]
+        return obj
+
+    text = json.dumps(swap(_json_safe(payload)), indent=2, default=str)
+    for token, value in compact.items():
+        text = text.replace(f'"{token}"', value)
+    return text + "\n"
+
+
+def _placeholder(compact: dict[str, str], curve: Any) -> str:
+    token = f"@@learning_curve_{len(compact)}@@"
+    compact[token] = json.dumps(curve, separators=(", ", ": "))
+    return token
+
+
+def _labels_arg(labels: Mapping[str, Any] | str | os.PathLike[str] | None) -> dict[str, Any]:
+    if labels is None:
+        return {}
+    if isinstance(labels, Mapping):
+        return dict(labels)
+    return load_labels(labels)
 
 
 def write_report(
     run_dirs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     by: Sequence[str] | None = None,
+    labels: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    references: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    log_x: bool = False,
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
-    Figures: ``learning_curves.png`` (``val/elbo_nats`` vs step, one line per run,
-    labelled by the grouping keys and seed); when a grouping key is numeric (e.g. flow
-    depth), ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was computed — vs
-    that key, std error bars, one line per combination of the other keys); and when two or
-    more keys define the groups, ``heatmap.png`` (the same metric as a grid, e.g. prior x
-    posterior).
+    Figures (see :func:`make_figures`): ``learning_curves.png`` (``val/elbo_nats``, one
+    line per group of seeds with a min-max band); when a grouping key is numeric (e.g.
+    flow depth), ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was computed
+    — vs that key, std error bars, one line per combination of the other keys); and when
+    two or more keys define the groups, ``heatmap.png`` (the same metric as a grid, e.g.
+    prior x posterior). Legends name what varies in a reader's words (:class:`Labeller`);
+    what does not vary is in the title.
+
+    ``results.json`` holds each run's learning curve and the figure options, so
+    :func:`render_figures_from_json` can redraw the figures without the run directories.
+
+    Args:
+        run_dirs, by: as for :func:`collect` and :func:`group`.
+        labels: a label map, or a TOML/JSON file of one (:func:`load_labels`).
+        references: a paper's reported numbers, ``{name: NLL in nats (positive)}``, drawn
+            as dashed reference lines.
+        log_x: log-scale the learning curves' x axis.
 
     Returns:
         ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap"}`` -> path,
@@ -517,6 +1232,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     # Temps of an interrupted earlier report; only its own files (out may be shared).
     remove_stale_temps(out, final_names={"results.md", "results.json"})
+    label_map = _labels_arg(labels)
+    refs = _parse_references(references)
     records = collect(run_dirs)
     groups = group(records, by)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
@@ -526,46 +1243,119 @@ def write_report(
     write_text_atomic(md, to_markdown(groups, not_evaluated=not_evaluated))
     written["markdown"] = md
     js = out / "results.json"
-    payload = {"by": keys, "records": records, "groups": groups}
-    write_text_atomic(js, json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
+    payload = {
+        "by": keys,
+        "figures": {
+            "by": list(by) if by is not None else None,
+            "labels": label_map,
+            "references": [list(r) for r in refs],
+            "log_x": log_x,
+        },
+        "records": records,
+        "groups": groups,
+    }
+    write_text_atomic(js, _results_json(payload))
     written["json"] = js
-    curves = out / "learning_curves.png"
-    if _learning_curves(records, keys, curves):
-        written["learning_curves"] = curves
-    metric = _nll_metric(groups)
-    numeric = [k for k in keys if all(_is_number(g["config"][k]) for g in groups)]
-    if metric is not None and numeric:
-        key = numeric[0]
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)
-        path = out / f"metric_vs_{safe}.png"
-        _metric_vs_key(groups, key, metric, path, [k for k in keys if k != key])
-        written["metric_vs_key"] = path
-    if metric is not None and len(keys) >= 2:
-        path = out / "heatmap.png"
-        _heatmap(groups, keys, metric, path)
-        written["heatmap"] = path
+    figures = make_figures(records, groups, by, label_map, refs, log_x)
+    written.update(_save_figures(figures, out))
     return written
+
+
+def render_figures_from_json(
+    results_json: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    labels: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    references: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    log_x: bool | None = None,
+) -> dict[str, Path]:
+    """Redraw a report's figures from its ``results.json``, without the run directories.
+
+    Args:
+        results_json: written by :func:`write_report`.
+        out_dir: where the figures go (default: beside ``results_json``).
+        labels, references, log_x: override the ones stored in the file.
+
+    Returns:
+        ``{"learning_curves", "metric_vs_key", "heatmap"}`` -> path, for the figures
+        written. A results.json from before the learning curves were stored gives no
+        learning curves (with a ``UserWarning``).
+    """
+    src = Path(results_json)
+    data = _read_json(src)
+    stored = data.get("figures") or {}
+    for g in data["groups"]:
+        for m in g["metrics"].values():
+            if m.get("mean") is None:
+                m["mean"] = math.nan
+    out = Path(out_dir) if out_dir is not None else src.parent
+    out.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(
+        data["records"],
+        data["groups"],
+        stored.get("by"),
+        _labels_arg(labels) if labels is not None else stored.get("labels"),
+        references if references is not None else stored.get("references"),
+        bool(stored.get("log_x")) if log_x is None else log_x,
+    )
+    return _save_figures(figures, out)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+def _reference(text: str) -> tuple[str, float]:
+    """``"VampPrior (paper): 85.57"`` -> ``("VampPrior (paper)", 85.57)``."""
+    name, sep, value = text.rpartition(":")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        (ref,) = _parse_references([(name.strip(), float(value))])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 'NAME: NLL' with the NLL in nats, positive "
+            f"(e.g. 'VampPrior (paper): 85.57'){': ' + str(e) if str(e) else ''}"
+        ) from None
+    return ref
+
+
 def _report_command(args: argparse.Namespace) -> int:
-    written = write_report(args.runs, args.out, by=args.by)
+    if len(args.runs) == 1 and Path(args.runs[0]).is_file() and args.runs[0].endswith(".json"):
+        written = render_figures_from_json(
+            args.runs[0],
+            args.out,
+            labels=args.labels,
+            references=args.reference,
+            log_x=args.log_x or None,
+        )
+    else:
+        written = write_report(
+            args.runs,
+            args.out,
+            by=args.by,
+            labels=args.labels,
+            references=args.reference,
+            log_x=args.log_x,
+        )
     for name, path in written.items():
         print(f"{name:16s} {path}")
     return 0
 
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``report RUNS... -o OUT [--by KEY ...]`` to an argparse subparsers object."""
+    """Add ``report RUNS... -o OUT [--by KEY ...] [--labels FILE] [--reference 'NAME:
+    NLL' ...] [--log-x]`` to an argparse subparsers object."""
     p = subparsers.add_parser(
         "report",
         help="results tables (markdown + JSON) and figures from run directories",
         description="Average evaluated runs over seeds and write results.md, "
-        "results.json, learning_curves.png (and metric_vs_<key>.png).",
+        "results.json, learning_curves.png (and metric_vs_<key>.png, heatmap.png). "
+        "Given one results.json instead of run directories, redraw its figures.",
     )
-    p.add_argument("runs", nargs="+", help="run directories, or directories of them")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="run directories, or directories of them; or one results.json to redraw",
+    )
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument(
         "--by",
@@ -574,5 +1364,20 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY",
         help="config keys to group by (default: every varying key except the seed)",
     )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="TOML or JSON label map: config key -> reader's name, or -> {name = ..., "
+        "values = {value = name}} (default: vaeflow.report.READER_NAMES)",
+    )
+    p.add_argument(
+        "--reference",
+        action="append",
+        type=_reference,
+        metavar="'NAME: NLL'",
+        help="a paper's reported NLL in nats (positive), drawn as a dashed line (at minus "
+        "it on the ELBO axes); repeat for several",
+    )
+    p.add_argument("--log-x", action="store_true", help="log-scale the learning curves' x axis")
     p.set_defaults(func=_report_command)
     return p

@@ -6,4 +6,5 @@
 set -euo pipefail
 here="$(dirname "$0")"
 exec bash "$here/../_run_sweep.sh" flow_priors "${1:-full}" \
-  "experiments/flow_priors/sweep.toml" "experiments/flow_priors/reduced.toml"
+  "experiments/flow_priors/sweep.toml" "experiments/flow_priors/reduced.toml" \
+  --reference "VAE + VampPrior, K = 500 (paper, secondary source): 85.57"

@@ -6,4 +6,6 @@
 set -euo pipefail
 here="$(dirname "$0")"
 exec bash "$here/../_run_sweep.sh" rezende2015_planar "${1:-full}" \
-  "experiments/rezende2015_planar/sweep.toml" "experiments/rezende2015_planar/reduced.toml"
+  "experiments/rezende2015_planar/sweep.toml" "experiments/rezende2015_planar/reduced.toml" \
+  --reference "DLGM, diagonal (paper, secondary source): 89.9" \
+  --reference "DLGM + NF, K = 80 (paper, secondary source): 85.1"
