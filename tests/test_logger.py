@@ -41,20 +41,21 @@ def _log_everything(run_dir: pathlib.Path, rank: int = 0) -> RunLogger:
         log.log_images("samples/prior", torch.rand(5, 1, 6, 6), 3)
         log.log_images("val/reconstructions", torch.rand(4, 3, 6, 6), 3, nrow=4)
         log.log_histogram("val/kl_per_dim_nats", torch.randn(200), 3)
-        log.log_hparams(flatten_config(CONFIG), {"hparam/val_elbo_nats": -101.0}, step=3)
+        log.log_hparams(flatten_config(CONFIG), ["val/elbo_nats", "test/nll_iw5000_nats"], step=3)
     return log
 
 
 def test_tensorboard_events_read_back(tmp_path: pathlib.Path) -> None:
     _log_everything(tmp_path)
     acc = EventAccumulator(
-        str(tmp_path / "tb"),
+        str(tmp_path),
         size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0},
     )
     acc.Reload()
     tags = acc.Tags()
 
-    expected_scalars = {"train/loss_nats", "train/lr", "val/elbo_nats", "hparam/val_elbo_nats"}
+    # The HParams columns name existing curves: no extra single-point hparam/* charts.
+    expected_scalars = {"train/loss_nats", "train/lr", "val/elbo_nats"}
     assert set(tags["scalars"]) == expected_scalars
     for tag in ("train/loss_nats", "train/lr", "val/elbo_nats"):
         logged = [(s, m[tag]) for s, m in SCALARS.items() if tag in m]
@@ -74,7 +75,10 @@ def test_tensorboard_events_read_back(tmp_path: pathlib.Path) -> None:
     assert acc.Histograms("val/kl_per_dim_nats")[0].histogram_value.num == 200
 
     # The HParams entry lives in this run's own event file (not in a sub-run).
-    assert [p.name for p in (tmp_path / "tb").iterdir() if p.is_dir()] == []
+    # ... and the events sit in the run directory itself, so TensorBoard names the run
+    # after it (no tb/ sub-folder, no sub-run).
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert not [p for p in tmp_path.rglob("events.out.tfevents.*") if p.parent != tmp_path]
     hparams_tags = acc.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in hparams_tags
     metadata = acc.SummaryMetadata("_hparams_/session_start_info")
@@ -88,20 +92,23 @@ def test_tensorboard_events_read_back(tmp_path: pathlib.Path) -> None:
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         hparams_tags["_hparams_/experiment"]
     ).experiment
-    assert [m.name.tag for m in experiment.metric_infos] == ["hparam/val_elbo_nats"]
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "val/elbo_nats",
+        "test/nll_iw5000_nats",
+    ]
 
 
 def test_metrics_jsonl_is_valid_json_with_the_same_scalars(tmp_path: pathlib.Path) -> None:
     _log_everything(tmp_path)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [_strict_json(line) for line in lines]  # NaN/inf must be null, not NaN
-    assert [r["step"] for r in records] == [1, 2, 3, 3]
+    assert [r["step"] for r in records] == [1, 2, 3]
     for record, (step, metrics) in zip(records, SCALARS.items(), strict=False):
         assert record["step"] == step
         assert isinstance(record["time"], float)
         for tag, value in metrics.items():
             assert record[tag] == (value if math.isfinite(value) else None), tag
-    assert records[-1]["hparam/val_elbo_nats"] == -101.0
+    assert not any(k.startswith("hparam/") for r in records for k in r)
 
     read = read_metrics(tmp_path)
     assert read[0]["train/loss_nats"] == 98.25
@@ -171,7 +178,7 @@ def test_purge_step_drops_records_logged_after_the_checkpoint(tmp_path: pathlib.
         (2, 2.0),
         (3, 30.0),
     ]
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     read = [(e.step, e.value) for e in acc.Scalars("train/loss_nats")]
     assert read == [(1, 1.0), (2, 2.0), (3, 30.0)]
@@ -227,3 +234,21 @@ def test_progress_line_when_enabled(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.startswith("\r step 1/10 | loss 98.21 nats")
     assert "\r step 10/10 | loss 97.00 nats | bpd 3.25 | " in err
     assert err.rstrip("\n").endswith("it/s") and err.endswith("\n")
+
+
+def test_test_scalars_fill_the_hparams_columns_later(tmp_path: pathlib.Path) -> None:
+    """vaeflow eval adds its test metrics to a finished run's events (a second event file
+    of the same run), and the log_hparams order puts the varied keys first."""
+    from vaeflow.logger import hparams_order, log_test_scalars
+
+    with RunLogger(tmp_path) as log:
+        log.log_scalars({"val/elbo_nats": -90.0}, 10)
+        log.log_hparams({"data.seed": 0, "model.latent_dim": 4}, ["test/nll_iw5000_nats"])
+    log_test_scalars(tmp_path, {"test/nll_iw5000_nats": 88.5}, 10)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("test/nll_iw5000_nats")] == [(10, 88.5)]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    flat = {"data.seed": 0, "run.name": "x", "train.lr": 1e-3, "model.prior.name": "vamp"}
+    assert list(hparams_order(flat)) == ["model.prior.name", "train.lr", "data.seed", "run.name"]
+    assert list(hparams_order(flat, first=["train.lr"]))[0] == "train.lr"

@@ -101,7 +101,7 @@ def test_tensorboard_has_the_expected_tags(trained_run):
 
     run_dir, _ = trained_run
     acc = EventAccumulator(
-        str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
+        str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
     )
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
@@ -124,6 +124,19 @@ def test_tensorboard_has_the_expected_tags(trained_run):
         acc.Tags()["images"]
     )
     assert {"val/posterior_mean", "val/flow_logdet"} <= set(acc.Tags()["histograms"])
+    # The SCALARS tab opens on the curves: no single-point hparam/* charts. The HParams
+    # row's columns are the test metrics (filled by `vaeflow eval`) and validation
+    # curves, and its hyperparameters start with the model's keys, not the data's.
+    assert not [t for t in scalars if t.startswith("hparam")]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]
+    ).experiment
+    columns = [m.name.tag for m in experiment.metric_infos]
+    assert columns[:2] == ["test/nll_iw20_nats", "test/elbo_nats"] and "val/elbo_nats" in columns
+    assert experiment.hparam_infos[0].name.startswith("model.")
 
 
 SCHEDULES = {
@@ -485,6 +498,14 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert "test/nll_iw20_nats" in out and "tensorboard --logdir" in out
     summary = json.loads((tmp_path / "cli/summary.json").read_text())
     assert summary["test/n_examples"] == 100 and math.isfinite(summary["test/nll_iw20_nats"])
+    # The test metrics reach the run's TensorBoard events (its HParams columns).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "cli"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert acc.Scalars("test/nll_iw20_nats")[-1].value == pytest.approx(
+        summary["test/nll_iw20_nats"], rel=1e-6
+    )
     # A reduced evaluation says which examples it scored, and the data it scored them on.
     assert summary["test_examples"] == "fixed random subset of 100 of 10000"
     assert (summary["dataset"], summary["binarization"]) == ("mnist", "dynamic")

@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.no_eval:
         result = evaluate_run(run_dir, data_root=args.data_root, device=args.device or "auto")
         _print_summary(result)
-    print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
+    print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir.parent}")
     return 0
 
 

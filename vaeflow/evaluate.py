@@ -26,6 +26,7 @@ from .build import build_model
 from .checkpoint import load_checkpoint, load_model_state
 from .config import Config, from_dict
 from .data import eval_batches, load_splits, prepare_eval, test_subset, to_memory_format
+from .logger import log_test_scalars
 from .utils import resolve_device
 from .vae import VAE
 
@@ -196,6 +197,12 @@ def evaluate_run(
         **metrics,
     }
     write_json_atomic(run_dir / "summary.json", summary)
+    # The run's HParams row names these tags: its test columns fill in now.
+    log_test_scalars(
+        run_dir,
+        {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)},
+        int(ckpt.get("step") or 0),
+    )
     return summary
 
 

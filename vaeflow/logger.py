@@ -2,7 +2,9 @@
 
 A run directory (docs/design.md) gets
 
-* ``tb/`` — TensorBoard events: scalars, image grids, histograms and an HParams entry;
+* TensorBoard event files in the run directory itself (scalars, image grids, histograms
+  and an HParams entry), so ``tensorboard --logdir runs/`` names each run after its
+  directory (a ``tb/`` sub-folder would make every run ``<run>/tb``);
 * ``metrics.jsonl`` — one JSON object per :meth:`RunLogger.log_scalars` call,
   ``{"step": 1200, "time": 1718000000.1, "train/loss_nats": 98.2, ...}``, from which
   ``results/`` tables are rebuilt by script (:func:`read_metrics`);
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -34,7 +36,15 @@ from torch import Tensor
 
 from .atomic import atomic_write, write_text_atomic
 
-__all__ = ["RunLogger", "Progress", "flatten_config", "read_metrics", "METRICS_FILE"]
+__all__ = [
+    "RunLogger",
+    "Progress",
+    "flatten_config",
+    "hparams_order",
+    "log_test_scalars",
+    "read_metrics",
+    "METRICS_FILE",
+]
 
 METRICS_FILE = "metrics.jsonl"
 _RESERVED = ("step", "time")
@@ -63,7 +73,7 @@ class RunLogger:
         with RunLogger(run_dir) as log:
             log.log_scalars({"train/loss_nats": 98.2, "train/lr": 1e-3}, step)
             log.log_images("samples/prior", x_samples, step)
-            log.log_hparams(flatten_config(config_dict), {"hparam/val_elbo_nats": -85.1})
+            log.log_hparams(flatten_config(config_dict), ["val/elbo_nats", "test/bpd"])
 
     Non-finite scalars: written as ``null`` in ``metrics.jsonl`` (JSON has no NaN; every
     line stays valid JSON, :func:`read_metrics` turns them back into ``nan``) and kept
@@ -76,7 +86,7 @@ class RunLogger:
 
     Args:
         run_dir: the run directory (created if missing).
-        enabled_tb: write TensorBoard events to ``run_dir/tb``; ``False`` keeps only
+        enabled_tb: write TensorBoard events into ``run_dir``; ``False`` keeps only
             ``metrics.jsonl`` and the PNGs (and does not import TensorBoard).
         rank: the process rank in distributed training; only rank 0 writes anything.
         purge_step: when resuming from a checkpoint at this step, drop logged records
@@ -115,7 +125,7 @@ class RunLogger:
             # Imported here so runs with enabled_tb=False work without tensorboard.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+            self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     @staticmethod
     def _purge_metrics(path: Path, purge_step: int) -> None:
@@ -251,23 +261,30 @@ class RunLogger:
         self._writer.add_histogram(tag, finite, int(step))
 
     def log_hparams(
-        self, hparams: Mapping[str, HParam], metrics: Mapping[str, float], step: int = 0
+        self,
+        hparams: Mapping[str, HParam],
+        metrics: Mapping[str, float] | Sequence[str],
+        step: int = 0,
     ) -> None:
-        """Record the run's hyperparameters and headline metrics for TensorBoard's HParams tab.
+        """Record the run's hyperparameters and its metric columns for the HParams tab.
 
         Unlike ``SummaryWriter.add_hparams``, which writes into a new timestamped sub-run
         (so TensorBoard shows every run twice), this writes the HParams summaries
-        (``torch.utils.tensorboard.summary.hparams``) into this run's own event file,
-        so the HParams tab lists the run itself next to its scalar curves. The metrics
-        are logged as scalars at ``step`` (TensorBoard reads their values from there) and
-        also go to ``metrics.jsonl``. Call it once per run, typically at the end; use
-        metric tags distinct from the training curves (e.g. ``hparam/val_elbo_nats``).
+        (``torch.utils.tensorboard.summary.hparams``) into this run's own event file, so
+        the HParams tab lists the run itself next to its curves. TensorBoard takes each
+        metric column's value from this run's scalar of that tag (its last value), so
+        the columns are best given as the tags of curves the run logs anyway
+        (``["val/elbo_nats", "test/nll_iw5000_nats"]``): no extra single-point charts
+        appear in the SCALARS tab, and a test metric written later by ``vaeflow eval``
+        (:func:`log_test_scalars`) fills its column then. Columns appear in the order of
+        ``hparams`` (put the keys an ablation varies first).
 
         Args:
             hparams: flat ``{name: int | float | str | bool}``, e.g. from
                 :func:`flatten_config` (torch's summary records bools as 0/1 numbers).
-            metrics: ``{tag: value}`` for the comparison columns.
-            step: the step to log the metric values at.
+            metrics: the metric tags, or ``{tag: value}`` to log those values as scalars
+                at ``step`` too (for metrics no curve carries).
+            step: the step of the summaries (and of logged values).
 
         Raises:
             TypeError: a hyperparameter is not an int, float, str or bool (name given).
@@ -280,15 +297,17 @@ class RunLogger:
                     f"hyperparameter {name!r} is a {type(value)}; pass only int, float, str "
                     "or bool values (vaeflow.logger.flatten_config converts a nested config)"
                 )
+        tags = list(metrics)
         if self._writer is not None:
             from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-            experiment, start, end = hparams_summary(dict(hparams), dict(metrics))
+            experiment, start, end = hparams_summary(dict(hparams), dict.fromkeys(tags, 0.0))
             # The writer's own FileWriter (what add_scalar uses), not add_hparams' sub-run.
             file_writer = self._writer._get_file_writer()
             for summary in (experiment, start, end):
                 file_writer.add_summary(summary, int(step))
-        self.log_scalars(metrics, step)
+        if isinstance(metrics, Mapping):
+            self.log_scalars(metrics, step)
 
     def flush(self) -> None:
         """Push buffered TensorBoard events and metrics lines to disk."""
@@ -319,6 +338,33 @@ class RunLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def log_test_scalars(
+    run_dir: str | os.PathLike[str], metrics: Mapping[str, float], step: int
+) -> None:
+    """Add scalars (``vaeflow eval``'s test metrics) to a finished run's TensorBoard events.
+
+    A new event file beside the training's (TensorBoard merges a run's files): the HParams
+    columns that name these tags fill in, and ``metrics.jsonl`` is left as training wrote
+    it (the test numbers live in ``summary.json``). Non-finite values are kept as they are.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir))
+    try:
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, _as_float(tag, value), int(step))
+    finally:
+        writer.close()
+
+
+def hparams_order(flat: Mapping[str, HParam], first: Sequence[str] = ()) -> dict[str, HParam]:
+    """The HParams columns in a reader's order: ``first`` (e.g. the keys a sweep varies),
+    then the model, objective and evaluation keys, then data and run bookkeeping."""
+    rank = {"model": 1, "train": 2, "eval": 3, "data": 4, "run": 5}
+    keys = sorted(flat, key=lambda k: (k not in first, rank.get(k.split(".")[0], 6)))
+    return {k: flat[k] for k in keys}
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, HParam]:

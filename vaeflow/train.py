@@ -53,7 +53,7 @@ from .data import (
     to_memory_format,
     to_unit_interval,
 )
-from .logger import Progress, RunLogger, flatten_config
+from .logger import Progress, RunLogger, flatten_config, hparams_order
 from .optim import AdamNormGrad
 from .utils import resolve_device
 from .vae import VAE
@@ -585,10 +585,7 @@ def train(
     }
     if (state.step >= t.steps or stopped.startswith("early")) and ctx.rank == 0:
         _log_images(model, ema, x_val, logger, state.step)
-        logger.log_hparams(
-            flatten_config(config_dict),
-            {f"hparam/{k.replace('/', '_')}": v for k, v in last_val.items()},
-        )
+        logger.log_hparams(hparams_order(flatten_config(config_dict)), _hparams_metrics(cfg))
     logger.close()
     if ctx.rank == 0:
         write_json_atomic(run_dir / "train_summary.json", summary)
@@ -628,6 +625,16 @@ def _check_free_bits(cfg: Config, model: VAE) -> None:
             f"train.free_bits_group_size = {model.latent_dim} (one group: the total KL) "
             "or train.free_bits = 0"
         )
+
+
+def _hparams_metrics(cfg: Config) -> list[str]:
+    """The HParams table's metric columns: tags of curves the run logs (validation) and
+    of the test metrics `vaeflow eval` adds later (logger.log_test_scalars)."""
+    k = cfg.eval.k
+    tags = [f"test/nll_iw{k}_nats", "test/elbo_nats"]
+    if cfg.data.dataset == "cifar10":
+        tags.append("test/bpd")
+    return [*tags, "val/elbo_nats", f"val/iwae_k{cfg.train.val_k}_nats", "val/kl_nats"]
 
 
 def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:
