@@ -135,7 +135,10 @@ class DataConfig:
             ``binarized_mnist`` ``given`` (the files are binary; used as they are).
             Ignored for 8-bit data.
         val_size: validation examples taken from the end of the training file
-            (``None``: 10000 for MNIST-like data, 5000 for CIFAR-10).
+            (``None``: 10000 for MNIST-like data, 5000 for CIFAR-10). ``0``: no validation
+            split — train on the whole training file for a fixed budget (Burda et al. 2016,
+            the IAF code): no validation passes, no ``best.pt``, evaluation of ``last.pt``;
+            ``train.early_stopping`` and ``train.val_size`` need a validation split.
         batch_size: training batch size.
         eval_batch_size: batch size for validation and test evaluation.
         seed: seed of the fixed binarisations and of the data order.
@@ -194,7 +197,7 @@ class TrainConfig:
             (Polyak averaging); ``None`` disables it.
         val_every: steps between validations.
         val_k: importance samples of the validation IWAE bound.
-        val_size: validation examples used (``None``: all).
+        val_size: validation examples used (``None``: all; needs ``data.val_size != 0``).
         early_stopping: validations without improvement before stopping (``None``: never).
         early_stopping_delay: steps before validations without improvement start to count
             (the VampPrior and Sylvester-flow codes count only after the KL warm-up: set it
@@ -259,6 +262,11 @@ class EvalConfig:
         n_test: evaluate on a fixed random subset of ``n_test`` test examples, the same
             for every run (``None``: all; see ``vaeflow.data.test_subset``).
         use_ema: evaluate the EMA weights when they exist.
+        checkpoint: which checkpoint ``vaeflow eval`` (and the evaluation at the end of
+            ``vaeflow train``) scores: ``best`` (best validation bound), ``last`` (the final
+            model, as the papers that train for a fixed budget report it) or ``auto``
+            (``best`` with a validation split, ``last`` with ``data.val_size = 0``, where
+            no ``best.pt`` exists).
         compile: run each chunk of importance samples through ``torch.compile`` (fuses
             the elementwise work; worth it on a GPU for long evaluations; the first
             batch pays the compilation).
@@ -269,6 +277,7 @@ class EvalConfig:
     batch_size: int = 20
     n_test: int | None = None
     use_ema: bool = True
+    checkpoint: Literal["auto", "best", "last"] = "auto"
     compile: bool = False
 
 
@@ -420,8 +429,8 @@ def validate(cfg: Config) -> Config:
         (
             "data.val_size",
             cfg.data.val_size,
-            cfg.data.val_size is None or cfg.data.val_size >= 1,
-            ">= 1 or none (validation drives best.pt and early stopping)",
+            cfg.data.val_size is None or cfg.data.val_size >= 0,
+            ">= 0 or none (0: no validation split, a fixed training budget)",
         ),
         (
             "eval.n_test",
@@ -433,6 +442,8 @@ def validate(cfg: Config) -> Config:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} must be {allowed}, got {value}")
+    if cfg.data.val_size == 0:
+        _check_without_validation(cfg)
     if t.lr_milestones and t.lr_schedule != "multistep":
         raise ConfigError(
             f"train.lr_milestones = {list(t.lr_milestones)} is only used by "
@@ -456,6 +467,29 @@ def validate(cfg: Config) -> Config:
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
     return cfg
+
+
+def _check_without_validation(cfg: Config) -> None:
+    """``data.val_size = 0`` (no validation split): refuse what needs one, naming both keys.
+
+    Early stopping and the best checkpoint are decided on the validation bound; without a
+    validation split they would silently never happen.
+    """
+    needs = [
+        ("train.early_stopping", cfg.train.early_stopping, "stops on the validation bound"),
+        ("train.val_size", cfg.train.val_size, "subsamples the validation split"),
+    ]
+    for key, value, what in needs:
+        if value is not None:
+            raise ConfigError(
+                f"{key} = {value} {what}, but data.val_size = 0 has no validation split; "
+                f"leave {key} unset (none) or give data.val_size > 0"
+            )
+    if cfg.eval.checkpoint == "best":
+        raise ConfigError(
+            'eval.checkpoint = "best" needs a validation split, but data.val_size = 0 keeps '
+            'no best.pt; use eval.checkpoint = "last" (or "auto") or give data.val_size > 0'
+        )
 
 
 def _parse_value(text: str) -> Any:

@@ -5,6 +5,11 @@ config, optimises the (beta-weighted, free-bits) ELBO or the IWAE bound, validat
 IWAE-k, keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The
 model is only ever used as ``model(x, k) -> Terms`` (DESIGN.md).
 
+Without a validation split (``data.val_size = 0``: a fixed budget on the whole training
+file, as Burda et al. 2016 and the IAF code train) there are no validation passes and no
+``best.pt``; only ``last.pt`` is kept, image grids reconstruct (fixed-seed binarised)
+training examples, and the HParams metrics are the last training scalars.
+
 Robust step (after vdvae): a non-finite loss, a non-finite gradient norm or a norm above
 ``skip_grad_norm`` skips the update; skips are counted and logged, and too many in a row
 stop the run with a message and a usable checkpoint.
@@ -288,7 +293,8 @@ def train(
         splits: preloaded data (tests); default loads ``cfg.data``.
 
     Returns:
-        The summary dict: final/best validation bounds, steps, skipped updates, timing.
+        The summary dict: final/best validation bounds (``None`` without a validation
+        split, which ``"validation"`` then says), steps, skipped updates, timing.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
@@ -344,13 +350,25 @@ def train(
         device,
     )
     x_val = prepare_eval(splits.val, splits.kind, cfg.data.binarization, cfg.data.seed, device)
+    has_val = len(x_val) > 0  # data.val_size = 0: a fixed budget, nothing to validate on
     if t.val_size is not None:
         x_val = x_val[: t.val_size]
+    # Reconstruction grids show validation examples, or without a validation split the
+    # first training examples, binarised as evaluation data are (a fixed-seed draw).
+    x_img = (
+        x_val[:32]
+        if has_val
+        else prepare_eval(
+            splits.train[:32], splits.kind, cfg.data.binarization, cfg.data.seed, device
+        )
+    )
+    image_split = "val" if has_val else "train"
 
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x_val = to_memory_format(x_val, channels_last=True)
+        x_img = to_memory_format(x_img, channels_last=True)
     # Independent posterior noise per rank (rank 0 keeps the single-process stream).
     torch.manual_seed(t.seed + 7919 * ctx.rank)
     opt = _optimizer(cfg, model.parameters())
@@ -426,6 +444,7 @@ def train(
     t_start = time.perf_counter()
     steps_done = 0
     last_val: dict[str, float] = {}
+    last_train: dict[str, float] = {}
     stopped = "completed"
     try:
         while state.step < t.steps:
@@ -499,8 +518,10 @@ def train(
                     if terms.flow_logdet is not None:
                         scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
                 logger.log_scalars(scalars, state.step)
+                last_train = scalars
                 progress.update(state.step, loss.item())
-            if (state.step % t.val_every == 0 or state.step == t.steps) and ctx.rank == 0:
+            validate_now = state.step % t.val_every == 0 or state.step == t.steps
+            if has_val and validate_now and ctx.rank == 0:
                 last_val = _validate(model, ema, x_val, cfg, logger, state, amp)
                 if last_val["val/iwae"] > state.best:
                     state.best, state.best_step, state.bad_validations = (
@@ -512,7 +533,7 @@ def train(
                 elif state.step > t.early_stopping_delay:
                     state.bad_validations += 1
             if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
-                _log_images(model, ema, x_val, logger, state.step)
+                _log_images(model, ema, x_img, logger, state.step, image_split)
             if state.step % t.ckpt_every == 0 or state.step == t.steps:
                 checkpoint("last.pt")
             stop_early = t.early_stopping is not None and state.bad_validations >= t.early_stopping
@@ -533,17 +554,25 @@ def train(
         "status": stopped,
         "step": state.step,
         "skipped_steps": state.skipped,
-        "best_val_iwae_nats": state.best,
-        "best_step": state.best_step,
+        "validation": (
+            f"{len(x_val)} examples, best.pt = the best validation IWAE-{t.val_k} bound"
+            if has_val
+            else "none (data.val_size = 0): a fixed budget; no best.pt, evaluate last.pt"
+        ),
+        "best_val_iwae_nats": state.best if has_val else None,
+        "best_step": state.best_step if has_val else None,
         "train_seconds_this_session": elapsed,
         "steps_per_second": steps_done / elapsed if elapsed > 0 else None,
         **{k: v for k, v in last_val.items()},
     }
     if (state.step >= t.steps or stopped.startswith("early")) and ctx.rank == 0:
-        _log_images(model, ema, x_val, logger, state.step)
+        _log_images(model, ema, x_img, logger, state.step, image_split)
+        # The headline metrics: the final validation bounds, or without a validation
+        # split the last training scalars.
+        headline = last_val if has_val else last_train
         logger.log_hparams(
             flatten_config(config_dict),
-            {f"hparam/{k.replace('/', '_')}": v for k, v in last_val.items()},
+            {f"hparam/{k.replace('/', '_')}": v for k, v in headline.items()},
         )
     logger.close()
     if ctx.rank == 0:
@@ -657,14 +686,23 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
     }
 
 
-def _log_images(model: VAE, ema: EMA | None, x_val: Tensor, logger: RunLogger, step: int) -> None:
-    devices = [torch.cuda.current_device()] if x_val.is_cuda else []
+def _log_images(
+    model: VAE,
+    ema: EMA | None,
+    x: Tensor,
+    logger: RunLogger,
+    step: int,
+    split: str = "val",
+) -> None:
+    """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples."""
+    devices = [torch.cuda.current_device()] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices), _eval_context(model, ema), torch.no_grad():
         model.eval()
         torch.manual_seed(step)
-        x = x_val[:32]
+        x = x[:32]
         rec = model.reconstruct(x)
-        logger.log_images("val/reconstructions", torch.cat([x, rec]).clamp(0, 1), step, nrow=16)
+        grid = torch.cat([x, rec]).clamp(0, 1)
+        logger.log_images(f"{split}/reconstructions", grid, step, nrow=16)
         for temperature in (1.0, 0.7):
             images = model.sample(64, temperature=temperature).clamp(0, 1)
             logger.log_images(f"samples/prior_t{temperature:g}", images, step, nrow=8)
