@@ -40,6 +40,7 @@ __all__ = [
     "collect",
     "group",
     "metric_label",
+    "resolve_metrics",
     "to_markdown",
     "write_report",
 ]
@@ -275,10 +276,29 @@ def metric_label(name: str) -> str:
 
 
 def _default_metrics(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    return resolve_metrics(groups, _DEFAULT_METRICS, strict=False)
+
+
+def resolve_metrics(
+    groups: Sequence[Mapping[str, Any]], patterns: Sequence[str], strict: bool = True
+) -> list[str]:
+    """Metric names present in ``groups`` matching ``patterns`` (regexes, full match), in
+    the order of the patterns (e.g. ``["test/elbo_nats", r"test/nll_iw\\d+_nats"]``).
+
+    Raises:
+        ValueError: with ``strict``, a pattern that matches no metric of any group (the
+            message lists the metrics present), so a typo does not drop a column silently.
+    """
     present = sorted({n for g in groups for n in g["metrics"]})
     chosen: list[str] = []
-    for pattern in _DEFAULT_METRICS:
-        chosen.extend(n for n in present if re.fullmatch(pattern, n) and n not in chosen)
+    for pattern in patterns:
+        hits = [n for n in present if re.fullmatch(pattern, n)]
+        if strict and groups and not hits:
+            raise ValueError(
+                f"metric pattern {pattern!r} matches none of the metrics present: "
+                + ", ".join(present)
+            )
+        chosen.extend(n for n in hits if n not in chosen)
     return chosen
 
 
@@ -393,27 +413,35 @@ def _label(record: Mapping[str, Any], keys: Sequence[str]) -> str:
 def _learning_curves(
     records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: Path
 ) -> bool:
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    drawn = 0
+    """Validation ELBO vs step, one line per run; the training ELBO when no run has a
+    validation split (``data.val_size = 0``). False (and a warning) when neither exists."""
+    curves: dict[str, list[tuple[Mapping[str, Any], list[tuple[float, float]]]]] = {}
     for r in records:
         try:
             rows = read_metrics(r["run_dir"])
         except FileNotFoundError:
             continue
-        pts = [
-            (row["step"], row["val/elbo_nats"])
-            for row in rows
-            if _is_number(row.get("val/elbo_nats")) and math.isfinite(row["val/elbo_nats"])
-        ]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=".", label=_label(r, keys))
-            drawn += 1
-    if not drawn:
-        warnings.warn("no run logged val/elbo_nats: learning_curves.png not written", stacklevel=3)
+        for tag in ("val/elbo_nats", "train/elbo_nats"):
+            pts = [
+                (row["step"], row[tag])
+                for row in rows
+                if _is_number(row.get(tag)) and math.isfinite(row[tag])
+            ]
+            if pts:
+                curves.setdefault(tag, []).append((r, pts))
+    tag = next((t for t in ("val/elbo_nats", "train/elbo_nats") if curves.get(t)), None)
+    if tag is None:
+        warnings.warn(
+            "no run logged val/elbo_nats or train/elbo_nats: learning_curves.png not written",
+            stacklevel=3,
+        )
         return False
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for r, pts in curves[tag]:
+        ax.plot(*zip(*pts, strict=True), marker=".", label=_label(r, keys))
     ax.set_xlabel("step")
-    ax.set_ylabel("validation ELBO (nats)")
+    ax.set_ylabel(("validation" if tag.startswith("val/") else "training") + " ELBO (nats)")
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
     return True
@@ -499,15 +527,22 @@ def write_report(
     run_dirs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     by: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
+    ``metrics``: the table's columns as regexes over metric names (full match, see
+    :func:`resolve_metrics`), in order; the first one is also the figures' metric (e.g.
+    ``test/elbo_nats`` first for a paper whose table reports bounds). Default: NLL, bpd,
+    ELBO, KL, recon, active units, and the figures show the test NLL.
+
     Figures: ``learning_curves.png`` (``val/elbo_nats`` vs step, one line per run,
-    labelled by the grouping keys and seed); when a grouping key is numeric (e.g. flow
-    depth), ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was computed — vs
-    that key, std error bars, one line per combination of the other keys); and when two or
-    more keys define the groups, ``heatmap.png`` (the same metric as a grid, e.g. prior x
-    posterior).
+    labelled by the grouping keys and seed; ``train/elbo_nats`` when no run has a
+    validation split); when a grouping key is numeric (e.g. flow depth),
+    ``metric_vs_<key>.png`` (the figures' metric — by default the test NLL, or the ELBO
+    when no NLL was computed — vs that key, std error bars, one line per combination of
+    the other keys); and when two or more keys define the groups, ``heatmap.png`` (the
+    same metric as a grid, e.g. prior x posterior).
 
     Returns:
         ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap"}`` -> path,
@@ -522,17 +557,18 @@ def write_report(
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
     written: dict[str, Path] = {}
+    columns = resolve_metrics(groups, metrics) if metrics is not None else None
     md = out / "results.md"
-    write_text_atomic(md, to_markdown(groups, not_evaluated=not_evaluated))
+    write_text_atomic(md, to_markdown(groups, columns, not_evaluated=not_evaluated))
     written["markdown"] = md
     js = out / "results.json"
-    payload = {"by": keys, "records": records, "groups": groups}
+    payload = {"by": keys, "metrics": columns, "records": records, "groups": groups}
     write_text_atomic(js, json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
     written["json"] = js
     curves = out / "learning_curves.png"
     if _learning_curves(records, keys, curves):
         written["learning_curves"] = curves
-    metric = _nll_metric(groups)
+    metric = columns[0] if columns else _nll_metric(groups)
     numeric = [k for k in keys if all(_is_number(g["config"][k]) for g in groups)]
     if metric is not None and numeric:
         key = numeric[0]
@@ -551,14 +587,15 @@ def write_report(
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    written = write_report(args.runs, args.out, by=args.by)
+    written = write_report(args.runs, args.out, by=args.by, metrics=args.metrics)
     for name, path in written.items():
         print(f"{name:16s} {path}")
     return 0
 
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``report RUNS... -o OUT [--by KEY ...]`` to an argparse subparsers object."""
+    """Add ``report RUNS... -o OUT [--by KEY ...] [--metrics PATTERN ...]`` to an argparse
+    subparsers object."""
     p = subparsers.add_parser(
         "report",
         help="results tables (markdown + JSON) and figures from run directories",
@@ -573,6 +610,14 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="extend",
         metavar="KEY",
         help="config keys to group by (default: every varying key except the seed)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="table columns, as metric names or regexes (full match), in order; the first "
+        "is also the figures' metric (default: test NLL, bpd, ELBO, KL, recon, active units)",
     )
     p.set_defaults(func=_report_command)
     return p
