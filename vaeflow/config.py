@@ -161,11 +161,16 @@ class TrainConfig:
         steps: total optimiser steps.
         objective: ``elbo`` or ``iwae`` (Burda et al. 2016) with ``k`` samples.
         k: importance samples per example during training.
-        optimizer: ``adam``, ``adamax`` or ``adam_normgrad`` (Adam on gradients
+        optimizer: ``adam``, ``adamax``, ``adam_normgrad`` (Adam on gradients
             rescaled to unit L2 norm per parameter tensor, the optimiser of Tomczak &
-            Welling's VampPrior code, ``vaeflow.optim.AdamNormGrad``).
+            Welling's VampPrior code, ``vaeflow.optim.AdamNormGrad``) or ``rmsprop``
+            (``torch.optim.RMSprop``: Rezende & Mohamed 2015 train with RMSprop with
+            momentum).
         lr: peak learning rate.
-        betas: Adam's betas.
+        betas: Adam's (and Adamax's) betas.
+        momentum: RMSprop's momentum (only with ``optimizer = "rmsprop"``).
+        alpha: RMSprop's smoothing constant of the squared-gradient average (torch's
+            default 0.99; only with ``optimizer = "rmsprop"``).
         eps: the optimiser's epsilon (Burda et al. 2016: 1e-4; the Sylvester-flow code:
             1e-7; torch's default 1e-8).
         weight_decay: L2 weight decay (decoupled only for adamw-style; here plain).
@@ -178,7 +183,11 @@ class TrainConfig:
         lr_decay_every: steps between exponential decays.
         lr_milestones: increasing steps at which the multistep schedule decays.
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
-        kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
+        kl_warmup_steps: the KL weight rises linearly, ``beta = min(1, kl_warmup_start +
+            step / kl_warmup_steps)`` (0: beta = 1 throughout).
+        kl_warmup_start: beta at step 0 (Rezende & Mohamed 2015's ``beta_t = min(1, 0.01 +
+            t/10000)`` is ``kl_warmup_start = 0.01``, ``kl_warmup_steps = 10000``: it reaches 1
+            at step 9,900); needs ``kl_warmup_steps > 0``.
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
         free_bits_group_size: latent dimensions per free-bits group (consecutive; must
             divide ``model.latent_dim``); each group's floor is ``free_bits * size``. The
@@ -218,9 +227,11 @@ class TrainConfig:
     steps: int = 10000
     objective: Literal["elbo", "iwae"] = "elbo"
     k: int = 1
-    optimizer: Literal["adam", "adamax", "adam_normgrad"] = "adam"
+    optimizer: Literal["adam", "adamax", "adam_normgrad", "rmsprop"] = "adam"
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
+    momentum: float = 0.0
+    alpha: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
@@ -230,6 +241,7 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = ()
     min_lr_ratio: float = 0.0
     kl_warmup_steps: int = 0
+    kl_warmup_start: float = 0.0
     free_bits: float = 0.0
     free_bits_group_size: int = 1
     clip_norm: float | None = None
@@ -409,6 +421,14 @@ def validate(cfg: Config) -> Config:
         ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
         ("train.kl_warmup_steps", t.kl_warmup_steps, t.kl_warmup_steps >= 0, ">= 0"),
+        (
+            "train.kl_warmup_start",
+            t.kl_warmup_start,
+            0 <= t.kl_warmup_start <= 1,
+            "in [0, 1]",
+        ),
+        ("train.momentum", t.momentum, 0 <= t.momentum < 1, "in [0, 1)"),
+        ("train.alpha", t.alpha, 0 <= t.alpha < 1, "in [0, 1)"),
         ("train.eps", t.eps, t.eps > 0, "> 0"),
         (
             "train.free_bits_group_size",
@@ -459,6 +479,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "train.objective = 'iwae' cannot use train.free_bits or train.kl_warmup_steps "
             "(they modify the ELBO's KL term, which the IWAE bound does not have)"
+        )
+    if t.kl_warmup_start > 0 and t.kl_warmup_steps == 0:
+        raise ConfigError(
+            f"train.kl_warmup_start = {t.kl_warmup_start} is the KL weight at the start of a "
+            "warm-up, but train.kl_warmup_steps = 0 (no warm-up: beta = 1 throughout); set "
+            "train.kl_warmup_steps"
+        )
+    defaults = TrainConfig()
+    if t.optimizer != "rmsprop":
+        for key in ("momentum", "alpha"):
+            if getattr(t, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"train.{key} = {getattr(t, key)} is an RMSprop setting, but "
+                    f'train.optimizer = {t.optimizer!r}; use optimizer = "rmsprop" or '
+                    f"remove train.{key}"
+                )
+    elif tuple(t.betas) != defaults.betas:
+        raise ConfigError(
+            f"train.betas = {list(t.betas)} are Adam's, but train.optimizer = 'rmsprop' "
+            "(its settings are train.momentum and train.alpha); remove train.betas"
         )
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")

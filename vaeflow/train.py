@@ -177,8 +177,18 @@ def _lr_lambda(cfg: Config):
 
 def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:  # noqa: ANN001
     t = cfg.train
-    kw = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
     params = list(params)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params,
+            lr=t.lr,
+            alpha=t.alpha,
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            momentum=t.momentum,
+            foreach=True,
+        )
+    kw = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
     if t.optimizer == "adam_normgrad":
         return AdamNormGrad(params, fused=_fusable(params), **kw)
     if t.optimizer == "adam":
@@ -212,8 +222,9 @@ def _fusable(params: list[torch.Tensor]) -> bool:
 
 
 def _beta(cfg: Config, step: int) -> float:
+    """KL weight of the step: ``min(1, kl_warmup_start + step / kl_warmup_steps)``."""
     w = cfg.train.kl_warmup_steps
-    return 1.0 if w <= 0 else min(1.0, step / w)
+    return 1.0 if w <= 0 else min(1.0, cfg.train.kl_warmup_start + step / w)
 
 
 def _git_commit() -> str:
