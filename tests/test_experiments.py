@@ -100,6 +100,21 @@ def test_burda_schedule_is_the_papers_3_to_the_i_epoch_stages() -> None:
     assert cfg.train.lr_decay**7 == pytest.approx(0.1)
 
 
+def test_burda_follows_the_authors_code() -> None:
+    """yburda/iwae: 59,600 / 400 split, Adam beta1 0.99 and eps 1e-4 on the batch *sum*
+    (1e-4 / 20 on vaeflow's batch mean), no clipping, no early stopping, final model."""
+    cfg = load_config(EXPERIMENTS / "burda2016_iwae" / "config.toml")
+    assert (cfg.data.dataset, cfg.data.binarization, cfg.data.val_size) == (
+        "mnist",
+        "dynamic",
+        400,
+    )
+    assert tuple(cfg.train.betas) == (0.99, 0.999)
+    assert cfg.train.eps == pytest.approx(1e-4 / cfg.data.batch_size)
+    assert cfg.train.clip_norm is None and cfg.train.early_stopping is None
+    assert cfg.eval.checkpoint == "last"
+
+
 def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:
     """A fake ``vaeflow`` that logs its arguments (and fails ``sweep`` if asked)."""
     log = tmp_path / "calls.log"
