@@ -190,3 +190,29 @@ def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
     assert run.returncode == 1
     calls = log.read_text().splitlines()
     assert sum(c.startswith("report ") for c in calls) == 2  # MNIST and CIFAR-10 both ran
+
+
+def test_rezende_compares_bounds_on_static_mnist(tmp_path: Path) -> None:
+    """Rezende & Mohamed 2015: the table's rows are bounds, so run.sh reports the test ELBO
+    first; Larochelle's static MNIST, RMSprop with momentum, beta_t = min(1, 0.01 +
+    t/10000), no clipping; rows diag + planar and NICE at K = 10, 20, 40, 80."""
+    cfg = load_config(EXPERIMENTS / "rezende2015_planar" / "config.toml")
+    assert (cfg.data.dataset, cfg.data.binarization) == ("binarized_mnist", "given")
+    t = cfg.train
+    assert (t.optimizer, t.momentum, t.kl_warmup_start, t.kl_warmup_steps) == (
+        "rmsprop",
+        0.9,
+        0.01,
+        10000,
+    )
+    assert t.clip_norm is None
+    rows = {p.name for p in sw.expand(EXPERIMENTS / "rezende2015_planar" / "sweep.toml")}
+    ks = (10, 20, 40, 80)
+    assert rows == {"diag"} | {f"{f}_k{k}" for f in ("planar", "nice") for k in ks}
+    stub, log = _stub(tmp_path)
+    env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+    script = EXPERIMENTS / "rezende2015_planar" / "run.sh"
+    run = subprocess.run(["bash", str(script), "reduced"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (report,) = [c for c in log.read_text().splitlines() if c.startswith("report ")]
+    assert report.split("--metrics ")[1].split()[:2] == ["test/elbo_nats", r"test/nll_iw\d+_nats"]
