@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Shared by experiments/*/run.sh: run one experiment's sweep and write its report.
-#   _run_sweep.sh RESULTS_NAME MODE SWEEP_FULL SWEEP_REDUCED [REPORT_ARG...]
-# REPORT_ARGs go to `vaeflow report` (e.g. --reference "NAME: NLL" for a paper's number).
+#   _run_sweep.sh RESULTS_NAME MODE SWEEP_FULL SWEEP_REDUCED [REPORT_ARGS...]
 # MODE "full": the paper-budget sweep (meant for a GPU machine); the report goes to
 # results/<name>_full/. MODE "reduced": the CPU sweep behind the committed results/<name>/
-# (two single-threaded runs at a time on a 2-core machine).
+# (two single-threaded runs at a time on a 2-core machine). REPORT_ARGS go to `vaeflow
+# report` (e.g. --metrics test/elbo_nats ... for a paper whose table reports bounds).
 # Environment: JOBS (concurrent runs; default 1 full, 2 reduced), THREADS (torch CPU
 # threads per run; default 1 reduced), VAEFLOW (the CLI; default .venv/bin/vaeflow when
 # this checkout has one, else vaeflow on PATH), PYTHON (the interpreter that has vaeflow;
@@ -18,6 +18,7 @@ resolve() {  # a user-given relative program path, made absolute before the cd b
 [ -n "${PYTHON:-}" ] && PYTHON="$(resolve "$PYTHON")"
 cd "$(dirname "$0")/.."
 name="$1"; mode="$2"; full_sweep="$3"; reduced_sweep="$4"; shift 4
+report_args=("$@")
 if [ -z "${VAEFLOW:-}" ]; then
   if [ -x .venv/bin/vaeflow ]; then VAEFLOW=.venv/bin/vaeflow; else VAEFLOW=vaeflow; fi
 fi
@@ -39,6 +40,6 @@ rc=0
 "$VAEFLOW" sweep "$sweep" --jobs "$jobs" ${threads[@]+"${threads[@]}"} || rc=$?
 # The runs live in the sweep's directory (<root>/<name>, root inherited through extends).
 dir=$("$PYTHON" -c 'import sys; from vaeflow.sweep import load_sweep; print(load_sweep(sys.argv[1]).directory)' "$sweep")
-"$VAEFLOW" report "$dir" -o "$out" "$@" || rc=$?
+"$VAEFLOW" report "$dir" -o "$out" ${report_args[@]+"${report_args[@]}"} || rc=$?
 echo "report: $out/ (sweep exit status $rc)"
 exit "$rc"

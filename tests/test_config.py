@@ -139,3 +139,29 @@ def test_binarized_mnist_takes_only_the_given_binarization() -> None:
 def test_retired_static_binarization_says_what_to_use() -> None:
     with pytest.raises(ConfigError, match="retired.*binarized_mnist.*fixed_seed"):
         load_config(None, ["data.binarization=static"])
+
+
+def test_kl_warmup_can_start_above_zero() -> None:
+    """Rezende & Mohamed 2015's beta_t = min(1, 0.01 + t/10000): kl_warmup_start = 0.01."""
+    from vaeflow.train import _beta
+
+    cfg = load_config(None, ["train.kl_warmup_steps=10000", "train.kl_warmup_start=0.01"])
+    assert [_beta(cfg, t) for t in (0, 5000, 9899)] == pytest.approx([0.01, 0.51, 0.9999])
+    assert _beta(cfg, 9900) == _beta(cfg, 50000) == 1.0
+    assert _beta(load_config(None, ["train.kl_warmup_steps=100"]), 50) == 0.5  # default 0
+
+
+@pytest.mark.parametrize(
+    "sets, match",
+    [
+        (["train.kl_warmup_start=0.01"], "kl_warmup_start = 0.01.*kl_warmup_steps = 0"),
+        (["train.kl_warmup_steps=10", "train.kl_warmup_start=1.5"], "kl_warmup_start"),
+        (["train.momentum=0.9"], "train.momentum = 0.9 is an RMSprop setting.*'adam'"),
+        (['train.optimizer="adamax"', "train.alpha=0.9"], "train.alpha = 0.9 is an RMSprop"),
+        (['train.optimizer="rmsprop"', "train.betas=[0.5, 0.9]"], "train.betas.*rmsprop"),
+        (['train.optimizer="rmsprop"', "train.momentum=1.0"], "train.momentum must be"),
+    ],
+)
+def test_warmup_start_and_rmsprop_settings_are_checked(sets: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)

@@ -100,6 +100,44 @@ def test_burda_schedule_is_the_papers_3_to_the_i_epoch_stages() -> None:
     assert cfg.train.lr_decay**7 == pytest.approx(0.1)
 
 
+def test_burda_follows_the_authors_code() -> None:
+    """yburda/iwae: 59,600 / 400 split, Adam beta1 0.99 and eps 1e-4 on the batch *sum*
+    (1e-4 / 20 on vaeflow's batch mean), no clipping, no early stopping, final model."""
+    cfg = load_config(EXPERIMENTS / "burda2016_iwae" / "config.toml")
+    assert (cfg.data.dataset, cfg.data.binarization, cfg.data.val_size) == (
+        "mnist",
+        "dynamic",
+        400,
+    )
+    assert tuple(cfg.train.betas) == (0.99, 0.999)
+    assert cfg.train.eps == pytest.approx(1e-4 / cfg.data.batch_size)
+    assert cfg.train.clip_norm is None and cfg.train.early_stopping is None
+    assert cfg.eval.checkpoint == "last"
+
+
+def test_kingma_follows_the_paper_and_the_authors_code() -> None:
+    """IAF (arXiv:1606.04934 and openai/iaf): Table 1 is dynamically binarised MNIST with
+    k = 128; the code trains on every training image with Adamax 2e-3 at a constant rate,
+    no clipping, EMA 0.999 (MNIST batch 16, CIFAR-10 256); CIFAR-10's likelihood is the
+    discretised logistic with a learned log-scale per channel (appendix C.5)."""
+    for name, batch in (("mnist", 16), ("cifar10", 256)):
+        cfg = load_config(EXPERIMENTS / "kingma2016_iaf" / f"{name}.toml")
+        t = cfg.train
+        assert cfg.data.val_size == 0 and cfg.data.batch_size == batch, name
+        assert (t.optimizer, t.lr, t.lr_schedule, t.lr_warmup_steps) == (
+            "adamax",
+            2e-3,
+            "constant",
+            0,
+        )
+        assert t.clip_norm is None and t.early_stopping is None and t.ema_decay == 0.999
+    mnist = load_config(EXPERIMENTS / "kingma2016_iaf" / "mnist.toml")
+    assert (mnist.data.dataset, mnist.data.binarization, mnist.eval.k) == ("mnist", "dynamic", 128)
+    cifar = load_config(EXPERIMENTS / "kingma2016_iaf" / "cifar10.toml")
+    assert cifar.model.likelihood == "discretized_logistic"
+    assert cifar.model.likelihood_options == {"scale": "per_channel"}
+
+
 def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:
     """A fake ``vaeflow`` that logs its arguments (and fails ``sweep`` if asked)."""
     log = tmp_path / "calls.log"
@@ -195,3 +233,29 @@ def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
     assert run.returncode == 1
     calls = log.read_text().splitlines()
     assert sum(c.startswith("report ") for c in calls) == 2  # MNIST and CIFAR-10 both ran
+
+
+def test_rezende_compares_bounds_on_static_mnist(tmp_path: Path) -> None:
+    """Rezende & Mohamed 2015: the table's rows are bounds, so run.sh reports the test ELBO
+    first; Larochelle's static MNIST, RMSprop with momentum, beta_t = min(1, 0.01 +
+    t/10000), no clipping; rows diag + planar and NICE at K = 10, 20, 40, 80."""
+    cfg = load_config(EXPERIMENTS / "rezende2015_planar" / "config.toml")
+    assert (cfg.data.dataset, cfg.data.binarization) == ("binarized_mnist", "given")
+    t = cfg.train
+    assert (t.optimizer, t.momentum, t.kl_warmup_start, t.kl_warmup_steps) == (
+        "rmsprop",
+        0.9,
+        0.01,
+        10000,
+    )
+    assert t.clip_norm is None
+    rows = {p.name for p in sw.expand(EXPERIMENTS / "rezende2015_planar" / "sweep.toml")}
+    ks = (10, 20, 40, 80)
+    assert rows == {"diag"} | {f"{f}_k{k}" for f in ("planar", "nice") for k in ks}
+    stub, log = _stub(tmp_path)
+    env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+    script = EXPERIMENTS / "rezende2015_planar" / "run.sh"
+    run = subprocess.run(["bash", str(script), "reduced"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (report,) = [c for c in log.read_text().splitlines() if c.startswith("report ")]
+    assert report.split("--metrics ")[1].split()[:2] == ["test/elbo_nats", r"test/nll_iw\d+_nats"]

@@ -52,3 +52,41 @@ def test_update_does_not_depend_on_the_gradient_scale() -> None:
     opt.step()  # step ~ lr * 1e-6 / 1e-3
     start = _params(0)
     assert (plain[0] - start[0]).abs().max() < 0.01 * (small[0] - start[0]).abs().max()
+
+
+def test_rmsprop_with_momentum_follows_its_update_rule() -> None:
+    """train.optimizer = "rmsprop" (Rezende & Mohamed 2015: RMSprop with momentum) builds
+    torch's RMSprop with train.momentum / alpha / eps / lr, and three steps equal the
+    update written out by hand: v = a v + (1 - a) g^2, b = m b + g / (sqrt(v) + eps),
+    p -= lr b."""
+    from vaeflow.config import load_config
+    from vaeflow.train import _optimizer
+
+    sets = ['train.optimizer="rmsprop"', "train.momentum=0.9", "train.alpha=0.95"]
+    cfg = load_config(None, [*sets, "train.lr=0.01", "train.eps=1e-6"])
+    params = _params(0)
+    holder = torch.nn.ParameterList(params)  # _optimizer takes the model
+    opt = _optimizer(cfg, holder)
+    assert isinstance(opt, torch.optim.RMSprop)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["alpha"], group["eps"], group["lr"]) == (
+        0.9,
+        0.95,
+        1e-6,
+        0.01,
+    )
+    ref = [p.detach().clone() for p in params]
+    v = [torch.zeros_like(p) for p in ref]
+    buf = [torch.zeros_like(p) for p in ref]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ref]
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+        for i, grad in enumerate(grads):
+            v[i] = 0.95 * v[i] + 0.05 * grad**2
+            buf[i] = 0.9 * buf[i] + grad / (v[i].sqrt() + 1e-6)
+            ref[i] = ref[i] - 0.01 * buf[i]
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)

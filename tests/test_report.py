@@ -281,6 +281,78 @@ def test_cli_parser(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (out / "results.md").is_file() and "results.md" in capsys.readouterr().out
 
 
+def test_metrics_choose_the_columns_and_the_figures_metric(tmp_path: Path) -> None:
+    """A paper whose table reports bounds (Rezende & Mohamed 2015) is compared on the test
+    ELBO: ``metrics`` puts it first in the table and in the metric-vs-depth figure; a
+    pattern that matches nothing is an error naming what exists."""
+    root = tmp_path / "runs"
+    for depth, (nll, elbo) in {4: (95.0, -99.0), 8: (93.0, -96.5)}.items():
+        cfg = _config("planar", 1)
+        cfg["model"]["posterior"]["num_layers"] = depth
+        _write_run(root, f"planar_{depth}", cfg, nll, elbo)
+    from matplotlib.figure import Figure
+
+    captured: list = []
+    original = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        captured.append(self)
+        return original(self, *args, **kwargs)
+
+    Figure.savefig = spy
+    try:
+        written = write_report(
+            [root], tmp_path / "out", metrics=["test/elbo_nats", r"test/nll_iw\d+_nats"]
+        )
+    finally:
+        Figure.savefig = original
+    header = written["markdown"].read_text().splitlines()[0]
+    assert header.index("test ELBO (nats)") < header.index("test NLL (nats, k=5000)")
+    assert "KL" not in header
+    assert json.loads(written["json"].read_text())["metrics"] == [
+        "test/elbo_nats",
+        "test/nll_iw5000_nats",
+    ]
+    curve = next(
+        f
+        for f in captured
+        if "ELBO" in f.axes[0].get_ylabel() and "test" in f.axes[0].get_ylabel()
+    ).axes[0]
+    assert curve.get_ylabel().startswith("test ELBO (nats)")
+    assert sorted(curve.get_lines()[0].get_ydata()) == [-99.0, -96.5]
+    with pytest.raises(ValueError, match="test/elbo_bpd.*matches none"):
+        write_report([root], tmp_path / "bad", metrics=["test/elbo_bpd"])
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["report", str(root), "-o", str(tmp_path / "cli"), "--metrics", "test/elbo_nats"]
+    )
+    assert args.func(args) == 0
+    assert "test NLL" not in (tmp_path / "cli" / "results.md").read_text().splitlines()[0]
+
+
+def test_learning_curves_use_the_training_elbo_without_a_validation_split(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "runs", "noval", _config("iaf", 1), 90.0, curve=())
+    lines = [{"step": s, "time": 0.1, "train/elbo_nats": -150.0 + s / 10} for s in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    from matplotlib.figure import Figure
+
+    captured: list = []
+    original = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        captured.append(self)
+        return original(self, *args, **kwargs)
+
+    Figure.savefig = spy
+    try:
+        written = write_report([run], tmp_path / "out")
+    finally:
+        Figure.savefig = original
+    assert "learning_curves" in written
+    assert captured[0].axes[0].get_ylabel().startswith("training (no validation split) ELBO")
+
+
 # ----------------------------------------------------------------------------- figures
 
 #: (prior name, prior flow) of a flow-priors grid: two keys end in ".flow"

@@ -421,7 +421,7 @@ def test_config_errors_name_the_key():
         ("train.early_stopping=0", "train.early_stopping"),
         ("train.betas=[1.5, 0.9]", "train.betas"),
         ("eval.n_test=-5", "eval.n_test"),
-        ("data.val_size=0", "data.val_size"),
+        ("data.val_size=-1", "data.val_size"),
     ],
 )
 def test_impossible_values_are_config_errors(override, key):
@@ -506,6 +506,7 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert acc.Scalars("test/nll_iw20_nats")[-1].value == pytest.approx(
         summary["test/nll_iw20_nats"], rel=1e-6
     )
+    assert summary["checkpoint"] == "best"  # eval.checkpoint = "auto" with a validation split
     # A reduced evaluation says which examples it scored, and the data it scored them on.
     assert summary["test_examples"] == "fixed random subset of 100 of 10000"
     assert (summary["dataset"], summary["binarization"]) == ("mnist", "dynamic")
@@ -561,3 +562,67 @@ def test_channels_last_trains_the_same_model(tmp_path):
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
     summary = evaluate_run(tmp_path / "nhwc", data_root=DATA)
     assert math.isfinite(summary["test/nll_iw20_nats"])
+
+
+NO_VAL = ["data.val_size=0", "train.val_size=none"]
+
+
+@pytest.mark.parametrize(
+    "extra, keys",
+    [
+        (["train.early_stopping=5"], ["train.early_stopping", "data.val_size = 0"]),
+        (["train.val_size=100"], ["train.val_size", "data.val_size = 0"]),
+        (['eval.checkpoint="best"'], ["eval.checkpoint", "data.val_size = 0"]),
+    ],
+)
+def test_no_validation_split_refuses_what_needs_one(extra, keys):
+    """data.val_size = 0 is a fixed budget: early stopping, a validation subset and an
+    explicit best checkpoint are config errors naming both keys."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*TINY, *NO_VAL, *extra])
+    for key in keys:
+        assert key in str(err.value)
+    assert _cfg(*NO_VAL).data.val_size == 0  # on its own it is allowed
+
+
+def test_run_without_validation_split_trains_keeps_last_and_evaluates_it(tmp_path, capsys):
+    """data.val_size = 0: train on all 60,000 training images for a fixed budget with no
+    validation pass and no best.pt; `vaeflow train` then evaluates last.pt and says so in
+    summary.json; best.pt asked for explicitly is a clear error; images and HParams are
+    still written (from training examples and training scalars)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\nname = "noval"\nroot = "' + str(tmp_path) + '"\n')
+    sets = [*TINY, *NO_VAL, "train.steps=20", "train.val_every=10", "train.ckpt_every=10"]
+    assert cli_main(["train", str(cfg), *[a for s in sets for a in ("--set", s)]]) == 0
+    run = tmp_path / "noval"
+    assert (run / "checkpoints/last.pt").exists() and not (run / "checkpoints/best.pt").exists()
+    assert not [r for r in read_metrics(run) if any(k.startswith("val/") for k in r)]
+    train_summary = json.loads((run / "train_summary.json").read_text())
+    assert train_summary["validation"].startswith("none (data.val_size = 0)")
+    assert train_summary["best_val_iwae_nats"] is None and train_summary["step"] == 20
+    splits = json.loads((run / "environment.json").read_text())["splits"]
+    assert (splits["train"], splits["val"]) == (60000, 0)
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["checkpoint"], summary["checkpoint_step"]) == ("last", 20)
+    assert math.isfinite(summary["test/nll_iw20_nats"])
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert "train/reconstructions" in acc.Tags()["images"]
+    # Without validation curves the HParams columns are the training ones (and the test
+    # metrics that eval added).
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    ).experiment
+    columns = [m.name.tag for m in experiment.metric_infos]
+    assert "train/elbo_nats" in columns and not [c for c in columns if c.startswith("val/")]
+    assert "test/nll_iw20_nats" in acc.Tags()["scalars"]
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "--checkpoint", "best", "--k", "2", "--n-test", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt does not exist" in err and "--checkpoint last" in err
+    assert cli_main(["sample", str(run), "--n", "4"]) == 0
+    assert list((run / "samples").glob("prior_last_step0000020_*.png"))

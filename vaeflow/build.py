@@ -83,6 +83,9 @@ def build_prior_for(
 def build_model(cfg: ModelConfig) -> VAE:
     """Assemble the VAE described by ``cfg`` (see :class:`~vaeflow.config.ModelConfig`)."""
     options = {"event_ndim": len(cfg.x_shape), **cfg.likelihood_options}
+    if cfg.likelihood_options.get("scale") == "per_channel":
+        # A likelihood with one learned parameter per channel learns its count from the data.
+        options.setdefault("num_channels", cfg.x_shape[0])
     likelihood = build_likelihood(cfg.likelihood, **options)
     param_shape = likelihood.param_shape(tuple(cfg.x_shape))
     encoder = build_encoder(cfg.encoder.name, tuple(cfg.x_shape), **cfg.encoder.options)

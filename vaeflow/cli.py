@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="a fixed random subset of N test examples (the same for every run)",
     )
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument(
+        "--checkpoint",
+        choices=["best", "last", "auto"],
+        help="best.pt (best validation bound) or last.pt (final model); default: the "
+        "run's eval.checkpoint (auto: best, or last for a run with data.val_size = 0)",
+    )
     e.add_argument("--ema", choices=["on", "off"], help="use EMA weights (default: eval.use_ema)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"])
     e.add_argument("--data-root")
@@ -166,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="write a grid of prior samples")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=64)
-    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument(
+        "--checkpoint",
+        choices=["best", "last", "auto"],
+        help="default: the run's eval.checkpoint (as for eval)",
+    )
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temperature", type=float, default=1.0, help="prior noise scale (e.g. 0.7)")

@@ -139,7 +139,10 @@ class DataConfig:
             ``binarized_mnist`` ``given`` (the files are binary; used as they are).
             Ignored for 8-bit data.
         val_size: validation examples taken from the end of the training file
-            (``None``: 10000 for MNIST-like data, 5000 for CIFAR-10).
+            (``None``: 10000 for MNIST-like data, 5000 for CIFAR-10). ``0``: no validation
+            split — train on the whole training file for a fixed budget (Burda et al. 2016,
+            the IAF code): no validation passes, no ``best.pt``, evaluation of ``last.pt``;
+            ``train.early_stopping`` and ``train.val_size`` need a validation split.
         batch_size: training batch size.
         eval_batch_size: batch size for validation and test evaluation.
         seed: seed of the fixed binarisations and of the data order.
@@ -162,11 +165,16 @@ class TrainConfig:
         steps: total optimiser steps.
         objective: ``elbo`` or ``iwae`` (Burda et al. 2016) with ``k`` samples.
         k: importance samples per example during training.
-        optimizer: ``adam``, ``adamax`` or ``adam_normgrad`` (Adam on gradients
+        optimizer: ``adam``, ``adamax``, ``adam_normgrad`` (Adam on gradients
             rescaled to unit L2 norm per parameter tensor, the optimiser of Tomczak &
-            Welling's VampPrior code, ``vaeflow.optim.AdamNormGrad``).
+            Welling's VampPrior code, ``vaeflow.optim.AdamNormGrad``) or ``rmsprop``
+            (``torch.optim.RMSprop``: Rezende & Mohamed 2015 train with RMSprop with
+            momentum).
         lr: peak learning rate.
-        betas: Adam's betas.
+        betas: Adam's (and Adamax's) betas.
+        momentum: RMSprop's momentum (only with ``optimizer = "rmsprop"``).
+        alpha: RMSprop's smoothing constant of the squared-gradient average (torch's
+            default 0.99; only with ``optimizer = "rmsprop"``).
         eps: the optimiser's epsilon (Burda et al. 2016: 1e-4; the Sylvester-flow code:
             1e-7; torch's default 1e-8).
         weight_decay: L2 weight decay (decoupled only for adamw-style; here plain).
@@ -179,7 +187,11 @@ class TrainConfig:
         lr_decay_every: steps between exponential decays.
         lr_milestones: increasing steps at which the multistep schedule decays.
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
-        kl_warmup_steps: beta rises linearly 0 -> 1 over these steps (0: beta = 1).
+        kl_warmup_steps: the KL weight rises linearly, ``beta = min(1, kl_warmup_start +
+            step / kl_warmup_steps)`` (0: beta = 1 throughout).
+        kl_warmup_start: beta at step 0 (Rezende & Mohamed 2015's ``beta_t = min(1, 0.01 +
+            t/10000)`` is ``kl_warmup_start = 0.01``, ``kl_warmup_steps = 10000``: it reaches 1
+            at step 9,900); needs ``kl_warmup_steps > 0``.
         prior_lr_scale: the prior's parameters learn at ``lr * prior_lr_scale`` (a slower
             prior against the co-adaptation of a learned prior with the encoder).
         prior_freeze_steps: the prior's parameters do not move for the first steps (a
@@ -202,7 +214,7 @@ class TrainConfig:
             (Polyak averaging); ``None`` disables it.
         val_every: steps between validations.
         val_k: importance samples of the validation IWAE bound.
-        val_size: validation examples used (``None``: all).
+        val_size: validation examples used (``None``: all; needs ``data.val_size != 0``).
         early_stopping: validations without improvement before stopping (``None``: never).
         early_stopping_delay: steps before validations without improvement start to count
             (the VampPrior and Sylvester-flow codes count only after the KL warm-up: set it
@@ -223,9 +235,11 @@ class TrainConfig:
     steps: int = 10000
     objective: Literal["elbo", "iwae"] = "elbo"
     k: int = 1
-    optimizer: Literal["adam", "adamax", "adam_normgrad"] = "adam"
+    optimizer: Literal["adam", "adamax", "adam_normgrad", "rmsprop"] = "adam"
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
+    momentum: float = 0.0
+    alpha: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
@@ -237,6 +251,7 @@ class TrainConfig:
     kl_warmup_steps: int = 0
     prior_lr_scale: float = 1.0
     prior_freeze_steps: int = 0
+    kl_warmup_start: float = 0.0
     free_bits: float = 0.0
     free_bits_group_size: int = 1
     clip_norm: float | None = None
@@ -269,6 +284,11 @@ class EvalConfig:
         n_test: evaluate on a fixed random subset of ``n_test`` test examples, the same
             for every run (``None``: all; see ``vaeflow.data.test_subset``).
         use_ema: evaluate the EMA weights when they exist.
+        checkpoint: which checkpoint ``vaeflow eval`` (and the evaluation at the end of
+            ``vaeflow train``) scores: ``best`` (best validation bound), ``last`` (the final
+            model, as the papers that train for a fixed budget report it) or ``auto``
+            (``best`` with a validation split, ``last`` with ``data.val_size = 0``, where
+            no ``best.pt`` exists).
         compile: run each chunk of importance samples through ``torch.compile`` (fuses
             the elementwise work; worth it on a GPU for long evaluations; the first
             batch pays the compilation).
@@ -279,6 +299,7 @@ class EvalConfig:
     batch_size: int = 20
     n_test: int | None = None
     use_ema: bool = True
+    checkpoint: Literal["auto", "best", "last"] = "auto"
     compile: bool = False
 
 
@@ -410,6 +431,14 @@ def validate(cfg: Config) -> Config:
         ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("train.free_bits", t.free_bits, t.free_bits >= 0, ">= 0"),
         ("train.kl_warmup_steps", t.kl_warmup_steps, t.kl_warmup_steps >= 0, ">= 0"),
+        (
+            "train.kl_warmup_start",
+            t.kl_warmup_start,
+            0 <= t.kl_warmup_start <= 1,
+            "in [0, 1]",
+        ),
+        ("train.momentum", t.momentum, 0 <= t.momentum < 1, "in [0, 1)"),
+        ("train.alpha", t.alpha, 0 <= t.alpha < 1, "in [0, 1)"),
         ("train.eps", t.eps, t.eps > 0, "> 0"),
         ("train.prior_lr_scale", t.prior_lr_scale, t.prior_lr_scale >= 0, ">= 0"),
         ("train.prior_freeze_steps", t.prior_freeze_steps, t.prior_freeze_steps >= 0, ">= 0"),
@@ -432,8 +461,8 @@ def validate(cfg: Config) -> Config:
         (
             "data.val_size",
             cfg.data.val_size,
-            cfg.data.val_size is None or cfg.data.val_size >= 1,
-            ">= 1 or none (validation drives best.pt and early stopping)",
+            cfg.data.val_size is None or cfg.data.val_size >= 0,
+            ">= 0 or none (0: no validation split, a fixed training budget)",
         ),
         (
             "eval.n_test",
@@ -445,6 +474,8 @@ def validate(cfg: Config) -> Config:
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} must be {allowed}, got {value}")
+    if cfg.data.val_size == 0:
+        _check_without_validation(cfg)
     if t.lr_milestones and t.lr_schedule != "multistep":
         raise ConfigError(
             f"train.lr_milestones = {list(t.lr_milestones)} is only used by "
@@ -461,6 +492,26 @@ def validate(cfg: Config) -> Config:
             "train.objective = 'iwae' cannot use train.free_bits or train.kl_warmup_steps "
             "(they modify the ELBO's KL term, which the IWAE bound does not have)"
         )
+    if t.kl_warmup_start > 0 and t.kl_warmup_steps == 0:
+        raise ConfigError(
+            f"train.kl_warmup_start = {t.kl_warmup_start} is the KL weight at the start of a "
+            "warm-up, but train.kl_warmup_steps = 0 (no warm-up: beta = 1 throughout); set "
+            "train.kl_warmup_steps"
+        )
+    defaults = TrainConfig()
+    if t.optimizer != "rmsprop":
+        for key in ("momentum", "alpha"):
+            if getattr(t, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"train.{key} = {getattr(t, key)} is an RMSprop setting, but "
+                    f'train.optimizer = {t.optimizer!r}; use optimizer = "rmsprop" or '
+                    f"remove train.{key}"
+                )
+    elif tuple(t.betas) != defaults.betas:
+        raise ConfigError(
+            f"train.betas = {list(t.betas)} are Adam's, but train.optimizer = 'rmsprop' "
+            "(its settings are train.momentum and train.alpha); remove train.betas"
+        )
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
     if cfg.model.prior.init_from_data and cfg.model.prior.name != "vamp":
@@ -473,6 +524,29 @@ def validate(cfg: Config) -> Config:
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
     return cfg
+
+
+def _check_without_validation(cfg: Config) -> None:
+    """``data.val_size = 0`` (no validation split): refuse what needs one, naming both keys.
+
+    Early stopping and the best checkpoint are decided on the validation bound; without a
+    validation split they would silently never happen.
+    """
+    needs = [
+        ("train.early_stopping", cfg.train.early_stopping, "stops on the validation bound"),
+        ("train.val_size", cfg.train.val_size, "subsamples the validation split"),
+    ]
+    for key, value, what in needs:
+        if value is not None:
+            raise ConfigError(
+                f"{key} = {value} {what}, but data.val_size = 0 has no validation split; "
+                f"leave {key} unset (none) or give data.val_size > 0"
+            )
+    if cfg.eval.checkpoint == "best":
+        raise ConfigError(
+            'eval.checkpoint = "best" needs a validation split, but data.val_size = 0 keeps '
+            'no best.pt; use eval.checkpoint = "last" (or "auto") or give data.val_size > 0'
+        )
 
 
 def _parse_value(text: str) -> Any:

@@ -20,9 +20,10 @@ cifar10          8bit    (3, 32, 32)  first 45,000 / last 5,000 of the 50,000 tr
 ================ ======= ============ ====================================================
 
 The 50k/10k/10k MNIST split is the classic one of the ``mnist.pkl.gz`` pickle (train = the
-first 50,000 training images, validation = the last 10,000, in file order), used by the IWAE,
-IAF and Sylvester-flow papers. ``val_size`` is configurable; ``val_size=0`` trains on the
-whole training file with an empty validation split.
+first 50,000 training images, validation = the last 10,000, in file order; Larochelle's
+static files have the same sizes). ``val_size`` is configurable: the IWAE code holds out
+the last 400 (``val_size=400``), and ``val_size=0`` trains on the whole training file with
+an empty validation split (the IAF code trains on all 60,000).
 
 Files (below the data root, see :func:`resolve_data_root`):
 

@@ -1,7 +1,8 @@
 """Evaluate a finished run: test NLL (importance-sampled), ELBO, bits/dim, active units.
 
 ``evaluate_run(run_dir)`` rebuilds the model from ``config.json``, loads a checkpoint
-(``best.pt`` by default, EMA weights when present), and scores the test split with the
+(the run's ``eval.checkpoint``: by default ``best.pt``, or ``last.pt`` for a run without a
+validation split; EMA weights when present), and scores the test split with the
 standard protocol of Burda et al. 2016 / van den Berg et al. 2018: ``log p(x)``
 estimated with ``k = 5000`` importance samples (chunked, memory flat in ``k``), the ELBO
 from the same samples, bits/dim for 8-bit data, the number of active latent units
@@ -30,15 +31,46 @@ from .logger import log_test_scalars
 from .utils import resolve_device
 from .vae import VAE
 
-__all__ = ["load_run", "evaluate_model", "evaluate_run", "active_units", "sample_run"]
+__all__ = [
+    "load_run",
+    "resolve_checkpoint",
+    "evaluate_model",
+    "evaluate_run",
+    "active_units",
+    "sample_run",
+]
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
 
 
+def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
+    """The checkpoint name to score: ``checkpoint`` if given, else ``cfg.eval.checkpoint``,
+    with ``auto`` meaning ``best`` for a run with a validation split and ``last`` for one
+    without (``data.val_size = 0`` keeps no ``best.pt``)."""
+    name = checkpoint if checkpoint is not None else cfg.eval.checkpoint
+    if name == "auto":
+        return "last" if cfg.data.val_size == 0 else "best"
+    if name not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best', 'last' or 'auto', got {name!r}")
+    return name
+
+
 def load_run(
-    run_dir: str | Path, checkpoint: str = "best", use_ema: bool = True, device: str = "auto"
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    use_ema: bool = True,
+    device: str = "auto",
 ) -> tuple[Config, VAE, dict[str, Any]]:
-    """Rebuild a run's model from ``config.json`` and load ``checkpoints/<checkpoint>.pt``."""
+    """Rebuild a run's model from ``config.json`` and load ``checkpoints/<checkpoint>.pt``.
+
+    ``checkpoint``: ``best``, ``last`` or ``auto``; ``None`` takes the run's
+    ``eval.checkpoint`` (see :func:`resolve_checkpoint`). The name loaded is
+    ``ckpt["checkpoint_name"]`` of the returned checkpoint dict.
+
+    Raises:
+        FileNotFoundError: no ``config.json``, or ``best.pt`` asked of a run without a
+            validation split (the message says to use ``last``).
+    """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -47,10 +79,17 @@ def load_run(
             "(expected config.json and checkpoints/ written by `vaeflow train`)"
         )
     cfg = from_dict(Config, json.loads(cfg_path.read_text()))
+    name = resolve_checkpoint(cfg, checkpoint)
+    path = run_dir / "checkpoints" / f"{name}.pt"
+    if name == "best" and cfg.data.val_size == 0 and not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: the run has no validation split (data.val_size = 0), "
+            "so training keeps no best checkpoint; evaluate the final model with "
+            "--checkpoint last (the default for such a run)"
+        )
     dev = resolve_device(device)
-    ckpt = load_checkpoint(
-        run_dir / "checkpoints" / f"{checkpoint}.pt", map_location=dev, required=("model",)
-    )
+    ckpt = load_checkpoint(path, map_location=dev, required=("model",))
+    ckpt["checkpoint_name"] = name
     model = build_model(cfg.model).to(dev)
     load_model_state(model, ckpt["model"], "checkpoint")
     if use_ema and ckpt.get("ema") is not None:
@@ -141,7 +180,7 @@ def evaluate_run(
     k: int | None = None,
     chunk: int | None = None,
     n_test: int | None = None,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     use_ema: bool | None = None,
     device: str = "auto",
     data_root: str | None = None,
@@ -149,7 +188,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run directory on its test split and write ``summary.json``.
 
-    Arguments left ``None`` come from the run's ``[eval]`` config.
+    Arguments left ``None`` come from the run's ``[eval]`` config; ``checkpoint`` (``best``,
+    ``last`` or ``auto``) from ``eval.checkpoint`` (see :func:`resolve_checkpoint`), and
+    ``summary.json`` records the one scored (``"checkpoint": "last"``, say).
     """
     run_dir = Path(run_dir)
     cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema is not False, device)
@@ -186,7 +227,7 @@ def evaluate_run(
     )
     summary = {
         "run_dir": str(run_dir),
-        "checkpoint": checkpoint,
+        "checkpoint": ckpt["checkpoint_name"],
         "checkpoint_step": ckpt.get("step"),
         "ema": bool(use_ema and ckpt.get("ema") is not None),
         "compiled": compile,
@@ -210,21 +251,22 @@ def evaluate_run(
 def sample_run(
     run_dir: str | Path,
     n: int = 64,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     device: str = "auto",
     seed: int = 0,
     temperature: float = 1.0,
 ) -> Path:
     """Write a grid of ``n`` prior samples (likelihood means) to ``samples/``; return its path.
 
-    ``temperature`` scales the prior's noise (see :meth:`vaeflow.vae.VAE.sample`).
+    ``temperature`` scales the prior's noise (see :meth:`vaeflow.vae.VAE.sample`);
+    ``checkpoint`` as in :func:`load_run`.
     """
     from torchvision.utils import save_image
 
     _, model, ckpt = load_run(run_dir, checkpoint, True, device)
     torch.manual_seed(seed)
     images = model.sample(n, temperature=temperature).clamp(0, 1).cpu()
-    name = f"prior_{checkpoint}_step{ckpt.get('step', 0):07d}_t{temperature:g}.png"
+    name = f"prior_{ckpt['checkpoint_name']}_step{ckpt.get('step', 0):07d}_t{temperature:g}.png"
     out = Path(run_dir) / "samples" / name
     with atomic_write(out, "wb") as f:  # the temp name has no .png suffix: say the format
         save_image(images, f, format="png", nrow=int(math.sqrt(n)) or 1)

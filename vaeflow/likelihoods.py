@@ -559,6 +559,12 @@ class Gaussian(nn.Module):
         return Independent(Normal(loc, std, validate_args=False), self.event_ndim)
 
 
+# Initial learned log-scale: the IAF code's ``dec_log_stdv = 0`` (scale 1 on its data scale,
+# where one 8-bit bin is 1/256 wide) in vaeflow's [-1, 1] units (one bin is 2/255 wide).
+_IAF_INIT_LOG_SCALE = math.log((2.0 / 255.0) / (1.0 / 256.0))
+_DL_SCALES = ("per_pixel", "per_channel", "global")
+
+
 class DiscretizedLogistic(nn.Module):
     """Discretised logistic likelihood for 8-bit data (x as floats on the k/255 grid).
 
@@ -571,34 +577,84 @@ class DiscretizedLogistic(nn.Module):
         min_log_scale: floor on the log-scale (the [-1, 1] scale; -7 as in PixelCNN++), or
             None for no floor.
         validate: check in ``log_prob`` that x lies in [0, 1] on the k/255 grid.
+        scale: where the log-scales come from. ``per_pixel`` (default): the decoder
+            outputs one per dimension. ``per_channel``: one learned scalar per input
+            channel, a parameter of this module (Kingma et al. 2016, appendix C.5: "the
+            log-scales log s_i are learned scalar parameter per input channel").
+            ``global``: one learned scalar for the whole image (the IAF authors'
+            TensorFlow code, ``dec_log_stdv``). Learned log-scales start at the code's
+            initial value (scale 1 where a bin is 1/256 wide: ``log(512/255)`` here).
+        num_channels: channels ``C`` of the data, the size of the ``per_channel``
+            parameter (``vaeflow.build.build_model`` passes ``x_shape[0]``); ignored
+            otherwise.
 
-    ``param_shape((C, *rest)) == (2C, *rest)``, layout ``[means (C) | log-scales (C)]`` on
-    the [-1, 1] scale. ``forward(params)`` returns a
-    :class:`DiscretizedLogisticDistribution`.
+    ``param_shape((C, *rest))`` is ``(2C, *rest)`` for ``per_pixel``, layout ``[means (C) |
+    log-scales (C)]`` on the [-1, 1] scale, and ``(C, *rest)`` (means only) with a learned
+    scale. ``forward(params)`` returns a :class:`DiscretizedLogisticDistribution`.
+
+    Unlike the IAF code, the edge bins extend to +-inf (so the pmf is normalised and the
+    code's clipping of the means to the edge-bin centres is not needed), there is no
+    ``1e-7`` added to each bin's mass, and data are on the k/255 grid of [-1, 1] rather
+    than the code's ``(k + 0.5)/256 - 0.5``.
 
     References:
-        Kingma et al. 2016, arXiv:1606.04934, appendix; Salimans et al. 2017,
+        Kingma et al. 2016, arXiv:1606.04934, appendix C.5; Salimans et al. 2017,
         arXiv:1701.05517, section 2.1.
     """
 
     def __init__(
-        self, event_ndim: int = 3, min_log_scale: float | None = -7.0, validate: bool = True
+        self,
+        event_ndim: int = 3,
+        min_log_scale: float | None = -7.0,
+        validate: bool = True,
+        scale: str = "per_pixel",
+        num_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.event_ndim = _check_event_ndim(event_ndim)
         self.min_log_scale = min_log_scale
         self.validate = validate
+        if scale not in _DL_SCALES:
+            raise ValueError(
+                f"DiscretizedLogistic: scale must be one of {list(_DL_SCALES)}, got {scale!r}"
+            )
+        self.scale = scale
+        self.log_scale: nn.Parameter | None = None
+        if scale == "per_channel":
+            if not isinstance(num_channels, int) or num_channels < 1:
+                raise ValueError(
+                    "DiscretizedLogistic: scale = 'per_channel' needs num_channels (the "
+                    f"data's channel count), got {num_channels!r}"
+                )
+            self.log_scale = nn.Parameter(torch.full((num_channels,), _IAF_INIT_LOG_SCALE))
+        elif scale == "global":
+            self.log_scale = nn.Parameter(torch.tensor(_IAF_INIT_LOG_SCALE))
 
     def param_shape(self, x_shape: Sequence[int]) -> tuple[int, ...]:
         x_shape = _check_x_shape("DiscretizedLogistic", x_shape, self.event_ndim)
+        if self.scale == "per_channel" and x_shape[0] != self.log_scale.shape[0]:
+            raise ValueError(
+                f"DiscretizedLogistic: {self.log_scale.shape[0]} per-channel log-scales but "
+                f"data of shape {x_shape} have {x_shape[0]} channels"
+            )
+        if self.scale != "per_pixel":
+            return x_shape
         return (2 * x_shape[0], *x_shape[1:])
 
     def forward(self, params: Tensor) -> DiscretizedLogisticDistribution:
         _check_params("DiscretizedLogistic", params, self.event_ndim)
-        c = params.shape[params.dim() - self.event_ndim]
-        if c % 2:
-            raise ValueError(f"DiscretizedLogistic: expected even channels, got {params.shape}")
-        loc, log_scale = _split_channels(params, [c // 2, c // 2], self.event_ndim)
+        if self.log_scale is not None:
+            loc = params
+            # (C,) -> (C, 1, ..., 1) against the event (C, *spatial); () broadcasts as is.
+            shape = (-1,) + (1,) * (self.event_ndim - 1) if self.log_scale.dim() else ()
+            log_scale = self.log_scale.to(params).reshape(shape).expand_as(params)
+        else:
+            c = params.shape[params.dim() - self.event_ndim]
+            if c % 2:
+                raise ValueError(
+                    f"DiscretizedLogistic: expected even channels, got {params.shape}"
+                )
+            loc, log_scale = _split_channels(params, [c // 2, c // 2], self.event_ndim)
         log_scale = _clamp_log_scale(log_scale, self.min_log_scale)
         return DiscretizedLogisticDistribution(loc, log_scale, self.event_ndim, self.validate)
 

@@ -60,6 +60,7 @@ __all__ = [
     "metric_label",
     "metric_vs_key_figure",
     "render_figures_from_json",
+    "resolve_metrics",
     "series_styles",
     "to_markdown",
     "write_report",
@@ -139,11 +140,17 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         rows = read_metrics(run_dir)
     except FileNotFoundError:
         rows = []
-    curve = [
-        (row["step"], row["val/elbo_nats"])
-        for row in rows
-        if _is_number(row.get("val/elbo_nats")) and math.isfinite(row["val/elbo_nats"])
-    ]
+    # The validation ELBO; the training ELBO for a run without a validation split
+    # (data.val_size = 0), recorded under its own name so the two are never mixed.
+    curve_tag, curve = "val/elbo_nats", []
+    for curve_tag in ("val/elbo_nats", "train/elbo_nats"):
+        curve = [
+            (row["step"], row[curve_tag])
+            for row in rows
+            if _is_number(row.get(curve_tag)) and math.isfinite(row[curve_tag])
+        ]
+        if curve:
+            break
     notes: list[str] = []
     for note in [*summary.get("notes", []), *env.get("notes", [])]:
         if note not in notes:
@@ -162,7 +169,7 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         "train_examples": (env.get("splits") or {}).get("train"),
         "learning_curve": {
             "step": [step for step, _ in curve],
-            "val/elbo_nats": [value for _, value in curve],
+            curve_tag: [value for _, value in curve],
         },
     }
 
@@ -179,7 +186,8 @@ def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
         "config": {dotted.key: value}, "protocol": {dataset, binarization, k,
         n_examples}, "metrics": {"test/...": float}, "notes": [...], "train_examples":
         int | None (environment.json's training-split size), "learning_curve": {"step":
-        [...], "val/elbo_nats": [...]} (finite validation ELBOs from metrics.jsonl)}``. A
+        [...], "val/elbo_nats": [...]} (finite validation ELBOs from metrics.jsonl, or
+        ``"train/elbo_nats"`` for a run without a validation split)}``. A
         run without
         ``summary.json`` has ``status == "not evaluated"`` and empty metrics, and a
         ``UserWarning`` names it.
@@ -313,10 +321,29 @@ def metric_label(name: str) -> str:
 
 
 def _default_metrics(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    return resolve_metrics(groups, _DEFAULT_METRICS, strict=False)
+
+
+def resolve_metrics(
+    groups: Sequence[Mapping[str, Any]], patterns: Sequence[str], strict: bool = True
+) -> list[str]:
+    """Metric names present in ``groups`` matching ``patterns`` (regexes, full match), in
+    the order of the patterns (e.g. ``["test/elbo_nats", r"test/nll_iw\\d+_nats"]``).
+
+    Raises:
+        ValueError: with ``strict``, a pattern that matches no metric of any group (the
+            message lists the metrics present), so a typo does not drop a column silently.
+    """
     present = sorted({n for g in groups for n in g["metrics"]})
     chosen: list[str] = []
-    for pattern in _DEFAULT_METRICS:
-        chosen.extend(n for n in present if re.fullmatch(pattern, n) and n not in chosen)
+    for pattern in patterns:
+        hits = [n for n in present if re.fullmatch(pattern, n)]
+        if strict and groups and not hits:
+            raise ValueError(
+                f"metric pattern {pattern!r} matches none of the metrics present: "
+                + ", ".join(present)
+            )
+        chosen.extend(n for n in hits if n not in chosen)
     return chosen
 
 
@@ -813,13 +840,24 @@ def _draw_references(ax: Any, references: Sequence[tuple[str, float]], sign: flo
     return out
 
 
+def _curve_tag(records: Sequence[Mapping[str, Any]]) -> str:
+    """The curve the figure shows: the validation ELBO when any run has one, else the
+    training ELBO (runs without a validation split)."""
+    has = lambda tag: any((r.get("learning_curve") or {}).get(tag) for r in records)  # noqa: E731
+    return (
+        "val/elbo_nats"
+        if has("val/elbo_nats") or not has("train/elbo_nats")
+        else ("train/elbo_nats")
+    )
+
+
 def _curve_buckets(
-    records: Sequence[Mapping[str, Any]], keys: Sequence[str]
+    records: Sequence[Mapping[str, Any]], keys: Sequence[str], tag: str = "val/elbo_nats"
 ) -> list[list[Mapping[str, Any]]]:
-    """Records with a learning curve, in groups that differ only outside ``keys``."""
+    """Records with a ``tag`` learning curve, in groups that differ only outside ``keys``."""
     buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in records:
-        if (r.get("learning_curve") or {}).get("step"):
+        if (r.get("learning_curve") or {}).get(tag):
             buckets.setdefault(tuple(repr(r["config"].get(k)) for k in keys), []).append(r)
     return sorted(
         buckets.values(), key=lambda ms: [_sort_key(ms[0]["config"].get(k)) for k in keys]
@@ -855,7 +893,8 @@ def learning_curves_figure(
         The matplotlib ``Figure``, or ``None`` when no run logged ``val/elbo_nats``.
     """
     labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
-    buckets = _curve_buckets(records, keys)
+    tag = _curve_tag(records)
+    buckets = _curve_buckets(records, keys, tag)
     if not buckets:
         return None
     refs = _parse_references(references)
@@ -875,7 +914,7 @@ def learning_curves_figure(
     for members, style in zip(buckets, styles, strict=True):
         per_epoch = _steps_per_epoch(members[0]) if epochs else None
         scale = 1.0 / per_epoch if per_epoch else 1.0
-        curves = [dict(zip(*_curve(m), strict=True)) for m in members]
+        curves = [dict(zip(*_curve(m, tag), strict=True)) for m in members]
         common = sorted(set.intersection(*(set(c) for c in curves)))
         marker = style["marker"] or ("o" if len(common) <= 1 else "")
         if common:
@@ -913,7 +952,8 @@ def learning_curves_figure(
     if log_x:
         _log_x(ax)
     ax.set_xlabel("epoch (steps × batch size / training examples)" if epochs else "training step")
-    ax.set_ylabel("validation ELBO (nats)\nlower bound on log p(x): higher is better")
+    split = "validation" if tag.startswith("val/") else "training (no validation split)"
+    ax.set_ylabel(f"{split} ELBO (nats)\nlower bound on log p(x): higher is better")
     ax.grid(alpha=0.3)
     n = seeds.pop() if len(seeds) == 1 else None
     if n == 1:
@@ -939,9 +979,9 @@ def _log_x(ax: Any) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _curve(record: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+def _curve(record: Mapping[str, Any], tag: str) -> tuple[list[float], list[float]]:
     curve = record.get("learning_curve") or {}
-    return list(curve.get("step", [])), list(curve.get("val/elbo_nats", []))
+    return list(curve.get("step", [])), list(curve.get(tag, []))
 
 
 def metric_vs_key_figure(
@@ -1101,6 +1141,7 @@ def make_figures(
     labels: Mapping[str, Any] | None = None,
     references: Any = None,
     log_x: bool = False,
+    metric: str | None = None,
 ) -> dict[str, tuple[str, Any]]:
     """The report's figures, not yet saved.
 
@@ -1113,6 +1154,8 @@ def make_figures(
         labels: a label map (see :func:`load_labels`).
         references: ``{name: a paper's NLL in nats}`` or ``[(name, nll), ...]``.
         log_x: log-scale the learning curves' x axis.
+        metric: the metric of the metric-vs-key and heat-map figures (default: the test
+            NLL, or the ELBO when no NLL was computed).
 
     Returns:
         ``{"learning_curves": (file name, Figure), "metric_vs_key": ..., "heatmap": ...}``
@@ -1135,7 +1178,7 @@ def make_figures(
         )
     else:
         figures["learning_curves"] = ("learning_curves.png", fig)
-    metric = _nll_metric(groups)
+    metric = metric or _nll_metric(groups)
     numeric = [k for k in keys if all(_is_number(g["config"][k]) for g in groups)]
     if metric is not None and numeric:
         key = numeric[0]
@@ -1203,8 +1246,14 @@ def write_report(
     labels: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     references: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     log_x: bool = False,
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
+
+    ``metrics``: the table's columns as regexes over metric names (full match, see
+    :func:`resolve_metrics`), in order; the first one is also the figures' metric (e.g.
+    ``test/elbo_nats`` first for a paper whose table reports bounds). Default: NLL, bpd,
+    ELBO, KL, recon, active units, and the figures show the test NLL.
 
     Figures (see :func:`make_figures`): ``learning_curves.png`` (``val/elbo_nats``, one
     line per group of seeds with a min-max band); when a grouping key is numeric (e.g.
@@ -1239,8 +1288,9 @@ def write_report(
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
     written: dict[str, Path] = {}
+    columns = resolve_metrics(groups, metrics) if metrics is not None else None
     md = out / "results.md"
-    write_text_atomic(md, to_markdown(groups, not_evaluated=not_evaluated))
+    write_text_atomic(md, to_markdown(groups, columns, not_evaluated=not_evaluated))
     written["markdown"] = md
     js = out / "results.json"
     payload = {
@@ -1250,13 +1300,17 @@ def write_report(
             "labels": label_map,
             "references": [list(r) for r in refs],
             "log_x": log_x,
+            "metric": columns[0] if columns else None,
         },
+        "metrics": columns,
         "records": records,
         "groups": groups,
     }
     write_text_atomic(js, _results_json(payload))
     written["json"] = js
-    figures = make_figures(records, groups, by, label_map, refs, log_x)
+    figures = make_figures(
+        records, groups, by, label_map, refs, log_x, metric=columns[0] if columns else None
+    )
     written.update(_save_figures(figures, out))
     return written
 
@@ -1296,6 +1350,7 @@ def render_figures_from_json(
         _labels_arg(labels) if labels is not None else stored.get("labels"),
         references if references is not None else stored.get("references"),
         bool(stored.get("log_x")) if log_x is None else log_x,
+        metric=stored.get("metric"),
     )
     return _save_figures(figures, out)
 
@@ -1335,6 +1390,7 @@ def _report_command(args: argparse.Namespace) -> int:
             labels=args.labels,
             references=args.reference,
             log_x=args.log_x,
+            metrics=args.metrics,
         )
     for name, path in written.items():
         print(f"{name:16s} {path}")
@@ -1363,6 +1419,14 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="extend",
         metavar="KEY",
         help="config keys to group by (default: every varying key except the seed)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="table columns, as metric names or regexes (full match), in order; the first "
+        "is also the figures' metric (default: test NLL, bpd, ELBO, KL, recon, active units)",
     )
     p.add_argument(
         "--labels",

@@ -5,6 +5,11 @@ config, optimises the (beta-weighted, free-bits) ELBO or the IWAE bound, validat
 IWAE-k, keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The
 model is only ever used as ``model(x, k) -> Terms`` (docs/design.md).
 
+Without a validation split (``data.val_size = 0``: a fixed budget on the whole training
+file, as Burda et al. 2016 and the IAF code train) there are no validation passes and no
+``best.pt``; only ``last.pt`` is kept, image grids reconstruct (fixed-seed binarised)
+training examples, and the HParams metrics are the last training scalars.
+
 Robust step (after vdvae): a non-finite loss, a non-finite gradient norm or a norm above
 ``skip_grad_norm`` skips the update; skips are counted and logged, and too many in a row
 stop the run with a message and a usable checkpoint.
@@ -216,6 +221,16 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         ids = {id(p) for p in prior}
         rest = [p for p in params if id(p) not in ids]
         groups = [{"params": rest}, {"params": prior, "lr": t.lr * t.prior_lr_scale}]
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            groups,
+            lr=t.lr,
+            alpha=t.alpha,
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            momentum=t.momentum,
+            foreach=True,
+        )
     if t.optimizer == "adam_normgrad":
         return AdamNormGrad(groups, fused=fusable, **kw)
     if t.optimizer == "adam":
@@ -249,8 +264,9 @@ def _fusable(params: list[torch.Tensor]) -> bool:
 
 
 def _beta(cfg: Config, step: int) -> float:
+    """KL weight of the step: ``min(1, kl_warmup_start + step / kl_warmup_steps)``."""
     w = cfg.train.kl_warmup_steps
-    return 1.0 if w <= 0 else min(1.0, step / w)
+    return 1.0 if w <= 0 else min(1.0, cfg.train.kl_warmup_start + step / w)
 
 
 def _git_commit() -> str:
@@ -330,7 +346,8 @@ def train(
         splits: preloaded data (tests); default loads ``cfg.data``.
 
     Returns:
-        The summary dict: final/best validation bounds, steps, skipped updates, timing.
+        The summary dict: final/best validation bounds (``None`` without a validation
+        split, which ``"validation"`` then says), steps, skipped updates, timing.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
@@ -386,13 +403,25 @@ def train(
         device,
     )
     x_val = prepare_eval(splits.val, splits.kind, cfg.data.binarization, cfg.data.seed, device)
+    has_val = len(x_val) > 0  # data.val_size = 0: a fixed budget, nothing to validate on
     if t.val_size is not None:
         x_val = x_val[: t.val_size]
+    # Reconstruction grids show validation examples, or without a validation split the
+    # first training examples, binarised as evaluation data are (a fixed-seed draw).
+    x_img = (
+        x_val[:32]
+        if has_val
+        else prepare_eval(
+            splits.train[:32], splits.kind, cfg.data.binarization, cfg.data.seed, device
+        )
+    )
+    image_split = "val" if has_val else "train"
 
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x_val = to_memory_format(x_val, channels_last=True)
+        x_img = to_memory_format(x_img, channels_last=True)
     # Independent posterior noise per rank (rank 0 keeps the single-process stream).
     torch.manual_seed(t.seed + 7919 * ctx.rank)
     if cfg.model.prior.init_from_data and not resume:
@@ -544,7 +573,8 @@ def train(
                         scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
                 logger.log_scalars(scalars, state.step)
                 progress.update(state.step, loss.item())
-            if (state.step % t.val_every == 0 or state.step == t.steps) and ctx.rank == 0:
+            validate_now = state.step % t.val_every == 0 or state.step == t.steps
+            if has_val and validate_now and ctx.rank == 0:
                 last_val = _validate(model, ema, x_val, cfg, logger, state, amp)
                 if last_val["val/iwae"] > state.best:
                     state.best, state.best_step, state.bad_validations = (
@@ -556,7 +586,7 @@ def train(
                 elif state.step > t.early_stopping_delay:
                     state.bad_validations += 1
             if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
-                _log_images(model, ema, x_val, logger, state.step)
+                _log_images(model, ema, x_img, logger, state.step, image_split)
             if state.step % t.ckpt_every == 0 or state.step == t.steps:
                 checkpoint("last.pt")
             stop_early = t.early_stopping is not None and state.bad_validations >= t.early_stopping
@@ -577,14 +607,21 @@ def train(
         "status": stopped,
         "step": state.step,
         "skipped_steps": state.skipped,
-        "best_val_iwae_nats": state.best,
-        "best_step": state.best_step,
+        "validation": (
+            f"{len(x_val)} examples, best.pt = the best validation IWAE-{t.val_k} bound"
+            if has_val
+            else "none (data.val_size = 0): a fixed budget; no best.pt, evaluate last.pt"
+        ),
+        "best_val_iwae_nats": state.best if has_val else None,
+        "best_step": state.best_step if has_val else None,
         "train_seconds_this_session": elapsed,
         "steps_per_second": steps_done / elapsed if elapsed > 0 else None,
         **{k: v for k, v in last_val.items()},
     }
     if (state.step >= t.steps or stopped.startswith("early")) and ctx.rank == 0:
-        _log_images(model, ema, x_val, logger, state.step)
+        _log_images(model, ema, x_img, logger, state.step, image_split)
+        # The HParams columns name curves the run logs (and the test metrics `vaeflow
+        # eval` adds); without a validation split its val/* columns stay empty.
         logger.log_hparams(hparams_order(flatten_config(config_dict)), _hparams_metrics(cfg))
     logger.close()
     if ctx.rank == 0:
@@ -634,6 +671,8 @@ def _hparams_metrics(cfg: Config) -> list[str]:
     tags = [f"test/nll_iw{k}_nats", "test/elbo_nats"]
     if cfg.data.dataset == "cifar10":
         tags.append("test/bpd")
+    if cfg.data.val_size == 0:  # no validation curves: the training ones
+        return [*tags, "train/elbo_nats", "train/kl_nats"]
     return [*tags, "val/elbo_nats", f"val/iwae_k{cfg.train.val_k}_nats", "val/kl_nats"]
 
 
@@ -721,14 +760,23 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
     }
 
 
-def _log_images(model: VAE, ema: EMA | None, x_val: Tensor, logger: RunLogger, step: int) -> None:
-    devices = [torch.cuda.current_device()] if x_val.is_cuda else []
+def _log_images(
+    model: VAE,
+    ema: EMA | None,
+    x: Tensor,
+    logger: RunLogger,
+    step: int,
+    split: str = "val",
+) -> None:
+    """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples."""
+    devices = [torch.cuda.current_device()] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices), _eval_context(model, ema), torch.no_grad():
         model.eval()
         torch.manual_seed(step)
-        x = x_val[:32]
+        x = x[:32]
         rec = model.reconstruct(x)
-        logger.log_images("val/reconstructions", torch.cat([x, rec]).clamp(0, 1), step, nrow=16)
+        grid = torch.cat([x, rec]).clamp(0, 1)
+        logger.log_images(f"{split}/reconstructions", grid, step, nrow=16)
         for temperature in (1.0, 0.7):
             images = model.sample(64, temperature=temperature).clamp(0, 1)
             logger.log_images(f"samples/prior_t{temperature:g}", images, step, nrow=8)
