@@ -360,8 +360,12 @@ def log_test_scalars(
 
 
 def hparams_order(flat: Mapping[str, HParam], first: Sequence[str] = ()) -> dict[str, HParam]:
-    """The HParams columns in a reader's order: ``first`` (e.g. the keys a sweep varies),
-    then the model, objective and evaluation keys, then data and run bookkeeping."""
+    """The hyperparameters in a reader's order: ``first`` (e.g. the keys a sweep varies),
+    then the model, objective and evaluation keys, then data and run bookkeeping.
+
+    The order is that of the HParams summary (and of ``metrics.jsonl``-free readers of it);
+    TensorBoard's HParams table (2.21) sorts its columns by name regardless, as seen in a
+    headless-browser screenshot of a real run."""
     rank = {"model": 1, "train": 2, "eval": 3, "data": 4, "run": 5}
     keys = sorted(flat, key=lambda k: (k not in first, rank.get(k.split(".")[0], 6)))
     return {k: flat[k] for k in keys}
