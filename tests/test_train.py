@@ -273,7 +273,7 @@ def test_early_stopping_counts_after_its_delay(tmp_path, monkeypatch, delay, sto
     and Sylvester codes count only after the KL warm-up). The best checkpoint stays."""
     from vaeflow import train as train_mod
 
-    def worsening(model, ema, x_val, cfg, logger, state, amp):
+    def worsening(model, ema, x_val, cfg, logger, state):
         return {"val/iwae": -float(state.step), "val/elbo_nats": -float(state.step)}
 
     monkeypatch.setattr(train_mod, "_validate", worsening)
