@@ -36,6 +36,7 @@ __all__ = [
     "chunk_statistics",
     "LogLikelihood",
     "nats_to_bits_per_dim",
+    "bits_per_dim_to_nats",
 ]
 
 
@@ -350,10 +351,20 @@ def chunk_statistics(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor
 def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
     """Convert a log-likelihood or NLL in nats per example to bits per dimension.
 
-    ``bpd = nats / (D * ln 2)`` (docs/design.md §3.3); the 8-bit discretisation is
-    already inside the likelihood, so no offset is added here.
+    ``bpd = nats / (D * ln 2)``, any shape ``(*)`` (docs/design.md §3.3); the 8-bit
+    discretisation is already inside the likelihood, so no offset is added here.
+    The one bits/dim converter of the package (with its inverse below).
     """
+    if num_dims <= 0:
+        raise ValueError(f"num_dims must be positive, got {num_dims}")
     return nats / (num_dims * math.log(2.0))
+
+
+def bits_per_dim_to_nats(bpd: Tensor | float, num_dims: int) -> Tensor | float:
+    """Inverse of :func:`nats_to_bits_per_dim`: bits per dimension -> nats per example."""
+    if num_dims <= 0:
+        raise ValueError(f"num_dims must be positive, got {num_dims}")
+    return bpd * (num_dims * math.log(2.0))
 
 
 def _finite_or_zero(t: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ Data conventions:
   a zero output means mid-grey with scale 1. Samples come back on the same k/255 grid.
 
 Because the 8-bit discretisation is inside the discrete likelihoods, bits/dim is simply
-``-log p(x) / (D ln 2)`` (:func:`nats_to_bpd`), with no ``log 256`` offset.
+``-log p(x) / (D ln 2)`` (:func:`vaeflow.bounds.nats_to_bits_per_dim`), with no ``log 256`` offset.
 
 References:
     Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114.
@@ -56,10 +56,8 @@ __all__ = [
     "DiscretizedLogisticMixture",
     "DiscretizedLogisticMixtureDistribution",
     "Gaussian",
-    "bpd_to_nats",
     "build_likelihood",
     "likelihood_names",
-    "nats_to_bpd",
 ]
 
 NUM_BINS = 256
@@ -69,32 +67,6 @@ _LOG_BIN_WIDTH = math.log(2.0 * _HALF_BIN)
 # Below this bin width (in units of the scale) log(1 - e^-d) switches to its series in log d,
 # whose first dropped term d^4/2880 is far below float64 resolution there.
 _SMALL_D = 1e-4
-
-
-# ----------------------------------------------------------------------------- bits/dim
-
-
-def nats_to_bpd(nats: Tensor | float, num_dims: int) -> Tensor | float:
-    """Convert a negative log-likelihood in nats per example to bits per dimension.
-
-    Args:
-        nats: negative log-likelihood in nats per example, any shape ``(*)``.
-        num_dims: number of data dimensions D per example (e.g. ``3 * 32 * 32``).
-
-    Returns:
-        ``nats / (D ln 2)``, shape ``(*)``. For 8-bit data with a discrete likelihood the
-        discretisation is already inside ``nats``, so no offset is added (DESIGN convention 3).
-    """
-    if num_dims <= 0:
-        raise ValueError(f"num_dims must be positive, got {num_dims}")
-    return nats / (num_dims * math.log(2.0))
-
-
-def bpd_to_nats(bpd: Tensor | float, num_dims: int) -> Tensor | float:
-    """Inverse of :func:`nats_to_bpd`: bits per dimension -> nats per example, shape ``(*)``."""
-    if num_dims <= 0:
-        raise ValueError(f"num_dims must be positive, got {num_dims}")
-    return bpd * (num_dims * math.log(2.0))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -197,7 +197,7 @@ def flatten_leading(x: Tensor, event_ndim: int) -> tuple[Tensor, torch.Size]:
 # --------------------------------------------------------------------------------------
 
 
-def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+def _positive_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     """Normalise an int or a sequence of ints to a tuple of positive ints."""
     out = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
     if not out or any(s < 1 for s in out):
@@ -452,7 +452,7 @@ class MLPEncoder(_CentredInputs):
         center: bool = False,
     ) -> None:
         super().__init__()
-        self.x_shape = _as_shape(x_shape)
+        self.x_shape = _positive_shape(x_shape)
         self._set_center(center)
         widths = _widths(hidden, num_layers)
         if activation is None and not gated and widths:
@@ -512,7 +512,7 @@ class MLPDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.param_shape = _as_shape(param_shape)
+        self.param_shape = _positive_shape(param_shape)
         widths = _widths(hidden, num_layers)
         if activation is None and not gated and widths:
             raise ValueError("activation=None needs gated=True (the gate is the non-linearity)")
@@ -586,7 +586,7 @@ class GatedConvEncoder(_ImageEncoder):
         center: bool = False,
     ) -> None:
         super().__init__()
-        self.x_shape = _as_shape(x_shape)
+        self.x_shape = _positive_shape(x_shape)
         if len(self.x_shape) != 3:
             raise ValueError(f"x_shape must be (C, H, W), got {self.x_shape}")
         if len(channels) != len(strides):
@@ -643,7 +643,7 @@ class GatedConvDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.param_shape = _as_shape(param_shape)
+        self.param_shape = _positive_shape(param_shape)
         if len(self.param_shape) != 3:
             raise ValueError(f"param_shape must be (P, H, W), got {self.param_shape}")
         if len(channels) != len(strides) + 1:
@@ -717,7 +717,7 @@ class ResNetEncoder(_ImageEncoder):
         center: bool = True,
     ) -> None:
         super().__init__()
-        self.x_shape = _as_shape(x_shape)
+        self.x_shape = _positive_shape(x_shape)
         if len(self.x_shape) != 3:
             raise ValueError(f"x_shape must be (C, H, W), got {self.x_shape}")
         c, h, w = self.x_shape
@@ -788,7 +788,7 @@ class ResNetDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.param_shape = _as_shape(param_shape)
+        self.param_shape = _positive_shape(param_shape)
         if len(self.param_shape) != 3:
             raise ValueError(f"param_shape must be (P, H, W), got {self.param_shape}")
         p, h, w = self.param_shape

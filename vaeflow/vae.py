@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from .bounds import LogLikelihood, Terms, chunk_statistics, log_likelihood
 from .posteriors import PosteriorSample
 
-__all__ = ["VAE", "Posterior", "Prior", "Likelihood"]
+__all__ = ["VAE", "PosteriorLike", "PriorLike", "LikelihoodLike"]
 
 
-class Posterior(Protocol):
+class PosteriorLike(Protocol):
     """What the VAE needs from a posterior (see :mod:`vaeflow.posteriors`)."""
 
     latent_dim: int
@@ -30,8 +30,9 @@ class Posterior(Protocol):
     def sample(self, h: Tensor, k: int = 1) -> PosteriorSample: ...
 
 
-class Prior(Protocol):
-    """What the VAE needs from a prior (see :mod:`vaeflow.priors`)."""
+class PriorLike(Protocol):
+    """What the VAE needs from a prior: any :class:`vaeflow.priors.Prior` (the base class
+    of the registered priors) has it, and so may a module of one's own."""
 
     latent_dim: int
 
@@ -42,7 +43,7 @@ class Prior(Protocol):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor: ...
 
 
-class Likelihood(Protocol):
+class LikelihoodLike(Protocol):
     """``likelihood(params)`` returns a distribution whose ``log_prob`` sums the event."""
 
     def param_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]: ...
