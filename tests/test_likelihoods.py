@@ -1,4 +1,5 @@
-"""Tests for vaeflow.likelihoods: exact normalisation, independent references, shapes, grads.
+"""Tests for vaeflow.models.likelihoods: exact normalisation, independent references,
+shapes, grads.
 
 References used here are independent of the implementation: exhaustive sums over every
 8-bit value, mpmath at 50 digits for the discretised logistic, a per-pixel scalar
@@ -14,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaeflow.bounds import bits_per_dim_to_nats, nats_to_bits_per_dim
-from vaeflow.likelihoods import (
+from vaeflow.models.bounds import bits_per_dim_to_nats, nats_to_bits_per_dim
+from vaeflow.models.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
     DiscretizedLogistic,
@@ -259,8 +260,8 @@ def test_learned_scale_options_are_checked():
 
 
 def test_build_model_gives_per_channel_scales_the_data_channels():
-    from vaeflow.build import build_model
     from vaeflow.config import ModelConfig, NetConfig
+    from vaeflow.models.build import build_model
 
     cfg = ModelConfig(
         x_shape=(3, 32, 32),

@@ -1,4 +1,4 @@
-"""The training loop's update step on its own (vaeflow.train._update_step): no data
+"""The training loop's update step on its own (vaeflow.run.train._update_step): no data
 files, no run directory; a tiny model on random binary images."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from vaeflow.build import build_model
 from vaeflow.config import load_config
-from vaeflow.train import EMA, _lr_lambdas, _optimizer, _update_step
+from vaeflow.models.build import build_model
+from vaeflow.run.train import EMA, _lr_lambdas, _optimizer, _update_step
 
 TINY = [
     "model.latent_dim=4",

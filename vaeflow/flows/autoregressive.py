@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..nn import MaskedLinear, make_activation, zero_init
+from ..layers import MaskedLinear, make_activation, zero_init
 from .base import (
     Composite,
     Inverse,
@@ -125,7 +125,7 @@ class MADE(nn.Module):
         order: ``"natural"``, ``"random"`` or an explicit permutation (see
             :func:`make_order`).
         seed: seed of a random order.
-        activation: hidden non-linearity (a name in :data:`vaeflow.nn.ACTIVATIONS`).
+        activation: hidden non-linearity (a name in :data:`vaeflow.layers.ACTIVATIONS`).
         zero_last: zero-initialise the output layer (and with ``num_hidden=0`` also the
             context map) so every output is exactly 0 at init.
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..nn import MLP
+from ..layers import MLP
 from .autoregressive import (
     ORDERS,
     PERMUTATIONS,

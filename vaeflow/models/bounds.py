@@ -230,7 +230,7 @@ def log_likelihood(
     once, under ``torch.inference_mode`` (``no_grad`` for models with FFJORD or residual
     flows, which need autograd inside their passes). See
     :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors. ``compile``: use the
-    model's compiled ``stats_sampler`` (see :meth:`vaeflow.vae.VAE.stats_sampler`).
+    model's compiled ``stats_sampler`` (see :meth:`vaeflow.models.vae.VAE.stats_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
@@ -275,7 +275,7 @@ def log_likelihood_from_sampler(
     on a GPU are host-bound, see benchmarks/README.md).
 
     The encoder is meant to run once; ``terms_fn(n)`` should reuse its features and draw
-    ``n`` fresh posterior samples (see :meth:`vaeflow.vae.VAE.terms_sampler`).
+    ``n`` fresh posterior samples (see :meth:`vaeflow.models.vae.VAE.terms_sampler`).
 
     Args:
         terms_fn: ``n -> Terms`` with ``(n, B)`` tensors, fresh samples on every call.
@@ -303,7 +303,7 @@ def log_likelihood_from_stats(
 
     ``stats_fn(n)`` draws ``n`` fresh samples and returns their
     :func:`chunk_statistics` ``(6, B)``; a compiled model fuses that reduction into the
-    chunk (see :meth:`vaeflow.vae.VAE.stats_sampler`).
+    chunk (see :meth:`vaeflow.models.vae.VAE.stats_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")

@@ -26,7 +26,8 @@ Data conventions:
   a zero output means mid-grey with scale 1. Samples come back on the same k/255 grid.
 
 Because the 8-bit discretisation is inside the discrete likelihoods, bits/dim is simply
-``-log p(x) / (D ln 2)`` (:func:`vaeflow.bounds.nats_to_bits_per_dim`), with no ``log 256`` offset.
+``-log p(x) / (D ln 2)`` (:func:`vaeflow.models.bounds.nats_to_bits_per_dim`), with no
+``log 256`` offset.
 
 References:
     Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114.
@@ -557,7 +558,7 @@ class DiscretizedLogistic(nn.Module):
             TensorFlow code, ``dec_log_stdv``). Learned log-scales start at the code's
             initial value (scale 1 where a bin is 1/256 wide: ``log(512/255)`` here).
         num_channels: channels ``C`` of the data, the size of the ``per_channel``
-            parameter (``vaeflow.build.build_model`` passes ``x_shape[0]``); ignored
+            parameter (``vaeflow.models.build.build_model`` passes ``x_shape[0]``); ignored
             otherwise.
 
     ``param_shape((C, *rest))`` is ``(2C, *rest)`` for ``per_pixel``, layout ``[means (C) |

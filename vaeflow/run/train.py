@@ -41,18 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .atomic import remove_stale_temps, write_json_atomic
-from .bounds import Terms, elbo, iwae
-from .build import build_model
-from .checkpoint import (
-    load_checkpoint,
-    load_model_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .config import Config, ConfigError, TrainConfig, to_dict
-from .data import (
+from ..atomic import remove_stale_temps, write_json_atomic
+from ..config import Config, ConfigError, TrainConfig, to_dict
+from ..data import (
     DataSplits,
     TrainBatches,
     eval_batches,
@@ -61,10 +52,19 @@ from .data import (
     to_memory_format,
     to_unit_interval,
 )
+from ..models.bounds import Terms, elbo, iwae
+from ..models.build import build_model
+from ..models.vae import VAE
+from .checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .logger import Progress, RunLogger, flatten_config, hparams_order
 from .optim import AdamNormGrad
 from .utils import resolve_device
-from .vae import VAE
 
 __all__ = ["train", "TrainingDiverged", "EMA", "StepResult", "validate_bounds"]
 
@@ -941,7 +941,7 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
         means.append(m)
         noise.append(v)
     model.train()
-    # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.evaluate.active_units).
+    # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.run.evaluate.active_units).
     variance = torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
     active = (variance > 0.01).sum().item()
     return {

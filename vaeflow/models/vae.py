@@ -2,7 +2,7 @@
 
 One class for every combination of posterior and prior (no subclass per flow type, a
 pitfall of sylvester-flows): the model computes the three log-terms, the bounds in
-:mod:`vaeflow.bounds` turn them into objectives, and the loop only sees
+:mod:`vaeflow.models.bounds` turn them into objectives, and the loop only sees
 ``model(x, k) -> Terms``.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["VAE", "PosteriorLike", "PriorLike", "LikelihoodLike"]
 
 
 class PosteriorLike(Protocol):
-    """What the VAE needs from a posterior (see :mod:`vaeflow.posteriors`)."""
+    """What the VAE needs from a posterior (see :mod:`vaeflow.models.posteriors`)."""
 
     latent_dim: int
 
@@ -31,7 +31,7 @@ class PosteriorLike(Protocol):
 
 
 class PriorLike(Protocol):
-    """What the VAE needs from a prior: any :class:`vaeflow.priors.Prior` (the base class
+    """What the VAE needs from a prior: any :class:`vaeflow.models.priors.Prior` (the base class
     of the registered priors) has it, and so may a module of one's own."""
 
     latent_dim: int
@@ -106,7 +106,7 @@ class VAE(nn.Module):
     ) -> tuple[Terms, PosteriorSample]:
         """Draw ``k`` posterior samples given encoder features and score them.
 
-        Returns the :class:`~vaeflow.bounds.Terms` (each ``(K, B)``) and the posterior
+        Returns the :class:`~vaeflow.models.bounds.Terms` (each ``(K, B)``) and the posterior
         sample (for logging latent statistics).
         """
         s = self.posterior.sample(h, k)
@@ -139,7 +139,7 @@ class VAE(nn.Module):
 
     def stats_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Tensor]:
         """Like :meth:`terms_sampler`, but each call returns the chunk already reduced by
-        :func:`~vaeflow.bounds.chunk_statistics` ``(6, B)``.
+        :func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)``.
 
         ``compile``: run each chunk through ``torch.compile`` — the sampling, the decoder,
         the likelihood and the reduction become one graph, so the host issues one call per
@@ -225,7 +225,7 @@ def _chunk_log_terms(model: VAE, x: Tensor, h: Tensor, n: int) -> tuple[Tensor, 
 
 
 def _chunk_statistics(model: VAE, x: Tensor, h: Tensor, n: int) -> Tensor:
-    """:func:`~vaeflow.bounds.chunk_statistics` ``(6, B)`` of ``n`` fresh samples."""
+    """:func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)`` of ``n`` fresh samples."""
     return chunk_statistics(*_chunk_log_terms(model, x, h, n))
 
 
