@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from vaeflow.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vaeflow.config import load_config
 from vaeflow.flows.registry import FLOWS, build_flow
-from vaeflow.train import train
+from vaeflow.run.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vaeflow.run.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

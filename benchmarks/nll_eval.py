@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import machine_header, markdown_table, peak_memory, time_fn  # noqa: E402
 
-from vaeflow.build import build_model  # noqa: E402
 from vaeflow.config import ModelConfig, from_dict  # noqa: E402
+from vaeflow.models.build import build_model  # noqa: E402
 
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}

@@ -6,7 +6,7 @@
     python benchmarks/train_step.py --channels-last          # + NHWC rows (train.channels_last)
     python benchmarks/train_step.py --small --repeats 2      # smoke run (tiny models)
 
-A step is what :func:`vaeflow.train.train` does per iteration: draw the batch from
+A step is what :func:`vaeflow.run.train.train` does per iteration: draw the batch from
 :class:`~vaeflow.data.TrainBatches` (index gather + dynamic binarisation on the device),
 ``model(x, k)``, the bound (ELBO with free bits, or IWAE), ``backward``, gradient-norm
 clipping, the two host reads the loop makes (``loss.item()`` and the gradient norm, for
@@ -50,11 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import machine_header, markdown_table, peak_memory, time_fn  # noqa: E402
 
-from vaeflow.bounds import elbo, iwae  # noqa: E402
-from vaeflow.build import build_model  # noqa: E402
 from vaeflow.config import Config, load_config  # noqa: E402
 from vaeflow.data import TrainBatches, to_memory_format  # noqa: E402
-from vaeflow.train import EMA, _lr_lambda, _optimizer  # noqa: E402
+from vaeflow.models.bounds import elbo, iwae  # noqa: E402
+from vaeflow.models.build import build_model  # noqa: E402
+from vaeflow.run.train import EMA, _lr_lambda, _optimizer  # noqa: E402
 
 MODELS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("experiments/quickstart/mnist_iaf_flowprior.toml", []),

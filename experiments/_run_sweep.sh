@@ -39,7 +39,7 @@ esac
 rc=0
 "$VAEFLOW" sweep "$sweep" --jobs "$jobs" ${threads[@]+"${threads[@]}"} || rc=$?
 # The runs live in the sweep's directory (<root>/<name>, root inherited through extends).
-dir=$("$PYTHON" -c 'import sys; from vaeflow.sweep import load_sweep; print(load_sweep(sys.argv[1]).directory)' "$sweep")
+dir=$("$PYTHON" -c 'import sys; from vaeflow.tools.sweep import load_sweep; print(load_sweep(sys.argv[1]).directory)' "$sweep")
 "$VAEFLOW" report "$dir" -o "$out" ${report_args[@]+"${report_args[@]}"} || rc=$?
 echo "report: $out/ (sweep exit status $rc)"
 exit "$rc"

@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vaeflow.bounds import (
+from vaeflow.flows.base import LULinear
+from vaeflow.models.bounds import (
     Terms,
     elbo,
     free_bits_kl,
@@ -27,15 +28,14 @@ from vaeflow.bounds import (
     log_likelihood_from_sampler,
     nats_to_bits_per_dim,
 )
-from vaeflow.flows.base import LULinear
-from vaeflow.posteriors import LOG_STD_BOUND, FlowPosterior, GaussianPosterior
-from vaeflow.vae import VAE
+from vaeflow.models.posteriors import LOG_STD_BOUND, FlowPosterior, GaussianPosterior
+from vaeflow.models.vae import VAE
 
 N_X, N_Z, NOISE = 5, 3, 0.7
 
 
 class _StdNormal(nn.Module):
-    """Reference prior written out by hand (independent of vaeflow.priors)."""
+    """Reference prior written out by hand (independent of vaeflow.models.priors)."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -322,8 +322,8 @@ def test_free_bits_floors_are_the_same_for_gaussian_and_identity_iaf():
     """An IAF posterior at its identity init is the Gaussian: the same per-dimension KL
     terms, so the same free-bits floors bind on the same dimensions (Kingma et al. 2016
     group every posterior alike)."""
-    from vaeflow.build import build_model
     from vaeflow.config import ModelConfig, from_dict
+    from vaeflow.models.build import build_model
 
     spec = {
         "x_shape": [1, 4, 4],
@@ -355,7 +355,7 @@ def test_iaf_log_q_per_dimension_sums_to_log_q_after_training_moves_it():
     """Away from the identity (random MADE weights, permutations between layers) the
     per-dimension log q still sums to the flow posterior's log q, for IAF and gated IAF."""
     from vaeflow.flows import build_flow
-    from vaeflow.posteriors import FlowPosterior
+    from vaeflow.models.posteriors import FlowPosterior
 
     torch.manual_seed(0)
     for name in ("iaf", "gated_iaf"):

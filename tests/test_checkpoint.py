@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaeflow.checkpoint import (
+from vaeflow.run.checkpoint import (
     CheckpointError,
     load_checkpoint,
     rng_state,

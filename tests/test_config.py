@@ -50,7 +50,7 @@ def test_errors_name_the_key(data, match):
 
 def test_multistep_schedule_decays_at_each_milestone():
     from vaeflow.config import Config
-    from vaeflow.train import _lr_lambda
+    from vaeflow.run.train import _lr_lambda
 
     cfg = from_dict(
         Config,
@@ -63,7 +63,7 @@ def test_multistep_schedule_decays_at_each_milestone():
 
 def _factors(train: dict, steps: int) -> list[float]:
     from vaeflow.config import Config
-    from vaeflow.train import _lr_lambda
+    from vaeflow.run.train import _lr_lambda
 
     factor = _lr_lambda(from_dict(Config, {"train": train}))
     return [factor(s) for s in range(steps)]
@@ -143,7 +143,7 @@ def test_retired_static_binarization_says_what_to_use() -> None:
 
 def test_kl_warmup_can_start_above_zero() -> None:
     """Rezende & Mohamed 2015's beta_t = min(1, 0.01 + t/10000): kl_warmup_start = 0.01."""
-    from vaeflow.train import _beta
+    from vaeflow.run.train import _beta
 
     cfg = load_config(None, ["train.kl_warmup_steps=10000", "train.kl_warmup_start=0.01"])
     assert [_beta(cfg, t) for t in (0, 5000, 9899)] == pytest.approx([0.01, 0.51, 0.9999])

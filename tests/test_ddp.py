@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vaeflow.bounds import elbo
-from vaeflow.build import build_model
-from vaeflow.checkpoint import load_checkpoint
 from vaeflow.config import ModelConfig, from_dict
+from vaeflow.models.bounds import elbo
+from vaeflow.models.build import build_model
+from vaeflow.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("VAEFLOW_DATA") or str(ROOT.parent / "shared" / "datasets")
@@ -88,7 +88,7 @@ def _train_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     _env(rank, world, port)
     torch.set_num_threads(1)
     from vaeflow.config import load_config
-    from vaeflow.train import train
+    from vaeflow.run.train import train
 
     cfg = load_config(
         None,
@@ -129,7 +129,7 @@ def _deterministic_posterior_noise() -> None:
     """Posterior noise as a fixed function of each example's own encoding, so a sharded
     run and a full-batch run draw the same noise for the same example (per-rank RNG
     streams otherwise make the two runs differ by their sampling noise)."""
-    from vaeflow import posteriors
+    from vaeflow.models import posteriors
 
     def sample(self, h, k=1):  # noqa: ANN001, ANN202
         mu, log_std = self.params(h)
@@ -145,7 +145,7 @@ def _deterministic_posterior_noise() -> None:
 
 
 def _record_training_batches(store: list) -> None:
-    from vaeflow import vae
+    from vaeflow.models import vae
 
     forward = vae.VAE.forward
 
@@ -177,13 +177,13 @@ def _shard_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> N
     _env(rank, world, port)
     torch.set_num_threads(1)
     from vaeflow.config import load_config
-    from vaeflow.train import train
+    from vaeflow.run.train import train
 
     _deterministic_posterior_noise()
     seen: list = []
     _record_training_batches(seen)
     model_seen = {}
-    from vaeflow import train as train_mod
+    from vaeflow.run import train as train_mod
 
     build = train_mod.build_model
 
@@ -216,9 +216,9 @@ def test_vaeflow_data_parallel_path_shards_and_matches_one_process(tmp_path):
         assert torch.equal(value, ranks[1]["state"][key]), f"ranks disagree on {key}"
 
     # The same run in this process, on the full batch.
-    from vaeflow import posteriors, vae
     from vaeflow.config import load_config
-    from vaeflow.train import train
+    from vaeflow.models import posteriors, vae
+    from vaeflow.run.train import train
 
     original = (posteriors.GaussianPosterior.sample, vae.VAE.forward)
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vaeflow import sweep as sw
 from vaeflow.config import load_config
+from vaeflow.tools import sweep as sw
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -67,7 +67,7 @@ def test_every_experiment_sweep_expands_and_builds(path: Path) -> None:
 def test_every_experiment_config_loads_and_builds(path: Path) -> None:
     """The base configs work on their own too (``vaeflow train CONFIG``), not only as
     the starting point of their sweeps."""
-    from vaeflow.build import build_model
+    from vaeflow.models.build import build_model
 
     cfg = load_config(path)
     assert cfg.train.steps >= 1
@@ -198,7 +198,7 @@ def test_run_scripts_draw_the_papers_numbers(
     reference line (--reference), and the report's parser accepts what they pass."""
     import argparse
 
-    from vaeflow.report import add_report_parser
+    from vaeflow.tools.report import add_report_parser
 
     args_file = tmp_path / "report_args"
     stub = tmp_path / "vaeflow"

@@ -1,4 +1,5 @@
-"""Tests for vaeflow.likelihoods: exact normalisation, independent references, shapes, grads.
+"""Tests for vaeflow.models.likelihoods: exact normalisation, independent references,
+shapes, grads.
 
 References used here are independent of the implementation: exhaustive sums over every
 8-bit value, mpmath at 50 digits for the discretised logistic, a per-pixel scalar
@@ -14,15 +15,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaeflow.likelihoods import (
+from vaeflow.models.bounds import bits_per_dim_to_nats, nats_to_bits_per_dim
+from vaeflow.models.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
     DiscretizedLogistic,
     DiscretizedLogisticMixture,
     Gaussian,
-    bpd_to_nats,
     build_likelihood,
-    nats_to_bpd,
 )
 
 mpmath.mp.dps = 50
@@ -260,8 +260,8 @@ def test_learned_scale_options_are_checked():
 
 
 def test_build_model_gives_per_channel_scales_the_data_channels():
-    from vaeflow.build import build_model
     from vaeflow.config import ModelConfig, NetConfig
+    from vaeflow.models.build import build_model
 
     cfg = ModelConfig(
         x_shape=(3, 32, 32),
@@ -556,12 +556,12 @@ def test_discrete_likelihoods_validate_data():
 
 def test_bits_per_dim_known_answers():
     d = 3 * 32 * 32
-    assert nats_to_bpd(d * math.log(256), d) == pytest.approx(8.0, rel=1e-15)
-    assert bpd_to_nats(8.0, d) == pytest.approx(d * math.log(256), rel=1e-15)
+    assert nats_to_bits_per_dim(d * math.log(256), d) == pytest.approx(8.0, rel=1e-15)
+    assert bits_per_dim_to_nats(8.0, d) == pytest.approx(d * math.log(256), rel=1e-15)
     nats = torch.tensor([100.0, 2000.0], dtype=torch.float64)
-    torch.testing.assert_close(bpd_to_nats(nats_to_bpd(nats, 784), 784), nats)
+    torch.testing.assert_close(bits_per_dim_to_nats(nats_to_bits_per_dim(nats, 784), 784), nats)
     with pytest.raises(ValueError):
-        nats_to_bpd(1.0, 0)
+        nats_to_bits_per_dim(1.0, 0)
 
 
 def test_bits_per_dim_of_known_discretized_logistics(float64):
@@ -571,11 +571,11 @@ def test_bits_per_dim_of_known_discretized_logistics(float64):
     # at 0 or 255 then costs exactly 1 bit per dimension.
     spread = lik(torch.cat([torch.zeros(d), torch.full((d,), 300.0)]))
     x = torch.randint(0, 2, (d,)) * 1.0
-    assert nats_to_bpd(-spread.log_prob(x), d).item() == pytest.approx(1.0, abs=1e-12)
+    assert nats_to_bits_per_dim(-spread.log_prob(x), d).item() == pytest.approx(1.0, abs=1e-12)
     # A point mass (scale far below the bin width, mean on the bin centre) costs 0 bits.
     point = lik(torch.cat([torch.full((d,), 2 * 100 / 255 - 1), torch.full((d,), -40.0)]))
     nll = -point.log_prob(torch.full((d,), 100 / 255))
-    assert nats_to_bpd(nll, d).item() == pytest.approx(0.0, abs=1e-12)
+    assert nats_to_bits_per_dim(nll, d).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_registry():

@@ -12,7 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from vaeflow.logger import Progress, RunLogger, flatten_config, read_metrics
+from vaeflow.run.logger import Progress, RunLogger, flatten_config, read_metrics
 
 SCALARS = {
     1: {"train/loss_nats": 98.25, "train/lr": 1e-3},
@@ -239,7 +239,7 @@ def test_progress_line_when_enabled(capsys: pytest.CaptureFixture[str]) -> None:
 def test_test_scalars_fill_the_hparams_columns_later(tmp_path: pathlib.Path) -> None:
     """vaeflow eval adds its test metrics to a finished run's events (a second event file
     of the same run), and the log_hparams order puts the varied keys first."""
-    from vaeflow.logger import hparams_order, log_test_scalars
+    from vaeflow.run.logger import hparams_order, log_test_scalars
 
     with RunLogger(tmp_path) as log:
         log.log_scalars({"val/elbo_nats": -90.0}, 10)

@@ -1,4 +1,5 @@
-"""Encoders, decoders and their building blocks (vaeflow/nn.py, second half).
+"""Encoders, decoders and their building blocks (vaeflow/models/networks.py, and the
+gated and residual layers of vaeflow/layers.py).
 
 References are independent of the implementation: closed-form parameter counts, gated
 convolutions computed with explicit loops, per-sample evaluation for leading dims, and
@@ -11,17 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from vaeflow.nn import (
+from vaeflow.layers import GatedConv2d, GatedConvTranspose2d, GatedLinear, ResidualBlock
+from vaeflow.models.networks import (
     DECODERS,
     ENCODERS,
-    GatedConv2d,
     GatedConvDecoder,
     GatedConvEncoder,
-    GatedConvTranspose2d,
-    GatedLinear,
     MLPDecoder,
     MLPEncoder,
-    ResidualBlock,
     ResNetDecoder,
     ResNetEncoder,
     build_decoder,
@@ -418,7 +416,7 @@ def test_int_hidden_builds_num_layers():
 def test_center_flag_travels_with_the_state_dict():
     """A checkpoint restores its encoder's input centring whatever the new default is, and
     a checkpoint without the flag (written before it was recorded) cannot load silently."""
-    from vaeflow.checkpoint import CheckpointError, load_model_state
+    from vaeflow.run.checkpoint import CheckpointError, load_model_state
 
     for make in (
         lambda c: MLPEncoder((1, 4, 4), hidden=(8,), center=c),

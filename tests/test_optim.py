@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vaeflow.optim import NORMGRAD_EPS, AdamNormGrad
+from vaeflow.run.optim import NORMGRAD_EPS, AdamNormGrad
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -60,7 +60,7 @@ def test_rmsprop_with_momentum_follows_its_update_rule() -> None:
     update written out by hand: v = a v + (1 - a) g^2, b = m b + g / (sqrt(v) + eps),
     p -= lr b."""
     from vaeflow.config import load_config
-    from vaeflow.train import _optimizer
+    from vaeflow.run.train import _optimizer
 
     sets = ['train.optimizer="rmsprop"', "train.momentum=0.9", "train.alpha=0.95"]
     cfg = load_config(None, [*sets, "train.lr=0.01", "train.eps=1e-6"])

@@ -1,4 +1,4 @@
-"""Tests for vaeflow.priors: normalisation, independent references, sampling, gradients,
+"""Tests for vaeflow.models.priors: normalisation, independent references, sampling, gradients,
 state_dict ownership of the VampPrior encoder, and the registry's errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from tests.flows.harness import perturb
 from vaeflow.flows.base import ShapeError
-from vaeflow.priors import (
+from vaeflow.models.priors import (
     PRIORS,
     FlowPrior,
     LearnedGaussianPrior,
@@ -401,7 +401,7 @@ def test_temperature_zero_collapses_the_noise(name, float64):
 def test_mixture_log_prob_in_blocks_equals_one_pass(float64, monkeypatch):
     """Evaluation-size inputs are processed in row blocks (bounded memory), same values
     and gradients as one broadcast pass."""
-    import vaeflow.priors as priors_module
+    import vaeflow.models.priors as priors_module
 
     prior = build_prior("mog", 3, num_components=7)
     z = torch.randn(5, 11, 3, requires_grad=True)

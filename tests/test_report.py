@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from vaeflow.report import (
+from vaeflow.tools.report import (
     add_report_parser,
     collect,
     group,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vaeflow import sweep as sw
 from vaeflow.cli import build_parser
 from vaeflow.config import ConfigError, load_config
+from vaeflow.tools import sweep as sw
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart" / "mnist_iaf_flowprior.toml"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.flows.harness import gaussian_grid_integral
-from vaeflow.toy2d import TOY_DATASETS, sample_toy, true_log_prob
+from vaeflow.tools.toy2d import TOY_DATASETS, sample_toy, true_log_prob
 
 ROOT = Path(__file__).resolve().parents[1]
 

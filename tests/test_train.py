@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from vaeflow.atomic import atomic_temp_files, remove_stale_temps
-from vaeflow.checkpoint import CheckpointError, load_checkpoint
 from vaeflow.cli import main as cli_main
 from vaeflow.config import ConfigError, load_config
-from vaeflow.evaluate import evaluate_run
-from vaeflow.logger import read_metrics
-from vaeflow.train import TrainingDiverged, train
+from vaeflow.run.checkpoint import CheckpointError, load_checkpoint
+from vaeflow.run.evaluate import evaluate_run
+from vaeflow.run.logger import read_metrics
+from vaeflow.run.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("VAEFLOW_DATA") or str(ROOT.parent / "shared" / "datasets")
@@ -179,7 +179,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, schedule):
 # (where a preemption's SIGKILL can land), saying so on stdout.
 _STALLED_WRITER = """
 import os, sys, time
-from vaeflow.checkpoint import load_checkpoint, save_checkpoint
+from vaeflow.run.checkpoint import load_checkpoint, save_checkpoint
 
 def stall(src, dst):
     print("written", flush=True)
@@ -241,7 +241,7 @@ def test_kill_inside_a_checkpoint_write_then_resume_leaves_no_temp_file(tmp_path
 
 
 def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch):
-    from vaeflow import vae as vae_mod
+    from vaeflow.models import vae as vae_mod
 
     original = vae_mod.VAE.forward
     calls = {"n": 0}
@@ -271,9 +271,9 @@ def test_early_stopping_counts_after_its_delay(tmp_path, monkeypatch, delay, sto
     """A validation bound that only gets worse after step 10: stop after 2 bad validations,
     counted from the start, or only after ``early_stopping_delay`` steps (as the VampPrior
     and Sylvester codes count only after the KL warm-up). The best checkpoint stays."""
-    from vaeflow import train as train_mod
+    from vaeflow.run import train as train_mod
 
-    def worsening(model, ema, x_val, cfg, logger, state, amp):
+    def worsening(model, ema, x_val, cfg, logger, state):
         return {"val/iwae": -float(state.step), "val/elbo_nats": -float(state.step)}
 
     monkeypatch.setattr(train_mod, "_validate", worsening)
@@ -319,7 +319,7 @@ def test_free_bits_groups_need_a_kl_that_splits(tmp_path):
 def test_prior_learning_rate_and_delay(tmp_path):
     """The prior's parameters learn at lr * prior_lr_scale and not at all during
     prior_freeze_steps; the rest of the model trains as usual."""
-    from vaeflow.build import build_model
+    from vaeflow.models.build import build_model
 
     torch.manual_seed(0)
     init = build_model(_cfg().model).state_dict()
@@ -350,7 +350,7 @@ def test_vamp_pseudo_inputs_from_training_data(tmp_path):
     vamp = ['model.prior.name="vamp"', "model.prior.flow=none", "model.prior.num_components=7"]
     cfg = _cfg(*vamp, "model.prior.init_from_data=true", "train.steps=1", "train.val_every=1")
     seen = {}
-    from vaeflow import train as train_mod
+    from vaeflow.run import train as train_mod
 
     original = train_mod._optimizer
 
@@ -374,7 +374,7 @@ def test_vamp_pseudo_inputs_from_training_data(tmp_path):
 
 
 def test_repeated_failures_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
-    from vaeflow import vae as vae_mod
+    from vaeflow.models import vae as vae_mod
 
     original = vae_mod.VAE.forward
 
@@ -460,11 +460,11 @@ def test_resume_auto_before_and_after_the_first_checkpoint(tmp_path, capsys):
     # Killed before its first checkpoint: a run directory without checkpoints/last.pt.
     train(cfg, tmp_path / "requeued", stop_after_step=5)
     assert not (tmp_path / "requeued/checkpoints/last.pt").exists()
-    from vaeflow.checkpoint import CheckpointError
+    from vaeflow.run.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist"):  # plain --resume fails
         train(cfg, tmp_path / "requeued", resume=True)
-    from vaeflow import train as train_mod
+    from vaeflow.run import train as train_mod
 
     real = train_mod.train
     stops = iter([15, None])  # the requeued job is killed again after step 15

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.flows.harness import perturb
-from vaeflow.bounds import elbo, iwae
-from vaeflow.build import build_model
 from vaeflow.config import ConfigError, ModelConfig, from_dict
 from vaeflow.flows.registry import FLOWS
+from vaeflow.models.bounds import elbo, iwae
+from vaeflow.models.build import build_model
 
 X_SHAPE = (1, 8, 8)
 LATENT = 4
@@ -158,7 +158,7 @@ def test_log_likelihood_of_models_whose_flows_need_autograd(where, flow):
 
 
 def test_stats_sampler_reduces_the_same_samples_as_terms_sampler():
-    from vaeflow.bounds import chunk_statistics, log_likelihood
+    from vaeflow.models.bounds import chunk_statistics, log_likelihood
 
     model = build_model(_cfg({"flow": "iaf"}, {"name": "flow", "flow": "realnvp"})).eval()
     x = _binary(3)
@@ -259,7 +259,7 @@ def test_bad_model_configs_are_clear_errors():
 def test_collapsed_posterior_has_no_active_units(flow, float64):
     """q(z|x) = N(0, I) for every x (head zeroed): no unit may count as active, even
     though Monte Carlo means of a flow posterior carry sampling noise."""
-    from vaeflow.evaluate import active_units
+    from vaeflow.run.evaluate import active_units
 
     model = build_model(_cfg({"flow": flow}))
     head = model.posterior.head if flow is None else model.posterior.base.head

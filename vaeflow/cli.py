@@ -26,8 +26,8 @@ __all__ = ["main"]
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .evaluate import evaluate_run
-    from .train import train
+    from .run.evaluate import evaluate_run
+    from .run.train import train
 
     overrides = list(args.set or [])
     if args.device:
@@ -72,7 +72,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from .run.evaluate import evaluate_run
 
     summary = evaluate_run(
         args.run_dir,
@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .evaluate import sample_run
+    from .run.evaluate import sample_run
 
     path = sample_run(
         args.run_dir,
@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0, help="prior noise scale (e.g. 0.7)")
     s.set_defaults(func=_sample)
 
-    from .report import add_report_parser
-    from .sweep import add_sweep_parser
+    from .tools.report import add_report_parser
+    from .tools.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
     add_report_parser(sub)
@@ -198,10 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. Known user errors print one clear line."""
-    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DatasetNotFoundError
-    from .train import TrainingDiverged
+    from .run.checkpoint import CheckpointError
+    from .run.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):

@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class NetConfig:
-    """An encoder or decoder network: a name from ``vaeflow.nn.ENCODERS``/``DECODERS``
+    """An encoder or decoder network: a name from ``vaeflow.models.networks.ENCODERS``/``DECODERS``
     and keyword options passed to its constructor."""
 
     name: str = "mlp"
@@ -79,7 +79,7 @@ class PriorConfig:
     """p(z): ``standard_normal``, ``learned_gaussian``, ``mog``, ``vamp`` or ``flow``.
 
     Attributes:
-        name: prior family (see ``vaeflow.priors.PRIORS``).
+        name: prior family (see ``vaeflow.models.priors.PRIORS``).
         flow: for ``name = "flow"``: a registry flow with a density direction.
         num_layers: flow layers.
         hidden: flow conditioner width.
@@ -101,14 +101,14 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything :func:`vaeflow.build.build_model` needs.
+    """Everything :func:`vaeflow.models.build.build_model` needs.
 
     Attributes:
         x_shape: shape of one example, e.g. ``[1, 28, 28]``.
         latent_dim: ``D``.
         encoder: encoder network.
         decoder: decoder network.
-        likelihood: a name from ``vaeflow.likelihoods.LIKELIHOODS``.
+        likelihood: a name from ``vaeflow.models.likelihoods.LIKELIHOODS``.
         likelihood_options: options of the likelihood.
         posterior: q(z|x).
         prior: p(z).
@@ -167,7 +167,7 @@ class TrainConfig:
         k: importance samples per example during training.
         optimizer: ``adam``, ``adamax``, ``adam_normgrad`` (Adam on gradients
             rescaled to unit L2 norm per parameter tensor, the optimiser of Tomczak &
-            Welling's VampPrior code, ``vaeflow.optim.AdamNormGrad``) or ``rmsprop``
+            Welling's VampPrior code, ``vaeflow.run.optim.AdamNormGrad``) or ``rmsprop``
             (``torch.optim.RMSprop``: Rezende & Mohamed 2015 train with RMSprop with
             momentum).
         lr: peak learning rate.

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from vaeflow.bounds import elbo
-from vaeflow.build import build_model
 from vaeflow.config import load_config
 from vaeflow.data import TrainBatches, load_splits
+from vaeflow.models.bounds import elbo
+from vaeflow.models.build import build_model
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
 

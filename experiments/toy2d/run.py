@@ -30,7 +30,7 @@ import torch
 from vaeflow.atomic import write_json_atomic, write_text_atomic
 from vaeflow.flows import FlowDensity
 from vaeflow.flows.registry import FLOWS, build_flow
-from vaeflow.toy2d import TOY_DATASETS, sample_toy, true_log_prob
+from vaeflow.tools.toy2d import TOY_DATASETS, sample_toy, true_log_prob
 
 TRAIN_KEYS = {
     "steps",
@@ -265,7 +265,7 @@ def write_tables(
     lines += [
         "",
         "`true density` is the exact log-likelihood of the same test points where it "
-        "has a closed form (see `vaeflow.toy2d.true_log_prob`).",
+        "has a closed form (see `vaeflow.tools.toy2d.true_log_prob`).",
     ]
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
 

@@ -32,13 +32,25 @@ D = 5
 H = 12
 
 LAYERS = {
-    "affine_natural": lambda c: AffineAutoregressive(D, H, 2, c),
-    "affine_random_order": lambda c: AffineAutoregressive(D, H, 1, c, order="random", seed=4),
-    "affine_no_hidden": lambda c: AffineAutoregressive(D, H, 0, c),
-    "affine_unbounded": lambda c: AffineAutoregressive(D, H, 2, c, scale_bound=None),
-    "iaf_layer": lambda c: Inverse(AffineAutoregressive(D, H, 2, c, order="random", seed=1)),
-    "gated": lambda c: GatedAutoregressive(D, H, 2, c),
-    "gated_iaf_layer": lambda c: Inverse(GatedAutoregressive(D, H, 1, c, forget_bias=2.0)),
+    "affine_natural": lambda c: AffineAutoregressive(
+        D, hidden=H, num_hidden=2, context_features=c
+    ),
+    "affine_random_order": lambda c: AffineAutoregressive(
+        D, hidden=H, num_hidden=1, context_features=c, order="random", seed=4
+    ),
+    "affine_no_hidden": lambda c: AffineAutoregressive(
+        D, hidden=H, num_hidden=0, context_features=c
+    ),
+    "affine_unbounded": lambda c: AffineAutoregressive(
+        D, hidden=H, num_hidden=2, context_features=c, scale_bound=None
+    ),
+    "iaf_layer": lambda c: Inverse(
+        AffineAutoregressive(D, hidden=H, num_hidden=2, context_features=c, order="random", seed=1)
+    ),
+    "gated": lambda c: GatedAutoregressive(D, hidden=H, num_hidden=2, context_features=c),
+    "gated_iaf_layer": lambda c: Inverse(
+        GatedAutoregressive(D, hidden=H, num_hidden=1, context_features=c, forget_bias=2.0)
+    ),
 }
 BUILDERS = {
     "maf": lambda c: build_maf(D, 2, H, c),
@@ -127,7 +139,7 @@ def test_made_rejects_bad_order():
 @pytest.mark.parametrize("cls", [AffineAutoregressive, GatedAutoregressive])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_jacobian_is_triangular_in_the_layer_order(cls, inverse):
-    layer = perturb(cls(D, H, 2, 3, order="random", seed=5))
+    layer = perturb(cls(D, hidden=H, num_hidden=2, context_features=3, order="random", seed=5))
     x, c = torch.randn(D), torch.randn(3)
     fn = layer.inverse if inverse else layer
     jac = torch.autograd.functional.jacobian(lambda v: fn(v[None], c[None])[0][0], x)
@@ -143,7 +155,7 @@ def test_jacobian_is_triangular_in_the_layer_order(cls, inverse):
 
 def test_maf_known_answer_pins_sign():
     """Constant shift m = 0.5 and log-scale s = log 2: u = (x - 0.5) / 2, log-det -D log 2."""
-    layer = AffineAutoregressive(D, H, 2, scale_bound=None)
+    layer = AffineAutoregressive(D, hidden=H, num_hidden=2, scale_bound=None)
     with torch.no_grad():
         layer.made.out.bias.view(D, 2)[:, 0] = 0.5
         layer.made.out.bias.view(D, 2)[:, 1] = math.log(2.0)
@@ -160,7 +172,7 @@ def test_maf_known_answer_pins_sign():
 
 
 def test_scale_is_soft_bounded():
-    layer = AffineAutoregressive(D, H, 2, scale_bound=2.0)
+    layer = AffineAutoregressive(D, hidden=H, num_hidden=2, scale_bound=2.0)
     with torch.no_grad():
         layer.made.out.bias.view(D, 2)[:, 1] = 1e6
     _, ld = layer(torch.randn(2, D))
@@ -170,7 +182,9 @@ def test_scale_is_soft_bounded():
 @pytest.mark.parametrize("forget_bias", [1.0, 2.0, -0.5])
 def test_gated_starts_as_a_known_scaling(forget_bias):
     """Not the identity at init: m = 0, so y = sigmoid(b) x and log-det = D logsigmoid(b)."""
-    layer = GatedAutoregressive(D, H, 2, context_features=3, forget_bias=forget_bias)
+    layer = GatedAutoregressive(
+        D, hidden=H, num_hidden=2, context_features=3, forget_bias=forget_bias
+    )
     x, c = torch.randn(4, D), torch.randn(4, 3)
     b = torch.tensor(forget_bias)
     y, ld = layer(x, c)
@@ -183,7 +197,9 @@ def test_gated_starts_as_a_known_scaling(forget_bias):
 
 
 def test_gated_update_matches_kingma_formula_after_training():
-    layer = perturb(GatedAutoregressive(D, H, 2, context_features=2, forget_bias=1.0))
+    layer = perturb(
+        GatedAutoregressive(D, hidden=H, num_hidden=2, context_features=2, forget_bias=1.0)
+    )
     eps, c = torch.randn(6, D), torch.randn(6, 2)
     params = layer.made(eps, c)
     m = params[..., 0]
@@ -203,7 +219,7 @@ def _count_made_calls(flow, fn):
 
 
 def test_iaf_sampling_is_the_one_pass_forward_exactly():
-    layer = perturb(AffineAutoregressive(D, H, 2, context_features=3))
+    layer = perturb(AffineAutoregressive(D, hidden=H, num_hidden=2, context_features=3))
     iaf = Inverse(layer)
     eps, c = torch.randn(2, 4, D), torch.randn(4, 3)  # context broadcast over samples
     z, ld = iaf.inverse(eps, c)
@@ -278,7 +294,7 @@ def test_context_broadcasts_over_sample_dimension():
 
 def test_single_feature_layer():
     """D = 1: the only parameters come from context and bias; still exact."""
-    layer = perturb(AffineAutoregressive(1, H, 2, context_features=2))
+    layer = perturb(AffineAutoregressive(1, hidden=H, num_hidden=2, context_features=2))
     x, c = make_inputs(layer)
     check_roundtrip(layer, x, c)
 

@@ -267,9 +267,11 @@ LAYERS = {
     # Even D with an alternating mask: split/merged by parity views (fast path).
     "coupling_even_d_parity0": lambda c: RQSplineCoupling(6, H, 2, c, num_bins=K),
     "coupling_even_d_parity1": lambda c: RQSplineCoupling(6, H, 1, c, num_bins=4, parity=1),
-    "autoregressive": lambda c: RQSplineAutoregressive(D, H, 2, c, num_bins=4),
+    "autoregressive": lambda c: RQSplineAutoregressive(
+        D, hidden=H, num_hidden=2, context_features=c, num_bins=4
+    ),
     "autoregressive_random": lambda c: RQSplineAutoregressive(
-        D, H, 1, c, num_bins=3, order="random", seed=2
+        D, hidden=H, num_hidden=1, context_features=c, num_bins=3, order="random", seed=2
     ),
 }
 BUILDERS = {
@@ -349,7 +351,11 @@ def test_coupling_builder_lu_mixes_between_layers():
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_autoregressive_jacobian_is_triangular(inverse):
-    layer = perturb(RQSplineAutoregressive(D, H, 2, 3, num_bins=4, order="random", seed=9))
+    layer = perturb(
+        RQSplineAutoregressive(
+            D, hidden=H, num_hidden=2, context_features=3, num_bins=4, order="random", seed=9
+        )
+    )
     x, c = 0.8 * torch.randn(D), torch.randn(3)
     fn = layer.inverse if inverse else layer
     jac = torch.autograd.functional.jacobian(lambda v: fn(v[None], c[None])[0][0], x)
@@ -360,7 +366,7 @@ def test_autoregressive_jacobian_is_triangular(inverse):
 
 
 def test_autoregressive_pass_counts():
-    layer = RQSplineAutoregressive(D, H, 2, num_bins=4)
+    layer = RQSplineAutoregressive(D, hidden=H, num_hidden=2, num_bins=4)
     x = torch.randn(3, D)
     assert count_made_passes(lambda: layer(x)) == 1
     assert count_made_passes(lambda: layer.inverse(x)) == D

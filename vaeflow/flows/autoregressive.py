@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..nn import MaskedLinear, make_activation, zero_init
+from ..layers import MaskedLinear, make_activation, zero_init
 from .base import (
     Composite,
     Inverse,
@@ -125,7 +125,7 @@ class MADE(nn.Module):
         order: ``"natural"``, ``"random"`` or an explicit permutation (see
             :func:`make_order`).
         seed: seed of a random order.
-        activation: hidden non-linearity (a name in :data:`vaeflow.nn.ACTIVATIONS`).
+        activation: hidden non-linearity (a name in :data:`vaeflow.layers.ACTIVATIONS`).
         zero_last: zero-initialise the output layer (and with ``num_hidden=0`` also the
             context map) so every output is exactly 0 at init.
 
@@ -244,6 +244,7 @@ class _Autoregressive(Transform):
     def __init__(
         self,
         features: int,
+        *,
         hidden: int,
         num_hidden: int,
         context_features: int,
@@ -334,6 +335,7 @@ class AffineAutoregressive(_Autoregressive):
     def __init__(
         self,
         features: int,
+        *,
         hidden: int = 64,
         num_hidden: int = 2,
         context_features: int = 0,
@@ -344,7 +346,15 @@ class AffineAutoregressive(_Autoregressive):
     ) -> None:
         if scale_bound is not None and not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
-        super().__init__(features, hidden, num_hidden, context_features, order, seed, activation)
+        super().__init__(
+            features,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            order=order,
+            seed=seed,
+            activation=activation,
+        )
         self.scale_bound = scale_bound
 
     def _shift_logscale(self, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -437,6 +447,7 @@ class GatedAutoregressive(_Autoregressive):
     def __init__(
         self,
         features: int,
+        *,
         hidden: int = 64,
         num_hidden: int = 2,
         context_features: int = 0,
@@ -448,7 +459,15 @@ class GatedAutoregressive(_Autoregressive):
     ) -> None:
         if scale_bound is not None and not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
-        super().__init__(features, hidden, num_hidden, context_features, order, seed, activation)
+        super().__init__(
+            features,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            order=order,
+            seed=seed,
+            activation=activation,
+        )
         self.forget_bias = float(forget_bias)
         self.scale_bound = scale_bound
 
@@ -597,13 +616,13 @@ def build_maf(
     def layer(i: int) -> Transform:
         return AffineAutoregressive(
             features,
-            hidden,
-            num_hidden,
-            context_features,
-            order,
-            seed + i,
-            scale_bound,
-            activation,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            order=order,
+            seed=seed + i,
+            scale_bound=scale_bound,
+            activation=activation,
         )
 
     return _stack(layer, features, num_layers, permutation, seed)
@@ -677,14 +696,14 @@ def build_gated_iaf(
     def layer(i: int) -> Transform:
         return GatedAutoregressive(
             features,
-            hidden,
-            num_hidden,
-            context_features,
-            order,
-            seed + i,
-            forget_bias,
-            scale_bound,
-            activation,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            order=order,
+            seed=seed + i,
+            forget_bias=forget_bias,
+            scale_bound=scale_bound,
+            activation=activation,
         )
 
     return Inverse(_stack(layer, features, num_layers, permutation, seed))

@@ -105,9 +105,9 @@ class Transform(nn.Module):
         out_event_shape: Sequence[int] | int | None = None,
     ) -> None:
         super().__init__()
-        self.event_shape: tuple[int, ...] = _as_shape(event_shape)
+        self.event_shape: tuple[int, ...] = _as_event_shape(event_shape)
         self.out_event_shape: tuple[int, ...] = (
-            self.event_shape if out_event_shape is None else _as_shape(out_event_shape)
+            self.event_shape if out_event_shape is None else _as_event_shape(out_event_shape)
         )
         if context_features < 0:
             raise ValueError(f"context_features must be >= 0, got {context_features}")
@@ -227,7 +227,8 @@ class Transform(nn.Module):
         return len(self.event_shape)
 
 
-def _as_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
+def _as_event_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
+    """An event shape as a tuple of ints: ``D`` -> ``(D,)``, a sequence as given."""
     if isinstance(shape, int):
         return (shape,)
     return tuple(int(s) for s in shape)

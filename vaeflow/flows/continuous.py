@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..nn import MLP
+from ..layers import MLP
 from .base import Composite, Transform
 
 __all__ = [

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn import ACTIVATIONS, MLP, ResidualConvNet, flatten_leading
+from ..layers import ACTIVATIONS, MLP, ResidualConvNet, flatten_leading
 from .base import (
     Composite,
     LULinear,
@@ -344,7 +344,7 @@ class AdditiveCoupling(_Coupling):
         context_features: context width ``C`` (0: unconditional).
         depth: hidden layers of the MLP (vectors) or residual blocks of the conv net
             (images).
-        activation: name from :data:`vaeflow.nn.ACTIVATIONS`.
+        activation: name from :data:`vaeflow.layers.ACTIVATIONS`.
         time_features: if > 0, read a time ``t`` from the first context column and embed
             it with :class:`TimeEmbedding` of this width.
 
@@ -373,7 +373,7 @@ class AffineCoupling(_Coupling):
         hidden: width of the conditioner (MLP units or conv channels).
         context_features: context width ``C`` (0: unconditional).
         depth: hidden layers of the MLP (vectors) or residual blocks of the conv net.
-        activation: name from :data:`vaeflow.nn.ACTIVATIONS`.
+        activation: name from :data:`vaeflow.layers.ACTIVATIONS`.
         time_features: if > 0, time-conditioned: ``t`` = first context column, embedded
             with :class:`TimeEmbedding` of this width.
         scale_bound: bound of the soft clip (default 3).

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ShapeError, Transform, _as_shape, sum_except_leading
+from .base import ShapeError, Transform, _as_event_shape, sum_except_leading
 
 __all__ = ["StandardNormal", "DiagonalNormal", "FlowDensity"]
 
@@ -27,7 +27,7 @@ class StandardNormal(nn.Module):
 
     def __init__(self, event_shape: Sequence[int] | int) -> None:
         super().__init__()
-        self.event_shape = _as_shape(event_shape)
+        self.event_shape = _as_event_shape(event_shape)
         # A buffer only so that ``.to(device/dtype)`` tells us where to sample.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Composite, LULinear, ShapeError, Transform, _as_shape
+from .base import Composite, LULinear, ShapeError, Transform, _as_event_shape
 from .coupling import (
     AffineCoupling,
     _check_common,
@@ -143,7 +143,7 @@ class Invertible1x1Conv(LULinear):
     """
 
     def __init__(self, num_channels: int, event_shape: Sequence[int], bias: bool = False) -> None:
-        shape = _as_shape(event_shape)
+        shape = _as_event_shape(event_shape)
         if len(shape) != 3:
             raise ValueError(f"Invertible1x1Conv: event_shape must be (C, H, W), got {shape}")
         super().__init__(num_channels, shape, dim=-3, bias=bias)
@@ -163,7 +163,7 @@ class Squeeze(Transform):
     """
 
     def __init__(self, event_shape: Sequence[int]) -> None:
-        shape = _as_shape(event_shape)
+        shape = _as_event_shape(event_shape)
         if len(shape) != 3:
             raise ValueError(f"Squeeze: event_shape must be (C, H, W), got {shape}")
         c, h, w = shape

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..nn import zero_init
+from ..layers import zero_init
 from .base import Composite, Transform
 
 __all__ = [

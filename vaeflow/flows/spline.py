@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..nn import MLP
+from ..layers import MLP
 from .autoregressive import (
     ORDERS,
     PERMUTATIONS,
@@ -454,6 +454,7 @@ class RQSplineAutoregressive(_Autoregressive):
     def __init__(
         self,
         features: int,
+        *,
         hidden: int = 64,
         num_hidden: int = 2,
         context_features: int = 0,
@@ -466,7 +467,15 @@ class RQSplineAutoregressive(_Autoregressive):
         _check_spline_options(num_bins, tail_bound)
         # params_per_feature must be known before the MADE is built by the base class.
         self.params_per_feature = 3 * num_bins - 1
-        super().__init__(features, hidden, num_hidden, context_features, order, seed, activation)
+        super().__init__(
+            features,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            order=order,
+            seed=seed,
+            activation=activation,
+        )
         self.num_bins = num_bins
         self.tail_bound = float(tail_bound)
 
@@ -628,14 +637,14 @@ def build_nsf_autoregressive(
     def layer(i: int) -> Transform:
         return RQSplineAutoregressive(
             features,
-            hidden,
-            num_hidden,
-            context_features,
-            num_bins,
-            tail_bound,
-            order,
-            seed + i,
-            activation,
+            hidden=hidden,
+            num_hidden=num_hidden,
+            context_features=context_features,
+            num_bins=num_bins,
+            tail_bound=tail_bound,
+            order=order,
+            seed=seed + i,
+            activation=activation,
         )
 
     return _stack(layer, features, num_layers, permutation, seed)

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write, write_text_atomic
+from ..atomic import atomic_write, write_text_atomic
 
 __all__ = [
     "RunLogger",
@@ -295,7 +295,7 @@ class RunLogger:
             if type(value) not in (int, float, str, bool):
                 raise TypeError(
                     f"hyperparameter {name!r} is a {type(value)}; pass only int, float, str "
-                    "or bool values (vaeflow.logger.flatten_config converts a nested config)"
+                    "or bool values (vaeflow.run.logger.flatten_config converts a nested config)"
                 )
         tags = list(metrics)
         if self._writer is not None:
@@ -431,7 +431,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"no {METRICS_FILE} in {run_dir}; pass a run directory written by "
-            "vaeflow.logger.RunLogger (e.g. runs/<name>)"
+            "vaeflow.run.logger.RunLogger (e.g. runs/<name>)"
         )
     records = []
     lines = path.read_text(encoding="utf-8").splitlines()

@@ -36,6 +36,7 @@ __all__ = [
     "chunk_statistics",
     "LogLikelihood",
     "nats_to_bits_per_dim",
+    "bits_per_dim_to_nats",
 ]
 
 
@@ -229,7 +230,7 @@ def log_likelihood(
     once, under ``torch.inference_mode`` (``no_grad`` for models with FFJORD or residual
     flows, which need autograd inside their passes). See
     :func:`log_likelihood_from_sampler`; returns ``(B,)`` tensors. ``compile``: use the
-    model's compiled ``stats_sampler`` (see :meth:`vaeflow.vae.VAE.stats_sampler`).
+    model's compiled ``stats_sampler`` (see :meth:`vaeflow.models.vae.VAE.stats_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
@@ -274,7 +275,7 @@ def log_likelihood_from_sampler(
     on a GPU are host-bound, see benchmarks/README.md).
 
     The encoder is meant to run once; ``terms_fn(n)`` should reuse its features and draw
-    ``n`` fresh posterior samples (see :meth:`vaeflow.vae.VAE.terms_sampler`).
+    ``n`` fresh posterior samples (see :meth:`vaeflow.models.vae.VAE.terms_sampler`).
 
     Args:
         terms_fn: ``n -> Terms`` with ``(n, B)`` tensors, fresh samples on every call.
@@ -302,7 +303,7 @@ def log_likelihood_from_stats(
 
     ``stats_fn(n)`` draws ``n`` fresh samples and returns their
     :func:`chunk_statistics` ``(6, B)``; a compiled model fuses that reduction into the
-    chunk (see :meth:`vaeflow.vae.VAE.stats_sampler`).
+    chunk (see :meth:`vaeflow.models.vae.VAE.stats_sampler`).
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
@@ -350,10 +351,20 @@ def chunk_statistics(log_px_z: Tensor, log_pz: Tensor, log_qz: Tensor) -> Tensor
 def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
     """Convert a log-likelihood or NLL in nats per example to bits per dimension.
 
-    ``bpd = nats / (D * ln 2)`` (docs/design.md §3.3); the 8-bit discretisation is
-    already inside the likelihood, so no offset is added here.
+    ``bpd = nats / (D * ln 2)``, any shape ``(*)`` (docs/design.md §3.3); the 8-bit
+    discretisation is already inside the likelihood, so no offset is added here.
+    The one bits/dim converter of the package (with its inverse below).
     """
+    if num_dims <= 0:
+        raise ValueError(f"num_dims must be positive, got {num_dims}")
     return nats / (num_dims * math.log(2.0))
+
+
+def bits_per_dim_to_nats(bpd: Tensor | float, num_dims: int) -> Tensor | float:
+    """Inverse of :func:`nats_to_bits_per_dim`: bits per dimension -> nats per example."""
+    if num_dims <= 0:
+        raise ValueError(f"num_dims must be positive, got {num_dims}")
+    return bpd * (num_dims * math.log(2.0))
 
 
 def _finite_or_zero(t: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Config -> model: assemble any encoder x posterior x prior x decoder x likelihood by name.
 
 Each piece is looked up in its own small registry (``ENCODERS``/``DECODERS`` in
-:mod:`vaeflow.nn`, ``FLOWS``, ``PRIORS``, ``LIKELIHOODS``): no if/elif ladders, and an
+:mod:`vaeflow.models.networks`, ``FLOWS``, ``PRIORS``, ``LIKELIHOODS``): no if/elif ladders, and an
 unknown name is an error that lists the names that exist.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .config import ConfigError, ModelConfig, PosteriorConfig, PriorConfig
-from .flows.registry import FLOWS, build_flow, flow_names
+from ..config import ConfigError, ModelConfig, PosteriorConfig, PriorConfig
+from ..flows.registry import FLOWS, build_flow, flow_names
 from .likelihoods import build_likelihood
-from .nn import build_decoder, build_encoder
+from .networks import build_decoder, build_encoder
 from .posteriors import FlowPosterior, GaussianPosterior
 from .priors import FlowPrior, build_prior
 from .vae import VAE

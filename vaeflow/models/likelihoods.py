@@ -26,7 +26,8 @@ Data conventions:
   a zero output means mid-grey with scale 1. Samples come back on the same k/255 grid.
 
 Because the 8-bit discretisation is inside the discrete likelihoods, bits/dim is simply
-``-log p(x) / (D ln 2)`` (:func:`nats_to_bpd`), with no ``log 256`` offset.
+``-log p(x) / (D ln 2)`` (:func:`vaeflow.models.bounds.nats_to_bits_per_dim`), with no
+``log 256`` offset.
 
 References:
     Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114.
@@ -56,10 +57,8 @@ __all__ = [
     "DiscretizedLogisticMixture",
     "DiscretizedLogisticMixtureDistribution",
     "Gaussian",
-    "bpd_to_nats",
     "build_likelihood",
     "likelihood_names",
-    "nats_to_bpd",
 ]
 
 NUM_BINS = 256
@@ -69,32 +68,6 @@ _LOG_BIN_WIDTH = math.log(2.0 * _HALF_BIN)
 # Below this bin width (in units of the scale) log(1 - e^-d) switches to its series in log d,
 # whose first dropped term d^4/2880 is far below float64 resolution there.
 _SMALL_D = 1e-4
-
-
-# ----------------------------------------------------------------------------- bits/dim
-
-
-def nats_to_bpd(nats: Tensor | float, num_dims: int) -> Tensor | float:
-    """Convert a negative log-likelihood in nats per example to bits per dimension.
-
-    Args:
-        nats: negative log-likelihood in nats per example, any shape ``(*)``.
-        num_dims: number of data dimensions D per example (e.g. ``3 * 32 * 32``).
-
-    Returns:
-        ``nats / (D ln 2)``, shape ``(*)``. For 8-bit data with a discrete likelihood the
-        discretisation is already inside ``nats``, so no offset is added (DESIGN convention 3).
-    """
-    if num_dims <= 0:
-        raise ValueError(f"num_dims must be positive, got {num_dims}")
-    return nats / (num_dims * math.log(2.0))
-
-
-def bpd_to_nats(bpd: Tensor | float, num_dims: int) -> Tensor | float:
-    """Inverse of :func:`nats_to_bpd`: bits per dimension -> nats per example, shape ``(*)``."""
-    if num_dims <= 0:
-        raise ValueError(f"num_dims must be positive, got {num_dims}")
-    return bpd * (num_dims * math.log(2.0))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -585,7 +558,7 @@ class DiscretizedLogistic(nn.Module):
             TensorFlow code, ``dec_log_stdv``). Learned log-scales start at the code's
             initial value (scale 1 where a bin is 1/256 wide: ``log(512/255)`` here).
         num_channels: channels ``C`` of the data, the size of the ``per_channel``
-            parameter (``vaeflow.build.build_model`` passes ``x_shape[0]``); ignored
+            parameter (``vaeflow.models.build.build_model`` passes ``x_shape[0]``); ignored
             otherwise.
 
     ``param_shape((C, *rest))`` is ``(2C, *rest)`` for ``per_pixel``, layout ``[means (C) |

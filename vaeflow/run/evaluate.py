@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write, remove_stale_temps, write_json_atomic
-from .bounds import nats_to_bits_per_dim
-from .build import build_model
+from ..atomic import atomic_write, remove_stale_temps, write_json_atomic
+from ..config import Config, from_dict
+from ..data import eval_batches, load_splits, prepare_eval, test_subset, to_memory_format
+from ..models.bounds import nats_to_bits_per_dim
+from ..models.build import build_model
+from ..models.vae import VAE
 from .checkpoint import load_checkpoint, load_model_state
-from .config import Config, from_dict
-from .data import eval_batches, load_splits, prepare_eval, test_subset, to_memory_format
 from .logger import log_test_scalars
 from .utils import resolve_device
-from .vae import VAE
 
 __all__ = [
     "load_run",
@@ -132,7 +132,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score preprocessed test data ``x (N, *x_shape)``; metric names carry their units.
 
-    ``compile``: see :meth:`vaeflow.vae.VAE.stats_sampler`.
+    ``compile``: see :meth:`vaeflow.models.vae.VAE.stats_sampler`.
     """
     model.eval()
     log_px, elbos, kls, recons, ess = [], [], [], [], []
@@ -258,7 +258,7 @@ def sample_run(
 ) -> Path:
     """Write a grid of ``n`` prior samples (likelihood means) to ``samples/``; return its path.
 
-    ``temperature`` scales the prior's noise (see :meth:`vaeflow.vae.VAE.sample`);
+    ``temperature`` scales the prior's noise (see :meth:`vaeflow.models.vae.VAE.sample`);
     ``checkpoint`` as in :func:`load_run`.
     """
     from torchvision.utils import save_image

@@ -5,7 +5,7 @@
     print(to_markdown(groups))
     write_report([Path("runs")], Path("results/mnist_flows"))
 
-A run directory (written by :mod:`vaeflow.train` and :mod:`vaeflow.evaluate`) holds
+A run directory (written by :mod:`vaeflow.run.train` and :mod:`vaeflow.run.evaluate`) holds
 ``config.json``, ``environment.json``, ``metrics.jsonl`` and, once evaluated,
 ``summary.json``.
 
@@ -39,8 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import remove_stale_temps, write_text_atomic
-from .logger import flatten_config, read_metrics
+from ..atomic import remove_stale_temps, write_text_atomic
+from ..run.logger import flatten_config, read_metrics
 
 __all__ = [
     "EXCLUDED_KEYS",
@@ -1432,7 +1432,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--labels",
         metavar="FILE",
         help="TOML or JSON label map: config key -> reader's name, or -> {name = ..., "
-        "values = {value = name}} (default: vaeflow.report.READER_NAMES)",
+        "values = {value = name}} (default: vaeflow.tools.report.READER_NAMES)",
     )
     p.add_argument(
         "--reference",

@@ -1,9 +1,12 @@
 """The training loop: config -> trained model, checkpoints, logs; resumable and robust.
 
-One function, :func:`train`, runs a whole experiment: it builds data and model from the
-config, optimises the (beta-weighted, free-bits) ELBO or the IWAE bound, validates with
-IWAE-k, keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The
-model is only ever used as ``model(x, k) -> Terms`` (docs/design.md).
+:func:`train` runs a whole experiment: it builds data and model from the config,
+optimises the (beta-weighted, free-bits) ELBO or the IWAE bound, validates with IWAE-k,
+keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The model is
+only ever used as ``model(x, k) -> Terms`` (docs/design.md). It is a short driver over
+parts that can be read and tested alone: :func:`_setup_run` (model, data, optimiser,
+resume), :func:`_wrap_for_speed` (DDP, ``torch.compile``), :func:`_update_step` (one
+robust update) and :func:`_periodic` (log, validate, images, checkpoint, early stop).
 
 Without a validation split (``data.val_size = 0``: a fixed budget on the whole training
 file, as Burda et al. 2016 and the IAF code train) there are no validation passes and no
@@ -38,18 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .atomic import remove_stale_temps, write_json_atomic
-from .bounds import elbo, iwae
-from .build import build_model
-from .checkpoint import (
-    load_checkpoint,
-    load_model_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .config import Config, ConfigError, to_dict
-from .data import (
+from ..atomic import remove_stale_temps, write_json_atomic
+from ..config import Config, ConfigError, TrainConfig, to_dict
+from ..data import (
     DataSplits,
     TrainBatches,
     eval_batches,
@@ -58,12 +52,21 @@ from .data import (
     to_memory_format,
     to_unit_interval,
 )
+from ..models.bounds import Terms, elbo, iwae
+from ..models.build import build_model
+from ..models.vae import VAE
+from .checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .logger import Progress, RunLogger, flatten_config, hparams_order
 from .optim import AdamNormGrad
 from .utils import resolve_device
-from .vae import VAE
 
-__all__ = ["train", "TrainingDiverged", "EMA", "validate_bounds"]
+__all__ = ["train", "TrainingDiverged", "EMA", "StepResult", "validate_bounds"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -308,11 +311,17 @@ class _State:
     skipped: int = 0
     consecutive_skips: int = 0
 
+    def record_update(self, skipped: bool) -> None:
+        """Count a skipped update, or reset the run of consecutive skips."""
+        if skipped:
+            self.skipped += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+
 
 @torch.no_grad()
-def validate_bounds(
-    model: VAE, x: Tensor, k: int, batch_size: int, amp: bool = False
-) -> dict[str, float]:
+def validate_bounds(model: VAE, x: Tensor, k: int, batch_size: int) -> dict[str, float]:
     """ELBO and IWAE-k (nats per example) on preprocessed data ``x (N, *x_shape)``."""
     model.eval()
     sums = {"elbo": 0.0, "iwae": 0.0, "kl": 0.0, "recon": 0.0}
@@ -335,7 +344,12 @@ def train(
     stop_after_step: int | None = None,
     splits: DataSplits | None = None,
 ) -> dict[str, Any]:
-    """Train the model described by ``cfg``; return the summary (also ``summary.json``).
+    """Train the model described by ``cfg``; return the summary (also ``train_summary.json``).
+
+    The driver: :func:`_setup_run` builds (or restores) everything the run holds,
+    :func:`_update_step` makes one robust optimiser update, :func:`_periodic` logs,
+    validates, draws image grids, checkpoints and decides early stopping, and
+    :func:`_finish` writes the summary.
 
     Args:
         cfg: a validated :class:`~vaeflow.config.Config`.
@@ -348,6 +362,118 @@ def train(
     Returns:
         The summary dict: final/best validation bounds (``None`` without a validation
         split, which ``"validation"`` then says), steps, skipped updates, timing.
+    """
+    run = _setup_run(cfg, run_dir, resume, splits)
+    t = cfg.train
+    t_start = time.perf_counter()
+    steps_done = 0
+    stopped = "completed"
+    try:
+        while run.state.step < t.steps:
+            step = run.state.step
+            x = to_memory_format(run.batches.batch(step), t.channels_last)
+            if run.ctx.active:  # this rank's shard of the global batch
+                x = x[run.ctx.rank :: run.ctx.world]
+            result = _update_step(
+                run.model,
+                run.step_model,
+                run.opt,
+                run.sched,
+                run.ema,
+                x,
+                t,
+                beta=_beta(cfg, step),
+                ctx=run.ctx,
+                device=run.device,
+                amp=run.amp,
+            )
+            run.state.record_update(result.skipped)
+            run.state.step = step + 1
+            steps_done += 1
+            if result.skipped and run.state.consecutive_skips >= t.max_consecutive_skips:
+                run.save("last.pt")
+                raise TrainingDiverged(
+                    f"{run.state.consecutive_skips} consecutive updates skipped at step "
+                    f"{step} (last: {result.skip_reason}). The parameters before the failures "
+                    f"are saved in {run.ckpt_dir / 'last.pt'}. Lower train.lr, set "
+                    "train.clip_norm, add train.kl_warmup_steps, or raise "
+                    "train.max_consecutive_skips."
+                )
+            early = _periodic(run, result)
+            if early is not None:
+                stopped = early
+                break
+            if stop_after_step is not None and run.state.step >= stop_after_step:
+                stopped = f"stopped after step {run.state.step} (stop_after_step)"
+                break
+    finally:
+        run.progress.close()
+    return _finish(run, stopped, time.perf_counter() - t_start, steps_done)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class _Run:
+    """Everything a training run holds between steps (built by :func:`_setup_run`).
+
+    ``model`` is the plain :class:`VAE` (parameters, EMA, checkpoints, validation);
+    ``step_model`` is what the update step calls: the same model, possibly wrapped in
+    DDP and/or ``torch.compile`` (:func:`_wrap_for_speed`).
+    """
+
+    cfg: Config
+    run_dir: Path
+    ckpt_dir: Path
+    ctx: _Dist
+    device: torch.device
+    amp: bool
+    model: VAE
+    step_model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    state: _State
+    config_dict: dict[str, Any]
+    batches: TrainBatches
+    x_val: Tensor
+    has_val: bool
+    x_img: Tensor
+    image_split: str
+    logger: RunLogger
+    progress: Progress
+    last_val: dict[str, float]
+
+    def save(self, name: str) -> None:
+        """Write ``checkpoints/<name>`` (rank 0 only): everything a bit-exact resume needs."""
+        if self.ctx.rank != 0:
+            return
+        save_checkpoint(
+            self.ckpt_dir / name,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "step": self.state.step,
+                "train_state": vars(self.state).copy(),
+                "rng": rng_state(),
+                "config": self.config_dict,
+            },
+        )
+
+
+def _setup_run(
+    cfg: Config, run_dir: str | Path | None, resume: bool, splits: DataSplits | None
+) -> _Run:
+    """Build the model, data, optimiser and logger of a run, fresh or resumed.
+
+    The order is part of the behaviour: the model is built (under ``train.seed``, the
+    same weights on every rank) before the run directory is touched, so a config error
+    leaves nothing behind; the per-rank posterior-noise seed is set after everything
+    that draws from the global RNG at build time, and a resume then replaces it with the
+    checkpoint's RNG state.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
@@ -384,16 +510,13 @@ def train(
     amp = t.amp and device.type == "cuda"
     if t.amp and not amp:
         warnings.warn(
-            "train.amp = true is ignored on CPU (bf16 autocast is CUDA-only)", stacklevel=2
+            "train.amp = true is ignored on CPU (bf16 autocast is CUDA-only)", stacklevel=3
         )
 
-    splits = (
-        splits
-        if splits is not None
-        else load_splits(
+    if splits is None:
+        splits = load_splits(
             cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size, download=True
         )
-    )
     batches = TrainBatches(
         splits.train,
         cfg.data.batch_size,
@@ -415,10 +538,11 @@ def train(
             splits.train[:32], splits.kind, cfg.data.binarization, cfg.data.seed, device
         )
     )
-    image_split = "val" if has_val else "train"
 
     model = model.to(device)
     if t.channels_last:
+        # Here, not in _wrap_for_speed: the optimiser state must follow the parameters'
+        # layout, so the layout is set before the optimiser (and a resume) sees them.
         model = model.to(memory_format=torch.channels_last)
         x_val = to_memory_format(x_val, channels_last=True)
         x_img = to_memory_format(x_img, channels_last=True)
@@ -429,206 +553,275 @@ def train(
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(cfg, model))
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
-    state = _State()
     config_dict = to_dict(cfg)
-
     if resume:
-        ckpt = load_checkpoint(
-            ckpt_dir / "last.pt", map_location=device, required=("model", "optimizer", "step")
-        )
-        load_model_state(model, ckpt["model"], "checkpoint")
-        opt.load_state_dict(ckpt["optimizer"])
-        _match_state_layout(opt)
-        sched.load_state_dict(ckpt["scheduler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"], device)
-        state = _State(**ckpt["train_state"])
-        set_rng_state(ckpt["rng"])
+        state = _restore(ckpt_dir / "last.pt", model, opt, sched, ema, device)
         if ctx.rank == 0:
             _record_resumed_config(run_dir, config_dict, state.step)
         if ctx.rank > 0:  # only rank 0's RNG is checkpointed: bit-exact resume is 1-process
             torch.manual_seed(t.seed + 7919 * ctx.rank + state.step)
-    elif ctx.rank == 0:
-        write_json_atomic(run_dir / "config.json", config_dict)
-        write_json_atomic(
-            run_dir / "environment.json",
-            {
-                "commit": _git_commit(),
-                "versions": _versions(),
-                "device": str(device),
-                "splits": {
-                    "train": len(splits.train),
-                    "val": len(x_val),
-                    "test": len(splits.test),
-                },
-                "notes": list(splits.notes),
-            },
-        )
+    else:
+        state = _State()
+        if ctx.rank == 0:
+            _record_new_run(run_dir, config_dict, device, splits, len(x_val))
 
-    def checkpoint(name: str) -> None:
-        if ctx.rank != 0:
-            return
-        save_checkpoint(
-            ckpt_dir / name,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "ema": None if ema is None else ema.state_dict(),
-                "step": state.step,
-                "train_state": vars(state).copy(),
-                "rng": rng_state(),
-                "config": config_dict,
-            },
-        )
-
-    # On resume, records past the checkpoint (logged before the kill) are dropped so
-    # metrics.jsonl and TensorBoard hold each step once.
     # Resume: drop records past the checkpoint (logged before the kill). Fresh start:
     # drop everything a killed, never-checkpointed earlier attempt left behind.
     logger = RunLogger(run_dir, rank=ctx.rank, purge_step=state.step + 1 if resume else 0)
     progress = Progress(t.steps, enabled=None if ctx.rank == 0 else False)
+    step_model = _wrap_for_speed(model, cfg, ctx, device)
+    model.train()
+    return _Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        ckpt_dir=ckpt_dir,
+        ctx=ctx,
+        device=device,
+        amp=amp,
+        model=model,
+        step_model=step_model,
+        opt=opt,
+        sched=sched,
+        ema=ema,
+        state=state,
+        config_dict=config_dict,
+        batches=batches,
+        x_val=x_val,
+        has_val=has_val,
+        x_img=x_img,
+        image_split="val" if has_val else "train",
+        logger=logger,
+        progress=progress,
+        last_val={},
+    )
+
+
+def _restore(
+    path: Path,
+    model: VAE,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    ema: EMA | None,
+    device: torch.device,
+) -> _State:
+    """Load ``last.pt`` into the freshly built run (model, optimiser, schedule, EMA and
+    the global RNG state); return the train state it was saved with."""
+    ckpt = load_checkpoint(path, map_location=device, required=("model", "optimizer", "step"))
+    load_model_state(model, ckpt["model"], "checkpoint")
+    opt.load_state_dict(ckpt["optimizer"])
+    _match_state_layout(opt)
+    sched.load_state_dict(ckpt["scheduler"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"], device)
+    state = _State(**ckpt["train_state"])
+    set_rng_state(ckpt["rng"])
+    return state
+
+
+def _record_new_run(
+    run_dir: Path, config_dict: dict, device: torch.device, splits: DataSplits, n_val: int
+) -> None:
+    """``config.json`` and ``environment.json`` of a fresh run (docs/design.md §6)."""
+    write_json_atomic(run_dir / "config.json", config_dict)
+    write_json_atomic(
+        run_dir / "environment.json",
+        {
+            "commit": _git_commit(),
+            "versions": _versions(),
+            "device": str(device),
+            "splits": {"train": len(splits.train), "val": n_val, "test": len(splits.test)},
+            "notes": list(splits.notes),
+        },
+    )
+
+
+def _wrap_for_speed(model: nn.Module, cfg: Config, ctx: _Dist, device: torch.device) -> nn.Module:
+    """The module the update step calls: ``model`` in DDP (several processes) and/or
+    ``torch.compile`` (``train.compile``); ``model`` itself otherwise.
+
+    The wrappers share ``model``'s parameters, so optimiser, EMA, checkpoints and
+    validation keep using the plain model. The other speed settings live where they act:
+    ``train.channels_last`` in :func:`_setup_run` (before the optimiser sees the
+    parameters), bf16 autocast (``train.amp``, CUDA only) in :func:`_update_step`.
+    """
     step_model: nn.Module = model
     if ctx.active:
         step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.local_rank] if device.type == "cuda" else None
         )
-    if t.compile:
+    if cfg.train.compile:
         step_model = torch.compile(step_model)
-    model.train()
-    t_start = time.perf_counter()
-    steps_done = 0
-    last_val: dict[str, float] = {}
-    stopped = "completed"
-    try:
-        while state.step < t.steps:
-            step = state.step
-            x = to_memory_format(batches.batch(step), t.channels_last)
-            if ctx.active:  # this rank's shard of the global batch
-                x = x[ctx.rank :: ctx.world]
-            beta = _beta(cfg, step)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-                terms = step_model(x, k=t.k)
-            if t.objective == "iwae":
-                objective = iwae(terms)
-            else:
-                objective = elbo(
-                    terms,
-                    beta=beta,
-                    free_bits=t.free_bits,
-                    num_dims=model.latent_dim,
-                    group_size=t.free_bits_group_size,
-                )
-            loss = -objective.mean()
-            opt.zero_grad(set_to_none=True)
-            skip_reason = None
-            # Backward runs even for a non-finite loss so that every rank takes part in
-            # the gradient all-reduce; the update is then skipped everywhere.
-            loss.backward()
-            max_norm = t.clip_norm if t.clip_norm is not None else math.inf
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-            if _any(not math.isfinite(loss.item()), ctx, device):
-                skip_reason = "non-finite loss"
-            elif not math.isfinite(grad_norm):
-                skip_reason = "non-finite gradient"
-            elif t.skip_grad_norm is not None and grad_norm > t.skip_grad_norm:
-                skip_reason = f"gradient norm {grad_norm:.3g} > {t.skip_grad_norm}"
-            if skip_reason is None:
-                opt.step()
-                if ema is not None:
-                    ema.update(model)
-                state.consecutive_skips = 0
-            else:
-                state.skipped += 1
-                state.consecutive_skips += 1
-            with warnings.catch_warnings():
-                # The schedule is indexed by step, skipped updates included; torch warns
-                # when the very first optimiser step was skipped, which is intended here.
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-                sched.step()
-            state.step = step + 1
-            steps_done += 1
+    return step_model
 
-            if skip_reason is not None and state.consecutive_skips >= t.max_consecutive_skips:
-                checkpoint("last.pt")
-                raise TrainingDiverged(
-                    f"{state.consecutive_skips} consecutive updates skipped at step {step} "
-                    f"(last: {skip_reason}). The parameters before the failures are saved in "
-                    f"{ckpt_dir / 'last.pt'}. Lower train.lr, set train.clip_norm, add "
-                    "train.kl_warmup_steps, or raise train.max_consecutive_skips."
-                )
-            if state.step % t.log_every == 0 or state.step == t.steps:
-                with torch.no_grad():
-                    scalars = {
-                        "train/loss_nats": loss.item(),
-                        "train/elbo_nats": elbo(terms).mean().item(),
-                        "train/kl_nats": terms.kl.mean().item(),
-                        "train/recon_nats": terms.log_px_z.mean().item(),
-                        "train/grad_norm": grad_norm,
-                        "train/lr": sched.get_last_lr()[0],
-                        "train/beta": beta,
-                        "train/skipped_steps": float(state.skipped),
-                    }
-                    if terms.flow_logdet is not None:
-                        scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
-                logger.log_scalars(scalars, state.step)
-                progress.update(state.step, loss.item())
-            validate_now = state.step % t.val_every == 0 or state.step == t.steps
-            if has_val and validate_now and ctx.rank == 0:
-                last_val = _validate(model, ema, x_val, cfg, logger, state, amp)
-                if last_val["val/iwae"] > state.best:
-                    state.best, state.best_step, state.bad_validations = (
-                        last_val["val/iwae"],
-                        state.step,
-                        0,
-                    )
-                    checkpoint("best.pt")
-                elif state.step > t.early_stopping_delay:
-                    state.bad_validations += 1
-            if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
-                _log_images(model, ema, x_img, logger, state.step, image_split)
-            if state.step % t.ckpt_every == 0 or state.step == t.steps:
-                checkpoint("last.pt")
-            stop_early = t.early_stopping is not None and state.bad_validations >= t.early_stopping
-            if t.early_stopping is not None and ctx.active:
-                stop_early = _any(stop_early, ctx, device)  # only rank 0 validates
-            if stop_early:
-                stopped = f"early stopping at step {state.step}"
-                checkpoint("last.pt")
-                break
-            if stop_after_step is not None and state.step >= stop_after_step:
-                stopped = f"stopped after step {state.step} (stop_after_step)"
-                break
-    finally:
-        progress.close()
 
-    elapsed = time.perf_counter() - t_start
+# ----------------------------------------------------------------------------- one update
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one update step did: its loss and terms (for logging), the gradient norm
+    before clipping, the KL weight, and why the update was skipped (``None``: applied)."""
+
+    loss: Tensor
+    terms: Terms
+    grad_norm: float
+    beta: float
+    skip_reason: str | None
+
+    @property
+    def skipped(self) -> bool:
+        return self.skip_reason is not None
+
+
+def _update_step(
+    model: VAE,
+    step_model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    ema: EMA | None,
+    x: Tensor,
+    t: TrainConfig,
+    *,
+    beta: float,
+    ctx: _Dist = _Dist(),
+    device: torch.device | None = None,
+    amp: bool = False,
+) -> StepResult:
+    """One robust optimiser update on batch ``x``: loss, backward, clip, skip, EMA.
+
+    The loss is the negated (beta-weighted, free-bits) ELBO or IWAE bound. A non-finite
+    loss (on any rank), a non-finite gradient norm or a norm above ``t.skip_grad_norm``
+    skips the update: parameters, optimiser state and EMA stay as they were. The
+    schedule steps either way (it is indexed by step, skipped updates included).
+    """
+    with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        terms = step_model(x, k=t.k)
+    if t.objective == "iwae":
+        objective = iwae(terms)
+    else:
+        objective = elbo(
+            terms,
+            beta=beta,
+            free_bits=t.free_bits,
+            num_dims=model.latent_dim,
+            group_size=t.free_bits_group_size,
+        )
+    loss = -objective.mean()
+    opt.zero_grad(set_to_none=True)
+    # Backward runs even for a non-finite loss so that every rank takes part in the
+    # gradient all-reduce; the update is then skipped everywhere.
+    loss.backward()
+    max_norm = t.clip_norm if t.clip_norm is not None else math.inf
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    skip_reason = None
+    if _any(not math.isfinite(loss.item()), ctx, device):
+        skip_reason = "non-finite loss"
+    elif not math.isfinite(grad_norm):
+        skip_reason = "non-finite gradient"
+    elif t.skip_grad_norm is not None and grad_norm > t.skip_grad_norm:
+        skip_reason = f"gradient norm {grad_norm:.3g} > {t.skip_grad_norm}"
+    if skip_reason is None:
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+    with warnings.catch_warnings():
+        # torch warns when the very first optimiser step was skipped; intended here.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        sched.step()
+    return StepResult(loss, terms, grad_norm, beta, skip_reason)
+
+
+# ----------------------------------------------------------------------------- periodic
+
+
+def _periodic(run: _Run, result: StepResult) -> str | None:
+    """What happens after an update at ``run.state.step``, each on its own period: log
+    the training scalars, validate (rank 0; keep ``best.pt``), draw image grids, write
+    ``last.pt``. Returns the early-stopping status when the run should stop, else
+    ``None`` (the decision agrees across ranks; only rank 0 validates)."""
+    t, state, ctx = run.cfg.train, run.state, run.ctx
+    if state.step % t.log_every == 0 or state.step == t.steps:
+        _log_step(run, result)
+    validate_now = state.step % t.val_every == 0 or state.step == t.steps
+    if run.has_val and validate_now and ctx.rank == 0:
+        run.last_val = _validate(run.model, run.ema, run.x_val, run.cfg, run.logger, state)
+        if run.last_val["val/iwae"] > state.best:
+            state.best, state.best_step, state.bad_validations = (
+                run.last_val["val/iwae"],
+                state.step,
+                0,
+            )
+            run.save("best.pt")
+        elif state.step > t.early_stopping_delay:
+            state.bad_validations += 1
+    if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
+        _log_images(run.model, run.ema, run.x_img, run.logger, state.step, run.image_split)
+    if state.step % t.ckpt_every == 0 or state.step == t.steps:
+        run.save("last.pt")
+    stop_early = t.early_stopping is not None and state.bad_validations >= t.early_stopping
+    if t.early_stopping is not None and ctx.active:
+        stop_early = _any(stop_early, ctx, run.device)  # only rank 0 validates
+    if stop_early:
+        run.save("last.pt")
+        return f"early stopping at step {state.step}"
+    return None
+
+
+def _log_step(run: _Run, result: StepResult) -> None:
+    """The training scalars of the step just taken, and the progress line."""
+    terms = result.terms
+    with torch.no_grad():
+        scalars = {
+            "train/loss_nats": result.loss.item(),
+            "train/elbo_nats": elbo(terms).mean().item(),
+            "train/kl_nats": terms.kl.mean().item(),
+            "train/recon_nats": terms.log_px_z.mean().item(),
+            "train/grad_norm": result.grad_norm,
+            "train/lr": run.sched.get_last_lr()[0],
+            "train/beta": result.beta,
+            "train/skipped_steps": float(run.state.skipped),
+        }
+        if terms.flow_logdet is not None:
+            scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
+    run.logger.log_scalars(scalars, run.state.step)
+    run.progress.update(run.state.step, result.loss.item())
+
+
+def _finish(run: _Run, stopped: str, elapsed: float, steps_done: int) -> dict[str, Any]:
+    """Summarise the session; at the end of training (completed or stopped early) add
+    the final image grids and the HParams row; write ``train_summary.json``."""
+    t, state, ctx = run.cfg.train, run.state, run.ctx
     summary: dict[str, Any] = {
         "status": stopped,
         "step": state.step,
         "skipped_steps": state.skipped,
         "validation": (
-            f"{len(x_val)} examples, best.pt = the best validation IWAE-{t.val_k} bound"
-            if has_val
+            f"{len(run.x_val)} examples, best.pt = the best validation IWAE-{t.val_k} bound"
+            if run.has_val
             else "none (data.val_size = 0): a fixed budget; no best.pt, evaluate last.pt"
         ),
-        "best_val_iwae_nats": state.best if has_val else None,
-        "best_step": state.best_step if has_val else None,
+        "best_val_iwae_nats": state.best if run.has_val else None,
+        "best_step": state.best_step if run.has_val else None,
         "train_seconds_this_session": elapsed,
         "steps_per_second": steps_done / elapsed if elapsed > 0 else None,
-        **{k: v for k, v in last_val.items()},
+        **run.last_val,
     }
     if (state.step >= t.steps or stopped.startswith("early")) and ctx.rank == 0:
-        _log_images(model, ema, x_img, logger, state.step, image_split)
+        _log_images(run.model, run.ema, run.x_img, run.logger, state.step, run.image_split)
         # The HParams columns name curves the run logs (and the test metrics `vaeflow
         # eval` adds); without a validation split its val/* columns stay empty.
-        logger.log_hparams(hparams_order(flatten_config(config_dict)), _hparams_metrics(cfg))
-    logger.close()
+        run.logger.log_hparams(
+            hparams_order(flatten_config(run.config_dict)), _hparams_metrics(run.cfg)
+        )
+    run.logger.close()
     if ctx.rank == 0:
-        write_json_atomic(run_dir / "train_summary.json", summary)
+        write_json_atomic(run.run_dir / "train_summary.json", summary)
     if ctx.active:
         dist.barrier()
     return summary
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _init_pseudo_inputs_from_data(model: VAE, x_train: Tensor, seed: int) -> None:
@@ -691,7 +884,7 @@ def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:
         warnings.warn(
             f"resumed {run_dir} with a changed config; the previous one is kept as "
             f"config.before_resume_step{step}.json",
-            stacklevel=3,
+            stacklevel=4,  # the caller of train()
         )
 
 
@@ -706,13 +899,12 @@ def _validate(
     cfg: Config,
     logger: RunLogger,
     state: _State,
-    amp: bool,
 ) -> dict[str, float]:
     # Forked RNG: validation draws must not shift the training trajectory, so a run's
     # result does not depend on how often it is validated (and resume stays exact).
     devices = [torch.cuda.current_device()] if x_val.is_cuda else []
     with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
-        v = validate_bounds(model, x_val, cfg.train.val_k, cfg.data.eval_batch_size, amp)
+        v = validate_bounds(model, x_val, cfg.train.val_k, cfg.data.eval_batch_size)
         latents = _latent_statistics(model, x_val[:1000], cfg.data.eval_batch_size)
     k = cfg.train.val_k
     metrics = {
@@ -749,7 +941,7 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
         means.append(m)
         noise.append(v)
     model.train()
-    # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.evaluate.active_units).
+    # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.run.evaluate.active_units).
     variance = torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
     active = (variance > 0.01).sum().item()
     return {

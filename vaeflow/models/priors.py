@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .flows.base import ShapeError, Transform
-from .flows.density import FlowDensity
-from .flows.registry import FLOWS, build_flow
+from ..flows.base import ShapeError, Transform
+from ..flows.density import FlowDensity
+from ..flows.registry import FLOWS, build_flow
 
 __all__ = [
     "Prior",

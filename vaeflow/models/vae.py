@@ -2,7 +2,7 @@
 
 One class for every combination of posterior and prior (no subclass per flow type, a
 pitfall of sylvester-flows): the model computes the three log-terms, the bounds in
-:mod:`vaeflow.bounds` turn them into objectives, and the loop only sees
+:mod:`vaeflow.models.bounds` turn them into objectives, and the loop only sees
 ``model(x, k) -> Terms``.
 """
 
@@ -19,19 +19,20 @@ from torch import Tensor, nn
 from .bounds import LogLikelihood, Terms, chunk_statistics, log_likelihood
 from .posteriors import PosteriorSample
 
-__all__ = ["VAE", "Posterior", "Prior", "Likelihood"]
+__all__ = ["VAE", "PosteriorLike", "PriorLike", "LikelihoodLike"]
 
 
-class Posterior(Protocol):
-    """What the VAE needs from a posterior (see :mod:`vaeflow.posteriors`)."""
+class PosteriorLike(Protocol):
+    """What the VAE needs from a posterior (see :mod:`vaeflow.models.posteriors`)."""
 
     latent_dim: int
 
     def sample(self, h: Tensor, k: int = 1) -> PosteriorSample: ...
 
 
-class Prior(Protocol):
-    """What the VAE needs from a prior (see :mod:`vaeflow.priors`)."""
+class PriorLike(Protocol):
+    """What the VAE needs from a prior: any :class:`vaeflow.models.priors.Prior` (the base class
+    of the registered priors) has it, and so may a module of one's own."""
 
     latent_dim: int
 
@@ -42,7 +43,7 @@ class Prior(Protocol):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor: ...
 
 
-class Likelihood(Protocol):
+class LikelihoodLike(Protocol):
     """``likelihood(params)`` returns a distribution whose ``log_prob`` sums the event."""
 
     def param_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]: ...
@@ -105,7 +106,7 @@ class VAE(nn.Module):
     ) -> tuple[Terms, PosteriorSample]:
         """Draw ``k`` posterior samples given encoder features and score them.
 
-        Returns the :class:`~vaeflow.bounds.Terms` (each ``(K, B)``) and the posterior
+        Returns the :class:`~vaeflow.models.bounds.Terms` (each ``(K, B)``) and the posterior
         sample (for logging latent statistics).
         """
         s = self.posterior.sample(h, k)
@@ -138,7 +139,7 @@ class VAE(nn.Module):
 
     def stats_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Tensor]:
         """Like :meth:`terms_sampler`, but each call returns the chunk already reduced by
-        :func:`~vaeflow.bounds.chunk_statistics` ``(6, B)``.
+        :func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)``.
 
         ``compile``: run each chunk through ``torch.compile`` — the sampling, the decoder,
         the likelihood and the reduction become one graph, so the host issues one call per
@@ -224,7 +225,7 @@ def _chunk_log_terms(model: VAE, x: Tensor, h: Tensor, n: int) -> tuple[Tensor, 
 
 
 def _chunk_statistics(model: VAE, x: Tensor, h: Tensor, n: int) -> Tensor:
-    """:func:`~vaeflow.bounds.chunk_statistics` ``(6, B)`` of ``n`` fresh samples."""
+    """:func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)`` of ``n`` fresh samples."""
     return chunk_statistics(*_chunk_log_terms(model, x, h, n))
 
 

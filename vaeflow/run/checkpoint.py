@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 __all__ = [
     "load_model_state",
@@ -169,7 +169,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     (atomic on POSIX and Windows within one file system). If anything fails — a full
     disk, a kill signal between the write and the rename, an unsaveable object — the old
     file at ``path`` is untouched and the temporary file is removed (a hard kill can leave
-    a ``.*.tmp`` file behind, never a half-written ``path``; :func:`vaeflow.train.train`
+    a ``.*.tmp`` file behind, never a half-written ``path``; :func:`vaeflow.run.train.train`
     removes such leftovers when a run starts or resumes, with
     :func:`vaeflow.atomic.remove_stale_temps`). Missing parent directories are created.
 
@@ -253,7 +253,7 @@ def load_checkpoint(
                 f"refusing to load checkpoint {path}: it holds pickled Python objects other "
                 "than tensors and plain containers, and loading those could execute "
                 "arbitrary code (torch.load with weights_only=True refuses them). Re-save it "
-                "with vaeflow.checkpoint.save_checkpoint (state_dicts and a plain config "
+                "with vaeflow.run.checkpoint.save_checkpoint (state_dicts and a plain config "
                 "dict); only if you trust the file, convert it once with "
                 f"torch's loader with weights_only=False. Loader message: {_unpickler_reason(e)}"
             ) from e
@@ -273,7 +273,7 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise CheckpointError(
             f"checkpoint {path} holds a {type(state)}, not a dict; it was not written by "
-            "vaeflow.checkpoint.save_checkpoint. Point --resume at a vaeflow checkpoint"
+            "vaeflow.run.checkpoint.save_checkpoint. Point --resume at a vaeflow checkpoint"
         )
     missing = [key for key in required if key not in state]
     if missing:
@@ -355,7 +355,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if missing:
         raise ValueError(
             f"RNG state lacks {missing} (it has {sorted(map(str, state))}); pass the dict "
-            "returned by vaeflow.checkpoint.rng_state()"
+            "returned by vaeflow.run.checkpoint.rng_state()"
         )
     try:
         py = state["python"]
@@ -375,7 +375,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise ValueError(
             f"malformed RNG state ({type(e).__name__}: {e}); pass the dict returned by "
-            "vaeflow.checkpoint.rng_state()"
+            "vaeflow.run.checkpoint.rng_state()"
         ) from e
     cuda_states = list(state.get("cuda", []))
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0

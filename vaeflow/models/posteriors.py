@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .flows.base import Transform
+from ..flows.base import Transform
 
 __all__ = ["PosteriorSample", "GaussianPosterior", "FlowPosterior"]
 

@@ -61,8 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import remove_stale_temps, write_text_atomic
-from .config import Config, ConfigError, load_config, read_toml, to_dict
+from ..atomic import remove_stale_temps, write_text_atomic
+from ..config import Config, ConfigError, load_config, read_toml, to_dict
 
 __all__ = [
     "Point",
@@ -363,7 +363,7 @@ def expand(sweep_path: str | Path, validate: bool = True) -> list[Point]:
 
 def _check_model(cfg: Config, where: str) -> None:
     """Build the point's model once (on CPU) so component errors also fail up front."""
-    from .build import build_model  # torch is imported only when a sweep is validated
+    from ..models.build import build_model  # torch is imported only when a sweep is validated
 
     try:
         build_model(cfg.model)

@@ -1,0 +1,340 @@
+"""Network building blocks shared by the flows and the models (the bottom layer).
+
+Flow conditioners (:class:`MLP`, :class:`MaskedLinear`, :class:`ResidualConvNet`), the
+activation table, :func:`zero_init`, and the gated and residual layers the encoders and
+decoders of :mod:`vaeflow.models.networks` are made of. Imports only torch: both
+:mod:`vaeflow.flows` and :mod:`vaeflow.models` import it (docs/design.md §2).
+
+Every conditioner network of a flow ends in a zero-initialised layer so that the flow
+starts as the identity (docs/design.md §3.5; normflows ``init_zeros``, vdvae
+``zero_last``). No BatchNorm anywhere: it would make per-example densities depend on the
+rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MLP",
+    "MaskedLinear",
+    "ResidualConvNet",
+    "zero_init",
+    "ACTIVATIONS",
+    "make_activation",
+    "flatten_leading",
+    "maybe_weight_norm",
+    "GatedLinear",
+    "GatedConv2d",
+    "GatedConvTranspose2d",
+    "ResidualBlock",
+]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+    # No non-linearity: the value half of a gated layer in the VampPrior code's GatedDense
+    # (the sigmoid gate is the only non-linearity); TOML has no None to say it.
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """Return a fresh activation module by name (one of :data:`ACTIVATIONS`)."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def zero_init(layer: nn.Module) -> nn.Module:
+    """Set a layer's weight and bias to zero in place and return it."""
+    for name in ("weight", "bias"):
+        p = getattr(layer, name, None)
+        if isinstance(p, nn.Parameter):
+            nn.init.zeros_(p)
+    return layer
+
+
+class MLP(nn.Module):
+    """Fully connected network ``(*, in) -> (*, out)``.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        hidden: width of each hidden layer.
+        num_hidden: number of hidden layers (0 gives a single linear map).
+        activation: name from :data:`ACTIVATIONS`.
+        zero_last: zero-initialise the output layer (identity-at-init for conditioners).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int = 64,
+        num_hidden: int = 2,
+        activation: str = "relu",
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(num_hidden):
+            layers += [nn.Linear(width, hidden), make_activation(activation)]
+            width = hidden
+        last = nn.Linear(width, out_features)
+        if zero_last:
+            zero_init(last)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MaskedLinear(nn.Linear):
+    """Linear layer whose weight is multiplied by a fixed 0/1 mask ``(out, in)``.
+
+    The building block of MADE (Germain et al. 2015, arXiv:1502.03509). The mask is a
+    buffer, so it moves with the module and is saved in its state_dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: Tensor, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        if tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} != (out, in) = ({out_features}, {in_features})"
+            )
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class ResidualConvNet(nn.Module):
+    """Shape-preserving conv net ``(N, C_in, H, W) -> (N, C_out, H, W)``.
+
+    A 3x3 input conv, ``num_blocks`` residual blocks, and a zero-initialisable 3x3
+    output conv: the conditioner of image coupling layers (Dinh et al. 2017 use a
+    ResNet here; no normalisation layers, see the module docstring).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int = 64,
+        num_blocks: int = 2,
+        activation: str = "relu",
+        zero_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.blocks = nn.Sequential(
+            *[ResidualBlock(hidden, activation) for _ in range(num_blocks)]
+        )
+        self.act = make_activation(activation)
+        self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        if zero_last:
+            zero_init(self.out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.act(self.blocks(self.inp(x))))
+
+
+def flatten_leading(x: Tensor, event_ndim: int) -> tuple[Tensor, torch.Size]:
+    """Merge all leading dims into one: ``(*lead, *event) -> (N, *event)``; also return lead.
+
+    Conv nets need exactly one batch dimension; flows accept any number.
+    """
+    lead = x.shape[: x.dim() - event_ndim]
+    return x.reshape(-1, *x.shape[x.dim() - event_ndim :]), lead
+
+
+# --------------------------------------------------------------------------------------
+# Gated and residual layers (the encoders' and decoders' parts)
+# --------------------------------------------------------------------------------------
+
+
+def _optional_activation(name: str | None) -> nn.Module:
+    return nn.Identity() if name is None else make_activation(name)
+
+
+def maybe_weight_norm(layer: nn.Module, enabled: bool, zero: bool = False) -> nn.Module:
+    """Optionally weight-normalise ``layer``; ``zero`` makes it output exactly 0 at init.
+
+    Under weight norm ``w = g v / |v|`` a zero ``v`` would give 0/0, so a zero layer keeps
+    a random direction ``v`` and gets a zero magnitude ``g`` instead.
+    """
+    if not enabled:
+        return zero_init(layer) if zero else layer
+    layer = nn.utils.parametrizations.weight_norm(layer)
+    if zero:
+        with torch.no_grad():
+            layer.parametrizations.weight.original0.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return layer
+
+
+class GatedLinear(nn.Module):
+    """Gated dense layer ``h = act(W_a x + b_a) * sigmoid(W_b x + b_b)``.
+
+    Both halves come from one ``nn.Linear`` of width ``2 * out_features`` (value first,
+    gate second), so the layer is a single matmul.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        activation: optional name from :data:`ACTIVATIONS` applied to the value half
+            (``None``: the gate is the only non-linearity, as in Dauphin et al.).
+
+    Shapes:
+        ``(*, in_features) -> (*, out_features)``.
+
+    References:
+        Dauphin et al. 2017, "Language modeling with gated convolutional networks",
+        arXiv:1612.08083; Tomczak & Welling 2018 (VampPrior), arXiv:1705.07120.
+    """
+
+    def __init__(self, in_features: int, out_features: int, activation: str | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 2 * out_features)
+        self.act = _optional_activation(activation)
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.linear(x).chunk(2, dim=-1)
+        return self.act(value) * torch.sigmoid(gate)
+
+
+class GatedConv2d(nn.Module):
+    """Gated convolution ``h = act(conv_a(x)) * sigmoid(conv_b(x))``.
+
+    ``conv_a`` and ``conv_b`` are the two halves (value first, gate second) of one
+    ``nn.Conv2d`` with ``2 * out_channels`` outputs.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: convolution kernel size (int or ``(kh, kw)``).
+        stride: convolution stride.
+        padding: zero padding.
+        activation: optional name from :data:`ACTIVATIONS` for the value half; ``None``
+            (the default) as in van den Berg et al. 2018's binary-data networks.
+
+    Shapes:
+        ``(N, in_channels, H, W) -> (N, out_channels, H', W')`` with the usual conv
+        arithmetic.
+
+    References:
+        Dauphin et al. 2017, arXiv:1612.08083 (gated linear units); van den Berg et al.
+        2018, "Sylvester normalizing flows for variational inference", arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+        activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size, stride, padding)
+        self.act = _optional_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.conv(x).chunk(2, dim=1)
+        return self.act(value) * torch.sigmoid(gate)
+
+
+class GatedConvTranspose2d(nn.Module):
+    """Gated transposed convolution ``h = act(deconv_a(x)) * sigmoid(deconv_b(x))``.
+
+    The upsampling counterpart of :class:`GatedConv2d` (one ``nn.ConvTranspose2d`` with
+    ``2 * out_channels`` outputs, value half first).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size (int or ``(kh, kw)``).
+        stride: stride (the upsampling factor).
+        padding: implicit padding removed from the output.
+        output_padding: extra size added to one side of the output (``stride - 1`` with
+            ``padding = kernel_size // 2`` gives exactly ``H' = stride * H``).
+        activation: optional name from :data:`ACTIVATIONS` for the value half.
+
+    Shapes:
+        ``(N, in_channels, H, W) -> (N, out_channels, H', W')``,
+        ``H' = (H - 1) * stride - 2 * padding + kernel_size + output_padding``.
+
+    References:
+        Dauphin et al. 2017, arXiv:1612.08083; van den Berg et al. 2018, arXiv:1803.05649.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+        output_padding: int | tuple[int, int] = 0,
+        activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(
+            in_channels, 2 * out_channels, kernel_size, stride, padding, output_padding
+        )
+        self.act = _optional_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.conv(x).chunk(2, dim=1)
+        return self.act(value) * torch.sigmoid(gate)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation residual block ``x + conv(act(conv(act(x))))``, identity at init.
+
+    The branch's last 3x3 conv is zero-initialised (its magnitude ``g`` under weight norm),
+    so a stack of blocks starts as the identity and the signal scale does not grow with
+    depth (as vdvae's ``zero_last``). Also the block of :class:`ResidualConvNet`.
+
+    Args:
+        channels: channels in and out.
+        activation: name from :data:`ACTIVATIONS`.
+        weight_norm: weight-normalise both convs (Salimans & Kingma 2016).
+
+    Shapes:
+        ``(N, channels, H, W) -> (N, channels, H, W)``.
+
+    References:
+        He et al. 2016, "Identity mappings in deep residual networks", arXiv:1603.05027;
+        Child 2021 (vdvae), arXiv:2011.10650; Salimans & Kingma 2016, arXiv:1602.07868.
+    """
+
+    def __init__(self, channels: int, activation: str = "silu", weight_norm: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(
+            make_activation(activation),
+            maybe_weight_norm(nn.Conv2d(channels, channels, 3, padding=1), weight_norm),
+            make_activation(activation),
+            maybe_weight_norm(nn.Conv2d(channels, channels, 3, padding=1), weight_norm, zero=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
