@@ -14,10 +14,8 @@ if [ -z "${VAEFLOW_DATA:-}" ] && [ -d ../shared/datasets ]; then
   export VAEFLOW_DATA="$(cd ../shared/datasets && pwd)"
 fi
 RUN_DIR="${RUN_DIR:-runs/quickstart}"
-if [ -e "$RUN_DIR/checkpoints/last.pt" ]; then
-  echo "$RUN_DIR already holds a run; continuing it (delete the folder to start afresh)"
-  RESUME=--resume
-fi
+# --resume auto: continue an interrupted run, start a new one otherwise (delete the folder
+# to start afresh).
 .venv/bin/vaeflow train experiments/quickstart/mnist_iaf_flowprior.toml \
-  --run-dir "$RUN_DIR" ${RESUME:-} "$@"
+  --run-dir "$RUN_DIR" --resume auto "$@"
 echo "samples: $RUN_DIR/samples/"
