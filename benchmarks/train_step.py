@@ -6,7 +6,8 @@
     python benchmarks/train_step.py --channels-last          # + NHWC rows (train.channels_last)
     python benchmarks/train_step.py --small --repeats 2      # smoke run (tiny models)
 
-A step is what :func:`vaeflow.run.train.train` does per iteration: draw the batch from
+A step is what :func:`vaeflow.run.train.train` does per iteration (its own
+``_update_step``, so the benchmark cannot drift from the loop): draw the batch from
 :class:`~vaeflow.data.TrainBatches` (index gather + dynamic binarisation on the device),
 ``model(x, k)``, the bound (ELBO with free bits, or IWAE), ``backward``, gradient-norm
 clipping, the two host reads the loop makes (``loss.item()`` and the gradient norm, for
@@ -36,8 +37,6 @@ peak; CPU: see ``_timing.peak_memory``). Never run as a test (a smoke run is).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,9 +51,8 @@ from _timing import machine_header, markdown_table, peak_memory, time_fn  # noqa
 
 from vaeflow.config import Config, load_config  # noqa: E402
 from vaeflow.data import TrainBatches, to_memory_format  # noqa: E402
-from vaeflow.models.bounds import elbo, iwae  # noqa: E402
 from vaeflow.models.build import build_model  # noqa: E402
-from vaeflow.run.train import EMA, _lr_lambda, _optimizer  # noqa: E402
+from vaeflow.run.train import EMA, _lr_lambda, _optimizer, _update_step  # noqa: E402
 
 MODELS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("experiments/quickstart/mnist_iaf_flowprior.toml", []),
@@ -132,36 +130,14 @@ def make_step(
         drop_last=True,
     )
     step_model = torch.compile(model) if compile_ else model
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    )
     counter = [0]
 
     def step() -> None:
+        # The training loop's own update (vaeflow.run.train._update_step): loss, backward,
+        # clipping, the skip checks with their host reads, optimiser, EMA, schedule.
         x = to_memory_format(batches.batch(counter[0]), channels_last)
         counter[0] += 1
-        with autocast():
-            terms = step_model(x, k=t.k)
-        if t.objective == "iwae":
-            objective = iwae(terms)
-        else:
-            objective = elbo(
-                terms,
-                beta=1.0,
-                free_bits=t.free_bits,
-                num_dims=model.latent_dim,
-                group_size=t.free_bits_group_size,
-            )
-        loss = -objective.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = t.clip_norm if t.clip_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        if math.isfinite(loss.item()) and math.isfinite(grad_norm):
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-        sched.step()
+        _update_step(model, step_model, opt, sched, ema, x, t, beta=1.0, amp=amp)
 
     params = sum(p.numel() for p in model.parameters())
     return step, cfg.data.batch_size, params
