@@ -227,9 +227,8 @@ class TrainConfig:
         amp: bf16 autocast on CUDA (ignored on CPU with a warning).
         compile: wrap the model in ``torch.compile``.
         channels_last: keep conv weights and image batches in NHWC memory layout (the
-            same maths; on the 2-core CPU a training step of the gated-conv VAE was
-            13-17 % and of the CIFAR-10 ResNet VAE 14-21 % faster, benchmarks/README.md).
-            Also used by ``vaeflow eval`` for the run.
+            same maths, faster convolutions on many CPUs and GPUs; measurements in
+            benchmarks/README.md). Also used by ``vaeflow eval`` for the run.
     """
 
     steps: int = 10000

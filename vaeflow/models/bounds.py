@@ -270,9 +270,9 @@ def log_likelihood_from_sampler(
     and of their squares, and the sums of the log-weights, KL and reconstruction terms),
     and the chunks' numbers are combined at the end with one max-shifted log-sum-exp, so
     nothing overflows. (The ``ceil(k / chunk) x 6 x B`` numbers kept are the only memory
-    that grows with ``k``: 24 KB per example at k = 50000, chunk = 100.) 19 small
-    operations per chunk, where rescaling running sums every chunk took 30 (small chunks
-    on a GPU are host-bound, see benchmarks/README.md).
+    that grows with ``k``: 24 KB per example at k = 50000, chunk = 100.) Few small
+    operations per chunk matter because small chunks on a GPU are bound by the host
+    (benchmarks/README.md has the measurements).
 
     The encoder is meant to run once; ``terms_fn(n)`` should reuse its features and draw
     ``n`` fresh posterior samples (see :meth:`vaeflow.models.vae.VAE.terms_sampler`).

@@ -238,8 +238,8 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return AdamNormGrad(groups, fused=fusable, **kw)
     if t.optimizer == "adam":
         # The fused kernel (CPU and CUDA): one pass over all parameters instead of ~10
-        # small ops per tensor; 2.05 -> 0.62 ms per step for the quickstart model on the
-        # 2-core CPU (benchmarks/README.md). Same update rule, different rounding. A
+        # small ops per tensor (the gain is measured in benchmarks/README.md). Same
+        # update rule, different rounding. A
         # resumed run keeps its checkpoint's implementation (load_state_dict restores the
         # param groups' fused/foreach flags), so it continues bit-exactly.
         return torch.optim.Adam(groups, fused=fusable, **kw)
