@@ -111,6 +111,37 @@ def test_train_step_benchmark_smoke() -> None:
     assert not any("failed" in r for r in rows), proc.stdout
 
 
+def test_epoch_benchmark_smoke() -> None:
+    """The cost table measures the experiments' own rows (expanded from their sweeps) and
+    projects each config's budget; a chosen subset runs on tiny widths."""
+    rows = ["burda2016_iwae/iwae_k5", "vandenberg2018_sylvester/o_snf", "flow_priors/gauss+vamp"]
+    proc = _run_script("epoch.py", "--small", "--repeats", "1", "--warmup", "1", "--rows", *rows)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    table = [
+        ln for ln in lines if ln.startswith("| ") and "/" in ln and "experiment/row" not in ln
+    ]
+    assert [ln.split(" | ")[0][2:] for ln in table] == rows, proc.stdout
+    assert not any("failed" in r for r in table), proc.stdout
+    # The projection's epoch count, on the real config: Burda's 9,774,400 steps of batch
+    # 20 on 59,600 images are the paper's 3280 epochs.
+    full = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path[:0] = ['benchmarks', '.']; "
+            "from epoch import train_examples; from vaeflow.config import load_config; "
+            "c = load_config('experiments/burda2016_iwae/config.toml'); "
+            "print(train_examples(c), c.train.steps * c.data.batch_size / train_examples(c))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert full.stdout.split() == ["59600", "3280.0"], full.stdout + full.stderr
+
+
 def test_nll_eval_benchmark_smoke() -> None:
     """The speed table (with FLOP counts and the matmul replay) and the memory table."""
     proc = _run_script("nll_eval.py", "--small", "--threads", "1")
