@@ -611,3 +611,17 @@ def test_cli_labels_references_and_redraw(
         with pytest.raises(SystemExit):
             parser.parse_args(["report", str(runs), "-o", str(out), "--reference", bad])
     assert "NAME: NLL" in capsys.readouterr().err
+
+
+def test_keys_added_after_a_run_started_count_as_their_default(tmp_path: Path) -> None:
+    """A sweep whose points ran on two vaeflow versions: the older config.json lacks a
+    key added since (here train.prior_lr_scale), which must not make it a varying key."""
+    old = _config("iaf", 1)
+    new = _config("iaf", 2)
+    new["train"]["prior_lr_scale"] = 1.0  # the default, written by the newer version
+    _write_run(tmp_path, "old", old, 85.0)
+    _write_run(tmp_path, "new", new, 86.0)
+    records = collect([tmp_path])
+    assert records[0]["config"]["train.prior_lr_scale"] == 1.0
+    (only,) = group(records)  # one group: the two runs differ only in their seed
+    assert only["n_seeds"] == 2

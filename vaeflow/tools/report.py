@@ -119,8 +119,19 @@ def _run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
+def _current_defaults() -> dict[str, Any]:
+    """Every config key at its current default, flattened (``{"train.eps": 1e-8, ...}``)."""
+    from ..config import Config, to_dict
+
+    return flatten_config(to_dict(Config()))
+
+
 def _load_record(run_dir: Path) -> dict[str, Any]:
-    config = flatten_config(_read_json(run_dir / "config.json"))
+    # config.json holds every key that existed when the run started; a key added to
+    # vaeflow later is missing there, and a run without it behaved as the key's default
+    # (new options start switched off). Filling it in keeps a sweep whose points ran on
+    # two versions from looking as if it varied every new key.
+    config = {**_current_defaults(), **flatten_config(_read_json(run_dir / "config.json"))}
     env_path = run_dir / "environment.json"
     env = _read_json(env_path) if env_path.is_file() else {}
     summary_path = run_dir / "summary.json"
