@@ -510,6 +510,7 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     # A reduced evaluation says which examples it scored, and the data it scored them on.
     assert summary["test_examples"] == "fixed random subset of 100 of 10000"
     assert (summary["dataset"], summary["binarization"]) == ("mnist", "dynamic")
+    assert (summary["batch_size"], summary["chunk"]) == (100, 10)  # chunk set; batch for the CPU
     assert cli_main(["sample", str(tmp_path / "cli"), "--n", "4", "--temperature", "0.5"]) == 0
     assert list((tmp_path / "cli/samples").glob("prior_best_step*_t0.5.png"))
     assert summary["compiled"] is False

@@ -278,8 +278,12 @@ class EvalConfig:
 
     Attributes:
         k: importance samples of the test log-likelihood (5000 as in Burda et al. 2016).
-        chunk: samples per pass (memory is flat in ``k``).
-        batch_size: test examples per pass.
+        chunk: samples per example per pass (memory is flat in ``k``); ``None``: chosen
+            for the device (``vaeflow.run.evaluate.eval_pass_shape``).
+        batch_size: test examples per pass; ``None``: chosen for the device. A pass
+            scores ``batch_size x chunk`` samples: about 1,000 was best on the 2-core CPU
+            and >= 100,000 on an H200 (benchmarks/README.md), which the automatic choice
+            targets; set both to override.
         n_test: evaluate on a fixed random subset of ``n_test`` test examples, the same
             for every run (``None``: all; see ``vaeflow.data.test_subset``).
         use_ema: evaluate the EMA weights when they exist.
@@ -294,8 +298,8 @@ class EvalConfig:
     """
 
     k: int = 5000
-    chunk: int = 500
-    batch_size: int = 20
+    chunk: int | None = None
+    batch_size: int | None = None
     n_test: int | None = None
     use_ema: bool = True
     checkpoint: Literal["auto", "best", "last"] = "auto"
@@ -389,8 +393,8 @@ def validate(cfg: Config) -> Config:
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "eval.k": cfg.eval.k,
-        "eval.chunk": cfg.eval.chunk,
-        "eval.batch_size": cfg.eval.batch_size,
+        "eval.chunk": 1 if cfg.eval.chunk is None else cfg.eval.chunk,
+        "eval.batch_size": 1 if cfg.eval.batch_size is None else cfg.eval.batch_size,
         "model.latent_dim": cfg.model.latent_dim,
     }
     for key, value in positive.items():

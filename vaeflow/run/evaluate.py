@@ -32,6 +32,7 @@ from .logger import log_test_scalars
 from .utils import resolve_device
 
 __all__ = [
+    "eval_pass_shape",
     "load_run",
     "resolve_checkpoint",
     "evaluate_model",
@@ -175,6 +176,29 @@ def evaluate_model(
     return out
 
 
+#: Importance samples scored per pass when eval.batch_size / eval.chunk are left to the
+#: device: the settings nearest the machine's matmul rate in benchmarks/nll_eval.py (about
+#: 1,000 on the 2-core CPU; >= 100,000 on an H200, where smaller passes are host-bound).
+SAMPLES_PER_PASS = {"cpu": 1_000, "cuda": 100_000}
+
+
+def eval_pass_shape(
+    k: int, device: torch.device, chunk: int | None = None, batch_size: int | None = None
+) -> tuple[int, int]:
+    """``(batch_size, chunk)`` of the k-sample estimator on ``device``.
+
+    Given values are kept; a missing one is chosen so that ``batch_size x chunk`` is near
+    :data:`SAMPLES_PER_PASS` for the device type: the chunk covers as many of an
+    example's ``k`` samples as fit, and the batch takes the rest.
+    """
+    target = SAMPLES_PER_PASS.get(device.type, SAMPLES_PER_PASS["cuda"])
+    if chunk is None:
+        chunk = max(1, min(k, target // (batch_size or 1)))
+    if batch_size is None:
+        batch_size = max(1, target // chunk)
+    return batch_size, chunk
+
+
 def evaluate_run(
     run_dir: str | Path,
     k: int | None = None,
@@ -198,13 +222,14 @@ def evaluate_run(
     # run's training, which may still be running, cleans checkpoints/ and samples/.
     remove_stale_temps(run_dir)
     e = cfg.eval
-    k, chunk = k or e.k, chunk or e.chunk
+    k = k or e.k
     n_test = n_test if n_test is not None else e.n_test
     if use_ema is None and not e.use_ema and ckpt.get("ema") is not None:
         model.load_state_dict(ckpt["model"])  # the run's config asks for the raw weights
     use_ema = e.use_ema if use_ema is None else use_ema
     compile = e.compile if compile is None else compile
     dev = next(model.parameters()).device
+    batch_size, chunk = eval_pass_shape(k, dev, chunk or e.chunk, e.batch_size)
     splits = load_splits(
         cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True
     )
@@ -221,7 +246,7 @@ def evaluate_run(
         x,
         k=k,
         chunk=chunk,
-        batch_size=e.batch_size,
+        batch_size=batch_size,
         bpd=splits.kind == "8bit",
         compile=compile,
     )
@@ -231,6 +256,8 @@ def evaluate_run(
         "checkpoint_step": ckpt.get("step"),
         "ema": bool(use_ema and ckpt.get("ema") is not None),
         "compiled": compile,
+        "batch_size": batch_size,
+        "chunk": chunk,
         "dataset": cfg.data.dataset,
         "binarization": cfg.data.binarization if splits.kind == "binary" else None,
         "test_examples": subset,
