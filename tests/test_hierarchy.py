@@ -19,6 +19,9 @@ Gaussian posteriors hold the exact posterior and every importance weight equals 
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +357,110 @@ def test_terms_check_the_shape_of_each_layer_kl():
     assert Terms(t, t, t, layer_kl=(t, t)).layer_kl == (t, t)
     with pytest.raises(ValueError, match=r"layer_kl\[1\]"):
         Terms(t, t, t, layer_kl=(t, torch.zeros(2, 3)))
+
+
+# ----------------------------------------------------------------------------- config
+
+TWO_LAYER = Path(__file__).resolve().parents[1] / "experiments/burda2016_iwae/two_layer.toml"
+
+
+def test_burda_two_layer_config_builds_the_papers_architecture():
+    from vaeflow.config import load_config
+    from vaeflow.models.build import build_model
+
+    model = build_model(load_config(TWO_LAYER).model)
+    assert isinstance(model, BottomUpVAE) and model.latent_dims == (100, 50)
+    linear = [m for m in model.encoders[0].modules() if isinstance(m, nn.Linear)]
+    # yburda/iwae experiments.py --layers 2: q 200-200 / 100-100, p 100-100 / 200-200
+    assert [(m.in_features, m.out_features) for m in linear] == [(784, 200), (200, 200)]
+    widths = [
+        [m.out_features for m in net.modules() if isinstance(m, nn.Linear)]
+        for net in (model.encoders[1], model.conditionals[0].net)
+    ]
+    assert widths == [[100, 100], [100, 100]]
+    linear = [m for m in model.decoder.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linear][:2] == [200, 200]
+    assert all(isinstance(m, nn.Tanh) for m in model.encoders[1] if not isinstance(m, nn.Linear))
+    assert (model.posteriors[1].head.in_features, model.conditionals[0].head.out_features) == (
+        100,
+        200,  # mean and log-std of z1's 100 units
+    )
+
+
+def test_layer_activation_applies_in_both_directions():
+    from vaeflow.config import load_config
+    from vaeflow.models.build import build_model
+
+    cfg = load_config(TWO_LAYER, ['model.upper_layers=[{latent_dim=5, activation="relu"}]'])
+    model = build_model(cfg.model)
+    for net in (model.encoders[1], model.conditionals[0].net):
+        acts = [m for m in net if not isinstance(m, nn.Linear)]
+        assert acts and all(isinstance(m, nn.ReLU) for m in acts), net
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.upper_layers=[{latent_dim=4, hiden=[8]}]", "model.upper_layers[0].hiden"),
+        ("model.upper_layers=[{latent_dim=0}]", "model.upper_layers[0].latent_dim"),
+        ('model.upper_layers=[{activation="nope"}]', "model.upper_layers[0].activation"),
+        ('model.prior.name="vamp"', "model.prior.name"),
+    ],
+)
+def test_hierarchy_config_errors_name_the_key(override, key):
+    from vaeflow.config import ConfigError, load_config
+    from vaeflow.models.build import build_model
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        build_model(load_config(TWO_LAYER, [override]).model)
+
+
+def test_free_bits_groups_divide_the_whole_latent_vector():
+    from vaeflow.config import ConfigError, load_config
+
+    # 100 + 50 = 150: a group of 30 divides it (not z1's 100), a group of 100 does not
+    load_config(TWO_LAYER, ["train.free_bits=0.1", "train.free_bits_group_size=30"])
+    with pytest.raises(ConfigError, match="150"):
+        load_config(TWO_LAYER, ["train.free_bits=0.1", "train.free_bits_group_size=100"])
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ['train.objective="iwae"', "train.k=3"],
+        # free bits in groups of 5 over the concatenated (6 + 4) latents: needs kl_dims
+        ['train.objective="elbo"', "train.free_bits=0.01", "train.free_bits_group_size=5"],
+    ],
+    ids=["iwae", "elbo_free_bits"],
+)
+def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
+    from vaeflow.config import load_config
+    from vaeflow.run.train import train
+
+    data = os.environ.get("VAEFLOW_DATA") or str(TWO_LAYER.parents[3] / "shared" / "datasets")
+    cfg = load_config(
+        TWO_LAYER,
+        [
+            f'data.root="{data}"',
+            "data.batch_size=16",
+            "data.eval_batch_size=200",
+            "model.latent_dim=6",
+            'model.encoder.options={hidden=[16], activation="tanh"}',
+            'model.decoder.options={hidden=[16], activation="tanh"}',
+            'model.upper_layers=[{latent_dim=4, hidden=[8], posterior={flow="iaf", '
+            "num_layers=1, hidden=8, context_features=4}}]",
+            "train.steps=3",
+            "train.lr_milestones=[2]",
+            "train.val_every=3",
+            "train.val_k=5",
+            "train.val_size=200",
+            "train.ckpt_every=3",
+            "train.image_every=3",
+            "train.log_every=1",
+            'train.device="cpu"',
+            *objective,
+        ],
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["step"] == 3 and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["val/iwae_k5_nats"]) and math.isfinite(summary["val/kl_nats"])
