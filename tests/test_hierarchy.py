@@ -418,18 +418,21 @@ def test_hierarchy_config_errors_name_the_key(override, key):
 def test_free_bits_groups_divide_the_whole_latent_vector():
     from vaeflow.config import ConfigError, load_config
 
-    # 100 + 50 = 150: a group of 30 divides it (not z1's 100), a group of 100 does not
-    load_config(TWO_LAYER, ["train.free_bits=0.1", "train.free_bits_group_size=30"])
-    with pytest.raises(ConfigError, match="150"):
-        load_config(TWO_LAYER, ["train.free_bits=0.1", "train.free_bits_group_size=100"])
+    # 100 + 50: groups of 10 stay inside the layers, 150 is one group of everything
+    for size in (10, 150):
+        load_config(TWO_LAYER, ["train.free_bits=0.1", f"train.free_bits_group_size={size}"])
+    # 100 does not divide 150; 30 does, but its fourth group would straddle z1 and z2
+    for size in (100, 30):
+        with pytest.raises(ConfigError, match=r"free_bits_group_size.*150.*\[100, 50\]"):
+            load_config(TWO_LAYER, ["train.free_bits=0.1", f"train.free_bits_group_size={size}"])
 
 
 @pytest.mark.parametrize(
     "objective",
     [
         ['train.objective="iwae"', "train.k=3"],
-        # free bits in groups of 5 over the concatenated (6 + 4) latents: needs kl_dims
-        ['train.objective="elbo"', "train.free_bits=0.01", "train.free_bits_group_size=5"],
+        # free bits in groups of 2 over the concatenated (6 + 4) latents: needs kl_dims
+        ['train.objective="elbo"', "train.free_bits=0.01", "train.free_bits_group_size=2"],
     ],
     ids=["iwae", "elbo_free_bits"],
 )
@@ -464,3 +467,10 @@ def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
     summary = train(cfg, tmp_path / "run")
     assert summary["step"] == 3 and summary["skipped_steps"] == 0
     assert math.isfinite(summary["val/iwae_k5_nats"]) and math.isfinite(summary["val/kl_nats"])
+    # the evaluation reloads the checkpoint through build_model and scores the test split
+    from vaeflow.run.evaluate import evaluate_run
+
+    result = evaluate_run(tmp_path / "run", k=20, chunk=7, n_test=30, data_root=data)
+    assert result["test/n_examples"] == 30 and result["test/latent_dim"] == 10  # 6 + 4
+    assert math.isfinite(result["test/nll_iw20_nats"])
+    assert result["test/elbo_nats"] <= -result["test/nll_iw20_nats"] + 1e-6

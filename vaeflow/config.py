@@ -231,7 +231,9 @@ class TrainConfig:
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
         free_bits_group_size: latent dimensions per free-bits group (consecutive; must
             divide the whole latent dimension: ``model.latent_dim`` plus the
-            ``model.upper_layers``' sizes); each group's floor is ``free_bits * size``. The
+            ``model.upper_layers``' sizes, and in a hierarchy either be that whole (one
+            group) or divide every layer's size, so no group straddles two layers); each
+            group's floor is ``free_bits * size``. The
             same rule for every posterior: groups smaller than the latent vector need a
             KL that splits over dimensions (a diagonal Gaussian or (gated) IAF posterior
             with N(0, I) or a learned Gaussian prior) — otherwise a config error at the
@@ -482,10 +484,10 @@ def validate(cfg: Config) -> Config:
         (
             "train.free_bits_group_size",
             t.free_bits_group_size,
-            t.free_bits_group_size >= 1
-            and cfg.model.total_latent_dim % t.free_bits_group_size == 0,
-            f">= 1 and divide the latent dimension {cfg.model.total_latent_dim} "
-            "(model.latent_dim plus model.upper_layers' latent_dim)",
+            _free_bits_groups_fit(cfg.model, t.free_bits_group_size),
+            f">= 1 and divide the latent dimension {cfg.model.total_latent_dim}, or with "
+            "model.upper_layers either equal it (one group) or divide every layer's size "
+            f"{_layer_sizes(cfg.model)} so that no group straddles two layers",
         ),
         (
             "train.early_stopping_delay",
@@ -635,6 +637,18 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def _layer_sizes(model: ModelConfig) -> list[int]:
+    return [model.latent_dim, *(layer.latent_dim for layer in model.upper_layers)]
+
+
+def _free_bits_groups_fit(model: ModelConfig, size: int) -> bool:
+    """Free-bits groups tile the latent vector (all layers' latents, bottom first) and,
+    in a hierarchy, stay inside one layer each (or are the one group of everything)."""
+    if size < 1 or model.total_latent_dim % size:
+        return False
+    return size == model.total_latent_dim or all(d % size == 0 for d in _layer_sizes(model))
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
