@@ -467,6 +467,14 @@ def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
     summary = train(cfg, tmp_path / "run")
     assert summary["step"] == 3 and summary["skipped_steps"] == 0
     assert math.isfinite(summary["val/iwae_k5_nats"]) and math.isfinite(summary["val/kl_nats"])
+    from vaeflow.run.logger import read_metrics
+
+    logged = [r for r in read_metrics(tmp_path / "run") if "train/kl_nats" in r]
+    assert len(logged) == 3
+    for r in logged:  # the per-layer KLs are logged and add up to the total
+        assert r["train/kl_layer1_nats"] + r["train/kl_layer2_nats"] == pytest.approx(
+            r["train/kl_nats"], abs=1e-4
+        )
     # the evaluation reloads the checkpoint through build_model and scores the test split
     from vaeflow.run.evaluate import evaluate_run
 
