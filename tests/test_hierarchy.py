@@ -482,3 +482,49 @@ def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
     assert result["test/n_examples"] == 30 and result["test/latent_dim"] == 10  # 6 + 4
     assert math.isfinite(result["test/nll_iw20_nats"])
     assert result["test/elbo_nats"] <= -result["test/nll_iw20_nats"] + 1e-6
+
+
+def test_three_layers_sum_every_layers_terms():
+    """L = 3: Terms equal the chain's densities written out by hand from the same draws
+    (p(z3) p(z2|z3) p(z1|z2) p(x|z1) and q(z1|x) q(z2|z1) q(z3|z2))."""
+    dims, h = (4, 3, 2), 6
+    ins = (N_X, *dims[:-1])
+    model = BottomUpVAE(
+        [deterministic_net(i, [h]) for i in ins],
+        [GaussianPosterior(h, d) for d in dims],
+        [ConditionalGaussian(deterministic_net(dims[i + 1], [h]), h, dims[i]) for i in range(2)],
+        StandardNormalPrior(dims[-1]),
+        nn.Linear(dims[0], N_X),
+        Gaussian(1, fixed_std=NOISE),
+        (N_X,),
+    )
+    x = torch.randn(5, N_X)
+    torch.manual_seed(7)
+    terms = model(x, k=4)
+    torch.manual_seed(7)
+    s = model.sample_posterior(model.encode(x), 4)
+    z1, z2, z3 = (t.z for t in s)
+    assert [z.shape for z in (z1, z2, z3)] == [(4, 5, 4), (4, 5, 3), (4, 5, 2)]
+    log_q = (
+        model.posteriors[0].log_prob(z1, model.encoders[0](x))
+        + _log_q_rows(model.posteriors[1], z2, model.encoders[1](z1))
+        + _log_q_rows(model.posteriors[2], z3, model.encoders[2](z2))
+    )
+    log_p = (
+        model.prior.log_prob(z3)
+        + model.conditionals[1].log_prob(z2, z3)
+        + model.conditionals[0].log_prob(z1, z2)
+    )
+    assert torch.allclose(terms.log_qz, log_q, atol=1e-5)
+    assert torch.allclose(terms.log_pz, log_p, atol=1e-5)
+    assert len(terms.layer_kl) == 3
+    assert torch.allclose(sum(terms.layer_kl), terms.kl, atol=1e-5)
+    assert terms.kl_dims.shape == (4, 5, 9)
+    assert model.sample(3).shape == (3, N_X)
+    assert torch.isfinite(model.log_likelihood(x, k=30, chunk=8).log_px).all()
+
+
+def _log_q_rows(posterior: GaussianPosterior, z: Tensor, h: Tensor) -> Tensor:
+    """log q(z | h) where each sample row has its own features: z (K, B, D), h (K, B, H)."""
+    mu, log_std = posterior.params(h)
+    return torch.distributions.Normal(mu, torch.exp(log_std)).log_prob(z).sum(-1)
