@@ -482,6 +482,9 @@ def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
     assert result["test/n_examples"] == 30 and result["test/latent_dim"] == 10  # 6 + 4
     assert math.isfinite(result["test/nll_iw20_nats"])
     assert result["test/elbo_nats"] <= -result["test/nll_iw20_nats"] + 1e-6
+    layers = [result[f"test/active_units_layer{i}"] for i in (1, 2)]
+    assert sum(layers) == result["test/active_units"] and layers[1] <= 4
+    assert all(math.isfinite(result[f"test/kl_layer{i}_nats"]) for i in (1, 2))
 
 
 def test_three_layers_sum_every_layers_terms():
@@ -546,3 +549,17 @@ def test_compiled_log_likelihood_equals_eager():
         compiled = model.log_likelihood(x, k=40, chunk=20, compile=True)
     for a, b in [(eager.log_px, compiled.log_px), (eager.elbo, compiled.elbo)]:
         assert torch.allclose(a, b, rtol=0, atol=1e-4), (a, b)
+
+
+def test_evaluation_counts_active_units_per_layer(float64):
+    """q(z2|z1) with zero weights has a constant mean: z2's 2 units are inactive, z1's 3
+    (a linear function of x) are active; the per-layer KLs are reported too."""
+    from vaeflow.run.evaluate import evaluate_model
+
+    model = _linear_gaussian_model(_params())
+    with torch.no_grad():
+        model.posteriors[1].head.weight.zero_()
+    out = evaluate_model(model, torch.randn(200, N_X) * 2, k=10, chunk=5, batch_size=50)
+    assert (out["test/active_units_layer1"], out["test/active_units_layer2"]) == (D1, 0)
+    assert out["test/active_units"] == D1 and out["test/latent_dim"] == D1 + D2
+    assert out["test/kl_layer1_nats"] > 0 and out["test/kl_layer2_nats"] > 0
