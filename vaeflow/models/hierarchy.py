@@ -115,7 +115,8 @@ def _sample_one_each(posterior: nn.Module, h: Tensor) -> PosteriorSample:
 
 
 class BottomUpVAE(ImportanceSampled, nn.Module):
-    """A VAE with ``L`` stochastic layers, inference and generation both bottom-up chains.
+    """A VAE with ``L`` stochastic layers in one chain (Burda et al.'s bottom-up hierarchy):
+    inference runs up ``x -> z_1 -> ... -> z_L``, generation down ``z_L -> ... -> z_1 -> x``.
 
     Args:
         encoders: ``L`` networks: ``encoders[0]`` maps ``x (B, *x_shape) -> h_1 (B, H_1)``,
