@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "build_flow": "vaeflow.flows",
     # models
     "VAE": "vaeflow.models.vae",
+    "BottomUpVAE": "vaeflow.models.hierarchy",
     "Terms": "vaeflow.models.bounds",
     "elbo": "vaeflow.models.bounds",
     "iwae": "vaeflow.models.bounds",

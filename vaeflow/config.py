@@ -24,6 +24,7 @@ __all__ = [
     "PosteriorConfig",
     "PriorConfig",
     "ModelConfig",
+    "StochasticLayerConfig",
     "DataConfig",
     "TrainConfig",
     "EvalConfig",
@@ -100,6 +101,27 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
+class StochasticLayerConfig:
+    """A stochastic layer above ``z_1`` of a bottom-up hierarchy (Burda et al. 2016,
+    arXiv:1509.00519, section 5; :class:`vaeflow.models.hierarchy.BottomUpVAE`).
+
+    Attributes:
+        latent_dim: size ``D_l`` of this layer's latent ``z_l``.
+        hidden: widths of the deterministic layers between ``z_{l-1}`` and ``z_l``: the
+            inference network of ``q(z_l | z_{l-1})`` uses them bottom-up, the generative
+            network of ``p(z_{l-1} | z_l)`` in reverse (Burda: ``[50, 50]`` both ways).
+        activation: of those deterministic layers.
+        posterior: ``q(z_l | z_{l-1})``: a diagonal Gaussian, optionally with a flow
+            conditioned on the inference network's features.
+    """
+
+    latent_dim: int = 50
+    hidden: tuple[int, ...] = (50, 50)
+    activation: str = "tanh"
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything :func:`vaeflow.models.build.build_model` needs.
 
@@ -110,8 +132,12 @@ class ModelConfig:
         decoder: decoder network.
         likelihood: a name from ``vaeflow.models.likelihoods.LIKELIHOODS``.
         likelihood_options: options of the likelihood.
-        posterior: q(z|x).
-        prior: p(z).
+        posterior: q(z|x) (with ``upper_layers``: ``q(z_1|x)``).
+        prior: p(z) (with ``upper_layers``: the top layer's ``p(z_L)``).
+        upper_layers: stochastic layers above ``z_1`` (``latent_dim``), bottom first
+            (``[[model.upper_layers]]`` tables): empty for the one-layer VAE, else a
+            bottom-up hierarchical VAE whose latent vector (for free bits and active units)
+            is all layers' latents concatenated.
     """
 
     x_shape: tuple[int, ...] = (1, 28, 28)
@@ -122,6 +148,12 @@ class ModelConfig:
     likelihood_options: dict[str, Any] = field(default_factory=dict)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    upper_layers: tuple[StochasticLayerConfig, ...] = ()
+
+    @property
+    def total_latent_dim(self) -> int:
+        """Size of the whole latent vector: ``latent_dim`` plus every upper layer's."""
+        return self.latent_dim + sum(layer.latent_dim for layer in self.upper_layers)
 
 
 @dataclass(frozen=True)
@@ -198,7 +230,10 @@ class TrainConfig:
             delayed prior: it starts learning once the posterior has settled).
         free_bits: free-bits floor in nats per latent dimension (Kingma et al. 2016).
         free_bits_group_size: latent dimensions per free-bits group (consecutive; must
-            divide ``model.latent_dim``); each group's floor is ``free_bits * size``. The
+            divide the whole latent dimension: ``model.latent_dim`` plus the
+            ``model.upper_layers``' sizes, and in a hierarchy either be that whole (one
+            group) or divide every layer's size, so no group straddles two layers); each
+            group's floor is ``free_bits * size``. The
             same rule for every posterior: groups smaller than the latent vector need a
             KL that splits over dimensions (a diagonal Gaussian or (gated) IAF posterior
             with N(0, I) or a learned Gaussian prior) — otherwise a config error at the
@@ -396,6 +431,10 @@ def validate(cfg: Config) -> Config:
         "eval.chunk": 1 if cfg.eval.chunk is None else cfg.eval.chunk,
         "eval.batch_size": 1 if cfg.eval.batch_size is None else cfg.eval.batch_size,
         "model.latent_dim": cfg.model.latent_dim,
+        **{
+            f"model.upper_layers[{i}].latent_dim": layer.latent_dim
+            for i, layer in enumerate(cfg.model.upper_layers)
+        },
     }
     for key, value in positive.items():
         if value < 1:
@@ -448,8 +487,10 @@ def validate(cfg: Config) -> Config:
         (
             "train.free_bits_group_size",
             t.free_bits_group_size,
-            t.free_bits_group_size >= 1 and cfg.model.latent_dim % t.free_bits_group_size == 0,
-            f">= 1 and divide model.latent_dim = {cfg.model.latent_dim}",
+            _free_bits_groups_fit(cfg.model, t.free_bits_group_size),
+            f">= 1 and divide the latent dimension {cfg.model.total_latent_dim}, or with "
+            "model.upper_layers either equal it (one group) or divide every layer's size "
+            f"{_layer_sizes(cfg.model)} so that no group straddles two layers",
         ),
         (
             "train.early_stopping_delay",
@@ -599,6 +640,18 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def _layer_sizes(model: ModelConfig) -> list[int]:
+    return [model.latent_dim, *(layer.latent_dim for layer in model.upper_layers)]
+
+
+def _free_bits_groups_fit(model: ModelConfig, size: int) -> bool:
+    """Free-bits groups tile the latent vector (all layers' latents, bottom first) and,
+    in a hierarchy, stay inside one layer each (or are the one group of everything)."""
+    if size < 1 or model.total_latent_dim % size:
+        return False
+    return size == model.total_latent_dim or all(d % size == 0 for d in _layer_sizes(model))
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

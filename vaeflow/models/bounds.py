@@ -54,7 +54,12 @@ class Terms:
             factorises (diagonal Gaussian, no flow), else ``None``. Together with
             ``log_pz_dims`` they allow per-dimension free bits and KL-per-dimension plots.
         flow_logdet: ``log|det dz/d eps|`` of the posterior flow ``(K, B)`` (zeros
-            without a flow), for logging how far the flow moves from its base.
+            without a flow), for logging how far the flow moves from its base; summed over
+            the stochastic layers of a hierarchical model.
+        layer_kl: for a hierarchical model (:mod:`vaeflow.models.hierarchy`), the
+            single-sample KL of each stochastic layer, bottom (``z_1``) first, each
+            ``(K, B)``: ``log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})`` (the top layer's
+            against the prior); they sum to :attr:`kl`. ``None`` for a one-layer VAE.
     """
 
     log_px_z: Tensor
@@ -63,6 +68,7 @@ class Terms:
     log_pz_dims: Tensor | None = None
     log_qz_dims: Tensor | None = None
     flow_logdet: Tensor | None = None
+    layer_kl: tuple[Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         shape = self.log_px_z.shape
@@ -73,6 +79,12 @@ class Terms:
                 raise ValueError(
                     f"Terms: {name} has shape {tuple(getattr(self, name).shape)}, "
                     f"expected {tuple(shape)} like log_px_z"
+                )
+        for i, t in enumerate(self.layer_kl or ()):
+            if t.shape != shape:
+                raise ValueError(
+                    f"Terms: layer_kl[{i}] has shape {tuple(t.shape)}, expected "
+                    f"{tuple(shape)} like log_px_z"
                 )
 
     @property

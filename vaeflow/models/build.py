@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, PosteriorConfig, PriorConfig
 from ..flows.registry import FLOWS, build_flow, flow_names
+from .hierarchy import BottomUpVAE, ConditionalGaussian, deterministic_net
 from .likelihoods import build_likelihood
 from .networks import build_decoder, build_encoder
 from .posteriors import FlowPosterior, GaussianPosterior
@@ -80,8 +81,9 @@ def build_prior_for(
     return build_prior(cfg.name, latent_dim, **kwargs)
 
 
-def build_model(cfg: ModelConfig) -> VAE:
-    """Assemble the VAE described by ``cfg`` (see :class:`~vaeflow.config.ModelConfig`)."""
+def build_model(cfg: ModelConfig) -> VAE | BottomUpVAE:
+    """Assemble the VAE described by ``cfg`` (see :class:`~vaeflow.config.ModelConfig`):
+    a :class:`~vaeflow.models.hierarchy.BottomUpVAE` when ``cfg.upper_layers`` is set."""
     options = {"event_ndim": len(cfg.x_shape), **cfg.likelihood_options}
     if cfg.likelihood_options.get("scale") == "per_channel":
         # A likelihood with one learned parameter per channel learns its count from the data.
@@ -91,5 +93,44 @@ def build_model(cfg: ModelConfig) -> VAE:
     encoder = build_encoder(cfg.encoder.name, tuple(cfg.x_shape), **cfg.encoder.options)
     decoder = build_decoder(cfg.decoder.name, cfg.latent_dim, param_shape, **cfg.decoder.options)
     posterior = build_posterior(cfg.posterior, encoder.out_features, cfg.latent_dim)
+    if cfg.upper_layers:
+        return _build_hierarchy(cfg, encoder, posterior, decoder, likelihood)
     prior = build_prior_for(cfg.prior, cfg.latent_dim, tuple(cfg.x_shape), encoder, posterior)
     return VAE(encoder, posterior, prior, decoder, likelihood, cfg.x_shape)
+
+
+def _build_hierarchy(
+    cfg: ModelConfig,
+    encoder: nn.Module,
+    posterior: nn.Module,
+    decoder: nn.Module,
+    likelihood: nn.Module,
+) -> BottomUpVAE:
+    """The bottom-up hierarchy of ``cfg.upper_layers`` above ``z_1`` (Burda et al. 2016):
+    per layer an inference network ``z_{l-1} -> h`` with ``layer.posterior`` on top, and a
+    generative network ``z_l -> h`` (the widths reversed) with a conditional Gaussian."""
+    if cfg.prior.name == "vamp":
+        raise ConfigError(
+            "model.prior.name = 'vamp' is not supported with model.upper_layers (its "
+            "pseudo-inputs are encoded into z_1, not into the top layer); choose another prior"
+        )
+    encoders, posteriors, conditionals = [encoder], [posterior], []
+    below = cfg.latent_dim
+    for i, layer in enumerate(cfg.upper_layers):
+        where = f"model.upper_layers[{i}]"
+        if layer.latent_dim < 1 or not layer.hidden or min(layer.hidden) < 1:
+            raise ConfigError(
+                f"{where}: latent_dim and every hidden width must be >= 1 (and hidden "
+                f"non-empty), got latent_dim={layer.latent_dim}, hidden={list(layer.hidden)}"
+            )
+        try:
+            up = deterministic_net(below, layer.hidden, layer.activation)
+            down = deterministic_net(layer.latent_dim, layer.hidden[::-1], layer.activation)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{where}.activation: {e}") from None
+        encoders.append(up)
+        posteriors.append(build_posterior(layer.posterior, up.out_features, layer.latent_dim))
+        conditionals.append(ConditionalGaussian(down, down.out_features, below))
+        below = layer.latent_dim
+    prior = build_prior_for(cfg.prior, below, tuple(cfg.x_shape), encoder, posterior)
+    return BottomUpVAE(encoders, posteriors, conditionals, prior, decoder, likelihood, cfg.x_shape)

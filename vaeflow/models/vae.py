@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .bounds import LogLikelihood, Terms, chunk_statistics, log_likelihood
 from .posteriors import PosteriorSample
 
-__all__ = ["VAE", "PosteriorLike", "PriorLike", "LikelihoodLike"]
+__all__ = ["VAE", "ImportanceSampled", "PosteriorLike", "PriorLike", "LikelihoodLike"]
 
 
 class PosteriorLike(Protocol):
@@ -51,7 +51,69 @@ class LikelihoodLike(Protocol):
     def __call__(self, params: Tensor) -> torch.distributions.Distribution: ...
 
 
-class VAE(nn.Module):
+class ImportanceSampled:
+    """The chunked ``k``-sample estimator for any model that encodes once and scores
+    fresh samples from the encoder's features (shared by :class:`VAE` and
+    :class:`vaeflow.models.hierarchy.BottomUpVAE`).
+
+    The model provides ``encode(x) -> h``, ``log_terms_from_features(x, h, n) ->
+    (log p(x|z), log p(z), log q(z|x))`` each ``(n, B)``, ``likelihood`` and ``x_shape``.
+    """
+
+    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]:
+        """Encode ``x`` once; return ``n -> Terms`` drawing ``n`` fresh samples per call.
+
+        Used by the chunked log-likelihood estimator: the encoder does not rerun for every
+        chunk of importance samples, and ``x`` is validated once here rather than in every
+        chunk (each check is a host-device sync that leaves a GPU idle between chunks).
+        The returned ``Terms`` carry ``log_px_z``, ``log_pz`` and ``log_qz`` only.
+        """
+        h = self.encode(x)
+        self._check_data(x)
+
+        def draw(n: int) -> Terms:
+            with _data_validation_off(self.likelihood):
+                return Terms(*self.log_terms_from_features(x, h, n))
+
+        return draw
+
+    def stats_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Tensor]:
+        """Like :meth:`terms_sampler`, but each call returns the chunk already reduced by
+        :func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)``.
+
+        ``compile``: run each chunk through ``torch.compile`` — the sampling, the decoder,
+        the likelihood and the reduction become one graph, so the host issues one call per
+        chunk (small chunks on a GPU are host-bound). One compilation per distinct
+        ``(B, n)``. Compiled code draws its noise from its own random stream, so estimates
+        differ from eager ones by Monte Carlo error only.
+        """
+        h = self.encode(x)
+        self._check_data(x)
+        chunk_fn = _compiled_chunk_statistics() if compile else _chunk_statistics
+
+        def draw(n: int) -> Tensor:
+            with _data_validation_off(self.likelihood):
+                return chunk_fn(self, x, h, n)
+
+        return draw
+
+    def _check_data(self, x: Tensor) -> None:
+        # A log-likelihood under all-zero parameters checks x's shape and values (binary,
+        # on the 8-bit grid, ...) at the cost of one elementwise pass.
+        params = x.new_zeros(x.shape[0], *self.likelihood.param_shape(self.x_shape))
+        self.likelihood(params).log_prob(x)
+
+    def log_likelihood(
+        self, x: Tensor, k: int = 5000, chunk: int = 500, compile: bool = False
+    ) -> LogLikelihood:
+        """Importance-sampled ``log p(x)`` (and ELBO) per example, ``(B,)`` tensors.
+
+        ``compile``: see :meth:`stats_sampler`.
+        """
+        return log_likelihood(self, x, k=k, chunk=chunk, compile=compile)
+
+
+class VAE(ImportanceSampled, nn.Module):
     """Variational autoencoder with a (flow) posterior and a (flow) prior.
 
     Args:
@@ -120,57 +182,14 @@ class VAE(nn.Module):
         """``x (B, *x_shape) -> Terms`` with ``(K, B)`` log-terms from ``k`` samples."""
         return self.terms_from_features(x, self.encode(x), k)[0]
 
-    def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]:
-        """Encode ``x`` once; return ``n -> Terms`` drawing ``n`` fresh samples per call.
-
-        Used by the chunked log-likelihood estimator: the encoder does not rerun for every
-        chunk of importance samples, and ``x`` is validated once here rather than in every
-        chunk (each check is a host-device sync that leaves a GPU idle between chunks).
-        The returned ``Terms`` carry ``log_px_z``, ``log_pz`` and ``log_qz`` only.
-        """
-        h = self.encode(x)
-        self._check_data(x)
-
-        def draw(n: int) -> Terms:
-            with _data_validation_off(self.likelihood):
-                return Terms(*_chunk_log_terms(self, x, h, n))
-
-        return draw
-
-    def stats_sampler(self, x: Tensor, compile: bool = False) -> Callable[[int], Tensor]:
-        """Like :meth:`terms_sampler`, but each call returns the chunk already reduced by
-        :func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)``.
-
-        ``compile``: run each chunk through ``torch.compile`` — the sampling, the decoder,
-        the likelihood and the reduction become one graph, so the host issues one call per
-        chunk (small chunks on a GPU are host-bound). One compilation per distinct
-        ``(B, n)``. Compiled code draws its noise from its own random stream, so estimates
-        differ from eager ones by Monte Carlo error only.
-        """
-        h = self.encode(x)
-        self._check_data(x)
-        chunk_fn = _compiled_chunk_statistics() if compile else _chunk_statistics
-
-        def draw(n: int) -> Tensor:
-            with _data_validation_off(self.likelihood):
-                return chunk_fn(self, x, h, n)
-
-        return draw
-
-    def _check_data(self, x: Tensor) -> None:
-        # A log-likelihood under all-zero parameters checks x's shape and values (binary,
-        # on the 8-bit grid, ...) at the cost of one elementwise pass.
-        params = x.new_zeros(x.shape[0], *self.likelihood.param_shape(self.x_shape))
-        self.likelihood(params).log_prob(x)
-
-    def log_likelihood(
-        self, x: Tensor, k: int = 5000, chunk: int = 500, compile: bool = False
-    ) -> LogLikelihood:
-        """Importance-sampled ``log p(x)`` (and ELBO) per example, ``(B,)`` tensors.
-
-        ``compile``: see :meth:`stats_sampler`.
-        """
-        return log_likelihood(self, x, k=k, chunk=chunk, compile=compile)
+    def log_terms_from_features(
+        self, x: Tensor, h: Tensor, n: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``log p(x|z)``, ``log p(z)``, ``log q(z|x)`` of ``n`` fresh samples, each
+        ``(n, B)``: the three terms the chunked estimator needs, nothing more."""
+        s = self.posterior.sample(h, n)
+        log_px_z = self.likelihood(self.decoder(s.z)).log_prob(x)
+        return log_px_z, self.prior.log_prob(s.z), s.log_q
 
     @torch.no_grad()
     def sample(self, n: int, mean: bool = True, temperature: float = 1.0) -> Tensor:
@@ -217,20 +236,13 @@ class VAE(nn.Module):
         return dist.mean if mean else dist.sample()
 
 
-def _chunk_log_terms(model: VAE, x: Tensor, h: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``log p(x|z)``, ``log p(z)``, ``log q(z|x)`` of ``n`` fresh samples, each ``(n, B)``."""
-    s = model.posterior.sample(h, n)
-    log_px_z = model.likelihood(model.decoder(s.z)).log_prob(x)
-    return log_px_z, model.prior.log_prob(s.z), s.log_q
-
-
-def _chunk_statistics(model: VAE, x: Tensor, h: Tensor, n: int) -> Tensor:
+def _chunk_statistics(model: ImportanceSampled, x: Tensor, h: Tensor, n: int) -> Tensor:
     """:func:`~vaeflow.models.bounds.chunk_statistics` ``(6, B)`` of ``n`` fresh samples."""
-    return chunk_statistics(*_chunk_log_terms(model, x, h, n))
+    return chunk_statistics(*model.log_terms_from_features(x, h, n))
 
 
 @functools.cache
-def _compiled_chunk_statistics() -> Callable[[VAE, Tensor, Tensor, int], Tensor]:
+def _compiled_chunk_statistics() -> Callable[[ImportanceSampled, Tensor, Tensor, int], Tensor]:
     # Built on first use: importing vaeflow must not import the compiler stack. Shapes are
     # static (each distinct (B, n) compiles once: typically the full and the last chunk).
     return torch.compile(_chunk_statistics, dynamic=False)

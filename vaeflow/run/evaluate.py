@@ -137,7 +137,7 @@ def evaluate_model(
     """
     model.eval()
     log_px, elbos, kls, recons, ess = [], [], [], [], []
-    kl_dims = []
+    kl_dims, layer_kls = [], []
     t0 = time.perf_counter()
     for xb in eval_batches(x, batch_size):
         ll = model.log_likelihood(xb, k=k, chunk=chunk, compile=compile)
@@ -149,6 +149,8 @@ def evaluate_model(
         terms = model(xb, k=8)
         if terms.kl_dims is not None:
             kl_dims.append(terms.kl_dims.double().mean(0))
+        if terms.layer_kl is not None:  # a hierarchy: (L, B) per-layer KL
+            layer_kls.append(torch.stack([t.double().mean(0) for t in terms.layer_kl]))
     seconds = time.perf_counter() - t0
     lp = torch.cat(log_px)
     n = lp.numel()
@@ -169,6 +171,15 @@ def evaluate_model(
     out["test/latent_dim"] = int(au.numel())
     if kl_dims:
         out["test/kl_per_dim_nats"] = torch.cat(kl_dims).mean(0).tolist()
+    # A hierarchical model (vaeflow.models.hierarchy): active units and KL per stochastic
+    # layer, bottom first (Burda et al. 2016 count active units per layer).
+    sizes = getattr(model, "latent_dims", None)
+    if sizes is not None and len(sizes) > 1:
+        for i, part in enumerate(au.split(list(sizes)), start=1):
+            out[f"test/active_units_layer{i}"] = int((part > ACTIVE_UNIT_THRESHOLD).sum().item())
+    if layer_kls:
+        for i, value in enumerate(torch.cat(layer_kls, 1).mean(1).tolist(), start=1):
+            out[f"test/kl_layer{i}_nats"] = value
     if bpd:
         d = math.prod(model.x_shape)
         out["test/bpd"] = nats_to_bits_per_dim(nll, d)

@@ -783,6 +783,9 @@ def _log_step(run: _Run, result: StepResult) -> None:
         }
         if terms.flow_logdet is not None:
             scalars["train/flow_logdet_nats"] = terms.flow_logdet.mean().item()
+        # A hierarchical model's KL per stochastic layer, bottom first (they sum to kl).
+        for i, layer_kl in enumerate(terms.layer_kl or (), start=1):
+            scalars[f"train/kl_layer{i}_nats"] = layer_kl.mean().item()
     run.logger.log_scalars(scalars, run.state.step)
     run.progress.update(run.state.step, result.loss.item())
 
