@@ -479,6 +479,14 @@ def test_resume_auto_before_and_after_the_first_checkpoint(tmp_path, capsys):
         assert load_checkpoint(tmp_path / "requeued/checkpoints/last.pt")["step"] == 10
         assert cli_main([*args, "--resume", "auto"]) == 0
         assert "continuing from checkpoints/last.pt" in capsys.readouterr().out
+        # The flag before the config path still means a plain resume (as it always did).
+        from vaeflow.cli import _resume_mode, build_parser
+
+        parsed = build_parser().parse_args(["train", "--resume", str(cfg_file)])
+        _resume_mode(parsed)
+        assert (parsed.config, parsed.resume) == (str(cfg_file), "yes")
+        assert cli_main(["train", "--resume", "sometimes", str(cfg_file)]) == 2
+        assert "no value other than 'auto'" in capsys.readouterr().err
     finally:
         train_mod.train = real
     a = load_checkpoint(tmp_path / "full/checkpoints/last.pt")

@@ -24,10 +24,31 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _resume_mode(args: argparse.Namespace) -> None:
+    """Normalise ``--resume [auto]``: ``None``, ``"yes"`` or ``"auto"``.
+
+    ``vaeflow train --resume CONFIG`` makes argparse take CONFIG as the value of
+    ``--resume``; when no positional config was given, that value is the config.
+    """
+    from .config import ConfigError
+
+    value = args.resume
+    if value in (None, "yes", "auto"):
+        pass
+    elif args.config is None:
+        args.config, args.resume = value, "yes"
+    else:
+        raise ConfigError(f"--resume takes no value other than 'auto' (got {value!r})")
+    if args.config is None:
+        raise ConfigError("a TOML config is required (see experiments/)")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run.evaluate import evaluate_run
     from .run.train import train
+
+    _resume_mode(args)
 
     overrides = list(args.set or [])
     if args.device:
@@ -118,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a TOML config")
-    t.add_argument("config", help="TOML config (see experiments/)")
+    # nargs="?" so that `--resume CONFIG` (the flag before the path) still parses: argparse
+    # hands the path to --resume, and _resume_mode gives it back (see there).
+    t.add_argument("config", nargs="?", help="TOML config (see experiments/)")
     t.add_argument(
         "--set",
         action="append",
@@ -129,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         nargs="?",
         const="yes",
-        choices=("yes", "auto"),
+        metavar="auto",
         help="continue from checkpoints/last.pt; '--resume auto' continues when it exists "
         "and starts the run otherwise (for jobs a cluster may requeue)",
     )

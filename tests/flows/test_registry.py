@@ -145,3 +145,19 @@ def test_per_dimension_logdets_sum_to_the_logdet(name, context_features):
         assert ld_dims.shape == x.shape
         torch.testing.assert_close(y2, y, rtol=0, atol=EXACT_TOL)
         torch.testing.assert_close(ld_dims.sum(-1), ld, rtol=0, atol=EXACT_TOL)
+
+
+def test_split_logdets_only_when_the_permutations_cancel():
+    """A per-position log-det is attributed to the position its feature ends at; a
+    posterior adds log q0(eps_j) at position j, which is right only if the flow's
+    permutations put every feature back (the registry's stacks do). A stack that leaves
+    features permuted must not offer the split."""
+    from vaeflow.flows.base import Composite, Permutation
+
+    iaf = build_flow("iaf", 3, num_layers=2, hidden=8)
+    assert iaf.splits_logdet
+    moved = Composite([iaf, Permutation(torch.tensor([2, 0, 1]))])
+    assert not moved.splits_logdet
+    perm = torch.tensor([2, 0, 1])
+    undone = Composite([iaf, Permutation(perm), Permutation(torch.argsort(perm))])
+    assert undone.splits_logdet

@@ -234,6 +234,20 @@ def _as_event_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _maps_compose_to_identity(transforms: Sequence[Transform]) -> bool:
+    """Whether the zero-log-det layers (permutations) of a vector flow leave every feature
+    where it started."""
+    shape = transforms[0].event_shape
+    if len(shape) != 1:
+        return False
+    x = torch.arange(shape[0], dtype=torch.float64).unsqueeze(0)
+    y = x
+    for t in transforms:
+        if t.zero_logdet:
+            y = t.apply_map(y)
+    return torch.equal(x, y)
+
+
 class Composite(Transform):
     """Apply transforms in sequence; forward runs them in order, inverse in reverse.
 
@@ -262,7 +276,13 @@ class Composite(Transform):
         self.transforms = nn.ModuleList(transforms)
         # Zero-log-det layers are index maps of the last dimension (permutations): the
         # per-position log-dets accumulated so far move with the features they belong to.
-        self.splits_logdet = all(t.splits_logdet or t.zero_logdet for t in transforms)
+        # The split is only offered when those maps compose to the identity, so that output
+        # position j is the feature that entered at position j: a posterior adds
+        # log q0(eps_j) to position j's log-dets, which is right only then (stacks built by
+        # the registry append the undoing permutation).
+        self.splits_logdet = all(
+            t.splits_logdet or t.zero_logdet for t in transforms
+        ) and _maps_compose_to_identity(transforms)
 
     # Each layer validates (and, if it needs to, expands) the context itself.
     broadcasts_context = True
