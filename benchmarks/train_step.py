@@ -52,7 +52,7 @@ from _timing import machine_header, markdown_table, peak_memory, time_fn  # noqa
 from vaeflow.config import Config, load_config  # noqa: E402
 from vaeflow.data import TrainBatches, to_memory_format  # noqa: E402
 from vaeflow.models.build import build_model  # noqa: E402
-from vaeflow.run.train import EMA, _lr_lambda, _optimizer, _update_step  # noqa: E402
+from vaeflow.run.train import EMA, _lr_lambdas, _optimizer, _update_step  # noqa: E402
 
 MODELS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("experiments/quickstart/mnist_iaf_flowprior.toml", []),
@@ -116,7 +116,7 @@ def make_step(
     model.train()
     t = cfg.train
     opt = _optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(cfg, model))
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     binary = cfg.model.likelihood == "bernoulli"
     n = max(4 * cfg.data.batch_size, 64)

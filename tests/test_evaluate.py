@@ -27,3 +27,10 @@ def test_given_values_are_kept() -> None:
     assert eval_pass_shape(5000, cpu, chunk=500, batch_size=20) == (20, 500)
     assert eval_pass_shape(5000, cpu, chunk=250) == (4, 250)
     assert eval_pass_shape(5000, cpu, batch_size=4) == (4, 250)
+
+
+def test_conv_decoders_and_other_devices_get_smaller_passes() -> None:
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert eval_pass_shape(5000, cuda, conv=True) == (1, 5000)
+    assert eval_pass_shape(5000, cpu, conv=True) == (1, 200)
+    assert eval_pass_shape(5000, mps) == eval_pass_shape(5000, cpu)

@@ -617,11 +617,21 @@ def test_keys_added_after_a_run_started_count_as_their_default(tmp_path: Path) -
     """A sweep whose points ran on two vaeflow versions: the older config.json lacks a
     key added since (here train.prior_lr_scale), which must not make it a varying key."""
     old = _config("iaf", 1)
+    old["train"]["free_bits"] = 0.25
     new = _config("iaf", 2)
+    new["train"]["free_bits"] = 0.25
     new["train"]["prior_lr_scale"] = 1.0  # the default, written by the newer version
     _write_run(tmp_path, "old", old, 85.0)
     _write_run(tmp_path, "new", new, 86.0)
     records = collect([tmp_path])
     assert records[0]["config"]["train.prior_lr_scale"] == 1.0
+    # ... except a key whose absence meant something else: free-bits groups of a run from
+    # before the key existed are unknown, not the default; and a table the run filled in
+    # (model.posterior.options.*) gets no empty-table default beside its entries.
+    assert records[0]["config"]["train.free_bits_group_size"] == "unknown"
+    assert records[1]["config"]["train.free_bits_group_size"] == "unknown"  # both lack it
     (only,) = group(records)  # one group: the two runs differ only in their seed
     assert only["n_seeds"] == 2
+    assert "model.posterior.options" not in records[0]["config"] or not any(
+        k.startswith("model.posterior.options.") for k in records[0]["config"]
+    )

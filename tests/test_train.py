@@ -339,6 +339,16 @@ def test_prior_learning_rate_and_delay(tmp_path):
     assert moved["plain"] == {"prior.": True, "encoder.": True, "decoder.": True}
     for name in ("frozen", "zero_lr"):
         assert moved[name] == {"prior.": False, "encoder.": True, "decoder.": True}, name
+    # A frozen prior builds no optimiser state (it starts as a fresh learner when it
+    # thaws); the prior's group is the second one.
+    opt = load_checkpoint(tmp_path / "frozen/checkpoints/last.pt")["optimizer"]
+    prior_ids = set(opt["param_groups"][1]["params"])
+    assert prior_ids and not prior_ids & set(opt["state"])
+    # Resuming with another prior split is a clear error, not torch's.
+    from vaeflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_lr_scale != 1 or train.prior_freeze_steps"):
+        train(_cfg("train.steps=8", "train.val_every=6"), tmp_path / "frozen", resume=True)
 
 
 def test_vamp_pseudo_inputs_from_training_data(tmp_path):
@@ -506,14 +516,23 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert "test/nll_iw20_nats" in out and "tensorboard --logdir" in out
     summary = json.loads((tmp_path / "cli/summary.json").read_text())
     assert summary["test/n_examples"] == 100 and math.isfinite(summary["test/nll_iw20_nats"])
-    # The test metrics reach the run's TensorBoard events (its HParams columns).
+    # A reduced evaluation (100 of 10,000 images) stays out of the run's TensorBoard HParams
+    # columns; a full one at the config's k fills them.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "cli"), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert acc.Scalars("test/nll_iw20_nats")[-1].value == pytest.approx(
-        summary["test/nll_iw20_nats"], rel=1e-6
+    def tb_scalars() -> EventAccumulator:
+        acc = EventAccumulator(str(tmp_path / "cli"), size_guidance={"scalars": 0})
+        acc.Reload()
+        return acc
+
+    assert "test/nll_iw20_nats" not in tb_scalars().Tags()["scalars"]
+    full = ["eval", str(tmp_path / "cli"), "--k", "20", "--chunk", "20"]
+    assert cli_main([*full, "--n-test", "10000"]) == 0
+    full_summary = json.loads((tmp_path / "cli/summary.json").read_text())
+    assert tb_scalars().Scalars("test/nll_iw20_nats")[-1].value == pytest.approx(
+        full_summary["test/nll_iw20_nats"], rel=1e-6
     )
+    capsys.readouterr()
     assert summary["checkpoint"] == "best"  # eval.checkpoint = "auto" with a validation split
     # A reduced evaluation says which examples it scored, and the data it scored them on.
     assert summary["test_examples"] == "fixed random subset of 100 of 10000"
@@ -628,7 +647,7 @@ def test_run_without_validation_split_trains_keeps_last_and_evaluates_it(tmp_pat
     ).experiment
     columns = [m.name.tag for m in experiment.metric_infos]
     assert "train/elbo_nats" in columns and not [c for c in columns if c.startswith("val/")]
-    assert "test/nll_iw20_nats" in acc.Tags()["scalars"]
+    assert "test/nll_iw20_nats" in columns
     capsys.readouterr()
     assert cli_main(["eval", str(run), "--checkpoint", "best", "--k", "2", "--n-test", "5"]) == 2
     err = capsys.readouterr().err

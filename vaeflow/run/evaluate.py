@@ -191,18 +191,28 @@ def evaluate_model(
 #: device: the settings nearest the machine's matmul rate in benchmarks/nll_eval.py (about
 #: 1,000 on the 2-core CPU; >= 100,000 on an H200, where smaller passes are host-bound).
 SAMPLES_PER_PASS = {"cpu": 1_000, "cuda": 100_000}
+#: The same for convolutional decoders, whose activations per sample are far larger: a
+#: 100,000-sample pass of a conv decoder does not fit a GPU (their best size is being
+#: measured; these are safe starting points).
+SAMPLES_PER_PASS_CONV = {"cpu": 200, "cuda": 5_000}
 
 
 def eval_pass_shape(
-    k: int, device: torch.device, chunk: int | None = None, batch_size: int | None = None
+    k: int,
+    device: torch.device,
+    chunk: int | None = None,
+    batch_size: int | None = None,
+    conv: bool = False,
 ) -> tuple[int, int]:
     """``(batch_size, chunk)`` of the k-sample estimator on ``device``.
 
     Given values are kept; a missing one is chosen so that ``batch_size x chunk`` is near
-    :data:`SAMPLES_PER_PASS` for the device type: the chunk covers as many of an
-    example's ``k`` samples as fit, and the batch takes the rest.
+    :data:`SAMPLES_PER_PASS` (``conv``: :data:`SAMPLES_PER_PASS_CONV`) for the device type
+    (device types other than CUDA get the CPU's): the chunk covers as many of an example's
+    ``k`` samples as fit, and the batch takes the rest.
     """
-    target = SAMPLES_PER_PASS.get(device.type, SAMPLES_PER_PASS["cuda"])
+    table = SAMPLES_PER_PASS_CONV if conv else SAMPLES_PER_PASS
+    target = table["cuda" if device.type == "cuda" else "cpu"]
     if chunk is None:
         chunk = max(1, min(k, target // (batch_size or 1)))
     if batch_size is None:
@@ -240,7 +250,8 @@ def evaluate_run(
     use_ema = e.use_ema if use_ema is None else use_ema
     compile = e.compile if compile is None else compile
     dev = next(model.parameters()).device
-    batch_size, chunk = eval_pass_shape(k, dev, chunk or e.chunk, e.batch_size)
+    conv = cfg.model.decoder.name != "mlp"
+    batch_size, chunk = eval_pass_shape(k, dev, chunk or e.chunk, e.batch_size, conv=conv)
     splits = load_splits(
         cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True
     )
@@ -276,12 +287,14 @@ def evaluate_run(
         **metrics,
     }
     write_json_atomic(run_dir / "summary.json", summary)
-    # The run's HParams row names these tags: its test columns fill in now.
-    log_test_scalars(
-        run_dir,
-        {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)},
-        int(ckpt.get("step") or 0),
-    )
+    # The run's HParams row names the tags of a full evaluation at the config's k: only
+    # such an evaluation fills them (a reduced one would share a tag and a step with it).
+    if indices is None and k == e.k:
+        log_test_scalars(
+            run_dir,
+            {n: v for n, v in metrics.items() if n.startswith("test/") and isinstance(v, float)},
+            int(ckpt.get("step") or 0),
+        )
     return summary
 
 

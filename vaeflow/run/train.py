@@ -33,6 +33,7 @@ import platform
 import subprocess
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -368,6 +369,9 @@ def train(
     t_start = time.perf_counter()
     steps_done = 0
     stopped = "completed"
+    # A delayed prior: its parameters take no gradient (so no optimiser state either)
+    # until train.prior_freeze_steps; it then starts as a fresh learner.
+    prior_params = _prior_parameters(run.model) if t.prior_freeze_steps else []
     try:
         while run.state.step < t.steps:
             step = run.state.step
@@ -386,6 +390,7 @@ def train(
                 ctx=run.ctx,
                 device=run.device,
                 amp=run.amp,
+                frozen=prior_params if step < t.prior_freeze_steps else (),
             )
             run.state.record_update(result.skipped)
             run.state.step = step + 1
@@ -608,6 +613,14 @@ def _restore(
     the global RNG state); return the train state it was saved with."""
     ckpt = load_checkpoint(path, map_location=device, required=("model", "optimizer", "step"))
     load_model_state(model, ckpt["model"], "checkpoint")
+    saved_groups = len(ckpt["optimizer"].get("param_groups", []))
+    if saved_groups != len(opt.param_groups):
+        raise ConfigError(
+            f"{path} was saved with {saved_groups} optimiser parameter group(s), this config "
+            f"builds {len(opt.param_groups)}: the prior gets a group of its own exactly when "
+            "train.prior_lr_scale != 1 or train.prior_freeze_steps > 0, and that cannot "
+            "change on resume; resume with the run's own values (config.json)"
+        )
     opt.load_state_dict(ckpt["optimizer"])
     _match_state_layout(opt)
     sched.load_state_dict(ckpt["scheduler"])
@@ -686,8 +699,13 @@ def _update_step(
     ctx: _Dist = _Dist(),
     device: torch.device | None = None,
     amp: bool = False,
+    frozen: Sequence[Tensor] = (),
 ) -> StepResult:
     """One robust optimiser update on batch ``x``: loss, backward, clip, skip, EMA.
+
+    ``frozen`` parameters have their gradients dropped before clipping, so the optimiser
+    neither moves them nor builds up moments for them (Adam skips parameters without a
+    gradient) — unlike a zero learning rate, whose moments would carry the frozen steps.
 
     The loss is the negated (beta-weighted, free-bits) ELBO or IWAE bound. A non-finite
     loss (on any rank), a non-finite gradient norm or a norm above ``t.skip_grad_norm``
@@ -711,6 +729,8 @@ def _update_step(
     # Backward runs even for a non-finite loss so that every rank takes part in the
     # gradient all-reduce; the update is then skipped everywhere.
     loss.backward()
+    for p in frozen:
+        p.grad = None
     max_norm = t.clip_norm if t.clip_norm is not None else math.inf
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
     skip_reason = None

@@ -119,11 +119,24 @@ def _run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
-def _current_defaults() -> dict[str, Any]:
-    """Every config key at its current default, flattened (``{"train.eps": 1e-8, ...}``)."""
+#: Keys whose behaviour before they existed is not their default: a run whose config.json
+#: lacks them is shown as "unknown" rather than as the default when it mattered. (Before
+#: free_bits_group_size, a flow posterior or a non-factorised prior had one group; without
+#: free bits the key does not matter.)
+_NO_DEFAULT_BEFORE = {"train.free_bits_group_size"}
+
+
+def _defaults_for(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The current default of every config key the run's (flattened) config lacks."""
     from ..config import Config, to_dict
 
-    return flatten_config(to_dict(Config()))
+    out = {}
+    for key, value in flatten_config(to_dict(Config())).items():
+        if key in run_config or any(k.startswith(key + ".") for k in run_config):
+            continue  # present, or a table the run gave entries of
+        unknown = key in _NO_DEFAULT_BEFORE and run_config.get("train.free_bits", 0) != 0
+        out[key] = "unknown" if unknown else value
+    return out
 
 
 def _load_record(run_dir: Path) -> dict[str, Any]:
@@ -131,7 +144,8 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
     # vaeflow later is missing there, and a run without it behaved as the key's default
     # (new options start switched off). Filling it in keeps a sweep whose points ran on
     # two versions from looking as if it varied every new key.
-    config = {**_current_defaults(), **flatten_config(_read_json(run_dir / "config.json"))}
+    config = flatten_config(_read_json(run_dir / "config.json"))
+    config = {**_defaults_for(config), **config}
     env_path = run_dir / "environment.json"
     env = _read_json(env_path) if env_path.is_file() else {}
     summary_path = run_dir / "summary.json"
@@ -877,8 +891,8 @@ def _curve_buckets(
 
 def _steps_per_epoch(record: Mapping[str, Any]) -> float | None:
     batch, n = record["config"].get("data.batch_size"), record.get("train_examples")
-    if _is_number(batch) and _is_number(n) and batch > 0 and n > 0:
-        return n / batch
+    if _is_number(batch) and _is_number(n) and batch > 0 and n >= batch:
+        return n // batch  # training drops the last partial batch of an epoch
     return None
 
 
