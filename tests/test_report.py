@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,25 @@ def _write_run(
         }
         (run / "summary.json").write_text(json.dumps(summary))
     return run
+
+
+@contextlib.contextmanager
+def _saved_figures() -> Iterator[list]:
+    """Collect every matplotlib Figure that is saved inside the block (in save order)."""
+    from matplotlib.figure import Figure
+
+    captured: list = []
+    original = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        captured.append(self)
+        return original(self, *args, **kwargs)
+
+    Figure.savefig = spy
+    try:
+        yield captured
+    finally:
+        Figure.savefig = original
 
 
 @pytest.fixture
@@ -235,20 +256,8 @@ def test_depth_curve_and_heatmap_for_a_two_key_grid(tmp_path: Path) -> None:
     written = write_report([root], tmp_path / "out")
     assert written["metric_vs_key"].name == "metric_vs_model.posterior.num_layers.png"
     assert written["heatmap"].read_bytes()[:4] == b"\x89PNG"
-    from matplotlib.figure import Figure
-
-    captured: list = []
-    original = Figure.savefig
-
-    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        captured.append(self)
-        return original(self, *args, **kwargs)
-
-    Figure.savefig = spy
-    try:
+    with _saved_figures() as captured:
         write_report([root], tmp_path / "out2")
-    finally:
-        Figure.savefig = original
     heat = captured[-1].axes[0]
     cells = {t.get_text() for t in heat.texts}
     assert cells == {f"{v:.2f}" for v in grid.values()}
@@ -290,22 +299,10 @@ def test_metrics_choose_the_columns_and_the_figures_metric(tmp_path: Path) -> No
         cfg = _config("planar", 1)
         cfg["model"]["posterior"]["num_layers"] = depth
         _write_run(root, f"planar_{depth}", cfg, nll, elbo)
-    from matplotlib.figure import Figure
-
-    captured: list = []
-    original = Figure.savefig
-
-    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        captured.append(self)
-        return original(self, *args, **kwargs)
-
-    Figure.savefig = spy
-    try:
+    with _saved_figures() as captured:
         written = write_report(
             [root], tmp_path / "out", metrics=["test/elbo_nats", r"test/nll_iw\d+_nats"]
         )
-    finally:
-        Figure.savefig = original
     header = written["markdown"].read_text().splitlines()[0]
     assert header.index("test ELBO (nats)") < header.index("test NLL (nats, k=5000)")
     assert "KL" not in header
@@ -335,20 +332,8 @@ def test_learning_curves_use_the_training_elbo_without_a_validation_split(tmp_pa
     run = _write_run(tmp_path / "runs", "noval", _config("iaf", 1), 90.0, curve=())
     lines = [{"step": s, "time": 0.1, "train/elbo_nats": -150.0 + s / 10} for s in (10, 20)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    from matplotlib.figure import Figure
-
-    captured: list = []
-    original = Figure.savefig
-
-    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        captured.append(self)
-        return original(self, *args, **kwargs)
-
-    Figure.savefig = spy
-    try:
+    with _saved_figures() as captured:
         written = write_report([run], tmp_path / "out")
-    finally:
-        Figure.savefig = original
     assert "learning_curves" in written
     assert captured[0].axes[0].get_ylabel().startswith("training (no validation split) ELBO")
 
