@@ -190,13 +190,6 @@ class BottomUpVAE(ImportanceSampled, nn.Module):
         """The first layer's posterior ``q(z_1 | x)`` (reads :meth:`encode`'s features)."""
         return self.posteriors[0]
 
-    def _check_x(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.x_shape:
-            raise ValueError(
-                f"BottomUpVAE expects data of shape (B, {', '.join(map(str, self.x_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
-
     def encode(self, x: Tensor) -> Tensor:
         """First-layer features ``h_1 (B, H_1)`` for data ``x (B, *x_shape)``."""
         self._check_x(x)

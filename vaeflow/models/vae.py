@@ -60,6 +60,14 @@ class ImportanceSampled:
     (log p(x|z), log p(z), log q(z|x))`` each ``(n, B)``, ``likelihood`` and ``x_shape``.
     """
 
+    def _check_x(self, x: Tensor) -> None:
+        """``x`` must be ``(B, *x_shape)``; the message names the model class."""
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects data of shape "
+                f"(B, {', '.join(map(str, self.x_shape))}), got {tuple(x.shape)}"
+            )
+
     def terms_sampler(self, x: Tensor) -> Callable[[int], Terms]:
         """Encode ``x`` once; return ``n -> Terms`` drawing ``n`` fresh samples per call.
 
@@ -150,13 +158,6 @@ class VAE(ImportanceSampled, nn.Module):
         self.likelihood = likelihood
         self.x_shape = tuple(int(s) for s in x_shape)
         self.latent_dim = posterior.latent_dim
-
-    def _check_x(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.x_shape:
-            raise ValueError(
-                f"VAE expects data of shape (B, {', '.join(map(str, self.x_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
 
     def encode(self, x: Tensor) -> Tensor:
         """Encoder features ``h (B, H)`` for data ``x (B, *x_shape)``."""
