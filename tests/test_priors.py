@@ -474,3 +474,133 @@ def test_every_registered_prior_integrates_to_one_and_matches_its_sampler(float6
         assert ((s.mean(0) - mean).abs() < tol).all(), (label, s.mean(0), mean)
         tol2 = 5 * (s**2).std(0) / math.sqrt(20000)
         assert (((s**2).mean(0) - second).abs() < tol2).all(), (label, (s**2).mean(0), second)
+
+
+# -- mixture log-density: the float64 matrix-product form and the VampPrior cache ----------
+
+
+def _brute_mixture(z: Tensor, loc: Tensor, log_scale: Tensor, log_w: Tensor) -> Tensor:
+    """Term by term with torch.distributions, in float64."""
+    comps = Independent(Normal(loc.double(), log_scale.double().exp()), 1)
+    per = torch.stack([comps.log_prob(r) for r in z.double().reshape(-1, z.shape[-1])])
+    return torch.logsumexp(per + log_w.double(), -1).reshape(z.shape[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixture_matmul_form_is_exact_far_from_narrow_components(dtype):
+    """The expanded square is cancellation-prone where z is far from a narrow component
+    (z^2 / sigma^2 ~ 1e7 here): computed in float64 it still matches the term-by-term
+    reference to float64 precision, and float32 inputs lose only float32 rounding."""
+    from vaeflow.models.priors import _mixture_log_prob
+
+    g = torch.Generator().manual_seed(0)
+    loc = 3 * torch.randn(9, 5, generator=g)
+    log_scale = torch.linspace(-6, 2, 45).reshape(9, 5)  # sigma from 2.5e-3 to 7.4
+    log_w = torch.log_softmax(torch.randn(9, generator=g), 0)
+    z = torch.cat([loc[:3] + 1e-3 * torch.randn(3, 5, generator=g), 8 * torch.randn(40, 5, generator=g)])
+    args = [t.to(dtype) for t in (z, loc, log_scale, log_w)]
+    got = _mixture_log_prob(*args)
+    assert got.dtype == dtype
+    ref = _brute_mixture(*args)
+    tol = 1e-9 if dtype == torch.float64 else 0
+    # float32: compare with the reference on the same float32-rounded inputs, relative
+    # to the magnitude of the result (log-densities reach -1e7 nats here).
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6 if tol == 0 else 1e-13, atol=tol)
+
+
+def test_mixture_matmul_form_gradients_match_broadcast(float64):
+    from vaeflow.models.priors import _mixture_blocks_broadcast, _mixture_log_prob
+
+    loc = torch.randn(6, 4, requires_grad=True)
+    log_scale = (0.5 * torch.randn(6, 4)).requires_grad_()
+    log_w = torch.log_softmax(torch.randn(6), 0).requires_grad_()
+    z = (2 * torch.randn(3, 7, 4)).requires_grad_()
+    a = _mixture_log_prob(z, loc, log_scale, log_w)
+    b = _mixture_blocks_broadcast(z.reshape(-1, 4), loc, log_scale, log_w).reshape(3, 7)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for ga, gb in zip(
+        torch.autograd.grad(a.sum(), (z, loc, log_scale, log_w)),
+        torch.autograd.grad(b.sum(), (z, loc, log_scale, log_w)),
+    ):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=1e-10)
+
+
+class CountingEncoder(TinyEncoder):
+    """TinyEncoder that counts its calls."""
+
+    calls = 0
+
+    def gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        type(self).calls += 1
+        return super().gaussian(x)
+
+    forward = gaussian
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_vamp_components_cached_in_eval_until_a_parameter_changes(float64, as_module):
+    """Evaluation encodes the pseudo-inputs once, not once per chunk; any change to a
+    parameter the components depend on (an optimiser step on the encoder or the
+    pseudo-inputs, load_state_dict) is seen at the next call."""
+    encoder = CountingEncoder()
+    prior = VampPrior(D, 4, X_SHAPE, encoder if as_module else encoder.gaussian)
+    holder = nn.ModuleDict({"encoder": encoder, "prior": prior})
+    z = torch.randn(5, D)
+
+    def fresh() -> Tensor:  # the uncached value
+        with torch.enable_grad():
+            return prior.log_prob(z).detach()
+
+    holder.eval()
+    with torch.no_grad():
+        CountingEncoder.calls = 0
+        first = prior.log_prob(z)
+        torch.testing.assert_close(prior.log_prob(z), first, rtol=0, atol=0)
+        assert CountingEncoder.calls == 1
+        for step in (encoder.net.bias, prior.pseudo_inputs_raw):
+            step.add_(0.25)  # what an optimiser step does, in place
+            torch.testing.assert_close(prior.log_prob(z), fresh(), rtol=0, atol=0)
+            assert not torch.allclose(prior.log_prob(z), first)
+            first = prior.log_prob(z)
+        state = {k: v + 0.1 for k, v in holder.state_dict().items()}
+        holder.load_state_dict(state)
+        torch.testing.assert_close(prior.log_prob(z), fresh(), rtol=0, atol=0)
+        # Training mode, or autograd on, never reads the cache.
+        holder.train()
+        CountingEncoder.calls = 0
+        prior.log_prob(z), prior.log_prob(z)
+        assert CountingEncoder.calls == 2
+    holder.eval()
+    CountingEncoder.calls = 0
+    prior.log_prob(z).sum().backward()
+    prior.log_prob(z)
+    assert CountingEncoder.calls == 2
+    assert encoder.net.weight.grad is not None
+
+
+def test_vamp_built_from_config_caches_through_the_builder(float64):
+    """The builder's encode (modules referenced, not owned) names what it reads, so a
+    built model's VampPrior caches in evaluation and sees the encoder's updates."""
+    from vaeflow.config import load_config
+    from vaeflow.models.build import build_model
+
+    cfg = load_config(
+        None,
+        [
+            "model.latent_dim=3",
+            'model.prior.name="vamp"',
+            "model.prior.num_components=5",
+            'model.encoder.options={hidden = [8]}',
+            'model.decoder.options={hidden = [8]}',
+        ],
+    )
+    model = build_model(cfg.model).double().eval()
+    z = torch.randn(4, 3)
+    with torch.no_grad():
+        before = model.prior.log_prob(z)
+        assert model.prior._cache_key() is not None
+        next(model.encoder.parameters()).add_(0.5)
+        after = model.prior.log_prob(z)
+    with torch.enable_grad():
+        torch.testing.assert_close(after, model.prior.log_prob(z).detach(), rtol=0, atol=0)
+    assert not torch.allclose(before, after)

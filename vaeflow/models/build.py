@@ -52,6 +52,10 @@ class _BaseEncode(nn.Module):
         encoder, base = self._refs
         return base.params(encoder(u))
 
+    def read_tensors(self) -> list[Tensor]:
+        """The parameters and buffers it reads (VampPrior keys its cache on them)."""
+        return [t for m in self._refs for t in (*m.parameters(), *m.buffers())]
+
 
 def build_prior_for(
     cfg: PriorConfig,
