@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# burda2016_iwae: 'bash experiments/burda2016_iwae/run.sh' runs the full-budget sweep (sweep.toml; meant for a
-# GPU machine, one process per GPU -- set JOBS/CUDA_VISIBLE_DEVICES to spread points) and
-# reports to results/burda2016_iwae_full/. 'bash experiments/burda2016_iwae/run.sh reduced' runs the
-# reduced CPU sweep (reduced.toml) behind results/burda2016_iwae/. See README.md.
+# burda2016_iwae: 'bash experiments/burda2016_iwae/run.sh' runs the full-budget sweep of the
+# one-layer rows (sweep.toml; meant for a GPU machine, one process per GPU -- set
+# JOBS/CUDA_VISIBLE_DEVICES to spread points) and reports to results/burda2016_iwae_full/.
+# 'run.sh reduced' runs the reduced CPU sweep (reduced.toml) behind results/burda2016_iwae/.
+# A second argument 'two_layer' does the same for the two-stochastic-layer rows
+# (sweep_two_layer.toml / reduced_two_layer.toml -> results/burda2016_iwae/two_layer[_full]/).
+# See README.md.
 set -euo pipefail
 here="$(dirname "$0")"
-exec bash "$here/../_run_sweep.sh" burda2016_iwae "${1:-full}" \
-  "experiments/burda2016_iwae/sweep.toml" "experiments/burda2016_iwae/reduced.toml"
+case "${2:-one_layer}" in
+  one_layer)
+    exec bash "$here/../_run_sweep.sh" burda2016_iwae "${1:-full}" \
+      "experiments/burda2016_iwae/sweep.toml" "experiments/burda2016_iwae/reduced.toml" ;;
+  two_layer)
+    exec bash "$here/../_run_sweep.sh" burda2016_iwae/two_layer "${1:-full}" \
+      "experiments/burda2016_iwae/sweep_two_layer.toml" \
+      "experiments/burda2016_iwae/reduced_two_layer.toml" ;;
+  *) echo "usage: run.sh [full|reduced] [one_layer|two_layer]  (got '$2')" >&2; exit 2 ;;
+esac
