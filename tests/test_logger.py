@@ -12,7 +12,17 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from vaeflow.run.logger import Progress, RunLogger, flatten_config, read_metrics
+from vaeflow.run.logger import (
+    Progress,
+    RunLogger,
+    flatten_config,
+    has_hparams_experiment,
+    log_test_scalars,
+    read_metrics,
+    write_hparams_experiment,
+)
+
+from .tensorboard_view import experiment_runs, hparams_table, tag_groups
 
 SCALARS = {
     1: {"train/loss_nats": 98.25, "train/lr": 1e-3},
@@ -252,3 +262,41 @@ def test_test_scalars_fill_the_hparams_columns_later(tmp_path: pathlib.Path) -> 
     flat = {"data.seed": 0, "run.name": "x", "train.lr": 1e-3, "model.prior.name": "vamp"}
     assert list(hparams_order(flat)) == ["model.prior.name", "train.lr", "data.seed", "run.name"]
     assert list(hparams_order(flat, first=["train.lr"]))[0] == "train.lr"
+
+
+def test_sweep_hparams_table_leads_with_the_varied_keys_then_the_test_nll(
+    tmp_path: pathlib.Path,
+) -> None:
+    """What `tensorboard --logdir <sweep>` shows, computed by TensorBoard's own HParams
+    backend: one experiment (the sweep's), the key the sweep varies first (not the
+    alphabetically first data.* keys), the test NLL as the first metric."""
+    sweep = tmp_path / "sweep"
+    points = {
+        f"layers={n}": {"data.batch_size": 100, "data.seed": 0, "model.flow": "iaf",
+                        "model.posterior.num_layers": n}
+        for n in (1, 2)
+    }  # fmt: skip
+    metrics = ["test/nll_iw5000_nats", "test/elbo_nats", "val/elbo_nats"]
+    write_hparams_experiment(sweep, list(points.values()), metrics)
+    for name, flat in points.items():
+        with RunLogger(sweep / name) as log:
+            log.log_scalars({"train/loss_nats": 90.0, "val/elbo_nats": -90.0}, 10)
+            log.log_hparams(flat, metrics, experiment=not has_hparams_experiment(sweep))
+        log_test_scalars(sweep / name, {"test/nll_iw5000_nats": 88.5, "test/elbo_nats": -91}, 10)
+
+    assert experiment_runs(sweep) == ["."]  # the points' runs carry none
+    hparams, columns = hparams_table(sweep)
+    assert hparams == ["model.posterior.num_layers", "data.batch_size", "data.seed", "model.flow"]
+    assert columns == metrics
+    # Rewriting the sweep's experiment (a sweep run again) replaces it.
+    write_hparams_experiment(sweep, list(points.values()), metrics[:1])
+    assert len(list(sweep.glob("events.out.tfevents.*"))) == 1
+    assert hparams_table(sweep)[1] == metrics[:1]
+    # A run on its own keeps its own experiment (nothing varies; metrics in order).
+    with RunLogger(tmp_path / "alone") as log:
+        log.log_hparams(points["layers=1"], metrics)
+    assert experiment_runs(tmp_path / "alone") == ["."]
+    assert hparams_table(tmp_path / "alone")[1] == metrics
+    # TensorBoard orders tag groups by name: the eval's test group sorts above the curves,
+    # which is why eval writes only the HParams-column metrics to it (docs/design.md §6).
+    assert tag_groups(sweep) == ["test", "train", "val"]

@@ -15,6 +15,8 @@ from vaeflow.cli import build_parser
 from vaeflow.config import ConfigError, load_config
 from vaeflow.tools import sweep as sw
 
+from .tensorboard_view import experiment_runs, hparams_table
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart" / "mnist_iaf_flowprior.toml"
 DATA_ROOT = os.environ.get("VAEFLOW_DATA") or str(REPO.parent / "shared" / "datasets")
@@ -378,7 +380,14 @@ def test_cli_commands_file(tmp_path: Path) -> None:
     assert args.func(args) == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 12 and all(shlex.split(line)[-2:] == ["--threads", "1"] for line in lines)
-    assert not (tmp_path / "runs").exists()
+    # Nothing runs, but the sweep directory gets its HParams experiment before the
+    # scheduler starts the points: the keys the sweep varies lead the table.
+    sweep_dir = tmp_path / "runs" / "iaf_depth"
+    assert [p.name.endswith(".hparams_experiment") for p in sweep_dir.iterdir()] == [True]
+    hparams, metrics = hparams_table(sweep_dir)
+    assert hparams[:3] == ["model.posterior.flow", "model.posterior.num_layers", "train.seed"]
+    assert not [h for h in hparams if h.startswith("run.")]  # the trial column names the run
+    assert metrics[:2] == ["test/nll_iw1000_nats", "test/elbo_nats"]
 
 
 def test_tiny_real_sweep_runs_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -403,6 +412,11 @@ set = {json.dumps(TINY)}
     for p in sw.expand(path):
         assert (p.run_dir / "summary.json").is_file()
         assert (p.run_dir / "train_summary.json").is_file()
+    # One HParams experiment, the sweep's: the points wrote only their rows (TensorBoard
+    # would take any one of several experiments), and the varied key leads the table.
+    sweep_dir = tmp_path / "runs" / "tiny"
+    assert experiment_runs(sweep_dir) == ["."]
+    assert hparams_table(sweep_dir)[0][0] == "model.posterior.flow"
 
     def no_call(*args: object, **kwargs: object) -> int:
         raise AssertionError("a finished point was started again")

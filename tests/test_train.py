@@ -532,6 +532,10 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert tb_scalars().Scalars("test/nll_iw20_nats")[-1].value == pytest.approx(
         full_summary["test/nll_iw20_nats"], rel=1e-6
     )
+    # Only the HParams columns: each test metric is a one-point chart in the SCALARS
+    # tab's first group (TensorBoard sorts groups by name); summary.json has the rest.
+    tb_test = {t for t in tb_scalars().Tags()["scalars"] if t.startswith("test/")}
+    assert tb_test == {"test/nll_iw20_nats", "test/elbo_nats"}
     capsys.readouterr()
     assert summary["checkpoint"] == "best"  # eval.checkpoint = "auto" with a validation split
     # A reduced evaluation says which examples it scored, and the data it scored them on.

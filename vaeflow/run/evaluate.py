@@ -32,6 +32,7 @@ from .logger import log_test_scalars
 from .utils import resolve_device
 
 __all__ = [
+    "hparams_metric_tags",
     "eval_pass_shape",
     "load_run",
     "resolve_checkpoint",
@@ -289,13 +290,29 @@ def evaluate_run(
     write_json_atomic(run_dir / "summary.json", summary)
     # The run's HParams row names the tags of a full evaluation at the config's k: only
     # such an evaluation fills them (a reduced one would share a tag and a step with it).
+    # Only those columns go to TensorBoard: each is a one-point chart in the SCALARS tab
+    # (above the curves, as TensorBoard sorts groups by name), and summary.json has all.
     if indices is None and k == e.k:
+        columns = set(hparams_metric_tags(cfg))
         log_test_scalars(
             run_dir,
-            {n: v for n, v in metrics.items() if n.startswith("test/") and isinstance(v, float)},
+            {n: v for n, v in metrics.items() if n in columns and isinstance(v, float)},
             int(ckpt.get("step") or 0),
         )
     return summary
+
+
+def hparams_metric_tags(cfg: Config) -> list[str]:
+    """The HParams table's metric columns in reading order: the test metrics `vaeflow
+    eval` adds (logger.log_test_scalars; the test NLL first), then tags of curves the run
+    logs (validation, or training without a validation split)."""
+    k = cfg.eval.k
+    tags = [f"test/nll_iw{k}_nats", "test/elbo_nats"]
+    if cfg.data.dataset == "cifar10":
+        tags.append("test/bpd")
+    if cfg.data.val_size == 0:  # no validation curves: the training ones
+        return [*tags, "train/elbo_nats", "train/kl_nats"]
+    return [*tags, "val/elbo_nats", f"val/iwae_k{cfg.train.val_k}_nats", "val/kl_nats"]
 
 
 @torch.no_grad()

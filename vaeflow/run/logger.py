@@ -43,10 +43,16 @@ __all__ = [
     "hparams_order",
     "log_test_scalars",
     "read_metrics",
+    "write_hparams_experiment",
+    "has_hparams_experiment",
     "METRICS_FILE",
+    "HPARAMS_EXPERIMENT_SUFFIX",
 ]
 
 METRICS_FILE = "metrics.jsonl"
+# The event file that holds a sweep's HParams experiment (write_hparams_experiment) ends
+# with this, so it can be found, replaced, and told apart from a run's own events.
+HPARAMS_EXPERIMENT_SUFFIX = ".hparams_experiment"
 _RESERVED = ("step", "time")
 HParam = int | float | str | bool
 
@@ -265,46 +271,50 @@ class RunLogger:
         hparams: Mapping[str, HParam],
         metrics: Mapping[str, float] | Sequence[str],
         step: int = 0,
+        experiment: bool = True,
     ) -> None:
         """Record the run's hyperparameters and its metric columns for the HParams tab.
 
         Unlike ``SummaryWriter.add_hparams``, which writes into a new timestamped sub-run
-        (so TensorBoard shows every run twice), this writes the HParams summaries
-        (``torch.utils.tensorboard.summary.hparams``) into this run's own event file, so
-        the HParams tab lists the run itself next to its curves. TensorBoard takes each
-        metric column's value from this run's scalar of that tag (its last value), so
-        the columns are best given as the tags of curves the run logs anyway
-        (``["val/elbo_nats", "test/nll_iw5000_nats"]``): no extra single-point charts
-        appear in the SCALARS tab, and a test metric written later by ``vaeflow eval``
-        (:func:`log_test_scalars`) fills its column then. Columns appear in the order of
-        ``hparams`` (put the keys an ablation varies first).
+        (so TensorBoard shows every run twice), this writes the HParams summaries into
+        this run's own event file, so the HParams tab lists the run itself next to its
+        curves. TensorBoard takes each metric column's value from this run's scalar of
+        that tag (its last value), so the columns are best given as the tags of curves
+        the run logs anyway (``["test/nll_iw5000_nats", "val/elbo_nats"]``): no extra
+        single-point charts appear in the SCALARS tab, and a test metric written later
+        by ``vaeflow eval`` (:func:`log_test_scalars`) fills its column then.
+
+        Two parts: the *session* (this run's values: its row) and the *experiment* (the
+        table's columns: which hyperparameters, which metrics in which order). TensorBoard
+        reads one experiment for a whole log directory, the first it finds, so a run
+        inside a sweep passes ``experiment=False`` and the sweep directory holds the one
+        experiment of all its points (:func:`write_hparams_experiment`).
 
         Args:
             hparams: flat ``{name: int | float | str | bool}``, e.g. from
-                :func:`flatten_config` (torch's summary records bools as 0/1 numbers).
-            metrics: the metric tags, or ``{tag: value}`` to log those values as scalars
-                at ``step`` too (for metrics no curve carries).
+                :func:`flatten_config` (bools are recorded as 0/1 numbers).
+            metrics: the metric tags in column order, or ``{tag: value}`` to log those
+                values as scalars at ``step`` too (for metrics no curve carries).
             step: the step of the summaries (and of logged values).
+            experiment: also write the experiment (columns) built from this run alone.
 
         Raises:
             TypeError: a hyperparameter is not an int, float, str or bool (name given).
         """
         if not self._check_open():
             return
-        for name, value in hparams.items():
-            if type(value) not in (int, float, str, bool):
-                raise TypeError(
-                    f"hyperparameter {name!r} is a {type(value)}; pass only int, float, str "
-                    "or bool values (vaeflow.run.logger.flatten_config converts a nested config)"
-                )
+        _check_hparams(hparams)
         tags = list(metrics)
         if self._writer is not None:
             from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-            experiment, start, end = hparams_summary(dict(hparams), dict.fromkeys(tags, 0.0))
+            _, start, end = hparams_summary(dict(hparams), dict.fromkeys(tags, 0.0))
+            summaries = [start, end]
+            if experiment:
+                summaries.insert(0, _experiment_summary([hparams], tags))
             # The writer's own FileWriter (what add_scalar uses), not add_hparams' sub-run.
             file_writer = self._writer._get_file_writer()
-            for summary in (experiment, start, end):
+            for summary in summaries:
                 file_writer.add_summary(summary, int(step))
         if isinstance(metrics, Mapping):
             self.log_scalars(metrics, step)
@@ -363,12 +373,129 @@ def hparams_order(flat: Mapping[str, HParam], first: Sequence[str] = ()) -> dict
     """The hyperparameters in a reader's order: ``first`` (e.g. the keys a sweep varies),
     then the model, objective and evaluation keys, then data and run bookkeeping.
 
-    The order is that of the HParams summary (and of ``metrics.jsonl``-free readers of it);
-    TensorBoard's HParams table (2.21) sorts its columns by name regardless, as seen in a
-    headless-browser screenshot of a real run."""
+    This is the order of the HParams summaries. TensorBoard's table (2.21) does not keep
+    it: its backend sorts the columns by (varies across the runs first, then name), which
+    is why a sweep marks the keys it varies (:func:`write_hparams_experiment`)."""
     rank = {"model": 1, "train": 2, "eval": 3, "data": 4, "run": 5}
     keys = sorted(flat, key=lambda k: (k not in first, rank.get(k.split(".")[0], 6)))
     return {k: flat[k] for k in keys}
+
+
+def _check_hparams(hparams: Mapping[str, Any]) -> None:
+    """Only the value types the HParams summary can hold (name the offending key)."""
+    for name, value in hparams.items():
+        if type(value) not in (int, float, str, bool):
+            raise TypeError(
+                f"hyperparameter {name!r} is a {type(value)}; pass only int, float, str "
+                "or bool values (vaeflow.run.logger.flatten_config converts a nested config)"
+            )
+
+
+def _experiment_summary(runs: Sequence[Mapping[str, HParam]], metrics: Sequence[str]) -> Any:
+    """The HParams ``Experiment`` summary (the table's columns) for these runs' values.
+
+    What TensorBoard 2.21 does with it (``plugins/hparams/backend_context.py`` and the
+    HParams dashboard's ``_computeHParams``): it takes the first experiment it finds in
+    the log directory as the whole table's columns; it sorts the hyperparameter columns
+    by ``differs`` (True first), then by name, and shows the first five (the rest behind
+    checkboxes); it keeps the metric columns in the order given here and shows the first
+    five. So ``differs`` is set on the keys whose value is not the same in every run,
+    and ``metrics`` should start with the column a reader compares first.
+    """
+    from google.protobuf import struct_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams.api_pb2 import (
+        DataType,
+        Experiment,
+        HParamInfo,
+        MetricInfo,
+        MetricName,
+    )
+    from tensorboard.plugins.hparams.metadata import (
+        EXPERIMENT_TAG,
+        PLUGIN_DATA_VERSION,
+        PLUGIN_NAME,
+    )
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    for hparams in runs:
+        _check_hparams(hparams)
+    infos = []
+    for name in dict.fromkeys(k for hparams in runs for k in hparams):  # first-seen order
+        values = [hparams[name] for hparams in runs if name in hparams]
+        # A key some runs lack differs too: the table shows it empty for those.
+        differs = len(set(values)) > 1 or len(values) < len(runs)
+        if any(isinstance(v, str) for v in values):
+            domain = struct_pb2.ListValue()
+            for v in dict.fromkeys(str(v) for v in values):
+                domain.values.add().string_value = v
+            infos.append(
+                HParamInfo(
+                    name=name,
+                    type=DataType.Value("DATA_TYPE_STRING"),
+                    domain_discrete=domain,
+                    differs=differs,
+                )
+            )
+        else:  # torch's session summary records bools as numbers too
+            infos.append(
+                HParamInfo(name=name, type=DataType.Value("DATA_TYPE_FLOAT64"), differs=differs)
+            )
+    experiment = Experiment(
+        hparam_infos=infos,
+        metric_infos=[MetricInfo(name=MetricName(tag=tag)) for tag in metrics],
+    )
+    content = HParamsPluginData(experiment=experiment, version=PLUGIN_DATA_VERSION)
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name=PLUGIN_NAME, content=content.SerializeToString()
+        )
+    )
+    return Summary(value=[Summary.Value(tag=EXPERIMENT_TAG, metadata=metadata)])
+
+
+def write_hparams_experiment(
+    directory: str | os.PathLike[str],
+    runs: Sequence[Mapping[str, HParam]],
+    metrics: Sequence[str],
+) -> Path:
+    """Write the HParams experiment (the table's columns) of a sweep into its directory.
+
+    TensorBoard uses one experiment per log directory and, when several runs carry one,
+    the first it happens to find; so the sweep directory holds the only one, built from
+    every point's hyperparameters (the keys the sweep varies are marked as differing,
+    which puts them first in the table), and the points write just their own rows
+    (``RunLogger.log_hparams(..., experiment=False)``, chosen by :func:`train` when
+    :func:`has_hparams_experiment` finds this file in the run's parent directory).
+    A previous sweep experiment in ``directory`` is replaced.
+
+    Args:
+        directory: the sweep directory (created if missing).
+        runs: each point's flat hyperparameters (e.g. :func:`flatten_config`).
+        metrics: the metric column tags in order (test NLL first).
+
+    Returns:
+        The event file written (its name ends with :data:`HPARAMS_EXPERIMENT_SUFFIX`).
+    """
+    from torch.utils.tensorboard.writer import FileWriter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = _experiment_summary(runs, metrics)  # checks the values before deleting
+    for old in directory.glob(f"events.out.tfevents.*{HPARAMS_EXPERIMENT_SUFFIX}"):
+        old.unlink()
+    writer = FileWriter(str(directory), filename_suffix=HPARAMS_EXPERIMENT_SUFFIX)
+    try:
+        writer.add_summary(summary, 0)
+    finally:
+        writer.close()
+    (path,) = directory.glob(f"events.out.tfevents.*{HPARAMS_EXPERIMENT_SUFFIX}")
+    return path
+
+
+def has_hparams_experiment(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a sweep's experiment (:func:`write_hparams_experiment`)."""
+    return any(Path(directory).glob(f"events.out.tfevents.*{HPARAMS_EXPERIMENT_SUFFIX}"))
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, HParam]:

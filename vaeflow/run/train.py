@@ -63,11 +63,24 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .logger import Progress, RunLogger, flatten_config, hparams_order
+from .evaluate import hparams_metric_tags
+from .logger import (
+    Progress,
+    RunLogger,
+    flatten_config,
+    has_hparams_experiment,
+    hparams_order,
+)
 from .optim import AdamNormGrad
 from .utils import resolve_device
 
-__all__ = ["train", "TrainingDiverged", "EMA", "StepResult", "validate_bounds"]
+__all__ = [
+    "train",
+    "TrainingDiverged",
+    "EMA",
+    "StepResult",
+    "validate_bounds",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -832,9 +845,12 @@ def _finish(run: _Run, stopped: str, elapsed: float, steps_done: int) -> dict[st
     if (state.step >= t.steps or stopped.startswith("early")) and ctx.rank == 0:
         _log_images(run.model, run.ema, run.x_img, run.logger, state.step, run.image_split)
         # The HParams columns name curves the run logs (and the test metrics `vaeflow
-        # eval` adds); without a validation split its val/* columns stay empty.
+        # eval` adds). A point of a sweep writes only its row: TensorBoard reads one
+        # experiment (the columns) per log directory, and the sweep directory has it.
         run.logger.log_hparams(
-            hparams_order(flatten_config(run.config_dict)), _hparams_metrics(run.cfg)
+            hparams_order(flatten_config(run.config_dict)),
+            hparams_metric_tags(run.cfg),
+            experiment=not has_hparams_experiment(run.run_dir.parent),
         )
     run.logger.close()
     if ctx.rank == 0:
@@ -878,18 +894,6 @@ def _check_free_bits(cfg: Config, model: VAE) -> None:
             f"train.free_bits_group_size = {model.latent_dim} (one group: the total KL) "
             "or train.free_bits = 0"
         )
-
-
-def _hparams_metrics(cfg: Config) -> list[str]:
-    """The HParams table's metric columns: tags of curves the run logs (validation) and
-    of the test metrics `vaeflow eval` adds later (logger.log_test_scalars)."""
-    k = cfg.eval.k
-    tags = [f"test/nll_iw{k}_nats", "test/elbo_nats"]
-    if cfg.data.dataset == "cifar10":
-        tags.append("test/bpd")
-    if cfg.data.val_size == 0:  # no validation curves: the training ones
-        return [*tags, "train/elbo_nats", "train/kl_nats"]
-    return [*tags, "val/elbo_nats", f"val/iwae_k{cfg.train.val_k}_nats", "val/kl_nats"]
 
 
 def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:

@@ -73,6 +73,7 @@ __all__ = [
     "needs_resume",
     "commands",
     "write_commands",
+    "write_sweep_hparams",
     "run_sweep",
     "add_sweep_parser",
 ]
@@ -424,6 +425,36 @@ def write_commands(
     return path
 
 
+def write_sweep_hparams(points: Sequence[Point], directory: str | Path) -> Path:
+    """Write the sweep's TensorBoard HParams experiment (the table's columns) into its
+    directory, so ``tensorboard --logdir <sweep directory>`` shows one table whose first
+    columns are the keys the sweep varies and whose metrics start with the test NLL.
+
+    The columns come from every point's full config (its flattened keys; a key is marked
+    as varying when its value is not the same in all points) and the union of the
+    points' metric tags in order (``vaeflow.run.evaluate.hparams_metric_tags``). The
+    points' runs see this file in their parent directory and write only their own rows
+    (TensorBoard reads a single experiment per log directory). Written before any point
+    runs, so the table fills in as points finish; rewritten on every call.
+    """
+    # The run layer (and torch, tensorboard) only when a sweep is written for real.
+    from ..run.evaluate import hparams_metric_tags
+    from ..run.logger import flatten_config, hparams_order, write_hparams_experiment
+
+    configs = [load_config(p.base, p.overrides) for p in points]
+    # Not run.name and run.root: the table's first column (the trial) is the run already,
+    # and a run name that differs in every point would take a leading column.
+    flats = [
+        {k: v for k, v in flatten_config(to_dict(cfg)).items() if not k.startswith("run.")}
+        for cfg in configs
+    ]
+    varied = [k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1]
+    metrics = list(dict.fromkeys(tag for cfg in configs for tag in hparams_metric_tags(cfg)))
+    return write_hparams_experiment(
+        directory, [hparams_order(f, first=varied) for f in flats], metrics
+    )
+
+
 def _run_point(point: Point, args: list[str], log_path: Path) -> dict[str, Any]:
     start = time.time()
     with open(log_path, "w") as log:
@@ -490,6 +521,7 @@ def run_sweep(
     log_dir.mkdir(parents=True, exist_ok=True)
     # An interrupted write of sweep.json; each point's run cleans its own run directory.
     remove_stale_temps(sweep.directory)
+    write_sweep_hparams(points, sweep.directory)
     todo = [(i, p) for i, p in enumerate(points) if statuses[i]["status"] != "skipped"]
 
     def work(item: tuple[int, Point]) -> None:
@@ -513,9 +545,12 @@ def run_sweep(
 def _sweep_command(args: argparse.Namespace) -> int:
     """``vaeflow sweep``: 0 when every point is finished, 1 when any failed."""
     if args.commands_file:
-        pending = [p for p in expand(args.sweep) if not is_finished(p)]
+        points = expand(args.sweep)
+        pending = [p for p in points if not is_finished(p)]
         extra = ["--threads", str(args.threads)] if args.threads else []
         path = write_commands(pending, args.commands_file, extra_args=extra)
+        # Before the scheduler starts the points: each then writes only its own row.
+        write_sweep_hparams(points, load_sweep(args.sweep).directory)
         print(f"wrote {len(pending)} command(s) to {path}")
         return 0  # handed to a scheduler: nothing runs here
     statuses = run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, threads=args.threads)
