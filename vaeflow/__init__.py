@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     # models
     "VAE": "vaeflow.models.vae",
     "BottomUpVAE": "vaeflow.models.hierarchy",
+    "TopDownVAE": "vaeflow.models.topdown",
     "Terms": "vaeflow.models.bounds",
     "elbo": "vaeflow.models.bounds",
     "iwae": "vaeflow.models.bounds",

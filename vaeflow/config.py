@@ -25,6 +25,7 @@ __all__ = [
     "PriorConfig",
     "ModelConfig",
     "StochasticLayerConfig",
+    "TopDownConfig",
     "DataConfig",
     "TrainConfig",
     "EvalConfig",
@@ -122,6 +123,50 @@ class StochasticLayerConfig:
 
 
 @dataclass(frozen=True)
+class TopDownConfig:
+    """The ResNet VAE with bidirectional (top-down) inference of Kingma et al. 2016
+    (arXiv:1606.04934, sec. 6, appendix C; :class:`vaeflow.models.topdown.TopDownVAE`).
+
+    A ``[model.topdown]`` table selects it; ``model.posterior`` then describes every
+    group's posterior (a diagonal Gaussian, or one followed by a vector flow run over the
+    latent channels at every position, ``context_features`` its context channels), and
+    ``model.latent_dim``, ``model.encoder``, ``model.decoder``, ``model.prior`` and
+    ``model.upper_layers`` must stay unset (the groups' priors are the top-down blocks).
+
+    Attributes:
+        channels: width of the bottom-up and top-down streams (the code's ``h_size``).
+        latent_channels: latent feature maps per stochastic layer (``z_size``; paper: 32).
+        layers_per_resolution: stochastic layers at each resolution, highest first (the
+            Theano code's ``depths``); after the 5x5 stride-2 input conv every further
+            resolution halves the size, so ``H`` and ``W`` must be divisible by
+            ``2 ** len(layers_per_resolution)``.
+        activation: of every block (paper: ELU).
+        weight_norm: weight-normalise every conv (paper: yes; no data-dependent init here).
+        center: map inputs from [0, 1] to [-1, 1] (the code centres CIFAR-10 to
+            [-0.5, 0.5]; binary MNIST trains better raw, see ``vaeflow.models.networks``).
+        residual_scale: factor of every residual branch (the code: 0.1).
+    """
+
+    channels: int = 160
+    latent_channels: int = 32
+    layers_per_resolution: tuple[int, ...] = (2, 2)
+    activation: str = "elu"
+    weight_norm: bool = True
+    center: bool = False
+    residual_scale: float = 0.1
+
+    def latent_sizes(self, x_shape: Sequence[int]) -> list[int]:
+        """Each layer's latent size ``Z H_l W_l``, bottom (highest resolution) first."""
+        h, w = (int(s) // 2 for s in x_shape[1:])
+        sizes = []
+        for i, depth in enumerate(self.layers_per_resolution):
+            if i > 0:
+                h, w = h // 2, w // 2
+            sizes += [self.latent_channels * h * w] * depth
+        return sizes
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything :func:`vaeflow.models.build.build_model` needs.
 
@@ -138,6 +183,9 @@ class ModelConfig:
             (``[[model.upper_layers]]`` tables): empty for the one-layer VAE, else a
             bottom-up hierarchical VAE whose latent vector (for free bits and active units)
             is all layers' latents concatenated.
+        topdown: a ``[model.topdown]`` table: the top-down (bidirectional inference)
+            ResNet VAE of Kingma et al. 2016 instead of the models above; its latent vector
+            is every group's latents concatenated, bottom group first.
     """
 
     x_shape: tuple[int, ...] = (1, 28, 28)
@@ -149,11 +197,13 @@ class ModelConfig:
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     upper_layers: tuple[StochasticLayerConfig, ...] = ()
+    topdown: TopDownConfig | None = None
 
     @property
     def total_latent_dim(self) -> int:
-        """Size of the whole latent vector: ``latent_dim`` plus every upper layer's."""
-        return self.latent_dim + sum(layer.latent_dim for layer in self.upper_layers)
+        """Size of the whole latent vector: ``latent_dim`` plus every upper layer's (a
+        top-down model: every group's)."""
+        return sum(_layer_sizes(self))
 
 
 @dataclass(frozen=True)
@@ -417,6 +467,8 @@ def validate(cfg: Config) -> Config:
                 else ' ("given" is for data binary in its files, e.g. binarized_mnist)'
             )
         )
+    if cfg.model.topdown is not None:
+        _check_topdown(cfg)
     t = cfg.train
     positive = {
         "train.steps": t.steps,
@@ -643,6 +695,8 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
 
 
 def _layer_sizes(model: ModelConfig) -> list[int]:
+    if model.topdown is not None:
+        return model.topdown.latent_sizes(model.x_shape)
     return [model.latent_dim, *(layer.latent_dim for layer in model.upper_layers)]
 
 
@@ -652,6 +706,47 @@ def _free_bits_groups_fit(model: ModelConfig, size: int) -> bool:
     if size < 1 or model.total_latent_dim % size:
         return False
     return size == model.total_latent_dim or all(d % size == 0 for d in _layer_sizes(model))
+
+
+def _check_topdown(cfg: Config) -> None:
+    """``model.topdown``: the keys it replaces stay unset, its sizes fit the images, and
+    the training options that act on a separate prior module are refused (its priors
+    are the top-down blocks)."""
+    m, td = cfg.model, cfg.model.topdown
+    defaults = ModelConfig()
+    for key in ("latent_dim", "encoder", "decoder", "prior", "upper_layers"):
+        if getattr(m, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"model.{key} is not used with model.topdown (the top-down model has its own "
+                f"bottom-up pass, per-group priors and latent sizes: model.topdown.channels, "
+                f".latent_channels, .layers_per_resolution); remove model.{key}"
+            )
+    for key, value in (
+        ("channels", td.channels),
+        ("latent_channels", td.latent_channels),
+        ("layers_per_resolution", min(td.layers_per_resolution, default=0)),
+    ):
+        if value < 1:
+            raise ConfigError(
+                f"model.topdown.{key} must be >= 1 (and layers_per_resolution non-empty), "
+                f"got {getattr(td, key)}"
+            )
+    if td.residual_scale <= 0:
+        raise ConfigError(f"model.topdown.residual_scale must be > 0, got {td.residual_scale}")
+    scale = 2 ** len(td.layers_per_resolution)
+    if len(m.x_shape) != 3 or any(s % scale for s in m.x_shape[1:]):
+        raise ConfigError(
+            f"model.topdown.layers_per_resolution = {list(td.layers_per_resolution)} halves "
+            f"the image size {len(td.layers_per_resolution)} times after the stride-2 input "
+            f"conv: model.x_shape = {list(m.x_shape)} needs (C, H, W) with H and W "
+            f"divisible by {scale}"
+        )
+    t = cfg.train
+    if t.prior_lr_scale != 1.0 or t.prior_freeze_steps > 0:
+        raise ConfigError(
+            "train.prior_lr_scale / train.prior_freeze_steps act on a separate prior module; "
+            "model.topdown has none (each group's prior is part of its top-down block)"
+        )
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -690,6 +785,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        tables = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(tables) == 1:
+            # An optional table (``[model.topdown]``): its own errors name the bad key.
+            return from_dict(tables[0], value, key)
         errors = []
         for arg in args:
             if arg is type(None):

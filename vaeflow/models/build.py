@@ -10,12 +10,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, PosteriorConfig, PriorConfig
+from ..flows.base import Transform
 from ..flows.registry import FLOWS, build_flow, flow_names
+from ..layers import ACTIVATIONS
 from .hierarchy import BottomUpVAE, ConditionalGaussian, deterministic_net
 from .likelihoods import build_likelihood
 from .networks import build_decoder, build_encoder
 from .posteriors import FlowPosterior, GaussianPosterior
 from .priors import FlowPrior, build_prior
+from .topdown import ConvHead, ConvStem, LearnedTop, TopDownVAE, resnet_topdown_layers
 from .vae import VAE
 
 __all__ = ["build_model", "build_posterior", "build_prior_for"]
@@ -25,16 +28,21 @@ def build_posterior(cfg: PosteriorConfig, in_features: int, latent_dim: int) -> 
     """A diagonal Gaussian (``cfg.flow is None``) or a Gaussian + registry flow."""
     if cfg.flow is None:
         return GaussianPosterior(in_features, latent_dim)
+    return FlowPosterior(in_features, latent_dim, _posterior_flow(cfg, latent_dim))
+
+
+def _posterior_flow(cfg: PosteriorConfig, latent_dim: int) -> Transform:
+    """The registry flow of ``cfg`` on ``latent_dim`` features: a vector flow with a
+    sampling direction (``cfg.flow`` must be set)."""
     sampling = [n for n in flow_names("vector") if FLOWS[n].sampling]
     if cfg.flow not in sampling:
         raise ConfigError(
             f"model.posterior.flow = {cfg.flow!r} is not a vector flow with a sampling "
             f"direction; choose from {sampling}"
         )
-    flow = build_flow(
+    return build_flow(
         cfg.flow, latent_dim, cfg.num_layers, cfg.hidden, cfg.context_features, **cfg.options
     )
-    return FlowPosterior(in_features, latent_dim, flow)
 
 
 class _BaseEncode(nn.Module):
@@ -85,15 +93,18 @@ def build_prior_for(
     return build_prior(cfg.name, latent_dim, **kwargs)
 
 
-def build_model(cfg: ModelConfig) -> VAE | BottomUpVAE:
+def build_model(cfg: ModelConfig) -> VAE | BottomUpVAE | TopDownVAE:
     """Assemble the VAE described by ``cfg`` (see :class:`~vaeflow.config.ModelConfig`):
-    a :class:`~vaeflow.models.hierarchy.BottomUpVAE` when ``cfg.upper_layers`` is set."""
+    a :class:`~vaeflow.models.hierarchy.BottomUpVAE` when ``cfg.upper_layers`` is set, a
+    :class:`~vaeflow.models.topdown.TopDownVAE` when ``cfg.topdown`` is."""
     options = {"event_ndim": len(cfg.x_shape), **cfg.likelihood_options}
     if cfg.likelihood_options.get("scale") == "per_channel":
         # A likelihood with one learned parameter per channel learns its count from the data.
         options.setdefault("num_channels", cfg.x_shape[0])
     likelihood = build_likelihood(cfg.likelihood, **options)
     param_shape = likelihood.param_shape(tuple(cfg.x_shape))
+    if cfg.topdown is not None:
+        return _build_topdown(cfg, likelihood, param_shape)
     encoder = build_encoder(cfg.encoder.name, tuple(cfg.x_shape), **cfg.encoder.options)
     decoder = build_decoder(cfg.decoder.name, cfg.latent_dim, param_shape, **cfg.decoder.options)
     posterior = build_posterior(cfg.posterior, encoder.out_features, cfg.latent_dim)
@@ -138,3 +149,43 @@ def _build_hierarchy(
         below = layer.latent_dim
     prior = build_prior_for(cfg.prior, below, tuple(cfg.x_shape), encoder, posterior)
     return BottomUpVAE(encoders, posteriors, conditionals, prior, decoder, likelihood, cfg.x_shape)
+
+
+def _build_topdown(
+    cfg: ModelConfig, likelihood: nn.Module, param_shape: tuple[int, ...]
+) -> TopDownVAE:
+    """The ResNet VAE with bidirectional inference of ``cfg.topdown`` (Kingma et al. 2016,
+    appendix C; github.com/openai/iaf ``tf_train.py``): a 5x5 stride-2 input conv, the
+    stochastic layers of ``layers_per_resolution``, a 5x5 stride-2 transposed output conv;
+    every group's posterior is ``cfg.posterior`` on its ``latent_channels``."""
+    td, post = cfg.topdown, cfg.posterior
+    c, h, w = cfg.x_shape
+    if td.activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"model.topdown.activation = {td.activation!r}; choose from {sorted(ACTIVATIONS)}"
+        )
+    flow = post.flow is not None
+
+    def make_flow() -> Transform | None:
+        return _posterior_flow(post, td.latent_channels) if flow else None
+
+    layers = resnet_topdown_layers(
+        td.channels,
+        td.latent_channels,
+        td.layers_per_resolution,
+        (h // 2, w // 2),
+        make_flow,
+        post.context_features if flow else 0,
+        td.activation,
+        td.weight_norm,
+        td.residual_scale,
+    )
+    top_size = (h // 2 ** len(td.layers_per_resolution), w // 2 ** len(td.layers_per_resolution))
+    return TopDownVAE(
+        ConvStem(c, td.channels, td.weight_norm, td.center),
+        layers,
+        LearnedTop(td.channels, top_size),
+        ConvHead(td.channels, param_shape[0], td.activation, td.weight_norm),
+        likelihood,
+        cfg.x_shape,
+    )

@@ -251,7 +251,7 @@ def evaluate_run(
     use_ema = e.use_ema if use_ema is None else use_ema
     compile = e.compile if compile is None else compile
     dev = next(model.parameters()).device
-    conv = cfg.model.decoder.name != "mlp"
+    conv = cfg.model.decoder.name != "mlp" or cfg.model.topdown is not None
     batch_size, chunk = eval_pass_shape(k, dev, chunk or e.chunk, e.batch_size, conv=conv)
     splits = load_splits(
         cfg.data.dataset, data_root or cfg.data.root, val_size=cfg.data.val_size, download=True
