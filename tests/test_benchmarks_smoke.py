@@ -176,3 +176,39 @@ def test_matmul_trace_counts_exact_flops() -> None:
     with torch.inference_mode(), MatmulTrace() as trace:
         lin(torch.randn(3, 7, 200))
     assert trace.flops == 2 * 21 * 200 * 784
+
+
+def test_op_trace_counts_convolution_flops() -> None:
+    """nll_eval's FLOP counter for convolutions: 2 x output elements x (in channels per
+    group) x kernel area; transposed: 2 x input elements x (out channels per group) x
+    kernel area -- with autograd on (aten.convolution) and under inference_mode (conv2d /
+    conv_transpose2d arrive undecomposed, with defaults left out)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from nll_eval import MatmulTrace
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    deconv = torch.nn.ConvTranspose2d(6, 8, 5, stride=2, padding=2, output_padding=1)
+    x = torch.randn(3, 4, 9, 9)
+    expected = 2 * (3 * 6 * 5 * 5) * (4 // 2) * 9 + 2 * (3 * 6 * 5 * 5) * 8 * 25
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), MatmulTrace() as trace:
+            y = deconv(conv(x))
+        assert tuple(y.shape) == (3, 8, 10, 10)
+        assert trace.conv_flops == expected, ctx
+        assert trace.flops == expected and trace.matmul_flops == 0
+
+
+def test_nll_eval_benchmark_conv_model_smoke() -> None:
+    """A convolutional experiment model in the speed table: the counter sees its
+    convolutions (conv share near 100 %) and the replay runs them."""
+    proc = _run_script("nll_eval.py", "--small", "--threads", "1", "--model", "sylvester")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    body = [ln for ln in proc.stdout.splitlines() if ln.startswith("| eager |")]
+    assert len(body) == 4, proc.stdout
+    for line in body:
+        cells = [c.strip() for c in line.split("|")]  # cells[6]: GFLOP/s, [9]: conv share
+        assert float(cells[6]) > 0 and float(cells[9].rstrip(" %")) >= 90, line

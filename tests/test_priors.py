@@ -497,7 +497,8 @@ def test_mixture_matmul_form_is_exact_far_from_narrow_components(dtype):
     loc = 3 * torch.randn(9, 5, generator=g)
     log_scale = torch.linspace(-6, 2, 45).reshape(9, 5)  # sigma from 2.5e-3 to 7.4
     log_w = torch.log_softmax(torch.randn(9, generator=g), 0)
-    z = torch.cat([loc[:3] + 1e-3 * torch.randn(3, 5, generator=g), 8 * torch.randn(40, 5, generator=g)])
+    near = loc[:3] + 1e-3 * torch.randn(3, 5, generator=g)
+    z = torch.cat([near, 8 * torch.randn(40, 5, generator=g)])
     args = [t.to(dtype) for t in (z, loc, log_scale, log_w)]
     got = _mixture_log_prob(*args)
     assert got.dtype == dtype
@@ -521,6 +522,7 @@ def test_mixture_matmul_form_gradients_match_broadcast(float64):
     for ga, gb in zip(
         torch.autograd.grad(a.sum(), (z, loc, log_scale, log_w)),
         torch.autograd.grad(b.sum(), (z, loc, log_scale, log_w)),
+        strict=True,
     ):
         torch.testing.assert_close(ga, gb, rtol=0, atol=1e-10)
 
@@ -590,8 +592,8 @@ def test_vamp_built_from_config_caches_through_the_builder(float64):
             "model.latent_dim=3",
             'model.prior.name="vamp"',
             "model.prior.num_components=5",
-            'model.encoder.options={hidden = [8]}',
-            'model.decoder.options={hidden = [8]}',
+            "model.encoder.options={hidden = [8]}",
+            "model.decoder.options={hidden = [8]}",
         ],
     )
     model = build_model(cfg.model).double().eval()

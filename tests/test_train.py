@@ -120,10 +120,17 @@ def test_tensorboard_has_the_expected_tags(trained_run):
         "val/flow_logdet_nats",
     ):
         assert tag in scalars, tag
-    assert {"val/reconstructions", "samples/prior_t1", "samples/prior_t0.7"} <= set(
+    assert {"val/reconstructions", "val/prior_samples_t1", "val/prior_samples_t0.7"} <= set(
         acc.Tags()["images"]
     )
     assert {"val/posterior_mean", "val/flow_logdet"} <= set(acc.Tags()["histograms"])
+    # TIME SERIES groups every kind of card by the tag's first segment, sorted by name,
+    # and opens the first two: the image grids live in the split groups, so nothing sorts
+    # before the curves but the eval's one row of test numbers.
+    groups = {
+        t.split("/")[0] for kind in ("scalars", "images", "histograms") for t in acc.Tags()[kind]
+    }
+    assert groups == {"train", "val"}, groups
     # The SCALARS tab opens on the curves: no single-point hparam/* charts. The HParams
     # row's columns are the test metrics (filled by `vaeflow eval`) and validation
     # curves, and its hyperparameters start with the model's keys, not the data's.
@@ -594,6 +601,29 @@ def test_channels_last_trains_the_same_model(tmp_path):
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
     summary = evaluate_run(tmp_path / "nhwc", data_root=DATA)
     assert math.isfinite(summary["test/nll_iw20_nats"])
+
+
+def test_conv_models_are_scored_in_nhwc_on_the_cpu(tmp_path, monkeypatch):
+    """eval.channels_last left unset: a conv model trained in NCHW is scored in NHWC on
+    the CPU (oneDNN's NCHW transposed convolutions are its bottleneck), with the same
+    estimate as an NCHW evaluation (same noise; layout changes rounding only); an MLP
+    keeps the training layout; a set value wins."""
+    import vaeflow.run.evaluate as ev
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ev.eval_channels_last(None, False, True, cpu) is True
+    assert ev.eval_channels_last(None, False, False, cpu) is False
+    assert ev.eval_channels_last(None, False, True, cuda) is False
+    assert ev.eval_channels_last(None, True, False, cuda) is True
+    assert ev.eval_channels_last(False, True, True, cpu) is False
+    conv = [*CONV, "train.steps=4", "train.val_every=4", "train.ckpt_every=4"]
+    train(_cfg(*conv), tmp_path / "run")
+    nhwc = evaluate_run(tmp_path / "run", data_root=DATA)
+    monkeypatch.setattr(ev, "eval_channels_last", lambda *a: False)
+    nchw = evaluate_run(tmp_path / "run", data_root=DATA)
+    assert nhwc["channels_last"] is True and nchw["channels_last"] is False
+    key = "test/nll_iw20_nats"
+    assert math.isclose(nhwc[key], nchw[key], rel_tol=0, abs_tol=1e-4), (nhwc[key], nchw[key])
 
 
 NO_VAL = ["data.val_size=0", "train.val_size=none"]

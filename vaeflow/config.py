@@ -313,7 +313,8 @@ class TrainConfig:
         compile: wrap the model in ``torch.compile``.
         channels_last: keep conv weights and image batches in NHWC memory layout (the
             same maths, faster convolutions on many CPUs and GPUs; measurements in
-            benchmarks/README.md). Also used by ``vaeflow eval`` for the run.
+            benchmarks/README.md). Also used by ``vaeflow eval`` for the run unless
+            ``eval.channels_last`` says otherwise.
     """
 
     steps: int = 10000
@@ -380,6 +381,11 @@ class EvalConfig:
         compile: run each chunk of importance samples through ``torch.compile`` (fuses
             the elementwise work; worth it on a GPU for long evaluations; the first
             batch pays the compilation).
+        channels_last: score in NHWC memory layout. ``None``: NHWC for convolutional
+            models on the CPU (measured 1.4-2.2x faster there for the Sylvester gated-conv
+            VAE at k = 5000: oneDNN's transposed convolutions are far slower in NCHW;
+            benchmarks/nll_eval.py), else ``train.channels_last``. The layout changes
+            float rounding only, not the estimate.
     """
 
     k: int = 5000
@@ -389,6 +395,7 @@ class EvalConfig:
     use_ema: bool = True
     checkpoint: Literal["auto", "best", "last"] = "auto"
     compile: bool = False
+    channels_last: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .utils import resolve_device
 __all__ = [
     "hparams_metric_tags",
     "eval_pass_shape",
+    "eval_channels_last",
     "load_run",
     "resolve_checkpoint",
     "evaluate_model",
@@ -221,6 +222,17 @@ def eval_pass_shape(
     return batch_size, chunk
 
 
+def eval_channels_last(
+    setting: bool | None, train_setting: bool, conv: bool, device: torch.device
+) -> bool:
+    """Whether the evaluation scores in NHWC: ``eval.channels_last`` when set; else NHWC
+    for a convolutional model on the CPU (where oneDNN's NCHW transposed convolutions are
+    the bottleneck of the k-sample estimator), else the training layout."""
+    if setting is not None:
+        return setting
+    return train_setting or (conv and device.type == "cpu")
+
+
 def evaluate_run(
     run_dir: str | Path,
     k: int | None = None,
@@ -260,7 +272,8 @@ def evaluate_run(
     indices, subset = test_subset(len(x), n_test)
     if indices is not None:
         x = x[indices.to(dev)]
-    if cfg.train.channels_last:
+    nhwc = eval_channels_last(e.channels_last, cfg.train.channels_last, conv, dev)
+    if nhwc:
         model = model.to(memory_format=torch.channels_last)
         x = to_memory_format(x, channels_last=True)
     torch.manual_seed(cfg.train.seed)
@@ -279,6 +292,7 @@ def evaluate_run(
         "checkpoint_step": ckpt.get("step"),
         "ema": bool(use_ema and ckpt.get("ema") is not None),
         "compiled": compile,
+        "channels_last": nhwc,
         "batch_size": batch_size,
         "chunk": chunk,
         "dataset": cfg.data.dataset,

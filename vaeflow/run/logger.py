@@ -78,7 +78,7 @@ class RunLogger:
 
         with RunLogger(run_dir) as log:
             log.log_scalars({"train/loss_nats": 98.2, "train/lr": 1e-3}, step)
-            log.log_images("samples/prior", x_samples, step)
+            log.log_images("val/prior_samples", x_samples, step)
             log.log_hparams(flatten_config(config_dict), ["val/elbo_nats", "test/bpd"])
 
     Non-finite scalars: written as ``null`` in ``metrics.jsonl`` (JSON has no NaN; every
@@ -196,7 +196,7 @@ class RunLogger:
         """Log a grid of images to TensorBoard and save it as a PNG.
 
         Args:
-            tag: e.g. ``samples/prior`` or ``val/reconstructions``.
+            tag: e.g. ``val/prior_samples_t1`` or ``val/reconstructions``.
             images: ``(N, C, H, W)`` with ``C`` in {1, 3}, values in [0, 1] (clamped, so
                 slight overshoot of a decoder mean is harmless).
             step: the global step; part of the PNG name.

@@ -987,7 +987,14 @@ def _log_images(
     step: int,
     split: str = "val",
 ) -> None:
-    """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples."""
+    """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples
+    (``<split>/prior_samples_t<T>``, temperatures 1 and 0.7).
+
+    Both sit in the ``<split>`` tag group, next to the curves they accompany: TensorBoard
+    orders tag groups by name and opens the first two, so a group of their own
+    (``samples/``) sorted before ``train/`` and ``val/`` and opened the dashboard on image
+    grids instead of the curves (docs/design.md §6).
+    """
     devices = [torch.cuda.current_device()] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices), _eval_context(model, ema), torch.no_grad():
         model.eval()
@@ -998,5 +1005,5 @@ def _log_images(
         logger.log_images(f"{split}/reconstructions", grid, step, nrow=16)
         for temperature in (1.0, 0.7):
             images = model.sample(64, temperature=temperature).clamp(0, 1)
-            logger.log_images(f"samples/prior_t{temperature:g}", images, step, nrow=8)
+            logger.log_images(f"{split}/prior_samples_t{temperature:g}", images, step, nrow=8)
         model.train()

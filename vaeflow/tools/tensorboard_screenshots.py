@@ -7,8 +7,8 @@ test suite (CI has no browser); run it after changing what the run writes to Ten
 and look at the PNGs (docs/design.md §6 says what to expect). Needs ``chromium`` (Debian:
 ``apt-get install chromium``) and tensorboard.
 
-    python scripts/tensorboard_screenshots.py runs/my_sweep /tmp/tb_shots
-    python scripts/tensorboard_screenshots.py runs/my_run /tmp/tb_shots --height 3000
+    python -m vaeflow.tools.tensorboard_screenshots runs/my_sweep /tmp/tb_shots
+    python -m vaeflow.tools.tensorboard_screenshots runs/my_run /tmp/tb_shots --height 3000
 
 Prints the PNG paths.
 """
