@@ -41,6 +41,7 @@ from vaeflow.tools.sweep import expand  # noqa: E402
 #: Experiments whose sweep rows are measured (file, and a row filter: None = every row).
 EXPERIMENTS: dict[str, tuple[str, list[str] | None]] = {
     "burda2016_iwae": ("experiments/burda2016_iwae/sweep.toml", None),
+    "burda2016_iwae_two_layer": ("experiments/burda2016_iwae/sweep_two_layer.toml", None),
     "rezende2015_planar": (
         "experiments/rezende2015_planar/sweep.toml",
         ["diag", "planar_k10", "planar_k80", "nice_k80"],
@@ -48,6 +49,10 @@ EXPERIMENTS: dict[str, tuple[str, list[str] | None]] = {
     "vandenberg2018_sylvester": ("experiments/vandenberg2018_sylvester/sweep.toml", None),
     "kingma2016_iaf_mnist": ("experiments/kingma2016_iaf/sweep_mnist.toml", None),
     "kingma2016_iaf_cifar10": ("experiments/kingma2016_iaf/sweep_cifar10.toml", None),
+    "kingma2016_iaf_topdown_cifar10": (
+        "experiments/kingma2016_iaf/sweep_topdown_cifar10.toml",
+        None,
+    ),
     "flow_priors": (
         "experiments/flow_priors/sweep.toml",
         ["gauss+standard", "gauss+vamp", "gauss+mog", "gauss+maf", "iaf+maf"],
@@ -73,6 +78,22 @@ SMALL = [
     "data.batch_size=4",
     "train.k=2",
 ]
+#: The same for the top-down model, whose sizes are its own keys (no latent_dim).
+SMALL_TOPDOWN = [
+    "model.topdown.channels=8",
+    "model.topdown.latent_channels=2",
+    "model.topdown.layers_per_resolution=[1]",
+    "model.posterior.hidden=8",
+    "model.posterior.context_features=4",
+    "data.batch_size=4",
+    "train.free_bits_group_size=1",
+]
+
+
+def small_overrides(base: Path, overrides: list[str]) -> list[str]:
+    """:data:`SMALL` or, for a top-down model, :data:`SMALL_TOPDOWN`."""
+    topdown = load_config(base, overrides).model.topdown is not None
+    return SMALL_TOPDOWN if topdown else SMALL
 
 
 def train_examples(cfg: Config) -> int:
@@ -119,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"median of {args.repeats} steps after {args.warmup} warm-up steps\n")
     table = []
     for name, base, overrides in rows_to_measure(args.rows):
-        cfg = load_config(base, overrides + (SMALL if args.small else []))
+        small = small_overrides(base, overrides) if args.small else []
+        cfg = load_config(base, overrides + small)
         n = train_examples(cfg)
         batch = cfg.data.batch_size
         steps_per_epoch = n / batch
