@@ -399,6 +399,32 @@ def test_sample_reconstruct_posterior_mean_shapes(flow):
     assert s.z.shape == (2, 4, model.latent_dim) and s.flow_logdet.shape == (2, 4)
 
 
+def test_reconstructions_from_a_layer_keep_the_groups_above_and_sample_those_below():
+    """From layer 2 of two: z_2 from the posterior, z_1 from p(z_1 | z_2); the bottom
+    group's bottom-up features are then never read (NaN there stays out), while the
+    ordinary reconstruction (layer 1) reads them. The same draws by hand agree."""
+    model = _conv_model("iaf")
+    with torch.no_grad():
+        perturb(model, scale=0.1)
+    x = _binary(3)
+    feats = model.encode(x)
+    torch.manual_seed(5)
+    got = model.reconstruct_from_layer(x, 2)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        h = model.top(3)
+        h = model.layers[1].merge(h, model.layers[1].sample_posterior(h, feats[1])[0])
+        h = model.layers[0].merge(h, model.layers[0].sample_prior(h))
+        want = model.likelihood(model.head(h)).mean
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    poisoned = (torch.full_like(feats[0], float("nan")), feats[1])
+    model.encode = lambda x: poisoned
+    assert torch.isfinite(model.reconstruct_from_layer(x, 2)).all()
+    assert torch.isnan(model.reconstruct_from_layer(x, 1)).all()
+    with pytest.raises(ValueError, match=r"layer must be in 1\.\.2"):
+        model.reconstruct_from_layer(x, 3)
+
+
 def test_wrong_shapes_are_clear_errors():
     model = _conv_model(None)
     with pytest.raises(ValueError, match=r"TopDownVAE expects data of shape \(B, 1, 8, 8\)"):
@@ -494,6 +520,9 @@ def test_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
         assert r["train/kl_layer1_nats"] + r["train/kl_layer2_nats"] == pytest.approx(
             r["train/kl_nats"], abs=1e-3
         )
+    from tests.test_hierarchy import _check_hierarchy_logs
+
+    _check_hierarchy_logs(tmp_path / "td", layers=2, sizes=(2 * 14 * 14, 2 * 7 * 7))
     assert cli_main(["eval", str(tmp_path / "td"), "--k", "6", "--chunk", "4"]) == 0
     capsys.readouterr()
     summary = json.loads((tmp_path / "td/summary.json").read_text())
@@ -501,3 +530,6 @@ def test_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
     assert math.isfinite(summary["test/nll_iw6_nats"])
     assert summary["test/elbo_nats"] <= -summary["test/nll_iw6_nats"] + 1e-6
     assert all(math.isfinite(summary[f"test/kl_layer{i}_nats"]) for i in (1, 2))
+    # active units per group, bottom first, add up to the model's
+    groups = [summary[f"test/active_units_layer{i}"] for i in (1, 2)]
+    assert sum(groups) == summary["test/active_units"] and groups[1] <= 98

@@ -421,6 +421,30 @@ class TopDownVAE(ImportanceSampled, nn.Module):
         dist = self.likelihood(self.head(h))
         return dist.mean if mean else dist.sample()
 
+    @torch.no_grad()
+    def reconstruct_from_layer(self, x: Tensor, layer: int, mean: bool = True) -> Tensor:
+        """What the groups from ``z_layer`` up encode: ``x (B, *x_shape) -> (B, *x_shape)``.
+
+        The top-down pass takes posterior samples for the groups ``z_L ... z_layer`` and
+        samples the groups below from their prior conditionals ``p(z_l | z_{>l})``
+        (temperature 1), then decodes. ``layer = 1`` is :meth:`reconstruct`; the higher
+        the layer, the less of ``x`` is kept. The same construction as
+        :meth:`vaeflow.models.hierarchy.BottomUpVAE.reconstruct_from_layer`.
+        """
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 1..{self.num_layers} (bottom = 1), got {layer}")
+        feats = self.encode(x)
+        h = self.top(x.shape[0])
+        for index in reversed(range(self.num_layers)):
+            group = self.layers[index]
+            if index + 1 >= layer:
+                z = group.sample_posterior(h, feats[index])[0]
+            else:
+                z = group.sample_prior(h)
+            h = group.merge(h, z)
+        dist = self.likelihood(self.head(h))
+        return dist.mean if mean else dist.sample()
+
     # -------------------------------------------------------------- what the loop logs
 
     @property
