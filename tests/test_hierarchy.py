@@ -471,6 +471,7 @@ def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
 
     logged = [r for r in read_metrics(tmp_path / "run") if "train/kl_nats" in r]
     assert len(logged) == 3
+    _check_hierarchy_logs(tmp_path / "run", layers=2, sizes=(6, 4))
     for r in logged:  # the per-layer KLs are logged and add up to the total
         assert r["train/kl_layer1_nats"] + r["train/kl_layer2_nats"] == pytest.approx(
             r["train/kl_nats"], abs=1e-4
@@ -485,6 +486,31 @@ def test_two_layer_config_trains_through_the_loop(tmp_path, objective):
     layers = [result[f"test/active_units_layer{i}"] for i in (1, 2)]
     assert sum(layers) == result["test/active_units"] and layers[1] <= 4
     assert all(math.isfinite(result[f"test/kl_layer{i}_nats"]) for i in (1, 2))
+
+
+def _check_hierarchy_logs(run: Path, layers: int, sizes: tuple[int, ...]) -> None:
+    """What a hierarchy's run logs (issue 13, "Logging a hierarchy"), read back from its
+    event file and samples/: validation KL and active units per layer, reconstructions
+    through every layer above the first and prior samples at two temperatures, all in the
+    ``val`` tag group (TensorBoard orders groups by name, docs/design.md §6)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    for i, size in enumerate(sizes, start=1):
+        kl = acc.Scalars(f"val/kl_layer{i}_nats")
+        assert kl and all(math.isfinite(e.value) and e.value > -1e-3 for e in kl)
+        active = [e.value for e in acc.Scalars(f"val/active_units_layer{i}")]
+        assert active and all(0 <= a <= size for a in active)
+    assert f"val/kl_layer{layers + 1}_nats" not in scalars
+    want = {f"val/reconstructions_from_layer{i}" for i in range(2, layers + 1)}
+    want |= {"val/reconstructions", "val/prior_samples_t1", "val/prior_samples_t0.7"}
+    assert want <= images, want - images
+    assert "val/reconstructions_from_layer1" not in images  # that is val/reconstructions
+    pngs = {p.name for p in (run / "samples").glob("*.png")}
+    for tag in want:
+        assert any(n.startswith(tag.replace("/", "_") + "_") for n in pngs), tag
 
 
 def test_three_layers_sum_every_layers_terms():
@@ -563,3 +589,37 @@ def test_evaluation_counts_active_units_per_layer(float64):
     assert (out["test/active_units_layer1"], out["test/active_units_layer2"]) == (D1, 0)
     assert out["test/active_units"] == D1 and out["test/latent_dim"] == D1 + D2
     assert out["test/kl_layer1_nats"] > 0 and out["test/kl_layer2_nats"] > 0
+
+
+def test_reconstructions_from_a_layer_keep_it_and_regenerate_the_layers_below():
+    """reconstruct_from_layer(x, l): posterior draws up to z_l, then z_{l-1} ... z_1 from
+    the prior conditionals, decoded; l = 1 is the ordinary reconstruction. Checked against
+    the same draws made by hand (same seed), for every layer of a three-layer chain."""
+    dims, h = (4, 3, 2), 6
+    ins = (N_X, *dims[:-1])
+    model = BottomUpVAE(
+        [deterministic_net(i, [h]) for i in ins],
+        [GaussianPosterior(h, d) for d in dims],
+        [ConditionalGaussian(deterministic_net(dims[i + 1], [h]), h, dims[i]) for i in range(2)],
+        StandardNormalPrior(dims[-1]),
+        nn.Linear(dims[0], N_X),
+        Gaussian(1, fixed_std=NOISE),
+        (N_X,),
+    )
+    x = torch.randn(5, N_X)
+    outs = []
+    for layer in (1, 2, 3):
+        torch.manual_seed(11)
+        got = model.reconstruct_from_layer(x, layer)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            z = model.sample_posterior(model.encode(x), 1)[layer - 1].z[0]
+            for below in reversed(range(layer - 1)):
+                z = model.conditionals[below].sample(z)
+            want = model.decoder(z)  # the Gaussian likelihood's mean
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        outs.append(got)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=r"layer must be in 1\.\.3"):
+            model.reconstruct_from_layer(x, bad)

@@ -240,9 +240,17 @@ def test_linear_model_samples_from_the_prior(float64):
 IMG = (1, 8, 8)  # stem: 4x4; two resolutions: z_1 at 4x4, z_2 at 2x2
 
 
-def _conv_model(flow: bool, latent: int = 3, width: int = 6, ctx: int = 4) -> TopDownVAE:
-    def make_flow():
-        return build_flow("iaf", latent, 1, 8, context_features=ctx) if flow else None
+# Posterior flows of the groups: a MADE over the channels at every position (``iaf``), or
+# the paper's masked-conv IAF over the whole feature map (``conv_iaf``).
+FLOWS = [None, "iaf", "conv_iaf"]
+FLOW_IDS = ["gaussian", "iaf", "conv_iaf"]
+
+
+def _conv_model(flow: str | None, latent: int = 3, width: int = 6, ctx: int = 4) -> TopDownVAE:
+    def make_flow(shape):
+        if flow is None:
+            return None
+        return build_flow(flow, shape if flow == "conv_iaf" else latent, 1, 6, ctx)
 
     layers = resnet_topdown_layers(
         width, latent, [1, 1], (4, 4), make_flow, ctx if flow else 0, "elu", True, 0.1
@@ -261,12 +269,14 @@ def _binary(b: int) -> Tensor:
     return (torch.rand(b, *IMG) > 0.5).to(torch.get_default_dtype())
 
 
+@pytest.mark.parametrize("flow", ["iaf", "conv_iaf"])
 @pytest.mark.parametrize("layer_index", [0, 1])
-def test_iaf_log_q_matches_a_brute_force_jacobian(float64, layer_index):
+def test_iaf_log_q_matches_a_brute_force_jacobian(float64, layer_index, flow):
     """log q(z_l | x, z_{>l}) of a group with an IAF, its context from both passes:
     ``log N(noise; 0, I) - log|det dz/d noise|`` with the Jacobian of the whole group's
-    map (every position and channel) by autograd."""
-    model = _conv_model(flow=True)
+    map (every position and channel) by autograd. The per-position IAF keeps positions
+    apart; the conv IAF (the paper's) mixes neighbouring ones."""
+    model = _conv_model(flow)
     with torch.no_grad():
         perturb(model)
     x = _binary(1)
@@ -284,6 +294,10 @@ def test_iaf_log_q_matches_a_brute_force_jacobian(float64, layer_index):
 
     jac = torch.autograd.functional.jacobian(z_of, noise.reshape(-1))
     assert jac.shape == (layer.latent_size, layer.latent_size)
+    z_dim, hw = layer.latent_shape[0], layer.latent_size // layer.latent_shape[0]
+    by_position = jac.reshape(z_dim, hw, z_dim, hw).abs().sum((0, 2))
+    across = (by_position - by_position.diagonal().diag()).abs().max()
+    assert (across > 0) == (flow == "conv_iaf")
     _, logabsdet = torch.linalg.slogdet(jac)
     base = torch.distributions.Normal(0.0, 1.0).log_prob(noise).sum()
     assert torch.allclose(log_q, (base - logabsdet).reshape(1), atol=1e-10, rtol=0)
@@ -291,6 +305,14 @@ def test_iaf_log_q_matches_a_brute_force_jacobian(float64, layer_index):
     # the flow's own log-det: dz/d eps = J / sigma
     assert torch.allclose(ld, (logabsdet - log_std.sum()).reshape(1), atol=1e-10, rtol=0)
     assert (ld.abs() > 1e-3).all(), "the perturbed IAF should not be volume preserving"
+    # the flow is given the group's context map as it is (conv IAF) or per position (IAF)
+    b_mu, b_log_std, ctx_map = layer.posterior(h, a)
+    eps = b_mu + b_log_std.exp() * noise
+    if flow == "conv_iaf":
+        want = layer.flow.inverse(eps, ctx_map)[0]
+    else:
+        want = layer.flow.inverse(eps.movedim(1, -1), ctx_map.movedim(1, -1))[0].movedim(-1, 1)
+    torch.testing.assert_close(z, want, rtol=0, atol=1e-12)
     # the context (from both passes) moves the sample: change a's context channels only
     a2 = a.clone()
     a2[:, 2 * 3 :] += 1.0
@@ -299,7 +321,7 @@ def test_iaf_log_q_matches_a_brute_force_jacobian(float64, layer_index):
     assert torch.equal(layer.posterior(h, a2)[0], mu)  # ... while the base mean is unchanged
 
 
-@pytest.mark.parametrize("flow", [False, True], ids=["gaussian", "iaf"])
+@pytest.mark.parametrize("flow", FLOWS, ids=FLOW_IDS)
 def test_gradients_reach_every_group(flow):
     model = _conv_model(flow)
     with torch.no_grad():
@@ -317,7 +339,7 @@ def test_gradients_reach_every_group(flow):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-@pytest.mark.parametrize("flow", [False, True], ids=["gaussian", "iaf"])
+@pytest.mark.parametrize("flow", FLOWS, ids=FLOW_IDS)
 def test_terms_shapes_layer_kl_and_free_bits_per_group(flow):
     model = _conv_model(flow)
     with torch.no_grad():
@@ -352,7 +374,7 @@ def test_terms_shapes_layer_kl_and_free_bits_per_group(flow):
 def test_memory_flat_in_k_and_shared_estimator():
     """The bottom-up pass runs once per batch; the top-down pass sees one chunk of
     ``n * B`` rows at a time."""
-    model = _conv_model(flow=True)
+    model = _conv_model("iaf")
     calls, rows = [], []
     model.stem.register_forward_hook(lambda m, i, o: calls.append(1))
     model.layers[1].prior.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
@@ -364,8 +386,9 @@ def test_memory_flat_in_k_and_shared_estimator():
     assert model.stats_sampler(x)(4).shape == (6, 3)
 
 
-def test_sample_reconstruct_posterior_mean_shapes():
-    model = _conv_model(flow=True)
+@pytest.mark.parametrize("flow", ["iaf", "conv_iaf"])
+def test_sample_reconstruct_posterior_mean_shapes(flow):
+    model = _conv_model(flow)
     x = _binary(4)
     assert model.sample(5).shape == (5, *IMG)
     assert model.sample(2, mean=False, temperature=0.5).shape == (2, *IMG)
@@ -376,8 +399,34 @@ def test_sample_reconstruct_posterior_mean_shapes():
     assert s.z.shape == (2, 4, model.latent_dim) and s.flow_logdet.shape == (2, 4)
 
 
+def test_reconstructions_from_a_layer_keep_the_groups_above_and_sample_those_below():
+    """From layer 2 of two: z_2 from the posterior, z_1 from p(z_1 | z_2); the bottom
+    group's bottom-up features are then never read (NaN there stays out), while the
+    ordinary reconstruction (layer 1) reads them. The same draws by hand agree."""
+    model = _conv_model("iaf")
+    with torch.no_grad():
+        perturb(model, scale=0.1)
+    x = _binary(3)
+    feats = model.encode(x)
+    torch.manual_seed(5)
+    got = model.reconstruct_from_layer(x, 2)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        h = model.top(3)
+        h = model.layers[1].merge(h, model.layers[1].sample_posterior(h, feats[1])[0])
+        h = model.layers[0].merge(h, model.layers[0].sample_prior(h))
+        want = model.likelihood(model.head(h)).mean
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    poisoned = (torch.full_like(feats[0], float("nan")), feats[1])
+    model.encode = lambda x: poisoned
+    assert torch.isfinite(model.reconstruct_from_layer(x, 2)).all()
+    assert torch.isnan(model.reconstruct_from_layer(x, 1)).all()
+    with pytest.raises(ValueError, match=r"layer must be in 1\.\.2"):
+        model.reconstruct_from_layer(x, 3)
+
+
 def test_wrong_shapes_are_clear_errors():
-    model = _conv_model(flow=False)
+    model = _conv_model(None)
     with pytest.raises(ValueError, match=r"TopDownVAE expects data of shape \(B, 1, 8, 8\)"):
         model(torch.zeros(2, 1, 9, 9))
     with pytest.raises(ValueError, match="flow acts on"):
@@ -388,6 +437,15 @@ def test_wrong_shapes_are_clear_errors():
             nn.Identity(),
             (3, 2, 2),
             build_flow("iaf", 4, 1, 8),
+        )
+    with pytest.raises(ValueError, match="context vector only"):
+        TopDownLayer(
+            nn.Identity(),
+            nn.Identity(),
+            nn.Identity(),
+            nn.Identity(),
+            (2, 4, 4),
+            build_flow("realnvp_image", (2, 4, 4), 1, 8, context_features=3),
         )
 
 
@@ -439,6 +497,11 @@ def test_config_builds_it_and_rejects_what_does_not_fit():
     for override, key in bad:
         with pytest.raises(ConfigError, match=re.escape(key)):
             build_model(load_config(None, [*TINY, override]).model)
+    # The paper's conv IAF runs on each whole group, with the group's context map.
+    conv = build_model(load_config(None, [*TINY, 'model.posterior.flow="conv_iaf"']).model)
+    for layer, hw in zip(conv.layers, (14, 7), strict=True):
+        assert layer.flow.event_shape == (2, hw, hw) and layer.flow.takes_context_map
+    assert conv.kl_splits_over_dimensions
 
 
 def test_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
@@ -457,6 +520,9 @@ def test_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
         assert r["train/kl_layer1_nats"] + r["train/kl_layer2_nats"] == pytest.approx(
             r["train/kl_nats"], abs=1e-3
         )
+    from tests.test_hierarchy import _check_hierarchy_logs
+
+    _check_hierarchy_logs(tmp_path / "td", layers=2, sizes=(2 * 14 * 14, 2 * 7 * 7))
     assert cli_main(["eval", str(tmp_path / "td"), "--k", "6", "--chunk", "4"]) == 0
     capsys.readouterr()
     summary = json.loads((tmp_path / "td/summary.json").read_text())
@@ -464,3 +530,6 @@ def test_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
     assert math.isfinite(summary["test/nll_iw6_nats"])
     assert summary["test/elbo_nats"] <= -summary["test/nll_iw6_nats"] + 1e-6
     assert all(math.isfinite(summary[f"test/kl_layer{i}_nats"]) for i in (1, 2))
+    # active units per group, bottom first, add up to the model's
+    groups = [summary[f"test/active_units_layer{i}"] for i in (1, 2)]
+    assert sum(groups) == summary["test/active_units"] and groups[1] <= 98

@@ -128,8 +128,9 @@ class TopDownConfig:
     (arXiv:1606.04934, sec. 6, appendix C; :class:`vaeflow.models.topdown.TopDownVAE`).
 
     A ``[model.topdown]`` table selects it; ``model.posterior`` then describes every
-    group's posterior (a diagonal Gaussian, or one followed by a vector flow run over the
-    latent channels at every position, ``context_features`` its context channels), and
+    group's posterior (a diagonal Gaussian, or one followed by the paper's convolutional
+    IAF on the whole group, ``flow = "conv_iaf"``, or by a vector flow run over the latent
+    channels at every position; ``context_features`` the context map's channels), and
     ``model.latent_dim``, ``model.encoder``, ``model.decoder``, ``model.prior`` and
     ``model.upper_layers`` must stay unset (the groups' priors are the top-down blocks).
 

@@ -128,6 +128,11 @@ class Transform(nn.Module):
     #: latents is projected once per example, not once per sample.
     broadcasts_context: bool = False
 
+    #: True when an image layer also takes a context *feature map* ``(*, C, H, W)`` (with
+    #: its input's ``H, W``) besides a context vector broadcast over the positions: the
+    #: convolutional IAF, whose context in a ResNet VAE differs from position to position.
+    takes_context_map: bool = False
+
     #: True when the layer calls ``torch.autograd.grad`` inside its own passes (FFJORD's
     #: trace estimator, residual flows' log-det series and inverse): evaluation must then
     #: run under ``no_grad``, not ``inference_mode``, where autograd cannot be re-enabled.
@@ -144,23 +149,26 @@ class Transform(nn.Module):
     #: True when the log-det of a vector flow is a sum of per-position terms, one per
     #: output feature, that :meth:`forward_dims` / :meth:`inverse_dims` return unsummed
     #: (elementwise-scaling layers: the affine and gated autoregressive layers, and stacks
-    #: of them with permutations). Free bits per latent dimension (Kingma et al. 2016)
+    #: of them with permutations; on images, the convolutional IAF, per element of the
+    #: feature map). Free bits per latent dimension (Kingma et al. 2016)
     #: need it for flow posteriors; a layer without it keeps the default False.
     splits_logdet: bool = False
 
     def forward_dims(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """:meth:`forward` with the log-det per output position ``(*, D)`` (sum = log-det).
+        """:meth:`forward` with the log-det per output position ``(*, *event_shape)``
+        (``(*, D)`` for vectors; sum = log-det).
 
-        Only for ``splits_logdet`` layers on vectors.
+        Only for ``splits_logdet`` layers.
         """
         raise NotImplementedError(
             f"{type(self).__name__} does not split its log-det over dimensions"
         )
 
     def inverse_dims(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """:meth:`inverse` with the log-det per output position ``(*, D)`` (sum = log-det).
+        """:meth:`inverse` with the log-det per output position ``(*, *event_shape)``
+        (``(*, D)`` for vectors; sum = log-det).
 
-        Only for ``splits_logdet`` layers on vectors.
+        Only for ``splits_logdet`` layers.
         """
         raise NotImplementedError(
             f"{type(self).__name__} does not split its log-det over dimensions"
@@ -361,6 +369,7 @@ class Inverse(Transform):
         self.transform = transform
         self.zero_logdet = transform.zero_logdet
         self.splits_logdet = transform.splits_logdet
+        self.takes_context_map = transform.takes_context_map
 
     def apply_map(self, x: Tensor, inverse: bool = False) -> Tensor:
         return self.transform.apply_map(x, not inverse)

@@ -21,6 +21,7 @@ from dataclasses import KW_ONLY, dataclass
 from .autoregressive import build_gated_iaf, build_iaf, build_maf
 from .base import Transform
 from .continuous import build_ffjord
+from .conv_autoregressive import build_conv_iaf
 from .coupling import build_nice, build_realnvp
 from .glow import build_glow, build_realnvp_image
 from .planar import (
@@ -126,6 +127,15 @@ FLOWS: dict[str, FlowSpec] = {
         exact=True,
         one_pass="sampling",
         summary="inverse autoregressive flow, gated update (Kingma et al. 2016)",
+    ),
+    "conv_iaf": FlowSpec(
+        build_conv_iaf,
+        data="image",
+        density=True,
+        sampling=True,
+        exact=True,
+        one_pass="sampling",
+        summary="IAF with masked 3x3 convs over a feature map (Kingma et al. 2016)",
     ),
     "nsf_coupling": FlowSpec(
         build_nsf_coupling,

@@ -45,6 +45,30 @@ def _posterior_flow(cfg: PosteriorConfig, latent_dim: int) -> Transform:
     )
 
 
+def _group_flow(cfg: PosteriorConfig, latent_shape: tuple[int, int, int]) -> Transform:
+    """A top-down group's posterior flow: an image flow that takes a context map on the
+    whole ``(Z, H, W)`` group (``conv_iaf``, the paper's), or a vector flow on its ``Z``
+    channels run at every position (:class:`~vaeflow.models.topdown.TopDownLayer`)."""
+    name = cfg.flow
+    if name in FLOWS and FLOWS[name].data == "image" and FLOWS[name].sampling:
+        try:
+            flow = build_flow(
+                name, latent_shape, cfg.num_layers, cfg.hidden, cfg.context_features, **cfg.options
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.posterior ({name!r} on {latent_shape}): {e}") from None
+        if flow.takes_context_map or not cfg.context_features:
+            return flow
+    if name in FLOWS and FLOWS[name].data == "image":
+        maps = [n for n in flow_names("image") if FLOWS[n].sampling]
+        raise ConfigError(
+            f"model.posterior.flow = {name!r}: a group's context is a feature map, which "
+            f"this image flow does not take; use a vector flow or one of {maps} that takes "
+            "maps (conv_iaf), or context_features = 0"
+        )
+    return _posterior_flow(cfg, latent_shape[0])
+
+
 class _BaseEncode(nn.Module):
     """Maps pseudo-inputs to the posterior base's Gaussian ``(mu, log_std)`` (VampPrior).
 
@@ -166,8 +190,8 @@ def _build_topdown(
         )
     flow = post.flow is not None
 
-    def make_flow() -> Transform | None:
-        return _posterior_flow(post, td.latent_channels) if flow else None
+    def make_flow(latent_shape: tuple[int, int, int]) -> Transform | None:
+        return _group_flow(post, latent_shape) if flow else None
 
     layers = resnet_topdown_layers(
         td.channels,

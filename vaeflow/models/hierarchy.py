@@ -88,6 +88,12 @@ class ConditionalGaussian(nn.Module):
         return mu + temperature * torch.exp(log_std) * torch.randn_like(mu)
 
 
+def _check_layer(layer: int, num_layers: int) -> None:
+    """``layer`` is a stochastic layer's 1-based index (bottom = 1), or a ValueError."""
+    if not 1 <= layer <= num_layers:
+        raise ValueError(f"layer must be in 1..{num_layers} (bottom = 1), got {layer}")
+
+
 def _sample_one_each(posterior: nn.Module, h: Tensor) -> PosteriorSample:
     """One posterior sample per row of features ``h (K, B, H)``: every field ``(K, B, ...)``.
 
@@ -279,6 +285,26 @@ class BottomUpVAE(ImportanceSampled, nn.Module):
         """Reconstruct ``x (B, *x_shape)`` through one sample ``z_1 ~ q(z_1|x)``."""
         s = self.posteriors[0].sample(self.encode(x), 1)
         dist = self.likelihood(self.decoder(s.z[0]))
+        return dist.mean if mean else dist.sample()
+
+    @torch.no_grad()
+    def reconstruct_from_layer(self, x: Tensor, layer: int, mean: bool = True) -> Tensor:
+        """What ``z_layer`` alone encodes: ``x (B, *x_shape) -> (B, *x_shape)``.
+
+        One ancestral posterior sample up to ``z_layer ~ q(z_layer | z_{layer-1})``, then
+        the layers below regenerated from the prior conditionals ``p(z_{l-1} | z_l)``
+        (samples, temperature 1) and decoded. ``layer = 1`` is :meth:`reconstruct`; the
+        higher the layer, the less of ``x`` survives. The construction used to show what
+        the upper layers of a hierarchy encode (e.g. Maaløe et al. 2019, BIVA,
+        arXiv:1902.02102; Havtorn et al. 2021, arXiv:2102.08248; their figures were not
+        re-read for this code).
+        """
+        _check_layer(layer, self.num_layers)
+        samples = self.sample_posterior(self.encode(x), 1)[:layer]
+        z = samples[-1].z[0]
+        for cond in reversed(self.conditionals[: layer - 1]):
+            z = cond.sample(z)
+        dist = self.likelihood(self.decoder(z))
         return dist.mean if mean else dist.sample()
 
     @property

@@ -104,10 +104,13 @@ class TopDownLayer(nn.Module):
         merge: ``(h (N, *h_shape), z (N, *latent_shape)) -> h_next (N, *h_next_shape)``:
             the sample merged into the top-down stream (for the layer below, or the head).
         latent_shape: per-example shape of ``z_l``: ``(Z, H, W)`` or ``(D,)``.
-        flow: a vector :class:`~vaeflow.flows.base.Transform` on the ``Z`` channels with a
-            sampling direction (e.g. IAF), applied independently at every spatial position
-            (channels last), with the context's channels at that position; ``None`` for a
-            diagonal Gaussian posterior.
+        flow: a :class:`~vaeflow.flows.base.Transform` with a sampling direction, or
+            ``None`` for a diagonal Gaussian posterior. Either an image flow on the whole
+            group, ``event_shape == latent_shape`` (the paper's convolutional IAF,
+            ``conv_iaf``), given the context map ``(N, C, *spatial)`` itself (with a
+            context it must take maps, ``takes_context_map``); or a vector flow on the
+            ``Z`` channels, ``event_shape == (Z,)`` (e.g. ``iaf``), applied independently
+            at every spatial position (channels last) with the context's channels there.
     """
 
     def __init__(
@@ -123,10 +126,23 @@ class TopDownLayer(nn.Module):
         self.latent_shape = tuple(int(s) for s in latent_shape)
         if not self.latent_shape or min(self.latent_shape) < 1:
             raise ValueError(f"latent_shape must be non-empty and positive, got {latent_shape}")
-        if flow is not None and flow.event_shape != (self.latent_shape[0],):
+        if flow is not None and flow.event_shape not in (self.latent_shape, self.latent_shape[:1]):
             raise ValueError(
-                f"TopDownLayer: the flow acts on {flow.event_shape}, the latent has "
-                f"{self.latent_shape[0]} channels"
+                f"TopDownLayer: the flow acts on {flow.event_shape}, the latent is "
+                f"{self.latent_shape} (a flow acts on all of it or on its "
+                f"{self.latent_shape[0]} channels at every position)"
+            )
+        # (a vector latent (D,) takes a vector flow: the per-position path is the same map)
+        self.flow_on_group = (
+            flow is not None
+            and len(self.latent_shape) > 1
+            and flow.event_shape == self.latent_shape
+        )
+        if self.flow_on_group and flow.context_features and not flow.takes_context_map:
+            raise ValueError(
+                f"TopDownLayer: the image flow {type(flow).__name__} takes a context vector "
+                "only, but a group's context is a feature map; use one that takes maps "
+                "(conv_iaf) or no context"
             )
         self.up = up
         self.prior = prior
@@ -163,7 +179,17 @@ class TopDownLayer(nn.Module):
         # log N(eps; mu, sigma) from the standardised noise (no (eps - mu) / sigma round off)
         log_q_dims: Tensor | None = -0.5 * noise * noise - log_std - _HALF_LOG_2PI
         z, ld = eps, eps.new_zeros(eps.shape[0])
-        if self.flow is not None:
+        if self.flow_on_group:
+            # An image flow on the whole group (N, Z, H, W), its context map as it is.
+            if self.flow.splits_logdet:
+                z, ld_dims = self.flow.inverse_dims(eps, context)
+                log_q_dims = log_q_dims - ld_dims
+                ld = ld_dims.flatten(1).sum(-1)
+            else:
+                z, ld = self.flow.inverse(eps, context)
+                log_q = log_q_dims.flatten(1).sum(-1) - ld
+                log_q_dims = None
+        elif self.flow is not None:
             # A vector flow over the Z channels, run at every position: channels last,
             # (N, Z, H, W) -> (N, H, W, Z), its context alike (log q = log q0 - ld).
             ctx = None if context is None else context.movedim(1, -1)
@@ -392,6 +418,30 @@ class TopDownVAE(ImportanceSampled, nn.Module):
     def reconstruct(self, x: Tensor, mean: bool = True) -> Tensor:
         """Reconstruct ``x (B, *x_shape)`` through one posterior sample of every group."""
         h, _ = self.sample_posterior(self.encode(x), 1)
+        dist = self.likelihood(self.head(h))
+        return dist.mean if mean else dist.sample()
+
+    @torch.no_grad()
+    def reconstruct_from_layer(self, x: Tensor, layer: int, mean: bool = True) -> Tensor:
+        """What the groups from ``z_layer`` up encode: ``x (B, *x_shape) -> (B, *x_shape)``.
+
+        The top-down pass takes posterior samples for the groups ``z_L ... z_layer`` and
+        samples the groups below from their prior conditionals ``p(z_l | z_{>l})``
+        (temperature 1), then decodes. ``layer = 1`` is :meth:`reconstruct`; the higher
+        the layer, the less of ``x`` is kept. The same construction as
+        :meth:`vaeflow.models.hierarchy.BottomUpVAE.reconstruct_from_layer`.
+        """
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 1..{self.num_layers} (bottom = 1), got {layer}")
+        feats = self.encode(x)
+        h = self.top(x.shape[0])
+        for index in reversed(range(self.num_layers)):
+            group = self.layers[index]
+            if index + 1 >= layer:
+                z = group.sample_posterior(h, feats[index])[0]
+            else:
+                z = group.sample_prior(h)
+            h = group.merge(h, z)
         dist = self.likelihood(self.head(h))
         return dist.mean if mean else dist.sample()
 
@@ -630,7 +680,7 @@ def resnet_topdown_layers(
     latent_channels: int,
     layers_per_resolution: Sequence[int],
     stem_size: tuple[int, int],
-    make_flow: Callable[[], Transform | None],
+    make_flow: Callable[[tuple[int, int, int]], Transform | None],
     context_channels: int = 0,
     activation: str = "elu",
     weight_norm: bool = True,
@@ -647,7 +697,8 @@ def resnet_topdown_layers(
         latent_channels: ``Z`` latent feature maps per layer (``z_size``).
         layers_per_resolution: layers at each resolution, highest first (``depths``).
         stem_size: ``(H, W)`` after the stem.
-        make_flow: a fresh posterior flow on ``Z`` channels per layer, or ``None``.
+        make_flow: ``(Z, H, W) ->`` a fresh posterior flow for the layer's latent (on the
+            whole group or on its ``Z`` channels, see :class:`TopDownLayer`), or ``None``.
         context_channels: channels of the flow's context (0 without a flow).
         activation: of every block (the paper: ELU).
         weight_norm: weight-normalise every conv (the paper: yes).
@@ -682,7 +733,7 @@ def resnet_topdown_layers(
                         channels, latent_channels, down, activation, weight_norm, residual_scale
                     ),
                     (latent_channels, h, w),
-                    make_flow(),
+                    make_flow((latent_channels, h, w)),
                 )
             )
     return out

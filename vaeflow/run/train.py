@@ -336,9 +336,11 @@ class _State:
 
 @torch.no_grad()
 def validate_bounds(model: VAE, x: Tensor, k: int, batch_size: int) -> dict[str, float]:
-    """ELBO and IWAE-k (nats per example) on preprocessed data ``x (N, *x_shape)``."""
+    """ELBO and IWAE-k (nats per example) on preprocessed data ``x (N, *x_shape)``, and a
+    hierarchy's single-sample KL per layer (``kl_layer1``, ... bottom first)."""
     model.eval()
     sums = {"elbo": 0.0, "iwae": 0.0, "kl": 0.0, "recon": 0.0}
+    hierarchy = getattr(model, "num_layers", 1) > 1
     n = 0
     for xb in eval_batches(x, batch_size):
         ll = model.log_likelihood(xb, k=k, chunk=k)
@@ -346,6 +348,11 @@ def validate_bounds(model: VAE, x: Tensor, k: int, batch_size: int) -> dict[str,
         sums["iwae"] += ll.log_px.sum().item()
         sums["kl"] += ll.kl.sum().item()
         sums["recon"] += ll.log_px_z.sum().item()
+        if hierarchy:
+            # The KL per layer (bottom first) from one more sample per example: the
+            # chunked estimator keeps only per-example statistics, not the layers' terms.
+            for i, layer_kl in enumerate(model(xb, k=1).layer_kl, start=1):
+                sums[f"kl_layer{i}"] = sums.get(f"kl_layer{i}", 0.0) + layer_kl.sum().item()
         n += xb.shape[0]
     model.train()
     return {name: v / n for name, v in sums.items()}
@@ -942,6 +949,11 @@ def _validate(
         "val/active_units": latents["active_units"],
         "val/flow_logdet_nats": latents["flow_logdet"].mean().item(),
     }
+    # A hierarchy (bottom-up layers or top-down groups, bottom first): KL and active units
+    # per layer, as summary.json's test/kl_layer<i>_nats and test/active_units_layer<i>.
+    for i in range(1, len(latents["active_units_layers"]) + 1):
+        metrics[f"val/kl_layer{i}_nats"] = v[f"kl_layer{i}"]
+        metrics[f"val/active_units_layer{i}"] = latents["active_units_layers"][i - 1]
     logger.log_scalars(metrics, state.step)
     logger.log_histogram("val/posterior_mean", latents["mu"], state.step)
     logger.log_histogram("val/posterior_log_std", latents["log_std"], state.step)
@@ -971,11 +983,15 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
     # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.run.evaluate.active_units).
     variance = torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
     active = (variance > 0.01).sum().item()
+    sizes = getattr(model, "latent_dims", ())
+    per_layer = variance.split(list(sizes)) if len(sizes) > 1 else ()
     return {
         "mu": torch.cat(mus),
         "log_std": torch.cat(log_stds),
         "flow_logdet": torch.cat(lds),
         "active_units": float(active),
+        # per stochastic layer of a hierarchy, bottom first (empty for one layer)
+        "active_units_layers": [float((part > 0.01).sum().item()) for part in per_layer],
     }
 
 
@@ -988,7 +1004,10 @@ def _log_images(
     split: str = "val",
 ) -> None:
     """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples
-    (``<split>/prior_samples_t<T>``, temperatures 1 and 0.7).
+    (``<split>/prior_samples_t<T>``, temperatures 1 and 0.7). A hierarchy also logs, for
+    every layer ``l >= 2``, ``<split>/reconstructions_from_layer<l>``: the posterior
+    samples of the layers ``l`` and above kept, the layers below sampled from the prior
+    conditionals (``model.reconstruct_from_layer``): what those layers alone encode.
 
     Both sit in the ``<split>`` tag group, next to the curves they accompany: TensorBoard
     orders tag groups by name and opens the first two, so a group of their own
@@ -1003,6 +1022,10 @@ def _log_images(
         rec = model.reconstruct(x)
         grid = torch.cat([x, rec]).clamp(0, 1)
         logger.log_images(f"{split}/reconstructions", grid, step, nrow=16)
+        for layer in range(2, getattr(model, "num_layers", 1) + 1):
+            rec = model.reconstruct_from_layer(x, layer)
+            grid = torch.cat([x, rec]).clamp(0, 1)
+            logger.log_images(f"{split}/reconstructions_from_layer{layer}", grid, step, nrow=16)
         for temperature in (1.0, 0.7):
             images = model.sample(64, temperature=temperature).clamp(0, 1)
             logger.log_images(f"{split}/prior_samples_t{temperature:g}", images, step, nrow=8)
