@@ -9,10 +9,13 @@
     python benchmarks/nll_eval.py --small                      # smoke run
 
 ``--model``: ``mlp`` (the IWAE-size MLP VAE, ``--posterior`` / ``--prior`` flows) or one
-of the experiments' convolutional models, built from their configs: ``sylvester``
-(van den Berg et al.'s gated-conv VAE with O-SNF, ``experiments/vandenberg2018_sylvester``),
-``iaf_mnist`` (Kingma et al.'s MNIST ResNet VAE with IAF) and ``cifar10`` (their CIFAR-10
-ResNet VAE with IAF and a discretised logistic mixture; ``experiments/kingma2016_iaf``).
+of the experiments' full-budget models, built from their configs: ``sylvester`` (van den
+Berg et al.'s gated-conv VAE with O-SNF, ``experiments/vandenberg2018_sylvester``),
+``iaf_mnist`` (Kingma et al.'s MNIST ResNet VAE with IAF), ``cifar10`` (their CIFAR-10
+ResNet VAE with IAF and a discretised logistic mixture), ``topdown_cifar10`` (their
+CIFAR-10 ResNet VAE with bidirectional inference and a conv IAF in every group;
+``experiments/kingma2016_iaf``) and ``burda_two_layer`` (Burda et al.'s two-stochastic-layer
+MLP, ``experiments/burda2016_iwae/two_layer.toml``).
 
 Table 1 (speed): for each (batch, chunk), seconds per image over ``--images`` inputs
 (``batch`` images at a time, ``chunk`` importance samples per pass), the achieved FLOP rate
@@ -73,11 +76,13 @@ _CONVOLUTIONS = {_aten.convolution.default, _aten._convolution.default}
 # Under inference_mode (the evaluator's) these reach a dispatch mode undecomposed.
 _CONV2D = {_aten.conv2d.default: False, _aten.conv_transpose2d.input: True}
 
-# The experiments' convolutional models: (config, overrides that only shrink the smoke run).
-CONV_MODELS = {
+# The experiments' models, built from their configs (the full-budget networks).
+EXPERIMENT_MODELS = {
     "sylvester": ROOT / "experiments" / "vandenberg2018_sylvester" / "config.toml",
     "iaf_mnist": ROOT / "experiments" / "kingma2016_iaf" / "mnist.toml",
     "cifar10": ROOT / "experiments" / "kingma2016_iaf" / "cifar10.toml",
+    "burda_two_layer": ROOT / "experiments" / "burda2016_iwae" / "two_layer.toml",
+    "topdown_cifar10": ROOT / "experiments" / "kingma2016_iaf" / "topdown_cifar10.toml",
 }
 
 
@@ -96,10 +101,10 @@ def make_model(
     return build_model(from_dict(ModelConfig, cfg))
 
 
-def make_conv_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...], bool]:
-    """An experiment's convolutional model from its config: ``(model, x_shape, binary)``
-    (``binary``: Bernoulli data, else 8-bit images on the [0, 1] grid)."""
-    cfg = load_config(CONV_MODELS[name])
+def make_experiment_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...], bool]:
+    """An experiment's model from its config: ``(model, x_shape, binary)`` (``binary``:
+    Bernoulli data, else 8-bit images on the [0, 1] grid)."""
+    cfg = load_config(EXPERIMENT_MODELS[name])
     model = build_model(cfg.model)
     return model, tuple(cfg.model.x_shape), cfg.model.likelihood == "bernoulli"
 
@@ -295,7 +300,7 @@ def _mode_context(mode: str, device: torch.device) -> contextlib.AbstractContext
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=["mlp", *CONV_MODELS])
+    p.add_argument("--model", default="mlp", choices=["mlp", *EXPERIMENT_MODELS])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--images", type=int, default=20)
@@ -332,8 +337,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.posterior or 'gaussian'}, prior {args.prior or 'N(0,I)'}"
         )
     else:
-        model, x_shape, binary = make_conv_model(args.model)
-        what = f"{args.model} ({CONV_MODELS[args.model].relative_to(ROOT)})"
+        model, x_shape, binary = make_experiment_model(args.model)
+        what = f"{args.model} ({EXPERIMENT_MODELS[args.model].relative_to(ROOT)})"
     model = model.to(device).eval()
     if binary:
         x = torch.bernoulli(torch.full((args.images, *x_shape), 0.13)).to(device)

@@ -71,6 +71,9 @@ MODELS: dict[str, tuple[str, list[str]]] = {
             "data.batch_size=64",
         ],
     ),
+    # The hierarchies as their experiments configure them (issue 13's benchmarks).
+    "burda_two_layer": ("experiments/burda2016_iwae/two_layer.toml", []),
+    "topdown_cifar10": ("experiments/kingma2016_iaf/topdown_cifar10.toml", []),
 }
 """Name -> (config file, overrides): the benchmarked networks."""
 
@@ -99,6 +102,16 @@ SMALL = {
         "model.posterior.hidden=16",
         "model.posterior.context_features=8",
         "model.likelihood_options={num_mixtures=2}",
+        "data.batch_size=4",
+    ],
+    "burda_two_layer": ["model.latent_dim=4", "data.batch_size=4"],
+    "topdown_cifar10": [
+        "model.topdown.channels=8",
+        "model.topdown.latent_channels=2",
+        "model.topdown.layers_per_resolution=[1]",
+        "model.posterior.hidden=8",
+        "model.posterior.context_features=8",
+        "train.free_bits_group_size=1",
         "data.batch_size=4",
     ],
 }
