@@ -1,8 +1,8 @@
 """Many runs in one process: ``N`` training runs of one shape as one batched computation.
 
 :func:`train_stack` trains ``N`` configs that differ only in keys that change neither a
-tensor shape nor the structure of the update (seeds, the learning-rate schedule, Adam's
-constants, KL warm-up, clipping, EMA decay, validation, logging and checkpoint periods,
+tensor shape nor the structure of the update (seeds, the learning-rate schedule, the
+optimiser's constants, KL warm-up, clipping, EMA decay, validation, logging and checkpoint periods,
 early stopping, evaluation settings: :data:`STACKABLE_KEYS`). Each run ends exactly as it
 would alone: its own run directory, ``metrics.jsonl``, TensorBoard events, checkpoints,
 ``train_summary.json``; ``vaeflow eval`` and ``--resume`` (stacked or alone) work on it,
@@ -11,43 +11,48 @@ checks parameters, optimiser state and metrics in float64).
 
 How the runs stay independent:
 
-* **Set-up and persistence are the solo run's.** Every run is built by
+* **Set-up, update and persistence are the solo run's.** Every run is built by
   :func:`vaeflow.run.train._setup_run` (model under its ``train.seed``, data batches,
   optimiser, schedule, EMA, logger, run directory; or all of it restored from
-  ``last.pt``). Those objects remain the run's record: whenever a run has something to
-  log, validate, draw or save, its row of the stack is copied back into them and the
-  loop's own :func:`~vaeflow.run.train._periodic` and :func:`~vaeflow.run.train._finish`
-  do the work, so checkpoints, logs, validation, early stopping and summaries are the
-  solo code, not a copy of it.
-* **The stack is only the compute format.** The runs' parameters are rows of one leaf
-  tensor ``(N, P)`` (row ``r``: run ``r``'s parameters flattened in
-  ``named_parameters`` order), viewed per tensor and fed to one copy of the model with
-  :func:`torch.func.functional_call` under :func:`torch.func.vmap`: one forward and one
-  backward serve all runs (batched matmuls instead of ``N`` small ones). Buffers are not
+  ``last.pt``) and keeps those objects: its own optimiser steps on its parameters (its
+  kernel, state, learning rate from its own ``LambdaLR``, step count: any optimiser,
+  AdamNormGrad's per-tensor norms included), its EMA averages them, and the loop's own
+  :func:`~vaeflow.run.train._periodic` and :func:`~vaeflow.run.train._finish` log,
+  validate, checkpoint, stop early and summarise. The stack adds no copy of that code.
+* **Only the forward and backward are batched.** Parameter ``name`` of all runs is one
+  leaf ``(N, *shape)``, and each run's model parameters are views of its row
+  (``p.data``), so the optimisers update the stack in place and nothing is copied
+  between steps. One copy of the model runs under :func:`torch.func.vmap` with
+  :func:`torch.func.functional_call` on the stacked leaves: one forward and one backward
+  (batched matrix products) serve all runs; the runs share no parameter, so the
+  gradient of the summed losses has run ``r``'s gradient in row ``r``. Buffers are not
   stacked: the supported models' buffers are constants of the (shared) model config.
+  While a run's bookkeeping runs, its model gets parameters of its own
+  (:meth:`_Stack.alone`): ``torch.save`` of a view would write the whole stack.
 * **Randomness is an input.** The only random draw of a supported training step is the
   posterior noise ``(K, B, D)``. Each run owns a generator that starts from the global
   RNG state its set-up left (the stream a solo run draws from: ``train.seed``, or the
   checkpoint's), draws its noise outside ``vmap`` in the solo order, and the model takes
-  it as an argument (``VAE.forward(x, k, noise)``). ``vmap(randomness="different")``
+  it as an argument (``VAE.forward(x, k, noise)``); ``vmap(randomness="different")``
   would draw all runs from one stream. While a run's bookkeeping runs, its generator
   state is swapped into the global RNG, so its checkpoint's ``rng`` is its own stream and
   validation's forked RNG starts where the solo run's would.
 * **Data order** comes from each run's own :class:`~vaeflow.data.TrainBatches`
   (``data.seed``) at its own step (runs need not be at the same step).
-* **The update is per run.** Gradient norms, clipping (``clip_norm`` per run, never a
-  global norm), the skip decision (non-finite loss or gradient, ``skip_grad_norm``),
-  Adam with each run's learning rate (read from its own ``LambdaLR``), betas, eps,
-  weight decay and step count, and the EMA with its own decay and warm-up count. Adam
-  is elementwise, so the ``(N, P)`` update equals ``N`` solo updates (torch's fused
-  kernel rounds in another order: equal to float tolerance, not bitwise). A skipped
-  run's row (parameters, moments, EMA) is restored after the batched update.
+* **Per-run decisions.** Gradient norms and clipping are per run (``clip_norm`` of each
+  run on its own norm, never a global one), computed batched; so is the skip decision
+  (non-finite loss or gradient, ``skip_grad_norm``): a skipped run's optimiser and EMA
+  do not step. The likelihood's data check (a data-dependent branch ``vmap`` cannot
+  take) runs once per step on all runs' batches, outside ``vmap``.
 * Runs **leave the stack** when they complete, stop early, reach ``stop_after_step`` or
-  diverge; their rows are dropped and the others go on.
+  diverge; the others are restacked without them and go on.
+
+Equality with a solo run is to float rounding, not bitwise: batched matrix products sum
+in another order than single ones (float64: ~1e-16; ``tests/test_stack.py``).
 
 Scope: one-stochastic-layer MLP VAEs (``mlp`` encoder and decoder, Gaussian posterior or
 the flows in :data:`STACKABLE_FLOWS`, priors in :data:`STACKABLE_PRIORS`, Bernoulli
-likelihood), Adam, one process (no DDP), eager (no ``train.compile``). Anything else is a
+likelihood), one process (no DDP), eager (no ``train.compile``). Anything else is a
 :class:`~vaeflow.config.ConfigError` naming the key (:func:`check_stackable`).
 """
 
@@ -141,7 +146,6 @@ def check_stackable(cfg: Config) -> None:
         (t.compile, "train.compile", "true"),
         (t.amp, "train.amp", "true"),
         (t.channels_last, "train.channels_last", "true"),
-        (t.optimizer != "adam", "train.optimizer", repr(t.optimizer)),
         (t.prior_lr_scale != 1.0, "train.prior_lr_scale", t.prior_lr_scale),
         (t.prior_freeze_steps != 0, "train.prior_freeze_steps", t.prior_freeze_steps),
         (m.encoder.name != "mlp", "model.encoder.name", repr(m.encoder.name)),
@@ -158,7 +162,7 @@ def check_stackable(cfg: Config) -> None:
                 f"{key} = {value} cannot be trained in a stack (vaeflow.run.stack supports "
                 "one-stochastic-layer MLP VAEs with a Bernoulli likelihood, posterior flow "
                 f"in {sorted(map(str, STACKABLE_FLOWS))}, prior in "
-                f"{sorted(STACKABLE_PRIORS)}, Adam, one eager process); train it alone "
+                f"{sorted(STACKABLE_PRIORS)}, one eager process); train it alone "
                 "(vaeflow train, or vaeflow sweep without --stack)"
             )
 
@@ -198,41 +202,6 @@ def _check_same_shape(cfgs: Sequence[Config]) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where each parameter lives in a run's flat row ``(P,)``: ``named_parameters`` order."""
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-    offsets: tuple[int, ...]
-    size: int
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> _Layout:
-        names, shapes, offsets, n = [], [], [], 0
-        for name, p in model.named_parameters():
-            names.append(name)
-            shapes.append(p.shape)
-            offsets.append(n)
-            n += p.numel()
-        return cls(tuple(names), tuple(shapes), tuple(offsets), n)
-
-    def views(self, flat: Tensor) -> dict[str, Tensor]:
-        """``flat (*lead, P)`` as ``{name: (*lead, *shape)}`` views."""
-        lead = flat.shape[:-1]
-        return {
-            name: flat[..., o : o + shape.numel()].view(*lead, *shape)
-            for name, shape, o in zip(self.names, self.shapes, self.offsets, strict=True)
-        }
-
-    def row(self, tensors: Sequence[Tensor]) -> Tensor:
-        """Tensors in layout order -> one flat row ``(P,)``."""
-        return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
 # ----------------------------------------------------------------------------- the stack
 
 
@@ -246,13 +215,18 @@ class _Member:
 
 
 class _Stack:
-    """The stacked state of the runs still training: parameters, Adam moments, update
-    counts, EMA; each ``(N, P)`` (or ``(N,)``), row ``r`` for ``members[r]``."""
+    """The runs still training, their parameters stacked: ``params[name]`` is a leaf
+    ``(N, *shape)`` whose row ``r`` is ``members[r]``'s parameter ``name``.
+
+    Each member's own model parameters are views of its rows (``p.data``), so its solo
+    optimiser, EMA, validation and checkpoints read and write the stack directly: the
+    batched forward/backward fills ``params[name].grad``, each run's optimiser steps on
+    its rows (its own kernel, state, learning rate and step count, exactly as alone).
+    """
 
     def __init__(self, members: list[_Member]) -> None:
-        self.members = members
         model = members[0].run.model
-        self.layout = _Layout.of(model)
+        self.names = [name for name, _ in model.named_parameters()]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # The module functional_call runs: parameters come from the stack; its likelihood
@@ -260,87 +234,58 @@ class _Stack:
         # every run's batch once, as the evaluator checks data once per batch.
         self.template = copy.deepcopy(model)
         self.template.likelihood.validate = False
-        rows = [self._rows_from_solo(m.run) for m in members]
-        self.params = torch.stack([r[0] for r in rows]).requires_grad_()
-        self.exp_avg = torch.stack([r[1] for r in rows])
-        self.exp_avg_sq = torch.stack([r[2] for r in rows])
-        self.updates = [r[3] for r in rows]
-        self.shadow = None if members[0].run.ema is None else torch.stack([r[4] for r in rows])
-        self._set_constants()
         self._loss = vmap(self._run_loss, in_dims=(0, 0, 0, 0))
-
-    # -- between the stack and the solo objects
-
-    def _rows_from_solo(self, run: _Run) -> tuple[Tensor, Tensor, Tensor, int, Tensor | None]:
-        """A solo run's parameters, Adam moments and update count, EMA shadow as rows."""
-        params = list(run.model.parameters())
-        state = [run.opt.state.get(p, {}) for p in params]
-        if any(state) and not all(state):
-            raise ValueError("stacking needs Adam state for all parameters or none")
-        zeros = torch.zeros(self.layout.size, dtype=self.dtype, device=self.device)
-        m = self.layout.row([s["exp_avg"] for s in state]) if state[0] else zeros
-        v = self.layout.row([s["exp_avg_sq"] for s in state]) if state[0] else zeros.clone()
-        updates = int(state[0]["step"]) if state[0] else 0
-        shadow = None
-        if run.ema is not None:
-            shadow = self.layout.row([run.ema.shadow[n] for n in self.layout.names])
-        return self.layout.row(params), m, v, updates, shadow
+        self.members: list[_Member] = []
+        self.params: dict[str, Tensor] = {}
+        self._bind(members)
 
     @torch.no_grad()
-    def sync(self, i: int) -> None:
-        """Copy row ``i`` back into its solo run: model, Adam state, EMA."""
-        run = self.members[i].run
-        for p, view in zip(
-            run.model.parameters(), self.layout.views(self.params[i]).values(), strict=True
-        ):
-            p.copy_(view)
-        sd = run.opt.state_dict()
-        if self.updates[i] > 0:
-            m, v = self.layout.views(self.exp_avg[i]), self.layout.views(self.exp_avg_sq[i])
-            sd["state"] = {
-                j: {
-                    "step": torch.tensor(float(self.updates[i])),
-                    "exp_avg": m[name].clone(),
-                    "exp_avg_sq": v[name].clone(),
-                }
-                for j, name in enumerate(self.layout.names)
-            }
-        run.opt.load_state_dict(sd)  # casts "step" to what the (fused) kernel wants
-        if run.ema is not None:
-            assert self.shadow is not None
-            for name, view in self.layout.views(self.shadow[i]).items():
-                run.ema.shadow[name].copy_(view)
-            run.ema.updates = self.updates[i]
+    def _bind(self, members: list[_Member]) -> None:
+        """Stack ``members``' parameters and make each model's parameters views of them."""
+        self.members = members
+        if not members:
+            self.params = {}
+            return
+        models = [dict(m.run.model.named_parameters()) for m in members]
+        self.params = {
+            name: torch.stack([p[name].detach() for p in models]).requires_grad_()
+            for name in self.names
+        }
+        for i, params in enumerate(models):
+            for name, p in params.items():
+                p.data = self.params[name].detach()[i]
+        self.clip = torch.tensor(
+            [
+                math.inf if m.run.cfg.train.clip_norm is None else m.run.cfg.train.clip_norm
+                for m in members
+            ],
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @contextlib.contextmanager
+    def alone(self, i: int) -> Iterator[None]:
+        """Member ``i``'s model on parameters of its own for the block (its bookkeeping):
+        ``torch.save`` of a view would write the whole stack into its checkpoint."""
+        params = list(self.members[i].run.model.named_parameters())
+        for _, p in params:
+            p.data = p.data.clone()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params:
+                    row = self.params[name].detach()[i]
+                    row.copy_(p.data)
+                    p.data = row
 
     def drop(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (runs that left the stack are synced already)."""
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.members = [self.members[i] for i in keep]
-        self.params = self.params.detach()[idx].requires_grad_()
-        self.exp_avg, self.exp_avg_sq = self.exp_avg[idx], self.exp_avg_sq[idx]
-        self.updates = [self.updates[i] for i in keep]
-        if self.shadow is not None:
-            self.shadow = self.shadow[idx]
-        self._set_constants()
-
-    def _set_constants(self) -> None:
-        """Per-run constants as ``(N, 1)`` columns: Adam's, clipping, skipping, EMA."""
-        cfgs = [m.run.cfg.train for m in self.members]
-
-        def column(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float64, device=self.device)[:, None]
-
-        self.beta1 = column([t.betas[0] for t in cfgs])
-        self.beta2 = column([t.betas[1] for t in cfgs])
-        self.eps = column([t.eps for t in cfgs]).to(self.dtype)
-        self.weight_decay = column([t.weight_decay for t in cfgs]).to(self.dtype)
-        # No clip_norm clips at infinity, as the solo loop does (the factor is then 1).
-        self.clip = column([math.inf if t.clip_norm is None else t.clip_norm for t in cfgs])
-        self.clip = self.clip.to(self.dtype)[:, 0]
-        self.ema_decay = [t.ema_decay for t in cfgs]
-        self.any_weight_decay = any(t.weight_decay != 0 for t in cfgs)
-
-    # -- the batched step
+        """Keep only members ``keep``; the others' models get parameters of their own."""
+        for i, m in enumerate(self.members):
+            if i not in keep:
+                for p in m.run.model.parameters():
+                    p.data = p.data.clone()
+        self._bind([self.members[i] for i in keep])
 
     def _run_loss(
         self, params: dict[str, Tensor], x: Tensor, noise: Tensor, beta: Tensor
@@ -376,20 +321,30 @@ class _Stack:
         )
         betas = [_beta(r.cfg, r.state.step) for r in runs]
         beta = torch.tensor(betas, dtype=self.dtype, device=self.device)
-        self.params.grad = None
-        loss, *terms = self._loss(self.layout.views(self.params), x, noise, beta)
+        for p in self.params.values():
+            p.grad = None
+        loss, *terms = self._loss(self.params, x, noise, beta)
         loss.sum().backward()  # the runs share no parameter: row r gets run r's gradient
-        grad = self.params.grad
+        grads = {name: p.grad for name, p in self.params.items()}
         with torch.no_grad():
-            # clip_grad_norm_ per run: the norm before clipping is the one logged.
-            norm = torch.linalg.vector_norm(grad, dim=1)
-            grad.mul_(torch.clamp(self.clip / (norm + 1e-6), max=1.0)[:, None])
+            # clip_grad_norm_ per run: the norm of the per-tensor norms, before clipping.
+            per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()]
+            norm = torch.linalg.vector_norm(torch.stack(per_tensor, dim=1), dim=1)
+            coef = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
+            for g in grads.values():
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
             losses, norms = loss.detach().tolist(), norm.tolist()
-            reasons = [
-                _skip_reason(lo, gn, r.cfg.train.skip_grad_norm)
-                for lo, gn, r in zip(losses, norms, runs, strict=True)
-            ]
-            self._adam_and_ema([r is None for r in reasons], [r.opt for r in runs])
+        reasons = [
+            _skip_reason(lo, gn, r.cfg.train.skip_grad_norm)
+            for lo, gn, r in zip(losses, norms, runs, strict=True)
+        ]
+        for i, (run, reason) in enumerate(zip(runs, reasons, strict=True)):
+            if reason is None:  # the solo update on this run's rows
+                for name, p in run.model.named_parameters():
+                    p.grad = grads[name][i]
+                run.opt.step()
+                if run.ema is not None:
+                    run.ema.update(run.model)
         self._last = (loss.detach(), [t.detach() for t in terms], norms, betas, reasons)
         return reasons
 
@@ -399,53 +354,6 @@ class _Stack:
         loss, terms, norms, betas, reasons = self._last
         run_terms = Terms(terms[0][i], terms[1][i], terms[2][i], flow_logdet=terms[3][i])
         return StepResult(loss[i], run_terms, norms[i], betas[i], reasons[i])
-
-    @torch.no_grad()
-    def _adam_and_ema(self, applied: list[bool], opts: list[torch.optim.Optimizer]) -> None:
-        """``torch.optim.Adam``'s update of every applied row (each with its own learning
-        rate, constants and step count), then the EMA; skipped rows stay as they were."""
-        skipped = [i for i, a in enumerate(applied) if not a]
-        if len(skipped) == len(applied):
-            return
-        backup = None
-        if skipped:
-            idx = torch.tensor(skipped, dtype=torch.long, device=self.device)
-            backup = [t[idx].clone() for t in self._row_tensors()]
-        self.updates = [n + int(a) for n, a in zip(self.updates, applied, strict=True)]
-        step = torch.tensor(
-            [max(n, 1) for n in self.updates], dtype=torch.float64, device=self.device
-        )[:, None]
-        lr = torch.tensor(
-            [opt.param_groups[0]["lr"] for opt in opts], dtype=torch.float64, device=self.device
-        )[:, None]
-        p, g = self.params, self.params.grad
-        if self.any_weight_decay:
-            g = g.add(p * self.weight_decay)
-        # The arithmetic of torch.optim.Adam (amsgrad off), one (N, 1) column per constant.
-        self.exp_avg.lerp_(g, (1 - self.beta1).to(self.dtype))
-        self.exp_avg_sq.mul_(self.beta2.to(self.dtype)).addcmul_(
-            g * (1 - self.beta2).to(self.dtype), g
-        )
-        step_size = (lr / (1 - self.beta1**step)).to(self.dtype)
-        bias_correction2_sqrt = torch.sqrt(1 - self.beta2**step).to(self.dtype)
-        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        p.sub_((self.exp_avg / denom).mul_(step_size))
-        if self.shadow is not None:
-            # EMA.update: d_n = min(decay, (1 + n) / (10 + n)), n = updates before this one.
-            weight = [
-                1.0 - min(decay, n / (9 + n))
-                for decay, n in zip(self.ema_decay, self.updates, strict=True)
-            ]
-            w = torch.tensor(weight, dtype=self.dtype, device=self.device)[:, None]
-            self.shadow.lerp_(p, w)
-        if backup is not None:
-            for t, saved in zip(self._row_tensors(), backup, strict=True):
-                t.index_copy_(0, idx, saved)
-            self.updates = [n - int(i in skipped) for i, n in enumerate(self.updates)]
-
-    def _row_tensors(self) -> list[Tensor]:
-        out = [self.params, self.exp_avg, self.exp_avg_sq]
-        return out + ([self.shadow] if self.shadow is not None else [])
 
 
 def _skip_reason(loss: float, grad_norm: float, skip_grad_norm: float | None) -> str | None:
@@ -547,20 +455,25 @@ def train_stack(
             stack = _Stack(training)
         while stack is not None and stack.members:
             reasons = stack.step()
-            keep = []
+            keep, leaving = [], []
             for i, (m, reason) in enumerate(zip(stack.members, reasons, strict=True)):
                 try:
                     status = _after_step(stack, i, m, reason, stop_after_step)
                 except TrainingDiverged as e:  # this run stops, as alone; the others go on
-                    summaries[order[id(m)]] = {"status": "diverged", "error": str(e)}
-                    m.run.logger.close()
-                    continue
+                    status = f"diverged: {e}"
                 if status is None:
                     keep.append(i)
                 else:
-                    leave(m, status)
-            if len(keep) < len(stack.members):
+                    leaving.append((m, status))
+            if leaving:
                 stack.drop(keep)
+            for m, status in leaving:
+                if status.startswith("diverged: "):
+                    # As train() leaves a diverged run: last.pt saved, no summary file.
+                    summaries[order[id(m)]] = {"status": "diverged", "error": status[10:]}
+                    m.run.logger.close()
+                else:
+                    leave(m, status)
     finally:
         for m in members:
             m.run.progress.close()
@@ -586,8 +499,7 @@ def _after_step(
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
         run.sched.step()
     if skip_reason is not None and run.state.consecutive_skips >= t.max_consecutive_skips:
-        stack.sync(i)
-        with _own_rng(m.gen):
+        with stack.alone(i), _own_rng(m.gen):
             run.save("last.pt")
         raise TrainingDiverged(
             f"{run.state.consecutive_skips} consecutive updates skipped at step {step} "
@@ -597,14 +509,11 @@ def _after_step(
         )
     finished = run.state.step >= t.steps
     if _periodic_due(run):
-        stack.sync(i)
-        with _own_rng(m.gen):
+        with stack.alone(i), _own_rng(m.gen):
             early = _periodic(run, stack.result(i))
         if early is not None:
             return early
     stopped = stop_after_step is not None and run.state.step >= stop_after_step
-    if stopped or finished:
-        stack.sync(i)
     if stopped:
         return f"stopped after step {run.state.step} (stop_after_step)"
     return "completed" if finished else None
