@@ -222,3 +222,21 @@ set = {json.dumps(overrides)}
     out = tmp_path / "report"
     assert cli_main(["report", str(tmp_path / "runs" / "st"), "-o", str(out)]) == 0
     assert any(out.iterdir())
+
+
+def test_iaf_posterior_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:
+    iaf = [
+        'model.posterior.flow="iaf"',
+        "model.posterior.num_layers=2",
+        "model.posterior.hidden=8",
+        "model.posterior.context_features=4",
+        "train.steps=3",
+    ]
+    cfgs = [_cfg(*iaf, "train.seed=0"), _cfg(*iaf, "train.seed=1", "train.lr=2e-3")]
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"solo{i}", splits=splits)
+    train_stack(cfgs, [tmp_path / "st0", tmp_path / "st1"], splits=splits)
+    for i in range(2):
+        a, b = tmp_path / f"solo{i}", tmp_path / f"st{i}"
+        _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
+        _assert_same_metrics(a, b)
