@@ -155,6 +155,16 @@ def test_nll_eval_benchmark_smoke() -> None:
         assert achieved > 0, line  # the FLOP counter saw the model's matmuls
 
 
+def test_stack_benchmark_smoke() -> None:
+    """N stacked runs vs N sequential runs: one table row per N."""
+    proc = _run_script(
+        "stack.py", "--small", "--sizes", "1", "2", "--steps", "2", "--repeats", "1"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2, proc.stdout
+
+
 def test_matmul_trace_counts_exact_flops() -> None:
     """nll_eval's FLOP counter: 2*m*k*n per matmul, for 3-D linears (addmm), bmm, baddbmm."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -8,6 +8,7 @@ Thin by design: parse, build the config, call the library.
     vaeflow eval runs/quickstart --k 5000    # test NLL, ELBO, bpd, active units
     vaeflow sample runs/quickstart --n 64
     vaeflow sweep SWEEP.toml --jobs 2        # a grid of runs, resumable; --dry-run lists it
+    vaeflow sweep SWEEP.toml --stack 16      # seeds (lr, ...) of one shape: one batched run
     vaeflow report runs/my_sweep -o results/my_sweep   # mean +- std tables and figures
     vaeflow data pack SRC_ROOT DST_ROOT      # CIFAR-10: torchvision layout -> npz layout
 """
@@ -205,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sample)
 
     from .tools.report import add_report_parser
-    from .tools.sweep import add_sweep_parser
+    from .tools.sweep import add_sweep_parser, add_train_stack_parser
 
     add_sweep_parser(sub)
+    add_train_stack_parser(sub)
     add_report_parser(sub)
 
     d = sub.add_parser("data", help="dataset utilities")

@@ -422,12 +422,15 @@ class _LogitBernoulli(_TorchBernoulli):
     (about 4 ns per element): ``log(1 + e)`` for ``e = exp(-|l|)`` in ``(0, 1]`` is within
     one float32 ulp of ``log1p(e)``, so the result matches torch's to ~3e-7 nats per pixel
     (tested against float64). With autograd, torch's own (exact-gradient) formula is used:
-    the decomposition above has the wrong subgradient at ``l = 0`` exactly.
+    the decomposition above has the wrong subgradient at ``l = 0`` exactly. "With
+    autograd" is grad mode, not ``requires_grad``: under ``torch.func.vmap`` (stacked
+    training) the per-run tensors do not report the outer graph's ``requires_grad``, and
+    the in-place path would overwrite values that graph saved.
     """
 
     def log_prob(self, value: Tensor) -> Tensor:
         logits = self.logits
-        if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
+        if torch.is_grad_enabled():
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)

@@ -82,10 +82,16 @@ class GaussianPosterior(nn.Module):
         # log N(mu + sigma e; mu, sigma) per dimension, from the standardised value e.
         return -0.5 * eps_std**2 - log_std - _HALF_LOG_2PI
 
-    def sample(self, h: Tensor, k: int = 1) -> PosteriorSample:
-        """Draw ``k`` samples per example: see :class:`PosteriorSample` for shapes."""
+    def sample(self, h: Tensor, k: int = 1, noise: Tensor | None = None) -> PosteriorSample:
+        """Draw ``k`` samples per example: see :class:`PosteriorSample` for shapes.
+
+        ``noise``: the standard-normal draws ``(K, B, D)`` to use; ``None`` draws them from
+        the global generator. Stacked training (``vaeflow.run.stack``) passes each run's
+        own draws, so the sampling itself stays free of random state (and vmaps).
+        """
         mu, log_std = self.params(h)
-        noise = torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)
+        if noise is None:
+            noise = torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)
         z = mu + torch.exp(log_std) * noise
         dims = self._log_normal_dims(noise, log_std)
         return PosteriorSample(z, dims.sum(-1), dims, z.new_zeros(z.shape[:-1]), mu, log_std)
@@ -128,9 +134,13 @@ class FlowPosterior(nn.Module):
     def _context(self, h: Tensor) -> Tensor | None:
         return None if self.context is None else self.context(h)
 
-    def sample(self, h: Tensor, k: int = 1) -> PosteriorSample:
-        """Draw ``k`` samples per example; ``log_q`` comes from the same pass."""
-        base = self.base.sample(h, k)
+    def sample(self, h: Tensor, k: int = 1, noise: Tensor | None = None) -> PosteriorSample:
+        """Draw ``k`` samples per example; ``log_q`` comes from the same pass.
+
+        ``noise``: the base's standard-normal draws ``(K, B, D)`` (see
+        :meth:`GaussianPosterior.sample`); ``None`` draws them.
+        """
+        base = self.base.sample(h, k, noise)
         # A flow whose log-det splits over positions (IAF, gated IAF) gives log q per
         # dimension too: log q0(eps_d) minus the log-scales that moved position d, which
         # per-dimension free bits floor exactly as they floor a Gaussian's (Kingma et al.

@@ -165,23 +165,31 @@ class VAE(ImportanceSampled, nn.Module):
         return self.encoder(x)
 
     def terms_from_features(
-        self, x: Tensor, h: Tensor, k: int = 1
+        self, x: Tensor, h: Tensor, k: int = 1, noise: Tensor | None = None
     ) -> tuple[Terms, PosteriorSample]:
         """Draw ``k`` posterior samples given encoder features and score them.
+
+        ``noise``: the posterior's standard-normal draws ``(K, B, D)``; ``None`` draws them
+        from the global generator.
 
         Returns the :class:`~vaeflow.models.bounds.Terms` (each ``(K, B)``) and the posterior
         sample (for logging latent statistics).
         """
-        s = self.posterior.sample(h, k)
+        # Only when given: a posterior of one's own (PosteriorLike) need not take noise.
+        s = self.posterior.sample(h, k) if noise is None else self.posterior.sample(h, k, noise)
         log_pz = self.prior.log_prob(s.z)
         log_pz_dims = self.prior.log_prob_dims(s.z) if s.log_q_dims is not None else None
         log_px_z = self.likelihood(self.decoder(s.z)).log_prob(x)
         terms = Terms(log_px_z, log_pz, s.log_q, log_pz_dims, s.log_q_dims, s.flow_logdet)
         return terms, s
 
-    def forward(self, x: Tensor, k: int = 1) -> Terms:
-        """``x (B, *x_shape) -> Terms`` with ``(K, B)`` log-terms from ``k`` samples."""
-        return self.terms_from_features(x, self.encode(x), k)[0]
+    def forward(self, x: Tensor, k: int = 1, noise: Tensor | None = None) -> Terms:
+        """``x (B, *x_shape) -> Terms`` with ``(K, B)`` log-terms from ``k`` samples.
+
+        ``noise``: the posterior's standard-normal draws ``(K, B, D)`` (stacked training
+        passes each run's own); ``None`` draws them from the global generator.
+        """
+        return self.terms_from_features(x, self.encode(x), k, noise)[0]
 
     def log_terms_from_features(
         self, x: Tensor, h: Tensor, n: int

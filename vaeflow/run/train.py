@@ -807,6 +807,20 @@ def _periodic(run: _Run, result: StepResult) -> str | None:
     return None
 
 
+def _periodic_due(run: _Run) -> bool:
+    """Whether :func:`_periodic` has anything to do at ``run.state.step`` (its conditions,
+    gathered: stacked training copies a run out of its stack only then)."""
+    t, state = run.cfg.train, run.state
+    return (
+        state.step % t.log_every == 0
+        or state.step == t.steps
+        or (run.has_val and state.step % t.val_every == 0)
+        or bool(t.image_every and state.step % t.image_every == 0)
+        or state.step % t.ckpt_every == 0
+        or (t.early_stopping is not None and state.bad_validations >= t.early_stopping)
+    )
+
+
 def _log_step(run: _Run, result: StepResult) -> None:
     """The training scalars of the step just taken, and the progress line."""
     terms = result.terms

@@ -42,6 +42,15 @@ run one sweep process per GPU with ``CUDA_VISIBLE_DEVICES`` set (or ``jobs > 1``
 when the points fit on one device together); placing jobs on GPUs is the user's (or the
 scheduler's) job. For a cluster, :func:`commands` / :func:`write_commands` give one
 shell-quoted ``vaeflow train`` command per pending point.
+
+Stacking (``--stack N``, :func:`stack_groups`): pending points whose configs differ only
+in keys that change no shape (seeds, learning rate and schedule, KL warm-up, clipping,
+...: :data:`vaeflow.run.stack.STACKABLE_KEYS`) are trained in groups of at most ``N`` as
+one batched computation (``vaeflow train-stack SWEEP.toml POINT ...``, one subprocess
+per group, log ``logs/stack__<first point>.log``); each point still gets its own
+ordinary run directory, evaluated as ``vaeflow train`` evaluates it. Points that cannot
+be stacked (:func:`vaeflow.run.stack.check_stackable`) or have no partner run alone, as
+without ``--stack``.
 """
 
 from __future__ import annotations
@@ -75,7 +84,10 @@ __all__ = [
     "write_commands",
     "write_sweep_hparams",
     "run_sweep",
+    "stack_groups",
+    "train_points_stacked",
     "add_sweep_parser",
+    "add_train_stack_parser",
 ]
 
 _TOP_LEVEL_KEYS = {"base", "name", "root", "seeds", "set", "grid", "variant", "extends"}
@@ -455,6 +467,74 @@ def write_sweep_hparams(points: Sequence[Point], directory: str | Path) -> Path:
     )
 
 
+def stack_groups(points: Sequence[Point], size: int) -> list[list[Point]]:
+    """Split ``points`` into stacks of at most ``size``: points with equal
+    :func:`vaeflow.run.stack.stack_key` in sweep order; a point that cannot be stacked
+    (or a stack of one) is a group of one, trained alone."""
+    from ..run.stack import check_stackable, stack_key  # torch only when stacking
+
+    if size < 1:
+        raise ConfigError(f"--stack must be >= 1, got {size}")
+    by_key: dict[str, list[list[Point]]] = {}
+    groups: list[list[Point]] = []
+    for p in points:
+        cfg = load_config(p.base, p.overrides)
+        try:
+            check_stackable(cfg)
+        except ConfigError:
+            groups.append([p])
+            continue
+        chunks = by_key.setdefault(stack_key(cfg), [])
+        if not chunks or len(chunks[-1]) == size:
+            chunks.append([])
+            groups.append(chunks[-1])
+        chunks[-1].append(p)
+    return groups
+
+
+def _stack_args(sweep_path: str | Path, group: Sequence[Point], extra: Sequence[str]) -> list[str]:
+    return ["train-stack", str(sweep_path), *(p.name for p in group), *extra]
+
+
+def train_points_stacked(
+    sweep_path: str | Path, names: Sequence[str], evaluate: bool = True
+) -> dict[str, str]:
+    """Train the named points of a sweep as one stack (``vaeflow train-stack``), each
+    continued from its checkpoint when it has one; then evaluate each finished run as
+    ``vaeflow train`` does. Returns ``{name: status}`` (``diverged`` runs are not
+    evaluated).
+
+    Raises:
+        ConfigError: an unknown point name, or points that cannot share a stack.
+    """
+    from ..run.evaluate import evaluate_run
+    from ..run.stack import train_stack
+
+    points = {p.name: p for p in expand(sweep_path, validate=False)}
+    unknown = [n for n in names if n not in points]
+    if unknown:
+        raise ConfigError(f"{sweep_path}: no point(s) named {', '.join(unknown)}")
+    chosen = [points[n] for n in names]
+    cfgs = [load_config(p.base, p.overrides) for p in chosen]
+    resume = [needs_resume(p) for p in chosen]
+    summaries = train_stack(cfgs, [p.run_dir for p in chosen], resume=resume)
+    statuses = {}
+    for p, summary in zip(chosen, summaries, strict=True):
+        print(f"{p.name}: {summary['status']}", flush=True)
+        if summary["status"] == "diverged":
+            print(f"  {summary['error']}", flush=True)
+        elif evaluate and not summary["status"].startswith("stopped"):
+            evaluate_run(p.run_dir)
+        statuses[p.name] = summary["status"]
+    return statuses
+
+
+def _point_result(point: Point, first: dict[str, Any]) -> dict[str, Any]:
+    """The status of a point trained in the same stack (the same process) as ``first``'s."""
+    finished = first["returncode"] == 0 and is_finished(point)
+    return {**first, "status": "finished" if finished else "failed"}
+
+
 def _run_point(point: Point, args: list[str], log_path: Path) -> dict[str, Any]:
     start = time.time()
     with open(log_path, "w") as log:
@@ -476,6 +556,7 @@ def run_sweep(
     dry_run: bool = False,
     threads: int | None = None,
     extra_args: Sequence[str] = (),
+    stack: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the sweep's pending points as subprocesses, at most ``jobs`` at a time.
 
@@ -486,6 +567,8 @@ def run_sweep(
         dry_run: print and return the points and commands; run and create nothing.
         threads: ``--threads`` for every subprocess (torch CPU threads).
         extra_args: more ``vaeflow train`` arguments for every point.
+        stack: train pending points in stacks of at most this many
+            (:func:`stack_groups`); ``None``: every point alone.
 
     Returns:
         One dict per point, in sweep order: ``name``, ``run_dir``, ``overrides``,
@@ -499,6 +582,10 @@ def run_sweep(
     points = expand(sweep_path)
     sweep = load_sweep(sweep_path)
     extra = list(extra_args) + (["--threads", str(threads)] if threads else [])
+    pending = [p for p in points if not is_finished(p)]
+    groups = stack_groups(pending, stack) if stack else [[p] for p in pending]
+    group_of = {p.name: g for g in groups for p in g}
+    stack_extra = ["--threads", str(threads)] if threads else []
     statuses: list[dict[str, Any]] = []
     for p in points:
         done = is_finished(p)
@@ -507,7 +594,18 @@ def run_sweep(
                 "name": p.name,
                 "run_dir": str(p.run_dir),
                 "overrides": list(p.overrides),
-                "command": commands([p], extra_args=extra)[0],
+                "command": (
+                    commands([p], extra_args=extra)[0]
+                    if len(group_of.get(p.name, [p])) == 1
+                    else " ".join(
+                        [
+                            "vaeflow",
+                            *map(
+                                shlex.quote, _stack_args(sweep_path, group_of[p.name], stack_extra)
+                            ),
+                        ]
+                    )
+                ),
                 "status": "skipped" if done else ("resume" if needs_resume(p) else "pending"),
                 "returncode": None,
             }
@@ -522,18 +620,26 @@ def run_sweep(
     # An interrupted write of sweep.json; each point's run cleans its own run directory.
     remove_stale_temps(sweep.directory)
     write_sweep_hparams(points, sweep.directory)
-    todo = [(i, p) for i, p in enumerate(points) if statuses[i]["status"] != "skipped"]
+    index = {p.name: i for i, p in enumerate(points)}
 
-    def work(item: tuple[int, Point]) -> None:
-        i, p = item
-        args = [sys.executable, "-m", "vaeflow", *_train_args(p, extra)]
-        print(f"start {p.name}", flush=True)
-        result = _run_point(p, args, log_dir / f"{p.name}.log")
-        statuses[i].update(result)
-        print(f"{result['status']} {p.name} (exit {result['returncode']})", flush=True)
+    def work(group: list[Point]) -> None:
+        if len(group) == 1:
+            p = group[0]
+            args = [sys.executable, "-m", "vaeflow", *_train_args(p, extra)]
+            log = log_dir / f"{p.name}.log"
+        else:
+            args = [sys.executable, "-m", "vaeflow", *_stack_args(sweep_path, group, stack_extra)]
+            log = log_dir / f"stack__{group[0].name}.log"
+        names = ", ".join(p.name for p in group)
+        print(f"start {names}" + (" (stacked)" if len(group) > 1 else ""), flush=True)
+        first = _run_point(group[0], args, log)
+        for p in group:  # each point's status: its own run directory decides
+            result = first if p is group[0] else _point_result(p, first)
+            statuses[index[p.name]].update(result)
+            print(f"{result['status']} {p.name} (exit {result['returncode']})", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(work, todo))
+        list(pool.map(work, groups))
     record = {"sweep": str(sweep.path), "base": str(sweep.base), "points": statuses}
     write_text_atomic(sweep.directory / "sweep.json", json.dumps(record, indent=2) + "\n")
     failed = [s["name"] for s in statuses if s["status"] == "failed"]
@@ -553,7 +659,9 @@ def _sweep_command(args: argparse.Namespace) -> int:
         write_sweep_hparams(points, load_sweep(args.sweep).directory)
         print(f"wrote {len(pending)} command(s) to {path}")
         return 0  # handed to a scheduler: nothing runs here
-    statuses = run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, threads=args.threads)
+    statuses = run_sweep(
+        args.sweep, jobs=args.jobs, dry_run=args.dry_run, threads=args.threads, stack=args.stack
+    )
     if args.dry_run:
         return 0
     return 0 if all(s["status"] in ("finished", "skipped") for s in statuses) else 1
@@ -567,10 +675,38 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list points and commands only")
     s.add_argument("--threads", type=int, help="torch CPU threads per run")
     s.add_argument(
+        "--stack",
+        type=int,
+        metavar="N",
+        help="train up to N points that differ only in seeds and other shape-free "
+        "settings as one batched computation (ordinary run directories; "
+        "vaeflow.run.stack)",
+    )
+    s.add_argument(
         "--commands-file",
         metavar="PATH",
         help="write one shell command per unfinished point (for a cluster scheduler) "
         "and run nothing",
     )
     s.set_defaults(func=_sweep_command)
+    return s
+
+
+def _train_stack_command(args: argparse.Namespace) -> int:
+    """``vaeflow train-stack``: 0 when every point trained (and was evaluated)."""
+    statuses = train_points_stacked(args.sweep, args.points, evaluate=not args.no_eval)
+    return 0 if all(s != "diverged" for s in statuses.values()) else 1
+
+
+def add_train_stack_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train-stack SWEEP.toml POINT [POINT ...] [--no-eval] [--threads N]``."""
+    s = subparsers.add_parser(
+        "train-stack",
+        help="train named points of a sweep as one stack (what `sweep --stack` runs)",
+    )
+    s.add_argument("sweep", help="sweep TOML")
+    s.add_argument("points", nargs="+", metavar="POINT", help="point names (sweep --dry-run)")
+    s.add_argument("--no-eval", action="store_true", help="skip the test evaluations")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.set_defaults(func=_train_stack_command)
     return s

@@ -1,0 +1,145 @@
+"""Images per second of N stacked training runs against the same N runs one after another.
+
+    python benchmarks/stack.py                       # Burda 1-layer model, N = 1, 4, 16
+    python benchmarks/stack.py --sizes 1 4 --steps 20 --small   # smoke run
+
+The model is the Burda et al. 2016 one-stochastic-layer VAE of
+``experiments/burda2016_iwae/config.toml`` (MLP 784-200-200-50, tanh, Bernoulli, batch
+20, Adam), on random binary images of MNIST's shape (timing does not depend on pixel
+values, so no dataset is needed). The N runs differ in ``train.seed``.
+
+* **sequential**: each of the N runs is set up as ``vaeflow train`` sets it up
+  (``train._setup_run``) and makes ``--steps`` iterations of the training loop's own
+  step (``TrainBatches.batch`` + ``train._update_step`` + the state bookkeeping), one run
+  after the other.
+* **stacked**: the same N runs in one :class:`vaeflow.run.stack._Stack`, ``--steps``
+  iterations of its step and the per-run bookkeeping (``stack._after_step``: schedule
+  step, state, the periodic check).
+
+Logging, validation and checkpoints are kept out of the timed steps (their periods are
+set beyond ``--steps``) in both, as they are the same solo code in both. Set-up is not
+timed. One thread (``--threads``), both measured in the same process, side by side: on
+these shared machines only ratios from one run count. Each cell is the median of
+``--repeats`` timings of ``--steps`` iterations (after one warm-up block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import machine_header, markdown_table  # noqa: E402
+
+from vaeflow.config import Config, load_config  # noqa: E402
+from vaeflow.data import DataSplits  # noqa: E402
+from vaeflow.run.stack import _after_step, _Member, _Stack  # noqa: E402
+from vaeflow.run.train import _beta, _setup_run, _update_step  # noqa: E402
+
+CONFIG = ROOT / "experiments" / "burda2016_iwae" / "config.toml"
+SMALL = ["model.encoder.options={hidden=[32]}", "model.decoder.options={hidden=[32]}"]
+
+
+def _configs(n: int, small: bool) -> list[Config]:
+    far = 10**9  # no logging, validation or checkpoint inside the timed steps
+    common = [
+        "train.device=cpu",
+        f"train.steps={far}",
+        f"train.log_every={far}",
+        f"train.val_every={far}",
+        f"train.ckpt_every={far}",
+        *(SMALL if small else []),
+    ]
+    return [load_config(CONFIG, [*common, f"train.seed={seed}"]) for seed in range(n)]
+
+
+def _splits() -> DataSplits:
+    g = torch.Generator().manual_seed(0)
+    train = (torch.rand(2000, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    val = train[:400].clone()
+    return DataSplits(train, val, val, (1, 28, 28), "binary", "random")
+
+
+def _setup(cfgs: list[Config], root: Path) -> list[_Member]:
+    """The runs as ``train_stack`` sets them up: each with the noise stream its set-up
+    leaves in the global RNG."""
+    splits = _splits()
+    members = []
+    for i, cfg in enumerate(cfgs):
+        run = _setup_run(cfg, root / f"run{i}", False, splits)
+        gen = torch.Generator()
+        gen.set_state(torch.get_rng_state())
+        members.append(_Member(run, gen))
+    return members
+
+
+def _time_sequential(runs: list, steps: int) -> float:
+    start = time.perf_counter()
+    for run in runs:
+        t = run.cfg.train
+        for _ in range(steps):
+            step = run.state.step
+            result = _update_step(
+                run.model, run.step_model, run.opt, run.sched, run.ema,
+                run.batches.batch(step), t, beta=_beta(run.cfg, step), device=run.device,
+            )  # fmt: skip
+            run.state.record_update(result.skipped)
+            run.state.step = step + 1
+    return time.perf_counter() - start
+
+
+def _time_stacked(stack: _Stack, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        reasons = stack.step()
+        for i, (m, reason) in enumerate(zip(stack.members, reasons, strict=True)):
+            _after_step(stack, i, m, reason, None)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--steps", type=int, default=100, help="iterations per timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--small", action="store_true", help="tiny hidden layers (smoke run)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine_header("cpu", args.threads))
+    batch = _configs(1, args.small)[0].data.batch_size
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            cfgs = _configs(n, args.small)
+            seq_runs = [m.run for m in _setup(cfgs, Path(tmp) / f"seq{n}")]
+            stack = _Stack(_setup(cfgs, Path(tmp) / f"st{n}"))
+            _time_sequential(seq_runs, max(1, args.steps // 10))  # warm-up
+            _time_stacked(stack, max(1, args.steps // 10))
+            seq, st = [], []
+            for _ in range(args.repeats):  # alternate, so load changes hit both alike
+                seq.append(_time_sequential(seq_runs, args.steps))
+                st.append(_time_stacked(stack, args.steps))
+            images = n * args.steps * batch
+            seq_rate, st_rate = images / statistics.median(seq), images / statistics.median(st)
+            rows.append([n, f"{seq_rate:,.0f}", f"{st_rate:,.0f}", f"{st_rate / seq_rate:.2f}x"])
+            for run in [*seq_runs, *(m.run for m in stack.members)]:
+                run.logger.close()
+    print(
+        f"\nimages/s of N runs (Burda 1-layer VAE, batch {batch}, {args.steps} steps per "
+        f"timing, median of {args.repeats}, {args.threads} thread(s))\n"
+    )
+    print(markdown_table(["N", "sequential", "stacked", "stacked / sequential"], rows))
+
+
+if __name__ == "__main__":
+    main()

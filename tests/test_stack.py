@@ -1,0 +1,242 @@
+"""Stacked training (vaeflow.run.stack): N runs in one batched computation, each equal to
+the same run trained alone, in an ordinary run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaeflow.cli import main as cli_main
+from vaeflow.config import ConfigError, load_config
+from vaeflow.data import load_splits
+from vaeflow.run.checkpoint import load_checkpoint
+from vaeflow.run.logger import read_metrics
+from vaeflow.run.stack import train_stack
+from vaeflow.run.train import TrainingDiverged, train
+from vaeflow.tools import sweep as sw
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("VAEFLOW_DATA") or str(ROOT.parent / "shared" / "datasets")
+
+TINY = [
+    f'data.root="{DATA}"',
+    "data.batch_size=20",
+    "data.val_size=100",
+    "data.eval_batch_size=50",
+    "model.latent_dim=4",
+    "model.encoder.options={hidden=[16]}",
+    "model.decoder.options={hidden=[16]}",
+    "train.device=cpu",
+    "train.steps=6",
+    "train.log_every=2",
+    "train.val_every=3",
+    "train.val_k=3",
+    "train.ckpt_every=3",
+    "train.ema_decay=0.9",
+    "eval.k=4",
+    "eval.chunk=4",
+    "eval.n_test=20",
+]
+
+# Runs that differ in everything a stack lets differ, each exercising one per-run rule.
+RUNS = {
+    # A clip far below the gradient norm: clipping binds, on this run's own norm.
+    "clipped": ["train.seed=0", "train.clip_norm=1e-3"],
+    # Another clipped run: a global norm over both runs would scale both differently.
+    "clipped_lr": ["train.seed=1", "train.clip_norm=1e-3", "train.lr=3e-3", "data.seed=5"],
+    # KL warm-up (beta per run) and fewer steps: it leaves the stack early.
+    "warmup_short": ["train.seed=2", "train.kl_warmup_steps=4", "train.steps=4"],
+    # Every update skipped: diverges after two, as alone.
+    "skipping": ["train.seed=3", "train.skip_grad_norm=1e-9", "train.max_consecutive_skips=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_splits("mnist", DATA, val_size=100)
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*TINY, *extra])
+
+
+def _solo(cfg, run_dir: Path, splits) -> str:
+    try:
+        return train(cfg, run_dir, splits=splits)["status"]
+    except TrainingDiverged:
+        return "diverged"
+
+
+def _assert_same_checkpoint(a_path: Path, b_path: Path, tol: float = 1e-12) -> None:
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    assert a["step"] == b["step"]
+    assert b["train_state"] == pytest.approx(a["train_state"], rel=tol, abs=tol)
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=tol, atol=tol)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for j in sa:
+        for name in sa[j]:
+            torch.testing.assert_close(sb[j][name], sa[j][name], rtol=tol, atol=tol)
+    assert (a["ema"] is None) == (b["ema"] is None)
+    if a["ema"] is not None:
+        assert a["ema"]["updates"] == b["ema"]["updates"]
+        for key in a["ema"]["shadow"]:
+            torch.testing.assert_close(
+                b["ema"]["shadow"][key], a["ema"]["shadow"][key], rtol=tol, atol=tol
+            )
+    # The run's own noise stream, at the same place.
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+def _assert_same_metrics(a_dir: Path, b_dir: Path, tol: float = 1e-9) -> None:
+    a, b = read_metrics(a_dir), read_metrics(b_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if key != "time":
+                assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (ra["step"], key)
+
+
+def test_stack_equals_solo_runs_in_float64(tmp_path: Path, splits, float64) -> None:
+    cfgs = [_cfg(*extra) for extra in RUNS.values()]
+    solo = [_solo(c, tmp_path / f"solo_{n}", splits) for c, n in zip(cfgs, RUNS, strict=True)]
+    assert solo == ["completed", "completed", "completed", "diverged"]
+    stacked = train_stack(cfgs, [tmp_path / f"stack_{n}" for n in RUNS], splits=splits)
+    assert [s["status"] for s in stacked] == solo
+    for name in RUNS:
+        a, b = tmp_path / f"solo_{name}", tmp_path / f"stack_{name}"
+        _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
+        _assert_same_metrics(a, b)
+        assert (a / "train_summary.json").exists() == (b / "train_summary.json").exists()
+        assert (a / "checkpoints" / "best.pt").exists() == (b / "checkpoints" / "best.pt").exists()
+    # The clips bound (else per-run and global clipping would not be told apart) ...
+    for name in ("clipped", "clipped_lr"):
+        records = read_metrics(tmp_path / f"stack_{name}")
+        assert min(r["train/grad_norm"] for r in records if "train/grad_norm" in r) > 1e-2
+    # ... and the runs really differ (own seeds, data order, noise): no vacuous equality.
+    w = [
+        load_checkpoint(tmp_path / f"stack_{n}" / "checkpoints" / "last.pt")["model"]
+        for n in ("clipped", "clipped_lr", "warmup_short")
+    ]
+    key = "encoder.net.0.weight"
+    assert not torch.allclose(w[0][key], w[1][key]) and not torch.allclose(w[0][key], w[2][key])
+
+
+def test_runs_with_the_same_seed_but_other_data_order_differ(tmp_path: Path, splits) -> None:
+    """Same init and noise seed, other data.seed: only the batches differ, and that shows."""
+    cfgs = [_cfg("train.steps=2", "data.seed=0"), _cfg("train.steps=2", "data.seed=1")]
+    train_stack(cfgs, [tmp_path / "a", tmp_path / "b"], splits=splits)
+    train(cfgs[1], tmp_path / "solo_b", splits=splits)
+    a, b, solo_b = (
+        load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("a", "b", "solo_b")
+    )
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # the same noise stream
+    key = "encoder.net.0.weight"
+    assert not torch.allclose(a["model"][key], b["model"][key])
+    torch.testing.assert_close(b["model"][key], solo_b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_stack_equals_uninterrupted_stack(tmp_path: Path, splits, float64) -> None:
+    cfgs = [_cfg("train.seed=0"), _cfg("train.seed=1", "train.lr=2e-3")]
+    whole = [tmp_path / "whole0", tmp_path / "whole1"]
+    parts = [tmp_path / "part0", tmp_path / "part1"]
+    train_stack(cfgs, whole, splits=splits)
+    first = train_stack(cfgs, parts, splits=splits, stop_after_step=3)
+    assert [s["status"] for s in first] == ["stopped after step 3 (stop_after_step)"] * 2
+    rest = train_stack(cfgs, parts, resume=True, splits=splits)
+    assert [s["status"] for s in rest] == ["completed"] * 2
+    for a, b in zip(whole, parts, strict=True):
+        _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt", 0)
+        _assert_same_metrics(a, b, 0)
+
+
+def test_stacked_run_resumes_alone_and_evaluates(tmp_path: Path, splits) -> None:
+    """A stacked run directory is an ordinary one: `vaeflow train --resume` continues it
+    alone, `vaeflow eval` scores it."""
+    cfgs = [_cfg("train.seed=0", "train.steps=4"), _cfg("train.seed=1", "train.steps=4")]
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    train_stack(cfgs, dirs, splits=splits, stop_after_step=3)
+    train(cfgs[0], dirs[0], resume=True, splits=splits)  # the rest alone
+    train_stack(cfgs[1:], dirs[1:], resume=True, splits=splits)
+    train(cfgs[0], tmp_path / "solo0", splits=splits)
+    _assert_same_checkpoint(
+        tmp_path / "solo0" / "checkpoints" / "last.pt", dirs[0] / "checkpoints" / "last.pt", 1e-5
+    )
+    for d in dirs:
+        assert cli_main(["eval", str(d), "--k", "4", "--n-test", "20"]) == 0
+        summary = json.loads((d / "summary.json").read_text())
+        assert 0 < summary["test/nll_iw4_nats"] < 1000
+
+
+def test_unstackable_configs_are_refused_naming_the_key(tmp_path: Path, splits) -> None:
+    conv = _cfg('model.encoder.name="gated_conv"', "model.encoder.options={}")
+    with pytest.raises(ConfigError, match="model.encoder.name"):
+        train_stack([conv, conv], [tmp_path / "a", tmp_path / "b"], splits=splits)
+    with pytest.raises(ConfigError, match="train.compile"):
+        train_stack([_cfg("train.compile=true")], [tmp_path / "c"], splits=splits)
+    with pytest.raises(ConfigError, match="model.latent_dim"):
+        train_stack([_cfg(), _cfg("model.latent_dim=6")], [tmp_path / "d", tmp_path / "e"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_sweep_stack_makes_ordinary_run_dirs(tmp_path: Path) -> None:
+    base = tmp_path / "base.toml"
+    base.write_text("")
+    sweep = tmp_path / "sweep.toml"
+    root = json.dumps(str(tmp_path / "runs"))
+    overrides = [*TINY, "train.steps=3", "train.ckpt_every=3"]
+    sweep.write_text(
+        f"""base = "base.toml"
+name = "st"
+root = {root}
+seeds = [0, 1, 2]
+set = {json.dumps(overrides)}
+[grid]
+"model.encoder.name" = ["mlp", "gated_conv"]
+"""
+    )
+    points = sw.expand(sweep, validate=False)
+    groups = sw.stack_groups(points, 2)
+    # mlp seeds 0 and 1 together, seed 2 alone (the stack is full); gated_conv alone each.
+    assert [[p.name for p in g] for g in groups] == [
+        ["encoder.name=mlp__seed=0", "encoder.name=mlp__seed=1"],
+        ["encoder.name=mlp__seed=2"],
+        ["encoder.name=gated_conv__seed=0"],
+        ["encoder.name=gated_conv__seed=1"],
+        ["encoder.name=gated_conv__seed=2"],
+    ]
+    sweep.write_text(sweep.read_text().replace('["mlp", "gated_conv"]', '["mlp"]'))
+    statuses = sw.run_sweep(sweep, stack=2, threads=1)
+    assert [s["status"] for s in statuses] == ["finished"] * 3, [s["log"] for s in statuses]
+    assert "train-stack" in statuses[0]["command"] and "train-stack" not in statuses[2]["command"]
+    for p in sw.expand(sweep, validate=False):
+        for name in ("config.json", "metrics.jsonl", "train_summary.json", "summary.json"):
+            assert (p.run_dir / name).is_file(), (p.name, name)
+    out = tmp_path / "report"
+    assert cli_main(["report", str(tmp_path / "runs" / "st"), "-o", str(out)]) == 0
+    assert any(out.iterdir())
+
+
+def test_iaf_posterior_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:
+    iaf = [
+        'model.posterior.flow="iaf"',
+        "model.posterior.num_layers=2",
+        "model.posterior.hidden=8",
+        "model.posterior.context_features=4",
+        "train.steps=3",
+    ]
+    cfgs = [_cfg(*iaf, "train.seed=0"), _cfg(*iaf, "train.seed=1", "train.lr=2e-3")]
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"solo{i}", splits=splits)
+    train_stack(cfgs, [tmp_path / "st0", tmp_path / "st1"], splits=splits)
+    for i in range(2):
+        a, b = tmp_path / f"solo{i}", tmp_path / f"st{i}"
+        _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
+        _assert_same_metrics(a, b)

@@ -1,0 +1,519 @@
+"""Many runs in one process: ``N`` training runs of one shape as one batched computation.
+
+:func:`train_stack` trains ``N`` configs that differ only in keys that change neither a
+tensor shape nor the structure of the update (seeds, the learning-rate schedule, the
+optimiser's constants, KL warm-up, clipping, EMA decay, validation, logging and checkpoint periods,
+early stopping, evaluation settings: :data:`STACKABLE_KEYS`). Each run ends exactly as it
+would alone: its own run directory, ``metrics.jsonl``, TensorBoard events, checkpoints,
+``train_summary.json``; ``vaeflow eval`` and ``--resume`` (stacked or alone) work on it,
+and its trajectory equals the solo run's to float rounding (``tests/test_stack.py``
+checks parameters, optimiser state and metrics in float64).
+
+How the runs stay independent:
+
+* **Set-up, update and persistence are the solo run's.** Every run is built by
+  :func:`vaeflow.run.train._setup_run` (model under its ``train.seed``, data batches,
+  optimiser, schedule, EMA, logger, run directory; or all of it restored from
+  ``last.pt``) and keeps those objects: its own optimiser steps on its parameters (its
+  kernel, state, learning rate from its own ``LambdaLR``, step count: any optimiser,
+  AdamNormGrad's per-tensor norms included), its EMA averages them, and the loop's own
+  :func:`~vaeflow.run.train._periodic` and :func:`~vaeflow.run.train._finish` log,
+  validate, checkpoint, stop early and summarise. The stack adds no copy of that code.
+* **Only the forward and backward are batched.** Parameter ``name`` of all runs is one
+  leaf ``(N, *shape)``, and each run's model parameters are views of its row
+  (``p.data``), so the optimisers update the stack in place and nothing is copied
+  between steps. One copy of the model runs under :func:`torch.func.vmap` with
+  :func:`torch.func.functional_call` on the stacked leaves: one forward and one backward
+  (batched matrix products) serve all runs; the runs share no parameter, so the
+  gradient of the summed losses has run ``r``'s gradient in row ``r``. Buffers are not
+  stacked: the supported models' buffers are constants of the (shared) model config.
+  While a run's bookkeeping runs, its model gets parameters of its own
+  (:meth:`_Stack.alone`): ``torch.save`` of a view would write the whole stack.
+* **Randomness is an input.** The only random draw of a supported training step is the
+  posterior noise ``(K, B, D)``. Each run owns a generator that starts from the global
+  RNG state its set-up left (the stream a solo run draws from: ``train.seed``, or the
+  checkpoint's), draws its noise outside ``vmap`` in the solo order, and the model takes
+  it as an argument (``VAE.forward(x, k, noise)``); ``vmap(randomness="different")``
+  would draw all runs from one stream. While a run's bookkeeping runs, its generator
+  state is swapped into the global RNG, so its checkpoint's ``rng`` is its own stream and
+  validation's forked RNG starts where the solo run's would.
+* **Data order** comes from each run's own :class:`~vaeflow.data.TrainBatches`
+  (``data.seed``) at its own step (runs need not be at the same step).
+* **Per-run decisions.** Gradient norms and clipping are per run (``clip_norm`` of each
+  run on its own norm, never a global one), computed batched; so is the skip decision
+  (non-finite loss or gradient, ``skip_grad_norm``): a skipped run's optimiser and EMA
+  do not step. The likelihood's data check (a data-dependent branch ``vmap`` cannot
+  take) runs once per step on all runs' batches, outside ``vmap``.
+* Runs **leave the stack** when they complete, stop early, reach ``stop_after_step`` or
+  diverge; the others are restacked without them and go on.
+
+Equality with a solo run is to float rounding, not bitwise: batched matrix products sum
+in another order than single ones (float64: ~1e-16; ``tests/test_stack.py``).
+
+Scope: one-stochastic-layer MLP VAEs (``mlp`` encoder and decoder, Gaussian posterior or
+the flows in :data:`STACKABLE_FLOWS`, priors in :data:`STACKABLE_PRIORS`, Bernoulli
+likelihood), one process (no DDP), eager (no ``train.compile``). Anything else is a
+:class:`~vaeflow.config.ConfigError` naming the key (:func:`check_stackable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from ..config import Config, ConfigError, to_dict
+from ..data import DataSplits, load_splits
+from ..models.bounds import Terms, elbo, iwae
+from .logger import Progress, flatten_config
+from .train import (
+    StepResult,
+    TrainingDiverged,
+    _beta,
+    _finish,
+    _periodic,
+    _periodic_due,
+    _Run,
+    _setup_run,
+)
+
+__all__ = [
+    "STACKABLE_KEYS",
+    "STACKABLE_FLOWS",
+    "STACKABLE_PRIORS",
+    "check_stackable",
+    "stack_key",
+    "train_stack",
+]
+
+#: Config keys whose values may differ between the runs of one stack (everything else,
+#: ``eval.*`` and ``run.*`` aside, must be equal: see :func:`stack_key`).
+STACKABLE_KEYS: frozenset[str] = frozenset(
+    {
+        "data.seed",
+        "data.eval_batch_size",
+        "train.seed",
+        "train.steps",
+        "train.lr",
+        "train.betas",
+        "train.eps",
+        "train.weight_decay",
+        "train.lr_warmup_steps",
+        "train.lr_schedule",
+        "train.lr_decay",
+        "train.lr_decay_every",
+        "train.lr_milestones",
+        "train.min_lr_ratio",
+        "train.kl_warmup_steps",
+        "train.kl_warmup_start",
+        "train.clip_norm",
+        "train.skip_grad_norm",
+        "train.max_consecutive_skips",
+        "train.ema_decay",
+        "train.val_every",
+        "train.val_k",
+        "train.val_size",
+        "train.early_stopping",
+        "train.early_stopping_delay",
+        "train.log_every",
+        "train.image_every",
+        "train.ckpt_every",
+    }
+)
+_STACKABLE_SECTIONS = ("eval.", "run.")
+#: Posterior flows whose stacked training is tested equal to solo training.
+STACKABLE_FLOWS: frozenset[str | None] = frozenset({None, "iaf"})
+#: Priors whose stacked training is tested equal to solo training.
+STACKABLE_PRIORS: frozenset[str] = frozenset({"standard_normal"})
+
+
+def check_stackable(cfg: Config) -> None:
+    """Raise :class:`ConfigError`, naming the key, if ``cfg`` cannot train in a stack."""
+    m, t = cfg.model, cfg.train
+    refusals = [
+        (int(os.environ.get("WORLD_SIZE", "1")) > 1, "WORLD_SIZE", "data-parallel (torchrun)"),
+        (t.compile, "train.compile", "true"),
+        (t.amp, "train.amp", "true"),
+        (t.channels_last, "train.channels_last", "true"),
+        (t.prior_lr_scale != 1.0, "train.prior_lr_scale", t.prior_lr_scale),
+        (t.prior_freeze_steps != 0, "train.prior_freeze_steps", t.prior_freeze_steps),
+        (m.encoder.name != "mlp", "model.encoder.name", repr(m.encoder.name)),
+        (m.decoder.name != "mlp", "model.decoder.name", repr(m.decoder.name)),
+        (bool(m.upper_layers), "model.upper_layers", "a hierarchy"),
+        (m.topdown is not None, "model.topdown", "a top-down model"),
+        (m.likelihood != "bernoulli", "model.likelihood", repr(m.likelihood)),
+        (m.posterior.flow not in STACKABLE_FLOWS, "model.posterior.flow", repr(m.posterior.flow)),
+        (m.prior.name not in STACKABLE_PRIORS, "model.prior.name", repr(m.prior.name)),
+    ]
+    for refused, key, value in refusals:
+        if refused:
+            raise ConfigError(
+                f"{key} = {value} cannot be trained in a stack (vaeflow.run.stack supports "
+                "one-stochastic-layer MLP VAEs with a Bernoulli likelihood, posterior flow "
+                f"in {sorted(map(str, STACKABLE_FLOWS))}, prior in "
+                f"{sorted(STACKABLE_PRIORS)}, one eager process); train it alone "
+                "(vaeflow train, or vaeflow sweep without --stack)"
+            )
+
+
+def stack_key(cfg: Config) -> str:
+    """What must be equal for two configs to share a stack: the flattened config without
+    :data:`STACKABLE_KEYS`, ``eval.*`` and ``run.*``, plus whether an EMA is kept."""
+    flat = flatten_config(to_dict(cfg))
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if k not in STACKABLE_KEYS and not k.startswith(_STACKABLE_SECTIONS)
+    }
+    kept["train.ema"] = cfg.train.ema_decay is not None
+    return repr(sorted(kept.items()))
+
+
+def _check_same_shape(cfgs: Sequence[Config]) -> None:
+    """All configs stackable and equal outside :data:`STACKABLE_KEYS`; else name the key."""
+    for cfg in cfgs:
+        check_stackable(cfg)
+    first = flatten_config(to_dict(cfgs[0]))
+    for i, cfg in enumerate(cfgs[1:], start=1):
+        if stack_key(cfg) == stack_key(cfgs[0]):
+            continue
+        flat = flatten_config(to_dict(cfg))
+        keys = sorted(
+            k
+            for k in set(first) | set(flat)
+            if first.get(k) != flat.get(k)
+            and k not in STACKABLE_KEYS
+            and not k.startswith(_STACKABLE_SECTIONS)
+        ) or ["train.ema_decay (set in one run, none in the other)"]
+        raise ConfigError(
+            f"run {i} of the stack differs from run 0 in {', '.join(keys)}; runs of one "
+            f"stack may differ only in {', '.join(sorted(STACKABLE_KEYS))}, eval.* and run.*"
+        )
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class _Member:
+    """One run of the stack: its solo objects, its noise generator, its session counters."""
+
+    run: _Run
+    gen: torch.Generator
+    steps_done: int = 0
+
+
+class _Stack:
+    """The runs still training, their parameters stacked: ``params[name]`` is a leaf
+    ``(N, *shape)`` whose row ``r`` is ``members[r]``'s parameter ``name``.
+
+    Each member's own model parameters are views of its rows (``p.data``), so its solo
+    optimiser, EMA, validation and checkpoints read and write the stack directly: the
+    batched forward/backward fills ``params[name].grad``, each run's optimiser steps on
+    its rows (its own kernel, state, learning rate and step count, exactly as alone).
+    """
+
+    def __init__(self, members: list[_Member]) -> None:
+        model = members[0].run.model
+        self.names = [name for name, _ in model.named_parameters()]
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        # The module functional_call runs: parameters come from the stack; its likelihood
+        # does not check data (a data-dependent branch vmap cannot take): step() checks
+        # every run's batch once, as the evaluator checks data once per batch.
+        self.template = copy.deepcopy(model)
+        self.template.likelihood.validate = False
+        self._loss = vmap(self._run_loss, in_dims=(0, 0, 0, 0))
+        self.members: list[_Member] = []
+        self.params: dict[str, Tensor] = {}
+        self._bind(members)
+
+    @torch.no_grad()
+    def _bind(self, members: list[_Member]) -> None:
+        """Stack ``members``' parameters and make each model's parameters views of them."""
+        self.members = members
+        if not members:
+            self.params = {}
+            return
+        models = [dict(m.run.model.named_parameters()) for m in members]
+        self.params = {
+            name: torch.stack([p[name].detach() for p in models]).requires_grad_()
+            for name in self.names
+        }
+        for i, params in enumerate(models):
+            for name, p in params.items():
+                p.data = self.params[name].detach()[i]
+        self.clip = torch.tensor(
+            [
+                math.inf if m.run.cfg.train.clip_norm is None else m.run.cfg.train.clip_norm
+                for m in members
+            ],
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @contextlib.contextmanager
+    def alone(self, i: int) -> Iterator[None]:
+        """Member ``i``'s model on parameters of its own for the block (its bookkeeping):
+        ``torch.save`` of a view would write the whole stack into its checkpoint."""
+        params = list(self.members[i].run.model.named_parameters())
+        for _, p in params:
+            p.data = p.data.clone()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params:
+                    row = self.params[name].detach()[i]
+                    row.copy_(p.data)
+                    p.data = row
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only members ``keep``; the others' models get parameters of their own."""
+        for i, m in enumerate(self.members):
+            if i not in keep:
+                for p in m.run.model.parameters():
+                    p.data = p.data.clone()
+        self._bind([self.members[i] for i in keep])
+
+    def _run_loss(
+        self, params: dict[str, Tensor], x: Tensor, noise: Tensor, beta: Tensor
+    ) -> tuple[Tensor, ...]:
+        """One run's loss and log-terms (vmapped over runs): the solo step's objective."""
+        t = self.members[0].run.cfg.train
+        terms = functional_call(self.template, params, (x,), {"k": t.k, "noise": noise})
+        if t.objective == "iwae":
+            objective = iwae(terms)
+        else:
+            objective = elbo(
+                terms,
+                beta=beta,
+                free_bits=t.free_bits,
+                num_dims=self.template.latent_dim,
+                group_size=t.free_bits_group_size,
+            )
+        return -objective.mean(), terms.log_px_z, terms.log_pz, terms.log_qz, terms.flow_logdet
+
+    def step(self) -> list[str | None]:
+        """One update of every run in the stack; returns each run's skip reason (``None``:
+        applied); :meth:`result` gives the full :class:`StepResult` when it is needed."""
+        runs = [m.run for m in self.members]
+        t = runs[0].cfg.train
+        x = torch.stack([r.batches.batch(r.state.step) for r in runs])  # (N, B, *x_shape)
+        runs[0].model._check_data(x.flatten(0, 1))  # the check the solo likelihood makes
+        shape = (t.k, x.shape[1], self.template.latent_dim)
+        noise = torch.stack(
+            [
+                torch.randn(shape, generator=m.gen, dtype=self.dtype, device=self.device)
+                for m in self.members
+            ]
+        )
+        betas = [_beta(r.cfg, r.state.step) for r in runs]
+        beta = torch.tensor(betas, dtype=self.dtype, device=self.device)
+        for p in self.params.values():
+            p.grad = None
+        loss, *terms = self._loss(self.params, x, noise, beta)
+        loss.sum().backward()  # the runs share no parameter: row r gets run r's gradient
+        grads = {name: p.grad for name, p in self.params.items()}
+        with torch.no_grad():
+            # clip_grad_norm_ per run: the norm of the per-tensor norms, before clipping.
+            per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()]
+            norm = torch.linalg.vector_norm(torch.stack(per_tensor, dim=1), dim=1)
+            coef = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
+            for g in grads.values():
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+            losses, norms = loss.detach().tolist(), norm.tolist()
+        reasons = [
+            _skip_reason(lo, gn, r.cfg.train.skip_grad_norm)
+            for lo, gn, r in zip(losses, norms, runs, strict=True)
+        ]
+        for i, (run, reason) in enumerate(zip(runs, reasons, strict=True)):
+            if reason is None:  # the solo update on this run's rows
+                for name, p in run.model.named_parameters():
+                    p.grad = grads[name][i]
+                run.opt.step()
+                if run.ema is not None:
+                    run.ema.update(run.model)
+        self._last = (loss.detach(), [t.detach() for t in terms], norms, betas, reasons)
+        return reasons
+
+    def result(self, i: int) -> StepResult:
+        """Row ``i``'s :class:`StepResult` of the last :meth:`step` (built only when a run
+        logs: most steps need just the skip reason)."""
+        loss, terms, norms, betas, reasons = self._last
+        run_terms = Terms(terms[0][i], terms[1][i], terms[2][i], flow_logdet=terms[3][i])
+        return StepResult(loss[i], run_terms, norms[i], betas[i], reasons[i])
+
+
+def _skip_reason(loss: float, grad_norm: float, skip_grad_norm: float | None) -> str | None:
+    """The solo step's skip decision (``vaeflow.run.train._update_step``)."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if not math.isfinite(grad_norm):
+        return "non-finite gradient"
+    if skip_grad_norm is not None and grad_norm > skip_grad_norm:
+        return f"gradient norm {grad_norm:.3g} > {skip_grad_norm}"
+    return None
+
+
+@contextlib.contextmanager
+def _own_rng(gen: torch.Generator) -> Iterator[None]:
+    """Let the global generator of ``gen``'s device draw ``gen``'s stream (a run's
+    bookkeeping: validation forks it, checkpoints save it); keep what it drew."""
+    saved = _global_rng_state(gen.device)
+    _set_global_rng_state(gen.device, gen.get_state())
+    try:
+        yield
+    finally:
+        gen.set_state(_global_rng_state(gen.device))
+        _set_global_rng_state(gen.device, saved)
+
+
+def _global_rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_global_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def train_stack(
+    cfgs: Sequence[Config],
+    run_dirs: Sequence[str | Path] | None = None,
+    resume: bool | Sequence[bool] = False,
+    stop_after_step: int | None = None,
+    splits: DataSplits | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``cfgs`` as one stack; each run as :func:`vaeflow.run.train.train` would.
+
+    Args:
+        cfgs: validated configs, equal outside :data:`STACKABLE_KEYS` (else
+            :class:`ConfigError` naming the first differing key).
+        run_dirs: one run directory per config (default ``run.root / run.name``).
+        resume: continue every run (or, one flag per run, those runs) from ``last.pt``.
+        stop_after_step: stop each run (as if preempted) after this step.
+        splits: preloaded data (tests); default loads ``cfgs[0].data`` once for all.
+
+    Returns:
+        One summary per run, in order: what ``train`` returns (and writes as
+        ``train_summary.json``), or for a run that diverged ``{"status": "diverged",
+        "error": message}`` with ``last.pt`` saved and no summary file, as ``train`` leaves
+        a run that raises :class:`TrainingDiverged`.
+    """
+    if not cfgs:
+        raise ValueError("train_stack needs at least one config")
+    _check_same_shape(cfgs)
+    dirs = [Path(d) for d in (run_dirs or [Path(c.run.root) / c.run.name for c in cfgs])]
+    if len(dirs) != len(cfgs) or len(set(map(str, dirs))) != len(dirs):
+        raise ValueError("train_stack needs one distinct run directory per config")
+    flags = [resume] * len(cfgs) if isinstance(resume, bool) else list(resume)
+    if splits is None:
+        d = cfgs[0].data
+        splits = load_splits(d.dataset, d.root, val_size=d.val_size, download=True)
+    members = []
+    for i, (cfg, run_dir, flag) in enumerate(zip(cfgs, dirs, flags, strict=True)):
+        run = _setup_run(cfg, run_dir, flag, splits)
+        if i > 0:  # one progress line for the stack, not N fighting over one terminal line
+            run.progress = Progress(cfg.train.steps, enabled=False)
+        # _setup_run leaves the global RNG where this run's training draws start.
+        gen = torch.Generator(device=run.device)
+        gen.set_state(_global_rng_state(run.device))
+        members.append(_Member(run, gen))
+    summaries: dict[int, dict[str, Any]] = {}
+    order = {id(m): i for i, m in enumerate(members)}
+    t_start = time.perf_counter()
+
+    def leave(m: _Member, status: str) -> None:
+        with _own_rng(m.gen):
+            summaries[order[id(m)]] = _finish(
+                m.run, status, time.perf_counter() - t_start, m.steps_done
+            )
+
+    stack: _Stack | None = None
+    try:
+        for m in [m for m in members if m.run.state.step >= m.run.cfg.train.steps]:
+            leave(m, "completed")  # a resumed run that had already finished
+        training = [m for m in members if order[id(m)] not in summaries]
+        if training:
+            stack = _Stack(training)
+        while stack is not None and stack.members:
+            reasons = stack.step()
+            keep, leaving = [], []
+            for i, (m, reason) in enumerate(zip(stack.members, reasons, strict=True)):
+                try:
+                    status = _after_step(stack, i, m, reason, stop_after_step)
+                except TrainingDiverged as e:  # this run stops, as alone; the others go on
+                    status = f"diverged: {e}"
+                if status is None:
+                    keep.append(i)
+                else:
+                    leaving.append((m, status))
+            if leaving:
+                stack.drop(keep)
+            for m, status in leaving:
+                if status.startswith("diverged: "):
+                    # As train() leaves a diverged run: last.pt saved, no summary file.
+                    summaries[order[id(m)]] = {"status": "diverged", "error": status[10:]}
+                    m.run.logger.close()
+                else:
+                    leave(m, status)
+    finally:
+        for m in members:
+            m.run.progress.close()
+    return [summaries[i] for i in range(len(members))]
+
+
+def _after_step(
+    stack: _Stack, i: int, m: _Member, skip_reason: str | None, stop_after_step: int | None
+) -> str | None:
+    """The solo loop's bookkeeping after an update of member ``i``: the status with which
+    it leaves the stack, or ``None`` while it trains on.
+
+    Raises:
+        TrainingDiverged: too many consecutive skipped updates (``last.pt`` saved).
+    """
+    run, t = m.run, m.run.cfg.train
+    step = run.state.step
+    run.state.record_update(skip_reason is not None)
+    run.state.step = step + 1
+    m.steps_done += 1
+    with warnings.catch_warnings():
+        # The solo optimiser never steps here (the stack does it); torch warns about that.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        run.sched.step()
+    if skip_reason is not None and run.state.consecutive_skips >= t.max_consecutive_skips:
+        with stack.alone(i), _own_rng(m.gen):
+            run.save("last.pt")
+        raise TrainingDiverged(
+            f"{run.state.consecutive_skips} consecutive updates skipped at step {step} "
+            f"(last: {skip_reason}); the parameters before the failures are saved in "
+            f"{run.ckpt_dir / 'last.pt'}. Lower train.lr, set train.clip_norm, add "
+            "train.kl_warmup_steps, or raise train.max_consecutive_skips."
+        )
+    finished = run.state.step >= t.steps
+    if _periodic_due(run):
+        with stack.alone(i), _own_rng(m.gen):
+            early = _periodic(run, stack.result(i))
+        if early is not None:
+            return early
+    stopped = stop_after_step is not None and run.state.step >= stop_after_step
+    if stopped:
+        return f"stopped after step {run.state.step} (stop_after_step)"
+    return "completed" if finished else None
