@@ -32,5 +32,6 @@ def test_given_values_are_kept() -> None:
 def test_conv_decoders_and_other_devices_get_smaller_passes() -> None:
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert eval_pass_shape(5000, cuda, conv=True) == (1, 5000)
-    assert eval_pass_shape(5000, cpu, conv=True) == (1, 200)
+    assert eval_pass_shape(5000, cpu, conv=True) == (1, 1000)
+    assert eval_pass_shape(100, cuda, conv=True) == (50, 100)
     assert eval_pass_shape(5000, mps) == eval_pass_shape(5000, cpu)

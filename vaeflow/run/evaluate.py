@@ -194,9 +194,10 @@ def evaluate_model(
 #: 1,000 on the 2-core CPU; >= 100,000 on an H200, where smaller passes are host-bound).
 SAMPLES_PER_PASS = {"cpu": 1_000, "cuda": 100_000}
 #: The same for convolutional decoders, whose activations per sample are far larger: a
-#: 100,000-sample pass of a conv decoder does not fit a GPU (their best size is being
-#: measured; these are safe starting points).
-SAMPLES_PER_PASS_CONV = {"cpu": 200, "cuda": 5_000}
+#: 100,000-sample pass of a conv decoder does not fit a GPU. CPU: 1,000 (the Sylvester
+#: gated-conv VAE in NHWC: 4.8 s per image at 1,000 samples per pass against 5.4 s at 500,
+#: 480 MiB; benchmarks/README.md); CUDA: a safe starting point, not measured.
+SAMPLES_PER_PASS_CONV = {"cpu": 1_000, "cuda": 5_000}
 
 
 def eval_pass_shape(
