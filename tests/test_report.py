@@ -454,6 +454,22 @@ def test_learning_curves_mean_on_shared_steps_then_each_seed(tmp_path: Path) -> 
     assert labels == ["all runs"]
 
 
+def test_learning_curves_zoom_past_the_first_epochs(tmp_path: Path) -> None:
+    """The first validations sit hundreds of nats below the rest: the linear-x figure's y
+    axis covers the curves from ZOOM_FROM of training on (and the reference line), says
+    so in the legend note; the log-x figure shows everything."""
+    curve = (-320.0, -150.0, -110.0, -100.0, -96.0, -94.0, -93.0, -92.5, -92.2, -92.0, -91.9)
+    _write_run(tmp_path, "r", _config("iaf", 0), 85.0, curve=curve)
+    records = collect([tmp_path])
+    fig = learning_curves_figure(records, [], references={"paper": 85.57})
+    lo, hi = fig.axes[0].get_ylim()
+    assert -160 < lo < -150 and -85.57 < hi < -80, (lo, hi)  # -150 is at 10 % of x
+    notes = [t.get_text() for t in fig.legends[0].texts] + [fig.legends[0].get_title().get_text()]
+    assert any("from 10% of training on" in t for t in notes), notes
+    lo, _ = learning_curves_figure(records, [], log_x=True).axes[0].get_ylim()
+    assert lo < -320
+
+
 def test_metric_vs_key_and_heatmap_readable(tmp_path: Path) -> None:
     """A numeric key (latent dim) on top of the flow grid: the NLL-vs-key figure and the
     heat map use the same labels and styles; units and direction on the axes."""

@@ -66,8 +66,18 @@ __all__ = [
     "write_report",
 ]
 
-#: config keys that never define a group (seeds are averaged; names and paths are labels)
-EXCLUDED_KEYS: tuple[str, ...] = ("train.seed", "run.name", "run.root", "data.root")
+#: config keys that never define a group (seeds are averaged; names and paths are labels;
+#: the evaluation's pass shape, layout and compilation change the speed, not the estimate)
+EXCLUDED_KEYS: tuple[str, ...] = (
+    "train.seed",
+    "run.name",
+    "run.root",
+    "data.root",
+    "eval.batch_size",
+    "eval.chunk",
+    "eval.compile",
+    "eval.channels_last",
+)
 #: evaluation protocol: must agree within a group (summary fields, see :func:`collect`)
 PROTOCOL_KEYS: tuple[str, ...] = ("dataset", "binarization", "k", "n_examples", "test_examples")
 #: summary entries that are protocol, not metrics
@@ -972,6 +982,9 @@ def learning_curves_figure(
                 if not common and i == 0:
                     line = thin
         handles.append(line)
+    # Zoom before the reference lines exist (axhline's data are axes fractions), with
+    # their values kept in the range.
+    zoomed = not log_x and _zoom_to_late_training(ax, [-v for _, v in refs])
     ref_handles = _draw_references(ax, refs, sign=-1.0)
     handles += [h for h, _ in ref_handles]
     if log_x:
@@ -986,9 +999,38 @@ def learning_curves_figure(
     else:
         count = f"{n} seeds" if n else "seeds"
         note = f"line: mean over {count}\nband: min to max over seeds"
+    if zoomed:
+        note += f"\ny axis: from {ZOOM_FROM:.0%} of training on"
     _legend(fig, handles, legend_labels, note)
     _title(ax, labeller.title([r["config"] for r in records], keys), 5.2)
     return fig
+
+
+#: Linear-x learning curves show the y range of the curves from this fraction of the
+#: x axis on: the first epochs' bound is hundreds of nats below the rest and would squash
+#: the differences between rows into a few pixels.
+ZOOM_FROM = 0.1
+
+
+def _zoom_to_late_training(ax: Any, extra: Sequence[float] = ()) -> bool:
+    """Set the y limits to the plotted lines' values at ``x >= ZOOM_FROM * max x`` (and
+    ``extra`` values, e.g. reference lines) plus a margin. Returns whether it did (not
+    when nothing was plotted before that point, or nothing there lies below the rest)."""
+    points = [(x, y) for line in ax.get_lines() for x, y in zip(*line.get_data(), strict=True)]
+    xs = [float(x) for x, _ in points if math.isfinite(float(x))]
+    if not xs:
+        return False
+    start = ZOOM_FROM * max(xs)
+    late = [float(y) for x, y in points if float(x) >= start and math.isfinite(float(y))]
+    early = [float(y) for x, y in points if float(x) < start and math.isfinite(float(y))]
+    if not late or not early:
+        return False
+    lo, hi = min([*late, *extra]), max([*late, *extra])
+    if min(early) >= lo:  # nothing below the late range: no zoom needed
+        return False
+    pad = 0.08 * (hi - lo) if hi > lo else 1.0
+    ax.set_ylim(lo - pad, hi + pad)
+    return True
 
 
 def _log_x(ax: Any) -> None:
