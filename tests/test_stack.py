@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,13 @@ set = {json.dumps(overrides)}
         ["encoder.name=gated_conv__seed=2"],
     ]
     sweep.write_text(sweep.read_text().replace('["mlp", "gated_conv"]', '["mlp"]'))
+    # A commands file for a scheduler groups the same way: one train-stack line per
+    # stack, a plain train line for a point alone.
+    cmds = tmp_path / "cmds.txt"
+    assert cli_main(["sweep", str(sweep), "--stack", "2", "--commands-file", str(cmds)]) == 0
+    lines = [shlex.split(line) for line in cmds.read_text().splitlines()]
+    assert [line[1] for line in lines] == ["train-stack", "train"], lines
+    assert lines[0][2:] == [str(sweep), "encoder.name=mlp__seed=0", "encoder.name=mlp__seed=1"]
     statuses = sw.run_sweep(sweep, stack=2, threads=1)
     assert [s["status"] for s in statuses] == ["finished"] * 3, [s["log"] for s in statuses]
     assert "train-stack" in statuses[0]["command"] and "train-stack" not in statuses[2]["command"]

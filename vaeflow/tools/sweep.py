@@ -427,10 +427,27 @@ def write_commands(
     path: str | Path,
     python: str = "vaeflow",
     extra_args: Sequence[str] = (),
+    stack: int | None = None,
+    sweep_path: str | Path | None = None,
 ) -> Path:
-    """Write :func:`commands` one per line (atomically); returns the path."""
+    """Write :func:`commands` one per line (atomically); returns the path.
+
+    ``stack`` (with ``sweep_path``): group the points as ``vaeflow sweep --stack`` does
+    (:func:`stack_groups`) and write one ``vaeflow train-stack SWEEP POINT...`` line per
+    group of two or more, a plain ``vaeflow train`` line for a point alone.
+    """
     path = Path(path)
-    lines = commands(points, python, extra_args)
+    if stack and sweep_path is None:
+        raise ValueError("write_commands: stack needs the sweep_path of the points")
+    groups = stack_groups(points, stack) if stack else [[p] for p in points]
+    lines = [
+        commands(g, python, extra_args)[0]
+        if len(g) == 1
+        else " ".join(
+            [python, *map(shlex.quote, _stack_args(sweep_path, g, extra_args))]  # type: ignore[arg-type]
+        )
+        for g in groups
+    ]
     # Only this file's temps: its folder may be anyone's (the working directory, say).
     remove_stale_temps(path.parent, final_names={path.name})
     write_text_atomic(path, "".join(line + "\n" for line in lines))
@@ -654,10 +671,13 @@ def _sweep_command(args: argparse.Namespace) -> int:
         points = expand(args.sweep)
         pending = [p for p in points if not is_finished(p)]
         extra = ["--threads", str(args.threads)] if args.threads else []
-        path = write_commands(pending, args.commands_file, extra_args=extra)
+        path = write_commands(
+            pending, args.commands_file, extra_args=extra, stack=args.stack, sweep_path=args.sweep
+        )
         # Before the scheduler starts the points: each then writes only its own row.
         write_sweep_hparams(points, load_sweep(args.sweep).directory)
-        print(f"wrote {len(pending)} command(s) to {path}")
+        lines = len(path.read_text().splitlines())
+        print(f"wrote {lines} command(s) for {len(pending)} point(s) to {path}")
         return 0  # handed to a scheduler: nothing runs here
     statuses = run_sweep(
         args.sweep, jobs=args.jobs, dry_run=args.dry_run, threads=args.threads, stack=args.stack
@@ -685,8 +705,8 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--commands-file",
         metavar="PATH",
-        help="write one shell command per unfinished point (for a cluster scheduler) "
-        "and run nothing",
+        help="write one shell command per unfinished point (with --stack: per stack) "
+        "for a cluster scheduler, and run nothing",
     )
     s.set_defaults(func=_sweep_command)
     return s
