@@ -688,3 +688,15 @@ def test_run_without_validation_split_trains_keeps_last_and_evaluates_it(tmp_pat
     assert "best.pt does not exist" in err and "--checkpoint last" in err
     assert cli_main(["sample", str(run), "--n", "4"]) == 0
     assert list((run / "samples").glob("prior_last_step0000020_*.png"))
+
+
+def test_deep_hierarchies_log_a_few_layer_grids():
+    """A 20-group model logs reconstructions from four layers spread from 2 to the top,
+    not 19; shallow ones log every layer above the first."""
+    from vaeflow.run.train import MAX_LAYER_GRIDS, layers_to_show
+
+    assert layers_to_show(1) == [] and layers_to_show(2) == [2]
+    assert layers_to_show(5) == [2, 3, 4, 5]
+    deep = layers_to_show(20)
+    assert len(deep) == MAX_LAYER_GRIDS and deep[0] == 2 and deep[-1] == 20
+    assert deep == sorted(set(deep))

@@ -1009,6 +1009,21 @@ def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8)
     }
 
 
+#: At most this many "reconstruction from layer l" grids per image log (the top-down
+#: CIFAR-10 model has 20 groups: 19 grids each time would bury the other images).
+MAX_LAYER_GRIDS = 4
+
+
+def layers_to_show(num_layers: int, at_most: int = MAX_LAYER_GRIDS) -> list[int]:
+    """The layers ``l >= 2`` whose reconstructions are logged: all of them up to
+    ``at_most``, else ``at_most`` spread evenly from layer 2 to the top (top included)."""
+    layers = list(range(2, num_layers + 1))
+    if len(layers) <= at_most:
+        return layers
+    picks = {layers[round(i * (len(layers) - 1) / (at_most - 1))] for i in range(at_most)}
+    return sorted(picks)
+
+
 def _log_images(
     model: VAE,
     ema: EMA | None,
@@ -1019,7 +1034,8 @@ def _log_images(
 ) -> None:
     """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples
     (``<split>/prior_samples_t<T>``, temperatures 1 and 0.7). A hierarchy also logs, for
-    every layer ``l >= 2``, ``<split>/reconstructions_from_layer<l>``: the posterior
+    the layers ``l >= 2`` of :func:`layers_to_show`,
+    ``<split>/reconstructions_from_layer<l>``: the posterior
     samples of the layers ``l`` and above kept, the layers below sampled from the prior
     conditionals (``model.reconstruct_from_layer``): what those layers alone encode.
 
@@ -1036,7 +1052,7 @@ def _log_images(
         rec = model.reconstruct(x)
         grid = torch.cat([x, rec]).clamp(0, 1)
         logger.log_images(f"{split}/reconstructions", grid, step, nrow=16)
-        for layer in range(2, getattr(model, "num_layers", 1) + 1):
+        for layer in layers_to_show(getattr(model, "num_layers", 1)):
             rec = model.reconstruct_from_layer(x, layer)
             grid = torch.cat([x, rec]).clamp(0, 1)
             logger.log_images(f"{split}/reconstructions_from_layer{layer}", grid, step, nrow=16)
