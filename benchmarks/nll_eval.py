@@ -109,6 +109,21 @@ def make_experiment_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...], 
     return model, tuple(cfg.model.x_shape), cfg.model.likelihood == "bernoulli"
 
 
+def load_trained(
+    run_dir: str, images: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A trained run's model (its ``eval.checkpoint``) and ``images`` of its test images
+    (a fixed random subset, as ``vaeflow eval --n-test`` draws it)."""
+    from vaeflow.data import load_splits, prepare_eval, test_subset
+    from vaeflow.run.evaluate import load_run
+
+    cfg, model, _ = load_run(run_dir, device=str(device))
+    splits = load_splits(cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size)
+    x = prepare_eval(splits.test, splits.kind, cfg.data.binarization, cfg.data.seed, device)
+    indices, _ = test_subset(len(x), images)
+    return model, (x if indices is None else x[indices.to(device)])
+
+
 @dataclass(frozen=True)
 class Conv:
     """One dispatched convolution: what the replay needs to redo it."""
@@ -319,6 +334,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=["eager", "compile", "channels_last", "bf16"],
         help="eager, torch.compile'd chunks (eval.compile), NHWC, bfloat16 autocast",
     )
+    p.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="a trained run instead of --model: its checkpoint (eval.checkpoint) scored on "
+        "the first --images of a fixed random order of its test images (the bf16 "
+        "tolerance must be measured on a trained model)",
+    )
     p.add_argument("--small", action="store_true", help="tiny sizes (smoke run)")
     args = p.parse_args(argv)
     hidden = 200
@@ -329,7 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    if args.model == "mlp":
+    if args.run:
+        model, x = load_trained(args.run, args.images, device)
+        what = f"trained run {args.run}"
+        x_shape = binary = None
+    elif args.model == "mlp":
         model = make_model(args.posterior, args.prior, args.latent, hidden)
         x_shape, binary = (1, 28, 28), True
         what = (
@@ -340,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         model, x_shape, binary = make_experiment_model(args.model)
         what = f"{args.model} ({EXPERIMENT_MODELS[args.model].relative_to(ROOT)})"
     model = model.to(device).eval()
-    if binary:
+    if args.run:
+        pass
+    elif binary:
         x = torch.bernoulli(torch.full((args.images, *x_shape), 0.13)).to(device)
     else:
         x = (torch.randint(0, 256, (args.images, *x_shape)) / 255.0).to(device)

@@ -222,3 +222,51 @@ def test_nll_eval_benchmark_conv_model_smoke() -> None:
     for line in body:
         cells = [c.strip() for c in line.split("|")]  # cells[6]: GFLOP/s, [9]: conv share
         assert float(cells[6]) > 0 and float(cells[9].rstrip(" %")) >= 90, line
+
+
+def test_nll_eval_benchmark_on_a_trained_run(tmp_path: Path) -> None:
+    """--run scores a trained run's model on its own test images, and the bf16 row
+    reports its difference from float32 (the tolerance is measured on trained models)."""
+    from vaeflow.cli import main as cli_main
+
+    run = tmp_path / "run"
+    tiny = [
+        "model.latent_dim=4",
+        "model.encoder.options={hidden=[16]}",
+        "model.decoder.options={hidden=[16]}",
+        "train.steps=3",
+        "train.val_size=50",
+        "train.device=cpu",
+        "eval.k=4",
+        "eval.n_test=5",
+    ]
+    config = tmp_path / "tiny.toml"
+    config.write_text("")  # the defaults, shrunk by the overrides
+    args = ["train", str(config), "--run-dir", str(run)]
+    for item in tiny:
+        args += ["--set", item]
+    assert cli_main(args) == 0
+    proc = _run_script(
+        "nll_eval.py",
+        "--run",
+        str(run),
+        "--images",
+        "3",
+        "--k",
+        "10",
+        "--batch",
+        "1",
+        "--chunk",
+        "10",
+        "--modes",
+        "eager",
+        "bf16",
+        "--repeats",
+        "1",
+        "--memory-ks",
+        "10",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"trained run {run}" in proc.stdout
+    (bf16,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("| bf16 |")]
+    assert float(bf16.split("|")[-2]) >= 0, bf16
