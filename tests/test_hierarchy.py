@@ -27,6 +27,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.bound_checks import (
+    D1,
+    D2,
+    N_X,
+    NOISE,
+    assert_exact_posterior_makes_every_bound_tight,
+    assert_mismatched_posterior_orders_the_bounds,
+    diagonal_of,
+    linear_gaussian_log_px,
+    linear_gaussian_params,
+    raw_log_std,
+)
 from tests.flows.harness import perturb
 from vaeflow.flows.registry import build_flow
 from vaeflow.models.bounds import Terms, elbo, free_bits_kl, iwae, log_likelihood
@@ -36,13 +48,6 @@ from vaeflow.models.posteriors import LOG_STD_BOUND, FlowPosterior, GaussianPost
 from vaeflow.models.priors import FlowPrior, StandardNormalPrior
 from vaeflow.models.vae import VAE
 
-N_X, D1, D2, NOISE = 5, 3, 2, 0.7
-
-
-def _raw(log_std: Tensor) -> Tensor:
-    # The heads soft-clip log sigma = L tanh(raw / L); invert it for a target log sigma.
-    return LOG_STD_BOUND * torch.atanh(log_std / LOG_STD_BOUND)
-
 
 def _set_head(head: nn.Linear, weight: Tensor, bias: Tensor, log_std: Tensor) -> None:
     d = weight.shape[0]
@@ -50,42 +55,18 @@ def _set_head(head: nn.Linear, weight: Tensor, bias: Tensor, log_std: Tensor) ->
         head.weight.zero_()
         head.weight[:d] = weight
         head.bias[:d] = bias
-        head.bias[d:] = _raw(log_std)
-
-
-def _params() -> dict[str, Tensor]:
-    a_mat = torch.zeros(D1, D2)
-    a_mat[torch.tensor([2, 0]), torch.tensor([0, 1])] = torch.tensor([1.5, -0.8])
-    q, _ = torch.linalg.qr(torch.randn(N_X, D1))
-    return {
-        "A": a_mat,
-        "a": torch.randn(D1),
-        "s1": torch.tensor([0.6, 1.3, 0.9]),  # std of p(z1 | z2)
-        "B": q * torch.tensor([2.0, 1.0, 0.5]),
-        "b": torch.randn(N_X),
-    }
-
-
-def _exact_log_px(x: Tensor, p: dict[str, Tensor]) -> Tensor:
-    c1 = p["A"] @ p["A"].T + torch.diag(p["s1"] ** 2)
-    cov = p["B"] @ c1 @ p["B"].T + NOISE**2 * torch.eye(N_X)
-    return torch.distributions.MultivariateNormal(p["B"] @ p["a"] + p["b"], cov).log_prob(x)
-
-
-def _diag(m: Tensor) -> Tensor:
-    assert torch.allclose(m, torch.diag(torch.diagonal(m)), atol=1e-12), "not diagonal"
-    return torch.diagonal(m)
+        head.bias[d:] = raw_log_std(log_std)
 
 
 def _linear_gaussian_model(p: dict[str, Tensor], exact: bool = True) -> BottomUpVAE:
     """The two-layer model with the exact posterior written into its inference heads."""
     a_mat, a, s1, b_mat, b = p["A"], p["a"], p["s1"], p["B"], p["b"]
     c1 = a_mat @ a_mat.T + torch.diag(s1**2)
-    p1 = torch.diag(1.0 / (1.0 / _diag(c1) + _diag(b_mat.T @ b_mat) / NOISE**2))
+    p1 = torch.diag(1.0 / (1.0 / diagonal_of(c1) + diagonal_of(b_mat.T @ b_mat) / NOISE**2))
     m1 = p1 @ b_mat.T / NOISE**2
     c1_1 = p1 @ (torch.linalg.solve(c1, a) - b_mat.T @ b / NOISE**2)
     s1_inv = torch.diag(1.0 / s1**2)
-    p2 = torch.diag(1.0 / (1.0 + _diag(a_mat.T @ s1_inv @ a_mat)))
+    p2 = torch.diag(1.0 / (1.0 + diagonal_of(a_mat.T @ s1_inv @ a_mat)))
     m2 = p2 @ a_mat.T @ s1_inv
 
     q1, q2 = GaussianPosterior(N_X, D1), GaussianPosterior(D1, D2)
@@ -109,19 +90,12 @@ def _linear_gaussian_model(p: dict[str, Tensor], exact: bool = True) -> BottomUp
 
 
 def test_exact_posterior_makes_every_bound_tight(float64):
-    p = _params()
+    p = linear_gaussian_params()
     model = _linear_gaussian_model(p)
     x = torch.randn(8, N_X) * 2
-    exact = _exact_log_px(x, p)
-    terms = model(x, k=16)
-    assert terms.log_weights.shape == (16, 8)
+    exact = linear_gaussian_log_px(x, p)
     # Every importance weight equals p(x): the ELBO is exact for every single sample.
-    assert torch.allclose(terms.log_weights, exact.expand(16, -1), atol=1e-12, rtol=0)
-    assert torch.allclose(elbo(terms), exact, atol=1e-12, rtol=0)
-    assert torch.allclose(iwae(terms), exact, atol=1e-12, rtol=0)
-    ll = model.log_likelihood(x, k=100, chunk=30)
-    assert torch.allclose(ll.log_px, exact, atol=1e-12, rtol=0)
-    assert torch.allclose(ll.ess, torch.full_like(ll.ess, 100.0), atol=1e-8)
+    assert_exact_posterior_makes_every_bound_tight(model, x, exact)
 
 
 def _perturbed_model(p: dict[str, Tensor]) -> BottomUpVAE:
@@ -133,7 +107,7 @@ def _perturbed_model(p: dict[str, Tensor]) -> BottomUpVAE:
         model.conditionals[0].head.bias[:D1] += 0.3
         for post, d in zip(model.posteriors, (D1, D2), strict=True):
             log_std = LOG_STD_BOUND * torch.tanh(post.head.bias[d:] / LOG_STD_BOUND)
-            post.head.bias[d:] = _raw(log_std + math.log(1.5))
+            post.head.bias[d:] = raw_log_std(log_std + math.log(1.5))
     return model
 
 
@@ -151,25 +125,10 @@ def _model_params(model: BottomUpVAE) -> dict[str, Tensor]:
 
 def test_mismatched_posterior_orders_the_bounds(float64):
     """E[ELBO] <= E[IWAE_10] <= E[IWAE_100] <= log p(x), and IWAE_5000 ~ log p(x)."""
-    model = _perturbed_model(_params())
+    model = _perturbed_model(linear_gaussian_params())
     x = torch.randn(3, N_X)
-    exact = _exact_log_px(x, _model_params(model))
-    reps = 400
-    xr = x.repeat(reps, 1)
-    means, errs = {}, {}
-    for k in (1, 10, 100):
-        vals = iwae(model(xr, k=k)).view(reps, 3)
-        means[k], errs[k] = vals.mean(0), vals.std(0) / math.sqrt(reps)
-    for lo, hi in ((1, 10), (10, 100)):
-        assert (means[lo] < means[hi] + 3 * (errs[lo] + errs[hi])).all(), (lo, hi, means)
-    assert (means[100] > means[1] + 3 * (errs[1] + errs[100])).all(), means
-    assert (means[100] <= exact + 3 * errs[100]).all()
-    gap = exact - means[1]
-    assert (gap > 0.05).all(), "the posterior should be clearly mismatched"
-    ll = model.log_likelihood(x, k=5000, chunk=512)
-    tol = 4 * torch.sqrt((ll.k / ll.ess - 1) / ll.k)
-    assert (tol < 0.1 * gap).all(), "the estimator should be far tighter than the ELBO"
-    assert ((ll.log_px - exact).abs() < tol).all(), (ll.log_px, exact, tol)
+    exact = linear_gaussian_log_px(x, _model_params(model))
+    assert_mismatched_posterior_orders_the_bounds(model, x, exact)
 
 
 def _small_vae_parts(h: int = 7, d: int = 3):
@@ -323,7 +282,7 @@ def test_sample_reconstruct_and_posterior_mean_shapes():
 def test_posterior_mean_of_every_layer(float64):
     """E[z1 | x] is the first layer's exact mean; E[z2 | x] = M2 (E[z1 | x] - a) (the mean
     of q(z2|z1) is linear in z1), estimated by Monte Carlo with its sampling variance."""
-    model = _linear_gaussian_model(_params())
+    model = _linear_gaussian_model(linear_gaussian_params())
     x = torch.randn(4, N_X)
     m, v = model.posterior_mean(x, samples=4000)
     assert m.shape == v.shape == (4, D1 + D2)
@@ -516,17 +475,8 @@ def _check_hierarchy_logs(run: Path, layers: int, sizes: tuple[int, ...]) -> Non
 def test_three_layers_sum_every_layers_terms():
     """L = 3: Terms equal the chain's densities written out by hand from the same draws
     (p(z3) p(z2|z3) p(z1|z2) p(x|z1) and q(z1|x) q(z2|z1) q(z3|z2))."""
-    dims, h = (4, 3, 2), 6
-    ins = (N_X, *dims[:-1])
-    model = BottomUpVAE(
-        [deterministic_net(i, [h]) for i in ins],
-        [GaussianPosterior(h, d) for d in dims],
-        [ConditionalGaussian(deterministic_net(dims[i + 1], [h]), h, dims[i]) for i in range(2)],
-        StandardNormalPrior(dims[-1]),
-        nn.Linear(dims[0], N_X),
-        Gaussian(1, fixed_std=NOISE),
-        (N_X,),
-    )
+    dims = (4, 3, 2)
+    model = _three_layer_chain(dims)
     x = torch.randn(5, N_X)
     torch.manual_seed(7)
     terms = model(x, k=4)
@@ -582,7 +532,7 @@ def test_evaluation_counts_active_units_per_layer(float64):
     (a linear function of x) are active; the per-layer KLs are reported too."""
     from vaeflow.run.evaluate import evaluate_model
 
-    model = _linear_gaussian_model(_params())
+    model = _linear_gaussian_model(linear_gaussian_params())
     with torch.no_grad():
         model.posteriors[1].head.weight.zero_()
     out = evaluate_model(model, torch.randn(200, N_X) * 2, k=10, chunk=5, batch_size=50)
@@ -595,17 +545,8 @@ def test_reconstructions_from_a_layer_keep_it_and_regenerate_the_layers_below():
     """reconstruct_from_layer(x, l): posterior draws up to z_l, then z_{l-1} ... z_1 from
     the prior conditionals, decoded; l = 1 is the ordinary reconstruction. Checked against
     the same draws made by hand (same seed), for every layer of a three-layer chain."""
-    dims, h = (4, 3, 2), 6
-    ins = (N_X, *dims[:-1])
-    model = BottomUpVAE(
-        [deterministic_net(i, [h]) for i in ins],
-        [GaussianPosterior(h, d) for d in dims],
-        [ConditionalGaussian(deterministic_net(dims[i + 1], [h]), h, dims[i]) for i in range(2)],
-        StandardNormalPrior(dims[-1]),
-        nn.Linear(dims[0], N_X),
-        Gaussian(1, fixed_std=NOISE),
-        (N_X,),
-    )
+    dims = (4, 3, 2)
+    model = _three_layer_chain(dims)
     x = torch.randn(5, N_X)
     outs = []
     for layer in (1, 2, 3):
@@ -623,3 +564,18 @@ def test_reconstructions_from_a_layer_keep_it_and_regenerate_the_layers_below():
     for bad in (0, 4):
         with pytest.raises(ValueError, match=r"layer must be in 1\.\.3"):
             model.reconstruct_from_layer(x, bad)
+
+
+def _three_layer_chain(dims: tuple[int, int, int], h: int = 6) -> BottomUpVAE:
+    """A three-layer bottom-up chain of Gaussian layers (hidden width ``h``) over
+    Gaussian data, the standard normal at the top."""
+    ins = (N_X, *dims[:-1])
+    return BottomUpVAE(
+        [deterministic_net(i, [h]) for i in ins],
+        [GaussianPosterior(h, d) for d in dims],
+        [ConditionalGaussian(deterministic_net(dims[i + 1], [h]), h, dims[i]) for i in range(2)],
+        StandardNormalPrior(dims[-1]),
+        nn.Linear(dims[0], N_X),
+        Gaussian(1, fixed_std=NOISE),
+        (N_X,),
+    )

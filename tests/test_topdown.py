@@ -31,11 +31,22 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.bound_checks import (
+    D1,
+    D2,
+    N_X,
+    NOISE,
+    assert_exact_posterior_makes_every_bound_tight,
+    assert_mismatched_posterior_orders_the_bounds,
+    diagonal_of,
+    linear_gaussian_log_px,
+    linear_gaussian_params,
+    raw_log_std,
+)
 from tests.flows.harness import perturb
 from vaeflow.flows.registry import build_flow
-from vaeflow.models.bounds import elbo, free_bits_kl, iwae
+from vaeflow.models.bounds import free_bits_kl, iwae
 from vaeflow.models.likelihoods import Bernoulli, Gaussian
-from vaeflow.models.posteriors import LOG_STD_BOUND
 from vaeflow.models.topdown import (
     ConvHead,
     ConvStem,
@@ -47,7 +58,6 @@ from vaeflow.models.topdown import (
     soft_clip_log_std,
 )
 
-N_X, D1, D2, NOISE = 5, 3, 2, 0.7
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,34 +98,6 @@ class TakeSample(nn.Module):
         return z
 
 
-def _raw(log_std: Tensor) -> Tensor:
-    return LOG_STD_BOUND * torch.atanh(log_std / LOG_STD_BOUND)
-
-
-def _params() -> dict[str, Tensor]:
-    a_mat = torch.zeros(D1, D2)
-    a_mat[torch.tensor([2, 0]), torch.tensor([0, 1])] = torch.tensor([1.5, -0.8])
-    q, _ = torch.linalg.qr(torch.randn(N_X, D1))
-    return {
-        "A": a_mat,
-        "a": torch.randn(D1),
-        "s1": torch.tensor([0.6, 1.3, 0.9]),
-        "B": q * torch.tensor([2.0, 1.0, 0.5]),
-        "b": torch.randn(N_X),
-    }
-
-
-def _exact_log_px(x: Tensor, p: dict[str, Tensor]) -> Tensor:
-    c1 = p["A"] @ p["A"].T + torch.diag(p["s1"] ** 2)
-    cov = p["B"] @ c1 @ p["B"].T + NOISE**2 * torch.eye(N_X)
-    return torch.distributions.MultivariateNormal(p["B"] @ p["a"] + p["b"], cov).log_prob(x)
-
-
-def _diag(m: Tensor) -> Tensor:
-    assert torch.allclose(m, torch.diag(torch.diagonal(m)), atol=1e-12), "not diagonal"
-    return torch.diagonal(m)
-
-
 def _set(lin: nn.Linear, weight: Tensor, bias: Tensor, log_std: Tensor | None) -> None:
     d = weight.shape[0]
     with torch.no_grad():
@@ -124,7 +106,7 @@ def _set(lin: nn.Linear, weight: Tensor, bias: Tensor, log_std: Tensor | None) -
         lin.weight[:d] = weight
         lin.bias[:d] = bias
         if log_std is not None:
-            lin.bias[d:] = _raw(log_std)
+            lin.bias[d:] = raw_log_std(log_std)
 
 
 def _linear_model(p: dict[str, Tensor]) -> TopDownVAE:
@@ -133,8 +115,8 @@ def _linear_model(p: dict[str, Tensor]) -> TopDownVAE:
     s1_inv = torch.diag(1.0 / s1**2)
     sx = b_mat @ torch.diag(s1**2) @ b_mat.T + NOISE**2 * torch.eye(N_X)
     gain = a_mat.T @ b_mat.T @ torch.linalg.inv(sx)  # A^T B^T Sx^-1
-    p2 = torch.diag(1.0 / (1.0 + _diag(gain @ b_mat @ a_mat)))
-    p1 = torch.diag(1.0 / (1.0 / s1**2 + _diag(b_mat.T @ b_mat) / NOISE**2))
+    p2 = torch.diag(1.0 / (1.0 + diagonal_of(gain @ b_mat @ a_mat)))
+    p1 = torch.diag(1.0 / (1.0 / s1**2 + diagonal_of(b_mat.T @ b_mat) / NOISE**2))
 
     top = TopDownLayer(
         LinearUp(D2), LinearPrior(1, D2), LinearPosterior(1, D2), TakeSample(), (D2,)
@@ -166,18 +148,12 @@ def _linear_model(p: dict[str, Tensor]) -> TopDownVAE:
 
 
 def test_exact_posterior_makes_every_bound_tight(float64):
-    p = _params()
+    p = linear_gaussian_params()
     model = _linear_model(p)
     x = torch.randn(8, N_X) * 2
-    exact = _exact_log_px(x, p)
-    terms = model(x, k=16)
-    assert terms.log_weights.shape == (16, 8)
+    exact = linear_gaussian_log_px(x, p)
     # Every importance weight equals p(x): the ELBO is exact for every single sample.
-    assert torch.allclose(terms.log_weights, exact.expand(16, -1), atol=1e-12, rtol=0)
-    assert torch.allclose(elbo(terms), exact, atol=1e-12, rtol=0)
-    ll = model.log_likelihood(x, k=100, chunk=30)
-    assert torch.allclose(ll.log_px, exact, atol=1e-12, rtol=0)
-    assert torch.allclose(ll.ess, torch.full_like(ll.ess, 100.0), atol=1e-8)
+    assert_exact_posterior_makes_every_bound_tight(model, x, exact)
 
 
 def _model_params(model: TopDownVAE) -> dict[str, Tensor]:
@@ -196,37 +172,22 @@ def test_mismatched_posterior_orders_the_bounds(float64):
     """E[ELBO] <= E[IWAE_10] <= E[IWAE_100] <= log p(x), and IWAE_5000 ~ log p(x): the
     exact posterior of a nearby model, widened 1.5x at both layers (over-dispersed, so the
     importance weights have finite variance)."""
-    model = _linear_model(_params())
+    model = _linear_model(linear_gaussian_params())
     with torch.no_grad():
         model.head.weight.add_(0.3 * torch.randn(N_X, D1))
         model.layers[0].prior.lin.bias[:D1] += 0.3
         for layer, d in zip(model.layers, (D1, D2), strict=True):
             log_std = soft_clip_log_std(layer.up.lin.bias[d:])
-            layer.up.lin.bias[d:] = _raw(log_std + math.log(1.5))
+            layer.up.lin.bias[d:] = raw_log_std(log_std + math.log(1.5))
     x = torch.randn(3, N_X)
-    exact = _exact_log_px(x, _model_params(model))
-    reps = 400
-    xr = x.repeat(reps, 1)
-    means, errs = {}, {}
-    for k in (1, 10, 100):
-        vals = iwae(model(xr, k=k)).view(reps, 3)
-        means[k], errs[k] = vals.mean(0), vals.std(0) / math.sqrt(reps)
-    for lo, hi in ((1, 10), (10, 100)):
-        assert (means[lo] < means[hi] + 3 * (errs[lo] + errs[hi])).all(), (lo, hi, means)
-    assert (means[100] > means[1] + 3 * (errs[1] + errs[100])).all(), means
-    assert (means[100] <= exact + 3 * errs[100]).all()
-    gap = exact - means[1]
-    assert (gap > 0.05).all(), "the posterior should be clearly mismatched"
-    ll = model.log_likelihood(x, k=5000, chunk=512)
-    tol = 4 * torch.sqrt((ll.k / ll.ess - 1) / ll.k)
-    assert (tol < 0.1 * gap).all(), "the estimator should be far tighter than the ELBO"
-    assert ((ll.log_px - exact).abs() < tol).all(), (ll.log_px, exact, tol)
+    exact = linear_gaussian_log_px(x, _model_params(model))
+    assert_mismatched_posterior_orders_the_bounds(model, x, exact)
 
 
 def test_linear_model_samples_from_the_prior(float64):
     """Ancestral samples have the marginal moments of x: mean B a + b and covariance
     B (A A^T + S1) B^T + s0^2 I."""
-    p = _params()
+    p = linear_gaussian_params()
     model = _linear_model(p)
     xs = model.sample(40000, mean=False)
     c1 = p["A"] @ p["A"].T + torch.diag(p["s1"] ** 2)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,6 +86,30 @@ class Terms:
                     f"Terms: layer_kl[{i}] has shape {tuple(t.shape)}, expected "
                     f"{tuple(shape)} like log_px_z"
                 )
+
+    @classmethod
+    def from_layers(
+        cls,
+        log_px_z: Tensor,
+        log_p: Sequence[Tensor],
+        log_q: Sequence[Tensor],
+        log_p_dims: Tensor | None,
+        log_q_dims: Tensor | None,
+        flow_logdets: Sequence[Tensor],
+    ) -> Terms:
+        """The terms of a hierarchy from its layers' (or groups') terms, each ``(K, B)``:
+        ``log p(z)`` and ``log q(z|x)`` summed over layers, ``layer_kl`` the per-layer
+        ``log q - log p``; ``log_p_dims`` / ``log_q_dims`` already concatenated over the
+        layers (or ``None``)."""
+        return cls(
+            log_px_z,
+            sum(log_p),
+            sum(log_q),
+            log_p_dims,
+            log_q_dims,
+            sum(flow_logdets),
+            tuple(q - p for q, p in zip(log_q, log_p, strict=True)),
+        )
 
     @property
     def log_weights(self) -> Tensor:

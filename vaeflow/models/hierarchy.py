@@ -245,14 +245,8 @@ class BottomUpVAE(ImportanceSampled, nn.Module):
             log_pz_dims = log_qz_dims = None
         log_q = [s.log_q for s in samples]
         log_px_z = self.likelihood(self.decoder(zs[0])).log_prob(x)
-        terms = Terms(
-            log_px_z,
-            sum(log_p),
-            sum(log_q),
-            log_pz_dims,
-            log_qz_dims,
-            sum(s.flow_logdet for s in samples),
-            tuple(q - p for q, p in zip(log_q, log_p, strict=True)),
+        terms = Terms.from_layers(
+            log_px_z, log_p, log_q, log_pz_dims, log_qz_dims, [s.flow_logdet for s in samples]
         )
         return terms, samples
 

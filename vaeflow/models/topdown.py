@@ -376,14 +376,13 @@ class TopDownVAE(ImportanceSampled, nn.Module):
             log_qz_dims = torch.cat([g.log_q_dims for g in groups], -1)
         else:
             log_pz_dims = log_qz_dims = None
-        terms = Terms(
+        terms = Terms.from_layers(
             self._log_px_z(x, h, k),
-            sum(log_p),
-            sum(log_q),
+            log_p,
+            log_q,
             log_pz_dims,
             log_qz_dims,
-            sum(g.flow_logdet for g in groups),
-            tuple(q - p for q, p in zip(log_q, log_p, strict=True)),
+            [g.flow_logdet for g in groups],
         )
         return terms, groups
 
