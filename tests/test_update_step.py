@@ -128,13 +128,14 @@ def _run_sequence(sync_free: bool, *extra: str):
     step; returns the final model/optimiser/EMA state and each step's values."""
     cfg, model, opt, sched, ema, x = _setup(*extra, f"train.sync_free={str(sync_free).lower()}")
     torch.manual_seed(1)
-    seen = []
+    seen, states = [], []
     for nan, skip_norm in _SEQUENCE:
         t = dataclasses.replace(cfg.train, skip_grad_norm=skip_norm)
         step_model = _NaNLoss(model) if nan else model
         r = _update_step(model, step_model, opt, sched, ema, x, t, beta=0.7)
         seen.append((r.loss.item(), float(r.grad_norm), r.skipped, sched.last_epoch))
-    return _snapshot(model, opt, ema), seen, ema.updates
+        states.append(_snapshot(model, opt, ema))
+    return states, seen, ema.updates
 
 
 @pytest.mark.parametrize(
@@ -149,8 +150,27 @@ def test_sync_free_steps_equal_the_syncing_steps_bit_for_bit(extra):
     assert skipped == [True, False, False, True, True, False, True, False]
     assert str(seen_a) == str(seen_b)  # str: the non-finite losses compare equal too
     assert updates_a == updates_b == 4
-    # The skipped first step left no optimiser state in either: same keys, same values.
-    _assert_same(state_a, state_b)
+    # After every step (the skipped first one leaves no optimiser state in either).
+    for a, b in zip(state_a, state_b, strict=True):
+        _assert_same(a, b)
+    assert state_a[0][1]["state"] == {}
+
+
+def test_the_masked_ema_equals_the_host_ema():
+    """The sync-free EMA (device count, a weight masked by the skip flag) averages bit
+    for bit as the host EMA over hundreds of updates, where a float32 weight would not."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    host, device = EMA(model, 0.999), EMA(model, 0.999)
+    with torch.no_grad():
+        for n in range(400):
+            skip = n % 7 == 3
+            model.weight.add_(torch.randn_like(model.weight))
+            if not skip:
+                host.update(model)
+            device.update(model, torch.tensor(skip))
+    assert host.updates == device.updates == 400 - 57
+    torch.testing.assert_close(host.shadow, device.shadow, rtol=0, atol=0)
 
 
 def test_sync_free_skip_codes_name_the_reason():
