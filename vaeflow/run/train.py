@@ -908,6 +908,7 @@ def _update_step(
 
 
 def _step_schedule(sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance the learning-rate schedule (every step, skipped updates included)."""
     with warnings.catch_warnings():
         # torch warns when the very first optimiser step was skipped; intended here.
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
