@@ -406,6 +406,86 @@ def test_repeated_failures_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 5
 
 
+def _poison_training_steps(monkeypatch, nan_steps, huge_steps):
+    """Make the training forward of the given steps return a non-finite loss, or one
+    scaled by 1e8 (a gradient norm above any sane ``train.skip_grad_norm``); by step, so
+    that a resumed run is poisoned at the same steps."""
+    from vaeflow.models import vae as vae_mod
+    from vaeflow.run import train as train_mod
+
+    original_forward, original_beta = vae_mod.VAE.forward, train_mod._beta
+    current = {"step": -1}
+
+    def beta(cfg, step):
+        current["step"] = step
+        return original_beta(cfg, step)
+
+    def poisoned(self, x, k=1):
+        terms = original_forward(self, x, k)
+        if self.training and current["step"] in nan_steps:
+            return type(terms)(terms.log_px_z * float("nan"), terms.log_pz, terms.log_qz)
+        if self.training and current["step"] in huge_steps:
+            return type(terms)(terms.log_px_z * 1e8, terms.log_pz, terms.log_qz)
+        return terms
+
+    monkeypatch.setattr(train_mod, "_beta", beta)
+    monkeypatch.setattr(vae_mod.VAE, "forward", poisoned)
+
+
+def _assert_same_checkpoints(a, b):
+    for part in ("model", "optimizer", "ema"):
+        torch.testing.assert_close(a[part], b[part], rtol=0, atol=0, msg=part)
+    assert a["step"] == b["step"] and a["train_state"] == b["train_state"]
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_sync_free_training_equals_the_syncing_loop(tmp_path, monkeypatch):
+    """train.sync_free trains bit for bit as the syncing loop: checkpoints (parameters,
+    Adam state, EMA, skip counts) and logged scalars, with skipped updates (non-finite
+    losses, a gradient norm above skip_grad_norm) and a kill + resume."""
+    _poison_training_steps(monkeypatch, nan_steps={3, 4, 22}, huge_steps={12})
+    common = (
+        "train.steps=30",
+        "train.val_every=15",
+        "train.ckpt_every=10",
+        "train.ema_decay=0.9",
+        "train.skip_grad_norm=1e5",
+    )
+    syncing = train(_cfg(*common), tmp_path / "sync")
+    sync_free = train(_cfg(*common, "train.sync_free=true"), tmp_path / "free")
+    cfg = _cfg(*common, "train.sync_free=true")
+    train(cfg, tmp_path / "killed", stop_after_step=25)
+    resumed = train(cfg, tmp_path / "killed", resume=True)
+    assert syncing["skipped_steps"] == sync_free["skipped_steps"] == resumed["skipped_steps"] == 4
+    ckpt = {n: load_checkpoint(tmp_path / n / "checkpoints/last.pt") for n in ("sync", "free")}
+    _assert_same_checkpoints(ckpt["sync"], ckpt["free"])
+    _assert_same_checkpoints(
+        ckpt["sync"], load_checkpoint(tmp_path / "killed/checkpoints/last.pt")
+    )
+
+    def scalars(run):
+        return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path / run)]
+
+    logged = scalars("sync")
+    assert [r["train/skipped_steps"] for r in logged if "train/skipped_steps" in r] == [2, 3, 4]
+    assert str(scalars("free")) == str(logged) == str(scalars("killed"))
+
+
+def test_sync_free_stops_on_repeated_failures_at_the_next_read(tmp_path, monkeypatch):
+    """The consecutive-skip limit is seen at the next periodic step (log_every = 10), not
+    at the failing step 4; the checkpoint then written holds the same parameters as the
+    syncing loop's (skipped updates do not move them)."""
+    _poison_training_steps(monkeypatch, nan_steps=set(range(50)), huge_steps=set())
+    for name, extra in (("sync", ()), ("free", ("train.sync_free=true",))):
+        with pytest.raises(TrainingDiverged, match="5 consecutive updates skipped at step 4"):
+            train(_cfg("train.steps=50", "train.max_consecutive_skips=5", *extra), tmp_path / name)
+    sync = load_checkpoint(tmp_path / "sync/checkpoints/last.pt")
+    free = load_checkpoint(tmp_path / "free/checkpoints/last.pt")
+    assert (sync["step"], free["step"]) == (5, 10)
+    assert free["train_state"]["consecutive_skips"] == free["train_state"]["skipped"] == 10
+    torch.testing.assert_close(sync["model"], free["model"], rtol=0, atol=0)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     cfg = _cfg("train.steps=10", "train.val_every=10")
     train(cfg, tmp_path / "c")

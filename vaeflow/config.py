@@ -316,6 +316,17 @@ class TrainConfig:
             same maths, faster convolutions on many CPUs and GPUs; measurements in
             benchmarks/README.md). Also used by ``vaeflow eval`` for the run unless
             ``eval.channels_last`` says otherwise.
+        sync_free: a training step without host-device synchronisation (for small models
+            on a GPU, which otherwise wait on the host every step). The skip decision is a
+            device tensor applied through the fused Adam kernel's ``found_inf`` (a
+            skipped update leaves parameters, optimiser state and EMA as they were, as
+            without the switch; results are bit-identical); the skip counters live on
+            the device and are read at the steps where anything periodic happens (at
+            least every ``log_every`` steps), so ``max_consecutive_skips`` stops the run
+            at the next read, not at the failing step (skipped updates do not move the
+            parameters, so the checkpoint then written is the one the failure left).
+            Needs ``optimizer = "adam"`` or ``"adam_normgrad"`` (the fused kernel: float32
+            or float64 parameters on CPU or CUDA); not with ``sweep --stack``.
     """
 
     steps: int = 10000
@@ -357,6 +368,7 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     channels_last: bool = False
+    sync_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -615,6 +627,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.betas = {list(t.betas)} are Adam's, but train.optimizer = 'rmsprop' "
             "(its settings are train.momentum and train.alpha); remove train.betas"
+        )
+    if t.sync_free and t.optimizer not in ("adam", "adam_normgrad"):
+        raise ConfigError(
+            f"train.sync_free = true needs train.optimizer = 'adam' or 'adam_normgrad' (the "
+            f"fused Adam kernel skips an update on a device flag), got {t.optimizer!r}; "
+            "set train.sync_free = false"
         )
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")

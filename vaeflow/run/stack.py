@@ -144,6 +144,7 @@ def check_stackable(cfg: Config) -> None:
     refusals = [
         (int(os.environ.get("WORLD_SIZE", "1")) > 1, "WORLD_SIZE", "data-parallel (torchrun)"),
         (t.compile, "train.compile", "true"),
+        (t.sync_free, "train.sync_free", "true"),
         (t.amp, "train.amp", "true"),
         (t.channels_last, "train.channels_last", "true"),
         (t.prior_lr_scale != 1.0, "train.prior_lr_scale", t.prior_lr_scale),

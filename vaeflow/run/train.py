@@ -15,7 +15,9 @@ training examples, and the HParams metrics are the last training scalars.
 
 Robust step (after vdvae): a non-finite loss, a non-finite gradient norm or a norm above
 ``skip_grad_norm`` skips the update; skips are counted and logged, and too many in a row
-stop the run with a message and a usable checkpoint.
+stop the run with a message and a usable checkpoint. Under ``train.sync_free`` the same
+decision is a device tensor, applied without a host read (:func:`_apply_unless_skipped`),
+and the counters live on the device (:class:`_DeviceSkips`) until the next periodic step.
 
 Resume is bit-exact on CPU: data batches are a pure function of (seed, step)
 (:class:`vaeflow.data.TrainBatches`), RNG states are checkpointed, and validation runs
@@ -36,7 +38,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -55,7 +57,7 @@ from ..data import (
 )
 from ..models.bounds import Terms, elbo, iwae
 from ..models.build import build_model
-from ..models.vae import VAE
+from ..models.vae import VAE, _data_validation_off
 from .checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -79,6 +81,7 @@ __all__ = [
     "TrainingDiverged",
     "EMA",
     "StepResult",
+    "SKIP_REASONS",
     "validate_bounds",
 ]
 
@@ -138,28 +141,61 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.updates = 0
+        self._updates = 0
+        # The count on the device once an update was masked by a device flag
+        # (train.sync_free): the host cannot know it without a read.
+        self._count: Tensor | None = None
         self.shadow = {
             k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
         }
 
+    @property
+    def updates(self) -> int:
+        """Updates averaged in so far (under ``train.sync_free`` a host read of the device
+        count)."""
+        return int(self._count.item()) if self._count is not None else self._updates
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """Average the model's current weights in; with ``skip`` (a 0-d bool tensor on the
+        device, ``train.sync_free``) only where it is false, without reading it."""
         live = model.state_dict()
         keys = list(self.shadow)
-        if keys:  # one foreach call instead of a lerp_ per tensor (same arithmetic)
-            torch._foreach_lerp_(
-                [self.shadow[k] for k in keys], [live[k].detach() for k in keys], 1.0 - d
+        if skip is None and self._count is None:
+            d = min(self.decay, (1 + self._updates) / (10 + self._updates))
+            if keys:  # one foreach call instead of a lerp_ per tensor (same arithmetic)
+                torch._foreach_lerp_(
+                    [self.shadow[k] for k in keys], [live[k].detach() for k in keys], 1.0 - d
+                )
+            self._updates += 1
+            return
+        if self._count is None:
+            self._count = torch.tensor(
+                float(self._updates), dtype=torch.float64, device=skip.device
             )
-        self.updates += 1
+        applied = torch.ones_like(self._count, dtype=torch.bool) if skip is None else ~skip
+        # The host path's weight computed in float64 (Python's floats), so that it rounds
+        # to the same float32; weight 0 leaves the average as it was (live weights finite).
+        n = self._count
+        d = torch.clamp((1 + n) / (10 + n), max=self.decay)
+        weight = torch.where(applied, 1.0 - d, torch.zeros_like(d))
+        if keys:
+            shadow = [self.shadow[k] for k in keys]
+            by_dtype = {v.dtype: weight.to(v.dtype) for v in shadow}
+            # A list of 0-d weights: a tensor passed as the one weight is converted to a
+            # Python scalar, a host read.
+            torch._foreach_lerp_(
+                shadow, [live[k].detach() for k in keys], [by_dtype[v.dtype] for v in shadow]
+            )
+        self._count += applied
 
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": self.shadow, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.shadow = {k: v.to(device) for k, v in state["shadow"].items()}
-        self.updates = int(state["updates"])
+        self._updates = int(state["updates"])
+        self._count = None
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
@@ -334,6 +370,40 @@ class _State:
             self.consecutive_skips = 0
 
 
+class _DeviceSkips:
+    """The skip counters of ``train.sync_free``: on the device, read only at periodic steps.
+
+    Besides the total and the current run of consecutive skips it keeps what the syncing
+    loop would have stopped on at once: the first step at which the run reached
+    ``limit`` (``-1``: not yet) and that step's skip code (1 + an index into
+    :data:`SKIP_REASONS`), even if updates were applied again before the read.
+    """
+
+    def __init__(self, state: _State, limit: int, device: torch.device) -> None:
+        self.limit = limit
+        values = [state.skipped, state.consecutive_skips, -1, 0]
+        self.skipped, self.run, self.failed_at, self.failed_code = torch.tensor(
+            values, dtype=torch.int64, device=device
+        ).unbind()
+
+    def record(self, code: Tensor, step: int) -> None:
+        """Count the update of ``step`` whose skip code (0: applied) is ``code``."""
+        skip = code != 0
+        self.skipped = self.skipped + skip
+        self.run = torch.where(skip, self.run + 1, 0)
+        first = (self.run >= self.limit) & (self.failed_at < 0)
+        self.failed_at = torch.where(first, step, self.failed_at)
+        self.failed_code = torch.where(first, code, self.failed_code)
+
+    def read(self, state: _State) -> tuple[int, int] | None:
+        """Copy the counters into ``state`` (one host read); return ``(step, skip
+        code)`` of the step at which the consecutive-skip limit was reached, else
+        ``None``."""
+        values = torch.stack([self.skipped, self.run, self.failed_at, self.failed_code]).tolist()
+        state.skipped, state.consecutive_skips, failed_at, code = values
+        return None if failed_at < 0 else (failed_at, code)
+
+
 @torch.no_grad()
 def validate_bounds(model: VAE, x: Tensor, k: int, batch_size: int) -> dict[str, float]:
     """ELBO and IWAE-k (nats per example) on preprocessed data ``x (N, *x_shape)``, and a
@@ -412,18 +482,17 @@ def train(
                 amp=run.amp,
                 frozen=prior_params if step < t.prior_freeze_steps else (),
             )
-            run.state.record_update(result.skipped)
+            if run.skips is None:
+                run.state.record_update(result.skipped)
+            else:
+                run.skips.record(result.skip_code, step)
             run.state.step = step + 1
             steps_done += 1
-            if result.skipped and run.state.consecutive_skips >= t.max_consecutive_skips:
-                run.save("last.pt")
-                raise TrainingDiverged(
-                    f"{run.state.consecutive_skips} consecutive updates skipped at step "
-                    f"{step} (last: {result.skip_reason}). The parameters before the failures "
-                    f"are saved in {run.ckpt_dir / 'last.pt'}. Lower train.lr, set "
-                    "train.clip_norm, add train.kl_warmup_steps, or raise "
-                    "train.max_consecutive_skips."
-                )
+            if run.skips is None:
+                if result.skipped and run.state.consecutive_skips >= t.max_consecutive_skips:
+                    _stop_diverged(run, step, str(result.skip_reason))
+            elif _periodic_due(run):
+                _read_device_skips(run)  # before _periodic logs or saves the counters
             early = _periodic(run, result)
             if early is not None:
                 stopped = early
@@ -431,9 +500,35 @@ def train(
             if stop_after_step is not None and run.state.step >= stop_after_step:
                 stopped = f"stopped after step {run.state.step} (stop_after_step)"
                 break
+        if run.skips is not None:  # the summary's count; a failure since the last read
+            _read_device_skips(run)
     finally:
         run.progress.close()
     return _finish(run, stopped, time.perf_counter() - t_start, steps_done)
+
+
+def _stop_diverged(run: _Run, step: int, reason: str, read_at: int | None = None) -> NoReturn:
+    """Save ``last.pt`` and raise :class:`TrainingDiverged`: the consecutive-skip limit was
+    reached at ``step`` (under ``train.sync_free`` seen at the read at ``read_at``)."""
+    run.save("last.pt")
+    limit = run.cfg.train.max_consecutive_skips
+    seen = "" if read_at is None else f", read at step {read_at} (train.sync_free)"
+    raise TrainingDiverged(
+        f"{limit} consecutive updates skipped at step {step} (last: {reason}{seen}). The "
+        f"parameters before the failures are saved in {run.ckpt_dir / 'last.pt'}. Lower "
+        "train.lr, set train.clip_norm, add train.kl_warmup_steps, or raise "
+        "train.max_consecutive_skips."
+    )
+
+
+def _read_device_skips(run: _Run) -> None:
+    """Bring the device skip counters of ``train.sync_free`` into ``run.state``; stop the
+    run if the consecutive-skip limit was reached since the last read."""
+    assert run.skips is not None
+    failed = run.skips.read(run.state)
+    if failed is not None:
+        step, code = failed
+        _stop_diverged(run, step, SKIP_REASONS[code - 1], read_at=run.state.step)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -469,6 +564,7 @@ class _Run:
     logger: RunLogger
     progress: Progress
     last_val: dict[str, float]
+    skips: _DeviceSkips | None = None  # train.sync_free: the skip counters on the device
 
     def save(self, name: str) -> None:
         """Write ``checkpoints/<name>`` (rank 0 only): everything a bit-exact resume needs."""
@@ -589,6 +685,8 @@ def _setup_run(
         state = _State()
         if ctx.rank == 0:
             _record_new_run(run_dir, config_dict, device, splits, len(x_val))
+    if t.sync_free:
+        _check_sync_free(opt)
 
     # Resume: drop records past the checkpoint (logged before the kill). Fresh start:
     # drop everything a killed, never-checkpointed earlier attempt left behind.
@@ -618,7 +716,20 @@ def _setup_run(
         logger=logger,
         progress=progress,
         last_val={},
+        skips=_DeviceSkips(state, t.max_consecutive_skips, device) if t.sync_free else None,
     )
+
+
+def _check_sync_free(opt: torch.optim.Optimizer) -> None:
+    """``train.sync_free`` skips updates through the fused Adam kernel's ``found_inf``;
+    refuse an optimiser without it (non-float32/64 parameters, or a resumed checkpoint
+    saved with another Adam implementation, which ``load_state_dict`` keeps)."""
+    if not all(group.get("fused") for group in opt.param_groups):
+        raise ConfigError(
+            "train.sync_free = true needs the fused Adam kernel (train.optimizer = 'adam' or "
+            "'adam_normgrad' with float32/float64 parameters on CPU or CUDA), but this "
+            f"run's {type(opt).__name__} is not fused; set train.sync_free = false"
+        )
 
 
 def _restore(
@@ -690,19 +801,33 @@ def _wrap_for_speed(model: nn.Module, cfg: Config, ctx: _Dist, device: torch.dev
 # ----------------------------------------------------------------------------- one update
 
 
+#: Why an update is skipped; under ``train.sync_free`` a step's skip code is 0 (applied)
+#: or 1 + an index into this.
+SKIP_REASONS = ("non-finite loss", "non-finite gradient", "gradient norm > train.skip_grad_norm")
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one update step did: its loss and terms (for logging), the gradient norm
-    before clipping, the KL weight, and why the update was skipped (``None``: applied)."""
+    before clipping, the KL weight, and why the update was skipped (``None``: applied).
+
+    Under ``train.sync_free`` nothing is read from the device: ``grad_norm`` is a tensor,
+    ``skip_reason`` is ``None`` and ``skip_code`` says what the update did (0: applied,
+    else 1 + an index into :data:`SKIP_REASONS`).
+    """
 
     loss: Tensor
     terms: Terms
-    grad_norm: float
+    grad_norm: float | Tensor
     beta: float
     skip_reason: str | None
+    skip_code: Tensor | None = None
 
     @property
     def skipped(self) -> bool:
+        """Whether the update was skipped (under ``train.sync_free`` a host read)."""
+        if self.skip_code is not None:
+            return bool(self.skip_code.item() != 0)
         return self.skip_reason is not None
 
 
@@ -731,8 +856,16 @@ def _update_step(
     loss (on any rank), a non-finite gradient norm or a norm above ``t.skip_grad_norm``
     skips the update: parameters, optimiser state and EMA stay as they were. The
     schedule steps either way (it is indexed by step, skipped updates included).
+
+    Under ``t.sync_free`` the same decision is made and applied on the device
+    (:func:`_skip_code`, :func:`_apply_unless_skipped`); the result is bit-identical.
     """
-    with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+    # The likelihood's check that x is data (e.g. in {0, 1}) reads a tensor on the host;
+    # under sync_free it is off: training batches are binarised or quantised by the data
+    # pipeline (vaeflow.data.TrainBatches), valid by construction.
+    checks = _data_validation_off(model.likelihood) if t.sync_free else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with checks, autocast:
         terms = step_model(x, k=t.k)
     if t.objective == "iwae":
         objective = iwae(terms)
@@ -752,7 +885,13 @@ def _update_step(
     for p in frozen:
         p.grad = None
     max_norm = t.clip_norm if t.clip_norm is not None else math.inf
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if t.sync_free:
+        code = _skip_code(loss, norm, t.skip_grad_norm, ctx)
+        _apply_unless_skipped(code != 0, opt, model, ema)
+        _step_schedule(sched)
+        return StepResult(loss, terms, norm, beta, None, code)
+    grad_norm = norm.item()
     skip_reason = None
     if _any(not math.isfinite(loss.item()), ctx, device):
         skip_reason = "non-finite loss"
@@ -764,11 +903,70 @@ def _update_step(
         opt.step()
         if ema is not None:
             ema.update(model)
+    _step_schedule(sched)
+    return StepResult(loss, terms, grad_norm, beta, skip_reason)
+
+
+def _step_schedule(sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance the learning-rate schedule (every step, skipped updates included)."""
     with warnings.catch_warnings():
         # torch warns when the very first optimiser step was skipped; intended here.
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
         sched.step()
-    return StepResult(loss, terms, grad_norm, beta, skip_reason)
+
+
+def _skip_code(
+    loss: Tensor, grad_norm: Tensor, skip_grad_norm: float | None, ctx: _Dist
+) -> Tensor:
+    """The syncing step's skip decision as a 0-d int64 device tensor: 0 (apply), else
+    1 + the index of the first reason in :data:`SKIP_REASONS` that holds."""
+    bad_loss = ~torch.isfinite(loss.detach())
+    if ctx.active:  # as _any, without reading the flag: every rank skips together
+        flag = bad_loss.to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad_loss = flag[0] > 0
+    # The syncing step compares Python floats: the norm in float64, so that a threshold
+    # that float32 cannot represent is compared the same way.
+    norm = grad_norm.detach().double()
+    too_large = norm > skip_grad_norm if skip_grad_norm is not None else torch.zeros_like(bad_loss)
+    return torch.where(
+        bad_loss,
+        1,
+        torch.where(~torch.isfinite(norm), 2, torch.where(too_large, 3, 0)),
+    )
+
+
+def _apply_unless_skipped(
+    skip: Tensor, opt: torch.optim.Optimizer, model: nn.Module, ema: EMA | None
+) -> None:
+    """Take the optimiser step and the EMA update unless the device flag ``skip`` is set,
+    without reading it.
+
+    The fused Adam kernel takes ``found_inf`` (GradScaler's way in): when it is 1 the
+    parameters and moments stay as they are and the step counts are incremented and
+    decremented again. Adam creates its state at a parameter's first update, even a
+    skipped one; so while a parameter with a gradient has no state yet (the first step,
+    a delayed prior's first step) the flag is read, and a skip leaves the state absent as
+    the syncing step does.
+    """
+    if _state_missing(opt) and bool(skip.item()):
+        return
+    opt.found_inf = skip.to(torch.float32)  # read by Adam.step (getattr) for the fused kernel
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
+    if ema is not None:
+        ema.update(model, skip)
+
+
+def _state_missing(opt: torch.optim.Optimizer) -> bool:
+    """Whether a parameter with a gradient has no optimiser state yet."""
+    return any(
+        p.grad is not None and not opt.state.get(p)
+        for group in opt.param_groups
+        for p in group["params"]
+    )
 
 
 # ----------------------------------------------------------------------------- periodic
@@ -830,7 +1028,7 @@ def _log_step(run: _Run, result: StepResult) -> None:
             "train/elbo_nats": elbo(terms).mean().item(),
             "train/kl_nats": terms.kl.mean().item(),
             "train/recon_nats": terms.log_px_z.mean().item(),
-            "train/grad_norm": result.grad_norm,
+            "train/grad_norm": float(result.grad_norm),
             "train/lr": run.sched.get_last_lr()[0],
             "train/beta": result.beta,
             "train/skipped_steps": float(run.state.skipped),
