@@ -75,7 +75,7 @@ from torch.func import functional_call, vmap
 
 from ..config import Config, ConfigError, to_dict
 from ..data import DataSplits, load_splits
-from ..models.bounds import Terms, elbo, iwae
+from ..models.bounds import Terms
 from .logger import Progress, flatten_config
 from .train import (
     StepResult,
@@ -86,6 +86,7 @@ from .train import (
     _periodic_due,
     _Run,
     _setup_run,
+    training_loss,
 )
 
 __all__ = [
@@ -294,17 +295,8 @@ class _Stack:
         """One run's loss and log-terms (vmapped over runs): the solo step's objective."""
         t = self.members[0].run.cfg.train
         terms = functional_call(self.template, params, (x,), {"k": t.k, "noise": noise})
-        if t.objective == "iwae":
-            objective = iwae(terms)
-        else:
-            objective = elbo(
-                terms,
-                beta=beta,
-                free_bits=t.free_bits,
-                num_dims=self.template.latent_dim,
-                group_size=t.free_bits_group_size,
-            )
-        return -objective.mean(), terms.log_px_z, terms.log_pz, terms.log_qz, terms.flow_logdet
+        loss = training_loss(terms, t, beta, self.template.latent_dim)
+        return loss, terms.log_px_z, terms.log_pz, terms.log_qz, terms.flow_logdet
 
     def step(self) -> list[str | None]:
         """One update of every run in the stack; returns each run's skip reason (``None``:

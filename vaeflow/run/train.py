@@ -831,6 +831,24 @@ class StepResult:
         return self.skip_reason is not None
 
 
+def training_loss(terms: Terms, t: TrainConfig, beta: float | Tensor, latent_dim: int) -> Tensor:
+    """The loss the optimiser minimises, a scalar: the batch mean of the negated IWAE bound
+    (``train.objective = "iwae"``, Burda et al. 2016) or of the negated beta-weighted ELBO
+    with free bits (``train.free_bits`` per group of ``train.free_bits_group_size``
+    dimensions of the ``latent_dim``-dimensional latent). Shared by the solo step and the
+    stacked one (:mod:`vaeflow.run.stack`)."""
+    if t.objective == "iwae":
+        return -iwae(terms).mean()
+    objective = elbo(
+        terms,
+        beta=beta,
+        free_bits=t.free_bits,
+        num_dims=latent_dim,
+        group_size=t.free_bits_group_size,
+    )
+    return -objective.mean()
+
+
 def _update_step(
     model: VAE,
     step_model: nn.Module,
@@ -867,17 +885,7 @@ def _update_step(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with checks, autocast:
         terms = step_model(x, k=t.k)
-    if t.objective == "iwae":
-        objective = iwae(terms)
-    else:
-        objective = elbo(
-            terms,
-            beta=beta,
-            free_bits=t.free_bits,
-            num_dims=model.latent_dim,
-            group_size=t.free_bits_group_size,
-        )
-    loss = -objective.mean()
+    loss = training_loss(terms, t, beta, model.latent_dim)
     opt.zero_grad(set_to_none=True)
     # Backward runs even for a non-finite loss so that every rank takes part in the
     # gradient all-reduce; the update is then skipped everywhere.
