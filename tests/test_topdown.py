@@ -494,3 +494,11 @@ def test_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
     # active units per group, bottom first, add up to the model's
     groups = [summary[f"test/active_units_layer{i}"] for i in (1, 2)]
     assert sum(groups) == summary["test/active_units"] and groups[1] <= 98
+    # vaeflow sample draws from the hierarchy's prior and writes a grid, at two temperatures
+    for temperature in ("1.0", "0.5"):
+        before = set((tmp_path / "td").rglob("*.png"))
+        assert (
+            cli_main(["sample", str(tmp_path / "td"), "--n", "4", "--temperature", temperature])
+            == 0
+        )
+        assert set((tmp_path / "td").rglob("*.png")) - before, temperature
