@@ -18,7 +18,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.bound_checks import assert_mismatched_posterior_orders_the_bounds
+from tests.bound_checks import (
+    assert_exact_posterior_makes_every_bound_tight,
+    assert_mismatched_posterior_orders_the_bounds,
+)
 from vaeflow.flows.base import LULinear
 from vaeflow.models.bounds import (
     Terms,
@@ -109,14 +112,8 @@ def test_exact_diagonal_posterior_makes_every_bound_tight(float64):
     model = _exact_diag_model(w, b)
     x = torch.randn(8, N_X) * 2
     exact = _exact_log_px(x, w, b)
-    terms = model(x, k=16)
     # Every single importance weight equals p(x): ELBO and IWAE are exact per sample.
-    assert torch.allclose(terms.log_weights, exact.expand(16, -1), atol=1e-12, rtol=0)
-    assert torch.allclose(elbo(terms), exact, atol=1e-12, rtol=0)
-    assert torch.allclose(iwae(terms), exact, atol=1e-12, rtol=0)
-    ll = model.log_likelihood(x, k=100, chunk=30)
-    assert torch.allclose(ll.log_px, exact, atol=1e-12, rtol=0)
-    assert torch.allclose(ll.ess, torch.full_like(ll.ess, 100.0), atol=1e-8)
+    assert_exact_posterior_makes_every_bound_tight(model, x, exact)
 
 
 def test_exact_full_covariance_posterior_through_an_lu_flow(float64):

@@ -32,6 +32,7 @@ from tests.bound_checks import (
     D2,
     N_X,
     NOISE,
+    assert_compiled_estimate_matches_eager,
     assert_exact_posterior_makes_every_bound_tight,
     assert_mismatched_posterior_orders_the_bounds,
     diagonal_of,
@@ -512,19 +513,10 @@ def _log_q_rows(posterior: GaussianPosterior, z: Tensor, h: Tensor) -> Tensor:
 def test_compiled_log_likelihood_equals_eager():
     """eval.compile works through the shared estimator: with inductor's fallback_random
     the compiled chunk draws the same ancestral noise as eager (as tests/test_vae.py)."""
-    from unittest import mock
-
-    import torch._inductor.config as inductor_config
 
     model = _two_layer("iaf", "flow").eval()
     x = torch.randn(4, N_X)
-    torch.manual_seed(3)
-    eager = model.log_likelihood(x, k=40, chunk=20)
-    with mock.patch.object(inductor_config, "fallback_random", True):
-        torch.manual_seed(3)
-        compiled = model.log_likelihood(x, k=40, chunk=20, compile=True)
-    for a, b in [(eager.log_px, compiled.log_px), (eager.elbo, compiled.elbo)]:
-        assert torch.allclose(a, b, rtol=0, atol=1e-4), (a, b)
+    assert_compiled_estimate_matches_eager(model, x)
 
 
 def test_evaluation_counts_active_units_per_layer(float64):
