@@ -36,6 +36,7 @@ from tests.bound_checks import (
     D2,
     N_X,
     NOISE,
+    assert_compiled_estimate_matches_eager,
     assert_exact_posterior_makes_every_bound_tight,
     assert_mismatched_posterior_orders_the_bounds,
     diagonal_of,
@@ -345,6 +346,14 @@ def test_memory_flat_in_k_and_shared_estimator():
     assert len(calls) == 1 and max(rows) <= 8 * 3
     assert (ll.elbo <= ll.log_px).all()
     assert model.stats_sampler(x)(4).shape == (6, 3)
+
+
+def test_compiled_log_likelihood_equals_eager():
+    """``eval.compile`` (``vaeflow eval --compile``) on the top-down model: the bottom-up
+    pass, then each chunk's top-down pass, conv-IAF groups, likelihood and reduction as one
+    compiled graph give the eager estimate (same noise under inductor's fallback_random)."""
+    model = _conv_model("conv_iaf").eval()
+    assert_compiled_estimate_matches_eager(model, _binary(3))
 
 
 @pytest.mark.parametrize("flow", ["iaf", "conv_iaf"])
