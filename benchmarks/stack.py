@@ -1,12 +1,15 @@
 """Images per second of N stacked training runs against the same N runs one after another.
 
     python benchmarks/stack.py                       # Burda 1-layer model, N = 1, 4, 16
+    python benchmarks/stack.py --model sylvester --steps 5   # the gated-conv VAE
     python benchmarks/stack.py --sizes 1 4 --steps 20 --small   # smoke run
 
-The model is the Burda et al. 2016 one-stochastic-layer VAE of
+The models (``--model``): ``burda``, the Burda et al. 2016 one-stochastic-layer VAE of
 ``experiments/burda2016_iwae/config.toml`` (MLP 784-200-200-50, tanh, Bernoulli, batch
-20, Adam), on random binary images of MNIST's shape (timing does not depend on pixel
-values, so no dataset is needed). The N runs differ in ``train.seed``.
+20, Adam); ``sylvester``, the van den Berg et al. 2018 gated-conv VAE of
+``experiments/vandenberg2018_sylvester/config.toml`` (its configured posterior, batch
+100, Adamax). Both on random binary images of MNIST's shape (timing does not depend on
+pixel values, so no dataset is needed). The N runs differ in ``train.seed``.
 
 * **sequential**: each of the N runs is set up as ``vaeflow train`` sets it up
   (``train._setup_run``) and makes ``--steps`` iterations of the training loop's own
@@ -45,11 +48,27 @@ from vaeflow.data import DataSplits  # noqa: E402
 from vaeflow.run.stack import _after_step, _Member, _Stack  # noqa: E402
 from vaeflow.run.train import _beta, _setup_run, _update_step  # noqa: E402
 
-CONFIG = ROOT / "experiments" / "burda2016_iwae" / "config.toml"
-SMALL = ["model.encoder.options={hidden=[32]}", "model.decoder.options={hidden=[32]}"]
+MODELS: dict[str, tuple[Path, list[str]]] = {
+    "burda": (
+        ROOT / "experiments" / "burda2016_iwae" / "config.toml",
+        ["model.encoder.options={hidden=[32]}", "model.decoder.options={hidden=[32]}"],
+    ),
+    "sylvester": (
+        ROOT / "experiments" / "vandenberg2018_sylvester" / "config.toml",
+        [
+            "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
+            "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
+            "model.latent_dim=4",
+            "data.batch_size=8",
+        ],
+    ),
+}
+"""Name -> (config, the ``--small`` overrides: the same code paths on tiny networks)."""
+
+TITLES = {"burda": "Burda 1-layer VAE", "sylvester": "Sylvester gated-conv VAE"}
 
 
-def _configs(n: int, small: bool) -> list[Config]:
+def _configs(n: int, small: bool, model: str = "burda") -> list[Config]:
     far = 10**9  # no logging, validation or checkpoint inside the timed steps
     common = [
         "train.device=cpu",
@@ -57,14 +76,16 @@ def _configs(n: int, small: bool) -> list[Config]:
         f"train.log_every={far}",
         f"train.val_every={far}",
         f"train.ckpt_every={far}",
-        *(SMALL if small else []),
+        *(MODELS[model][1] if small else []),
     ]
-    return [load_config(CONFIG, [*common, f"train.seed={seed}"]) for seed in range(n)]
+    path = MODELS[model][0]
+    return [load_config(path, [*common, f"train.seed={seed}"]) for seed in range(n)]
 
 
 def _splits() -> DataSplits:
     g = torch.Generator().manual_seed(0)
-    train = (torch.rand(2000, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    # Binary images in uint8 (0 / 255): what every binarisation accepts, "given" included.
+    train = ((torch.rand(2000, 1, 28, 28, generator=g) > 0.5) * 255).to(torch.uint8)
     val = train[:400].clone()
     return DataSplits(train, val, val, (1, 28, 28), "binary", "random")
 
@@ -108,6 +129,7 @@ def _time_stacked(stack: _Stack, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="burda")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--steps", type=int, default=100, help="iterations per timing")
     p.add_argument("--repeats", type=int, default=3)
@@ -116,11 +138,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_header("cpu", args.threads))
-    batch = _configs(1, args.small)[0].data.batch_size
+    batch = _configs(1, args.small, args.model)[0].data.batch_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            cfgs = _configs(n, args.small)
+            cfgs = _configs(n, args.small, args.model)
             seq_runs = [m.run for m in _setup(cfgs, Path(tmp) / f"seq{n}")]
             stack = _Stack(_setup(cfgs, Path(tmp) / f"st{n}"))
             _time_sequential(seq_runs, max(1, args.steps // 10))  # warm-up
@@ -135,7 +157,7 @@ def main() -> None:
             for run in [*seq_runs, *(m.run for m in stack.members)]:
                 run.logger.close()
     print(
-        f"\nimages/s of N runs (Burda 1-layer VAE, batch {batch}, {args.steps} steps per "
+        f"\nimages/s of N runs ({TITLES[args.model]}, batch {batch}, {args.steps} steps per "
         f"timing, median of {args.repeats}, {args.threads} thread(s))\n"
     )
     print(markdown_table(["N", "sequential", "stacked", "stacked / sequential"], rows))

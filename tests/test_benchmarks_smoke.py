@@ -155,11 +155,14 @@ def test_nll_eval_benchmark_smoke() -> None:
         assert achieved > 0, line  # the FLOP counter saw the model's matmuls
 
 
-def test_stack_benchmark_smoke() -> None:
-    """N stacked runs vs N sequential runs: one table row per N."""
+@pytest.mark.parametrize("model", ["burda", "sylvester"])
+def test_stack_benchmark_smoke(model: str) -> None:
+    """N stacked runs vs N sequential runs, the MLP and the gated-conv model (whose
+    orthogonal Sylvester flows run under vmap): one table row per N."""
     proc = _run_script(
-        "stack.py", "--small", "--sizes", "1", "2", "--steps", "2", "--repeats", "1"
-    )
+        "stack.py", "--small", "--model", model, "--sizes", "1", "2", "--steps", "2",
+        "--repeats", "1",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
     assert len(rows) == 2, proc.stdout
