@@ -224,6 +224,7 @@ def test_no_srun_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     path = _sweep(tmp_path, "[cluster]\ntimeout_min = 10\n")
     with pytest.raises(ConfigError, match=r"submitit-slurm: submitit cannot submit from here"):
         sw.run_sweep(path, executor="submitit-slurm")
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 def test_slurm_job_array_no_wait_and_a_later_run(

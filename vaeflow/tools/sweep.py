@@ -83,7 +83,7 @@ from typing import Any
 
 from ..atomic import remove_stale_temps, write_text_atomic
 from ..config import Config, ConfigError, load_config, read_toml, to_dict
-from .cluster import EXECUTORS, ClusterConfig, cluster_config, executor_parameters
+from .cluster import EXECUTORS, cluster_config, executor_parameters
 
 __all__ = [
     "Point",
@@ -849,6 +849,10 @@ def run_sweep(
             print(f"[{s['status']}]{job} {s['command']}", flush=True)
         return statuses
 
+    folder = (sweep.directory / "submitit").resolve()  # submitit's files
+    ex = None
+    if on_cluster and groups:  # before anything is written: where submitit cannot submit
+        ex = _submit_module().make_executor(executor, parameters, cluster_cfg.max_timeouts, folder)
     log_dir = sweep.directory / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # An interrupted write of sweep.json; each point's run cleans its own run directory.
@@ -860,8 +864,8 @@ def run_sweep(
         _run_on_cluster(
             sweep,
             executor,
-            cluster_cfg,
-            parameters,
+            ex,
+            {"submitit_folder": str(folder), "cluster": to_dict(cluster_cfg)},
             [(str(sweep_path), g, extra, stack_extra, log_dir) for g in groups],
             attached,
             statuses,
@@ -890,28 +894,27 @@ def run_sweep(
 def _run_on_cluster(
     sweep: Sweep,
     executor: str,
-    cfg: ClusterConfig,
-    parameters: dict[str, Any],
+    ex: Any,
+    record_extra: dict[str, Any],
     group_args: list[tuple[str, list[Point], list[str], list[str], Path]],
     attached: dict[str, Any],
     statuses: list[dict[str, Any]],
     points: dict[str, Point],
     wait: bool,
 ) -> None:
-    """Submit one job per group (``group_args``: :func:`run_group`'s arguments) as one
-    job array, record the job ids in ``sweep.json``, and, with ``wait``, collect each
-    job's results as it ends (``attached``: an earlier submission's jobs still queued or
-    running, by point name, waited for as the new ones). ``statuses`` is updated."""
+    """Submit one job per group (``group_args``: :func:`run_group`'s arguments) with
+    submitit's executor ``ex`` as one job array, record the job ids in ``sweep.json``
+    (with ``record_extra``), and, with ``wait``, collect each job's results as it ends
+    (``attached``: an earlier submission's jobs still queued or running, by point name,
+    waited for as the new ones). ``statuses`` is updated."""
     if not group_args and not attached:  # every point finished: nothing to submit
         _write_record(sweep, statuses, executor)
         return
     submit = _submit_module()
     index = {s["name"]: i for i, s in enumerate(statuses)}
-    folder = (sweep.directory / "submitit").resolve()
-    ex = submit.make_executor(executor, parameters, cfg.max_timeouts, folder)
     cwd = Path.cwd()
     fns = [submit.SweepJob(run_group, args, [p.name for p in args[1]], cwd) for args in group_args]
-    handles = submit.submit_groups(ex, fns)
+    handles = submit.submit_groups(ex, fns) if fns else []
     jobs = [(h, fn.names) for h, fn in zip(handles, fns, strict=True)]
     earlier: dict[str, tuple[Any, list[str]]] = {}
     for name, job in attached.items():
@@ -924,12 +927,11 @@ def _run_on_cluster(
     for job, names in jobs:
         for name in names:
             statuses[index[name]].update(status="submitted", job_id=str(job.job_id))
-    record_extra = {"submitit_folder": str(folder), "cluster": to_dict(cfg)}
     _write_record(sweep, statuses, executor, **record_extra)
     if not wait:
         print(
             f"{len(jobs)} job(s) queued on Slurm; they run without this command "
-            f"(submitit's files: {folder}).\n"
+            f"(submitit's files: {record_extra['submitit_folder']}).\n"
             "  watch:   squeue --me\n"
             f"  collect: vaeflow sweep {sweep.path} --executor submitit-slurm\n"
             "           (waits for the jobs still queued or running, submits again the "
