@@ -8,7 +8,10 @@
 # Environment: JOBS (concurrent runs; default 1 full, 2 reduced), THREADS (torch CPU
 # threads per run; default 1 reduced), VAEFLOW (the CLI; default .venv/bin/vaeflow when
 # this checkout has one, else vaeflow on PATH), PYTHON (the interpreter that has vaeflow;
-# default .venv/bin/python or python3), VAEFLOW_DATA (dataset root).
+# default .venv/bin/python or python3), VAEFLOW_DATA (dataset root), SWEEP_ARGS (more
+# `vaeflow sweep` arguments, split on spaces: e.g. "--executor submitit-slurm --cluster
+# partition=gpu" runs the points as Slurm jobs, with JOBS=1 in reduced mode; README
+# "Sweeps on a Slurm cluster").
 # The report is written even when some points failed; the exit status is the sweep's.
 set -euo pipefail
 resolve() {  # a user-given relative program path, made absolute before the cd below
@@ -37,7 +40,9 @@ case "$mode" in
   *) echo "usage: run.sh [full|reduced]  (got '$mode')" >&2; exit 2 ;;
 esac
 rc=0
-"$VAEFLOW" sweep "$sweep" --jobs "$jobs" ${threads[@]+"${threads[@]}"} || rc=$?
+read -r -a sweep_args <<< "${SWEEP_ARGS:-}"
+"$VAEFLOW" sweep "$sweep" --jobs "$jobs" ${threads[@]+"${threads[@]}"} \
+  ${sweep_args[@]+"${sweep_args[@]}"} || rc=$?
 # The runs live in the sweep's directory (<root>/<name>, root inherited through extends).
 dir=$("$PYTHON" -c 'import sys; from vaeflow.tools.sweep import load_sweep; print(load_sweep(sys.argv[1]).directory)' "$sweep")
 "$VAEFLOW" report "$dir" -o "$out" ${report_args[@]+"${report_args[@]}"} || rc=$?

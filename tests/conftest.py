@@ -40,6 +40,8 @@ SLOW = (
     "tests/test_ddp.py",
     "tests/test_benchmarks_smoke.py",
     "tests/test_sweep.py::test_tiny_real_sweep",
+    "tests/test_sweep_cluster.py::test_submitit_local_sweep",
+    "tests/test_sweep_cluster.py::test_preempted_job",
     "tests/test_train.py",
     "tests/test_toy2d.py",
     "tests/test_docs.py::test_some_docstring_examples_exist",

@@ -9,6 +9,7 @@ Thin by design: parse, build the config, call the library.
     vaeflow sample runs/quickstart --n 64
     vaeflow sweep SWEEP.toml --jobs 2        # a grid of runs, resumable; --dry-run lists it
     vaeflow sweep SWEEP.toml --stack 16      # seeds (lr, ...) of one shape: one batched run
+    vaeflow sweep SWEEP.toml --executor submitit-slurm   # a Slurm job array (.[cluster] extra)
     vaeflow report runs/my_sweep -o results/my_sweep   # mean +- std tables and figures
     vaeflow data pack SRC_ROOT DST_ROOT      # CIFAR-10: torchvision layout -> npz layout
 """

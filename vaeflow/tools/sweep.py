@@ -43,6 +43,17 @@ when the points fit on one device together); placing jobs on GPUs is the user's 
 scheduler's) job. For a cluster, :func:`commands` / :func:`write_commands` give one
 shell-quoted ``vaeflow train`` command per pending point.
 
+On a cluster (``--executor submitit-slurm``, :mod:`vaeflow.tools.submit`): each pending
+point, or each stack, is one job of one Slurm job array submitted through submitit; the
+job runs the same command (:func:`run_group`), logs to the same ``logs/``, and a job that
+is preempted or reaches its time limit is requeued and continues the run from its
+checkpoint. The jobs' resources come from the sweep's ``[cluster]`` table and
+``--cluster KEY=VALUE`` (:mod:`vaeflow.tools.cluster`). By default the sweep waits and
+writes ``sweep.json`` as the local path does (with each point's ``job_id``);
+``--no-wait`` records the job ids (status ``submitted``) and returns, and running the
+sweep again later waits for the jobs still queued or running instead of starting their
+points twice. ``--executor submitit-local`` runs the same jobs as processes here.
+
 Stacking (``--stack N``, :func:`stack_groups`): pending points whose configs differ only
 in keys that change no shape (seeds, learning rate and schedule, KL warm-up, clipping,
 ...: :data:`vaeflow.run.stack.STACKABLE_KEYS`) are trained in groups of at most ``N`` as
@@ -66,12 +77,13 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import remove_stale_temps, write_text_atomic
 from ..config import Config, ConfigError, load_config, read_toml, to_dict
+from .cluster import EXECUTORS, cluster_config, executor_parameters
 
 __all__ = [
     "Point",
@@ -84,13 +96,24 @@ __all__ = [
     "write_commands",
     "write_sweep_hparams",
     "run_sweep",
+    "run_group",
     "stack_groups",
     "train_points_stacked",
     "add_sweep_parser",
     "add_train_stack_parser",
 ]
 
-_TOP_LEVEL_KEYS = {"base", "name", "root", "seeds", "set", "grid", "variant", "extends"}
+_TOP_LEVEL_KEYS = {
+    "base",
+    "name",
+    "root",
+    "seeds",
+    "set",
+    "grid",
+    "variant",
+    "extends",
+    "cluster",
+}
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_NAME = 200  # well under the 255-byte file-name limit
 
@@ -108,6 +131,8 @@ class Sweep:
         fixed: overrides applied to every point.
         grid: ``(dotted key, values)`` in file order.
         variants: ``(name, ((dotted key, value), ...))`` per ``[[variant]]``, in file order.
+        cluster: the ``[cluster]`` table (checked; :mod:`vaeflow.tools.cluster`), the
+            parent's keys replaced one by one by the file's own.
     """
 
     path: Path
@@ -118,6 +143,7 @@ class Sweep:
     fixed: tuple[str, ...]
     grid: tuple[tuple[str, tuple[Any, ...]], ...]
     variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    cluster: dict[str, Any] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -265,6 +291,11 @@ def load_sweep(sweep_path: str | Path, _seen: tuple[Path, ...] = ()) -> Sweep:
     else:
         assert parent is not None
         base = parent.base
+    cluster = data.get("cluster", {})
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"{path}: [cluster] must be a table of key = value (Slurm resources)")
+    cluster = {**(parent.cluster if parent is not None else {}), **cluster}
+    cluster_config(cluster, where=str(path))  # a bad key fails now, as any other would
     return Sweep(
         path=path,
         base=base,
@@ -276,6 +307,7 @@ def load_sweep(sweep_path: str | Path, _seen: tuple[Path, ...] = ()) -> Sweep:
         fixed=fixed_all,
         grid=tuple(grid_items.items()),
         variants=variants,
+        cluster=cluster,
     )
 
 
@@ -552,9 +584,14 @@ def _point_result(point: Point, first: dict[str, Any]) -> dict[str, Any]:
     return {**first, "status": "finished" if finished else "failed"}
 
 
-def _run_point(point: Point, args: list[str], log_path: Path) -> dict[str, Any]:
+def _run_point(
+    point: Point, args: list[str], log_path: Path, note: str | None = None
+) -> dict[str, Any]:
     start = time.time()
-    with open(log_path, "w") as log:
+    # A requeued job's next attempt appends: the log keeps what the earlier ones printed.
+    with open(log_path, "a" if note else "w") as log:
+        if note:
+            log.write(f"\n# {note}\n")
         log.write("$ " + " ".join(shlex.quote(a) for a in args) + "\n")
         log.flush()
         code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
@@ -567,6 +604,137 @@ def _run_point(point: Point, args: list[str], log_path: Path) -> dict[str, Any]:
     }
 
 
+def _group_command(
+    sweep_path: str | Path,
+    group: Sequence[Point],
+    extra: Sequence[str],
+    stack_extra: Sequence[str],
+    log_dir: str | Path,
+) -> tuple[list[str], Path]:
+    """The command that trains and evaluates ``group`` (``vaeflow train`` for a point
+    alone, ``vaeflow train-stack`` for a stack) and its log file.
+
+    Built when the group starts, not when the sweep does: a point interrupted in between
+    (a requeued cluster job) then gets ``--resume``.
+    """
+    if len(group) == 1:
+        p = group[0]
+        args = [sys.executable, "-m", "vaeflow", *_train_args(p, extra)]
+        return args, Path(log_dir) / f"{p.name}.log"
+    args = [sys.executable, "-m", "vaeflow", *_stack_args(sweep_path, group, stack_extra)]
+    return args, Path(log_dir) / f"stack__{group[0].name}.log"
+
+
+def run_group(
+    sweep_path: str | Path,
+    group: Sequence[Point],
+    extra: Sequence[str],
+    stack_extra: Sequence[str],
+    log_dir: str | Path,
+    note: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train and evaluate one point, or one stack, as a subprocess: what every executor
+    runs (a thread of :func:`run_sweep`, or a submitit job,
+    :class:`vaeflow.tools.submit.SweepJob`).
+
+    Args:
+        sweep_path: the sweep file (``train-stack`` reads its points from it).
+        group: one point, or the points of one stack (:func:`stack_groups`).
+        extra: more ``vaeflow train`` arguments (``--threads N``).
+        stack_extra: more ``vaeflow train-stack`` arguments.
+        log_dir: where the log goes (``<point>.log``, ``stack__<first point>.log``).
+        note: a line for the log, which is then appended to (a requeued job's next
+            attempt); ``None``: a fresh log.
+
+    Returns:
+        ``{point name: result}`` in the group's order: ``status`` (``finished`` when the
+        process exited with 0 and the point's run directory holds ``summary.json``,
+        else ``failed``), ``returncode``, ``seconds`` and ``log`` (a stack's points
+        share the process, its exit code and log).
+    """
+    args, log = _group_command(sweep_path, group, extra, stack_extra, log_dir)
+    first = _run_point(group[0], args, log, note)
+    return {p.name: first if p is group[0] else _point_result(p, first) for p in group}
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    """The sweep's ``sweep.json`` from an earlier run; ``{}`` if none (or unreadable)."""
+    try:
+        record = json.loads((directory / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _in_flight(record: dict[str, Any], points: Sequence[Point]) -> dict[str, dict[str, Any]]:
+    """The unfinished points an earlier ``--executor submitit-slurm`` run left submitted
+    (status ``submitted`` in its ``sweep.json``): their jobs may still be queued or
+    running. By name, each its record entry (``job_id``)."""
+    if record.get("executor") != "submitit-slurm":
+        return {}
+    unfinished = {p.name for p in points if not is_finished(p)}
+    return {
+        r["name"]: r
+        for r in record.get("points", [])
+        if isinstance(r, dict)
+        and r.get("status") == "submitted"
+        and r.get("job_id")
+        and r.get("name") in unfinished
+    }
+
+
+def _write_record(
+    sweep: Sweep, statuses: list[dict[str, Any]], executor: str, **extra: Any
+) -> None:
+    record = {
+        "sweep": str(sweep.path),
+        "base": str(sweep.base),
+        "executor": executor,
+        **extra,
+        "points": statuses,
+    }
+    write_text_atomic(sweep.directory / "sweep.json", json.dumps(record, indent=2) + "\n")
+
+
+def _submit_module() -> Any:
+    """:mod:`vaeflow.tools.submit`, or a ConfigError saying how to install submitit."""
+    try:
+        from . import submit
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "submitit":
+            raise
+        raise ConfigError(
+            "--executor submitit-slurm / submitit-local need the submitit package, which "
+            'is not installed here: pip install -e ".[cluster]" (or pip install submitit)'
+        ) from None
+    return submit
+
+
+def _check_executor_options(executor: str, jobs: int, cluster: Sequence[str], wait: bool) -> None:
+    """Refuse options that do not go with the executor (rather than ignore them)."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    on_cluster = EXECUTORS[executor] is not None
+    if on_cluster and jobs > 1:
+        raise ConfigError(
+            f"--jobs runs that many local subprocesses at a time; with --executor {executor} "
+            "every pending point is a job of one array: limit how many run at once with "
+            "--cluster array_parallelism=N (Slurm)"
+        )
+    if cluster and not on_cluster:
+        raise ConfigError(
+            "--cluster sets the jobs' resources for --executor submitit-slurm (or "
+            "submitit-local); the local executor takes --jobs and --threads"
+        )
+    if not wait and executor != "submitit-slurm":
+        raise ConfigError(
+            f"--no-wait is for --executor submitit-slurm; the {executor} executor's runs "
+            "are processes of this machine that end with this command"
+        )
+
+
 def run_sweep(
     sweep_path: str | Path,
     jobs: int = 1,
@@ -574,64 +742,117 @@ def run_sweep(
     threads: int | None = None,
     extra_args: Sequence[str] = (),
     stack: int | None = None,
+    executor: str = "local",
+    cluster: Sequence[str] = (),
+    wait: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the sweep's pending points as subprocesses, at most ``jobs`` at a time.
+    """Run the sweep's pending points: as subprocesses here, at most ``jobs`` at a time,
+    or as submitit jobs.
 
     Args:
         sweep_path: the sweep TOML.
         jobs: concurrent subprocesses (one per GPU is the user's job: set
-            ``CUDA_VISIBLE_DEVICES`` per sweep process).
+            ``CUDA_VISIBLE_DEVICES`` per sweep process); the local executor only.
         dry_run: print and return the points and commands; run and create nothing.
         threads: ``--threads`` for every subprocess (torch CPU threads).
         extra_args: more ``vaeflow train`` arguments for every point.
         stack: train pending points in stacks of at most this many
             (:func:`stack_groups`); ``None``: every point alone.
+        executor: ``"local"`` (subprocesses of this process), ``"submitit-slurm"`` (one
+            Slurm job per point or stack, all in one job array;
+            :mod:`vaeflow.tools.submit`) or ``"submitit-local"`` (those jobs as
+            processes of this machine, all at once: for tests and small machines).
+        cluster: ``KEY=VALUE`` overrides of the sweep's ``[cluster]`` table (submitit
+            executors; :mod:`vaeflow.tools.cluster`).
+        wait: wait for the jobs. ``False`` (``submitit-slurm`` only): submit, record
+            the job ids in ``sweep.json`` (status ``submitted``) and return.
 
     Returns:
         One dict per point, in sweep order: ``name``, ``run_dir``, ``overrides``,
         ``command``, ``status`` (``skipped`` = already finished, ``finished``,
-        ``failed``, or ``pending``/``resume`` in a dry run) and ``returncode``.
-        Also written to ``<root>/<name>/sweep.json`` (not in a dry run). A failing point
-        does not stop the others.
+        ``failed``, ``submitted`` (in a Slurm job not waited for), or
+        ``pending``/``resume`` in a dry run) and ``returncode``; the submitit executors
+        add ``job_id``. Also written to ``<root>/<name>/sweep.json`` (not in a dry run),
+        with the executor. A failing point does not stop the others.
+
+    Raises:
+        ConfigError: a bad sweep, point or ``[cluster]`` key, before anything runs;
+            options that do not go with the executor; unfinished points that an
+            earlier ``--no-wait`` submission left in Slurm jobs, when the executor is
+            not ``submitit-slurm`` (which waits for those jobs instead of starting the
+            points twice).
     """
-    if jobs < 1:
-        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    _check_executor_options(executor, jobs, cluster, wait)
+    on_cluster = EXECUTORS[executor] is not None
     points = expand(sweep_path)
     sweep = load_sweep(sweep_path)
+    cluster_cfg = cluster_config(sweep.cluster, cluster, where=str(sweep.path))
+    parameters = (
+        executor_parameters(cluster_cfg, executor, f"vaeflow-{sweep.name}") if on_cluster else {}
+    )
     extra = list(extra_args) + (["--threads", str(threads)] if threads else [])
-    pending = [p for p in points if not is_finished(p)]
+    stack_extra = ["--threads", str(threads)] if threads else []
+    earlier = _read_record(sweep.directory)
+    in_flight = _in_flight(earlier, points)
+    if in_flight and executor != "submitit-slurm" and not dry_run:
+        ids = sorted({str(r["job_id"]) for r in in_flight.values()})
+        raise ConfigError(
+            f"{sweep.directory / 'sweep.json'}: {len(in_flight)} unfinished point(s) were "
+            f"submitted to Slurm (job {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''}) "
+            f"and may still be queued or running; --executor {executor} would train them "
+            f"a second time. Wait for them with `vaeflow sweep {sweep_path} --executor "
+            "submitit-slurm` (it resubmits only points whose job has ended), cancel them "
+            "(scancel), or delete sweep.json if those jobs are gone"
+        )
+    attached: dict[str, Any] = {}  # point name -> its earlier Slurm job, still queued/running
+    if in_flight and not dry_run:
+        folder = earlier.get("submitit_folder") or sweep.directory / "submitit"
+        attached = _submit_module().reattach(in_flight, folder)
+    busy = set(in_flight) if dry_run else set(attached)
+    pending = [p for p in points if not is_finished(p) and p.name not in busy]
     groups = stack_groups(pending, stack) if stack else [[p] for p in pending]
     group_of = {p.name: g for g in groups for p in g}
-    stack_extra = ["--threads", str(threads)] if threads else []
     statuses: list[dict[str, Any]] = []
     for p in points:
         done = is_finished(p)
-        statuses.append(
-            {
-                "name": p.name,
-                "run_dir": str(p.run_dir),
-                "overrides": list(p.overrides),
-                "command": (
-                    commands([p], extra_args=extra)[0]
-                    if len(group_of.get(p.name, [p])) == 1
-                    else " ".join(
-                        [
-                            "vaeflow",
-                            *map(
-                                shlex.quote, _stack_args(sweep_path, group_of[p.name], stack_extra)
-                            ),
-                        ]
-                    )
-                ),
-                "status": "skipped" if done else ("resume" if needs_resume(p) else "pending"),
-                "returncode": None,
-            }
-        )
+        status = {
+            "name": p.name,
+            "run_dir": str(p.run_dir),
+            "overrides": list(p.overrides),
+            "command": (
+                commands([p], extra_args=extra)[0]
+                if len(group_of.get(p.name, [p])) == 1
+                else " ".join(
+                    [
+                        "vaeflow",
+                        *map(shlex.quote, _stack_args(sweep_path, group_of[p.name], stack_extra)),
+                    ]
+                )
+            ),
+            "status": "skipped" if done else ("resume" if needs_resume(p) else "pending"),
+            "returncode": None,
+        }
+        if on_cluster:
+            status["job_id"] = None
+        if p.name in busy:  # an earlier submission's job: its command, its id
+            status.update(
+                command=in_flight[p.name].get("command", status["command"]),
+                status="submitted",
+                job_id=str(in_flight[p.name]["job_id"]),
+            )
+        statuses.append(status)
     if dry_run:
+        if on_cluster:
+            print(f"{executor} parameters: {json.dumps(parameters)}", flush=True)
         for s in statuses:
-            print(f"[{s['status']}] {s['command']}", flush=True)
+            job = f" (job {s['job_id']})" if s.get("job_id") else ""
+            print(f"[{s['status']}]{job} {s['command']}", flush=True)
         return statuses
 
+    folder = (sweep.directory / "submitit").resolve()  # submitit's files
+    ex = None
+    if on_cluster and groups:  # before anything is written: where submitit cannot submit
+        ex = _submit_module().make_executor(executor, parameters, cluster_cfg.max_timeouts, folder)
     log_dir = sweep.directory / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # An interrupted write of sweep.json; each point's run cleans its own run directory.
@@ -639,35 +860,123 @@ def run_sweep(
     write_sweep_hparams(points, sweep.directory)
     index = {p.name: i for i, p in enumerate(points)}
 
-    def work(group: list[Point]) -> None:
-        if len(group) == 1:
-            p = group[0]
-            args = [sys.executable, "-m", "vaeflow", *_train_args(p, extra)]
-            log = log_dir / f"{p.name}.log"
-        else:
-            args = [sys.executable, "-m", "vaeflow", *_stack_args(sweep_path, group, stack_extra)]
-            log = log_dir / f"stack__{group[0].name}.log"
-        names = ", ".join(p.name for p in group)
-        print(f"start {names}" + (" (stacked)" if len(group) > 1 else ""), flush=True)
-        first = _run_point(group[0], args, log)
-        for p in group:  # each point's status: its own run directory decides
-            result = first if p is group[0] else _point_result(p, first)
-            statuses[index[p.name]].update(result)
-            print(f"{result['status']} {p.name} (exit {result['returncode']})", flush=True)
+    if on_cluster:
+        _run_on_cluster(
+            sweep,
+            executor,
+            ex,
+            {"submitit_folder": str(folder), "cluster": to_dict(cluster_cfg)},
+            [(str(sweep_path), g, extra, stack_extra, log_dir) for g in groups],
+            attached,
+            statuses,
+            {p.name: p for p in points},
+            wait,
+        )
+    else:
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(work, groups))
-    record = {"sweep": str(sweep.path), "base": str(sweep.base), "points": statuses}
-    write_text_atomic(sweep.directory / "sweep.json", json.dumps(record, indent=2) + "\n")
+        def work(group: list[Point]) -> None:
+            names = ", ".join(p.name for p in group)
+            print(f"start {names}" + (" (stacked)" if len(group) > 1 else ""), flush=True)
+            results = run_group(sweep_path, group, extra, stack_extra, log_dir)
+            for name, result in results.items():  # each point's own run directory decides
+                statuses[index[name]].update(result)
+                print(f"{result['status']} {name} (exit {result['returncode']})", flush=True)
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(work, groups))
+        _write_record(sweep, statuses, executor)
     failed = [s["name"] for s in statuses if s["status"] == "failed"]
     if failed:
         print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
     return statuses
 
 
+def _run_on_cluster(
+    sweep: Sweep,
+    executor: str,
+    ex: Any,
+    record_extra: dict[str, Any],
+    group_args: list[tuple[str, list[Point], list[str], list[str], Path]],
+    attached: dict[str, Any],
+    statuses: list[dict[str, Any]],
+    points: dict[str, Point],
+    wait: bool,
+) -> None:
+    """Submit one job per group (``group_args``: :func:`run_group`'s arguments) with
+    submitit's executor ``ex`` as one job array, record the job ids in ``sweep.json``
+    (with ``record_extra``), and, with ``wait``, collect each job's results as it ends
+    (``attached``: an earlier submission's jobs still queued or running, by point name,
+    waited for as the new ones). ``statuses`` is updated."""
+    if not group_args and not attached:  # every point finished: nothing to submit
+        _write_record(sweep, statuses, executor)
+        return
+    submit = _submit_module()
+    index = {s["name"]: i for i, s in enumerate(statuses)}
+    cwd = Path.cwd()
+    fns = [submit.SweepJob(run_group, args, [p.name for p in args[1]], cwd) for args in group_args]
+    handles = submit.submit_groups(ex, fns) if fns else []
+    jobs = [(h, fn.names) for h, fn in zip(handles, fns, strict=True)]
+    earlier: dict[str, tuple[Any, list[str]]] = {}
+    for name, job in attached.items():
+        earlier.setdefault(str(job.job_id), (job, []))[1].append(name)
+    for job, names in jobs:
+        print(f"submitted {', '.join(names)}: job {job.job_id}", flush=True)
+    for job_id, (_, names) in earlier.items():
+        print(f"still queued or running: {', '.join(names)}: job {job_id}", flush=True)
+    jobs += list(earlier.values())
+    for job, names in jobs:
+        for name in names:
+            statuses[index[name]].update(status="submitted", job_id=str(job.job_id))
+    _write_record(sweep, statuses, executor, **record_extra)
+    if not wait:
+        print(
+            f"{len(jobs)} job(s) queued on Slurm; they run without this command "
+            f"(submitit's files: {record_extra['submitit_folder']}).\n"
+            "  watch:   squeue --me\n"
+            f"  collect: vaeflow sweep {sweep.path} --executor submitit-slurm\n"
+            "           (waits for the jobs still queued or running, submits again the "
+            "points whose job ended unfinished, writes sweep.json)\n"
+            f"  report:  vaeflow report {sweep.directory}   (the finished runs, at any time)",
+            flush=True,
+        )
+        return
+    try:
+        for job, results in submit.wait_for(
+            jobs, poll_s=1.0 if executor == "submitit-local" else 15.0
+        ):
+            for name, result in results.items():
+                if result["returncode"] is None and is_finished(points[name]):
+                    result = {**result, "status": "finished"}  # ended after its evaluation
+                statuses[index[name]].update(result)
+                print(
+                    f"{result['status']} {name} (job {job.job_id}, exit {result['returncode']})",
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        _write_record(sweep, statuses, executor, **record_extra)
+        if executor == "submitit-local":
+            for job, _ in jobs:  # local jobs are this machine's processes: stop them too
+                job.cancel(check=False)
+        else:
+            print(
+                "stopped waiting; the Slurm jobs keep running. Run `vaeflow sweep "
+                f"{sweep.path} --executor submitit-slurm` again to wait for them and "
+                "collect the results",
+                file=sys.stderr,
+            )
+        raise
+    _write_record(sweep, statuses, executor, **record_extra)
+
+
 def _sweep_command(args: argparse.Namespace) -> int:
-    """``vaeflow sweep``: 0 when every point is finished, 1 when any failed."""
+    """``vaeflow sweep``: 0 when every point is finished (or, with ``--no-wait``,
+    submitted), 1 when any failed."""
     if args.commands_file:
+        if args.executor != "local" or args.cluster or args.no_wait:
+            raise ConfigError(
+                "--commands-file writes the commands and runs nothing; it takes no "
+                "--executor, --cluster or --no-wait"
+            )
         points = expand(args.sweep)
         pending = [p for p in points if not is_finished(p)]
         extra = ["--threads", str(args.threads)] if args.threads else []
@@ -680,18 +989,27 @@ def _sweep_command(args: argparse.Namespace) -> int:
         print(f"wrote {lines} command(s) for {len(pending)} point(s) to {path}")
         return 0  # handed to a scheduler: nothing runs here
     statuses = run_sweep(
-        args.sweep, jobs=args.jobs, dry_run=args.dry_run, threads=args.threads, stack=args.stack
+        args.sweep,
+        jobs=args.jobs or 1,
+        dry_run=args.dry_run,
+        threads=args.threads,
+        stack=args.stack,
+        executor=args.executor,
+        cluster=args.cluster or (),
+        wait=not args.no_wait,
     )
     if args.dry_run:
         return 0
-    return 0 if all(s["status"] in ("finished", "skipped") for s in statuses) else 1
+    ok = ("finished", "skipped") if not args.no_wait else ("finished", "skipped", "submitted")
+    return 0 if all(s["status"] in ok for s in statuses) else 1
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``sweep SWEEP.toml [--jobs N] [--dry-run] [--threads N] [--commands-file PATH]``."""
+    """Add ``sweep SWEEP.toml [--jobs N] [--dry-run] [--threads N] [--stack N]
+    [--commands-file PATH] [--executor E] [--cluster KEY=VALUE ...] [--no-wait]``."""
     s = subparsers.add_parser("sweep", help="run a grid/seed sweep over a base config")
-    s.add_argument("sweep", help="sweep TOML (base, name, [grid], seeds, set)")
-    s.add_argument("--jobs", type=int, default=1, help="concurrent runs (default 1)")
+    s.add_argument("sweep", help="sweep TOML (base, name, [grid], seeds, set, [cluster])")
+    s.add_argument("--jobs", type=int, help="concurrent runs with the local executor (default 1)")
     s.add_argument("--dry-run", action="store_true", help="list points and commands only")
     s.add_argument("--threads", type=int, help="torch CPU threads per run")
     s.add_argument(
@@ -707,6 +1025,29 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATH",
         help="write one shell command per unfinished point (with --stack: per stack) "
         "for a cluster scheduler, and run nothing",
+    )
+    s.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        default="local",
+        help="local: subprocesses here (default); submitit-slurm: one Slurm job per "
+        "point (or stack) in one job array, requeued and resumed when preempted or out "
+        "of time (needs submitit: pip install -e '.[cluster]'); submitit-local: those "
+        "jobs as processes here, all at once",
+    )
+    s.add_argument(
+        "--cluster",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a job resource, over the sweep's [cluster] table (repeatable): "
+        "timeout_min=240, partition=gpu, gpus=1, cpus_per_task=4, mem_gb=16, "
+        "array_parallelism=8, sbatch.account=proj, ... (vaeflow.tools.cluster)",
+    )
+    s.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="submitit-slurm: submit, print the job ids and return; the same command "
+        "without --no-wait later waits for them and writes sweep.json",
     )
     s.set_defaults(func=_sweep_command)
     return s
