@@ -14,9 +14,11 @@ from torch._dynamo.utils import counters
 
 from vaeflow.config import ConfigError, load_config
 from vaeflow.models.build import build_model
+from vaeflow.models.vae import _data_validation_off
 from vaeflow.run.stack import check_stackable
 from vaeflow.run.train import (
     EMA,
+    SKIP_REASONS,
     _beta,
     _CompiledStep,
     _lr_lambdas,
@@ -49,10 +51,11 @@ TINY = [
 
 VARIANTS = {
     "adam": [],
-    # The other optimiser, weight decay, a prior learning at its own rate in a second param
-    # group and starting late (its first updates at step 4: one more compilation).
-    "normgrad+delayed prior": [
-        'train.optimizer="adam_normgrad"',
+    # Adamax (the Sylvester-flow experiments' optimiser) with weight decay and a prior
+    # learning at its own rate in a second param group, starting late (its first updates
+    # at step 4: one more compilation).
+    "adamax+delayed prior": [
+        'train.optimizer="adamax"',
         "train.weight_decay=0.01",
         'model.prior.name="flow"',
         'model.prior.flow="realnvp"',
@@ -61,6 +64,7 @@ VARIANTS = {
         "train.prior_lr_scale=0.5",
         "train.prior_freeze_steps=4",
     ],
+    "adam_normgrad": ['train.optimizer="adam_normgrad"', "train.weight_decay=0.01"],
 }
 
 #: The batch of each step: random binary images, except a NaN pixel (a non-finite loss)
@@ -84,9 +88,10 @@ def _adam_state(opt: torch.optim.Optimizer) -> dict:
 
 
 def _run(variant: str, compiled: bool) -> dict:
-    """Train the tiny model through :data:`BATCHES` with the eager step (``_update_step``
-    with the compile_step config: its sync-free eager equivalent) or the compiled one,
-    from the same initial weights and random stream; record every step."""
+    """Train the tiny model through :data:`BATCHES` with the eager step (``_update_step``,
+    which ignores ``train.compile_step``: the syncing step, bit-identical to the sync-free
+    one for Adam) or the compiled one, from the same initial weights and random stream;
+    record every step."""
     cfg = load_config(None, [*TINY, *VARIANTS[variant]])
     t = cfg.train
     torch.manual_seed(0)
@@ -108,12 +113,13 @@ def _run(variant: str, compiled: bool) -> dict:
         x = batches[kind]
         if compiled:
             r = step(x, beta, frozen=frozen)
-        else:
-            r = _update_step(
-                model, model, opt, sched, ema, x, t, beta=beta, frozen=prior if frozen else ()
-            )
+        else:  # without the data check (the compiled step has none): NaN batches pass
+            with _data_validation_off(model.likelihood):
+                r = _update_step(
+                    model, model, opt, sched, ema, x, t, beta=beta, frozen=prior if frozen else ()
+                )
         lr = float(sched.get_last_lr()[0])
-        out["seen"].append((r.loss.item(), float(r.grad_norm), int(r.skip_code), lr, beta))
+        out["seen"].append((r.loss.item(), float(r.grad_norm), _skip_code(r), lr, beta))
         out["model"].append(copy.deepcopy(model.state_dict()))
         out["adam"].append(_adam_state(opt))
         out["ema"].append(copy.deepcopy(ema.state_dict()))
@@ -121,6 +127,16 @@ def _run(variant: str, compiled: bool) -> dict:
         out["frames"].append(counters["frames"]["ok"])
     out["prior_ids"] = _prior_indices(opt, prior)
     return out
+
+
+def _skip_code(result) -> int:
+    """0 (applied) or 1 + the index of the reason in SKIP_REASONS, from either step."""
+    if result.skip_code is not None:  # the compiled (sync-free) step's device code
+        return int(result.skip_code)
+    if result.skip_reason is None:
+        return 0
+    prefix = " ".join(result.skip_reason.split()[:2])  # "gradient norm 4.8e+03 > ..."
+    return 1 + [r.startswith(prefix) for r in SKIP_REASONS].index(True)
 
 
 def _prior_indices(opt: torch.optim.Optimizer, prior: list) -> set[int]:
@@ -145,7 +161,7 @@ def test_compiled_steps_equal_the_eager_steps(runs):
     for i, (a, b) in enumerate(zip(eager["seen"], compiled["seen"], strict=True)):
         assert a[2:] == b[2:], (i, a, b)  # skip code, learning rate, beta: exactly
         if a[2] != 1:  # a non-finite loss is NaN in both
-            torch.testing.assert_close(b[:2], a[:2], rtol=1e-5, atol=1e-4, msg=f"step {i}")
+            torch.testing.assert_close(b[:2], a[:2], rtol=1e-4, atol=1e-4, msg=f"step {i}")
     buffers = _buffers(variant)
     for i in range(len(BATCHES)):
         msg = f"{variant}, after step {i}"
@@ -160,7 +176,7 @@ def test_compiled_steps_equal_the_eager_steps(runs):
         torch.testing.assert_close({k: b[k] for k in a}, a, rtol=1e-5, atol=1e-5, msg=msg)
         for k in set(b) - set(a):  # not updated yet: only the delayed prior's
             assert k in compiled["prior_ids"] and float(b[k]["step"]) == 0, (msg, k)
-            assert not b[k]["exp_avg"].any() and not b[k]["exp_avg_sq"].any()
+            assert not any(v.any() for v in b[k].values()), (msg, k)  # zero moments
     # the delayed prior moved only from step 4 on, as in eager
     last = len(BATCHES) - 1
     assert all(float(compiled["adam"][last][k]["step"]) > 0 for k in compiled["adam"][last])
@@ -179,7 +195,7 @@ def test_compiled_step_compiles_once(runs):
     gradients join the update) compiles the update once more."""
     variant, _, compiled = runs
     graphs, frames = compiled["graphs"], compiled["frames"]
-    settled = 4 if variant == "normgrad+delayed prior" else 0
+    settled = 4 if variant == "adamax+delayed prior" else 0
     assert graphs[0] == 1  # forward, backward and update: one graph, no graph break
     assert graphs[settled:] == [graphs[settled]] * (len(BATCHES) - settled), graphs
     assert frames[settled:] == [frames[settled]] * (len(BATCHES) - settled), frames
@@ -211,8 +227,7 @@ def test_compiled_skipped_updates_change_nothing(runs):
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (['train.optimizer="adamax"'], r"train\.compile_step.*'adamax'.*train\.compile = true"),
-        (['train.optimizer="rmsprop"'], r"train\.compile_step.*'rmsprop'"),
+        (['train.optimizer="rmsprop"'], r"train\.compile_step.*'rmsprop'.*train\.compile = true"),
         (["train.compile=true"], r"train\.compile_step.*set train\.compile = false"),
         (["train.amp=true"], r"train\.compile_step.*train\.amp.*train\.compile = true"),
     ],

@@ -336,15 +336,16 @@ class TrainConfig:
             decision and counters on the device, read at periodic steps). Learning rate and
             KL weight enter as device tensors, so schedules and warm-up change them without
             recompiling; batches have a fixed shape (the loop drops each epoch's ragged
-            last batch). Adam's update is written in tensor operations
-            (``vaeflow.run.optim.adam_update_unless``: the fused kernel cannot be
+            last batch). The optimiser's update is written in tensor operations
+            (``vaeflow.run.optim.update_unless``: torch's fused kernel cannot be
             compiled), its state created (zero) for every parameter before the first
             step; the posterior noise is torch's own random stream, as in eager. The
             same results as the eager step to float rounding (tested on the CPU; the CUDA
             graph path is not yet run on a GPU: ``benchmarks/gpu_check.py`` checks it).
             The first step compiles (seconds to minutes); a delayed prior
             (``prior_freeze_steps``) compiles once more when it starts. Needs
-            ``optimizer = "adam"`` or ``"adam_normgrad"``; not with ``compile`` (this
+            ``optimizer = "adam"``, ``"adam_normgrad"`` or ``"adamax"`` (not the fused
+            kernel ``sync_free`` needs); not with ``compile`` (this
             compiles the model too), ``amp`` (untested), data-parallel runs (torchrun)
             or ``sweep --stack``.
     """
@@ -675,11 +676,11 @@ def _check_compile_step(t: TrainConfig) -> None:
     """``train.compile_step``: refuse what the compiled step does not do, saying what to
     use instead (data-parallel runs are refused when the run starts: the config does not
     know the process count)."""
-    if t.optimizer not in ("adam", "adam_normgrad"):
+    if t.optimizer not in ("adam", "adam_normgrad", "adamax"):
         raise ConfigError(
-            f"train.compile_step = true compiles Adam's update (optimizer = 'adam' or "
-            f"'adam_normgrad'), got train.optimizer = {t.optimizer!r}; for this optimiser "
-            "use train.compile = true (the model's forward only) and set "
+            "train.compile_step = true compiles the update of optimizer = 'adam', "
+            f"'adam_normgrad' or 'adamax', got train.optimizer = {t.optimizer!r}; for this "
+            "optimiser use train.compile = true (the model's forward only) and set "
             "train.compile_step = false"
         )
     if t.compile:

@@ -75,7 +75,7 @@ from .logger import (
     has_hparams_experiment,
     hparams_order,
 )
-from .optim import AdamNormGrad, adam_update_unless
+from .optim import AdamNormGrad, init_state, update_unless
 from .utils import resolve_device
 
 __all__ = [
@@ -716,8 +716,8 @@ def _setup_run(
         state = _State()
         if ctx.rank == 0:
             _record_new_run(run_dir, config_dict, device, splits, len(x_val))
-    if _sync_free(t):
-        _check_sync_free(opt, "train.compile_step" if t.compile_step else "train.sync_free")
+    if t.sync_free and not t.compile_step:  # the compiled step needs no fused kernel
+        _check_sync_free(opt)
 
     # Resume: drop records past the checkpoint (logged before the kill). Fresh start:
     # drop everything a killed, never-checkpointed earlier attempt left behind.
@@ -762,17 +762,15 @@ def _sync_free(t: TrainConfig) -> bool:
     return t.sync_free or t.compile_step
 
 
-def _check_sync_free(opt: torch.optim.Optimizer, key: str = "train.sync_free") -> None:
-    """``train.sync_free`` skips updates through the fused Adam kernel's ``found_inf``
-    (``train.compile_step`` creates Adam's state that way and needs its state layout:
-    step counts on the parameters' device); refuse an optimiser without it
-    (non-float32/64 parameters, or a resumed checkpoint saved with another Adam
-    implementation, which ``load_state_dict`` keeps)."""
+def _check_sync_free(opt: torch.optim.Optimizer) -> None:
+    """``train.sync_free`` skips updates through the fused Adam kernel's ``found_inf``;
+    refuse an optimiser without it (non-float32/64 parameters, or a resumed checkpoint
+    saved with another Adam implementation, which ``load_state_dict`` keeps)."""
     if not all(group.get("fused") for group in opt.param_groups):
         raise ConfigError(
-            f"{key} = true needs the fused Adam kernel (train.optimizer = 'adam' or "
+            "train.sync_free = true needs the fused Adam kernel (train.optimizer = 'adam' or "
             "'adam_normgrad' with float32/float64 parameters on CPU or CUDA), but this "
-            f"run's {type(opt).__name__} is not fused; set {key} = false"
+            f"run's {type(opt).__name__} is not fused; set train.sync_free = false"
         )
 
 
@@ -919,15 +917,14 @@ def _update_step(
     skips the update: parameters, optimiser state and EMA stay as they were. The
     schedule steps either way (it is indexed by step, skipped updates included).
 
-    Under ``t.sync_free`` (or ``t.compile_step``: this is then the compiled step's eager
-    equivalent) the same decision is made and applied on the device (:func:`_skip_code`,
-    :func:`_apply_unless_skipped`); the result is bit-identical.
+    Under ``t.sync_free`` the same decision is made and applied on the device
+    (:func:`_skip_code`, :func:`_apply_unless_skipped`); the result is bit-identical.
+    ``t.compile_step`` is not looked at: the loop calls :class:`_CompiledStep` instead.
     """
     # The likelihood's check that x is data (e.g. in {0, 1}) reads a tensor on the host;
     # under sync_free it is off: training batches are binarised or quantised by the data
     # pipeline (vaeflow.data.TrainBatches), valid by construction.
-    sync_free = _sync_free(t)
-    checks = _data_validation_off(model.likelihood) if sync_free else contextlib.nullcontext()
+    checks = _data_validation_off(model.likelihood) if t.sync_free else contextlib.nullcontext()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with checks, autocast:
         terms = step_model(x, k=t.k)
@@ -940,7 +937,7 @@ def _update_step(
         p.grad = None
     max_norm = t.clip_norm if t.clip_norm is not None else math.inf
     norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if sync_free:
+    if t.sync_free:
         code = _skip_code(loss, norm, t.skip_grad_norm, ctx)
         _apply_unless_skipped(code != 0, opt, model, ema)
         _step_schedule(sched)
@@ -1041,13 +1038,13 @@ class _CompiledStep:
     - batches have one shape (``TrainBatches`` drops each epoch's ragged last batch; the
       function is compiled with ``dynamic=False``, so another shape would recompile);
     - nothing is read on the host: the skip decision is :func:`_skip_code`'s device
-      tensor, applied by masking (:func:`~vaeflow.run.optim.adam_update_unless`,
+      tensor, applied by masking (:func:`~vaeflow.run.optim.update_unless`,
       :meth:`EMA.update_masked`); the gradients are clipped functionally;
-    - Adam's state exists before the first call (:func:`_init_adam_state`: zero
-      moments and step counts, as torch creates them), so the first step is like any
-      other and a skipped first step needs no host read. A parameter not updated yet
-      (the first steps, a delayed prior) holds zero state instead of none: the same
-      updates, a slightly different checkpoint.
+    - the optimiser's state exists before the first call
+      (:func:`~vaeflow.run.optim.init_state`: zero moments, step counts on the device),
+      so the first step is like any other and a skipped first step needs no host read.
+      A parameter not updated yet (the first steps, a delayed prior) holds zero state
+      instead of none: the same updates, a slightly different checkpoint.
 
     One graph: the gradients come from ``torch.autograd.grad``, which dynamo traces
     under its ``trace_autograd_ops`` setting (set for these calls only), so the backward
@@ -1055,7 +1052,7 @@ class _CompiledStep:
     graph break, and ``.grad`` is not used: ``zero_grad`` is not needed either). On CUDA
     the graph is captured as a CUDA graph (inductor's ``triton.cudagraphs``, what
     ``mode="reduce-overhead"`` sets): a step is one graph replay plus the eager KL-weight
-    fill and schedule step. The tensors the update writes (Adam state, EMA average and
+    fill and schedule step. The tensors the update writes (optimiser state, EMA average and
     count) and the rates it reads are marked static, so that the CUDA graph reads and
     writes them in place. The CUDA path has not been run on a GPU yet
     (``benchmarks/gpu_check.py`` compares it with the eager step). A torch without
@@ -1079,13 +1076,13 @@ class _CompiledStep:
         device: torch.device,
         frozen: Sequence[Tensor] = (),
     ) -> None:
-        if not isinstance(opt, torch.optim.Adam):
+        if not isinstance(opt, torch.optim.Adam | torch.optim.Adamax):
             raise ConfigError(
-                "train.compile_step needs Adam (train.optimizer = 'adam' or "
-                f"'adam_normgrad'), got {type(opt).__name__}"
+                "train.compile_step needs train.optimizer = 'adam', 'adam_normgrad' or "
+                f"'adamax', got {type(opt).__name__}"
             )
         self.model, self.opt, self.sched, self.ema, self.t = model, opt, sched, ema, t
-        _init_adam_state(opt)
+        init_state(opt)
         for group in opt.param_groups:  # filled in place by the schedule from now on
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
         dtype = next(model.parameters()).dtype
@@ -1156,7 +1153,7 @@ class _CompiledStep:
             grads = [[g * coef for g in gs] for gs in grads]
         code = _skip_code(loss, norm, self.t.skip_grad_norm, _Dist())
         skip = code != 0
-        adam_update_unless(self.opt, params, grads, skip)
+        update_unless(self.opt, params, grads, skip)
         if self.ema is not None:
             self.ema.update_masked(self._ema_live, skip)
         return norm, code
@@ -1171,26 +1168,6 @@ def _detached(terms: Terms) -> Terms:
         return None if v is None else v.detach()
 
     return Terms(**{f.name: detach(getattr(terms, f.name)) for f in dataclasses.fields(terms)})
-
-
-def _init_adam_state(opt: torch.optim.Optimizer) -> None:
-    """Give every parameter without state the state Adam creates at its first update (zero
-    moments, step 0): one fused step with zero gradients and ``found_inf = 1``, which
-    creates the state in torch's own layout and changes nothing else."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    missing = {id(p) for p in params if not opt.state.get(p)}
-    if not missing:
-        return
-    grads = [p.grad for p in params]
-    for p in params:
-        p.grad = torch.zeros_like(p) if id(p) in missing else None
-    opt.found_inf = torch.ones((), device=params[0].device)  # read by the fused kernel
-    try:
-        opt.step()
-    finally:
-        del opt.found_inf
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
 
 
 def _host_lrs(state: dict[str, Any]) -> dict[str, Any]:
