@@ -35,7 +35,7 @@ the whole step compiled (``--compile-step``, ``train.compile_step``: the loop's 
 vs bf16 autocast (CUDA only, as in training), NCHW vs NHWC memory layout
 (``--channels-last``, as ``train.channels_last``). Reports median / min / max seconds per
 step over ``--repeats`` steps after ``--warmup`` steps, images per second from the
-median, the median's speed relative to the model's eager row, the first call (which
+median, the speed-up (the model's eager median over this one), the first call (which
 includes any compilation), and peak memory (CUDA: allocator peak; CPU: see
 ``_timing.peak_memory``). ``--interleave`` builds all variants of a model first and then
 times them in turns, one step of each per round, so that load from other processes falls
@@ -247,7 +247,7 @@ def _row(name: str, label: str, batch: int, params: int, times: dict, first: flo
         f"{params / 1e6:.2f}M",
         f"{times['median'] * 1e3:.1f} / {times['min'] * 1e3:.1f} / {times['max'] * 1e3:.1f}",
         f"{batch / times['median']:.0f}",
-        "",  # vs eager: filled in once the model's rows are known
+        "",  # speed-up over eager: filled in once the model's rows are known
         f"{first:.1f}",
     ]
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         "params",
         "step ms (median / min / max)",
         "images/s",
-        "vs eager",
+        "speed-up",
         "first call s",
         "peak MiB",
     ]

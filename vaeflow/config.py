@@ -329,9 +329,9 @@ class TrainConfig:
             Needs ``optimizer = "adam"`` or ``"adam_normgrad"`` (the fused kernel: float32
             or float64 parameters on CPU or CUDA); not with ``sweep --stack``.
         compile_step: compile the whole update -- forward, loss, backward, gradient norm
-            and clipping, skip decision, Adam step, EMA -- as one ``torch.compile``d
-            function (``compile`` covers the model's forward only): on CUDA with CUDA
-            graphs (inductor's ``reduce-overhead`` mode), on the CPU inductor's default
+            and clipping, skip decision, optimiser step, EMA -- as one ``torch.compile``d
+            graph (``compile`` covers the model's forward only): on CUDA captured as a CUDA
+            graph (inductor's ``reduce-overhead`` mode), on the CPU inductor's default
             mode. Implies ``sync_free``'s semantics (no host read in the step: skip
             decision and counters on the device, read at periodic steps). Learning rate and
             KL weight enter as device tensors, so schedules and warm-up change them without
@@ -340,14 +340,16 @@ class TrainConfig:
             (``vaeflow.run.optim.update_unless``: torch's fused kernel cannot be
             compiled), its state created (zero) for every parameter before the first
             step; the posterior noise is torch's own random stream, as in eager. The
-            same results as the eager step to float rounding (tested on the CPU; the CUDA
-            graph path is not yet run on a GPU: ``benchmarks/gpu_check.py`` checks it).
-            The first step compiles (seconds to minutes); a delayed prior
-            (``prior_freeze_steps``) compiles once more when it starts. Needs
-            ``optimizer = "adam"``, ``"adam_normgrad"`` or ``"adamax"`` (not the fused
-            kernel ``sync_free`` needs); not with ``compile`` (this
-            compiles the model too), ``amp`` (untested), data-parallel runs (torchrun)
-            or ``sweep --stack``.
+            same training as the eager step to float rounding (tested on the CPU; the
+            CUDA graph path has not run on a GPU yet: ``benchmarks/gpu_check.py`` checks
+            it). The first step compiles (about a minute on a 2-core CPU); a delayed
+            prior (``prior_freeze_steps``) compiles once more when it starts. Measured on
+            the CPU: 1.18x for the quickstart MLP's step, 1.07x for the Sylvester
+            gated-conv VAE's loop with ``channels_last`` (its convolutions are ~90 % of
+            the step; benchmarks/README.md). Needs ``optimizer = "adam"``,
+            ``"adam_normgrad"`` or ``"adamax"`` (not the fused kernel ``sync_free``
+            needs); not with ``compile`` (this compiles the model too), ``amp``
+            (untested), data-parallel runs (torchrun) or ``sweep --stack``.
     """
 
     steps: int = 10000

@@ -1144,8 +1144,9 @@ class _CompiledStep:
     def _update(
         self, loss: Tensor, params: list[list[Tensor]], grads: list[list[Tensor]]
     ) -> tuple[Tensor, Tensor]:
-        # Under no_grad: a prototype that wrote the parameters through .detach() aliases
-        # with grad mode on was miscompiled (a parameter overwritten by a step count).
+        # Under no_grad: with torch 2.14 a prototype that wrote the parameters through
+        # .detach() aliases with grad mode on was miscompiled silently (a parameter
+        # overwritten by a step count).
         # As clip_grad_norm_: the norm of the per-tensor norms, one clipping coefficient.
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(sum(grads, []))))
         if self.t.clip_norm is not None:
