@@ -1,14 +1,20 @@
-"""One-shot CUDA check: device-agnostic flows, AMP/compile training, CUDA RNG resume, NLL speed.
+"""One-shot CUDA check: device-agnostic flows, AMP/compile training, CUDA RNG resume, NLL
+speed, the compiled step (CUDA graphs) against the eager step.
 
     VAEFLOW_DATA=... python benchmarks/gpu_check.py --out OUT_DIR
 
 Prints a report (and writes it to OUT_DIR/gpu_check.md). Not a test: CI has no GPU.
 1. Every registered flow runs forward/inverse on CUDA tensors in float32 with outputs and
    log-dets on the GPU; round-trip error reported.
-2. A short MNIST training run on CUDA: fp32, bf16 autocast, and (optionally) torch.compile;
-   steps/s and final validation bounds per variant.
+2. A short MNIST training run on CUDA: fp32, bf16 autocast, and (optionally) torch.compile
+   and train.compile_step; steps/s and final validation bounds per variant.
 3. CUDA RNG state survives a checkpoint round trip.
 4. k=5000 test NLL speed of the IWAE-size MLP VAE on the GPU.
+5. train.compile_step on CUDA (``_CompiledStep``: one CUDA graph per step) against the eager
+   step, from the same weights and seed, on the quickstart model with a changing learning
+   rate and KL weight, EMA and two skipped updates: the largest parameter, EMA and loss
+   differences after N steps (expected: float rounding, ~1e-5), whether inductor skipped
+   the CUDA graph (and why), recompilations, and ms per step of both.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def check_training(lines: list[str], steps: int, compile_: bool) -> None:
     variants = [("fp32", []), ("bf16 autocast", ["train.amp=true"])]
     if compile_:
         variants.append(("bf16 + compile", ["train.amp=true", "train.compile=true"]))
+        variants.append(("fp32 + compile_step (CUDA graph)", ["train.compile_step=true"]))
     lines += [
         f"## Quickstart model on CUDA, {steps} steps",
         "",
@@ -124,6 +131,110 @@ def check_nll(lines: list[str]) -> None:
     lines.append("")
 
 
+def check_compiled_step(lines: list[str], steps: int = 60, device: str = "cuda") -> None:
+    """The compiled step (CUDA graph) vs the eager step on CUDA: same start, same seed.
+    (``device="cpu"`` runs the same comparison on the CPU, to try the script.)"""
+    import copy
+    import statistics
+
+    from torch._dynamo.utils import counters
+
+    from vaeflow.models.build import build_model
+    from vaeflow.models.vae import _data_validation_off
+    from vaeflow.run.train import (
+        EMA,
+        _beta,
+        _CompiledStep,
+        _lr_lambdas,
+        _optimizer,
+        _update_step,
+    )
+
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    overrides = [
+        f"train.device={device}",
+        f"train.steps={steps}",
+        "train.lr_warmup_steps=10",
+        'train.lr_schedule="cosine"',
+        f"train.kl_warmup_steps={steps}",
+        "train.ema_decay=0.99",
+        "train.clip_norm=100.0",
+        "train.skip_grad_norm=1e4",
+        "train.compile_step=true",
+    ]
+    cfg = load_config(ROOT / "experiments/quickstart/mnist_iaf_flowprior.toml", overrides)
+    t = cfg.train
+    g = torch.Generator().manual_seed(3)
+    x = torch.bernoulli(torch.full((cfg.data.batch_size, 1, 28, 28), 0.13), generator=g)
+    nan, huge = x.clone(), x * 200
+    nan[0, 0, 0, 0] = float("nan")
+    batches = [(nan if i == 7 else huge if i == 13 else x).to(dev) for i in range(steps)]
+    results = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(dev)
+        opt = _optimizer(cfg, model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(cfg, model))
+        ema = EMA(model, t.ema_decay)
+        torch._dynamo.reset()
+        counters.clear()
+        step = _CompiledStep(model, opt, sched, ema, t, dev) if mode == "compiled" else None
+        torch.manual_seed(1)
+        losses, times, skipped = [], [], []
+        for i, xb in enumerate(batches):
+            sync()
+            t0 = time.perf_counter()
+            if step is not None:
+                r = step(xb, _beta(cfg, i))
+            else:
+                with _data_validation_off(model.likelihood):
+                    r = _update_step(model, model, opt, sched, ema, xb, t, beta=_beta(cfg, i))
+            sync()
+            times.append(time.perf_counter() - t0)
+            losses.append(r.loss.item())
+            skipped.append(r.skipped)
+        results[mode] = {
+            "model": copy.deepcopy(model.state_dict()),
+            "ema": copy.deepcopy(ema.state_dict()["shadow"]),
+            "losses": losses,
+            "skipped": [i for i, s in enumerate(skipped) if s],
+            "ms": statistics.median(times[10:]) * 1e3,
+            "first": times[0],
+            "graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        }
+    a, b = results["eager"], results["compiled"]
+
+    def max_diff(x: dict, y: dict) -> float:
+        return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+
+    finite = [(p, q) for p, q in zip(a["losses"], b["losses"], strict=True) if p == p]
+    loss_diff = max(abs(p - q) / max(1.0, abs(p)) for p, q in finite)
+    lines += [
+        f"## train.compile_step on {dev.type} vs the eager step ({steps} steps, quickstart "
+        "model, batch of the config)",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| max abs parameter difference | {max_diff(a['model'], b['model']):.2e} |",
+        f"| max abs EMA difference | {max_diff(a['ema'], b['ema']):.2e} |",
+        f"| max relative loss difference (finite steps) | {loss_diff:.2e} |",
+        f"| skipped steps, eager / compiled (expected [7, 13]) | {a['skipped']} / "
+        f"{b['skipped']} |",
+        f"| graphs compiled (expected 1) | {b['graphs']} |",
+        f"| CUDA graph skipped by inductor (expected 0) | {b['cudagraph_skips']} |",
+        f"| eager ms/step (median after 10) | {a['ms']:.2f} |",
+        f"| compiled step ms/step (median after 10) | {b['ms']:.2f} |",
+        f"| compiled step first call s (compilation) | {b['first']:.1f} |",
+        "",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("."))
@@ -131,7 +242,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     lines = [f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-    for fn in (check_flows, check_rng, check_nll):
+    for fn in (check_flows, check_rng, check_nll, check_compiled_step):
         try:
             fn(lines)
         except Exception as e:  # report every section, even after a failure

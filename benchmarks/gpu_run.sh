@@ -18,4 +18,6 @@ timeout 200 python3 benchmarks/flows.py --device cuda --repeats 30 --warmup 5 2>
 timeout 240 python3 benchmarks/nll_eval.py --device cuda --images 200 --batch 20 100 --chunk 1000 5000 --repeats 3 --modes eager compile 2>>"$out/stderr.txt" | tee "$out/nll_eval_cuda.md"
 timeout 60 python3 benchmarks/train_step.py --device cuda --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_cuda.md"
 timeout 150 python3 benchmarks/train_step.py --device cuda --compile --models quickstart sylvester_iaf --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_compile_cuda.md"
+# train.compile_step (one CUDA graph per step) next to eager and the compiled model, interleaved.
+timeout 240 python3 benchmarks/train_step.py --device cuda --compile --compile-step --interleave --models quickstart sylvester_iaf --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_compile_step_cuda.md"
 tail -5 "$out/stderr.txt"

@@ -37,6 +37,7 @@ def float64():
 # `pytest -m "not slow"` skips them for a fast local loop (about a minute); CI runs all.
 # A node id containing any of these strings is marked slow.
 SLOW = (
+    "tests/test_compiled_step.py::test_compiled",
     "tests/test_ddp.py",
     "tests/test_benchmarks_smoke.py",
     "tests/test_sweep.py::test_tiny_real_sweep",

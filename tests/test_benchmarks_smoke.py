@@ -111,6 +111,58 @@ def test_train_step_benchmark_smoke() -> None:
     assert not any("failed" in r for r in rows), proc.stdout
 
 
+def test_train_step_benchmark_compile_step_smoke() -> None:
+    """The compiled-step rows (train.compile_step), timed interleaved with eager."""
+    proc = _run_script(
+        "train_step.py",
+        "--small",
+        "--models",
+        "quickstart",
+        "--compile-step",
+        "--channels-last",
+        "--interleave",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| quickstart |")]
+    labels = [r.split(" | ")[1] for r in rows]
+    assert labels == [
+        "eager",
+        "eager + channels_last",
+        "compiled step",
+        "compiled step + channels_last",
+    ], proc.stdout
+    assert not any("failed" in r for r in rows), proc.stdout
+
+
+def test_train_loop_benchmark_smoke() -> None:
+    """The real loop (train()) eager and with the compiled step: one row each, a rate."""
+    proc = _run_script(
+        "train_loop.py",
+        "--small",
+        "--model",
+        "quickstart",
+        "--steps",
+        "6",
+        "--log-every",
+        "2",
+        "--settle",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| eager |", "| compiled"))]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        assert float(row.split(" | ")[2].split()[0]) > 0, row  # steps/s
+
+
 def test_epoch_benchmark_smoke() -> None:
     """The cost table measures the experiments' own rows (expanded from their sweeps) and
     projects each config's budget; a chosen subset runs on tiny widths."""

@@ -311,7 +311,8 @@ class TrainConfig:
         seed: global seed.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: bf16 autocast on CUDA (ignored on CPU with a warning).
-        compile: wrap the model in ``torch.compile``.
+        compile: wrap the model in ``torch.compile`` (its forward; backward, optimiser and
+            EMA stay eager; ``compile_step`` compiles all of it).
         channels_last: keep conv weights and image batches in NHWC memory layout (the
             same maths, faster convolutions on many CPUs and GPUs; measurements in
             benchmarks/README.md). Also used by ``vaeflow eval`` for the run unless
@@ -327,6 +328,28 @@ class TrainConfig:
             parameters, so the checkpoint then written is the one the failure left).
             Needs ``optimizer = "adam"`` or ``"adam_normgrad"`` (the fused kernel: float32
             or float64 parameters on CPU or CUDA); not with ``sweep --stack``.
+        compile_step: compile the whole update -- forward, loss, backward, gradient norm
+            and clipping, skip decision, optimiser step, EMA -- as one ``torch.compile``d
+            graph (``compile`` covers the model's forward only): on CUDA captured as a CUDA
+            graph (inductor's ``reduce-overhead`` mode), on the CPU inductor's default
+            mode. Implies ``sync_free``'s semantics (no host read in the step: skip
+            decision and counters on the device, read at periodic steps). Learning rate and
+            KL weight enter as device tensors, so schedules and warm-up change them without
+            recompiling; batches have a fixed shape (the loop drops each epoch's ragged
+            last batch). The optimiser's update is written in tensor operations
+            (``vaeflow.run.optim.update_unless``: torch's fused kernel cannot be
+            compiled), its state created (zero) for every parameter before the first
+            step; the posterior noise is torch's own random stream, as in eager. The
+            same training as the eager step to float rounding (tested on the CPU; the
+            CUDA graph path has not run on a GPU yet: ``benchmarks/gpu_check.py`` checks
+            it). The first step compiles (about a minute on a 2-core CPU); a delayed
+            prior (``prior_freeze_steps``) compiles once more when it starts. Measured on
+            the CPU: 1.18x for the quickstart MLP's step, 1.07x for the Sylvester
+            gated-conv VAE's loop with ``channels_last`` (its convolutions are ~90 % of
+            the step; benchmarks/README.md). Needs ``optimizer = "adam"``,
+            ``"adam_normgrad"`` or ``"adamax"`` (not the fused kernel ``sync_free``
+            needs); not with ``compile`` (this compiles the model too), ``amp``
+            (untested), data-parallel runs (torchrun) or ``sweep --stack``.
     """
 
     steps: int = 10000
@@ -369,6 +392,7 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     sync_free: bool = False
+    compile_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -634,6 +658,8 @@ def validate(cfg: Config) -> Config:
             f"fused Adam kernel skips an update on a device flag), got {t.optimizer!r}; "
             "set train.sync_free = false"
         )
+    if t.compile_step:
+        _check_compile_step(t)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
     if cfg.model.prior.init_from_data and cfg.model.prior.name != "vamp":
@@ -646,6 +672,30 @@ def validate(cfg: Config) -> Config:
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
     return cfg
+
+
+def _check_compile_step(t: TrainConfig) -> None:
+    """``train.compile_step``: refuse what the compiled step does not do, saying what to
+    use instead (data-parallel runs are refused when the run starts: the config does not
+    know the process count)."""
+    if t.optimizer not in ("adam", "adam_normgrad", "adamax"):
+        raise ConfigError(
+            "train.compile_step = true compiles the update of optimizer = 'adam', "
+            f"'adam_normgrad' or 'adamax', got train.optimizer = {t.optimizer!r}; for this "
+            "optimiser use train.compile = true (the model's forward only) and set "
+            "train.compile_step = false"
+        )
+    if t.compile:
+        raise ConfigError(
+            "train.compile_step = true compiles the model's forward as part of the whole "
+            "step; set train.compile = false (or use train.compile alone: the model only)"
+        )
+    if t.amp:
+        raise ConfigError(
+            "train.compile_step = true with train.amp = true is not supported (bf16 "
+            "autocast in the compiled step is untested); use train.compile = true with "
+            "train.amp, or train.compile_step in float32 (train.amp = false)"
+        )
 
 
 def _check_without_validation(cfg: Config) -> None:

@@ -6,15 +6,21 @@ one parameter tensor at a time. It makes every tensor's step size independent of
 gradient's scale (the 500 x 784 pseudo-input matrix of a VampPrior moves like any other
 tensor), which is a different dynamic from plain Adam at the same learning rate — so a
 reproduction of that paper uses it.
+
+:func:`update_unless` is Adam's (either Adam's) or Adamax's update written in plain
+tensor operations, applied unless a device flag says skip: the optimiser step of the
+compiled training step (``train.compile_step``), where torch's fused kernel cannot go;
+:func:`init_state` creates their state before the first step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
-__all__ = ["AdamNormGrad", "NORMGRAD_EPS"]
+__all__ = ["AdamNormGrad", "NORMGRAD_EPS", "init_state", "update_unless"]
 
 #: added to each gradient's norm before dividing (the VampPrior code's constant)
 NORMGRAD_EPS = 1e-7
@@ -49,3 +55,111 @@ class AdamNormGrad(torch.optim.Adam):
             torch._foreach_div_(grads, norms)
         super().step()
         return loss
+
+
+#: Per-parameter state tensors shaped like the parameter, by optimiser (torch's names).
+_MOMENTS = {
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq"),
+    torch.optim.Adamax: ("exp_avg", "exp_inf"),
+}
+
+
+def _moments(opt: torch.optim.Optimizer) -> tuple[str, str]:
+    for cls, names in _MOMENTS.items():
+        if isinstance(opt, cls):
+            return names
+    raise ValueError(
+        f"update_unless implements Adam, AdamNormGrad and Adamax, got {type(opt).__name__}"
+    )
+
+
+def init_state(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter of ``opt`` (Adam, AdamNormGrad or Adamax) without state the
+    state torch creates at its first update -- zero moments and a 0-d float32 step count
+    -- with the step count on the parameter's device (as torch keeps it for fused and
+    capturable optimisers; existing CPU step counts are moved there too), so that
+    :func:`update_unless` can run as one device graph from the first step on. A
+    checkpoint of such state resumes under ``opt.step()`` as well (``load_state_dict``
+    puts each step count where that optimiser wants it)."""
+    names = _moments(opt)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for name in names:
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+
+
+@torch.no_grad()
+def update_unless(
+    opt: torch.optim.Optimizer,
+    params: Sequence[Sequence[Tensor]],
+    grads: Sequence[Sequence[Tensor]],
+    skip: Tensor,
+) -> None:
+    """The update of ``opt`` (Adam, :class:`AdamNormGrad` or Adamax) to ``params`` with
+    ``grads`` (one list of each per param group), in plain tensor operations, applied only
+    where the 0-d bool ``skip`` is false.
+
+    The same rules as ``opt.step()``: :class:`torch.optim.Adam` with L2 weight decay
+    (added to the gradient), no ``amsgrad``, ``maximize`` or decoupled decay;
+    :class:`AdamNormGrad` divides each gradient by its norm (+ :data:`NORMGRAD_EPS`)
+    first; :class:`torch.optim.Adamax` (``exp_inf = max(beta2 exp_inf, |g| + eps)``, step
+    ``lr / (1 - beta1^t) * exp_avg / exp_inf``). Bias corrections are computed in float64
+    from the step count (as torch's fused Adam kernel does), so results differ from
+    ``opt.step()`` by float rounding only. It reads and writes ``opt``'s own state, which
+    must exist for every parameter (:func:`init_state`); checkpoints interchange with
+    ``opt.step()``. The learning rate may be a 0-d tensor (a schedule then changes it
+    without recompiling). A skipped update leaves parameters, moments and step counts as
+    they were, as the fused kernel does under ``found_inf``; no value is read on the
+    host; the gradients are not modified.
+
+    Why not ``opt.step()``: under ``torch.compile`` dynamo does not trace into the fused
+    Adam kernel (torch 2.14 marks it ``torch.compiler.disable``, and called directly its
+    tensor-lr variant has no meta kernel), and only the fused kernel takes a skip flag.
+    Written per tensor, the update compiles into a few fused loops (the optimiser step of
+    ``train.compile_step``).
+
+    Args:
+        opt: the optimiser whose hyperparameters (``lr``, ``betas``, ``eps``,
+            ``weight_decay``, per param group) and state are used.
+        params: per param group, the parameters to update.
+        grads: per param group, their gradients (clipped), same order.
+        skip: 0-d bool tensor on the parameters' device: true leaves everything as it was.
+    """
+    first, second = _moments(opt)
+    adamax = second == "exp_inf"
+    normgrad = isinstance(opt, AdamNormGrad)
+    for group, group_params, group_grads in zip(opt.param_groups, params, grads, strict=True):
+        if group.get("amsgrad") or group["maximize"] or group.get("decoupled_weight_decay"):
+            raise ValueError(
+                "update_unless implements these optimisers without amsgrad, maximize or "
+                "decoupled weight decay"
+            )
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        for p, grad in zip(group_params, group_grads, strict=True):
+            state = opt.state[p]
+            step, m_old, v_old = state["step"], state[first], state[second]
+            if normgrad:
+                grad = grad / (torch.linalg.vector_norm(grad) + NORMGRAD_EPS)
+            if weight_decay != 0:
+                grad = grad.add(p, alpha=weight_decay)
+            new_step = step + 1
+            n = new_step.double()
+            m = m_old.lerp(grad, 1 - beta1)
+            step_size = lr / (1 - beta1**n)
+            if adamax:
+                v = torch.maximum(v_old * beta2, grad.abs() + eps)
+                new_p = p - step_size * m / v
+            else:
+                v = v_old.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = v.sqrt() / (1 - beta2**n).sqrt() + eps
+                new_p = p - step_size * m / denom
+            p.copy_(torch.where(skip, p, new_p))
+            m_old.copy_(torch.where(skip, m_old, m))
+            v_old.copy_(torch.where(skip, v_old, v))
+            step.copy_(torch.where(skip, step, new_step))

@@ -52,8 +52,9 @@ in another order than single ones (float64: ~1e-16; ``tests/test_stack.py``).
 
 Scope: one-stochastic-layer MLP VAEs (``mlp`` encoder and decoder, Gaussian posterior or
 the flows in :data:`STACKABLE_FLOWS`, priors in :data:`STACKABLE_PRIORS`, Bernoulli
-likelihood), one process (no DDP), eager (no ``train.compile``). Anything else is a
-:class:`~vaeflow.config.ConfigError` naming the key (:func:`check_stackable`).
+likelihood), one process (no DDP), eager (no ``train.compile`` or
+``train.compile_step``). Anything else is a :class:`~vaeflow.config.ConfigError` naming
+the key (:func:`check_stackable`).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def check_stackable(cfg: Config) -> None:
         (int(os.environ.get("WORLD_SIZE", "1")) > 1, "WORLD_SIZE", "data-parallel (torchrun)"),
         (t.compile, "train.compile", "true"),
         (t.sync_free, "train.sync_free", "true"),
+        (t.compile_step, "train.compile_step", "true"),
         (t.amp, "train.amp", "true"),
         (t.channels_last, "train.channels_last", "true"),
         (t.prior_lr_scale != 1.0, "train.prior_lr_scale", t.prior_lr_scale),

@@ -6,7 +6,8 @@ keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The m
 only ever used as ``model(x, k) -> Terms`` (docs/design.md). It is a short driver over
 parts that can be read and tested alone: :func:`_setup_run` (model, data, optimiser,
 resume), :func:`_wrap_for_speed` (DDP, ``torch.compile``), :func:`_update_step` (one
-robust update) and :func:`_periodic` (log, validate, images, checkpoint, early stop).
+robust update; under ``train.compile_step`` :class:`_CompiledStep`, the same update
+compiled whole) and :func:`_periodic` (log, validate, images, checkpoint, early stop).
 
 Without a validation split (``data.val_size = 0``: a fixed budget on the whole training
 file, as Burda et al. 2016 and the IAF code train) there are no validation passes and no
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -73,7 +75,7 @@ from .logger import (
     has_hparams_experiment,
     hparams_order,
 )
-from .optim import AdamNormGrad
+from .optim import AdamNormGrad, init_state, update_unless
 from .utils import resolve_device
 
 __all__ = [
@@ -169,24 +171,41 @@ class EMA:
                 )
             self._updates += 1
             return
+        self.count_on(skip.device if skip is not None else self._count.device)
+        self.update_masked([live[k].detach() for k in keys], skip)
+
+    def count_on(self, device: torch.device) -> Tensor:
+        """The update count as a float64 device tensor (created from the host count on
+        first use; from then on the count lives there)."""
         if self._count is None:
-            self._count = torch.tensor(
-                float(self._updates), dtype=torch.float64, device=skip.device
-            )
+            self._count = torch.tensor(float(self._updates), dtype=torch.float64, device=device)
+        return self._count
+
+    def live_tensors(self, model: nn.Module) -> list[Tensor]:
+        """The model's tensors that are averaged, in the order of :meth:`update_masked`:
+        the parameters and buffers themselves (``state_dict(keep_vars=True)``)."""
+        live = model.state_dict(keep_vars=True)
+        return [live[k] for k in self.shadow]
+
+    @torch.no_grad()
+    def update_masked(self, live: list[Tensor], skip: Tensor | None) -> None:
+        """Average ``live`` (one tensor per shadow entry, in order) in unless the 0-d bool
+        ``skip`` is set, without reading it; :meth:`count_on` must have been called. Only
+        tensor operations, so the compiled training step (``train.compile_step``) traces
+        it."""
+        assert self._count is not None, "call count_on(device) first"
         applied = torch.ones_like(self._count, dtype=torch.bool) if skip is None else ~skip
         # The host path's weight computed in float64 (Python's floats), so that it rounds
         # to the same float32; weight 0 leaves the average as it was (live weights finite).
         n = self._count
         d = torch.clamp((1 + n) / (10 + n), max=self.decay)
         weight = torch.where(applied, 1.0 - d, torch.zeros_like(d))
-        if keys:
-            shadow = [self.shadow[k] for k in keys]
+        if live:
+            shadow = list(self.shadow.values())
             by_dtype = {v.dtype: weight.to(v.dtype) for v in shadow}
             # A list of 0-d weights: a tensor passed as the one weight is converted to a
             # Python scalar, a host read.
-            torch._foreach_lerp_(
-                shadow, [live[k].detach() for k in keys], [by_dtype[v.dtype] for v in shadow]
-            )
+            torch._foreach_lerp_(shadow, live, [by_dtype[v.dtype] for v in shadow])
         self._count += applied
 
     def state_dict(self) -> dict[str, Any]:
@@ -468,20 +487,23 @@ def train(
             x = to_memory_format(run.batches.batch(step), t.channels_last)
             if run.ctx.active:  # this rank's shard of the global batch
                 x = x[run.ctx.rank :: run.ctx.world]
-            result = _update_step(
-                run.model,
-                run.step_model,
-                run.opt,
-                run.sched,
-                run.ema,
-                x,
-                t,
-                beta=_beta(cfg, step),
-                ctx=run.ctx,
-                device=run.device,
-                amp=run.amp,
-                frozen=prior_params if step < t.prior_freeze_steps else (),
-            )
+            if run.compiled is not None:  # train.compile_step
+                result = run.compiled(x, _beta(cfg, step), frozen=step < t.prior_freeze_steps)
+            else:
+                result = _update_step(
+                    run.model,
+                    run.step_model,
+                    run.opt,
+                    run.sched,
+                    run.ema,
+                    x,
+                    t,
+                    beta=_beta(cfg, step),
+                    ctx=run.ctx,
+                    device=run.device,
+                    amp=run.amp,
+                    frozen=prior_params if step < t.prior_freeze_steps else (),
+                )
             if run.skips is None:
                 run.state.record_update(result.skipped)
             else:
@@ -540,7 +562,9 @@ class _Run:
 
     ``model`` is the plain :class:`VAE` (parameters, EMA, checkpoints, validation);
     ``step_model`` is what the update step calls: the same model, possibly wrapped in
-    DDP and/or ``torch.compile`` (:func:`_wrap_for_speed`).
+    DDP and/or ``torch.compile`` (:func:`_wrap_for_speed`). ``compiled`` is the whole
+    compiled update of ``train.compile_step`` (:class:`_CompiledStep`), which the loop
+    then calls instead of :func:`_update_step`.
     """
 
     cfg: Config
@@ -565,6 +589,7 @@ class _Run:
     progress: Progress
     last_val: dict[str, float]
     skips: _DeviceSkips | None = None  # train.sync_free: the skip counters on the device
+    compiled: _CompiledStep | None = None  # train.compile_step: the whole update compiled
 
     def save(self, name: str) -> None:
         """Write ``checkpoints/<name>`` (rank 0 only): everything a bit-exact resume needs."""
@@ -574,8 +599,8 @@ class _Run:
             self.ckpt_dir / name,
             {
                 "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
+                "optimizer": _host_lrs(self.opt.state_dict()),
+                "scheduler": _host_lrs(self.sched.state_dict()),
                 "ema": None if self.ema is None else self.ema.state_dict(),
                 "step": self.state.step,
                 "train_state": vars(self.state).copy(),
@@ -599,6 +624,12 @@ def _setup_run(
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
     ctx = _init_distributed(cfg.train.device)
+    if cfg.train.compile_step and ctx.active:
+        raise ConfigError(
+            f"train.compile_step = true runs in one process, but torchrun started "
+            f"{ctx.world}; for data-parallel runs use train.compile = true (the model's "
+            "forward) with train.sync_free = true, and train.compile_step = false"
+        )
     if not resume and (ckpt_dir / "last.pt").exists():
         raise FileExistsError(
             f"{run_dir} already holds a run (checkpoints/last.pt); pass --resume to continue "
@@ -685,7 +716,7 @@ def _setup_run(
         state = _State()
         if ctx.rank == 0:
             _record_new_run(run_dir, config_dict, device, splits, len(x_val))
-    if t.sync_free:
+    if t.sync_free and not t.compile_step:  # the compiled step needs no fused kernel
         _check_sync_free(opt)
 
     # Resume: drop records past the checkpoint (logged before the kill). Fresh start:
@@ -694,6 +725,10 @@ def _setup_run(
     progress = Progress(t.steps, enabled=None if ctx.rank == 0 else False)
     step_model = _wrap_for_speed(model, cfg, ctx, device)
     model.train()
+    compiled = None
+    if t.compile_step:  # after the resume: it holds the restored state's tensors
+        frozen = _prior_parameters(model) if t.prior_freeze_steps else []
+        compiled = _CompiledStep(model, opt, sched, ema, t, device, frozen)
     return _Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -716,8 +751,15 @@ def _setup_run(
         logger=logger,
         progress=progress,
         last_val={},
-        skips=_DeviceSkips(state, t.max_consecutive_skips, device) if t.sync_free else None,
+        skips=_DeviceSkips(state, t.max_consecutive_skips, device) if _sync_free(t) else None,
+        compiled=compiled,
     )
+
+
+def _sync_free(t: TrainConfig) -> bool:
+    """Whether the step keeps its skip decision on the device (``train.sync_free``, or
+    ``train.compile_step``, which implies it)."""
+    return t.sync_free or t.compile_step
 
 
 def _check_sync_free(opt: torch.optim.Optimizer) -> None:
@@ -877,6 +919,7 @@ def _update_step(
 
     Under ``t.sync_free`` the same decision is made and applied on the device
     (:func:`_skip_code`, :func:`_apply_unless_skipped`); the result is bit-identical.
+    ``t.compile_step`` is not looked at: the loop calls :class:`_CompiledStep` instead.
     """
     # The likelihood's check that x is data (e.g. in {0, 1}) reads a tensor on the host;
     # under sync_free it is off: training batches are binarised or quantised by the data
@@ -977,6 +1020,178 @@ def _state_missing(opt: torch.optim.Optimizer) -> bool:
     )
 
 
+# ----------------------------------------------------------------------------- compiled step
+
+
+class _CompiledStep:
+    """``train.compile_step``: one update -- forward, loss, backward, gradient norm and
+    clipping, skip decision, Adam, EMA -- as one ``torch.compile``d function, then the
+    schedule step. Called as ``step(x, beta, frozen)`` in place of :func:`_update_step`
+    (the same arguments' meaning; the same :class:`StepResult` as under ``sync_free``).
+
+    What lets it compile once and then only replay:
+
+    - the learning rates are float64 0-d tensors in the param groups, on the device (the
+      schedule fills them in place: ``LRScheduler`` does so for tensor learning rates),
+      and the KL weight is a 0-d tensor filled before each call: values the graph reads,
+      not constants it would be specialised on (and recompiled for at every step);
+    - batches have one shape (``TrainBatches`` drops each epoch's ragged last batch; the
+      function is compiled with ``dynamic=False``, so another shape would recompile);
+    - nothing is read on the host: the skip decision is :func:`_skip_code`'s device
+      tensor, applied by masking (:func:`~vaeflow.run.optim.update_unless`,
+      :meth:`EMA.update_masked`); the gradients are clipped functionally;
+    - the optimiser's state exists before the first call
+      (:func:`~vaeflow.run.optim.init_state`: zero moments, step counts on the device),
+      so the first step is like any other and a skipped first step needs no host read.
+      A parameter not updated yet (the first steps, a delayed prior) holds zero state
+      instead of none: the same updates, a slightly different checkpoint.
+
+    One graph: the gradients come from ``torch.autograd.grad``, which dynamo traces
+    under its ``trace_autograd_ops`` setting (set for these calls only), so the backward
+    is in the same graph as the forward and the update (``loss.backward()`` would be a
+    graph break, and ``.grad`` is not used: ``zero_grad`` is not needed either). On CUDA
+    the graph is captured as a CUDA graph (inductor's ``triton.cudagraphs``, what
+    ``mode="reduce-overhead"`` sets): a step is one graph replay plus the eager KL-weight
+    fill and schedule step. The tensors the update writes (optimiser state, EMA average and
+    count) and the rates it reads are marked static, so that the CUDA graph reads and
+    writes them in place. The CUDA path has not been run on a GPU yet
+    (``benchmarks/gpu_check.py`` compares it with the eager step). A torch without
+    ``trace_autograd_ops`` breaks the graph at the gradient (two graphs; same results).
+
+    Randomness: inductor's ``fallback_random`` draws the posterior noise from torch's
+    generator as eager code does, so a compiled run takes the same steps as an eager run
+    of the same seed, to float rounding, and resumes from the checkpoint's RNG state.
+
+    Keep the object for the run: it holds the optimiser's and the EMA's tensors as they
+    are when it is built (after any resume).
+    """
+
+    def __init__(
+        self,
+        model: VAE,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        ema: EMA | None,
+        t: TrainConfig,
+        device: torch.device,
+        frozen: Sequence[Tensor] = (),
+    ) -> None:
+        if not isinstance(opt, torch.optim.Adam | torch.optim.Adamax):
+            raise ConfigError(
+                "train.compile_step needs train.optimizer = 'adam', 'adam_normgrad' or "
+                f"'adamax', got {type(opt).__name__}"
+            )
+        self.model, self.opt, self.sched, self.ema, self.t = model, opt, sched, ema, t
+        init_state(opt)
+        for group in opt.param_groups:  # filled in place by the schedule from now on
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
+        dtype = next(model.parameters()).dtype
+        self._beta = torch.zeros((), dtype=dtype, device=device)
+        frozen_ids = {id(p) for p in frozen}
+        self._groups = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
+        self._unfrozen = [[p for p in ps if id(p) not in frozen_ids] for ps in self._groups]
+        self._ema_live: list[Tensor] = []
+        static = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+        static += [g["lr"] for g in opt.param_groups] + [self._beta]
+        if ema is not None:
+            static += [*ema.shadow.values(), ema.count_on(device)]
+            self._ema_live = ema.live_tensors(model)
+        for v in static:  # a guard on each address: a replaced tensor recompiles
+            torch._dynamo.mark_static_address(v, guard=True)
+        self._cuda_graphs = device.type == "cuda"
+        options = {"fallback_random": True}
+        if self._cuda_graphs:
+            options["triton.cudagraphs"] = True  # mode="reduce-overhead" (not both allowed)
+        self._compiled = torch.compile(self._step, dynamic=False, options=options)
+        config = torch._dynamo.config
+        self._tracing = (
+            config.patch(trace_autograd_ops=True)
+            if hasattr(config, "trace_autograd_ops")
+            else contextlib.nullcontext()
+        )
+
+    def __call__(self, x: Tensor, beta: float, frozen: bool = False) -> StepResult:
+        """One update on the full batch ``x`` with KL weight ``beta``; ``frozen``: leave
+        the delayed prior out (``step < train.prior_freeze_steps``)."""
+        self._beta.fill_(beta)
+        if self._cuda_graphs:  # the previous step's outputs are no longer needed
+            torch.compiler.cudagraph_mark_step_begin()
+        with self._tracing:
+            loss, terms, norm, code = self._compiled(x, frozen)
+        _step_schedule(self.sched)
+        return StepResult(loss, terms, norm, beta, None, code)
+
+    def _step(self, x: Tensor, frozen: bool) -> tuple[Tensor, Terms, Tensor, Tensor]:
+        # Training batches are valid by construction (as under sync_free): no data check.
+        with _data_validation_off(self.model.likelihood):
+            terms = self.model(x, k=self.t.k)
+        loss = training_loss(terms, self.t, self._beta, self.model.latent_dim)
+        groups = self._unfrozen if frozen else self._groups
+        flat = torch.autograd.grad(loss, sum(groups, []), allow_unused=True)
+        params, grads, i = [], [], 0
+        for ps in groups:  # per param group; a parameter the loss does not use: no update
+            pairs = [
+                (p, g) for p, g in zip(ps, flat[i : i + len(ps)], strict=True) if g is not None
+            ]
+            params.append([p for p, _ in pairs])
+            grads.append([g for _, g in pairs])
+            i += len(ps)
+        norm, code = self._update(loss.detach(), params, grads)
+        # Detached: tensors still holding the consumed autograd graph would end the graph.
+        return loss.detach(), _detached(terms), norm, code
+
+    @torch.no_grad()
+    def _update(
+        self, loss: Tensor, params: list[list[Tensor]], grads: list[list[Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        # Under no_grad: with torch 2.14 a prototype that wrote the parameters through
+        # .detach() aliases with grad mode on was miscompiled silently (a parameter
+        # overwritten by a step count).
+        # As clip_grad_norm_: the norm of the per-tensor norms, one clipping coefficient.
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(sum(grads, []))))
+        if self.t.clip_norm is not None:
+            coef = torch.clamp(self.t.clip_norm / (norm + 1e-6), max=1.0)
+            grads = [[g * coef for g in gs] for gs in grads]
+        code = _skip_code(loss, norm, self.t.skip_grad_norm, _Dist())
+        skip = code != 0
+        update_unless(self.opt, params, grads, skip)
+        if self.ema is not None:
+            self.ema.update_masked(self._ema_live, skip)
+        return norm, code
+
+
+def _detached(terms: Terms) -> Terms:
+    """``terms`` without their autograd history (for logging)."""
+
+    def detach(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return tuple(t.detach() for t in v)
+        return None if v is None else v.detach()
+
+    return Terms(**{f.name: detach(getattr(terms, f.name)) for f in dataclasses.fields(terms)})
+
+
+def _host_lrs(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimiser's or schedule's ``state_dict`` with its learning rates as Python floats
+    (``train.compile_step`` holds them as device tensors): checkpoints look the same
+    whichever step wrote them, and resume under either (one host read per rate, at
+    checkpoints only)."""
+
+    def plain(v: Any) -> Any:
+        return float(v) if torch.is_tensor(v) else v
+
+    state = dict(state)
+    if "param_groups" in state:
+        state["param_groups"] = [
+            {k: plain(v) if k in ("lr", "initial_lr") else v for k, v in group.items()}
+            for group in state["param_groups"]
+        ]
+    for key in ("base_lrs", "_last_lr"):
+        if key in state:
+            state[key] = [plain(v) for v in state[key]]
+    return state
+
+
 # ----------------------------------------------------------------------------- periodic
 
 
@@ -1037,7 +1252,7 @@ def _log_step(run: _Run, result: StepResult) -> None:
             "train/kl_nats": terms.kl.mean().item(),
             "train/recon_nats": terms.log_px_z.mean().item(),
             "train/grad_norm": float(result.grad_norm),
-            "train/lr": run.sched.get_last_lr()[0],
+            "train/lr": float(run.sched.get_last_lr()[0]),  # a tensor under compile_step
             "train/beta": result.beta,
             "train/skipped_steps": float(run.state.skipped),
         }
