@@ -207,6 +207,14 @@ def test_nll_eval_benchmark_smoke() -> None:
         assert achieved > 0, line  # the FLOP counter saw the model's matmuls
 
 
+def test_train_conv_bound_smoke() -> None:
+    """The conv-bound table: a step, its convolutions replayed (with their share), a
+    matmul, and the ceiling line."""
+    proc = _run_script("train_conv_bound.py", "--small", "--repeats", "1", "--warmup", "0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "of the step |" in proc.stdout and "Ceiling for any speed-up" in proc.stdout
+
+
 @pytest.mark.parametrize("model", ["burda", "sylvester"])
 def test_stack_benchmark_smoke(model: str) -> None:
     """N stacked runs vs N sequential runs, the MLP and the gated-conv model (whose
