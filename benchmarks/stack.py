@@ -68,10 +68,10 @@ MODELS: dict[str, tuple[Path, list[str]]] = {
 TITLES = {"burda": "Burda 1-layer VAE", "sylvester": "Sylvester gated-conv VAE"}
 
 
-def _configs(n: int, small: bool, model: str = "burda") -> list[Config]:
+def _configs(n: int, small: bool, model: str = "burda", device: str = "cpu") -> list[Config]:
     far = 10**9  # no logging, validation or checkpoint inside the timed steps
     common = [
-        "train.device=cpu",
+        f"train.device={device}",
         f"train.steps={far}",
         f"train.log_every={far}",
         f"train.val_every={far}",
@@ -103,7 +103,14 @@ def _setup(cfgs: list[Config], root: Path) -> list[_Member]:
     return members
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so a timing covers the kernels and not only their launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time_sequential(runs: list, steps: int) -> float:
+    _sync()
     start = time.perf_counter()
     for run in runs:
         t = run.cfg.train
@@ -115,15 +122,18 @@ def _time_sequential(runs: list, steps: int) -> float:
             )  # fmt: skip
             run.state.record_update(result.skipped)
             run.state.step = step + 1
+    _sync()
     return time.perf_counter() - start
 
 
 def _time_stacked(stack: _Stack, steps: int) -> float:
+    _sync()
     start = time.perf_counter()
     for _ in range(steps):
         reasons = stack.step()
         for i, (m, reason) in enumerate(zip(stack.members, reasons, strict=True)):
             _after_step(stack, i, m, reason, None)
+    _sync()
     return time.perf_counter() - start
 
 
@@ -135,14 +145,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--small", action="store_true", help="tiny hidden layers (smoke run)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(machine_header("cpu", args.threads))
-    batch = _configs(1, args.small, args.model)[0].data.batch_size
+    print(machine_header(args.device, args.threads))
+    batch = _configs(1, args.small, args.model, args.device)[0].data.batch_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            cfgs = _configs(n, args.small, args.model)
+            cfgs = _configs(n, args.small, args.model, args.device)
             seq_runs = [m.run for m in _setup(cfgs, Path(tmp) / f"seq{n}")]
             stack = _Stack(_setup(cfgs, Path(tmp) / f"st{n}"))
             _time_sequential(seq_runs, max(1, args.steps // 10))  # warm-up
@@ -158,7 +169,7 @@ def main() -> None:
                 run.logger.close()
     print(
         f"\nimages/s of N runs ({TITLES[args.model]}, batch {batch}, {args.steps} steps per "
-        f"timing, median of {args.repeats}, {args.threads} thread(s))\n"
+        f"timing, median of {args.repeats}, {args.device}, {args.threads} thread(s))\n"
     )
     print(markdown_table(["N", "sequential", "stacked", "stacked / sequential"], rows))
 
