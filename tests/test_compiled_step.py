@@ -65,6 +65,9 @@ VARIANTS = {
         "train.prior_freeze_steps=4",
     ],
     "adam_normgrad": ['train.optimizer="adam_normgrad"', "train.weight_decay=0.01"],
+    # A two-stochastic-layer hierarchy (Burda et al.'s bottom-up kind): q(z1|x) with the
+    # IAF, q(z2|z1), p(z1|z2) -- the per-layer terms in the same one graph.
+    "two-layer hierarchy": ['model.upper_layers=[{latent_dim=2,hidden=[8],activation="tanh"}]'],
 }
 
 #: The batch of each step: random binary images, except a NaN pixel (a non-finite loss)
