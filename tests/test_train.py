@@ -296,6 +296,41 @@ def test_early_stopping_counts_after_its_delay(tmp_path, monkeypatch, delay, sto
     assert load_checkpoint(tmp_path / f"es{delay}/checkpoints/best.pt")["step"] == 10
 
 
+@pytest.mark.parametrize(("limit", "stops"), [(20.0, True), (60.0, False)])
+def test_a_fallen_validation_bound_stops_the_run_as_diverged(tmp_path, monkeypatch, limit, stops):
+    """``train.divergence_nats``: validation bounds -100, -90 (best), -140: 50 nats below
+    the best stops a 20-nat limit at step 30 (TrainingDiverged naming the fix, last.pt at
+    step 30, best.pt at step 20, no summary); a 60-nat limit trains to the end."""
+    from vaeflow.run import train as train_mod
+
+    bounds = {10: -100.0, 20: -90.0, 30: -140.0, 40: -135.0}
+
+    def scripted(model, ema, x_val, cfg, logger, state):
+        return {"val/iwae": bounds[state.step], "val/elbo_nats": bounds[state.step]}
+
+    monkeypatch.setattr(train_mod, "_validate", scripted)
+    cfg = _cfg("train.steps=40", "train.val_every=10", f"train.divergence_nats={limit}")
+    run_dir = tmp_path / "run"
+    if not stops:
+        assert train(cfg, run_dir)["status"] == "completed"
+        return
+    with pytest.raises(train_mod.TrainingDiverged, match=r"fell to -140.00 nats at step 30.*"
+                       r"best \(-90.00 at step 20\).*Lower train.lr"):  # fmt: skip
+        train(cfg, run_dir)
+    assert load_checkpoint(run_dir / "checkpoints/last.pt")["step"] == 30
+    assert load_checkpoint(run_dir / "checkpoints/best.pt")["step"] == 20
+    assert not (run_dir / "train_summary.json").exists()
+
+
+def test_divergence_limit_is_checked(tmp_path):
+    from vaeflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.divergence_nats"):
+        _cfg("train.divergence_nats=0")
+    with pytest.raises(ConfigError, match="train.divergence_nats = 5.0 stops on the validation"):
+        _cfg("train.divergence_nats=5", "data.val_size=0")
+
+
 def test_free_bits_groups_need_a_kl_that_splits(tmp_path):
     """TINY has a RealNVP prior (does not factorise): per-dimension free bits are a config
     error naming the fix, before any run directory exists; one group trains."""

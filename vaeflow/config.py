@@ -302,6 +302,12 @@ class TrainConfig:
         val_k: importance samples of the validation IWAE bound.
         val_size: validation examples used (``None``: all; needs ``data.val_size != 0``).
         early_stopping: validations without improvement before stopping (``None``: never).
+        divergence_nats: stop the run as diverged (``TrainingDiverged``, ``last.pt``
+            saved, no test evaluation) when a validation bound falls more than this many
+            nats below the best one so far (``None``: never). A loss that explodes
+            without turning NaN otherwise trains to the end: planar K = 40 at too high a
+            learning rate fell to -20,000 nats and trained on for 24,000 steps. Set it far
+            above ordinary overfitting (a few nats).
         early_stopping_delay: steps before validations without improvement start to count
             (the VampPrior and Sylvester-flow codes count only after the KL warm-up: set it
             to ``kl_warmup_steps``); the best checkpoint is kept from the start.
@@ -383,6 +389,7 @@ class TrainConfig:
     val_size: int | None = None
     early_stopping: int | None = None
     early_stopping_delay: int = 0
+    divergence_nats: float | None = None
     log_every: int = 50
     image_every: int = 0
     ckpt_every: int = 1000
@@ -552,6 +559,12 @@ def validate(cfg: Config) -> Config:
             ">= 1 or none",
         ),
         (
+            "train.divergence_nats",
+            t.divergence_nats,
+            t.divergence_nats is None or t.divergence_nats > 0,
+            "> 0 or none",
+        ),
+        (
             "train.max_consecutive_skips",
             t.max_consecutive_skips,
             t.max_consecutive_skips >= 1,
@@ -706,6 +719,7 @@ def _check_without_validation(cfg: Config) -> None:
     """
     needs = [
         ("train.early_stopping", cfg.train.early_stopping, "stops on the validation bound"),
+        ("train.divergence_nats", cfg.train.divergence_nats, "stops on the validation bound"),
         ("train.val_size", cfg.train.val_size, "subsamples the validation split"),
     ]
     for key, value, what in needs:

@@ -89,7 +89,8 @@ __all__ = [
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive skipped updates (non-finite loss or exploding gradients)."""
+    """Too many consecutive skipped updates (non-finite loss or exploding gradients), or a
+    validation bound fallen more than ``train.divergence_nats`` below its best."""
 
 
 @dataclass(frozen=True)
@@ -540,6 +541,21 @@ def _stop_diverged(run: _Run, step: int, reason: str, read_at: int | None = None
         f"parameters before the failures are saved in {run.ckpt_dir / 'last.pt'}. Lower "
         "train.lr, set train.clip_norm, add train.kl_warmup_steps, or raise "
         "train.max_consecutive_skips."
+    )
+
+
+def _stop_fallen(run: _Run) -> NoReturn:
+    """Save ``last.pt`` and raise :class:`TrainingDiverged`: the validation bound fell more
+    than ``train.divergence_nats`` below its best."""
+    run.save("last.pt")
+    state, t = run.state, run.cfg.train
+    now = run.last_val["val/iwae"] if run.last_val else float("nan")
+    raise TrainingDiverged(
+        f"the validation bound fell to {now:.2f} nats at step {state.step}, more than "
+        f"train.divergence_nats = {t.divergence_nats} below its best ({state.best:.2f} at "
+        f"step {state.best_step}): the run diverged. best.pt keeps the best parameters, "
+        f"{run.ckpt_dir / 'last.pt'} the last. Lower train.lr, set train.clip_norm or "
+        "train.skip_grad_norm, or raise train.divergence_nats."
     )
 
 
@@ -1204,8 +1220,11 @@ def _periodic(run: _Run, result: StepResult) -> str | None:
     if state.step % t.log_every == 0 or state.step == t.steps:
         _log_step(run, result)
     validate_now = state.step % t.val_every == 0 or state.step == t.steps
+    fallen = False
     if run.has_val and validate_now and ctx.rank == 0:
         run.last_val = _validate(run.model, run.ema, run.x_val, run.cfg, run.logger, state)
+        if t.divergence_nats is not None:
+            fallen = state.best - run.last_val["val/iwae"] > t.divergence_nats
         if run.last_val["val/iwae"] > state.best:
             state.best, state.best_step, state.bad_validations = (
                 run.last_val["val/iwae"],
@@ -1215,6 +1234,11 @@ def _periodic(run: _Run, result: StepResult) -> str | None:
             run.save("best.pt")
         elif state.step > t.early_stopping_delay:
             state.bad_validations += 1
+    if t.divergence_nats is not None and run.has_val and validate_now:
+        if ctx.active:
+            fallen = _any(fallen, ctx, run.device)  # only rank 0 validates
+        if fallen:
+            _stop_fallen(run)
     if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
         _log_images(run.model, run.ema, run.x_img, run.logger, state.step, run.image_split)
     if state.step % t.ckpt_every == 0 or state.step == t.steps:
