@@ -91,6 +91,16 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     # The hierarchies as their experiments configure them (issue 13's benchmarks).
     "burda_two_layer": ("experiments/burda2016_iwae/two_layer.toml", []),
     "topdown_cifar10": ("experiments/kingma2016_iaf/topdown_cifar10.toml", []),
+    # Rezende & Mohamed's deepest planar row: 80 tiny layers, launch-bound.
+    "rezende_planar_k80": (
+        "experiments/rezende2015_planar/config.toml",
+        ["model.posterior.num_layers=80"],
+    ),
+    # The flow-prior experiment's slowest row (issue 16): IAF posterior, MAF prior.
+    "vampprior_iaf_maf": (
+        "experiments/flow_priors/config.toml",
+        ['model.posterior.flow="iaf"', 'model.prior.name="flow"', 'model.prior.flow="maf"'],
+    ),
 }
 """Name -> (config file, overrides): the benchmarked networks."""
 
@@ -130,6 +140,22 @@ SMALL = {
         "model.posterior.context_features=8",
         "train.free_bits_group_size=1",
         "data.batch_size=4",
+    ],
+    "rezende_planar_k80": [
+        "model.encoder.options={hidden=[16]}",
+        "model.decoder.options={hidden=[16]}",
+        "model.latent_dim=4",
+        "model.posterior.num_layers=4",
+        "data.batch_size=8",
+    ],
+    "vampprior_iaf_maf": [
+        "model.encoder.options={hidden=[16],gated=true,activation='identity'}",
+        "model.decoder.options={hidden=[16],gated=true,activation='identity'}",
+        "model.latent_dim=4",
+        "model.posterior.hidden=16",
+        "model.posterior.context_features=8",
+        "model.prior.hidden=16",
+        "data.batch_size=8",
     ],
 }
 """Overrides of ``--small``: the same code paths on tiny networks (CI smoke run)."""

@@ -49,6 +49,12 @@ TINY = [
     "train.skip_grad_norm=1e3",
 ]
 
+_GATED = [
+    'train.optimizer="adam_normgrad"',
+    "model.encoder.options={hidden=[16],gated=true,activation='identity'}",
+    "model.decoder.options={hidden=[16],gated=true,activation='identity'}",
+]
+
 VARIANTS = {
     "adam": [],
     # Adamax (the Sylvester-flow experiments' optimiser) with weight decay and a prior
@@ -68,6 +74,22 @@ VARIANTS = {
     # A two-stochastic-layer hierarchy (Burda et al.'s bottom-up kind): q(z1|x) with the
     # IAF, q(z2|z1), p(z1|z2) -- the per-layer terms in the same one graph.
     "two-layer hierarchy": ['model.upper_layers=[{latent_dim=2,hidden=[8],activation="tanh"}]'],
+    # The VampPrior-protocol rows (experiments/flow_priors, which trains with the compiled
+    # step): gated MLPs and AdamNormGrad with each prior those rows use that no variant
+    # above covers -- VampPrior (pseudo-inputs through the encoder), MoG, spline coupling.
+    "gated+vamp": [
+        *_GATED,
+        'model.prior.name="vamp"',
+        "model.prior.num_components=5",
+    ],
+    "gated+mog": [*_GATED, 'model.prior.name="mog"', "model.prior.num_components=3"],
+    "gated+nsf prior": [
+        *_GATED,
+        'model.prior.name="flow"',
+        'model.prior.flow="nsf_coupling"',
+        "model.prior.num_layers=2",
+        "model.prior.hidden=8",
+    ],
 }
 
 #: The batch of each step: random binary images, except a NaN pixel (a non-finite loss)

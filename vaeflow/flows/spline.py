@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -101,6 +102,13 @@ def _knot_constants(
         )
 
 
+def _constants() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """:func:`_knot_constants`, uncached while torch.compile traces: Dynamo ignores the
+    ``lru_cache`` wrapper (and warns that it does), and the traced graph holds the
+    constants anyway."""
+    return _knot_constants.__wrapped__ if torch.compiler.is_compiling() else _knot_constants
+
+
 def _knot_table(unnormalized: Tensor, bound: float, min_sizes: tuple[float, ...]) -> Tensor:
     """Knots ``(*, S, K + 1)`` from ``-B`` to ``B`` of ``S`` sets of raw bin sizes ``(*, S, K)``.
 
@@ -113,7 +121,7 @@ def _knot_table(unnormalized: Tensor, bound: float, min_sizes: tuple[float, ...]
     # while softmax/cumsum run in float32, and bf16 offsets would merge neighbouring knots
     # (the minimum bin size lost, empty bins, -inf log-dets).
     dtype = torch.promote_types(cum.dtype, torch.float32)
-    offset, scale, _ = _knot_constants(k, bound, min_sizes, cum.device, dtype)
+    offset, scale, _ = _constants()(k, bound, min_sizes, cum.device, dtype)
     return torch.addcmul(offset, cum, scale)
 
 
@@ -162,7 +170,7 @@ def _rqs(
     # Bin index = number of interior knots <= v, in 0..K-1 (v = B falls in the last bin).
     interior = knots[..., 1 if inverse else 0, 1:k]
     idx = (v.unsqueeze(-1) >= interior).sum(-1, keepdim=True)
-    _, _, pair = _knot_constants(k, bound, (min_bin_width, min_bin_height), v.device, v.dtype)
+    _, _, pair = _constants()(k, bound, (min_bin_width, min_bin_height), v.device, v.dtype)
     index = (idx + pair).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
     xs, ys, rs = table.gather(-1, index).unbind(-2)  # each (*, 2): knot k and k + 1
     ds = F.softplus(rs + _softplus_shift(min_derivative)) + min_derivative
