@@ -107,7 +107,7 @@ def test_train_step_benchmark_smoke() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "eager" in ln]
-    assert len(rows) == 10, proc.stdout  # 5 models x (eager, eager + channels_last)
+    assert len(rows) == 14, proc.stdout  # 7 models x (eager, eager + channels_last)
     assert not any("failed" in r for r in rows), proc.stdout
 
 
