@@ -560,6 +560,51 @@ def test_series_styles_never_repeat() -> None:
     assert len({s["color"] for s in styles}) == 3 and len({s["linestyle"] for s in styles}) == 4
 
 
+def _add_test_curve(run: Path, points: dict[int, float], k: int = 100) -> None:
+    """Append ``train.test_every``'s records (steps apart from the validation ones)."""
+    rows = [{"step": s, "time": 2.0, f"test_curve/iwae_k{k}_nats": v} for s, v in points.items()]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_test_curves_figure_from_runs_and_from_results_json(tmp_path: Path) -> None:
+    """Runs trained with ``train.test_every``: ``test_curves.png`` draws the test-set
+    IWAE-k bound (its own steps, seeds averaged, the paper's NLL as a line), labelled as
+    the test bound; results.json keeps the curve, so it is redrawn without the runs; runs
+    whose curves use different k are refused, not mixed."""
+    root = tmp_path / "runs"
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        run = _write_run(root, f"s{seed}", _config("iaf", seed), 85.0)
+        _add_test_curve(run, {50: -130.0 + shift, 150: -95.0 + shift, 250: -90.0 + shift})
+    written = write_report([root], tmp_path / "out", references={"paper": 85.57})
+    assert written["test_curves"].read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(written["json"].read_text(), parse_constant=_refuse)
+    s0 = next(r for r in data["records"] if r["name"] == "s0")
+    assert s0["test_curve"] == {
+        "step": [50, 150, 250],
+        "test_curve/iwae_k100_nats": [-130, -95, -90],
+    }
+    assert s0["learning_curve"]["step"] == [100, 200]  # the validation curve, unchanged
+    records = collect([root])
+    fig = learning_curves_figure(records, [], references={"paper": 85.57}, which="test")
+    ax = fig.axes[0]
+    assert ax.get_ylabel().startswith("test-set IWAE bound, k = 100, all test images")
+    mean = ax.get_lines()[0]
+    assert list(mean.get_xdata()) == [50, 150, 250]
+    assert list(mean.get_ydata()) == pytest.approx([-129.0, -94.0, -89.0])
+    import shutil
+
+    shutil.rmtree(root)
+    again = render_figures_from_json(written["json"], tmp_path / "again")
+    assert "test_curves" in again and "learning_curves" in again
+    # Another k in one report: refused.
+    for seed, k in ((0, 100), (1, 10)):
+        run = _write_run(tmp_path / "mixed", f"s{seed}", _config("iaf", seed), 85.0)
+        _add_test_curve(run, {50: -100.0}, k=k)
+    with pytest.raises(ValueError, match="different bounds.*test_curve/iwae_k10_nats"):
+        make_figures(collect([tmp_path / "mixed"]), [])
+
+
 def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
     """results.json keeps each run's learning curve (one line per list) and the figure
     options, so the figures come back without the run directories."""

@@ -130,6 +130,23 @@ def test_stack_equals_solo_runs_in_float64(tmp_path: Path, splits, float64) -> N
     assert not torch.allclose(w[0][key], w[1][key]) and not torch.allclose(w[0][key], w[2][key])
 
 
+def test_stacked_runs_log_the_test_curve_as_alone(tmp_path: Path, splits, float64) -> None:
+    """``train.test_every`` in a stack: each run's test-curve points at the same steps
+    (the stack copies a run out only at its periodic steps) with the values alone gives."""
+    # Step 5 is no other periodic step of TINY (logs every 2, validates every 3).
+    extra = ("train.test_every=5", "train.test_size=20")
+    cfgs = [_cfg("train.seed=0", *extra), _cfg("train.seed=1", *extra)]
+    for i, c in enumerate(cfgs):
+        _solo(c, tmp_path / f"solo_{i}", splits)
+    train_stack(cfgs, [tmp_path / "stack_0", tmp_path / "stack_1"], splits=splits)
+    for i in range(2):
+        _assert_same_metrics(tmp_path / f"solo_{i}", tmp_path / f"stack_{i}")
+        steps = [
+            r["step"] for r in read_metrics(tmp_path / f"stack_{i}") if "test_curve/elbo_nats" in r
+        ]
+        assert steps == [5, 6]
+
+
 def test_runs_with_the_same_seed_but_other_data_order_differ(tmp_path: Path, splits) -> None:
     """Same init and noise seed, other data.seed: only the batches differ, and that shows."""
     cfgs = [_cfg("train.steps=2", "data.seed=0"), _cfg("train.steps=2", "data.seed=1")]

@@ -302,6 +302,16 @@ class TrainConfig:
         val_k: importance samples of the validation IWAE bound.
         val_size: validation examples used (``None``: all; needs ``data.val_size != 0``).
         early_stopping: validations without improvement before stopping (``None``: never).
+        test_every: steps between test-set learning-curve points (0: none). Logs the
+            test split's ELBO and IWAE-``test_k`` bound as ``test_curve/elbo_nats`` and
+            ``test_curve/iwae_k<K>_nats`` (metrics.jsonl, TensorBoard) for a learning
+            curve of the test bound against training time (``vaeflow report`` draws it
+            as ``test_curves.png``). Only ever logged: the best checkpoint, early
+            stopping and divergence use the validation split alone, and the draws come
+            from a forked RNG, so a run trains identically with or without it.
+        test_size: test examples of that curve (``None``: all): a fixed random subset
+            (:func:`vaeflow.data.batches.test_subset`, the one ``eval.n_test`` scores).
+        test_k: importance samples of the curve's IWAE bound (``None``: ``val_k``).
         divergence_nats: stop the run as diverged (``TrainingDiverged``, ``last.pt``
             saved, no test evaluation) when a validation bound falls more than this many
             nats below the best one so far (``None``: never). A loss that explodes
@@ -390,6 +400,9 @@ class TrainConfig:
     early_stopping: int | None = None
     early_stopping_delay: int = 0
     divergence_nats: float | None = None
+    test_every: int = 0
+    test_size: int | None = None
+    test_k: int | None = None
     log_every: int = 50
     image_every: int = 0
     ckpt_every: int = 1000
@@ -611,6 +624,9 @@ def validate(cfg: Config) -> Config:
         ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
         ("train.betas", list(t.betas), all(0 <= b < 1 for b in t.betas), "each in [0, 1)"),
         ("train.val_size", t.val_size, t.val_size is None or t.val_size >= 1, ">= 1 or none"),
+        ("train.test_every", t.test_every, t.test_every >= 0, ">= 0 (0: no test curve)"),
+        ("train.test_size", t.test_size, t.test_size is None or t.test_size >= 1, ">= 1 or none"),
+        ("train.test_k", t.test_k, t.test_k is None or t.test_k >= 1, ">= 1 or none"),
         (
             "data.val_size",
             cfg.data.val_size,

@@ -54,6 +54,7 @@ from ..data import (
     eval_batches,
     load_splits,
     prepare_eval,
+    test_subset,
     to_memory_format,
     to_unit_interval,
 )
@@ -606,6 +607,7 @@ class _Run:
     last_val: dict[str, float]
     skips: _DeviceSkips | None = None  # train.sync_free: the skip counters on the device
     compiled: _CompiledStep | None = None  # train.compile_step: the whole update compiled
+    x_test: Tensor | None = None  # train.test_every: the test-curve examples, else None
 
     def save(self, name: str) -> None:
         """Write ``checkpoints/<name>`` (rank 0 only): everything a bit-exact resume needs."""
@@ -707,6 +709,8 @@ def _setup_run(
         )
     )
 
+    x_test = _test_curve_examples(cfg, splits, device) if t.test_every else None
+
     model = model.to(device)
     if t.channels_last:
         # Here, not in _wrap_for_speed: the optimiser state must follow the parameters'
@@ -714,6 +718,8 @@ def _setup_run(
         model = model.to(memory_format=torch.channels_last)
         x_val = to_memory_format(x_val, channels_last=True)
         x_img = to_memory_format(x_img, channels_last=True)
+        if x_test is not None:
+            x_test = to_memory_format(x_test, channels_last=True)
     # Independent posterior noise per rank (rank 0 keeps the single-process stream).
     torch.manual_seed(t.seed + 7919 * ctx.rank)
     if cfg.model.prior.init_from_data and not resume:
@@ -769,6 +775,7 @@ def _setup_run(
         last_val={},
         skips=_DeviceSkips(state, t.max_consecutive_skips, device) if _sync_free(t) else None,
         compiled=compiled,
+        x_test=x_test,
     )
 
 
@@ -1239,6 +1246,8 @@ def _periodic(run: _Run, result: StepResult) -> str | None:
             fallen = _any(fallen, ctx, run.device)  # only rank 0 validates
         if fallen:
             _stop_fallen(run)
+    if run.x_test is not None and _test_curve_due(t, state.step) and ctx.rank == 0:
+        _log_test_curve(run.model, run.ema, run.x_test, run.cfg, run.logger, state.step)
     if t.image_every and state.step % t.image_every == 0 and ctx.rank == 0:
         _log_images(run.model, run.ema, run.x_img, run.logger, state.step, run.image_split)
     if state.step % t.ckpt_every == 0 or state.step == t.steps:
@@ -1260,6 +1269,7 @@ def _periodic_due(run: _Run) -> bool:
         state.step % t.log_every == 0
         or state.step == t.steps
         or (run.has_val and state.step % t.val_every == 0)
+        or (run.x_test is not None and _test_curve_due(t, state.step))
         or bool(t.image_every and state.step % t.image_every == 0)
         or state.step % t.ckpt_every == 0
         or (t.early_stopping is not None and state.bad_validations >= t.early_stopping)
@@ -1418,6 +1428,40 @@ def _validate(
     logger.log_histogram("val/posterior_log_std", latents["log_std"], state.step)
     logger.log_histogram("val/flow_logdet", latents["flow_logdet"], state.step)
     return {**metrics, "val/iwae": v["iwae"]}
+
+
+def _test_curve_examples(cfg: Config, splits: DataSplits, device: torch.device) -> Tensor:
+    """The test examples of ``train.test_every``'s curve, preprocessed as evaluation
+    preprocesses them: all, or the fixed random subset of ``train.test_size`` that
+    ``vaeflow eval --n-test`` scores (a sorted test file's first N are not a sample)."""
+    x = prepare_eval(splits.test, splits.kind, cfg.data.binarization, cfg.data.seed, device)
+    if len(x) == 0:
+        raise ConfigError(
+            f"train.test_every = {cfg.train.test_every} draws a test-set learning curve, but "
+            f"the {cfg.data.dataset!r} data has no test examples; set train.test_every = 0"
+        )
+    indices, _ = test_subset(len(x), cfg.train.test_size)
+    return x if indices is None else x[indices.to(device)]
+
+
+def _test_curve_due(t: TrainConfig, step: int) -> bool:
+    return step % t.test_every == 0 or step == t.steps
+
+
+def _log_test_curve(
+    model: VAE, ema: EMA | None, x_test: Tensor, cfg: Config, logger: RunLogger, step: int
+) -> None:
+    """Log the test split's ELBO and IWAE-k bound (``train.test_every``): a learning curve
+    only. Nothing reads it back -- ``best.pt``, early stopping and divergence look at the
+    validation split alone -- and its draws come from a forked RNG, so training is the
+    same with or without it."""
+    k = cfg.train.test_k or cfg.train.val_k
+    devices = [torch.cuda.current_device()] if x_test.is_cuda else []
+    with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
+        v = validate_bounds(model, x_test, k, cfg.data.eval_batch_size)
+    logger.log_scalars(
+        {"test_curve/elbo_nats": v["elbo"], f"test_curve/iwae_k{k}_nats": v["iwae"]}, step
+    )
 
 
 @torch.no_grad()

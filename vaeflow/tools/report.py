@@ -186,6 +186,7 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         ]
         if curve:
             break
+    test_curve = _test_curve(rows)
     notes: list[str] = []
     for note in [*summary.get("notes", []), *env.get("notes", [])]:
         if note not in notes:
@@ -206,7 +207,23 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
             "step": [step for step, _ in curve],
             curve_tag: [value for _, value in curve],
         },
+        **({"test_curve": test_curve} if test_curve else {}),
     }
+
+
+def _test_curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """The test-set IWAE-k learning curve of ``train.test_every`` (``test_curve/iwae_k<K>
+    _nats``) as ``{"step": [...], tag: [...]}``, or ``{}`` when the run logged none; of a
+    run resumed with another ``train.test_k``, the k with the most points."""
+    tags: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for tag, value in row.items():
+            if tag.startswith("test_curve/iwae_k") and _is_number(value) and math.isfinite(value):
+                tags.setdefault(tag, []).append((row["step"], value))
+    if not tags:
+        return {}
+    tag = max(tags, key=lambda t: len(tags[t]))
+    return {"step": [s for s, _ in tags[tag]], tag: [v for _, v in tags[tag]]}
 
 
 def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
@@ -222,7 +239,9 @@ def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
         n_examples}, "metrics": {"test/...": float}, "notes": [...], "train_examples":
         int | None (environment.json's training-split size), "learning_curve": {"step":
         [...], "val/elbo_nats": [...]} (finite validation ELBOs from metrics.jsonl, or
-        ``"train/elbo_nats"`` for a run without a validation split)}``. A
+        ``"train/elbo_nats"`` for a run without a validation split)}``, and for a run
+        trained with ``train.test_every`` ``"test_curve": {"step": [...],
+        "test_curve/iwae_k<K>_nats": [...]}``. A
         run without
         ``summary.json`` has ``status == "not evaluated"`` and empty metrics, and a
         ``UserWarning`` names it.
@@ -875,9 +894,18 @@ def _draw_references(ax: Any, references: Sequence[tuple[str, float]], sign: flo
     return out
 
 
-def _curve_tag(records: Sequence[Mapping[str, Any]]) -> str:
+def _curve_tag(records: Sequence[Mapping[str, Any]], which: str = "validation") -> str:
     """The curve the figure shows: the validation ELBO when any run has one, else the
-    training ELBO (runs without a validation split)."""
+    training ELBO (runs without a validation split); ``which="test"``: the test-set
+    IWAE-k curve (``train.test_every``; every run's with the same k, else ValueError)."""
+    if which == "test":
+        tags = sorted({t for r in records for t in r.get("test_curve") or {} if t != "step"})
+        if len(tags) > 1:
+            raise ValueError(
+                f"the runs' test curves use different bounds ({', '.join(tags)}): one figure "
+                "would mix them; report runs trained with the same train.test_k together"
+            )
+        return tags[0] if tags else "test_curve/iwae_nats"
     has = lambda tag: any((r.get("learning_curve") or {}).get(tag) for r in records)  # noqa: E731
     return (
         "val/elbo_nats"
@@ -892,7 +920,7 @@ def _curve_buckets(
     """Records with a ``tag`` learning curve, in groups that differ only outside ``keys``."""
     buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in records:
-        if (r.get("learning_curve") or {}).get(tag):
+        if _curve(r, tag)[1]:
             buckets.setdefault(tuple(repr(r["config"].get(k)) for k in keys), []).append(r)
     return sorted(
         buckets.values(), key=lambda ms: [_sort_key(ms[0]["config"].get(k)) for k in keys]
@@ -912,8 +940,10 @@ def learning_curves_figure(
     labels: Mapping[str, Any] | Labeller | None = None,
     references: Any = None,
     log_x: bool = False,
+    which: str = "validation",
 ) -> Any:
-    """Validation ELBO during training, one line per group of seeds.
+    """Validation ELBO during training, one line per group of seeds (``which="test"``:
+    the test-set IWAE-k bound that ``train.test_every`` logs).
 
     Runs that differ only outside ``keys`` (in the seed) form a group: a line at the mean
     over the group's seeds on the steps they all logged, a band from their minimum to
@@ -928,7 +958,7 @@ def learning_curves_figure(
         The matplotlib ``Figure``, or ``None`` when no run logged ``val/elbo_nats``.
     """
     labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
-    tag = _curve_tag(records)
+    tag = _curve_tag(records, which)
     buckets = _curve_buckets(records, keys, tag)
     if not buckets:
         return None
@@ -990,8 +1020,17 @@ def learning_curves_figure(
     if log_x:
         _log_x(ax)
     ax.set_xlabel("epoch (steps × batch size / training examples)" if epochs else "training step")
-    split = "validation" if tag.startswith("val/") else "training (no validation split)"
-    ax.set_ylabel(f"{split} ELBO (nats)\nlower bound on log p(x): higher is better")
+    if tag.startswith("test_curve/"):
+        k = tag.removeprefix("test_curve/iwae_k").removesuffix("_nats")
+        sizes = {r["config"].get("train.test_size") for ms in buckets for r in ms}
+        sizes = {None if n in (None, "none") else n for n in sizes}  # none: flattened None
+        images = "all" if sizes == {None} else " / ".join(sorted(str(n) for n in sizes))
+        name = "ELBO" if k == "1" else f"IWAE bound, k = {k}"  # IWAE with k = 1 is the ELBO
+        bound = f"test-set {name}, {images} test images (nats)"
+    else:
+        split = "validation" if tag.startswith("val/") else "training (no validation split)"
+        bound = f"{split} ELBO (nats)"
+    ax.set_ylabel(f"{bound}\nlower bound on log p(x): higher is better")
     ax.grid(alpha=0.3)
     n = seeds.pop() if len(seeds) == 1 else None
     if n == 1:
@@ -1047,7 +1086,7 @@ def _log_x(ax: Any) -> None:
 
 
 def _curve(record: Mapping[str, Any], tag: str) -> tuple[list[float], list[float]]:
-    curve = record.get("learning_curve") or {}
+    curve = record.get("test_curve" if tag.startswith("test_curve/") else "learning_curve") or {}
     return list(curve.get("step", [])), list(curve.get(tag, []))
 
 
@@ -1225,11 +1264,12 @@ def make_figures(
             NLL, or the ELBO when no NLL was computed).
 
     Returns:
-        ``{"learning_curves": (file name, Figure), "metric_vs_key": ..., "heatmap": ...}``
-        for the figures that apply: learning curves when some run logged
-        ``val/elbo_nats``; metric vs key when a grouping key is numeric (test NLL, or the
-        ELBO when no NLL was computed); a heat map when two or more keys define the
-        groups and they form a grid (see :func:`heatmap_figure`).
+        ``{"learning_curves": (file name, Figure), "test_curves": ..., "metric_vs_key":
+        ..., "heatmap": ...}`` for the figures that apply: learning curves when some run
+        logged ``val/elbo_nats``; test curves (``test_curves.png``) when some run logged
+        the test bound (``train.test_every``); metric vs key when a grouping key is
+        numeric (test NLL, or the ELBO when no NLL was computed); a heat map when two or
+        more keys define the groups and they form a grid (see :func:`heatmap_figure`).
     """
     labeller = Labeller(labels)
     keys = list(groups[0]["by"]) if groups else list(by or [])
@@ -1245,6 +1285,9 @@ def make_figures(
         )
     else:
         figures["learning_curves"] = ("learning_curves.png", fig)
+    if any(r.get("test_curve") for r in records):
+        fig = learning_curves_figure(records, curve_keys, labeller, references, log_x, "test")
+        figures["test_curves"] = ("test_curves.png", fig)
     metric = metric or _nll_metric(groups)
     numeric = [k for k in keys if all(_is_number(g["config"][k]) for g in groups)]
     if metric is not None and numeric:
@@ -1279,8 +1322,7 @@ def _results_json(payload: Mapping[str, Any]) -> str:
     def swap(obj: Any) -> Any:
         if isinstance(obj, Mapping):
             return {
-                k: (_placeholder(compact, v) if k == "learning_curve" else swap(v))
-                for k, v in obj.items()
+                k: (_placeholder(compact, v) if k in _CURVES else swap(v)) for k, v in obj.items()
             }
         if isinstance(obj, list):
             return [swap(v) for v in obj]
@@ -1290,6 +1332,9 @@ def _results_json(payload: Mapping[str, Any]) -> str:
     for token, value in compact.items():
         text = text.replace(f'"{token}"', value)
     return text + "\n"
+
+
+_CURVES = ("learning_curve", "test_curve")
 
 
 def _placeholder(compact: dict[str, str], curve: Any) -> str:
@@ -1323,9 +1368,11 @@ def write_report(
     ELBO, KL, recon, active units, and the figures show the test NLL.
 
     Figures (see :func:`make_figures`): ``learning_curves.png`` (``val/elbo_nats``, one
-    line per group of seeds with a min-max band); when a grouping key is numeric (e.g.
-    flow depth), ``metric_vs_<key>.png`` (test NLL — or the ELBO when no NLL was computed
-    — vs that key, std error bars, one line per combination of the other keys); and when
+    line per group of seeds with a min-max band); ``test_curves.png`` the same for the
+    test-set IWAE-k bound of runs trained with ``train.test_every``; when a grouping key
+    is numeric (e.g. flow depth), ``metric_vs_<key>.png`` (test NLL — or the ELBO when no
+    NLL was computed — vs that key, std error bars, one line per combination of the other
+    keys); and when
     two or more keys define the groups, ``heatmap.png`` (the same metric as a grid, e.g.
     prior x posterior). Legends name what varies in a reader's words (:class:`Labeller`);
     what does not vary is in the title.
@@ -1471,7 +1518,8 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "report",
         help="results tables (markdown + JSON) and figures from run directories",
         description="Average evaluated runs over seeds and write results.md, "
-        "results.json, learning_curves.png (and metric_vs_<key>.png, heatmap.png). "
+        "results.json, learning_curves.png (and test_curves.png, metric_vs_<key>.png, "
+        "heatmap.png). "
         "Given one results.json instead of run directories, redraw its figures.",
     )
     p.add_argument(
