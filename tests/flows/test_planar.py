@@ -92,6 +92,32 @@ def test_generic_checks(name, context):
     assert errs["logdet"] <= 1e-12
 
 
+@pytest.mark.parametrize("name", list(ALL))
+def test_per_example_context_broadcasts_over_samples(name, float64):
+    """``inverse(u (K, B, D), context (B, C))`` -- k importance samples of B examples --
+    equals the same call with the context expanded to ``(K, B, C)``, while the layers'
+    parameters (context head, QR) are computed for the B rows only."""
+    flow = _randomise(ALL[name](C), 0.5, seed=1)
+    d = _features(flow)
+    u, ctx = torch.randn(6, 4, d), torch.randn(4, C)
+    x, ld = flow.inverse(u, ctx)
+    x2, ld2 = flow.inverse(u, ctx.expand(6, 4, C))
+    assert x.shape == (6, 4, d) and ld.shape == (6, 4)
+    torch.testing.assert_close(x, x2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld, ld2, rtol=0, atol=1e-12)
+    # Per-example parameters, not per sample: each example's samples through a flow
+    # whose context is that example's alone give the same values.
+    x3, ld3 = flow.inverse(u[:, 2], ctx[2])
+    torch.testing.assert_close(x[:, 2], x3, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld[:, 2], ld3, rtol=0, atol=1e-12)
+    seen = []
+    for m in flow.modules():
+        if hasattr(m, "params"):
+            m.params.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    flow.inverse(u, ctx)
+    assert seen and all(tuple(shape) == (4, C) for shape in seen), seen
+
+
 @pytest.mark.parametrize("context", [0, C], ids=["uncond", "context"])
 @pytest.mark.parametrize("name", list(ALL))
 def test_exact_identity_at_init(name, context):

@@ -208,7 +208,17 @@ def _check_builder(
 
 
 class _SamplingOnly(Transform):
-    """Base of the layers here: ``forward`` explains why it does not exist."""
+    """Base of the layers here: ``forward`` explains why it does not exist.
+
+    A context broadcasts: ``inverse(u (K, B, D), context (B, C))`` computes the layer's
+    per-example parameters (the context head, Sylvester's QR of ``Q``) once per example
+    and broadcasts them over the K samples, instead of once per sample -- the k = 5000
+    importance-sampled evaluation otherwise ran the head and the QR 5000 times per image.
+    Every formula below is written for parameters ``(*c, ...)`` that broadcast against
+    ``u (*lead, ...)``.
+    """
+
+    broadcasts_context = True
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Not available: these layers have no analytic data -> noise map (see ``inverse``)."""
