@@ -114,6 +114,37 @@ def test_layer_generic_checks(name, ctx):
     assert errs["roundtrip"] <= EXACT_TOL and errs["logdet"] <= EXACT_TOL
 
 
+@pytest.mark.parametrize(
+    "name", ["additive_vector", "affine_vector", "affine_vector_even_d", "affine_time", "nice"]
+)
+def test_vector_coupling_context_broadcasts_over_samples(name):
+    """Samples ``(K, B, D)`` with a per-example context ``(B, C)`` (k importance samples):
+    both directions equal the call with the context expanded to ``(K, B, C)``, each
+    example's samples equal that example alone, and the conditioner's first layer sees
+    the context's B rows, not K x B."""
+    make = _layer_cases(CTX).get(name) or (lambda: build_nice(5, 3, 8, CTX))
+    flow = perturb(make())
+    width = CTX + (1 if name == "affine_time" else 0)
+    d = flow.event_shape[0]
+    x, c = torch.randn(6, 4, d), torch.randn(4, width)
+    tol = {"rtol": 0, "atol": 1e-12 if x.dtype == torch.float64 else 1e-5}
+    for run in (flow.forward, flow.inverse):
+        y, ld = run(x, c)
+        y2, ld2 = run(x, c.expand(6, 4, width))
+        assert y.shape == (6, 4, d) and ld.shape == (6, 4)
+        torch.testing.assert_close(y, y2, **tol)
+        torch.testing.assert_close(ld, ld2, **tol)
+        y3, ld3 = run(x[:, 1], c[1])
+        torch.testing.assert_close(y[:, 1], y3, **tol)
+        torch.testing.assert_close(ld[:, 1], ld3, **tol)
+    seen = []
+    for m in flow.modules():
+        if isinstance(m, (AdditiveCoupling, AffineCoupling)):
+            m.conditioner.net[0].register_forward_hook(lambda mod, a, out: seen.append(a[0]))
+    flow.inverse(x, c)
+    assert not seen  # the split first layer: W_h h + (W_c c + b), never W [h; c]
+
+
 def test_diagonal_scaling_generic_and_known_answer():
     full_check(lambda: DiagonalScaling(4))
     t = DiagonalScaling(3)
