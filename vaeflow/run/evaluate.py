@@ -12,9 +12,12 @@ factorise, the KL per latent dimension. Results go to ``summary.json`` (atomical
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from ..data import eval_batches, load_splits, prepare_eval, test_subset, to_memo
 from ..models.bounds import nats_to_bits_per_dim
 from ..models.build import build_model
 from ..models.vae import VAE
-from .checkpoint import load_checkpoint, load_model_state
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .logger import log_test_scalars
 from .utils import resolve_device
 
@@ -123,6 +126,13 @@ def activity(model: VAE, x: Tensor, batch_size: int = 500, samples: int = 32) ->
     return torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
 
 
+#: A long evaluation saves what it has scored at most this often (seconds), so that an
+#: interrupted one continues where it stopped (:func:`evaluate_model`'s ``partial``).
+PARTIAL_EVERY_S = 300.0
+
+_PER_EXAMPLE = ("log_px", "elbo", "kl", "log_px_z", "ess")
+
+
 @torch.no_grad()
 def evaluate_model(
     model: VAE,
@@ -132,28 +142,49 @@ def evaluate_model(
     batch_size: int = 20,
     bpd: bool = False,
     compile: bool = False,
+    partial: Path | None = None,
+    partial_key: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score preprocessed test data ``x (N, *x_shape)``; metric names carry their units.
 
     ``compile``: see :meth:`vaeflow.models.vae.VAE.stats_sampler`.
+
+    ``partial``: a file where the scores so far, the random state and the time spent are
+    saved (atomically, every :data:`PARTIAL_EVERY_S` seconds, at batch boundaries). When
+    it exists and was written for the same ``partial_key`` (checkpoint, k, pass shape,
+    examples...), scoring continues after its last batch from its random state, so an
+    interrupted evaluation resumed gives what an uninterrupted one gives (bit for bit on
+    the CPU). The caller removes it once the results are safe.
     """
     model.eval()
-    log_px, elbos, kls, recons, ess = [], [], [], [], []
-    kl_dims, layer_kls = [], []
-    t0 = time.perf_counter()
-    for xb in eval_batches(x, batch_size):
+    key = dict(partial_key or {})
+    done = _load_partial(partial, key) if partial is not None else None
+    parts: dict[str, list[Tensor]] = {name: [] for name in (*_PER_EXAMPLE, "kl_dims", "layer_kl")}
+    start, seconds_before = 0, 0.0
+    if done is not None:
+        for name, value in done["scores"].items():
+            parts[name].append(value.to(x.device))
+        start, seconds_before = done["n_done"], done["seconds"]
+        _set_rng_state(done["rng"], x.device)
+    t0 = last_save = time.perf_counter()
+    n_done = start
+    for xb in eval_batches(x[start:], batch_size):
         ll = model.log_likelihood(xb, k=k, chunk=chunk, compile=compile)
-        log_px.append(ll.log_px)
-        elbos.append(ll.elbo)
-        kls.append(ll.kl)
-        recons.append(ll.log_px_z)
-        ess.append(ll.ess)
+        for name in _PER_EXAMPLE:
+            parts[name].append(getattr(ll, name))
         terms = model(xb, k=8)
         if terms.kl_dims is not None:
-            kl_dims.append(terms.kl_dims.double().mean(0))
+            parts["kl_dims"].append(terms.kl_dims.double().mean(0))
         if terms.layer_kl is not None:  # a hierarchy: (L, B) per-layer KL
-            layer_kls.append(torch.stack([t.double().mean(0) for t in terms.layer_kl]))
-    seconds = time.perf_counter() - t0
+            parts["layer_kl"].append(torch.stack([t.double().mean(0) for t in terms.layer_kl]))
+        n_done += xb.shape[0]
+        if partial is not None and time.perf_counter() - last_save >= PARTIAL_EVERY_S:
+            seconds = seconds_before + time.perf_counter() - t0
+            _save_partial(partial, key, parts, n_done, seconds, x.device)
+            last_save = time.perf_counter()
+    seconds = seconds_before + time.perf_counter() - t0
+    log_px, elbos, kls, recons, ess = (parts[name] for name in _PER_EXAMPLE)
+    kl_dims, layer_kls = parts["kl_dims"], parts["layer_kl"]
     lp = torch.cat(log_px)
     n = lp.numel()
     nll = -lp.mean().item()
@@ -187,6 +218,67 @@ def evaluate_model(
         out["test/bpd"] = nats_to_bits_per_dim(nll, d)
         out["test/elbo_bpd"] = nats_to_bits_per_dim(-out["test/elbo_nats"], d)
     return out
+
+
+def partial_path(run_dir: Path, key: Mapping[str, Any]) -> Path:
+    """Where :func:`evaluate_run` keeps an evaluation's partial scores: one file per
+    evaluation setting (a ``--k 100`` check does not overwrite a k = 5000 evaluation's)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return run_dir / f"eval_partial.{digest[:12]}.pt"
+
+
+def _save_partial(
+    path: Path,
+    key: Mapping[str, Any],
+    parts: Mapping[str, list[Tensor]],
+    n_done: int,
+    seconds: float,
+    device: torch.device,
+) -> None:
+    scores = {}
+    for name, values in parts.items():
+        if values:
+            dim = 1 if name == "layer_kl" else 0  # (L, B) per batch
+            scores[name] = torch.cat(values, dim).cpu()
+    state = {
+        "key": dict(key),
+        "n_done": n_done,
+        "seconds": seconds,
+        "scores": scores,
+        "rng": _rng_state(device),
+    }
+    save_checkpoint(path, state)
+
+
+def _load_partial(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        warnings.warn(f"{path} is unreadable ({err}); evaluating from the start", stacklevel=3)
+        return None
+    if state.get("key") != dict(key):
+        warnings.warn(
+            f"{path} was written for another evaluation ({state.get('key')}); evaluating "
+            "from the start",
+            stacklevel=3,
+        )
+        return None
+    return state
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 #: Importance samples scored per pass when eval.batch_size / eval.chunk are left to the
@@ -278,6 +370,20 @@ def evaluate_run(
         model = model.to(memory_format=torch.channels_last)
         x = to_memory_format(x, channels_last=True)
     torch.manual_seed(cfg.train.seed)
+    key = {
+        "checkpoint": ckpt["checkpoint_name"],
+        "checkpoint_step": ckpt.get("step"),
+        "ema": bool(use_ema and ckpt.get("ema") is not None),
+        "k": k,
+        "chunk": chunk,
+        "batch_size": batch_size,
+        "test_examples": subset,
+        "compiled": compile,
+        "channels_last": nhwc,
+        "device": dev.type,
+        "dtype": str(x.dtype),
+    }
+    partial = partial_path(run_dir, key)
     metrics = evaluate_model(
         model,
         x,
@@ -286,6 +392,8 @@ def evaluate_run(
         batch_size=batch_size,
         bpd=splits.kind == "8bit",
         compile=compile,
+        partial=partial,
+        partial_key=key,
     )
     summary = {
         "run_dir": str(run_dir),
@@ -303,6 +411,7 @@ def evaluate_run(
         **metrics,
     }
     write_json_atomic(run_dir / "summary.json", summary)
+    partial.unlink(missing_ok=True)  # the scores are safe in summary.json now
     # The run's HParams row names the tags of a full evaluation at the config's k: only
     # such an evaluation fills them (a reduced one would share a tag and a step with it).
     # Only those columns go to TensorBoard: each is a one-point chart in the SCALARS tab
