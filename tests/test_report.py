@@ -681,3 +681,22 @@ def test_keys_added_after_a_run_started_count_as_their_default(tmp_path: Path) -
     assert "model.posterior.options" not in records[0]["config"] or not any(
         k.startswith("model.posterior.options.") for k in records[0]["config"]
     )
+
+
+def test_seeds_differing_in_implementation_settings_are_one_row(tmp_path: Path) -> None:
+    """A row's seed 0 trained eager and seeds 1-2 with the compiled step (and each with its
+    own data.batch_seed): one group of three seeds, not three rows, and the table says
+    which implementation setting differed; a real difference (lr) still splits."""
+    for seed in range(3):
+        cfg = _config("iaf", seed)
+        cfg["train"]["compile_step"] = seed > 0
+        cfg["data"]["batch_seed"] = seed
+        _write_run(tmp_path / "runs", f"s{seed}", cfg, 85.0 + seed)
+    other = _config("iaf", 0)
+    other["train"]["lr"] = 3e-4
+    _write_run(tmp_path / "runs", "lr", other, 90.0)
+    groups = group(collect([tmp_path / "runs"]))
+    assert [g["n_seeds"] for g in groups] == [1, 3] and groups[0]["by"] == ["train.lr"]
+    text = to_markdown(groups)
+    assert "train.compile_step differs between runs (False, True): implementation only" in text
+    assert "data.batch_seed" in text  # the seeds note says what a seed varies

@@ -87,9 +87,25 @@ def test_expand_order_count_names_overrides(tmp_path: Path) -> None:
     assert cfg.model.posterior.flow == "iaf"
     assert cfg.model.posterior.num_layers == 2
     assert cfg.train.seed == 1 and cfg.train.steps == 7
-    assert cfg.data.seed == 0  # data seed stays as in the base config
+    assert cfg.data.seed == 0  # data seed stays as in the base config: the same test bits
+    assert cfg.data.batch_seed == 1  # ... while the seed varies the training batches
     assert Path(cfg.run.root) / cfg.run.name == p.run_dir
     assert not (tmp_path / "runs").exists()  # expanding creates nothing
+
+
+@pytest.mark.parametrize("where", ["set", "grid"])
+def test_a_sweep_that_sets_the_batch_seed_keeps_it(tmp_path: Path, where: str) -> None:
+    """data.batch_seed follows each point's seed unless the sweep gives it itself (then
+    the seeds vary the weights and noise only, over one batch order)."""
+    path = _grid_sweep(tmp_path)
+    text = path.read_text()
+    if where == "set":
+        text = text.replace('["train.steps=7"]', '["train.steps=7", "data.batch_seed=9"]')
+    else:
+        text = text.replace("[grid]\n", '[grid]\n"data.batch_seed" = [9]\n')
+    path.write_text(text)
+    for p in sw.expand(path):
+        assert load_config(p.base, p.overrides).data.batch_seed == 9, p.name
 
 
 def test_none_value_and_no_seeds(tmp_path: Path) -> None:

@@ -888,3 +888,33 @@ def test_deep_hierarchies_log_a_few_layer_grids():
     deep = layers_to_show(20)
     assert len(deep) == MAX_LAYER_GRIDS and deep[0] == 2 and deep[-1] == 20
     assert deep == sorted(set(deep))
+
+
+@pytest.mark.parametrize(
+    ("extra", "batches", "held_out"),
+    [((), 0, 0), (("data.seed=3",), 3, 3), (("data.batch_seed=7",), 7, 0)],
+)
+def test_the_batch_seed_drives_the_training_batches_only(
+    tmp_path, monkeypatch, extra, batches, held_out
+):
+    """data.batch_seed (set per seed by sweeps) seeds the training batches -- order and
+    dynamic binarisation; validation and test data keep data.seed's bits; unset, the
+    batches follow data.seed as before."""
+    from vaeflow.run import train as train_mod
+
+    seen = {"batches": [], "eval": []}
+    real_batches, real_eval = train_mod.TrainBatches, train_mod.prepare_eval
+
+    def batches_spy(x, batch_size, seed, *args, **kwargs):
+        seen["batches"].append(seed)
+        return real_batches(x, batch_size, seed, *args, **kwargs)
+
+    def eval_spy(x, kind, binarization="dynamic", seed=0, *args, **kwargs):
+        seen["eval"].append(seed)
+        return real_eval(x, kind, binarization, seed, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "TrainBatches", batches_spy)
+    monkeypatch.setattr(train_mod, "prepare_eval", eval_spy)
+    train(_cfg("train.steps=1", "train.val_every=1", *extra), tmp_path / "run")
+    assert seen["batches"] == [batches]
+    assert seen["eval"] and set(seen["eval"]) == {held_out}

@@ -228,7 +228,13 @@ class DataConfig:
             ``train.early_stopping`` and ``train.val_size`` need a validation split.
         batch_size: training batch size.
         eval_batch_size: batch size for validation and test evaluation.
-        seed: seed of the fixed binarisations and of the data order.
+        seed: seed of the fixed binarisations (training with ``fixed_seed``; validation
+            and test always) and, unless ``batch_seed`` is set, of the training batches.
+        batch_seed: seed of the training batches -- their order and, under ``dynamic``
+            binarisation, their Bernoulli draws (``None``: ``seed``). ``vaeflow sweep``
+            sets it to each point's seed together with ``train.seed``, so seeds vary the
+            initial weights, the posterior noise, the batch order and the training
+            binarisation draws while the validation and test data stay the same bits.
     """
 
     dataset: Literal["mnist", "fashion_mnist", "binarized_mnist", "cifar10"] = "mnist"
@@ -238,6 +244,7 @@ class DataConfig:
     batch_size: int = 100
     eval_batch_size: int = 500
     seed: int = 0
+    batch_seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ __all__ = [
 STACKABLE_KEYS: frozenset[str] = frozenset(
     {
         "data.seed",
+        "data.batch_seed",
         "data.eval_batch_size",
         "train.seed",
         "train.steps",

@@ -690,7 +690,7 @@ def _setup_run(
     batches = TrainBatches(
         splits.train,
         cfg.data.batch_size,
-        cfg.data.seed,
+        cfg.data.seed if cfg.data.batch_seed is None else cfg.data.batch_seed,
         splits.kind,
         cfg.data.binarization,
         device,

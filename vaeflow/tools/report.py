@@ -44,6 +44,7 @@ from ..run.logger import flatten_config, read_metrics
 
 __all__ = [
     "EXCLUDED_KEYS",
+    "IMPLEMENTATION_KEYS",
     "PROTOCOL_KEYS",
     "READER_NAMES",
     "READER_VALUES",
@@ -68,8 +69,26 @@ __all__ = [
 
 #: config keys that never define a group (seeds are averaged; names and paths are labels;
 #: the evaluation's pass shape, layout and compilation change the speed, not the estimate)
+IMPLEMENTATION_KEYS: tuple[str, ...] = (
+    "train.compile",
+    "train.compile_step",
+    "train.channels_last",
+    "train.sync_free",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.image_every",
+    "train.test_every",
+    "train.test_size",
+    "train.test_k",
+    "data.eval_batch_size",
+)
+"""Settings that change how a run computes or what it logs, not the numbers (the same
+update to float rounding, tested): runs that differ only in them are seeds of one row,
+and the table notes the difference."""
 EXCLUDED_KEYS: tuple[str, ...] = (
     "train.seed",
+    "data.batch_seed",
+    *IMPLEMENTATION_KEYS,
     "run.name",
     "run.root",
     "data.root",
@@ -308,6 +327,12 @@ def group(
     buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in evaluated:
         buckets.setdefault(tuple(repr(r["config"].get(k)) for k in keys), []).append(r)
+    implementation = [
+        f"{k} differs between runs ({', '.join(sorted(values))}): implementation only, "
+        "the same maths to float rounding, so not a column"
+        for k in IMPLEMENTATION_KEYS
+        if k not in keys and len(values := {_fmt_value(r["config"].get(k)) for r in evaluated}) > 1
+    ]
     groups = []
     for members in buckets.values():
         config = {k: members[0]["config"].get(k) for k in keys}
@@ -334,6 +359,7 @@ def group(
         notes: list[str] = []
         for m in members:
             notes.extend(n for n in m["notes"] if n not in notes)
+        notes += implementation
         groups.append(
             {
                 "config": config,
@@ -459,7 +485,12 @@ def to_markdown(
         lines.append("| " + " | ".join([*first, *protocol, str(g["n_seeds"]), *cells]) + " |")
     if not groups:
         lines.append("| " + " | ".join(["(no evaluated runs)"] + [""] * (len(headers) - 1)) + " |")
-    lines += ["", "Cells: mean ± std over seeds (n); std uses n-1."]
+    lines += [
+        "",
+        "Cells: mean ± std over seeds (n); std uses n-1. A seed sets train.seed and, in "
+        "vaeflow sweeps, data.batch_seed: initial weights, posterior noise, batch order and "
+        "dynamic binarisation draws vary; validation and test data do not.",
+    ]
     protocols = []
     for g in groups:
         p = ", ".join(f"{k}={g['protocol'].get(k)}" for k in PROTOCOL_KEYS)

@@ -5,7 +5,8 @@ A sweep file is TOML, read with :mod:`tomllib` (never ``eval``)::
     base = "experiments/quickstart/mnist_iaf_flowprior.toml"  # relative to this file
     name = "iaf_depth"          # runs go to <root>/<name>/<point name>/
     root = "runs"               # optional (default "runs"), relative to the working directory
-    seeds = [0, 1]              # optional: each point runs once per train.seed
+    seeds = [0, 1]              # optional: each point once per seed (train.seed and
+                                # data.batch_seed; the test data stay the same)
     set = ["train.steps=2000"]  # optional overrides shared by every point
     [grid]
     "model.posterior.flow" = ["iaf", "gated_iaf"]
@@ -384,6 +385,10 @@ def expand(sweep_path: str | Path, validate: bool = True) -> list[Point]:
         if seed is not None:
             parts.append(f"seed={seed}")
             overrides.append(f"train.seed={seed}")
+            # A seed varies the batches too (order, dynamic binarisation draws), unless
+            # the sweep fixes them; validation/test data stay the same (data.seed).
+            if not _sets(sweep, settings, keys, "data.batch_seed"):
+                overrides.append(f"data.batch_seed={seed}")
         name = _safe("__".join(parts) or "base")
         overrides.append(f"run.root={json.dumps(str(sweep.directory))}")
         overrides.append(f"run.name={json.dumps(name)}")
@@ -404,6 +409,14 @@ def expand(sweep_path: str | Path, validate: bool = True) -> list[Point]:
                 _check_model(cfg, f"{sweep.path}: point {p.name}")
                 built[key] = None
     return points
+
+
+def _sets(
+    sweep: Sweep, settings: Sequence[tuple[str, Any]], grid: Sequence[str], key: str
+) -> bool:
+    """Whether the sweep itself gives ``key`` a value (``set``, the variant or the grid)."""
+    fixed = {o.split("=", 1)[0].strip() for o in sweep.fixed}
+    return key in fixed or key in grid or any(k == key for k, _ in settings)
 
 
 def _check_model(cfg: Config, where: str) -> None:
@@ -509,6 +522,10 @@ def write_sweep_hparams(points: Sequence[Point], directory: str | Path) -> Path:
         {k: v for k, v in flatten_config(to_dict(cfg)).items() if not k.startswith("run.")}
         for cfg in configs
     ]
+    if all(f.get("data.batch_seed") == f.get("train.seed") for f in flats):
+        # The seed's second key (the sweep sets it with train.seed): a column of its own
+        # would only repeat train.seed, and TensorBoard would sort it first (by name).
+        flats = [{k: v for k, v in f.items() if k != "data.batch_seed"} for f in flats]
     varied = [k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1]
     metrics = list(dict.fromkeys(tag for cfg in configs for tag in hparams_metric_tags(cfg)))
     return write_hparams_experiment(
