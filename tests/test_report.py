@@ -700,3 +700,16 @@ def test_seeds_differing_in_implementation_settings_are_one_row(tmp_path: Path) 
     text = to_markdown(groups)
     assert "train.compile_step differs between runs (False, True): implementation only" in text
     assert "data.batch_seed" in text  # the seeds note says what a seed varies
+
+
+def test_title_qualifies_flow_steps_when_some_rows_have_no_flow() -> None:
+    """The posterior's flow steps are a constant of the IAF rows only when other rows
+    have no posterior flow: the title says so instead of giving them to every row."""
+    from vaeflow.tools.report import Labeller
+
+    base = {"model.posterior.num_layers": 2, "data.dataset": "binarized_mnist"}
+    mixed = [{**base, "model.posterior.flow": f} for f in ("none", "iaf")]
+    title = Labeller().title(mixed, ["model.posterior.flow"])
+    assert "flow steps (flow posteriors): 2" in title, title
+    only_flows = [{**base, "model.posterior.flow": f} for f in ("iaf", "maf")]
+    assert "flow steps: 2" in Labeller().title(only_flows, ["model.posterior.flow"])

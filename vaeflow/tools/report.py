@@ -682,7 +682,12 @@ class Labeller:
             if len({repr(c[key]) for c in configs}) == 1:
                 text = self.value(key, configs[0][key])
                 if text != "none":
-                    parts.append(f"{self.name(key)}: {text}")
+                    name = self.name(key)
+                    if key == "model.posterior.num_layers" and any(
+                        c.get("model.posterior.flow") == "none" for c in configs
+                    ):
+                        name += " (flow posteriors)"  # some rows have none: not theirs
+                    parts.append(f"{name}: {text}")
         return _SEP.join(parts)
 
 
