@@ -71,7 +71,9 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
     monkeypatch.setattr(VAE, "log_likelihood", flaky)
 
 
-def test_an_interrupted_evaluation_resumes_to_the_same_numbers(short_run, tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_resumes_to_the_same_numbers(
+    short_run, tmp_path, monkeypatch, capsys
+):
     """Killed after two of six batches, the evaluation leaves its scores and random state
     in ``eval_partial.*.pt`` (no summary.json); the next call scores the other four
     batches only and writes exactly what an uninterrupted evaluation writes, then removes
@@ -104,6 +106,7 @@ def test_an_interrupted_evaluation_resumes_to_the_same_numbers(short_run, tmp_pa
         ev.VAE, "log_likelihood", lambda self, *a, **kw: counted.append(1) or real(self, *a, **kw)
     )
     resumed = ev.evaluate_run(run, **args)
+    assert "20 of 60 test examples scored" in capsys.readouterr().out
     assert len(counted) == 4
     for name, value in reference.items():
         if name not in ("run_dir", "test/seconds_per_example"):

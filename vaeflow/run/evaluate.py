@@ -166,6 +166,11 @@ def evaluate_model(
             parts[name].append(value.to(x.device))
         start, seconds_before = done["n_done"], done["seconds"]
         _set_rng_state(done["rng"], x.device)
+        print(
+            f"continuing the evaluation saved in {partial.name}: {start} of {len(x)} test "
+            f"examples scored ({seconds_before / 60:.1f} min)",
+            flush=True,
+        )
     t0 = last_save = time.perf_counter()
     n_done = start
     for xb in eval_batches(x[start:], batch_size):
