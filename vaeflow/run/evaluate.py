@@ -126,6 +126,9 @@ def activity(model: VAE, x: Tensor, batch_size: int = 500, samples: int = 32) ->
     return torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
 
 
+#: Per-test-image scores of the last evaluation (``evaluate_run``), in the run directory.
+TEST_SCORES = "test_scores.pt"
+
 #: A long evaluation saves what it has scored at most this often (seconds), so that an
 #: interrupted one continues where it stopped (:func:`evaluate_model`'s ``partial``).
 PARTIAL_EVERY_S = 300.0
@@ -144,6 +147,7 @@ def evaluate_model(
     compile: bool = False,
     partial: Path | None = None,
     partial_key: Mapping[str, Any] | None = None,
+    scores: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Score preprocessed test data ``x (N, *x_shape)``; metric names carry their units.
 
@@ -155,6 +159,9 @@ def evaluate_model(
     examples...), scoring continues after its last batch from its random state, so an
     interrupted evaluation resumed gives what an uninterrupted one gives (bit for bit on
     the CPU). The caller removes it once the results are safe.
+
+    ``scores``: a dict to receive the per-example ``log_px`` and ``elbo`` (float64, CPU,
+    in ``x``'s order), for paired comparisons of runs on the same test images.
     """
     model.eval()
     key = dict(partial_key or {})
@@ -191,6 +198,9 @@ def evaluate_model(
     log_px, elbos, kls, recons, ess = (parts[name] for name in _PER_EXAMPLE)
     kl_dims, layer_kls = parts["kl_dims"], parts["layer_kl"]
     lp = torch.cat(log_px)
+    if scores is not None:
+        scores["log_px"] = lp.double().cpu()
+        scores["elbo"] = torch.cat(elbos).double().cpu()
     n = lp.numel()
     nll = -lp.mean().item()
     out: dict[str, Any] = {
@@ -389,6 +399,7 @@ def evaluate_run(
         "dtype": str(x.dtype),
     }
     partial = partial_path(run_dir, key)
+    scores: dict[str, Tensor] = {}
     metrics = evaluate_model(
         model,
         x,
@@ -399,6 +410,7 @@ def evaluate_run(
         compile=compile,
         partial=partial,
         partial_key=key,
+        scores=scores,
     )
     summary = {
         "run_dir": str(run_dir),
@@ -415,6 +427,12 @@ def evaluate_run(
         "notes": list(splits.notes),
         **metrics,
     }
+    # Per-image scores beside the summary: `vaeflow compare` pairs two runs' images.
+    order = torch.arange(len(x)) if indices is None else indices
+    save_checkpoint(
+        run_dir / TEST_SCORES,
+        {"evaluation": key, "dataset": cfg.data.dataset, "indices": order, **scores},
+    )
     write_json_atomic(run_dir / "summary.json", summary)
     partial.unlink(missing_ok=True)  # the scores are safe in summary.json now
     # The run's HParams row names the tags of a full evaluation at the config's k: only
