@@ -7,7 +7,8 @@ standard protocol of Burda et al. 2016 / van den Berg et al. 2018: ``log p(x)``
 estimated with ``k = 5000`` importance samples (chunked, memory flat in ``k``), the ELBO
 from the same samples, bits/dim for 8-bit data, the number of active latent units
 (``Cov_x E_q[z_d] > 0.01``, Burda et al. 2016, section 5.2) and, when posterior and prior
-factorise, the KL per latent dimension. Results go to ``summary.json`` (atomically).
+factorise, the KL per latent dimension. Results go to ``summary.json`` (atomically), the
+per-image log p(x) and ELBO to ``test_scores.pt`` (for :mod:`vaeflow.run.compare`).
 """
 
 from __future__ import annotations
