@@ -176,7 +176,15 @@ def test_read_metrics_skips_a_truncated_last_line_and_resume_continues(
         read_metrics(tmp_path / "elsewhere")
 
 
-def test_purge_step_drops_records_logged_after_the_checkpoint(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("writers_before", [0, 9], ids=["first writers", "9th and 10th"])
+def test_purge_step_drops_records_logged_after_the_checkpoint(
+    tmp_path: pathlib.Path, monkeypatch, writers_before: int
+) -> None:
+    """Also when the process's writer counter goes from 9 to 10 within one second: the
+    event files' names then sort the resumed file first unless it is a second later."""
+    import tensorboard.summary.writer.event_file_writer as efw
+
+    monkeypatch.setattr(efw, "_global_uid", efw.AtomicCounter(writers_before))
     with RunLogger(tmp_path) as log:
         for step in range(1, 6):
             log.log_scalars({"train/loss_nats": float(step)}, step)

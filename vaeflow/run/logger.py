@@ -71,6 +71,27 @@ def _as_float(tag: str, value: Any) -> float:
     raise TypeError(f"metric {tag!r} is a {type(value)}; pass a number or a 0-d tensor")
 
 
+def _after_existing_event_files(run_dir: Path) -> None:
+    """Wait (at most a second) until a new event file in ``run_dir`` sorts after the ones
+    already there.
+
+    TensorBoard reads a run's event files in name order, and honours a writer's
+    ``purge_step`` only for the files before it. The names are
+    ``events.out.tfevents.<whole seconds>.<host>.<pid>.<n>`` with ``n`` a per-process
+    counter, so two files of one process in the same second sort by ``n`` as text:
+    ``...123.10`` before ``...123.9``. A resumed run whose new file sorted first had its
+    purged steps come back (caught by a test once ten writers had been opened). A
+    strictly later second puts the new file last whatever its counter.
+    """
+    newest = -1
+    for path in run_dir.glob("events.out.tfevents.*"):
+        field = path.name.split(".")[3]
+        if field.isdigit():
+            newest = max(newest, int(field))
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
 class RunLogger:
     """TensorBoard + ``metrics.jsonl`` + PNG sample grids for one run directory.
 
@@ -131,6 +152,7 @@ class RunLogger:
             # Imported here so runs with enabled_tb=False work without tensorboard.
             from torch.utils.tensorboard import SummaryWriter
 
+            _after_existing_event_files(self.run_dir)
             self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     @staticmethod
@@ -361,6 +383,7 @@ def log_test_scalars(
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    _after_existing_event_files(Path(run_dir))
     writer = SummaryWriter(log_dir=str(run_dir))
     try:
         for tag, value in metrics.items():
