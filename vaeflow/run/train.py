@@ -37,7 +37,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -1395,6 +1395,17 @@ def _eval_context(model: nn.Module, ema: EMA | None):
     return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
 
 
+@contextlib.contextmanager
+def _side_pass(model: nn.Module, ema: EMA | None, x: Tensor) -> Iterator[None]:
+    """A pass beside training (validation, test curve, image grids): the EMA weights when
+    kept, and a forked RNG (CPU, and ``x``'s GPU), so its draws do not shift the training
+    trajectory -- a run's result does not depend on how often it looks (and resume stays
+    exact)."""
+    devices = [torch.cuda.current_device()] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
+        yield
+
+
 def _validate(
     model: VAE,
     ema: EMA | None,
@@ -1403,10 +1414,7 @@ def _validate(
     logger: RunLogger,
     state: _State,
 ) -> dict[str, float]:
-    # Forked RNG: validation draws must not shift the training trajectory, so a run's
-    # result does not depend on how often it is validated (and resume stays exact).
-    devices = [torch.cuda.current_device()] if x_val.is_cuda else []
-    with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
+    with _side_pass(model, ema, x_val):
         v = validate_bounds(model, x_val, cfg.train.val_k, cfg.data.eval_batch_size)
         latents = _latent_statistics(model, x_val[:1000], cfg.data.eval_batch_size)
     k = cfg.train.val_k
@@ -1456,8 +1464,7 @@ def _log_test_curve(
     validation split alone -- and its draws come from a forked RNG, so training is the
     same with or without it."""
     k = cfg.train.test_k or cfg.train.val_k
-    devices = [torch.cuda.current_device()] if x_test.is_cuda else []
-    with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
+    with _side_pass(model, ema, x_test):
         v = validate_bounds(model, x_test, k, cfg.data.eval_batch_size)
     logger.log_scalars(
         {"test_curve/elbo_nats": v["elbo"], f"test_curve/iwae_k{k}_nats": v["iwae"]}, step
@@ -1533,8 +1540,7 @@ def _log_images(
     (``samples/``) sorted before ``train/`` and ``val/`` and opened the dashboard on image
     grids instead of the curves (docs/design.md §6).
     """
-    devices = [torch.cuda.current_device()] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices), _eval_context(model, ema), torch.no_grad():
+    with _side_pass(model, ema, x), torch.no_grad():
         model.eval()
         torch.manual_seed(step)
         x = x[:32]
