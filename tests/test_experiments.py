@@ -100,17 +100,23 @@ def test_burda_schedule_is_the_papers_3_to_the_i_epoch_stages() -> None:
     assert cfg.train.lr_decay**7 == pytest.approx(0.1)
 
 
-def test_burda_follows_the_authors_code() -> None:
-    """yburda/iwae: 59,600 / 400 split, Adam beta1 0.99 and eps 1e-4 on the batch *sum*
-    (1e-4 / 20 on vaeflow's batch mean), no clipping, no early stopping, final model."""
-    cfg = load_config(EXPERIMENTS / "burda2016_iwae" / "config.toml")
+@pytest.mark.parametrize("name", ["config", "two_layer"])
+def test_burda_follows_the_authors_code(name: str) -> None:
+    """yburda/iwae: 59,600 / 400 split; the code's Adam (beta1 0.99, eps 1e-4 and a second
+    moment starting at 1, on the batch *sum*: 1e-4 / 20 and 1 / 20^2 on vaeflow's batch
+    mean); its Glorot init and data-mean output bias; no clipping, no early stopping, the
+    final model scored."""
+    cfg = load_config(EXPERIMENTS / "burda2016_iwae" / f"{name}.toml")
     assert (cfg.data.dataset, cfg.data.binarization, cfg.data.val_size) == (
         "mnist",
         "dynamic",
         400,
     )
-    assert tuple(cfg.train.betas) == (0.99, 0.999)
-    assert cfg.train.eps == pytest.approx(1e-4 / cfg.data.batch_size)
+    b = cfg.data.batch_size
+    assert (cfg.train.optimizer, tuple(cfg.train.betas)) == ("adam_iwae", (0.99, 0.999))
+    assert cfg.train.eps == pytest.approx(1e-4 / b)
+    assert cfg.train.initial_second_moment == pytest.approx(1 / b**2)
+    assert (cfg.model.init, cfg.model.output_bias_from_data) == ("glorot_uniform", True)
     assert cfg.train.clip_norm is None and cfg.train.early_stopping is None
     assert cfg.eval.checkpoint == "last"
 

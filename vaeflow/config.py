@@ -187,6 +187,15 @@ class ModelConfig:
         topdown: a ``[model.topdown]`` table: the top-down (bidirectional inference)
             ResNet VAE of Kingma et al. 2016 instead of the models above; its latent vector
             is every group's latents concatenated, bottom group first.
+        init: ``torch`` (each layer's default) or ``glorot_uniform``: Glorot-uniform
+            weights and zero biases for every linear layer outside the prior and the
+            posterior flows, Gaussian heads as separate mean and log-std layers (Burda et
+            al.'s IWAE code; :func:`vaeflow.models.init.glorot_uniform_`). Fully connected
+            models only.
+        output_bias_from_data: a Bernoulli decoder's output bias starts at the logit of
+            the training images' mean pixel, clipped to [0.001, 0.999] (the IWAE code's
+            ``get_train_bias_np``; :func:`vaeflow.models.init.output_bias_from_data_`);
+            set when a run starts, not on resume.
     """
 
     x_shape: tuple[int, ...] = (1, 28, 28)
@@ -199,6 +208,8 @@ class ModelConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     upper_layers: tuple[StochasticLayerConfig, ...] = ()
     topdown: TopDownConfig | None = None
+    init: Literal["torch", "glorot_uniform"] = "torch"
+    output_bias_from_data: bool = False
 
     @property
     def total_latent_dim(self) -> int:
@@ -257,11 +268,18 @@ class TrainConfig:
         k: importance samples per example during training.
         optimizer: ``adam``, ``adamax``, ``adam_normgrad`` (Adam on gradients
             rescaled to unit L2 norm per parameter tensor, the optimiser of Tomczak &
-            Welling's VampPrior code, ``vaeflow.run.optim.AdamNormGrad``) or ``rmsprop``
+            Welling's VampPrior code, ``vaeflow.run.optim.AdamNormGrad``), ``adam_iwae``
+            (Adam as Burda et al.'s IWAE code writes it: second moment started at
+            ``initial_second_moment``, epsilon not bias-corrected, each update from the
+            previous step's moments; ``vaeflow.run.optim.IWAEAdam``) or ``rmsprop``
             (``torch.optim.RMSprop``: Rezende & Mohamed 2015 train with RMSprop with
             momentum).
         lr: peak learning rate.
         betas: Adam's (and Adamax's) betas.
+        initial_second_moment: where ``adam_iwae``'s second-moment estimate starts
+            (only with that optimiser; 0 otherwise). The IWAE code starts it at 1 on the
+            gradient of the batch *sum*; vaeflow's loss is the batch mean, so the same
+            dynamics need ``1 / batch_size^2``.
         momentum: RMSprop's momentum (only with ``optimizer = "rmsprop"``).
         alpha: RMSprop's smoothing constant of the squared-gradient average (torch's
             default 0.99; only with ``optimizer = "rmsprop"``).
@@ -378,9 +396,10 @@ class TrainConfig:
     steps: int = 10000
     objective: Literal["elbo", "iwae"] = "elbo"
     k: int = 1
-    optimizer: Literal["adam", "adamax", "adam_normgrad", "rmsprop"] = "adam"
+    optimizer: Literal["adam", "adamax", "adam_normgrad", "adam_iwae", "rmsprop"] = "adam"
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
+    initial_second_moment: float = 0.0
     momentum: float = 0.0
     alpha: float = 0.99
     eps: float = 1e-8
@@ -688,6 +707,22 @@ def validate(cfg: Config) -> Config:
             f"train.betas = {list(t.betas)} are Adam's, but train.optimizer = 'rmsprop' "
             "(its settings are train.momentum and train.alpha); remove train.betas"
         )
+    if t.initial_second_moment != 0.0 and t.optimizer != "adam_iwae":
+        raise ConfigError(
+            f"train.initial_second_moment = {t.initial_second_moment} starts the second "
+            f'moment of optimizer = "adam_iwae", but train.optimizer = {t.optimizer!r}; use '
+            '"adam_iwae" or remove train.initial_second_moment'
+        )
+    if t.optimizer == "adam_iwae" and t.weight_decay != 0.0:
+        raise ConfigError(
+            f"train.weight_decay = {t.weight_decay}: optimizer = 'adam_iwae' (the IWAE "
+            "code's Adam) has no weight decay; remove train.weight_decay"
+        )
+    if t.initial_second_moment < 0:
+        raise ConfigError(
+            f"train.initial_second_moment must be >= 0 (a second moment), got "
+            f"{t.initial_second_moment}"
+        )
     if t.sync_free and t.optimizer not in ("adam", "adam_normgrad"):
         raise ConfigError(
             f"train.sync_free = true needs train.optimizer = 'adam' or 'adam_normgrad' (the "
@@ -698,6 +733,11 @@ def validate(cfg: Config) -> Config:
         _check_compile_step(t)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
+    if cfg.model.output_bias_from_data and cfg.model.likelihood != "bernoulli":
+        raise ConfigError(
+            "model.output_bias_from_data sets a Bernoulli decoder's logits' bias from the "
+            f"training mean; model.likelihood is {cfg.model.likelihood!r}: remove it"
+        )
     if cfg.model.prior.init_from_data and cfg.model.prior.name != "vamp":
         raise ConfigError(
             "model.prior.init_from_data initialises a VampPrior's pseudo-inputs; "
@@ -714,12 +754,12 @@ def _check_compile_step(t: TrainConfig) -> None:
     """``train.compile_step``: refuse what the compiled step does not do, saying what to
     use instead (data-parallel runs are refused when the run starts: the config does not
     know the process count)."""
-    if t.optimizer not in ("adam", "adam_normgrad", "adamax"):
+    if t.optimizer not in ("adam", "adam_normgrad", "adam_iwae", "adamax"):
         raise ConfigError(
             "train.compile_step = true compiles the update of optimizer = 'adam', "
-            f"'adam_normgrad' or 'adamax', got train.optimizer = {t.optimizer!r}; for this "
-            "optimiser use train.compile = true (the model's forward only) and set "
-            "train.compile_step = false"
+            "'adam_normgrad', 'adam_iwae' or 'adamax', got train.optimizer = "
+            f"{t.optimizer!r}; for this optimiser use train.compile = true (the model's "
+            "forward only) and set train.compile_step = false"
         )
     if t.compile:
         raise ConfigError(

@@ -14,6 +14,7 @@ from ..flows.base import Transform
 from ..flows.registry import FLOWS, build_flow, flow_names
 from ..layers import ACTIVATIONS
 from .hierarchy import BottomUpVAE, ConditionalGaussian, deterministic_net
+from .init import glorot_uniform_
 from .likelihoods import build_likelihood
 from .networks import build_decoder, build_encoder
 from .posteriors import FlowPosterior, GaussianPosterior
@@ -120,7 +121,19 @@ def build_prior_for(
 def build_model(cfg: ModelConfig) -> VAE | BottomUpVAE | TopDownVAE:
     """Assemble the VAE described by ``cfg`` (see :class:`~vaeflow.config.ModelConfig`):
     a :class:`~vaeflow.models.hierarchy.BottomUpVAE` when ``cfg.upper_layers`` is set, a
-    :class:`~vaeflow.models.topdown.TopDownVAE` when ``cfg.topdown`` is."""
+    :class:`~vaeflow.models.topdown.TopDownVAE` when ``cfg.topdown`` is; ``cfg.init``
+    re-initialises its networks (the data-dependent output bias is set by the training
+    run, which has the data)."""
+    model = _build_model(cfg)
+    if cfg.init == "glorot_uniform":
+        try:
+            glorot_uniform_(model)
+        except ValueError as e:
+            raise ConfigError(f"model.init = 'glorot_uniform': {e}") from None
+    return model
+
+
+def _build_model(cfg: ModelConfig) -> VAE | BottomUpVAE | TopDownVAE:
     options = {"event_ndim": len(cfg.x_shape), **cfg.likelihood_options}
     if cfg.likelihood_options.get("scale") == "per_channel":
         # A likelihood with one learned parameter per channel learns its count from the data.

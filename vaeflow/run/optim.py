@@ -7,6 +7,13 @@ gradient's scale (the 500 x 784 pseudo-input matrix of a VampPrior moves like an
 tensor), which is a different dynamic from plain Adam at the same learning rate — so a
 reproduction of that paper uses it.
 
+:class:`IWAEAdam` is the Adam of Burda et al.'s IWAE code (their ``optimizers.py``), which
+differs from torch's in three ways that change training, not just rounding: the second
+moment starts at a configurable value instead of 0 (the code: 1), epsilon is added to
+``sqrt(v)`` without a bias correction, and each update uses the moments *before* the
+current gradient (Theano evaluates all updates of a step from the old values, so the
+current gradient enters the moments only and moves the weights one step later).
+
 :func:`update_unless` is Adam's (either Adam's) or Adamax's update written in plain
 tensor operations, applied unless a device flag says skip: the optimiser step of the
 compiled training step (``train.compile_step``), where torch's fused kernel cannot go;
@@ -20,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AdamNormGrad", "NORMGRAD_EPS", "init_state", "update_unless"]
+__all__ = ["AdamNormGrad", "IWAEAdam", "NORMGRAD_EPS", "init_state", "update_unless"]
 
 #: added to each gradient's norm before dividing (the VampPrior code's constant)
 NORMGRAD_EPS = 1e-7
@@ -57,8 +64,112 @@ class AdamNormGrad(torch.optim.Adam):
         return loss
 
 
+class IWAEAdam(torch.optim.Optimizer):
+    """Adam as Burda et al.'s IWAE code implements it (``optimizers.py``), for minimisation.
+
+    With ``t`` the number of updates so far plus one (the code's ``timestep``, which
+    starts at 1), gradient ``g``, and moments ``m`` (starting at 0) and ``v`` (starting
+    at ``initial_second_moment``)::
+
+        p <- p - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
+        m <- beta1 m + (1 - beta1) g
+        v <- beta2 v + (1 - beta2) g^2
+
+    all from the values before the step: the weights move with the moments of the
+    gradients up to the previous step (so the first update is zero), and ``eps`` is not
+    bias-corrected. The code's defaults are ``betas = (0.99, 0.999)``, ``eps = 1e-4`` and
+    ``v`` starting at 1, on the gradient of the *sum* of the bound over a batch; for a
+    loss that is the batch *mean* (vaeflow's), the same dynamics need ``eps / B`` and an
+    initial second moment ``1 / B^2`` (every quantity in the update scales with the
+    gradient, so the trajectories are identical). Starting ``v`` at ``1 / B^2`` rather
+    than 0 makes the early steps small until the gradients' own second moment takes
+    over (time constant ``1 / (1 - beta2)`` = 1000 steps): without it, beta1 = 0.99
+    with a zero-started ``v`` drove the IWAE architecture into a collapsed posterior
+    within the first few thousand steps in vaeflow's runs (experiments/burda2016_iwae).
+
+    State per parameter: ``step`` (0-d float32, updates so far), ``exp_avg`` (``m``),
+    ``exp_avg_sq`` (``v``), as torch's Adam names them.
+
+    References:
+        Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders",
+        arXiv:1509.00519 (code: github.com/yburda/iwae, ``optimizers.py``).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.99, 0.999),
+        eps: float = 1e-4,
+        initial_second_moment: float = 1.0,
+    ) -> None:
+        if lr < 0 or eps < 0 or initial_second_moment < 0:
+            raise ValueError(
+                f"IWAEAdam: lr, eps and initial_second_moment must be >= 0, got {lr}, {eps} "
+                f"and {initial_second_moment}"
+            )
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"IWAEAdam: betas must be in [0, 1), got {betas}")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "initial_second_moment": initial_second_moment,
+            "weight_decay": 0.0,
+            "maximize": False,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    _init_iwae_state(state, p, group["initial_second_moment"])
+                _iwae_update(p, p.grad, state, group["lr"], beta1, beta2, group["eps"])
+        return loss
+
+
+def _init_iwae_state(state: dict, p: Tensor, v0: float) -> None:
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.full_like(p, v0, memory_format=torch.preserve_format)
+
+
+def _iwae_new_values(
+    p: Tensor, grad: Tensor, state: dict, lr, beta1: float, beta2: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`IWAEAdam`'s new ``(p, m, v, step)`` from the old ones (nothing written)."""
+    step, m_old, v_old = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    t = step.double() + 1  # the code's timestep before its increment
+    alpha = lr * (1 - beta2**t).sqrt() / (1 - beta1**t)
+    new_p = p - (alpha * m_old / (v_old.sqrt() + eps)).to(p.dtype)
+    m = m_old.lerp(grad, 1 - beta1)
+    v = v_old.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return new_p, m, v, step + 1
+
+
+def _iwae_update(
+    p: Tensor, grad: Tensor, state: dict, lr, beta1: float, beta2: float, eps: float
+) -> None:
+    new_p, m, v, new_step = _iwae_new_values(p, grad, state, lr, beta1, beta2, eps)
+    p.copy_(new_p)
+    state["exp_avg"].copy_(m)
+    state["exp_avg_sq"].copy_(v)
+    state["step"].copy_(new_step)
+
+
 #: Per-parameter state tensors shaped like the parameter, by optimiser (torch's names).
 _MOMENTS = {
+    IWAEAdam: ("exp_avg", "exp_avg_sq"),
     torch.optim.Adam: ("exp_avg", "exp_avg_sq"),
     torch.optim.Adamax: ("exp_avg", "exp_inf"),
 }
@@ -69,23 +180,27 @@ def _moments(opt: torch.optim.Optimizer) -> tuple[str, str]:
         if isinstance(opt, cls):
             return names
     raise ValueError(
-        f"update_unless implements Adam, AdamNormGrad and Adamax, got {type(opt).__name__}"
+        f"update_unless implements Adam, AdamNormGrad, IWAEAdam and Adamax, got "
+        f"{type(opt).__name__}"
     )
 
 
 def init_state(opt: torch.optim.Optimizer) -> None:
-    """Give every parameter of ``opt`` (Adam, AdamNormGrad or Adamax) without state the
-    state torch creates at its first update -- zero moments and a 0-d float32 step count
-    -- with the step count on the parameter's device (as torch keeps it for fused and
-    capturable optimisers; existing CPU step counts are moved there too), so that
-    :func:`update_unless` can run as one device graph from the first step on. A
+    """Give every parameter of ``opt`` (Adam, AdamNormGrad, IWAEAdam or Adamax) without
+    state the state its first update creates -- zero moments (IWAEAdam: its initial second
+    moment) and a 0-d float32 step count -- with the step count on the parameter's device
+    (as torch keeps it for fused and capturable optimisers; existing CPU step counts are
+    moved there too), so that :func:`update_unless` can run as one device graph from the
+    first step on. A
     checkpoint of such state resumes under ``opt.step()`` as well (``load_state_dict``
     puts each step count where that optimiser wants it)."""
     names = _moments(opt)
     for group in opt.param_groups:
         for p in group["params"]:
             state = opt.state[p]
-            if not state:
+            if not state and isinstance(opt, IWAEAdam):
+                _init_iwae_state(state, p, group["initial_second_moment"])
+            elif not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 for name in names:
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -100,7 +215,8 @@ def update_unless(
     grads: Sequence[Sequence[Tensor]],
     skip: Tensor,
 ) -> None:
-    """The update of ``opt`` (Adam, :class:`AdamNormGrad` or Adamax) to ``params`` with
+    """The update of ``opt`` (Adam, :class:`AdamNormGrad`, :class:`IWAEAdam` or Adamax) to
+    ``params`` with
     ``grads`` (one list of each per param group), in plain tensor operations, applied only
     where the 0-d bool ``skip`` is false.
 
@@ -131,6 +247,7 @@ def update_unless(
         skip: 0-d bool tensor on the parameters' device: true leaves everything as it was.
     """
     first, second = _moments(opt)
+    iwae = isinstance(opt, IWAEAdam)
     adamax = second == "exp_inf"
     normgrad = isinstance(opt, AdamNormGrad)
     for group, group_params, group_grads in zip(opt.param_groups, params, grads, strict=True):
@@ -148,6 +265,13 @@ def update_unless(
                 grad = grad / (torch.linalg.vector_norm(grad) + NORMGRAD_EPS)
             if weight_decay != 0:
                 grad = grad.add(p, alpha=weight_decay)
+            if iwae:
+                new_p, m, v, new_step = _iwae_new_values(p, grad, state, lr, beta1, beta2, eps)
+                p.copy_(torch.where(skip, p, new_p))
+                m_old.copy_(torch.where(skip, m_old, m))
+                v_old.copy_(torch.where(skip, v_old, v))
+                step.copy_(torch.where(skip, step, new_step))
+                continue
             new_step = step + 1
             n = new_step.double()
             m = m_old.lerp(grad, 1 - beta1)
