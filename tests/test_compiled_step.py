@@ -71,6 +71,15 @@ VARIANTS = {
         "train.prior_freeze_steps=4",
     ],
     "adam_normgrad": ['train.optimizer="adam_normgrad"', "train.weight_decay=0.01"],
+    # The IWAE code's Adam (IWAEAdam: second moment started at initial_second_moment,
+    # eps on sqrt(v) unbiased, each update from the previous step's moments), with the
+    # settings of experiments/burda2016_iwae.
+    "adam_iwae": [
+        'train.optimizer="adam_iwae"',
+        "train.betas=[0.99, 0.999]",
+        "train.eps=5e-6",
+        "train.initial_second_moment=0.0025",
+    ],
     # A two-stochastic-layer hierarchy (Burda et al.'s bottom-up kind): q(z1|x) with the
     # IAF, q(z2|z1), p(z1|z2) -- the per-layer terms in the same one graph.
     "two-layer hierarchy": ['model.upper_layers=[{latent_dim=2,hidden=[8],activation="tanh"}]'],
