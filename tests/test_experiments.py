@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vaeflow.config import load_config
+from vaeflow.models.build import build_model
 from vaeflow.tools import sweep as sw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,3 +267,25 @@ def test_rezende_compares_bounds_on_static_mnist(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     (report,) = [c for c in log.read_text().splitlines() if c.startswith("report ")]
     assert report.split("--metrics ")[1].split()[:2] == ["test/elbo_nats", r"test/nll_iw\d+_nats"]
+
+
+@pytest.mark.parametrize("sweep", ["sweep", "reduced", "long"])
+def test_sylvester_posterior_follows_the_authors_code(sweep: str) -> None:
+    """riannevdberg/sylvester-flows (models/VAE.py): q's variance is softplus(Linear(h));
+    every planar/Sylvester parameter is one nn.Linear of the encoder output h itself (no
+    projection of h, torch's init, a bias): in every row of every sweep."""
+    points = sw.expand(EXPERIMENTS / "vandenberg2018_sylvester" / f"{sweep}.toml", validate=False)
+    assert points
+    for p in points:
+        cfg = load_config(p.base, p.overrides)
+        post = cfg.model.posterior
+        assert (post.scale, post.context_projection) == ("softplus_var", False), p.name
+        model = build_model(cfg.model)  # the options are the flow's own (a TypeError if not)
+        assert getattr(model.posterior, "context", None) is None, p.name
+        if post.flow in (
+            "planar",
+            "sylvester_orthogonal",
+            "sylvester_householder",
+            "sylvester_triangular",
+        ):
+            assert post.options.get("amortization") == "linear", p.name

@@ -67,6 +67,14 @@ class PosteriorConfig:
         context_features: width of the context vector the flow receives (a learned
             projection of the encoder features); 0 for an unconditional flow.
         options: family-specific flow options.
+        scale: how the Gaussian's scale is parameterised (the head's output):
+            ``log_std`` (soft-clipped log sigma, the default), ``softplus_var`` (sigma^2 =
+            softplus, the Sylvester-flow code) or ``log_var_hardtanh`` (log sigma^2 clamped
+            to [-6, 2], the VampPrior code); :func:`vaeflow.models.posteriors.log_std_from_raw`.
+            Not for the top-down model (its groups have their own heads).
+        context_projection: ``true``: the flow's context is a learned ``Linear`` of the
+            encoder features; ``false``: the features themselves (``context_features``
+            must equal the encoder's width; van den Berg et al.'s code).
     """
 
     flow: str | None = None
@@ -74,6 +82,8 @@ class PosteriorConfig:
     hidden: int = 64
     context_features: int = 32
     options: dict[str, Any] = field(default_factory=dict)
+    scale: Literal["log_std", "softplus_var", "log_var_hardtanh"] = "log_std"
+    context_projection: bool = True
 
 
 @dataclass(frozen=True)

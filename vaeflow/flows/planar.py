@@ -149,20 +149,51 @@ def orthonormalize(source: Tensor) -> Tensor:
     return q * sign.unsqueeze(-2)
 
 
-class _AmortisedParams(nn.Module):
-    """Named layer parameters: free ones, plus a zero-initialised linear head of a context.
+#: How an amortised layer's parameters depend on the context (``amortization`` option).
+AMORTIZATIONS = ("residual", "linear")
 
-    ``forward(None)`` returns the free parameters with their own shapes; ``forward(c)``
-    with ``c (*c, C)`` returns ``free + head(c)`` reshaped to ``(*c, *shape)``, one set per
-    example. The head has no bias (the free parameters play that role) and starts at zero,
-    so a conditional layer starts exactly where the unconditional one does.
+
+def _check_amortization(name: str, amortization: object, context_features: int) -> None:
+    if amortization not in AMORTIZATIONS:
+        raise ValueError(
+            f"{name}: amortization must be one of {AMORTIZATIONS}, got {amortization!r}"
+        )
+    if amortization == "linear" and context_features < 1:
+        raise ValueError(
+            f"{name}: amortization = 'linear' computes every parameter from the context, "
+            "so it needs context_features >= 1"
+        )
+
+
+class _AmortisedParams(nn.Module):
+    """Named layer parameters, shared or per example.
+
+    ``amortization = "residual"`` (default): free parameters, plus (with a context) a
+    zero-initialised, bias-free linear head: ``forward(None)`` returns the free
+    parameters; ``forward(c)`` with ``c (*c, C)`` returns ``free + head(c)`` reshaped to
+    ``(*c, *shape)``. A conditional layer then starts exactly where the unconditional one
+    does (the identity, for the layers here).
+
+    ``amortization = "linear"``: every parameter is ``Linear(C -> .)(c)`` with a bias and
+    torch's default initialisation, nothing else (van den Berg et al.'s code: one
+    ``nn.Linear`` of the encoder features per parameter). The function class is the same
+    as ``residual``'s (affine in ``c``); the start and the optimisation path are not: the
+    layer starts near a random transform set by the biases. ``init`` then only gives the
+    shapes.
     """
 
-    def __init__(self, init: dict[str, Tensor], context_features: int) -> None:
+    def __init__(
+        self, init: dict[str, Tensor], context_features: int, amortization: str = "residual"
+    ) -> None:
         super().__init__()
-        self.free = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
         self.shapes = {k: tuple(v.shape) for k, v in init.items()}
         self.sizes = [math.prod(s) for s in self.shapes.values()]
+        self.linear = amortization == "linear"
+        if self.linear:
+            self.free = None
+            self.head = nn.Linear(context_features, sum(self.sizes))
+            return
+        self.free = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
         self.head = (
             zero_init(nn.Linear(context_features, sum(self.sizes), bias=False))
             if context_features > 0
@@ -170,13 +201,17 @@ class _AmortisedParams(nn.Module):
         )
 
     def forward(self, context: Tensor | None) -> dict[str, Tensor]:
+        if self.linear and context is None:
+            raise ValueError(
+                "a layer with amortization = 'linear' has no parameters without a context"
+            )
         if context is None or self.head is None:
             return dict(self.free.items())
         chunks = self.head(context).split(self.sizes, dim=-1)
         out = {}
         for (name, shape), chunk in zip(self.shapes.items(), chunks, strict=True):
             delta = chunk.squeeze(-1) if shape == () else chunk.unflatten(-1, shape)
-            out[name] = self.free[name] + delta
+            out[name] = delta if self.linear else self.free[name] + delta
         return out
 
 
@@ -275,8 +310,11 @@ class Planar(_SamplingOnly):
         Rezende & Mohamed 2015, arXiv:1505.05770, section 4.1 and Appendix A.1.
     """
 
-    def __init__(self, features: int, context_features: int = 0) -> None:
+    def __init__(
+        self, features: int, context_features: int = 0, amortization: str = "residual"
+    ) -> None:
         _check_features("Planar", features, context_features)
+        _check_amortization("Planar", amortization, context_features)
         super().__init__(features, context_features)
         self.features = features
         dtype = torch.get_default_dtype()
@@ -287,6 +325,7 @@ class Planar(_SamplingOnly):
                 "b": torch.zeros((), dtype=dtype),
             },
             context_features,
+            amortization,
         )
 
     def flow_params(self, context: Tensor | None = None) -> PlanarParams:
@@ -366,8 +405,11 @@ class Radial(_SamplingOnly):
         Rezende & Mohamed 2015, arXiv:1505.05770, section 4.1 and Appendix A.2.
     """
 
-    def __init__(self, features: int, context_features: int = 0) -> None:
+    def __init__(
+        self, features: int, context_features: int = 0, amortization: str = "residual"
+    ) -> None:
         _check_features("Radial", features, context_features)
+        _check_amortization("Radial", amortization, context_features)
         super().__init__(features, context_features)
         self.features = features
         dtype = torch.get_default_dtype()
@@ -378,6 +420,7 @@ class Radial(_SamplingOnly):
                 "beta": torch.zeros((), dtype=dtype),
             },
             context_features,
+            amortization,
         )
 
     def flow_params(self, context: Tensor | None = None) -> RadialParams:
@@ -465,8 +508,10 @@ class Sylvester(_SamplingOnly):
         num_vectors: int,
         context_features: int = 0,
         q_init: dict[str, Tensor] | None = None,
+        amortization: str = "residual",
     ) -> None:
         _check_features(type(self).__name__, features, context_features)
+        _check_amortization(type(self).__name__, amortization, context_features)
         _check_num_vectors(type(self).__name__, num_vectors, features)
         super().__init__(features, context_features)
         self.features = features
@@ -481,7 +526,7 @@ class Sylvester(_SamplingOnly):
             init["rt_off"] = torch.randn(n_off, dtype=dtype) / math.sqrt(m)
         init["b"] = torch.zeros(m, dtype=dtype)
         init.update(q_init or {})
-        self.params = _AmortisedParams(init, context_features)
+        self.params = _AmortisedParams(init, context_features, amortization)
         rows, cols = torch.triu_indices(m, m, offset=1)
         self.register_buffer("off_index", rows * m + cols, persistent=False)
 
@@ -565,11 +610,19 @@ class SylvesterOrthogonal(Sylvester):
         van den Berg et al. 2018, arXiv:1803.05649, section 4.1.
     """
 
-    def __init__(self, features: int, num_vectors: int, context_features: int = 0) -> None:
+    def __init__(
+        self,
+        features: int,
+        num_vectors: int,
+        context_features: int = 0,
+        amortization: str = "residual",
+    ) -> None:
         _check_features("SylvesterOrthogonal", features, context_features)
         _check_num_vectors("SylvesterOrthogonal", num_vectors, features)
         source = torch.randn(features, num_vectors, dtype=torch.get_default_dtype())
-        super().__init__(features, num_vectors, context_features, {"q_source": source})
+        super().__init__(
+            features, num_vectors, context_features, {"q_source": source}, amortization
+        )
 
     def _q_state(self, raw: dict[str, Tensor]) -> Tensor:
         return orthonormalize(raw["q_source"])
@@ -602,7 +655,13 @@ class SylvesterHouseholder(Sylvester):
         "Improving Variational Auto-Encoders using Householder Flow", arXiv:1611.09630.
     """
 
-    def __init__(self, features: int, num_householder: int, context_features: int = 0) -> None:
+    def __init__(
+        self,
+        features: int,
+        num_householder: int,
+        context_features: int = 0,
+        amortization: str = "residual",
+    ) -> None:
         _check_features("SylvesterHouseholder", features, context_features)
         if (
             isinstance(num_householder, bool)
@@ -614,7 +673,9 @@ class SylvesterHouseholder(Sylvester):
                 f"got {num_householder!r}"
             )
         vectors = torch.randn(num_householder, features, dtype=torch.get_default_dtype())
-        super().__init__(features, features, context_features, {"q_vectors": vectors})
+        super().__init__(
+            features, features, context_features, {"q_vectors": vectors}, amortization
+        )
         self.num_householder = num_householder
 
     def _q_state(self, raw: dict[str, Tensor]) -> Tensor:
@@ -666,8 +727,14 @@ class SylvesterTriangular(Sylvester):
         van den Berg et al. 2018, arXiv:1803.05649, section 4.3.
     """
 
-    def __init__(self, features: int, reverse: bool = False, context_features: int = 0) -> None:
-        super().__init__(features, features, context_features)
+    def __init__(
+        self,
+        features: int,
+        reverse: bool = False,
+        context_features: int = 0,
+        amortization: str = "residual",
+    ) -> None:
+        super().__init__(features, features, context_features, None, amortization)
         self.reverse = bool(reverse)
 
     def _q_state(self, raw: dict[str, Tensor]) -> None:
@@ -691,7 +758,12 @@ class SylvesterTriangular(Sylvester):
 
 
 def build_planar(
-    features: int, num_layers: int, hidden: int | None = None, context_features: int = 0
+    features: int,
+    num_layers: int,
+    hidden: int | None = None,
+    context_features: int = 0,
+    *,
+    amortization: str = "residual",
 ) -> Transform:
     """A stack of ``num_layers`` :class:`Planar` layers (sampling direction only).
 
@@ -702,21 +774,28 @@ def build_planar(
             family shares one builder signature.
         context_features: ``C``; with ``C > 0`` every layer is amortised (its parameters
             are per-example functions of the context).
-
-    Options: none (any keyword option is a ``TypeError`` naming it).
+        amortization: ``residual`` (free parameters + a zero-initialised context head:
+            the identity at init) or ``linear`` (each parameter a ``Linear`` of the
+            context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
     Returns:
-        A :class:`Composite` whose ``inverse`` is the flow, exactly the identity at init.
+        A :class:`Composite` whose ``inverse`` is the flow, exactly the identity at init
+        (``residual``).
 
     References:
         Rezende & Mohamed 2015, arXiv:1505.05770.
     """
     _check_builder("build_planar", features, num_layers, context_features)
-    return Composite(Planar(features, context_features) for _ in range(num_layers))
+    return Composite(Planar(features, context_features, amortization) for _ in range(num_layers))
 
 
 def build_radial(
-    features: int, num_layers: int, hidden: int | None = None, context_features: int = 0
+    features: int,
+    num_layers: int,
+    hidden: int | None = None,
+    context_features: int = 0,
+    *,
+    amortization: str = "residual",
 ) -> Transform:
     """A stack of ``num_layers`` :class:`Radial` layers (sampling direction only).
 
@@ -725,17 +804,20 @@ def build_radial(
         num_layers: number of radial layers.
         hidden: ignored (no conditioner network); kept for the shared builder signature.
         context_features: ``C``; with ``C > 0`` every layer is amortised.
+        amortization: ``residual`` (free parameters + a zero-initialised context head:
+            the identity at init) or ``linear`` (each parameter a ``Linear`` of the
+            context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-    Options: none (any keyword option is a ``TypeError`` naming it).
+    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
 
     Returns:
-        A :class:`Composite`, exactly the identity at init.
+        A :class:`Composite`, exactly the identity at init (``residual``).
 
     References:
         Rezende & Mohamed 2015, arXiv:1505.05770.
     """
     _check_builder("build_radial", features, num_layers, context_features)
-    return Composite(Radial(features, context_features) for _ in range(num_layers))
+    return Composite(Radial(features, context_features, amortization) for _ in range(num_layers))
 
 
 def build_sylvester_orthogonal(
@@ -745,6 +827,7 @@ def build_sylvester_orthogonal(
     context_features: int = 0,
     *,
     num_ortho_vectors: int | None = None,
+    amortization: str = "residual",
 ) -> Transform:
     """A stack of :class:`SylvesterOrthogonal` layers (sampling direction only).
 
@@ -753,11 +836,14 @@ def build_sylvester_orthogonal(
         num_layers: number of Sylvester layers.
         hidden: ignored (no conditioner network); kept for the shared builder signature.
         context_features: ``C``; with ``C > 0`` every layer is amortised.
+        amortization: ``residual`` (free parameters + a zero-initialised context head:
+            the identity at init) or ``linear`` (each parameter a ``Linear`` of the
+            context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
         num_ortho_vectors: ``M``, columns of each ``Q`` (default ``min(D, 8)``, the
             setting of van den Berg et al.'s released examples); ``1 <= M <= D``.
 
     Returns:
-        A :class:`Composite`, exactly the identity at init.
+        A :class:`Composite`, exactly the identity at init (``residual``).
 
     References:
         van den Berg et al. 2018, arXiv:1803.05649.
@@ -765,7 +851,9 @@ def build_sylvester_orthogonal(
     _check_builder("build_sylvester_orthogonal", features, num_layers, context_features)
     m = min(features, 8) if num_ortho_vectors is None else num_ortho_vectors
     _check_num_vectors("build_sylvester_orthogonal: num_ortho_vectors", m, features)
-    return Composite(SylvesterOrthogonal(features, m, context_features) for _ in range(num_layers))
+    return Composite(
+        SylvesterOrthogonal(features, m, context_features, amortization) for _ in range(num_layers)
+    )
 
 
 def build_sylvester_householder(
@@ -775,6 +863,7 @@ def build_sylvester_householder(
     context_features: int = 0,
     *,
     num_householder: int | None = None,
+    amortization: str = "residual",
 ) -> Transform:
     """A stack of :class:`SylvesterHouseholder` layers (sampling direction only).
 
@@ -783,12 +872,15 @@ def build_sylvester_householder(
         num_layers: number of Sylvester layers.
         hidden: ignored (no conditioner network); kept for the shared builder signature.
         context_features: ``C``; with ``C > 0`` every layer is amortised.
+        amortization: ``residual`` (free parameters + a zero-initialised context head:
+            the identity at init) or ``linear`` (each parameter a ``Linear`` of the
+            context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
         num_householder: ``T``, reflections per ``Q`` (default ``min(D, 8)``: ``D``
             reflections already reach every orthogonal matrix up to the sign of its
             determinant, which the flow does not depend on).
 
     Returns:
-        A :class:`Composite`, exactly the identity at init.
+        A :class:`Composite`, exactly the identity at init (``residual``).
 
     References:
         van den Berg et al. 2018, arXiv:1803.05649.
@@ -801,12 +893,18 @@ def build_sylvester_householder(
             f"got {num_householder!r}"
         )
     return Composite(
-        SylvesterHouseholder(features, t, context_features) for _ in range(num_layers)
+        SylvesterHouseholder(features, t, context_features, amortization)
+        for _ in range(num_layers)
     )
 
 
 def build_sylvester_triangular(
-    features: int, num_layers: int, hidden: int | None = None, context_features: int = 0
+    features: int,
+    num_layers: int,
+    hidden: int | None = None,
+    context_features: int = 0,
+    *,
+    amortization: str = "residual",
 ) -> Transform:
     """A stack of :class:`SylvesterTriangular` layers, ``Q`` alternating identity/reversal.
 
@@ -817,17 +915,25 @@ def build_sylvester_triangular(
         num_layers: number of Sylvester layers.
         hidden: ignored (no conditioner network); kept for the shared builder signature.
         context_features: ``C``; with ``C > 0`` every layer is amortised.
+        amortization: ``residual`` (free parameters + a zero-initialised context head:
+            the identity at init) or ``linear`` (each parameter a ``Linear`` of the
+            context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-    Options: none (any keyword option is a ``TypeError`` naming it).
+    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
 
     Returns:
-        A :class:`Composite`, exactly the identity at init.
+        A :class:`Composite`, exactly the identity at init (``residual``).
 
     References:
         van den Berg et al. 2018, arXiv:1803.05649.
     """
     _check_builder("build_sylvester_triangular", features, num_layers, context_features)
     return Composite(
-        SylvesterTriangular(features, reverse=i % 2 == 1, context_features=context_features)
+        SylvesterTriangular(
+            features,
+            reverse=i % 2 == 1,
+            context_features=context_features,
+            amortization=amortization,
+        )
         for i in range(num_layers)
     )

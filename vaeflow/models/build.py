@@ -28,8 +28,17 @@ __all__ = ["build_model", "build_posterior", "build_prior_for"]
 def build_posterior(cfg: PosteriorConfig, in_features: int, latent_dim: int) -> nn.Module:
     """A diagonal Gaussian (``cfg.flow is None``) or a Gaussian + registry flow."""
     if cfg.flow is None:
-        return GaussianPosterior(in_features, latent_dim)
-    return FlowPosterior(in_features, latent_dim, _posterior_flow(cfg, latent_dim))
+        return GaussianPosterior(in_features, latent_dim, cfg.scale)
+    try:
+        return FlowPosterior(
+            in_features,
+            latent_dim,
+            _posterior_flow(cfg, latent_dim),
+            cfg.scale,
+            cfg.context_projection,
+        )
+    except ValueError as e:
+        raise ConfigError(f"model.posterior: {e}") from None
 
 
 def _posterior_flow(cfg: PosteriorConfig, latent_dim: int) -> Transform:
@@ -196,6 +205,11 @@ def _build_topdown(
     stochastic layers of ``layers_per_resolution``, a 5x5 stride-2 transposed output conv;
     every group's posterior is ``cfg.posterior`` on its ``latent_channels``."""
     td, post = cfg.topdown, cfg.posterior
+    if post.scale != "log_std":
+        raise ConfigError(
+            f"model.posterior.scale = {post.scale!r}: the top-down model's groups "
+            "parameterise their scales themselves (log sigma); remove model.posterior.scale"
+        )
     c, h, w = cfg.x_shape
     if td.activation not in ACTIVATIONS:
         raise ConfigError(

@@ -28,12 +28,45 @@ from torch import Tensor, nn
 
 from ..flows.base import Transform
 
-__all__ = ["PosteriorSample", "GaussianPosterior", "FlowPosterior"]
+__all__ = ["PosteriorSample", "GaussianPosterior", "FlowPosterior", "SCALES", "log_std_from_raw"]
 
 # log sigma is soft-clipped to +-LOG_STD_BOUND: sigma in [4.5e-5, 2.2e4]. It never binds
 # in healthy training and keeps a diverging encoder from producing inf/NaN samples.
 LOG_STD_BOUND = 10.0
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+#: How a Gaussian head's second output becomes ``log sigma`` (see :func:`log_std_from_raw`).
+SCALES = ("log_std", "softplus_var", "log_var_hardtanh")
+# Below this pre-activation softplus(a) = exp(a) to float precision: log softplus(a) = a,
+# computed without underflowing softplus to 0.
+_SOFTPLUS_LOG_LINEAR = -20.0
+
+
+def log_std_from_raw(raw: Tensor, scale: str = "log_std") -> Tensor:
+    """``log sigma`` from a Gaussian head's raw output, by parameterisation.
+
+    - ``log_std``: ``raw`` is ``log sigma``, soft-clipped to ``+-LOG_STD_BOUND``
+      (vaeflow's default).
+    - ``softplus_var``: ``sigma^2 = softplus(raw)``, unclamped (van den Berg et al.'s
+      Sylvester-flow code, ``q_z_var = Softplus(Linear(h))``). ``log softplus`` is taken
+      as ``raw`` itself where ``softplus(raw) = exp(raw)`` to float precision, so it is
+      finite for every finite input.
+    - ``log_var_hardtanh``: ``log sigma^2 = hardtanh(raw, -6, 2)`` (Tomczak & Welling's
+      VampPrior code): sigma in [0.050, 2.72], zero gradient outside.
+
+    The parameterisation changes the optimiser's dynamics, not the model family: a step of
+    Adam moves ``raw`` by about ``lr`` whatever it means, so the variances move twice as fast
+    per step under ``log_std`` as under ``log_var_hardtanh``.
+    """
+    if scale == "log_std":
+        return LOG_STD_BOUND * torch.tanh(raw / LOG_STD_BOUND)
+    if scale == "softplus_var":
+        linear = raw < _SOFTPLUS_LOG_LINEAR
+        safe = torch.where(linear, torch.zeros_like(raw), raw)
+        return 0.5 * torch.where(linear, raw, torch.nn.functional.softplus(safe).log())
+    if scale == "log_var_hardtanh":
+        return 0.5 * torch.clamp(raw, -6.0, 2.0)
+    raise ValueError(f"unknown posterior scale {scale!r}; choose from {SCALES}")
 
 
 @dataclass(frozen=True)
@@ -65,17 +98,22 @@ class GaussianPosterior(nn.Module):
     Args:
         in_features: encoder feature width ``H``.
         latent_dim: ``D``.
+        scale: how the head's second half gives ``log sigma`` (:func:`log_std_from_raw`:
+            ``log_std``, ``softplus_var`` or ``log_var_hardtanh``).
     """
 
-    def __init__(self, in_features: int, latent_dim: int) -> None:
+    def __init__(self, in_features: int, latent_dim: int, scale: str = "log_std") -> None:
         super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"unknown posterior scale {scale!r}; choose from {SCALES}")
         self.latent_dim = latent_dim
+        self.scale = scale
         self.head = nn.Linear(in_features, 2 * latent_dim)
 
     def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``h (B, H) -> (mu (B, D), log_std (B, D))``."""
         mu, raw = self.head(h).chunk(2, dim=-1)
-        return mu, LOG_STD_BOUND * torch.tanh(raw / LOG_STD_BOUND)
+        return mu, log_std_from_raw(raw, self.scale)
 
     @staticmethod
     def _log_normal_dims(eps_std: Tensor, log_std: Tensor) -> Tensor:
@@ -116,22 +154,42 @@ class FlowPosterior(nn.Module):
         flow: a :class:`~vaeflow.flows.base.Transform` on ``(D,)`` with a sampling
             (``inverse``) direction; its ``context_features`` (if any) is the width of
             the context vector ``c = Linear(h)`` it receives.
+        scale: the base Gaussian's parameterisation (:class:`GaussianPosterior`).
+        context_projection: ``True``: the context is ``c = Linear(h)``, which decouples
+            its width from the encoder's; ``False``: the flow reads ``h`` itself (its
+            ``context_features`` must be ``H``), as van den Berg et al.'s code computes
+            every flow parameter as one linear map of the encoder output.
     """
 
-    def __init__(self, in_features: int, latent_dim: int, flow: Transform) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        latent_dim: int,
+        flow: Transform,
+        scale: str = "log_std",
+        context_projection: bool = True,
+    ) -> None:
         super().__init__()
         if flow.event_shape != (latent_dim,) or flow.out_event_shape != (latent_dim,):
             raise ValueError(
                 f"FlowPosterior: flow acts on {flow.event_shape}, latents are ({latent_dim},)"
             )
         self.latent_dim = latent_dim
-        self.base = GaussianPosterior(in_features, latent_dim)
+        self.base = GaussianPosterior(in_features, latent_dim, scale)
         self.flow = flow
         c = flow.context_features
+        if c and not context_projection and c != in_features:
+            raise ValueError(
+                f"FlowPosterior: without a context projection the flow reads the encoder "
+                f"features, so its context_features must be {in_features}, got {c}"
+            )
         # A learned projection decouples the flow's context width from the encoder's.
-        self.context = nn.Linear(in_features, c) if c else None
+        self.context = nn.Linear(in_features, c) if c and context_projection else None
+        self.reads_features = bool(c) and not context_projection
 
     def _context(self, h: Tensor) -> Tensor | None:
+        if self.reads_features:
+            return h
         return None if self.context is None else self.context(h)
 
     def sample(self, h: Tensor, k: int = 1, noise: Tensor | None = None) -> PosteriorSample:
