@@ -55,6 +55,29 @@ BUILDERS = {
     "build_sylvester_triangular": lambda c: build_sylvester_triangular(4, 3, 8, c),
 }
 ALL = {**LAYERS, **BUILDERS}
+# amortization = "linear": every parameter is Linear(C -> .)(context), no free parameters
+# (van den Berg et al.'s code); it needs a context, so these take c >= 1 only.
+LINEAR_LAYERS = {
+    "planar_linear": lambda c: Planar(D, c, "linear"),
+    "radial_linear": lambda c: Radial(D, c, "linear"),
+    "sylvester_orthogonal_linear": lambda c: SylvesterOrthogonal(D, 3, c, "linear"),
+    "sylvester_householder_linear": lambda c: SylvesterHouseholder(D, 3, c, "linear"),
+    "sylvester_triangular_linear": lambda c: SylvesterTriangular(D, True, c, "linear"),
+}
+LINEAR_BUILDERS = {
+    "build_planar_linear": lambda c: build_planar(4, 3, 8, c, amortization="linear"),
+    "build_radial_linear": lambda c: build_radial(4, 3, 8, c, amortization="linear"),
+    "build_sylvester_orthogonal_linear": lambda c: build_sylvester_orthogonal(
+        4, 2, 8, c, num_ortho_vectors=2, amortization="linear"
+    ),
+    "build_sylvester_householder_linear": lambda c: build_sylvester_householder(
+        4, 2, 8, c, num_householder=3, amortization="linear"
+    ),
+    "build_sylvester_triangular_linear": lambda c: build_sylvester_triangular(
+        4, 3, 8, c, amortization="linear"
+    ),
+}
+LINEAR = {**LINEAR_LAYERS, **LINEAR_BUILDERS}
 SAMPLING_ONLY = Directions(forward=False, inverse=True)
 
 
@@ -84,20 +107,32 @@ def _randomise(flow, scale, seed):
 # -- generic checks ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("context", [0, C], ids=["uncond", "context"])
-@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize(
+    "name, context",
+    [
+        *(
+            pytest.param(n, c, id=f"{n}-{i}")
+            for n in ALL
+            for c, i in [(0, "uncond"), (C, "context")]
+        ),
+        *(pytest.param(n, C, id=f"{n}-context") for n in LINEAR),
+    ],
+)
 def test_generic_checks(name, context):
-    errs = full_check(lambda: ALL[name](context))
+    """Brute-force Jacobian log-dets (float64), per-sample independence, a gradient for
+    every parameter (the linear heads' weights and biases too), shape errors. Linear
+    amortisation is not the identity at init (test_linear_amortization_is_not_the_identity)."""
+    errs = full_check(lambda: {**ALL, **LINEAR}[name](context), identity_at_init=name in ALL)
     assert "roundtrip" not in errs  # no forward: nothing to round-trip
     assert errs["logdet"] <= 1e-12
 
 
-@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("name", [*ALL, *LINEAR])
 def test_per_example_context_broadcasts_over_samples(name, float64):
     """``inverse(u (K, B, D), context (B, C))`` -- k importance samples of B examples --
     equals the same call with the context expanded to ``(K, B, C)``, while the layers'
     parameters (context head, QR) are computed for the B rows only."""
-    flow = _randomise(ALL[name](C), 0.5, seed=1)
+    flow = _randomise({**ALL, **LINEAR}[name](C), 0.5, seed=1)
     d = _features(flow)
     u, ctx = torch.randn(6, 4, d), torch.randn(4, C)
     x, ld = flow.inverse(u, ctx)
@@ -154,6 +189,86 @@ def test_training_can_leave_the_identity(name, moving, context):
     assert grads[moving].grad.abs().sum() > 0
     if context:
         assert flow.params.head.weight.grad.abs().sum() > 0
+
+
+# -- linear amortisation ------------------------------------------------------------------
+
+
+def _residual_twin(name):
+    """The same layer with residual amortisation: its free parameters give the names,
+    order and shapes that the linear head's output is split into."""
+    return LAYERS[name.removesuffix("_linear")](C)
+
+
+@pytest.mark.parametrize("name", list(LINEAR_LAYERS))
+def test_linear_amortization_is_one_linear_map_of_the_context(name):
+    """Every parameter is ``Linear(C -> .)(context)``, bias included: the head's output
+    split in the residual layer's parameter order, and nothing else (no free part)."""
+    layer = LINEAR_LAYERS[name](C)
+    head = layer.params.head
+    assert layer.params.free is None
+    assert {n for n, _ in layer.named_parameters()} == {"params.head.weight", "params.head.bias"}
+    assert isinstance(head, torch.nn.Linear) and head.bias is not None
+    free = dict(_residual_twin(name).params.free.items())
+    assert head.weight.shape == (sum(v.numel() for v in free.values()), C)
+    # torch's default init: U(-1/sqrt(C), 1/sqrt(C)) for the weight and the bias.
+    bound = 1 / math.sqrt(C)
+    for p in (head.weight, head.bias):
+        assert p.abs().max() <= bound and p.abs().min() > 0
+    ctx = torch.randn(6, 2, C)
+    flat = ctx @ head.weight.detach().T + head.bias.detach()
+    got = layer.params(ctx)
+    assert list(got) == list(free)
+    offset = 0
+    for key, init in free.items():
+        n = init.numel()
+        want = flat[..., offset : offset + n].reshape(6, 2, *init.shape)
+        torch.testing.assert_close(got[key], want, rtol=0, atol=1e-15)
+        offset += n
+    assert offset == flat.shape[-1]
+    # Without a context there are no parameters at all.
+    with pytest.raises(ValueError, match="linear"):
+        layer.params(None)
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_linear_amortization_is_not_the_identity(name):
+    """Linear starts near a random transform set by the biases (van den Berg et al.'s
+    code); the residual twin of the same flow is exactly the identity at init."""
+    flow = LINEAR[name](C)
+    u = torch.randn(4, 2, _features(flow))
+    ctx = torch.randn(4, 2, C)
+    x, ld = flow.inverse(u, ctx)
+    assert (x - u).abs().min() > 0 and (x - u).abs().max() > 1e-2
+    assert ld.abs().min() > 0
+    residual = {**LAYERS, **BUILDERS}[name.removesuffix("_linear")](C)
+    x0, ld0 = residual.inverse(u, ctx)
+    assert torch.equal(x0, u) and torch.equal(ld0, torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: Planar(D, **kw),
+        lambda **kw: Radial(D, **kw),
+        lambda **kw: SylvesterOrthogonal(D, 3, **kw),
+        lambda **kw: SylvesterHouseholder(D, 3, **kw),
+        lambda **kw: SylvesterTriangular(D, **kw),
+        lambda **kw: build_planar(4, 2, 8, **kw),
+        lambda **kw: build_radial(4, 2, 8, **kw),
+        lambda **kw: build_sylvester_orthogonal(4, 2, 8, **kw),
+        lambda **kw: build_sylvester_householder(4, 2, 8, **kw),
+        lambda **kw: build_sylvester_triangular(4, 2, 8, **kw),
+    ],
+    ids=[*(n for n in LAYERS if n[-3:] not in ("_m1", "rev")), *BUILDERS],
+)
+def test_amortization_is_checked(make):
+    with pytest.raises(ValueError, match="needs context_features >= 1"):
+        make(context_features=0, amortization="linear")
+    with pytest.raises(ValueError, match="amortization must be one of.*'affine'"):
+        make(context_features=C, amortization="affine")
+    make(context_features=C, amortization="linear")  # the checks let the valid ones through
+    make(context_features=0, amortization="residual")
 
 
 # -- direction ----------------------------------------------------------------------------
@@ -287,13 +402,22 @@ def test_sylvester_constraint_diagonal_product_below_one(make, scale, context):
         assert (torch.tril(p.r, -1) == 0).all() and (torch.tril(p.r_tilde, -1) == 0).all()
 
 
-@pytest.mark.parametrize("context", [0, C], ids=["uncond", "context"])
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize(
+    "name, context",
+    [
+        *(
+            pytest.param(n, c, id=f"{n}-{i}")
+            for n in LAYERS
+            for c, i in [(0, "uncond"), (C, "context")]
+        ),
+        *(pytest.param(n, C, id=f"{n}-context") for n in LINEAR_LAYERS),
+    ],
+)
 def test_jacobian_determinant_never_changes_sign(name, context):
     """Injectivity in practice: det(dx/du) > 0 everywhere we look, for strongly perturbed
     parameters, and the returned log-det is its log (the brute force, over many points)."""
     for seed, (scale, spread) in enumerate([(1.0, 1.0), (3.0, 3.0), (6.0, 0.3)]):
-        flow = _randomise(LAYERS[name](context), scale, seed)
+        flow = _randomise({**LAYERS, **LINEAR_LAYERS}[name](context), scale, seed)
         u = spread * torch.randn(40, D)
         ctx = torch.randn(40, C) if context else None
         sign, logabs = torch.linalg.slogdet(_per_sample_jacobian(flow, u, ctx))
@@ -511,7 +635,7 @@ def test_state_dict_round_trip_keeps_the_flow():
 
 def test_works_in_float32():
     torch.set_default_dtype(torch.float32)  # restored by the autouse fixture
-    for make in ALL.values():
+    for make in [*ALL.values(), *LINEAR.values()]:
         flow = perturb(make(C))
         d = _features(flow)
         x, ld = flow.inverse(torch.randn(3, d), torch.randn(3, C))
