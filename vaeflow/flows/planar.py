@@ -778,6 +778,8 @@ def build_planar(
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
+    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
+
     Returns:
         A :class:`Composite` whose ``inverse`` is the flow, exactly the identity at init
         (``residual``).

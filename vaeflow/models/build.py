@@ -25,20 +25,24 @@ from .vae import VAE
 __all__ = ["build_model", "build_posterior", "build_prior_for"]
 
 
-def build_posterior(cfg: PosteriorConfig, in_features: int, latent_dim: int) -> nn.Module:
-    """A diagonal Gaussian (``cfg.flow is None``) or a Gaussian + registry flow."""
+def build_posterior(
+    cfg: PosteriorConfig, in_features: int, latent_dim: int, where: str = "model.posterior"
+) -> nn.Module:
+    """A diagonal Gaussian (``cfg.flow is None``) or a Gaussian + registry flow; ``where``
+    names the config section in errors (``model.upper_layers[i].posterior`` for a
+    hierarchy's upper layer)."""
     if cfg.flow is None:
         return GaussianPosterior(in_features, latent_dim, cfg.scale)
     try:
-        return FlowPosterior(
-            in_features,
-            latent_dim,
-            _posterior_flow(cfg, latent_dim),
-            cfg.scale,
-            cfg.context_projection,
-        )
+        flow = _posterior_flow(cfg, latent_dim)
+    except ConfigError:
+        raise  # already names its key
+    except ValueError as e:  # the flow's own argument checks
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        return FlowPosterior(in_features, latent_dim, flow, cfg.scale, cfg.context_projection)
     except ValueError as e:
-        raise ConfigError(f"model.posterior: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _posterior_flow(cfg: PosteriorConfig, latent_dim: int) -> Transform:
@@ -190,7 +194,11 @@ def _build_hierarchy(
         except (KeyError, ValueError) as e:
             raise ConfigError(f"{where}.activation: {e}") from None
         encoders.append(up)
-        posteriors.append(build_posterior(layer.posterior, up.out_features, layer.latent_dim))
+        posteriors.append(
+            build_posterior(
+                layer.posterior, up.out_features, layer.latent_dim, f"{where}.posterior"
+            )
+        )
         conditionals.append(ConditionalGaussian(down, down.out_features, below))
         below = layer.latent_dim
     prior = build_prior_for(cfg.prior, below, tuple(cfg.x_shape), encoder, posterior)

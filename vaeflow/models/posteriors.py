@@ -37,8 +37,8 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 #: How a Gaussian head's second output becomes ``log sigma`` (see :func:`log_std_from_raw`).
 SCALES = ("log_std", "softplus_var", "log_var_hardtanh")
-# Below this pre-activation softplus(a) = exp(a) to float precision: log softplus(a) = a,
-# computed without underflowing softplus to 0.
+# Below this pre-activation softplus(a) = exp(a) to float32 precision (float64: to about
+# 1e-10 relative): log softplus(a) is taken as a, so softplus never underflows to 0.
 _SOFTPLUS_LOG_LINEAR = -20.0
 
 
@@ -49,8 +49,8 @@ def log_std_from_raw(raw: Tensor, scale: str = "log_std") -> Tensor:
       (vaeflow's default).
     - ``softplus_var``: ``sigma^2 = softplus(raw)``, unclamped (van den Berg et al.'s
       Sylvester-flow code, ``q_z_var = Softplus(Linear(h))``). ``log softplus`` is taken
-      as ``raw`` itself where ``softplus(raw) = exp(raw)`` to float precision, so it is
-      finite for every finite input.
+      as ``raw`` itself below -20, where ``softplus(raw) = exp(raw)`` to float32
+      precision, so it is finite for every finite input.
     - ``log_var_hardtanh``: ``log sigma^2 = hardtanh(raw, -6, 2)`` (Tomczak & Welling's
       VampPrior code): sigma in [0.050, 2.72], zero gradient outside.
 
