@@ -91,9 +91,14 @@ SMALL_TOPDOWN = [
 
 
 def small_overrides(base: Path, overrides: list[str]) -> list[str]:
-    """:data:`SMALL` or, for a top-down model, :data:`SMALL_TOPDOWN`."""
-    topdown = load_config(base, overrides).model.topdown is not None
-    return SMALL_TOPDOWN if topdown else SMALL
+    """:data:`SMALL` or, for a top-down model, :data:`SMALL_TOPDOWN`. A flow that reads the
+    encoder features themselves (``context_projection = false``) keeps their width as its
+    context width."""
+    model = load_config(base, overrides).model
+    small = SMALL_TOPDOWN if model.topdown is not None else SMALL
+    if not model.posterior.context_projection:
+        small = [o for o in small if not o.startswith("model.posterior.context_features=")]
+    return small
 
 
 def train_examples(cfg: Config) -> int:

@@ -59,6 +59,8 @@ MODELS: dict[str, tuple[Path, list[str]]] = {
             "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
             "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
             "model.latent_dim=4",
+            # the flow reads the encoder's 16 features (context_projection = false)
+            "model.posterior.context_features=16",
             "data.batch_size=8",
         ],
     ),

@@ -119,7 +119,8 @@ SMALL = {
         "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
         "model.latent_dim=4",
         "model.posterior.hidden=16",
-        "model.posterior.context_features=8",
+        # the flow reads the encoder's 16 features (context_projection = false)
+        "model.posterior.context_features=16",
         "data.batch_size=8",
     ],
     "cifar10": [
