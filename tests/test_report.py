@@ -212,6 +212,33 @@ def test_metric_labels() -> None:
     assert metric_label("test/elbo_bpd") == "test ELBO (bpd)"
     assert metric_label("val/elbo_nats") == "val ELBO (nats)"
     assert metric_label("test/active_units") == "test active units"
+    assert metric_label("test/kl_layer2_nats") == "test KL z2 (nats)"
+    assert metric_label("test/active_units_layer1") == "test active units z1"
+
+
+def test_hierarchy_layers_get_columns_of_their_own(tmp_path: Path) -> None:
+    """A hierarchy's per-layer KL and active units are default columns, after the totals,
+    bottom layer first; one-layer runs have none."""
+    run = _write_run(tmp_path, "two_layer", _config("none", 0), nll=90.0)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(
+        {
+            "test/kl_layer1_nats": 18.0,
+            "test/kl_layer2_nats": 4.0,
+            "test/active_units_layer1": 95,
+            "test/active_units_layer2": 5,
+        }
+    )
+    (run / "summary.json").write_text(json.dumps(summary))
+    header = to_markdown(group(collect([tmp_path]))).splitlines()[0]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[-4:] == [
+        "test KL z1 (nats)",
+        "test KL z2 (nats)",
+        "test active units z1",
+        "test active units z2",
+    ]
+    assert cols.index("test active units") < cols.index("test KL z1 (nats)")
 
 
 def test_write_report_files(runs: Path, tmp_path: Path) -> None:

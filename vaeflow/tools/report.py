@@ -109,6 +109,9 @@ _DEFAULT_METRICS = (
     r"test/kl_nats",
     r"test/recon_nats",
     r"test/active_units",
+    # a hierarchy's layers, bottom first (absent for one-layer models)
+    r"test/kl_layer\d+_nats",
+    r"test/active_units_layer\d+",
 )
 _UNITS = {"nats": "nats", "bpd": "bpd", "bits": "bits", "s": "s", "seconds": "s"}
 _NAMES = {"nll": "NLL", "elbo": "ELBO", "kl": "KL", "recon": "recon"}
@@ -389,6 +392,11 @@ def metric_label(name: str) -> str:
         return f"{split} bpd".strip()
     if rest == "active_units":
         return f"{split} active units".strip()
+    layer = re.fullmatch(r"(kl|active_units)_layer(\d+)(?:_(\w+))?", rest)
+    if layer:
+        what = "KL" if layer.group(1) == "kl" else "active units"
+        unit = f" ({_UNITS.get(layer.group(3), layer.group(3))})" if layer.group(3) else ""
+        return f"{split} {what} z{layer.group(2)}{unit}".strip()
     m = re.fullmatch(r"nll_iw(\d+)(_stderr)?_(\w+)", rest)
     if m:
         stderr = " stderr" if m.group(2) else ""
