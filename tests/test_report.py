@@ -740,3 +740,26 @@ def test_title_qualifies_flow_steps_when_some_rows_have_no_flow() -> None:
     assert "flow steps (flow posteriors): 2" in title, title
     only_flows = [{**base, "model.posterior.flow": f} for f in ("iaf", "maf")]
     assert "flow steps: 2" in Labeller().title(only_flows, ["model.posterior.flow"])
+
+
+def test_layers_written_before_a_new_key_are_the_same_layers(tmp_path: Path) -> None:
+    """A hierarchy run whose config.json predates a nested key (model.upper_layers[i]
+    .posterior.scale) groups with a run written after it, as flat new keys do."""
+    layer_new = {
+        "latent_dim": 50,
+        "hidden": [100, 100],
+        "activation": "tanh",
+        "posterior": {"flow": None, "options": {}, "scale": "log_std"},
+    }
+    layer_old = {**layer_new, "posterior": {"flow": None, "options": {}}}
+    for seed, layer in ((0, layer_old), (1, layer_new)):
+        config = _config("none", seed)
+        config["model"]["upper_layers"] = [layer]
+        _write_run(tmp_path, f"s{seed}", config, nll=90.0 + seed)
+    groups = group(collect([tmp_path]))
+    assert len(groups) == 1 and groups[0]["seeds"] == [0, 1]
+    # a layer that really differs still splits the rows
+    config = _config("none", 2)
+    config["model"]["upper_layers"] = [{**layer_new, "latent_dim": 20}]
+    _write_run(tmp_path, "s2", config, nll=95.0)
+    assert len(group(collect([tmp_path]))) == 2

@@ -171,12 +171,43 @@ def _defaults_for(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _with_nested_defaults(value: Any, default: Mapping[str, Any]) -> Any:
+    """``value`` (a table) with every key of ``default`` it lacks filled in, recursively,
+    in ``default``'s key order (tables are compared as text, so the order must not depend
+    on when a key was added); keys ``default`` lacks follow in their own order."""
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[str, Any] = {}
+    for key, dv in default.items():
+        v = value.get(key, dv)
+        out[key] = _with_nested_defaults(v, dv) if isinstance(dv, Mapping) else v
+    out.update({k: v for k, v in value.items() if k not in default})
+    return out
+
+
+def _list_tables_with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's nested ``config.json`` with the entries of list-of-table keys
+    (``model.upper_layers``) completed by the keys vaeflow added after the run, as
+    :func:`_defaults_for` does for flat keys: a layer written before
+    ``posterior.scale`` existed is the same layer as one written after. (Lists are
+    flattened to their text, so this must happen before :func:`flatten_config`.)"""
+    from ..config import StochasticLayerConfig, to_dict
+
+    model = raw.get("model")
+    layers = model.get("upper_layers") if isinstance(model, Mapping) else None
+    if not isinstance(layers, list):
+        return raw
+    default = to_dict(StochasticLayerConfig(latent_dim=1))
+    filled = [_with_nested_defaults(x, default) for x in layers]
+    return {**raw, "model": {**model, "upper_layers": filled}}
+
+
 def _load_record(run_dir: Path) -> dict[str, Any]:
     # config.json holds every key that existed when the run started; a key added to
     # vaeflow later is missing there, and a run without it behaved as the key's default
     # (new options start switched off). Filling it in keeps a sweep whose points ran on
     # two versions from looking as if it varied every new key.
-    config = flatten_config(_read_json(run_dir / "config.json"))
+    config = flatten_config(_list_tables_with_defaults(_read_json(run_dir / "config.json")))
     config = {**_defaults_for(config), **config}
     env_path = run_dir / "environment.json"
     env = _read_json(env_path) if env_path.is_file() else {}
