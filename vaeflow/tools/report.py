@@ -1046,7 +1046,10 @@ def learning_curves_figure(
     seeds = {len(ms) for ms in buckets}
     names = [plan.label(ms[0]["config"]) or "all runs" for ms in buckets]
     if len(seeds) > 1:
-        names = [f"{n} ({len(ms)} seeds)" for n, ms in zip(names, buckets, strict=True)]
+        names = [
+            f"{n} ({len(ms)} seed{'s' if len(ms) != 1 else ''})"
+            for n, ms in zip(names, buckets, strict=True)
+        ]
     legend_labels = names + [f"{n}: NLL {v:g} nats, drawn at {-v:g}" for n, v in refs]
     fig = _new_figure(5.2 + _legend_width(legend_labels), 4.4)
     ax = fig.add_subplot()
