@@ -117,7 +117,7 @@ def test_burda_follows_the_authors_code(name: str) -> None:
     assert (cfg.train.optimizer, tuple(cfg.train.betas)) == ("adam_iwae", (0.99, 0.999))
     assert cfg.train.eps == pytest.approx(1e-4 / b)
     assert cfg.train.initial_second_moment == pytest.approx(1 / b**2)
-    assert (cfg.model.init, cfg.model.output_bias_from_data) == ("glorot_uniform", True)
+    assert (cfg.model.init, cfg.model.output_bias_from_data) == ("iwae_code", True)
     assert cfg.train.clip_norm is None and cfg.train.early_stopping is None
     assert cfg.eval.checkpoint == "last"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -264,8 +265,20 @@ def test_train_builds_iwae_adam_from_the_config():
             r"train\.initial_second_moment must be >= 0",
         ),
         (
-            ['train.optimizer="adam_iwae"', "train.weight_decay=0.01"],
+            [
+                'train.optimizer="adam_iwae"',
+                "train.initial_second_moment=1.0",
+                "train.weight_decay=0.01",
+            ],
             r"train\.weight_decay = 0\.01.*adam_iwae",
+        ),
+        (
+            ['train.optimizer="adam_iwae"'],
+            r"'adam_iwae' needs train\.initial_second_moment.*1 / batch_size\^2",
+        ),
+        (
+            ["model.output_bias_from_data=true", 'model.decoder={name="gated_conv"}'],
+            r"model\.output_bias_from_data.*'gated_conv'",
         ),
         (
             [
@@ -298,7 +311,7 @@ def test_the_protocol_settings_are_accepted():
     assert cfg.model.output_bias_from_data
     default = load_config(None, [])
     assert (default.model.init, default.model.output_bias_from_data) == ("torch", False)
-    assert default.train.initial_second_moment == 0.0
+    assert default.train.initial_second_moment is None
 
 
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
@@ -521,3 +534,56 @@ def test_output_bias_is_set_when_a_run_starts_not_on_resume(tmp_path, splits, mo
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_iwae_code_init_has_the_codes_very_draws() -> None:
+    """model.init = 'iwae_code': each layer is numpy RandomState(123).uniform(-a, a, (in,
+    out)) transposed (the code seeds every layer alike), so a Gaussian head's mean and
+    log-sigma halves start identical; independent of the torch seed."""
+    import numpy as np
+
+    cfg = load_config(TWO_LAYER, ['model.init="iwae_code"'])
+    torch.manual_seed(0)
+    a = build_model(cfg.model)
+    torch.manual_seed(1)
+    b = build_model(cfg.model)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name  # the torch seed plays no part
+    lin = a.encoders[0].net[0]  # 784 -> 200
+    bound = (6.0 / (784 + 200)) ** 0.5
+    want = np.random.RandomState(123).uniform(-bound, bound, size=(784, 200)).T
+    torch.testing.assert_close(lin.weight.double(), torch.from_numpy(want), rtol=0, atol=1e-7)
+    head = a.posteriors[0].head  # 200 -> (100 mu, 100 log-std)
+    mu_w, ls_w = head.weight.chunk(2, dim=0)
+    assert torch.equal(mu_w, ls_w)
+    bound = (6.0 / (200 + 100)) ** 0.5
+    want = np.random.RandomState(123).uniform(-bound, bound, size=(200, 100)).T
+    torch.testing.assert_close(mu_w.double(), torch.from_numpy(want), rtol=0, atol=1e-7)
+    assert all(torch.count_nonzero(m.bias) == 0 for m in a.modules() if isinstance(m, nn.Linear))
+
+
+def test_glorot_refuses_gated_layers() -> None:
+    """A gated layer fuses value and gate in one Linear: no IWAE-code init for it."""
+    cfg = load_config(
+        None,
+        [
+            'model.encoder={name="mlp", options={hidden=[16], gated=true, activation="identity"}}',
+            'model.init="glorot_uniform"',
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"model\.init = 'glorot_uniform'.*GatedLinear"):
+        build_model(cfg.model)
+
+
+def test_resume_refuses_another_optimizer(tmp_path: Path) -> None:
+    """Adam and IWAEAdam keep state under the same names: resuming a run under the other
+    optimiser is refused, naming both."""
+    from vaeflow.run.train import _check_same_optimizer
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"optimizer": "adam"}}))
+    _check_same_optimizer(tmp_path, "adam")
+    with pytest.raises(ConfigError, match=r"'adam'.*'adam_iwae'"):
+        _check_same_optimizer(tmp_path, "adam_iwae")

@@ -200,8 +200,10 @@ class ModelConfig:
         init: ``torch`` (each layer's default) or ``glorot_uniform``: Glorot-uniform
             weights and zero biases for every linear layer outside the prior and the
             posterior flows, Gaussian heads as separate mean and log-std layers (Burda et
-            al.'s IWAE code; :func:`vaeflow.models.init.glorot_uniform_`). Fully connected
-            models only.
+            al.'s IWAE code; :func:`vaeflow.models.init.glorot_uniform_`), or
+            ``iwae_code``: the same with the code's very draws (each layer from a fresh
+            ``RandomState(123)``: equal-shaped layers start identical). Plain fully
+            connected models only.
         output_bias_from_data: a Bernoulli decoder's output bias starts at the logit of
             the training images' mean pixel, clipped to [0.001, 0.999] (the IWAE code's
             ``get_train_bias_np``; :func:`vaeflow.models.init.output_bias_from_data_`);
@@ -218,7 +220,7 @@ class ModelConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     upper_layers: tuple[StochasticLayerConfig, ...] = ()
     topdown: TopDownConfig | None = None
-    init: Literal["torch", "glorot_uniform"] = "torch"
+    init: Literal["torch", "glorot_uniform", "iwae_code"] = "torch"
     output_bias_from_data: bool = False
 
     @property
@@ -286,10 +288,10 @@ class TrainConfig:
             momentum).
         lr: peak learning rate.
         betas: Adam's (and Adamax's) betas.
-        initial_second_moment: where ``adam_iwae``'s second-moment estimate starts
-            (only with that optimiser; 0 otherwise). The IWAE code starts it at 1 on the
-            gradient of the batch *sum*; vaeflow's loss is the batch mean, so the same
-            dynamics need ``1 / batch_size^2``.
+        initial_second_moment: where ``adam_iwae``'s second-moment estimate starts;
+            required with that optimiser, refused with any other. The IWAE code starts it
+            at 1 on the gradient of the batch *sum*; vaeflow's loss is the batch mean, so
+            the same dynamics need ``1 / batch_size^2``.
         momentum: RMSprop's momentum (only with ``optimizer = "rmsprop"``).
         alpha: RMSprop's smoothing constant of the squared-gradient average (torch's
             default 0.99; only with ``optimizer = "rmsprop"``).
@@ -409,7 +411,7 @@ class TrainConfig:
     optimizer: Literal["adam", "adamax", "adam_normgrad", "adam_iwae", "rmsprop"] = "adam"
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
-    initial_second_moment: float = 0.0
+    initial_second_moment: float | None = None
     momentum: float = 0.0
     alpha: float = 0.99
     eps: float = 1e-8
@@ -717,7 +719,14 @@ def validate(cfg: Config) -> Config:
             f"train.betas = {list(t.betas)} are Adam's, but train.optimizer = 'rmsprop' "
             "(its settings are train.momentum and train.alpha); remove train.betas"
         )
-    if t.initial_second_moment != 0.0 and t.optimizer != "adam_iwae":
+    if t.optimizer == "adam_iwae" and t.initial_second_moment is None:
+        raise ConfigError(
+            "train.optimizer = 'adam_iwae' needs train.initial_second_moment (the IWAE code "
+            "starts the second moment at 1 on the gradient of the batch sum: 1 / "
+            f"batch_size^2 = {1 / cfg.data.batch_size**2:g} on vaeflow's batch-mean loss; "
+            "0 starts it as torch's Adam does)"
+        )
+    if t.initial_second_moment is not None and t.optimizer != "adam_iwae":
         raise ConfigError(
             f"train.initial_second_moment = {t.initial_second_moment} starts the second "
             f'moment of optimizer = "adam_iwae", but train.optimizer = {t.optimizer!r}; use '
@@ -728,7 +737,7 @@ def validate(cfg: Config) -> Config:
             f"train.weight_decay = {t.weight_decay}: optimizer = 'adam_iwae' (the IWAE "
             "code's Adam) has no weight decay; remove train.weight_decay"
         )
-    if t.initial_second_moment < 0:
+    if t.initial_second_moment is not None and t.initial_second_moment < 0:
         raise ConfigError(
             f"train.initial_second_moment must be >= 0 (a second moment), got "
             f"{t.initial_second_moment}"
@@ -743,10 +752,16 @@ def validate(cfg: Config) -> Config:
         _check_compile_step(t)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
-    if cfg.model.output_bias_from_data and cfg.model.likelihood != "bernoulli":
+    if cfg.model.output_bias_from_data and (
+        cfg.model.likelihood != "bernoulli"
+        or cfg.model.decoder.name != "mlp"
+        or cfg.model.topdown is not None
+    ):
         raise ConfigError(
-            "model.output_bias_from_data sets a Bernoulli decoder's logits' bias from the "
-            f"training mean; model.likelihood is {cfg.model.likelihood!r}: remove it"
+            "model.output_bias_from_data sets the bias of an 'mlp' decoder's Bernoulli "
+            f"logits from the training mean; this model has likelihood "
+            f"{cfg.model.likelihood!r} and decoder {cfg.model.decoder.name!r}"
+            f"{' (top-down)' if cfg.model.topdown is not None else ''}: remove it"
         )
     if cfg.model.prior.init_from_data and cfg.model.prior.name != "vamp":
         raise ConfigError(

@@ -138,11 +138,11 @@ def build_model(cfg: ModelConfig) -> VAE | BottomUpVAE | TopDownVAE:
     re-initialises its networks (the data-dependent output bias is set by the training
     run, which has the data)."""
     model = _build_model(cfg)
-    if cfg.init == "glorot_uniform":
+    if cfg.init in ("glorot_uniform", "iwae_code"):
         try:
-            glorot_uniform_(model)
+            glorot_uniform_(model, code_draws=cfg.init == "iwae_code")
         except ValueError as e:
-            raise ConfigError(f"model.init = 'glorot_uniform': {e}") from None
+            raise ConfigError(f"model.init = {cfg.init!r}: {e}") from None
     return model
 
 

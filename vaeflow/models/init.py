@@ -20,19 +20,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LOGIT_CLIP", "glorot_uniform_", "output_bias_from_data_"]
+__all__ = ["IWAE_CODE_SEED", "LOGIT_CLIP", "glorot_uniform_", "output_bias_from_data_"]
+
+#: The IWAE code draws every linear layer from a fresh ``numpy.random.RandomState(123)``.
+IWAE_CODE_SEED = 123
 
 #: The IWAE code clips the training mean to [0.001, 0.999] before its logit.
 LOGIT_CLIP = 1e-3
 
 
-def _glorot_(linear: nn.Linear, fan_out: int | None = None) -> None:
-    """Glorot-uniform weights ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``, zero bias.
-    ``fan_out`` overrides the layer's own (for one half of a two-headed layer)."""
-    fan_in = linear.in_features
-    fan_out = linear.out_features if fan_out is None else fan_out
+def _iwae_code_draw(fan_in: int, fan_out: int) -> Tensor:
+    """The IWAE code's weights of a ``fan_in -> fan_out`` layer, in torch's ``(out, in)``
+    layout: ``RandomState(123).uniform(-a, a, size=(in, out))`` transposed (``nnet.py``
+    ``Linear.random``: a fresh generator with the same seed for every layer)."""
+    import numpy as np
+
     a = (6.0 / (fan_in + fan_out)) ** 0.5
-    nn.init.uniform_(linear.weight, -a, a)
+    w = np.random.RandomState(IWAE_CODE_SEED).uniform(low=-a, high=a, size=(fan_in, fan_out))
+    return torch.from_numpy(w.T.copy())
+
+
+def _glorot_(linear: nn.Linear, halves: int = 1, code_draws: bool = False) -> None:
+    """Glorot-uniform weights ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``, zero bias.
+
+    ``halves = 2``: the rows are two layers of ``out / 2`` outputs each (a Gaussian head's
+    mean and log-std), each initialised as its own layer. ``code_draws``: the IWAE code's
+    draws (:func:`_iwae_code_draw`), so equal-shaped layers -- the two halves among them --
+    start with identical weights."""
+    fan_in = linear.in_features
+    fan_out = linear.out_features // halves
+    a = (6.0 / (fan_in + fan_out)) ** 0.5
+    for rows in linear.weight.split(fan_out, dim=0):
+        if code_draws:
+            rows.copy_(_iwae_code_draw(fan_in, fan_out).to(rows.dtype))
+        else:
+            nn.init.uniform_(rows, -a, a)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
 
@@ -55,7 +77,7 @@ def _excluded(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def glorot_uniform_(model: nn.Module) -> int:
+def glorot_uniform_(model: nn.Module, code_draws: bool = False) -> int:
     """Re-initialise ``model``'s networks as the IWAE code does; returns the number of
     linear layers set.
 
@@ -65,38 +87,44 @@ def glorot_uniform_(model: nn.Module) -> int:
     :class:`~vaeflow.models.hierarchy.ConditionalGaussian`) is initialised as the code's two
     separate ``Glorot(H, D)`` layers (rows ``[:D]`` and ``[D:]``).
 
-    Only for models whose networks are linear: a convolution is an error (the code has
-    none, and a mixed init would be neither the code's nor torch's).
+    ``code_draws``: not only the code's distribution but its very draws: every layer's
+    weights come from a fresh ``numpy.random.RandomState(123)`` (its ``nnet.py`` seeds each
+    layer alike), so layers of equal shape start identical -- a Gaussian layer's mean and
+    log-sigma weights among them (log sigma = mu, unit by unit, at init) -- and the
+    others share their leading draws. Deterministic: the torch seed plays no part.
+
+    Only for models whose networks are plain linear layers: a convolution or a gated
+    layer (value and gate fused in one ``Linear``; the IWAE code has neither) is an error,
+    as a mixed init would be neither the code's nor torch's.
 
     References:
         Glorot & Bengio 2010, AISTATS; Burda et al. 2016, arXiv:1509.00519 (code:
         ``nnet.py`` ``Linear.random``, ``iwae.py`` ``GaussianSampler.random``).
     """
+    from ..layers import GatedLinear
     from .hierarchy import ConditionalGaussian
     from .posteriors import GaussianPosterior
 
     skip = _excluded(model)
-    heads: dict[int, int] = {}
-    for m in model.modules():
-        if isinstance(m, GaussianPosterior | ConditionalGaussian) and id(m) not in skip:
-            heads[id(m.head)] = m.head.out_features // 2
+    heads = {
+        id(m.head)
+        for m in model.modules()
+        if isinstance(m, GaussianPosterior | ConditionalGaussian) and id(m) not in skip
+    }
     count = 0
     for m in model.modules():
         if id(m) in skip:
             continue
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, nn.modules.conv._ConvNd | GatedLinear):
             raise ValueError(
-                "glorot_uniform_ re-initialises fully connected networks (the IWAE code's); "
-                f"this model has a {type(m).__name__}: keep model.init = 'torch'"
+                "glorot_uniform_ re-initialises plain fully connected networks (the IWAE "
+                f"code's); this model has a {type(m).__name__}: keep model.init = 'torch'"
             )
         if not isinstance(m, nn.Linear):
             continue
-        half = heads.get(id(m))
-        if half is None:
-            _glorot_(m)
-        else:
-            # Two layers of the code in one: each half of the rows is a Glorot(H, D) layer.
-            _glorot_(m, fan_out=half)
+        # A Gaussian head is two layers of the code in one: each half of the rows is a
+        # Glorot(H, D) layer of its own.
+        _glorot_(m, halves=2 if id(m) in heads else 1, code_draws=code_draws)
         count += 1
     return count
 
@@ -106,8 +134,8 @@ def _output_linear(decoder: nn.Module) -> nn.Linear:
     last = list(decoder.modules())[-1]
     if not isinstance(last, nn.Linear):
         raise ValueError(
-            "model.output_bias_from_data needs a decoder whose last layer is nn.Linear (the "
-            f"'mlp' decoder), got {type(last).__name__}"
+            "the output bias is set on a decoder whose last layer is nn.Linear (the 'mlp' "
+            f"decoder), got {type(last).__name__}"
         )
     return last
 

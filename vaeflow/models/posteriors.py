@@ -50,7 +50,9 @@ def log_std_from_raw(raw: Tensor, scale: str = "log_std") -> Tensor:
     - ``softplus_var``: ``sigma^2 = softplus(raw)``, unclamped (van den Berg et al.'s
       Sylvester-flow code, ``q_z_var = Softplus(Linear(h))``). ``log softplus`` is taken
       as ``raw`` itself below -20, where ``softplus(raw) = exp(raw)`` to float32
-      precision, so it is finite for every finite input.
+      precision, so ``log sigma`` is finite for every finite input (not bounded below: far
+      below -200, ``1 / sigma`` overflows in float32, as the variance underflows to 0 in
+      the Sylvester code).
     - ``log_var_hardtanh``: ``log sigma^2 = hardtanh(raw, -6, 2)`` (Tomczak & Welling's
       VampPrior code): sigma in [0.050, 2.72], zero gradient outside.
 

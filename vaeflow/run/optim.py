@@ -222,6 +222,7 @@ def update_unless(
 
     The same rules as ``opt.step()``: :class:`torch.optim.Adam` with L2 weight decay
     (added to the gradient), no ``amsgrad``, ``maximize`` or decoupled decay;
+    :class:`IWAEAdam`'s lagged update (its own rule, no weight decay);
     :class:`AdamNormGrad` divides each gradient by its norm (+ :data:`NORMGRAD_EPS`)
     first; :class:`torch.optim.Adamax` (``exp_inf = max(beta2 exp_inf, |g| + eps)``, step
     ``lr / (1 - beta1^t) * exp_avg / exp_inf``). Bias corrections are computed in float64
@@ -263,7 +264,7 @@ def update_unless(
             step, m_old, v_old = state["step"], state[first], state[second]
             if normgrad:
                 grad = grad / (torch.linalg.vector_norm(grad) + NORMGRAD_EPS)
-            if weight_decay != 0:
+            if weight_decay != 0 and not iwae:  # IWAEAdam has none (its step ignores it)
                 grad = grad.add(p, alpha=weight_decay)
             if iwae:
                 new_p, m, v, new_step = _iwae_new_values(p, grad, state, lr, beta1, beta2, eps)

@@ -111,6 +111,7 @@ STACKABLE_KEYS: frozenset[str] = frozenset(
         "train.lr",
         "train.betas",
         "train.eps",
+        "train.initial_second_moment",
         "train.weight_decay",
         "train.lr_warmup_steps",
         "train.lr_schedule",

@@ -740,6 +740,7 @@ def _setup_run(
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     config_dict = to_dict(cfg)
     if resume:
+        _check_same_optimizer(run_dir, t.optimizer)
         state = _restore(ckpt_dir / "last.pt", model, opt, sched, ema, device)
         if ctx.rank == 0:
             _record_resumed_config(run_dir, config_dict, state.step)
@@ -1394,6 +1395,22 @@ def _check_free_bits(cfg: Config, model: VAE) -> None:
             "not split log q; mixture, VampPrior and flow priors do not factorise). Set "
             f"train.free_bits_group_size = {model.latent_dim} (one group: the total KL) "
             "or train.free_bits = 0"
+        )
+
+
+def _check_same_optimizer(run_dir: Path, optimizer: str) -> None:
+    """Refuse to resume under another ``train.optimizer``: Adam, AdamNormGrad and IWAEAdam
+    keep state under the same names, so a checkpoint would load into the other optimiser
+    and continue silently with its moments read under other rules."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    before = json.loads(path.read_text()).get("train", {}).get("optimizer", "adam")
+    if before != optimizer:
+        raise ConfigError(
+            f"{run_dir} was trained with train.optimizer = {before!r}; resuming it with "
+            f"{optimizer!r} would read the first optimiser's state under the second's rules. "
+            f"Resume with train.optimizer = {before!r}, or start a new run"
         )
 
 
