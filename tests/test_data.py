@@ -557,3 +557,42 @@ def test_test_subset_is_fixed_random_and_sorted() -> None:
     assert idx.max() > 9000 and idx.min() < 1000
     assert data.test_subset(10000, None) == (None, "all 10000")
     assert data.test_subset(100, 100) == (None, "all 100")
+
+
+def test_train_batches_without_shuffle_visit_the_stored_order() -> None:
+    """shuffle=False (the IWAE code's loop over its array): every epoch takes the examples
+    in their stored order; dynamic binarisation is still a fresh draw per step."""
+    x = torch.randint(0, 256, (20, 1, 2, 2), dtype=torch.uint8)
+    tb = TrainBatches(x, 5, seed=3, kind="binary", shuffle=False)
+    for step in range(8):  # two epochs of 4 steps
+        i = step % 4
+        assert tb.indices(step).tolist() == list(range(5 * i, 5 * i + 5))
+    assert not torch.equal(tb.batch(0), tb.batch(4))  # same images, new bits
+    shuffled = TrainBatches(x, 5, seed=3, kind="binary")
+    assert shuffled.indices(0).tolist() != list(range(5)) or shuffled.indices(1).tolist() != list(
+        range(5, 10)
+    )
+
+
+def test_data_shuffle_reaches_the_training_batches(tmp_path, monkeypatch) -> None:
+    """data.shuffle in the config is what the training run's TrainBatches gets."""
+    from vaeflow.config import load_config
+    from vaeflow.run import train as train_mod
+
+    seen = {}
+    real = train_mod.TrainBatches
+
+    def spy(*args, **kwargs):
+        seen["shuffle"] = kwargs.get("shuffle")
+        raise RuntimeError("stop after building the batches")
+
+    monkeypatch.setattr(train_mod, "TrainBatches", spy)
+    cfg = load_config(None, ["data.shuffle=false", "train.device=cpu"])
+    x = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    splits = data.DataSplits(
+        train=x, val=x[:8], test=x[:8], x_shape=(1, 28, 28), kind="binary", name="mnist"
+    )
+    with pytest.raises(RuntimeError, match="stop after"):
+        train_mod.train(cfg, run_dir=tmp_path / "r", splits=splits)
+    assert seen["shuffle"] is False
+    assert real is not spy

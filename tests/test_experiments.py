@@ -114,6 +114,7 @@ def test_burda_follows_the_authors_code(name: str) -> None:
         400,
     )
     b = cfg.data.batch_size
+    assert cfg.data.shuffle is False  # the code's loop visits its array in stored order
     assert (cfg.train.optimizer, tuple(cfg.train.betas)) == ("adam_iwae", (0.99, 0.999))
     assert cfg.train.eps == pytest.approx(1e-4 / b)
     assert cfg.train.initial_second_moment == pytest.approx(1 / b**2)

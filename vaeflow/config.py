@@ -253,6 +253,8 @@ class DataConfig:
         eval_batch_size: batch size for validation and test evaluation.
         seed: seed of the fixed binarisations (training with ``fixed_seed``; validation
             and test always) and, unless ``batch_seed`` is set, of the training batches.
+        shuffle: ``false``: every epoch visits the training images in their stored order
+            (Burda et al.'s IWAE code); ``true``: a new random order per epoch.
         batch_seed: seed of the training batches -- their order and, under ``dynamic``
             binarisation, their Bernoulli draws (``None``: ``seed``). ``vaeflow sweep``
             sets it to each point's seed together with ``train.seed``, so seeds vary the
@@ -268,6 +270,7 @@ class DataConfig:
     eval_batch_size: int = 500
     seed: int = 0
     batch_seed: int | None = None
+    shuffle: bool = True
 
 
 @dataclass(frozen=True)

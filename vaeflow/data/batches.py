@@ -291,6 +291,9 @@ class TrainBatches:
         drop_last: drop the last incomplete batch of each epoch (then every batch has
             ``batch_size`` examples); otherwise the last batch of an epoch is short.
         dtype: float dtype of the batches (default: torch's default dtype).
+        shuffle: ``False`` visits the examples in their stored order every epoch (Burda
+            et al.'s IWAE code iterates its training array so); dynamic binarisation stays
+            a fresh draw per step.
 
     Attributes:
         steps_per_epoch: steps in one pass over the data.
@@ -307,6 +310,7 @@ class TrainBatches:
         device: torch.device | str | None = None,
         drop_last: bool = True,
         dtype: torch.dtype | None = None,
+        shuffle: bool = True,
     ) -> None:
         _check_uint8(x_uint8, "TrainBatches")
         _check_choice(kind, _KINDS, "kind")
@@ -326,6 +330,7 @@ class TrainBatches:
         self.kind = kind
         self.binarization = binarization
         self.drop_last = drop_last
+        self.shuffle = bool(shuffle)
         self.dtype = dtype or torch.get_default_dtype()
         self.num_examples = n
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
@@ -341,7 +346,10 @@ class TrainBatches:
         self._perm: Tensor | None = None
 
     def epoch_permutation(self, epoch: int) -> Tensor:
-        """The visiting order of epoch ``epoch``: ``(N,)`` int64 on the CPU."""
+        """The visiting order of epoch ``epoch``: ``(N,)`` int64 on the CPU (the stored order
+        without ``shuffle``)."""
+        if not self.shuffle:
+            return torch.arange(self.num_examples)
         g = torch.Generator().manual_seed(_derive_seed(self.seed, "perm", epoch))
         return torch.randperm(self.num_examples, generator=g)
 

@@ -703,6 +703,7 @@ def _setup_run(
         splits.kind,
         cfg.data.binarization,
         device,
+        shuffle=cfg.data.shuffle,
     )
     x_val = prepare_eval(splits.val, splits.kind, cfg.data.binarization, cfg.data.seed, device)
     has_val = len(x_val) > 0  # data.val_size = 0: a fixed budget, nothing to validate on
