@@ -572,6 +572,25 @@ def test_variants_with_options_of_their_own(tmp_path: Path) -> None:
     ]
 
 
+def test_no_flow_steps_for_a_posterior_without_flow(tmp_path: Path) -> None:
+    """Rezende-style rows (a diagonal Gaussian whose num_layers is a leftover 1, planar
+    flows of 10 and 20 steps): the diagonal row's label has no 'flow steps'."""
+    for i, (flow, steps) in enumerate([("none", 1), ("planar", 10), ("planar", 20)]):
+        cfg = _config(flow, 0)
+        cfg["model"]["posterior"]["num_layers"] = steps
+        _write_run(tmp_path, f"{flow}{steps}", cfg, 90.0 - i)
+    records = collect([tmp_path])
+    fig = make_figures(records, group(records))["learning_curves"][1]
+    labels = _check_readable(fig, 3, ())
+    assert labels == [
+        "posterior: diagonal Gaussian",
+        "posterior: planar · flow steps: 10",
+        "posterior: planar · flow steps: 20",
+    ]
+    # ... and on a flow-length axis it sits at 0 steps, not at its leftover 1
+    assert [r["config"]["model.posterior.num_layers"] for r in records] == [0, 10, 20]
+
+
 def test_series_styles_never_repeat() -> None:
     for n in (1, 9, 11, 12, 41, 100):
         styles = series_styles([(str(i),) for i in range(n)])

@@ -312,7 +312,24 @@ def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
                 stacklevel=2,
             )
         records.append(record)
+    _align_unused_flow_steps(records)
     return records
+
+
+def _align_unused_flow_steps(records: list[dict[str, Any]]) -> None:
+    """Give the runs whose posterior has no flow a ``model.posterior.num_layers`` that
+    says so, in place: the key is a leftover default there (4, or 1 where a sweep set
+    it) that the model never reads. When the flow runs all have one length, the no-flow
+    runs take it too (the key does not vary, and the title states it "for flow
+    posteriors"); when the flow runs vary it, the no-flow runs get 0, where a
+    flow-length axis starts, instead of a made-up length beside the real ones."""
+    key, flow = "model.posterior.num_layers", "model.posterior.flow"
+    no_flow = [r for r in records if r["config"].get(flow) in (None, "none") and key in r["config"]]
+    skip = {id(r) for r in no_flow}
+    lengths = {r["config"][key] for r in records if id(r) not in skip and key in r["config"]}
+    value = next(iter(lengths)) if len(lengths) == 1 else 0
+    for r in no_flow:
+        r["config"][key] = value
 
 
 # ----------------------------------------------------------------------------- group
@@ -730,6 +747,21 @@ class Labeller:
         return _SEP.join(parts)
 
 
+#: keys that mean something only under another key's value: key -> (that key, the values
+#: under which it does not apply)
+_NOT_APPLICABLE: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "model.posterior.num_layers": ("model.posterior.flow", ("none",)),
+    "model.posterior.hidden": ("model.posterior.flow", ("none",)),
+    "model.posterior.options": ("model.posterior.flow", ("none",)),
+}
+
+
+def _applies(key: str, config: Mapping[str, Any]) -> bool:
+    """Whether ``key`` means anything for ``config`` (see :data:`_NOT_APPLICABLE`)."""
+    rule = _NOT_APPLICABLE.get(key)
+    return rule is None or config.get(rule[0]) not in rule[1]
+
+
 class LabelPlan:
     """Legend entries for a set of series that differ in ``keys``.
 
@@ -809,8 +841,13 @@ class LabelPlan:
         return out
 
     def is_set(self, config: Mapping[str, Any], index: int) -> bool:
-        """Whether ``config`` sets entry ``index`` (has the key, and not as ``{}``)."""
-        return all(config.get(k) not in (None, "{}") for k in self.entries[index][1])
+        """Whether ``config`` sets entry ``index``: has the key, not as ``{}``, and the
+        key applies to it (a posterior without a flow has no flow steps: its
+        ``num_layers`` is a leftover default that a legend must not print)."""
+        return all(
+            config.get(k) not in (None, "{}") and _applies(k, config)
+            for k in self.entries[index][1]
+        )
 
     def label(self, config: Mapping[str, Any], skip: Sequence[int] = ()) -> str:
         """``"posterior: IAF · prior: RealNVP"`` (entries at the ``skip`` indices left out)."""
