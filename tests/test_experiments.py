@@ -274,14 +274,31 @@ def test_rezende_compares_bounds_on_static_mnist(tmp_path: Path) -> None:
 def test_sylvester_posterior_follows_the_authors_code(sweep: str) -> None:
     """riannevdberg/sylvester-flows (models/VAE.py): q's variance is softplus(Linear(h));
     every planar/Sylvester parameter is one nn.Linear of the encoder output h itself (no
-    projection of h, torch's init, a bias): in every row of every sweep."""
+    projection of h, torch's init, a bias); the IAF row (models/flows.py) has one
+    Linear(256, 320) context shared by its steps, the code's MADE, every-other reversal
+    and an unbounded gate: in every row of every sweep."""
+    from vaeflow.flows.autoregressive import GatedAutoregressive
+
     points = sw.expand(EXPERIMENTS / "vandenberg2018_sylvester" / f"{sweep}.toml", validate=False)
     assert points
     for p in points:
         cfg = load_config(p.base, p.overrides)
         post = cfg.model.posterior
-        assert (post.scale, post.context_projection) == ("softplus_var", False), p.name
         model = build_model(cfg.model)  # the options are the flow's own (a TypeError if not)
+        if post.flow == "gated_iaf":
+            assert (post.scale, post.context_projection) == ("softplus_var", True), p.name
+            ctx = model.posterior.context
+            assert (ctx.in_features, ctx.out_features) == (256, 320), p.name
+            flow = model.posterior.flow
+            steps = [t for t in flow.modules() if isinstance(t, GatedAutoregressive)]
+            assert len(steps) == post.num_layers, p.name
+            for step in steps:
+                made = step.made
+                assert made.style == "sylvester_code" and made.context is None, p.name
+                assert step.scale_bound is None and step.forget_bias == 1.0, p.name
+                assert len(made.hidden_layers) == 2 and made.hidden_layers[0].out_features == 320
+            continue
+        assert (post.scale, post.context_projection) == ("softplus_var", False), p.name
         assert getattr(model.posterior, "context", None) is None, p.name
         if post.flow in (
             "planar",

@@ -120,6 +120,20 @@ def test_none_value_and_no_seeds(tmp_path: Path) -> None:
     assert not any(o.startswith("train.seed") for o in points[0].overrides)
 
 
+def test_none_inside_a_table_stays_a_string(tmp_path: Path) -> None:
+    """A whole value "none" is None; inside an options table it is the string (a flow
+    option such as gated_iaf's scale_bound = "none" reads it), and it must parse back."""
+    path = _write_sweep(
+        tmp_path,
+        'base = "base.toml"\nname = "s"\n[[variant]]\nname = "g"\n'
+        '"model.posterior.flow" = "gated_iaf"\n'
+        '"model.posterior.options" = { scale_bound = "none", permutation = "reverse" }\n',
+    )
+    (point,) = sw.expand(path)
+    options = load_config(point.base, point.overrides).model.posterior.options
+    assert options == {"scale_bound": "none", "permutation": "reverse"}
+
+
 _VARIANTS = """base = "base.toml"
 name = "rows"
 seeds = [3]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.nn import functional as F
 
 from tests.flows.harness import (
     EXACT_TOL,
@@ -342,3 +343,125 @@ def test_made_projects_an_unexpanded_context_once_per_example():
             m.context.register_forward_hook(lambda mod, inp, out: shapes.append(inp[0].shape))
     flow.inverse(torch.randn(50, 2, D), torch.randn(2, 3))
     assert shapes == [(2, 3), (2, 3)]
+
+
+# -- the MADE of van den Berg et al.'s code (made = "sylvester_code") --------------------------
+
+SYL_H = 10  # a multiple of D = 5, as the code's masks need
+
+
+def _sylvester_iaf(ctx: int, num_layers: int = 4):
+    return build_gated_iaf(
+        D,
+        num_layers,
+        SYL_H,
+        ctx,
+        num_hidden=2,
+        activation="elu",
+        made="sylvester_code",
+        permutation="reverse_every_other",
+        scale_bound="none",
+    )
+
+
+@pytest.mark.parametrize("ctx", [0, SYL_H])
+def test_sylvester_code_gated_iaf_is_exact(ctx):
+    errs = full_check(lambda: _sylvester_iaf(ctx), identity_at_init=False)
+    assert errs["roundtrip"] <= EXACT_TOL and errs["logdet"] <= EXACT_TOL
+
+
+def test_sylvester_code_masks_follow_the_codes_rule():
+    """Block masks, written out by hand from the rule of the code's MaskedLinear."""
+    from vaeflow.flows.autoregressive import sylvester_code_mask
+
+    widen = torch.tensor([[1, 0], [1, 0], [1, 1], [1, 1]])  # 2 -> 4: blocks of 2 units
+    square = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]])  # 3 -> 3: unit by unit
+    narrow_diag = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]])  # 4 -> 2, output i sees < i
+    narrow = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.equal(sylvester_code_mask(2, 4), widen.float())
+    assert torch.equal(sylvester_code_mask(3, 3), square.float())
+    assert torch.equal(sylvester_code_mask(4, 2, diagonal_zeros=True), narrow_diag.float())
+    assert torch.equal(sylvester_code_mask(4, 2), narrow.float())
+    with pytest.raises(ValueError, match="divide"):
+        sylvester_code_mask(3, 4)
+
+
+def test_sylvester_code_made_connectivity_and_forward():
+    """Output i sees x_<i only (output 0: a constant, context or not); the context vector
+    itself is added after the first activation; the forward is the code's, written out."""
+    made = MADE(
+        D,
+        2,
+        hidden=SYL_H,
+        num_hidden=2,
+        context_features=SYL_H,
+        activation="elu",
+        style="sylvester_code",
+    )
+    assert made.context is None  # no per-layer map: the posterior projects it, once
+    x, c = torch.randn(D), torch.randn(SYL_H)
+    jx, jc = _made_jacobians(made, x, c)
+    depends = jx.abs().amax(dim=1) > 0
+    allowed = torch.arange(D)[None, :] < torch.arange(D)[:, None]
+    assert torch.equal(depends, allowed)
+    reaches = jc.abs().amax(dim=(1, 2)) > 0
+    assert not reaches[0] and reaches[1:].all()
+    # The code: h = elu(z W1) + c; h = elu(h W2); (mean, gate) = h W3 (masks applied).
+    l1, l2 = made.hidden_layers
+    h = F.elu(F.linear(x, l1.weight * l1.mask, l1.bias)) + c
+    h = F.elu(F.linear(h, l2.weight * l2.mask, l2.bias))
+    out = F.linear(h, made.out.weight * made.out.mask, made.out.bias).reshape(D, 2)
+    assert torch.allclose(made(x[None], c[None])[0], out, atol=1e-6)
+    assert torch.equal(l2.mask, torch.tril(torch.ones(SYL_H, SYL_H)))
+
+
+def test_sylvester_code_made_init():
+    """Every masked weight ~ N(0, 2 / out_features) (the code's kaiming_normal on an
+    (in, out) weight), biases zero, the output layer not zero."""
+    torch.manual_seed(0)
+    made = MADE(64, 2, hidden=320, num_hidden=2, activation="elu", style="sylvester_code")
+    for layer in [*made.hidden_layers, made.out]:
+        want = (2.0 / layer.out_features) ** 0.5
+        assert abs(layer.weight.std().item() / want - 1) < 0.02, layer
+        assert abs(layer.weight.mean().item()) < 0.1 * want
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_reverse_every_other():
+    """Reversals before layers 1 and 3 only (the code's '(i + 1) % 2 == 0'); an odd count
+    is undone at the end."""
+    kinds = [type(t).__name__ for t in _sylvester_iaf(0).transform.transforms]
+    assert kinds == [
+        "GatedAutoregressive",
+        "ReversePermutation",
+        "GatedAutoregressive",
+        "GatedAutoregressive",
+        "ReversePermutation",
+        "GatedAutoregressive",
+    ]
+    kinds = [type(t).__name__ for t in _sylvester_iaf(0, 3).transform.transforms]
+    assert kinds == [
+        "GatedAutoregressive",
+        "ReversePermutation",
+        "GatedAutoregressive",
+        "GatedAutoregressive",
+        "Permutation",
+    ]
+    x = torch.randn(2, D)
+    flow = perturb(_sylvester_iaf(0, 3))
+    assert torch.allclose(flow.forward(flow.inverse(x)[0])[0], x, atol=1e-5)
+
+
+def test_sylvester_code_options_are_checked():
+    with pytest.raises(ValueError, match="context_features"):
+        build_gated_iaf(D, 2, SYL_H, 3, made="sylvester_code")
+    with pytest.raises(ValueError, match="natural order"):
+        build_gated_iaf(D, 2, SYL_H, made="sylvester_code", order="random")
+    with pytest.raises(ValueError, match="num_hidden"):
+        build_gated_iaf(D, 2, SYL_H, made="sylvester_code", num_hidden=0)
+    with pytest.raises(ValueError, match="made"):
+        build_gated_iaf(D, 2, SYL_H, made="nflows")
+    with pytest.raises(ValueError, match="scale_bound"):
+        build_gated_iaf(D, 2, SYL_H, scale_bound="off")
+    flow = build_gated_iaf(D, 2, SYL_H, scale_bound="none")
+    assert flow.transform.transforms[0].scale_bound is None

@@ -49,13 +49,17 @@ __all__ = [
     "make_permutation",
     "undo_permutations",
     "soft_clip",
+    "sylvester_code_mask",
     "build_maf",
     "build_iaf",
     "build_gated_iaf",
 ]
 
 ORDERS = ("natural", "random")
-PERMUTATIONS = ("reverse", "random", "none")
+PERMUTATIONS = ("reverse", "random", "none", "reverse_every_other")
+#: MADE styles: vaeflow's (degrees, context before the first activation, zero output
+#: layer) and the MADE of van den Berg et al.'s released code (see :class:`MADE`)
+MADE_STYLES = ("vaeflow", "sylvester_code")
 
 
 def soft_clip(s: Tensor, bound: float | None) -> Tensor:
@@ -95,6 +99,41 @@ def make_order(features: int, order: str | Tensor = "natural", seed: int = 0) ->
     return ranks.clone()
 
 
+def sylvester_code_mask(n_in: int, n_out: int, diagonal_zeros: bool = False) -> Tensor:
+    """The connectivity of one masked layer of van den Berg et al.'s MADE, ``(n_out, n_in)``.
+
+    Their layers assign degrees by contiguous blocks instead of cycling them. Widening
+    (``n_out >= n_in``, ``k = n_out // n_in``): output unit ``u`` sees input ``j`` iff
+    ``j <= u // k`` (``j < u // k`` with ``diagonal_zeros``). Narrowing (``k = n_in //
+    n_out``): output ``i`` sees input unit ``v`` iff ``v < (i + 1) k`` (``v < i k`` with
+    ``diagonal_zeros``). Between two hidden layers of one width (``k = 1``) this is
+    unit-by-unit lower-triangular, sparser than the degree rule (which would also join
+    units of one block); the output layer (``diagonal_zeros``) makes output ``i`` a
+    function of ``x_<i``, so the first feature's parameters are constants.
+
+    Raises:
+        ValueError: neither width divides the other (the code asserts the same).
+
+    References:
+        van den Berg et al. 2018, arXiv:1803.05649; their code's ``MaskedLinear`` in
+        ``models/layers.py`` (riannevdberg/sylvester-flows), restated from its rule.
+    """
+    if n_in < 1 or n_out < 1 or (n_out % n_in and n_in % n_out):
+        raise ValueError(
+            f"the Sylvester code's MADE masks need one width to divide the other, "
+            f"got {n_in} -> {n_out}"
+        )
+    j = torch.arange(n_in)[None, :]
+    u = torch.arange(n_out)[:, None]
+    if n_out >= n_in:
+        block = u // (n_out // n_in)
+        keep = j < block if diagonal_zeros else j <= block
+    else:
+        k = n_in // n_out
+        keep = j < u * k if diagonal_zeros else j < (u + 1) * k
+    return keep.to(torch.get_default_dtype())
+
+
 class MADE(nn.Module):
     """Masked autoencoder: ``(*, D) -> (*, D, P)`` with output ``i`` a function of ``x_<i``.
 
@@ -128,6 +167,15 @@ class MADE(nn.Module):
         activation: hidden non-linearity (a name in :data:`vaeflow.layers.ACTIVATIONS`).
         zero_last: zero-initialise the output layer (and with ``num_hidden=0`` also the
             context map) so every output is exactly 0 at init.
+        style: ``"vaeflow"`` (the above) or ``"sylvester_code"``, the MADE of van den
+            Berg et al.'s IAF baseline: masks by :func:`sylvester_code_mask` (natural
+            order only; at least one hidden layer), the context vector itself (no
+            per-layer map: ``context_features`` must equal ``hidden``; the code projects
+            it once, shared by every step, which is the posterior's context projection
+            here) added *after* the first activation, and every masked weight drawn from
+            ``N(0, 2 / out_features)`` with zero biases (their ``kaiming_normal`` on an
+            ``(in, out)`` weight takes its fan from the outputs), output layer included:
+            the layer does not start at a fixed point. ``zero_last`` is ignored.
 
     References:
         Germain et al. 2015, arXiv:1502.03509 (masks and degrees).
@@ -145,8 +193,11 @@ class MADE(nn.Module):
         seed: int = 0,
         activation: str = "relu",
         zero_last: bool = True,
+        style: str = "vaeflow",
     ) -> None:
         super().__init__()
+        if style not in MADE_STYLES:
+            raise ValueError(f"MADE style {style!r} is not one of {MADE_STYLES}")
         if features < 1 or params_per_feature < 1:
             raise ValueError(
                 f"MADE needs features >= 1 and params_per_feature >= 1, "
@@ -172,21 +223,66 @@ class MADE(nn.Module):
         out_deg = in_deg.repeat_interleave(params_per_feature)
 
         layers: list[MaskedLinear] = []
-        prev = in_deg
-        for _ in range(num_hidden):
-            mask = (hid_deg[:, None] >= prev[None, :]).to(torch.get_default_dtype())
-            layers.append(MaskedLinear(prev.numel(), hidden, mask))
-            prev = hid_deg
-        out_mask = (out_deg[:, None] > prev[None, :]).to(torch.get_default_dtype())
-        self.out = MaskedLinear(prev.numel(), features * params_per_feature, out_mask)
+        self.style = style
+        if style == "sylvester_code":
+            self._check_sylvester_code(ranks, hidden, num_hidden, context_features)
+            width = features
+            for _ in range(num_hidden):
+                layers.append(MaskedLinear(width, hidden, sylvester_code_mask(width, hidden)))
+                width = hidden
+            # One (hidden -> D) mask per parameter, interleaved as output index i * P + p.
+            out_mask = sylvester_code_mask(hidden, features, diagonal_zeros=True)
+            out_mask = out_mask.repeat_interleave(params_per_feature, dim=0)
+            self.out = MaskedLinear(hidden, features * params_per_feature, out_mask)
+        else:
+            prev = in_deg
+            for _ in range(num_hidden):
+                mask = (hid_deg[:, None] >= prev[None, :]).to(torch.get_default_dtype())
+                layers.append(MaskedLinear(prev.numel(), hidden, mask))
+                prev = hid_deg
+            out_mask = (out_deg[:, None] > prev[None, :]).to(torch.get_default_dtype())
+            self.out = MaskedLinear(prev.numel(), features * params_per_feature, out_mask)
         self.hidden_layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(make_activation(activation) for _ in layers)
         first_width = hidden if num_hidden > 0 else features * params_per_feature
-        self.context = nn.Linear(context_features, first_width) if context_features else None
-        if zero_last:
+        # The Sylvester code adds the (already projected) context after the first
+        # activation; vaeflow maps it per layer and adds it before.
+        self.context_after_activation = style == "sylvester_code"
+        self.context_identity = style == "sylvester_code" and context_features > 0
+        self.context = (
+            nn.Linear(context_features, first_width)
+            if context_features and not self.context_identity
+            else None
+        )
+        if style == "sylvester_code":
+            with torch.no_grad():
+                for layer in [*layers, self.out]:
+                    layer.weight.normal_(0.0, (2.0 / layer.out_features) ** 0.5)
+                    layer.bias.zero_()
+        elif zero_last:
             zero_init(self.out)
             if num_hidden == 0 and self.context is not None:
                 zero_init(self.context)
+
+    @staticmethod
+    def _check_sylvester_code(
+        ranks: Tensor, hidden: int, num_hidden: int, context_features: int
+    ) -> None:
+        if not torch.equal(ranks, torch.arange(ranks.numel())):
+            raise ValueError(
+                "MADE style 'sylvester_code' has the code's natural order only; put "
+                "permutations between layers instead (e.g. permutation = "
+                "'reverse_every_other')"
+            )
+        if num_hidden < 1:
+            raise ValueError("MADE style 'sylvester_code' needs num_hidden >= 1")
+        if context_features and context_features != hidden:
+            raise ValueError(
+                f"MADE style 'sylvester_code' adds the context vector itself to the first "
+                f"hidden layer, so context_features ({context_features}) must equal hidden "
+                f"({hidden}): give the posterior context_features = {hidden} with its "
+                f"context projection on (the code's one shared Linear of the encoder output)"
+            )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``x (*, D)``, ``context (*, C)`` (same leading dims) ``-> (*, D, P)``."""
@@ -208,7 +304,10 @@ class MADE(nn.Module):
     ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor, Tensor | None]:
         """Masked weights with biases, the output layer's, and the context projection."""
         weights = [(layer.weight * layer.mask, layer.bias) for layer in self.hidden_layers]
-        ctx = None if self.context is None else self.context(context)
+        if self.context_identity:
+            ctx = context
+        else:
+            ctx = None if self.context is None else self.context(context)
         return weights, self.out.weight * self.out.mask, self.out.bias, ctx
 
     def _pass(
@@ -223,11 +322,14 @@ class MADE(nn.Module):
         as modules (no per-call module overhead on this hot path; their hooks don't fire).
         The context projection ``(*c, H)`` is added with broadcasting."""
         h = x
+        after = self.context_after_activation
         for i, ((w, b), act) in enumerate(zip(weights, self.activations, strict=True)):
             h = F.linear(h, w, b)
-            if i == 0 and ctx is not None:
+            if i == 0 and ctx is not None and not after:
                 h = h + ctx
             h = act(h)
+            if i == 0 and ctx is not None and after:
+                h = h + ctx
         out = F.linear(h, out_w, out_b)
         if not weights and ctx is not None:
             out = out + ctx
@@ -251,6 +353,7 @@ class _Autoregressive(Transform):
         order: str | Tensor,
         seed: int,
         activation: str,
+        made_style: str = "vaeflow",
     ) -> None:
         super().__init__(features, context_features)
         self.features = features
@@ -264,6 +367,7 @@ class _Autoregressive(Transform):
             seed=seed,
             activation=activation,
             zero_last=True,
+            style=made_style,
         )
 
     @property
@@ -436,6 +540,7 @@ class GatedAutoregressive(_Autoregressive):
         forget_bias: constant added to the gate pre-activation.
         scale_bound: ``b`` of the soft clip on the gate pre-activation (``None``: off).
         activation: MADE non-linearity.
+        made_style: the MADE's style (:data:`MADE_STYLES`, see :class:`MADE`).
 
     References:
         Kingma et al. 2016, arXiv:1606.04934, section 4 and algorithm 1.
@@ -456,6 +561,7 @@ class GatedAutoregressive(_Autoregressive):
         forget_bias: float = 1.0,
         scale_bound: float | None = 5.0,
         activation: str = "relu",
+        made_style: str = "vaeflow",
     ) -> None:
         if scale_bound is not None and not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
@@ -467,6 +573,7 @@ class GatedAutoregressive(_Autoregressive):
             order=order,
             seed=seed,
             activation=activation,
+            made_style=made_style,
         )
         self.forget_bias = float(forget_bias)
         self.scale_bound = scale_bound
@@ -530,7 +637,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 def make_permutation(kind: str, features: int, seed: int) -> Transform | None:
     """The feature permutation put between autoregressive layers (``None`` for ``"none"``)."""
     _check_choice("permutation", kind, PERMUTATIONS)
-    if kind == "reverse":
+    if kind in ("reverse", "reverse_every_other"):
         return ReversePermutation(features)
     if kind == "random":
         return RandomPermutation(features, seed=seed)
@@ -539,6 +646,10 @@ def make_permutation(kind: str, features: int, seed: int) -> Transform | None:
 
 def _stack(layer_fn, features: int, num_layers: int, permutation: str, seed: int) -> Composite:
     """``layer_0, perm, layer_1, ..., perm, layer_{n-1}[, undo]``.
+
+    ``"reverse_every_other"`` reverses before layers 1, 3, 5, ... only (van den Berg et
+    al.'s IAF: "reverse ordering" before every second step), so layers 1 and 2 share an
+    order.
 
     Permutations go between layers. If they do not compose to the identity, a final
     fixed permutation puts every feature back in its original position, so that the
@@ -549,7 +660,7 @@ def _stack(layer_fn, features: int, num_layers: int, permutation: str, seed: int
     # where[p] = original index of the feature at position p after the permutations so far.
     where = torch.arange(features)
     for i in range(num_layers):
-        if i > 0:
+        if i > 0 and (permutation != "reverse_every_other" or i % 2 == 1):
             perm = make_permutation(permutation, features, seed + 1000 + i)
             if perm is not None:
                 layers.append(perm)
@@ -596,7 +707,8 @@ def build_maf(
         num_hidden: MADE hidden layers (default 2).
         order: ``"natural"`` (default) or ``"random"`` (layer ``i`` draws its order from
             ``seed + i``).
-        permutation: between layers, ``"reverse"`` (default), ``"random"`` or ``"none"``;
+        permutation: between layers, ``"reverse"`` (default), ``"random"``, ``"none"`` or
+            ``"reverse_every_other"`` (before layers 1, 3, ... only);
             a final fixed permutation undoes their composition, so feature ``i`` comes
             out at position ``i``.
         scale_bound: soft clip of the log-scales (default 5.0; ``None`` disables it).
@@ -661,8 +773,9 @@ def build_gated_iaf(
     order: str = "natural",
     permutation: str = "reverse",
     forget_bias: float = 1.0,
-    scale_bound: float | None = 5.0,
+    scale_bound: float | str | None = 5.0,
     activation: str = "relu",
+    made: str = "vaeflow",
     seed: int = 0,
 ) -> Transform:
     """Gated IAF: ``Inverse`` of a stack of :class:`GatedAutoregressive` layers.
@@ -678,20 +791,35 @@ def build_gated_iaf(
         context_features: ``C`` (0: unconditional).
         num_hidden: MADE hidden layers (default 2).
         order: ``"natural"`` (default) or ``"random"``.
-        permutation: between layers, ``"reverse"`` (default), ``"random"`` or ``"none"``;
+        permutation: between layers, ``"reverse"`` (default), ``"random"``, ``"none"`` or
+            ``"reverse_every_other"`` (before layers 1, 3, ... only);
             a final fixed permutation undoes their composition, so feature ``i`` comes
             out at position ``i``.
         forget_bias: gate bias (default 1.0, see :class:`GatedAutoregressive`).
-        scale_bound: soft clip of the gate pre-activation (default 5.0; ``None``: off).
+        scale_bound: soft clip of the gate pre-activation (default 5.0; ``None`` or
+            ``"none"`` (from a config file): off, the code's unbounded gate).
         activation: MADE non-linearity (default ``"relu"``).
+        made: ``"vaeflow"`` (default) or ``"sylvester_code"``: van den Berg et al.'s
+            MADE (block masks, the shared context added after the first activation,
+            random output layers; see :class:`MADE`). Their full IAF baseline is
+            ``made = "sylvester_code"``, ``permutation = "reverse_every_other"``,
+            ``scale_bound = "none"``, ``forget_bias = 1``, ``activation = "elu"``,
+            ``num_hidden = 2``, with the posterior's context projection to ``hidden``
+            features.
         seed: base seed for random orders and permutations.
 
     References:
         Kingma et al. 2016, arXiv:1606.04934.
+        van den Berg et al. 2018, arXiv:1803.05649 (the ``sylvester_code`` variant).
     """
     _check_common(features, num_layers, hidden, context_features)
     _check_choice("order", order, ORDERS)
     _check_choice("permutation", permutation, PERMUTATIONS)
+    _check_choice("made", made, MADE_STYLES)
+    if scale_bound == "none":
+        scale_bound = None
+    elif isinstance(scale_bound, str):
+        raise ValueError(f"option scale_bound={scale_bound!r}: give a number > 0 or 'none'")
 
     def layer(i: int) -> Transform:
         return GatedAutoregressive(
@@ -704,6 +832,7 @@ def build_gated_iaf(
             forget_bias=forget_bias,
             scale_bound=scale_bound,
             activation=activation,
+            made_style=made,
         )
 
     return Inverse(_stack(layer, features, num_layers, permutation, seed))

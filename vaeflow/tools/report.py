@@ -324,7 +324,9 @@ def _align_unused_flow_steps(records: list[dict[str, Any]]) -> None:
     posteriors"); when the flow runs vary it, the no-flow runs get 0, where a
     flow-length axis starts, instead of a made-up length beside the real ones."""
     key, flow = "model.posterior.num_layers", "model.posterior.flow"
-    no_flow = [r for r in records if r["config"].get(flow) in (None, "none") and key in r["config"]]
+    no_flow = [
+        r for r in records if r["config"].get(flow) in (None, "none") and key in r["config"]
+    ]
     skip = {id(r) for r in no_flow}
     lengths = {r["config"][key] for r in records if id(r) not in skip and key in r["config"]}
     value = next(iter(lengths)) if len(lengths) == 1 else 0

@@ -170,10 +170,14 @@ class Point:
     base: Path
 
 
-def _format_value(value: Any) -> str:
-    """A grid value as ``--set`` text (TOML syntax), so it parses back to ``value``."""
+def _format_value(value: Any, top: bool = True) -> str:
+    """A grid value as ``--set`` text (TOML syntax), so it parses back to ``value``.
+
+    A whole value ``"none"`` becomes ``--set``'s ``none`` (``None``); inside a list or a
+    table it stays the string (TOML has no null there: a flow option such as
+    ``scale_bound = "none"`` reads it itself)."""
     if isinstance(value, str):
-        if value.strip().lower() in ("none", "null"):
+        if top and value.strip().lower() in ("none", "null"):
             return "none"
         return json.dumps(value)  # a TOML basic string
     if isinstance(value, bool):
@@ -181,9 +185,11 @@ def _format_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+        return "[" + ", ".join(_format_value(v, top=False) for v in value) + "]"
     if isinstance(value, dict):
-        items = ", ".join(f"{json.dumps(str(k))} = {_format_value(v)}" for k, v in value.items())
+        items = ", ".join(
+            f"{json.dumps(str(k))} = {_format_value(v, top=False)}" for k, v in value.items()
+        )
         return "{ " + items + " }"
     raise ConfigError(f"sweep grid value {value!r} has an unsupported type {type(value).__name__}")
 
