@@ -144,6 +144,11 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
     cifar = load_config(EXPERIMENTS / "kingma2016_iaf" / "cifar10.toml")
     assert cifar.model.likelihood == "discretized_logistic"
     assert cifar.model.likelihood_options == {"scale": "per_channel"}
+    # The top-down model: the code's weight norm and data init, in the blocks and the IAF
+    td = load_config(EXPERIMENTS / "kingma2016_iaf" / "topdown_cifar10.toml").model
+    assert td.topdown.weight_norm == "iaf_code"
+    assert td.posterior.options["weight_norm"] == "iaf_code"
+    assert td.posterior.context_features == td.posterior.hidden == td.topdown.channels
 
 
 def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:

@@ -152,7 +152,12 @@ class TopDownConfig:
             resolution halves the size, so ``H`` and ``W`` must be divisible by
             ``2 ** len(layers_per_resolution)``.
         activation: of every block (paper: ELU).
-        weight_norm: weight-normalise every conv (paper: yes; no data-dependent init here).
+        weight_norm: weight-normalise every conv: ``true`` (torch's ``weight_norm``, no
+            data-dependent init), ``false``, or ``"iaf_code"``: the authors' released
+            code's (:class:`~vaeflow.layers.IAFCodeConv2d`: a log gain, directions from
+            N(0, 0.05^2), and its data-dependent init on the first training batch, run
+            at the start of training, not on resume; a ``conv_iaf`` posterior gets the
+            same in its masked convs).
         center: map inputs from [0, 1] to [-1, 1] (the code centres CIFAR-10 to
             [-0.5, 0.5]; binary MNIST trains better raw, see ``vaeflow.models.networks``).
         residual_scale: factor of every residual branch (the code: 0.1).
@@ -162,7 +167,7 @@ class TopDownConfig:
     latent_channels: int = 32
     layers_per_resolution: tuple[int, ...] = (2, 2)
     activation: str = "elu"
-    weight_norm: bool = True
+    weight_norm: bool | Literal["iaf_code"] = True
     center: bool = False
     residual_scale: float = 0.1
 

@@ -13,10 +13,12 @@ rest of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = [
     "MLP",
@@ -31,6 +33,11 @@ __all__ = [
     "GatedConv2d",
     "GatedConvTranspose2d",
     "ResidualBlock",
+    "WEIGHT_NORMS",
+    "IAFCodeConv2d",
+    "IAFCodeConvTranspose2d",
+    "weight_norm_data_init",
+    "data_init_active",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -338,3 +345,152 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.net(x)
+
+
+# ----------------------------------------------------------------- the IAF code's weight norm
+
+#: ``weight_norm`` settings of the convolutional top-down VAE: ``True`` (torch's
+#: ``weight_norm``: ``w = g v / |v|``, ``g`` started at ``|v|`` of torch's init), ``False``
+#: and ``"iaf_code"`` (:class:`IAFCodeConv2d`)
+WEIGHT_NORMS = (True, False, "iaf_code")
+
+_DATA_INIT = [False]
+
+
+@contextmanager
+def weight_norm_data_init() -> Iterator[None]:
+    """Within this block every :class:`IAFCodeConv2d` / :class:`IAFCodeConvTranspose2d`
+    initialises itself from the batch it sees (see :class:`IAFCodeConv2d`), and a
+    top-down VAE draws each group's base sample from its prior (the code's ``"init"``
+    mode). Use it for one forward pass under ``torch.no_grad()``."""
+    _DATA_INIT[0] = True
+    try:
+        yield
+    finally:
+        _DATA_INIT[0] = False
+
+
+def data_init_active() -> bool:
+    """Whether a :func:`weight_norm_data_init` block is running."""
+    return _DATA_INIT[0]
+
+
+class _IAFCodeWeightNorm:
+    """Shared by the two conv classes: ``v ~ N(0, 0.05^2)``, a log gain, the data init."""
+
+    init_scale: float
+    log_gain: nn.Parameter
+    weight: nn.Parameter
+    bias: nn.Parameter
+    _gain_shape: tuple[int, ...]
+    _norm_dims: tuple[int, ...]
+
+    def _setup(self, out_channels: int, init_scale: float, mask: Tensor | None) -> None:
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        self.init_scale = float(init_scale)
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.05)
+            self.bias.zero_()
+        self.log_gain = nn.Parameter(torch.zeros(out_channels))
+        if mask is not None and tuple(mask.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} != weight {tuple(self.weight.shape)}"
+            )
+        self.register_buffer("mask", None if mask is None else mask.to(self.weight.dtype))
+
+    def direction(self) -> Tensor:
+        """``v / |v|`` (masked first), the norm over every dimension but the normalised one."""
+        v = self.weight if self.mask is None else self.weight * self.mask
+        norm = v.square().sum(self._norm_dims, keepdim=True).clamp_min(1e-12).sqrt()
+        return v / norm
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = self.direction()
+        if not _DATA_INIT[0]:
+            return self._conv(x, torch.exp(self.log_gain).reshape(self._gain_shape) * v, self.bias)
+        # The code's data-dependent init: normalise this batch's outputs per channel to
+        # init_scale, and store g = log(scale) / 3 and b = -mean * scale (not the g that
+        # would reproduce that normalisation: the code applies exp(g), i.e. scale^(1/3)).
+        y = self._conv(x, v, None)
+        mean = y.mean((0, 2, 3))
+        var = y.var((0, 2, 3), unbiased=False)
+        scale = self.init_scale / torch.sqrt(var + 1e-10)
+        with torch.no_grad():
+            self.log_gain.copy_(torch.log(scale) / 3.0)
+            self.bias.copy_(-mean * scale)
+        return scale.reshape(1, -1, 1, 1) * (y - mean.reshape(1, -1, 1, 1))
+
+
+class IAFCodeConv2d(_IAFCodeWeightNorm, nn.Conv2d):
+    """A conv weight-normalised as in Kingma et al.'s released IAF code (``tf_utils/layers.py``
+    ``conv2d``): ``w = exp(g) v / |v|`` per output filter, with a **log** gain ``g``;
+    ``v`` drawn from ``N(0, 0.05^2)``, bias zero.
+
+    Its data-dependent init (inside :func:`weight_norm_data_init`) computes the batch's
+    per-channel mean ``m`` and variance ``s^2`` of ``conv(x, v / |v|)``, returns the
+    normalised output ``init_scale (y - m) / s`` (so the layers above initialise on
+    normalised inputs), and stores ``g = log(init_scale / s) / 3`` and
+    ``b = -m init_scale / s``, exactly as the code does; since the forward pass applies
+    ``exp(g)``, the layer afterwards outputs ``(init_scale / s)^(1/3) y - m init_scale / s``,
+    not the normalised output: reproduced, not corrected. ``mask`` (the weight's shape)
+    multiplies ``v`` before the norm (the code's autoregressive convs).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding: as ``nn.Conv2d``.
+        init_scale: the data init's target scale (the code: 0.1; 1.0 for its
+            autoregressive convs).
+        mask: optional 0/1 mask of the weight ``(out, in, k, k)``.
+
+    References:
+        Salimans & Kingma 2016, arXiv:1602.07868 (weight normalisation, data init).
+        Kingma et al. 2016, arXiv:1606.04934, appendix C.6; github.com/openai/iaf.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        init_scale: float = 0.1,
+        mask: Tensor | None = None,
+    ) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding)
+        self._gain_shape = (-1, 1, 1, 1)
+        self._norm_dims = (1, 2, 3)
+        self._setup(out_channels, init_scale, mask)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+
+class IAFCodeConvTranspose2d(_IAFCodeWeightNorm, nn.ConvTranspose2d):
+    """The transposed conv of the same code (``deconv2d``): the direction is normalised per
+    *input* channel (its filter ``[k, k, out, in]`` over the first three axes; torch's
+    weight is ``(in, out, k, k)``), the gain ``exp(g)`` is per output channel; the data
+    init as :class:`IAFCodeConv2d`'s."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        output_padding: int = 0,
+        init_scale: float = 0.1,
+    ) -> None:
+        nn.ConvTranspose2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, output_padding
+        )
+        self._gain_shape = (1, -1, 1, 1)
+        self._norm_dims = (1, 2, 3)
+        self._setup(out_channels, init_scale, None)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)

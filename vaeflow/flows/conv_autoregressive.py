@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..layers import make_activation
+from ..layers import IAFCodeConv2d, make_activation
 from .base import Composite, Inverse, ShapeError, Transform
 
 __all__ = [
@@ -208,7 +208,12 @@ class ConvAffineAutoregressive(_ContextMap, Transform):
         output_scale: float = 0.1,
         scale_bound: float | None = 5.0,
         activation: str = "elu",
+        weight_norm: bool | str = False,
     ) -> None:
+        if weight_norm not in (False, "iaf_code"):
+            raise ValueError(
+                f"option weight_norm={weight_norm!r} is not one of (False, 'iaf_code')"
+            )
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape}")
         if num_hidden < 1 or hidden < 1:
@@ -219,21 +224,42 @@ class ConvAffineAutoregressive(_ContextMap, Transform):
             raise ValueError(f"output_scale must be > 0, got {output_scale}")
         if scale_bound is not None and not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
+        code = weight_norm == "iaf_code"
+        if code and context_features and context_features != hidden:
+            raise ValueError(
+                f"with weight_norm='iaf_code' the context map is added as it is (the code's "
+                f"ar_multiconv2d), so context_features ({context_features}) must equal "
+                f"hidden ({hidden})"
+            )
         super().__init__(tuple(shape), context_features)
         c = self.event_shape[0]
         widths = [c] + [hidden] * num_hidden
+
+        def masked(n_in: int, n_out: int, mask: Tensor) -> nn.Module:
+            if code:  # the code's ar_conv2d: weight norm, data init at scale 1
+                k = mask.shape[-1]
+                return IAFCodeConv2d(n_in, n_out, k, padding=k // 2, init_scale=1.0, mask=mask)
+            return _MaskedConv2d(n_in, n_out, mask)
+
         self.hidden_layers = nn.ModuleList(
-            _MaskedConv2d(a, b, conv_ar_mask(kernel_size, a, b, zero_diagonal=False))
+            masked(a, b, conv_ar_mask(kernel_size, a, b, zero_diagonal=False))
             for a, b in zip(widths, widths[1:], strict=False)
         )
         self.activations = nn.ModuleList(make_activation(activation) for _ in widths[1:])
         # Two output maps per channel, m then s (2 C channels); each half has the code's
-        # output mask (it has two separate output convs).
+        # output mask (it has two separate output convs; their weight norm and data init
+        # are per channel, so one conv of both is the same).
         out_mask = conv_ar_mask(kernel_size, hidden, c, zero_diagonal=True)
-        self.out = _MaskedConv2d(hidden, 2 * c, torch.cat([out_mask, out_mask]))
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-        self.context = nn.Linear(context_features, hidden) if context_features else None
+        self.out = masked(hidden, 2 * c, torch.cat([out_mask, out_mask]))
+        if not code:  # vaeflow's: the step starts as the identity
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        self.context_identity = code and context_features > 0
+        self.context = (
+            nn.Linear(context_features, hidden)
+            if context_features and not self.context_identity
+            else None
+        )
         self.reverse = reverse
         self.output_scale = float(output_scale)
         self.scale_bound = scale_bound
@@ -248,7 +274,10 @@ class ConvAffineAutoregressive(_ContextMap, Transform):
     ) -> tuple[Tensor, Tensor]:
         """``m`` and ``s`` ``(*lead, C, H, W)`` from ``x``; ``context`` as validated."""
         ctx = None
-        if context is not None and self.context is not None:
+        if context is not None and self.context_identity:
+            ctx = context if self.is_context_map(context) else context[..., None, None]
+            ctx = ctx.flip(-2, -1) if self.reverse and ctx.shape[-1] > 1 else ctx
+        elif context is not None and self.context is not None:
             if self.is_context_map(context):
                 ctx = self.context(context.movedim(-3, -1)).movedim(-1, -3)
                 # The conditioner sees the flipped map: the context must line up with it
@@ -320,8 +349,9 @@ def build_conv_iaf(
     kernel_size: int = 3,
     permutation: str = "reverse",
     output_scale: float = 0.1,
-    scale_bound: float | None = 5.0,
+    scale_bound: float | str | None = 5.0,
     activation: str = "elu",
+    weight_norm: bool | str = False,
 ) -> Transform:
     """The convolutional IAF of Kingma et al. 2016 on a ``(C, H, W)`` feature map:
     ``Inverse`` of a stack of :class:`ConvAffineAutoregressive` layers.
@@ -340,16 +370,23 @@ def build_conv_iaf(
         permutation: ``"reverse"`` (default): every second step runs in the reversed order
             (flipped channels and positions); ``"none"``: all steps in the code's order.
         output_scale: factor on the conditioner's outputs (the code: 0.1).
-        scale_bound: soft clip of the log-scales (default 5.0; ``None``: off).
+        scale_bound: soft clip of the log-scales (default 5.0; ``None`` or ``"none"``: off).
         activation: hidden non-linearity (the code: ELU).
+        weight_norm: ``False`` (default) or ``"iaf_code"``: the code's weight-normalised
+            masked convs (:class:`~vaeflow.layers.IAFCodeConv2d`, data init at scale 1
+            inside :func:`~vaeflow.layers.weight_norm_data_init`, output convs not
+            zero) and the context map added as it is (``context_features == hidden``).
 
     Returns:
-        An :class:`~vaeflow.flows.base.Inverse`, exactly the identity at init.
+        An :class:`~vaeflow.flows.base.Inverse`, exactly the identity at init (not with
+        ``weight_norm = "iaf_code"``).
     """
     if isinstance(features, int) or len(features) != 3:
         raise ValueError(f"the conv IAF is for (C, H, W) feature maps, got {features!r}")
     if permutation not in ("reverse", "none"):
         raise ValueError(f"option permutation={permutation!r} is not one of ('reverse', 'none')")
+    if scale_bound == "none":  # a config file's way to say None (the code's: no bound)
+        scale_bound = None
 
     def layer(i: int) -> ConvAffineAutoregressive:
         return ConvAffineAutoregressive(
@@ -362,6 +399,7 @@ def build_conv_iaf(
             output_scale=output_scale,
             scale_bound=scale_bound,
             activation=activation,
+            weight_norm=weight_norm,
         )
 
     return Inverse(ConvAutoregressiveStack([layer(i) for i in range(num_layers)]))

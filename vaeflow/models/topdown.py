@@ -48,7 +48,13 @@ import torch
 from torch import Tensor, nn
 
 from ..flows.base import Transform
-from ..layers import make_activation, maybe_weight_norm
+from ..layers import (
+    IAFCodeConv2d,
+    IAFCodeConvTranspose2d,
+    data_init_active,
+    make_activation,
+    maybe_weight_norm,
+)
 from .bounds import Terms
 from .posteriors import LOG_STD_BOUND, PosteriorSample
 from .priors import diag_normal_log_prob_dims
@@ -175,9 +181,17 @@ class TopDownLayer(nn.Module):
         """
         mu, log_std, context = self.posterior(h, a)
         noise = torch.randn_like(mu) if noise is None else noise
-        eps = mu + torch.exp(log_std) * noise
-        # log N(eps; mu, sigma) from the standardised noise (no (eps - mu) / sigma round off)
-        log_q_dims: Tensor | None = -0.5 * noise * noise - log_std - _HALF_LOG_2PI
+        if data_init_active():
+            # The IAF code's data-dependent init pass (tf_train.py, mode "init") draws the
+            # base sample from the prior and scores it under the posterior.
+            p_mu, p_log_std = self.prior(h)
+            eps = p_mu + torch.exp(p_log_std) * noise
+            log_q_dims: Tensor | None = diag_normal_log_prob_dims(eps, mu, log_std)
+        else:
+            eps = mu + torch.exp(log_std) * noise
+            # log N(eps; mu, sigma) from the standardised noise (no (eps - mu) / sigma
+            # round off)
+            log_q_dims = -0.5 * noise * noise - log_std - _HALF_LOG_2PI
         z, ld = eps, eps.new_zeros(eps.shape[0])
         if self.flow_on_group:
             # An image flow on the whole group (N, Z, H, W), its context map as it is.
@@ -498,9 +512,14 @@ class _JointPosterior:
 # ----------------------------------------------------------------------------- ResNet blocks
 
 
-def _conv(c_in: int, c_out: int, weight_norm: bool, kernel: int = 3, stride: int = 1) -> nn.Module:
+def _conv(
+    c_in: int, c_out: int, weight_norm: bool | str, kernel: int = 3, stride: int = 1
+) -> nn.Module:
+    """A conv of the ResNet blocks; ``weight_norm``: see :data:`~vaeflow.layers.WEIGHT_NORMS`."""
+    if weight_norm == "iaf_code":
+        return IAFCodeConv2d(c_in, c_out, kernel, stride, kernel // 2, init_scale=0.1)
     conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
-    return maybe_weight_norm(conv, weight_norm)
+    return maybe_weight_norm(conv, bool(weight_norm))
 
 
 class ConvUp(nn.Module):
@@ -524,7 +543,7 @@ class ConvUp(nn.Module):
         context_channels: int,
         downsample: bool,
         activation: str,
-        weight_norm: bool,
+        weight_norm: bool | str,
         residual_scale: float,
         last: bool = False,
     ) -> None:
@@ -550,7 +569,9 @@ class ConvPrior(nn.Module):
     """``p(z_l | z_{>l}) = N(mu(h), sigma(h)^2)`` from one conv of ``act(h)`` (part of the
     code's ``down_conv1``). Shapes: ``h (N, C, H, W) -> 2 x (N, Z, H, W)``."""
 
-    def __init__(self, channels: int, latent_channels: int, activation: str, weight_norm: bool):
+    def __init__(
+        self, channels: int, latent_channels: int, activation: str, weight_norm: bool | str
+    ):
         super().__init__()
         self.act = make_activation(activation)
         self.conv = _conv(channels, 2 * latent_channels, weight_norm)
@@ -576,7 +597,7 @@ class ConvPosterior(nn.Module):
         latent_channels: int,
         context_channels: int,
         activation: str,
-        weight_norm: bool,
+        weight_norm: bool | str,
     ) -> None:
         super().__init__()
         self.z = latent_channels
@@ -609,7 +630,7 @@ class ConvMerge(nn.Module):
         latent_channels: int,
         upsample: bool,
         activation: str,
-        weight_norm: bool,
+        weight_norm: bool | str,
         residual_scale: float,
     ) -> None:
         super().__init__()
@@ -651,7 +672,7 @@ class ConvStem(nn.Module):
     """``x (B, C, H, W) -> (B, channels, H/2, W/2)``: a 5x5 stride-2 conv (the code's
     ``x_enc``); ``center`` maps inputs from [0, 1] to [-1, 1] first (see networks.py)."""
 
-    def __init__(self, in_channels: int, channels: int, weight_norm: bool, center: bool):
+    def __init__(self, in_channels: int, channels: int, weight_norm: bool | str, center: bool):
         super().__init__()
         self.center = center
         self.conv = _conv(in_channels, channels, weight_norm, kernel=5, stride=2)
@@ -664,11 +685,20 @@ class ConvHead(nn.Module):
     """``h (N, channels, H/2, W/2) -> params (N, P, H, W)``: the activation and a 5x5
     stride-2 transposed conv (the code's ``x_dec``)."""
 
-    def __init__(self, channels: int, param_channels: int, activation: str, weight_norm: bool):
+    def __init__(
+        self, channels: int, param_channels: int, activation: str, weight_norm: bool | str
+    ):
         super().__init__()
         self.act = make_activation(activation)
-        deconv = nn.ConvTranspose2d(channels, param_channels, 5, 2, padding=2, output_padding=1)
-        self.deconv = maybe_weight_norm(deconv, weight_norm)
+        if weight_norm == "iaf_code":
+            self.deconv: nn.Module = IAFCodeConvTranspose2d(
+                channels, param_channels, 5, 2, padding=2, output_padding=1, init_scale=0.1
+            )
+        else:
+            deconv = nn.ConvTranspose2d(
+                channels, param_channels, 5, 2, padding=2, output_padding=1
+            )
+            self.deconv = maybe_weight_norm(deconv, bool(weight_norm))
 
     def forward(self, h: Tensor) -> Tensor:
         return self.deconv(self.act(h))
@@ -682,7 +712,7 @@ def resnet_topdown_layers(
     make_flow: Callable[[tuple[int, int, int]], Transform | None],
     context_channels: int = 0,
     activation: str = "elu",
-    weight_norm: bool = True,
+    weight_norm: bool | str = True,
     residual_scale: float = 0.1,
 ) -> list[TopDownLayer]:
     """The convolutional layers of the ResNet VAE, bottom first.
@@ -700,7 +730,9 @@ def resnet_topdown_layers(
             whole group or on its ``Z`` channels, see :class:`TopDownLayer`), or ``None``.
         context_channels: channels of the flow's context (0 without a flow).
         activation: of every block (the paper: ELU).
-        weight_norm: weight-normalise every conv (the paper: yes).
+        weight_norm: weight-normalise every conv (the paper: yes): ``True`` (torch's),
+            ``False`` or ``"iaf_code"`` (the authors' code's, with its data-dependent
+            init: :class:`~vaeflow.layers.IAFCodeConv2d`).
         residual_scale: the residual branches' factor (the code: 0.1).
     """
     out: list[TopDownLayer] = []

@@ -58,6 +58,7 @@ from ..data import (
     to_memory_format,
     to_unit_interval,
 )
+from ..layers import IAFCodeConv2d, IAFCodeConvTranspose2d, weight_norm_data_init
 from ..models.bounds import Terms, elbo, iwae
 from ..models.build import build_model
 from ..models.init import output_bias_from_data_
@@ -736,6 +737,9 @@ def _setup_run(
         _init_pseudo_inputs_from_data(model, splits.train, cfg.data.seed)
     if cfg.model.output_bias_from_data and not resume:
         _init_output_bias_from_data(model, splits.train)
+    if not resume and needs_data_init(model):
+        x_init = to_memory_format(batches.batch(0), t.channels_last)
+        _data_dependent_init(model, x_init, t.seed)
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(cfg, model))
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
@@ -1364,6 +1368,26 @@ def _init_pseudo_inputs_from_data(model: VAE, x_train: Tensor, seed: int) -> Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 104729)
         model.prior.init_from(x)
+
+
+def needs_data_init(model: nn.Module) -> bool:
+    """Whether ``model`` has layers with the IAF code's data-dependent init
+    (``weight_norm = "iaf_code"``)."""
+    return any(isinstance(m, (IAFCodeConv2d, IAFCodeConvTranspose2d)) for m in model.modules())
+
+
+def _data_dependent_init(model: nn.Module, x: Tensor, seed: int) -> None:
+    """``weight_norm = "iaf_code"``: one forward pass of the first training batch in the
+    code's init mode (tf_train.py ``CVAE1(hps, "init", init_x)``): every such layer sets
+    its gain and bias from the batch, and each group's base sample comes from its prior.
+    Its own random stream, so the training run's is the same as without the option."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed + 15485863)
+        was_training = model.training
+        model.train()
+        with torch.no_grad(), weight_norm_data_init():
+            model(x, k=1)
+        model.train(was_training)
 
 
 def _init_output_bias_from_data(model: VAE, x_train: Tensor) -> None:
