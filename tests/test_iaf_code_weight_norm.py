@@ -93,6 +93,18 @@ def test_flag_is_reset_after_an_error():
     assert not data_init_active()
 
 
+def test_bad_options_are_refused():
+    from vaeflow.flows.registry import build_flow
+    from vaeflow.models.topdown import ConvHead, resnet_topdown_layers
+
+    with pytest.raises(ValueError, match="weight_norm"):
+        resnet_topdown_layers(8, 2, [1], (4, 4), lambda s: None, weight_norm="iaf-code")
+    with pytest.raises(ValueError, match="weight_norm"):
+        ConvHead(8, 1, "elu", "iaf-code")
+    with pytest.raises(ValueError, match="scale_bound"):
+        build_flow("conv_iaf", (2, 3, 3), 1, 4, scale_bound="off")
+
+
 def test_bad_mask_and_scale_are_refused():
     with pytest.raises(ValueError, match="mask shape"):
         IAFCodeConv2d(3, 5, 3, mask=torch.ones(5, 3, 2, 2))

@@ -416,12 +416,13 @@ def test_sylvester_code_made_connectivity_and_forward():
 
 
 def test_sylvester_code_made_init():
-    """Every masked weight ~ N(0, 2 / out_features) (the code's kaiming_normal on an
-    (in, out) weight), biases zero, the output layer not zero."""
+    """Every masked weight ~ N(0, 2 / fan_out) (the code's kaiming_normal on an (in, out)
+    weight), biases zero, the output layer not zero; its fan is D = 64, as each of the
+    code's two (320 -> 64) output layers, not the 128 outputs of vaeflow's fused one."""
     torch.manual_seed(0)
     made = MADE(64, 2, hidden=320, num_hidden=2, activation="elu", style="sylvester_code")
-    for layer in [*made.hidden_layers, made.out]:
-        want = (2.0 / layer.out_features) ** 0.5
+    for layer, fan in zip([*made.hidden_layers, made.out], (320, 320, 64), strict=True):
+        want = (2.0 / fan) ** 0.5
         assert abs(layer.weight.std().item() / want - 1) < 0.02, layer
         assert abs(layer.weight.mean().item()) < 0.1 * want
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))

@@ -173,9 +173,10 @@ class MADE(nn.Module):
             per-layer map: ``context_features`` must equal ``hidden``; the code projects
             it once, shared by every step, which is the posterior's context projection
             here) added *after* the first activation, and every masked weight drawn from
-            ``N(0, 2 / out_features)`` with zero biases (their ``kaiming_normal`` on an
-            ``(in, out)`` weight takes its fan from the outputs), output layer included:
-            the layer does not start at a fixed point. ``zero_last`` is ignored.
+            ``N(0, 2 / fan_out)`` with zero biases (their ``kaiming_normal`` on an
+            ``(in, out)`` weight takes its fan from the outputs; the output layer's fan is
+            ``D``, as the code's separate mean and gate layers), so the layer does not
+            start at a fixed point. ``zero_last`` is ignored.
 
     References:
         Germain et al. 2015, arXiv:1502.03509 (masks and degrees).
@@ -255,9 +256,12 @@ class MADE(nn.Module):
             else None
         )
         if style == "sylvester_code":
+            # The code's output is two (hidden -> D) layers (mean, gate), each with fan D:
+            # one layer of 2 D outputs here must not halve their variance.
+            fans = [layer.out_features for layer in layers] + [features]
             with torch.no_grad():
-                for layer in [*layers, self.out]:
-                    layer.weight.normal_(0.0, (2.0 / layer.out_features) ** 0.5)
+                for layer, fan in zip([*layers, self.out], fans, strict=True):
+                    layer.weight.normal_(0.0, (2.0 / fan) ** 0.5)
                     layer.bias.zero_()
         elif zero_last:
             zero_init(self.out)

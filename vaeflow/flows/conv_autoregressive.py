@@ -387,6 +387,8 @@ def build_conv_iaf(
         raise ValueError(f"option permutation={permutation!r} is not one of ('reverse', 'none')")
     if scale_bound == "none":  # a config file's way to say None (the code's: no bound)
         scale_bound = None
+    elif isinstance(scale_bound, str):
+        raise ValueError(f"option scale_bound={scale_bound!r}: give a number > 0 or 'none'")
 
     def layer(i: int) -> ConvAffineAutoregressive:
         return ConvAffineAutoregressive(

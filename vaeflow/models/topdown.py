@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..flows.base import Transform
 from ..layers import (
+    WEIGHT_NORMS,
     IAFCodeConv2d,
     IAFCodeConvTranspose2d,
     data_init_active,
@@ -512,10 +513,17 @@ class _JointPosterior:
 # ----------------------------------------------------------------------------- ResNet blocks
 
 
+def _check_weight_norm(weight_norm: bool | str) -> None:
+    """A typo such as ``"iaf-code"`` must not quietly become torch's weight norm."""
+    if not (isinstance(weight_norm, bool) or weight_norm == "iaf_code"):
+        raise ValueError(f"weight_norm={weight_norm!r} is not one of {WEIGHT_NORMS}")
+
+
 def _conv(
     c_in: int, c_out: int, weight_norm: bool | str, kernel: int = 3, stride: int = 1
 ) -> nn.Module:
     """A conv of the ResNet blocks; ``weight_norm``: see :data:`~vaeflow.layers.WEIGHT_NORMS`."""
+    _check_weight_norm(weight_norm)
     if weight_norm == "iaf_code":
         return IAFCodeConv2d(c_in, c_out, kernel, stride, kernel // 2, init_scale=0.1)
     conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
@@ -690,6 +698,7 @@ class ConvHead(nn.Module):
     ):
         super().__init__()
         self.act = make_activation(activation)
+        _check_weight_norm(weight_norm)
         if weight_norm == "iaf_code":
             self.deconv: nn.Module = IAFCodeConvTranspose2d(
                 channels, param_channels, 5, 2, padding=2, output_padding=1, init_scale=0.1

@@ -738,7 +738,11 @@ def _setup_run(
     if cfg.model.output_bias_from_data and not resume:
         _init_output_bias_from_data(model, splits.train)
     if not resume and needs_data_init(model):
+        # The first batch (under DDP this rank's shard, as a training step sees it; rank
+        # 0's result is what DDP broadcasts). The code initialises on one GPU's share.
         x_init = to_memory_format(batches.batch(0), t.channels_last)
+        if ctx.active:
+            x_init = x_init[ctx.rank :: ctx.world]
         _data_dependent_init(model, x_init, t.seed)
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(cfg, model))

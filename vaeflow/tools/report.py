@@ -752,9 +752,9 @@ class Labeller:
 #: keys that mean something only under another key's value: key -> (that key, the values
 #: under which it does not apply)
 _NOT_APPLICABLE: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "model.posterior.num_layers": ("model.posterior.flow", ("none",)),
-    "model.posterior.hidden": ("model.posterior.flow", ("none",)),
-    "model.posterior.options": ("model.posterior.flow", ("none",)),
+    "model.posterior.num_layers": ("model.posterior.flow", ("none", None)),
+    "model.posterior.hidden": ("model.posterior.flow", ("none", None)),
+    "model.posterior.options": ("model.posterior.flow", ("none", None)),
 }
 
 
