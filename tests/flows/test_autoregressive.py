@@ -371,8 +371,12 @@ def test_sylvester_code_gated_iaf_is_exact(ctx):
 
 
 def test_sylvester_code_masks_follow_the_codes_rule():
-    """Block masks, written out by hand from the rule of the code's MaskedLinear."""
-    from vaeflow.flows.autoregressive import sylvester_code_mask
+    """Block masks, written out by hand from the rule of the code's MaskedLinear (the IAF
+    code's get_linear_ar_mask, which the conv IAF's channel mask also follows)."""
+    from vaeflow.flows.conv_autoregressive import channel_ar_mask
+
+    def sylvester_code_mask(n_in, n_out, diagonal_zeros=False):
+        return channel_ar_mask(n_in, n_out, diagonal_zeros)
 
     widen = torch.tensor([[1, 0], [1, 0], [1, 1], [1, 1]])  # 2 -> 4: blocks of 2 units
     square = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]])  # 3 -> 3: unit by unit

@@ -40,6 +40,7 @@ from .base import (
     ReversePermutation,
     Transform,
 )
+from .conv_autoregressive import channel_ar_mask
 
 __all__ = [
     "MADE",
@@ -49,7 +50,6 @@ __all__ = [
     "make_permutation",
     "undo_permutations",
     "soft_clip",
-    "sylvester_code_mask",
     "build_maf",
     "build_iaf",
     "build_gated_iaf",
@@ -99,41 +99,6 @@ def make_order(features: int, order: str | Tensor = "natural", seed: int = 0) ->
     return ranks.clone()
 
 
-def sylvester_code_mask(n_in: int, n_out: int, diagonal_zeros: bool = False) -> Tensor:
-    """The connectivity of one masked layer of van den Berg et al.'s MADE, ``(n_out, n_in)``.
-
-    Their layers assign degrees by contiguous blocks instead of cycling them. Widening
-    (``n_out >= n_in``, ``k = n_out // n_in``): output unit ``u`` sees input ``j`` iff
-    ``j <= u // k`` (``j < u // k`` with ``diagonal_zeros``). Narrowing (``k = n_in //
-    n_out``): output ``i`` sees input unit ``v`` iff ``v < (i + 1) k`` (``v < i k`` with
-    ``diagonal_zeros``). Between two hidden layers of one width (``k = 1``) this is
-    unit-by-unit lower-triangular, sparser than the degree rule (which would also join
-    units of one block); the output layer (``diagonal_zeros``) makes output ``i`` a
-    function of ``x_<i``, so the first feature's parameters are constants.
-
-    Raises:
-        ValueError: neither width divides the other (the code asserts the same).
-
-    References:
-        van den Berg et al. 2018, arXiv:1803.05649; their code's ``MaskedLinear`` in
-        ``models/layers.py`` (riannevdberg/sylvester-flows), restated from its rule.
-    """
-    if n_in < 1 or n_out < 1 or (n_out % n_in and n_in % n_out):
-        raise ValueError(
-            f"the Sylvester code's MADE masks need one width to divide the other, "
-            f"got {n_in} -> {n_out}"
-        )
-    j = torch.arange(n_in)[None, :]
-    u = torch.arange(n_out)[:, None]
-    if n_out >= n_in:
-        block = u // (n_out // n_in)
-        keep = j < block if diagonal_zeros else j <= block
-    else:
-        k = n_in // n_out
-        keep = j < u * k if diagonal_zeros else j < (u + 1) * k
-    return keep.to(torch.get_default_dtype())
-
-
 class MADE(nn.Module):
     """Masked autoencoder: ``(*, D) -> (*, D, P)`` with output ``i`` a function of ``x_<i``.
 
@@ -168,8 +133,9 @@ class MADE(nn.Module):
         zero_last: zero-initialise the output layer (and with ``num_hidden=0`` also the
             context map) so every output is exactly 0 at init.
         style: ``"vaeflow"`` (the above) or ``"sylvester_code"``, the MADE of van den
-            Berg et al.'s IAF baseline: masks by :func:`sylvester_code_mask` (natural
-            order only; at least one hidden layer), the context vector itself (no
+            Berg et al.'s IAF baseline: block masks (their ``MaskedLinear.build_mask``,
+            :func:`~vaeflow.flows.conv_autoregressive.channel_ar_mask`; natural order
+            only; at least one hidden layer), the context vector itself (no
             per-layer map: ``context_features`` must equal ``hidden``; the code projects
             it once, shared by every step, which is the posterior's context projection
             here) added *after* the first activation, and every masked weight drawn from
@@ -227,12 +193,17 @@ class MADE(nn.Module):
         self.style = style
         if style == "sylvester_code":
             self._check_sylvester_code(ranks, hidden, num_hidden, context_features)
+            # The code's MaskedLinear.build_mask is the IAF code's get_linear_ar_mask (the
+            # same block rule; between two hidden layers of one width it is unit-by-unit
+            # lower-triangular, sparser than the degree rule). Output i reads x_<i only,
+            # so the first feature's parameters are constants.
             width = features
             for _ in range(num_hidden):
-                layers.append(MaskedLinear(width, hidden, sylvester_code_mask(width, hidden)))
+                mask = channel_ar_mask(width, hidden, zero_diagonal=False)
+                layers.append(MaskedLinear(width, hidden, mask))
                 width = hidden
             # One (hidden -> D) mask per parameter, interleaved as output index i * P + p.
-            out_mask = sylvester_code_mask(hidden, features, diagonal_zeros=True)
+            out_mask = channel_ar_mask(hidden, features, zero_diagonal=True)
             out_mask = out_mask.repeat_interleave(params_per_feature, dim=0)
             self.out = MaskedLinear(hidden, features * params_per_feature, out_mask)
         else:
