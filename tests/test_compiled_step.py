@@ -80,6 +80,8 @@ VARIANTS = {
         "train.eps=5e-6",
         "train.initial_second_moment=0.0025",
     ],
+    # Rezende & Mohamed's annealing as read: beta on log p(x|z) + log p(z), not on the KL.
+    "joint warm-up": ['train.kl_warmup_target="joint"'],
     # A two-stochastic-layer hierarchy (Burda et al.'s bottom-up kind): q(z1|x) with the
     # IAF, q(z2|z1), p(z1|z2) -- the per-layer terms in the same one graph.
     "two-layer hierarchy": ['model.upper_layers=[{latent_dim=2,hidden=[8],activation="tanh"}]'],

@@ -156,6 +156,12 @@ def test_kl_warmup_can_start_above_zero() -> None:
     [
         (["train.kl_warmup_start=0.01"], "kl_warmup_start = 0.01.*kl_warmup_steps = 0"),
         (["train.kl_warmup_steps=10", "train.kl_warmup_start=1.5"], "kl_warmup_start"),
+        (['train.kl_warmup_target="joint"'], "kl_warmup_target.*kl_warmup_steps = 0"),
+        (
+            ['train.kl_warmup_target="joint"', "train.kl_warmup_steps=10", "train.free_bits=0.1"],
+            "free_bits",
+        ),
+        (['train.kl_warmup_target="elbo"', "train.kl_warmup_steps=10"], "kl_warmup_target"),
         (["train.momentum=0.9"], "train.momentum = 0.9 is an RMSprop setting.*'adam'"),
         (['train.optimizer="adamax"', "train.alpha=0.9"], "train.alpha = 0.9 is an RMSprop"),
         (['train.optimizer="rmsprop"', "train.betas=[0.5, 0.9]"], "train.betas.*rmsprop"),

@@ -918,3 +918,23 @@ def test_the_batch_seed_drives_the_training_batches_only(
     train(_cfg("train.steps=1", "train.val_every=1", *extra), tmp_path / "run")
     assert seen["batches"] == [batches]
     assert seen["eval"] and set(seen["eval"]) == {held_out}
+
+
+def test_joint_warmup_weighs_the_log_joint(float64):
+    """``train.kl_warmup_target = "joint"``: the loss is the mean over samples and
+    examples of ``-(beta (log p(x|z) + log p(z)) - log q(z|x))``, the negated ELBO at
+    beta = 1 and not the KL-weighted objective below it."""
+    from vaeflow.models.bounds import Terms, elbo
+    from vaeflow.run.train import training_loss
+
+    g = torch.Generator().manual_seed(0)
+    px, pz, qz = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    terms = Terms(log_px_z=px - 90, log_pz=pz - 30, log_qz=qz - 20)
+    joint = load_config(None, ['train.kl_warmup_target="joint"', "train.kl_warmup_steps=10"])
+    kl = load_config(None, ["train.kl_warmup_steps=10"])
+    want = -(0.3 * (terms.log_px_z + terms.log_pz) - terms.log_qz).mean()
+    assert torch.allclose(training_loss(terms, joint.train, 0.3, 4), want, atol=1e-12)
+    assert not torch.allclose(training_loss(terms, kl.train, 0.3, 4), want)
+    at_one = training_loss(terms, joint.train, 1.0, 4)
+    assert torch.allclose(at_one, -elbo(terms).mean(), atol=1e-12)
+    assert torch.allclose(at_one, training_loss(terms, kl.train, 1.0, 4), atol=1e-12)

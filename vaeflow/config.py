@@ -320,6 +320,12 @@ class TrainConfig:
         kl_warmup_start: beta at step 0 (Rezende & Mohamed 2015's ``beta_t = min(1, 0.01 +
             t/10000)`` is ``kl_warmup_start = 0.01``, ``kl_warmup_steps = 10000``: it reaches 1
             at step 9,900); needs ``kl_warmup_steps > 0``.
+        kl_warmup_target: what beta weighs. ``"kl"`` (default): the KL term, the
+            objective ``log p(x|z) + beta (log p(z) - log q(z|x))`` (Bowman et al. 2016).
+            ``"joint"``: the log-joint, ``beta (log p(x|z) + log p(z)) - log q(z|x)``, as
+            Rezende & Mohamed 2015's annealed free energy (eq. 20) is described by a
+            reading note of the paper (its text could not be read here). The same bound
+            at beta = 1; refused with free bits.
         prior_lr_scale: the prior's parameters learn at ``lr * prior_lr_scale`` (a slower
             prior against the co-adaptation of a learned prior with the encoder).
         prior_freeze_steps: the prior's parameters do not move for the first steps (a
@@ -434,6 +440,7 @@ class TrainConfig:
     prior_lr_scale: float = 1.0
     prior_freeze_steps: int = 0
     kl_warmup_start: float = 0.0
+    kl_warmup_target: Literal["kl", "joint"] = "kl"
     free_bits: float = 0.0
     free_bits_group_size: int = 1
     clip_norm: float | None = None
@@ -706,6 +713,16 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "train.objective = 'iwae' cannot use train.free_bits or train.kl_warmup_steps "
             "(they modify the ELBO's KL term, which the IWAE bound does not have)"
+        )
+    if t.kl_warmup_target == "joint" and t.free_bits > 0:
+        raise ConfigError(
+            'train.kl_warmup_target = "joint" weighs log p(x|z) + log p(z), which has no '
+            "per-dimension KL for train.free_bits to floor; use one of them"
+        )
+    if t.kl_warmup_target != "kl" and t.kl_warmup_steps == 0:
+        raise ConfigError(
+            f"train.kl_warmup_target = {t.kl_warmup_target!r} says what the warm-up weighs, "
+            "but train.kl_warmup_steps = 0 (no warm-up); set train.kl_warmup_steps"
         )
     if t.kl_warmup_start > 0 and t.kl_warmup_steps == 0:
         raise ConfigError(

@@ -921,10 +921,14 @@ def training_loss(terms: Terms, t: TrainConfig, beta: float | Tensor, latent_dim
     """The loss the optimiser minimises, a scalar: the batch mean of the negated IWAE bound
     (``train.objective = "iwae"``, Burda et al. 2016) or of the negated beta-weighted ELBO
     with free bits (``train.free_bits`` per group of ``train.free_bits_group_size``
-    dimensions of the ``latent_dim``-dimensional latent). Shared by the solo step and the
-    stacked one (:mod:`vaeflow.run.stack`)."""
+    dimensions of the ``latent_dim``-dimensional latent), or with
+    ``train.kl_warmup_target = "joint"`` of ``beta (log p(x|z) + log p(z)) - log q(z|x)``
+    (averaged over samples and examples). Shared by the solo step and the stacked one
+    (:mod:`vaeflow.run.stack`)."""
     if t.objective == "iwae":
         return -iwae(terms).mean()
+    if t.kl_warmup_target == "joint":  # beta (log p(x|z) + log p(z)) - log q(z|x)
+        return -(beta * (terms.log_px_z + terms.log_pz) - terms.log_qz).mean()
     objective = elbo(
         terms,
         beta=beta,
