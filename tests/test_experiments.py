@@ -312,3 +312,5 @@ def test_sylvester_posterior_follows_the_authors_code(sweep: str) -> None:
             "sylvester_triangular",
         ):
             assert post.options.get("amortization") == "linear", p.name
+        if post.flow == "sylvester_orthogonal":  # the code's iterative orthogonalisation
+            assert post.options.get("orthogonalization") == "polar", p.name

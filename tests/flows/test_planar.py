@@ -39,6 +39,9 @@ LAYERS = {
     "radial": lambda c: Radial(D, c),
     "sylvester_orthogonal": lambda c: SylvesterOrthogonal(D, 3, c),
     "sylvester_orthogonal_m1": lambda c: SylvesterOrthogonal(D, 1, c),
+    "sylvester_orthogonal_polar": lambda c: SylvesterOrthogonal(
+        D, 3, c, orthogonalization="polar"
+    ),
     "sylvester_householder": lambda c: SylvesterHouseholder(D, 3, c),
     "sylvester_triangular": lambda c: SylvesterTriangular(D, reverse=False, context_features=c),
     "sylvester_triangular_rev": lambda c: SylvesterTriangular(D, reverse=True, context_features=c),
@@ -61,6 +64,7 @@ LINEAR_LAYERS = {
     "planar_linear": lambda c: Planar(D, c, "linear"),
     "radial_linear": lambda c: Radial(D, c, "linear"),
     "sylvester_orthogonal_linear": lambda c: SylvesterOrthogonal(D, 3, c, "linear"),
+    "sylvester_orthogonal_polar_linear": lambda c: SylvesterOrthogonal(D, 3, c, "linear", "polar"),
     "sylvester_householder_linear": lambda c: SylvesterHouseholder(D, 3, c, "linear"),
     "sylvester_triangular_linear": lambda c: SylvesterTriangular(D, True, c, "linear"),
 }
@@ -151,6 +155,30 @@ def test_per_example_context_broadcasts_over_samples(name, float64):
             m.params.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
     flow.inverse(u, ctx)
     assert seen and all(tuple(shape) == (4, C) for shape in seen), seen
+
+
+def test_polar_orthonormalize_is_the_codes_iteration_to_its_limit():
+    """The polar factor ``U V^T`` of the source's SVD (the orthonormal matrix nearest to
+    it), orthonormal to rounding, reached by the code's own step from the Frobenius-
+    normalised source; a rank-deficient source is a clear error."""
+    from vaeflow.flows.planar import polar_orthonormalize
+
+    src = torch.randn(3, 6, 4)
+    q = polar_orthonormalize(src)
+    assert (q.mT @ q - torch.eye(4)).abs().max() <= 1e-13
+    u, _, vt = torch.linalg.svd(src, full_matrices=False)
+    assert torch.allclose(q, u @ vt, atol=1e-12)
+    # the code's loop, 100 steps from the Frobenius-normalised matrix, lands on it too
+    a = src / torch.linalg.matrix_norm(src)[..., None, None]
+    eye = torch.eye(4)
+    for _ in range(100):
+        a = a @ (eye + 0.5 * (eye - a.mT @ a))
+    assert torch.allclose(q, a, atol=1e-12)
+    assert not torch.allclose(q, orthonormalize(src), atol=1e-3)  # another map than QR
+    with pytest.raises(ValueError, match="no convergence"):
+        polar_orthonormalize(torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="orthogonalization"):
+        SylvesterOrthogonal(D, 3, orthogonalization="gram")
 
 
 @pytest.mark.parametrize("context", [0, C], ids=["uncond", "context"])

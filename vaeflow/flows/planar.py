@@ -50,6 +50,7 @@ __all__ = [
     "SylvesterParams",
     "shifted_softplus",
     "orthonormalize",
+    "polar_orthonormalize",
     "build_planar",
     "build_radial",
     "build_sylvester_orthogonal",
@@ -147,6 +148,57 @@ def orthonormalize(source: Tensor) -> Tensor:
     diag = torch.diagonal(r, dim1=-2, dim2=-1)
     sign = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
     return q * sign.unsqueeze(-2)
+
+
+#: Iterations at most of :func:`polar_orthonormalize` (van den Berg et al.'s ``steps``).
+POLAR_MAX_STEPS = 100
+
+
+def polar_orthonormalize(source: Tensor, max_steps: int = POLAR_MAX_STEPS) -> Tensor:
+    """The orthonormal polar factor ``source (source^T source)^(-1/2)`` of a full-rank
+    ``(*, D, M)`` matrix, by van den Berg et al.'s iteration.
+
+    Their code (``models/VAE.py`` ``batch_construct_orthogonal``) divides each matrix by
+    its Frobenius norm (so every singular value is at most 1) and repeats the
+    Newton-Schulz step ``Q <- Q (I + (I - Q^T Q) / 2)``, which drives every singular value
+    to 1 and keeps the singular vectors: the limit is the polar factor, the orthonormal
+    matrix nearest to ``source``. The code stops at a tolerance of ``1e-6`` (``1e-5`` when
+    ``M = D``); here the iteration runs until ``Q^T Q = I`` to a few ulps of the dtype
+    (the quadratic convergence makes that one or two steps more), so that the Sylvester
+    determinant formula, which assumes orthonormal columns, stays exact. A different map
+    from the raw parameters than :func:`orthonormalize` (QR), onto the same set.
+
+    Args:
+        source: ``(*, D, M)``, ``M <= D``, full column rank.
+        max_steps: iterations at most (the code's ``steps = 100``).
+
+    Returns:
+        ``Q (*, D, M)``.
+
+    Raises:
+        ValueError: no convergence within ``max_steps`` (a rank-deficient source).
+    """
+    m = source.shape[-1]
+    eye = torch.eye(m, dtype=source.dtype, device=source.device)
+    tol = 64 * m * torch.finfo(source.dtype).eps
+    q = (
+        source
+        / torch.linalg.matrix_norm(source).clamp_min(torch.finfo(source.dtype).tiny)[
+            ..., None, None
+        ]
+    )
+    for _ in range(max_steps):
+        gram = q.mT @ q
+        if (gram - eye).abs().amax() <= tol:  # one host read per step, as the code's test
+            return q
+        q = q @ (eye + 0.5 * (eye - gram))
+    raise ValueError(
+        f"polar_orthonormalize: no convergence in {max_steps} steps (rank-deficient source?)"
+    )
+
+
+#: How a Sylvester layer's ``Q`` is made orthonormal (``orthogonalization`` option).
+ORTHOGONALIZATIONS = ("qr", "polar")
 
 
 #: How an amortised layer's parameters depend on the context (``amortization`` option).
@@ -593,18 +645,20 @@ class SylvesterOrthogonal(Sylvester):
     """Orthogonal Sylvester flow: ``Q`` is ``D x M`` with exactly orthonormal columns.
 
     ``Q`` comes from a free (or amortised) ``D x M`` matrix through
-    :func:`orthonormalize` (reduced QR with a sign fix). Van den Berg et al. use an
-    iterative orthogonalisation ``Q <- Q (I + (I - Q^T Q)/2)`` stopped at a tolerance; its
-    result is only approximately orthonormal, and the determinant formula
-    ``prod (1 + tanh' Rtilde_ii R_ii)`` relies on ``Q^T Q = I`` exactly, so the returned
-    log-det would be slightly wrong. QR is exact to rounding, differentiable and batched,
-    which keeps the log-det exact (~1e-13 in float64).
+    :func:`orthonormalize` (reduced QR with a sign fix; ``orthogonalization = "qr"``, the
+    default) or :func:`polar_orthonormalize` (``"polar"``: van den Berg et al.'s
+    iteration ``Q <- Q (I + (I - Q^T Q)/2)``, run to convergence: the polar factor). Both
+    are orthonormal to rounding, differentiable and batched, so the determinant formula
+    ``prod (1 + tanh' Rtilde_ii R_ii)`` stays exact (~1e-13 in float64); they are
+    different maps from the raw matrix onto the same set, so training can differ.
 
     Args:
         features: ``D``.
         num_vectors: ``M <= D`` (the bottleneck; van den Berg et al. use ``M = 8`` or
             ``32`` for ``D = 64``).
         context_features: ``C``.
+        amortization: see :class:`Sylvester`.
+        orthogonalization: ``"qr"`` or ``"polar"`` (above).
 
     References:
         van den Berg et al. 2018, arXiv:1803.05649, section 4.1.
@@ -616,15 +670,24 @@ class SylvesterOrthogonal(Sylvester):
         num_vectors: int,
         context_features: int = 0,
         amortization: str = "residual",
+        orthogonalization: str = "qr",
     ) -> None:
         _check_features("SylvesterOrthogonal", features, context_features)
         _check_num_vectors("SylvesterOrthogonal", num_vectors, features)
+        if orthogonalization not in ORTHOGONALIZATIONS:
+            raise ValueError(
+                f"SylvesterOrthogonal: orthogonalization must be one of "
+                f"{ORTHOGONALIZATIONS}, got {orthogonalization!r}"
+            )
         source = torch.randn(features, num_vectors, dtype=torch.get_default_dtype())
         super().__init__(
             features, num_vectors, context_features, {"q_source": source}, amortization
         )
+        self.orthogonalization = orthogonalization
 
     def _q_state(self, raw: dict[str, Tensor]) -> Tensor:
+        if self.orthogonalization == "polar":
+            return polar_orthonormalize(raw["q_source"])
         return orthonormalize(raw["q_source"])
 
     def _apply_qt(self, q: Tensor | None, u: Tensor) -> Tensor:
@@ -830,6 +893,7 @@ def build_sylvester_orthogonal(
     *,
     num_ortho_vectors: int | None = None,
     amortization: str = "residual",
+    orthogonalization: str = "qr",
 ) -> Transform:
     """A stack of :class:`SylvesterOrthogonal` layers (sampling direction only).
 
@@ -843,6 +907,8 @@ def build_sylvester_orthogonal(
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
         num_ortho_vectors: ``M``, columns of each ``Q`` (default ``min(D, 8)``, the
             setting of van den Berg et al.'s released examples); ``1 <= M <= D``.
+        orthogonalization: ``"qr"`` (default) or ``"polar"`` (van den Berg et al.'s
+            iteration, to convergence); see :class:`SylvesterOrthogonal`.
 
     Returns:
         A :class:`Composite`, exactly the identity at init (``residual``).
@@ -854,7 +920,8 @@ def build_sylvester_orthogonal(
     m = min(features, 8) if num_ortho_vectors is None else num_ortho_vectors
     _check_num_vectors("build_sylvester_orthogonal: num_ortho_vectors", m, features)
     return Composite(
-        SylvesterOrthogonal(features, m, context_features, amortization) for _ in range(num_layers)
+        SylvesterOrthogonal(features, m, context_features, amortization, orthogonalization)
+        for _ in range(num_layers)
     )
 
 
