@@ -431,3 +431,24 @@ def test_center_flag_travels_with_the_state_dict():
         old = {k: v for k, v in trained.state_dict().items() if k != "center_inputs"}
         with pytest.raises(CheckpointError, match="center_inputs"):
             load_model_state(make(False), old)
+
+
+def test_gated_transposed_conv_can_start_as_pytorch_0_3_did():
+    """``init = "torch_0_3"``: weight and bias uniform in +-1/sqrt(in * k * k) (van den
+    Berg et al.'s code ran on PyTorch 0.3); torch's default takes the fan from the fused
+    layer's 2 * out channels, sqrt(2) smaller for in = out."""
+    import math
+
+    from vaeflow.layers import GatedConvTranspose2d
+
+    torch.manual_seed(0)
+    old = GatedConvTranspose2d(64, 64, 5, 2, 2, 1, init="torch_0_3")
+    new = GatedConvTranspose2d(64, 64, 5, 2, 2, 1)
+    bound = 1 / math.sqrt(64 * 25)
+    for layer, b in ((old, bound), (new, bound / math.sqrt(2))):
+        w = layer.conv.weight
+        assert w.abs().max() <= b and w.abs().max() > 0.99 * b  # uniform up to the bound
+        assert abs(w.std().item() - b / math.sqrt(3)) < 0.02 * b
+    assert old.conv.bias.abs().max() <= bound and old.conv.bias.abs().max() > 0.9 * bound
+    with pytest.raises(ValueError, match="init"):
+        GatedConvTranspose2d(4, 4, 3, init="lecun")

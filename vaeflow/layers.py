@@ -13,6 +13,7 @@ rest of the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -269,6 +270,10 @@ class GatedConv2d(nn.Module):
         return self.act(value) * torch.sigmoid(gate)
 
 
+#: initialisations of :class:`GatedConvTranspose2d`
+TRANSPOSED_CONV_INITS = ("torch", "torch_0_3")
+
+
 class GatedConvTranspose2d(nn.Module):
     """Gated transposed convolution ``h = act(deconv_a(x)) * sigmoid(deconv_b(x))``.
 
@@ -284,6 +289,12 @@ class GatedConvTranspose2d(nn.Module):
         output_padding: extra size added to one side of the output (``stride - 1`` with
             ``padding = kernel_size // 2`` gives exactly ``H' = stride * H``).
         activation: optional name from :data:`ACTIVATIONS` for the value half.
+        init: ``"torch"`` (torch's default: for a transposed conv its fan is the *output*
+            channels, here ``2 * out_channels`` of the fused layer) or ``"torch_0_3"``:
+            weight and bias uniform in ``+-1 / sqrt(in_channels * kh * kw)``, PyTorch
+            0.3's rule (``_ConvNd.reset_parameters``), which van den Berg et al.'s code
+            ran with two separate transposed convs (the bounds differ by
+            ``sqrt(in / (2 out))``).
 
     Shapes:
         ``(N, in_channels, H, W) -> (N, out_channels, H', W')``,
@@ -302,11 +313,20 @@ class GatedConvTranspose2d(nn.Module):
         padding: int | tuple[int, int] = 0,
         output_padding: int | tuple[int, int] = 0,
         activation: str | None = None,
+        init: str = "torch",
     ) -> None:
         super().__init__()
+        if init not in TRANSPOSED_CONV_INITS:
+            raise ValueError(f"init must be one of {TRANSPOSED_CONV_INITS}, got {init!r}")
         self.conv = nn.ConvTranspose2d(
             in_channels, 2 * out_channels, kernel_size, stride, padding, output_padding
         )
+        if init == "torch_0_3":
+            kh, kw = self.conv.kernel_size
+            bound = 1.0 / math.sqrt(in_channels * kh * kw)
+            with torch.no_grad():
+                self.conv.weight.uniform_(-bound, bound)
+                self.conv.bias.uniform_(-bound, bound)
         self.act = _optional_activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:

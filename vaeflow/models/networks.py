@@ -311,6 +311,8 @@ class GatedConvDecoder(nn.Module):
         kernel_size: odd kernel size of the upsampling stack.
         activation: optional activation of the value halves (paper: none).
         zero_last: zero-initialise the output conv (all parameters 0 at init).
+        init: of the gated transposed convs, ``"torch"`` or ``"torch_0_3"`` (the
+            authors' code's, see :class:`~vaeflow.layers.GatedConvTranspose2d`).
 
     Shapes:
         ``(*lead, latent_dim) -> (*lead, P, H, W)``.
@@ -328,6 +330,7 @@ class GatedConvDecoder(nn.Module):
         kernel_size: int = 5,
         activation: str | None = None,
         zero_last: bool = False,
+        init: str = "torch",
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -346,14 +349,14 @@ class GatedConvDecoder(nn.Module):
             raise ValueError(f"image size {(h, w)} is not divisible by prod(strides) = {scale}")
         layers: list[nn.Module] = [
             GatedConvTranspose2d(
-                latent_dim, channels[0], (h // scale, w // scale), 1, 0, 0, activation
+                latent_dim, channels[0], (h // scale, w // scale), 1, 0, 0, activation, init
             )
         ]
         for c_in, c_out, s in zip(channels[:-1], channels[1:], strides, strict=True):
             # padding k//2 with output_padding s-1 makes each layer upsample by exactly s
             layers.append(
                 GatedConvTranspose2d(
-                    c_in, c_out, kernel_size, s, kernel_size // 2, s - 1, activation
+                    c_in, c_out, kernel_size, s, kernel_size // 2, s - 1, activation, init
                 )
             )
         out = nn.Conv2d(channels[-1], p, 1)
