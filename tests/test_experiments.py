@@ -313,5 +313,7 @@ def test_sylvester_posterior_follows_the_authors_code(sweep: str) -> None:
         ):
             assert post.options.get("amortization") == "linear", p.name
         assert cfg.model.decoder.options.get("init") == "torch_0_3", p.name  # PyTorch 0.3's
+        if post.flow == "planar":  # the code's (and the paper's) -1 + softplus
+            assert post.options.get("constraint") == "softplus", p.name
         if post.flow == "sylvester_orthogonal":  # the code's iterative orthogonalisation
             assert post.options.get("orthogonalization") == "polar", p.name

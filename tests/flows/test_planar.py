@@ -157,6 +157,39 @@ def test_per_example_context_broadcasts_over_samples(name, float64):
     assert seen and all(tuple(shape) == (4, C) for shape in seen), seen
 
 
+@pytest.mark.parametrize(
+    "amortization, context", [("residual", 0), ("residual", C), ("linear", C)]
+)
+def test_planar_softplus_constraint_generic_checks(amortization, context):
+    """The paper's constraint: brute-force log-dets in float64 (not the identity at init;
+    linear amortisation needs a context)."""
+    errs = full_check(
+        lambda: build_planar(
+            D, 2, None, context, amortization=amortization, constraint="softplus"
+        ),
+        identity_at_init=False,
+    )
+    assert errs["logdet"] <= 1e-12
+
+
+def test_planar_softplus_constraint_is_the_papers():
+    """``constraint = "softplus"``: ``w . uhat = -1 + softplus(w . u)`` (Rezende & Mohamed's
+    Appendix A.1, van den Berg et al.'s ``Planar``), so raw ``u = 0`` gives
+    ``uhat = (log 2 - 1) w / |w|^2``, not the identity."""
+    layer = Planar(D, constraint="softplus")
+    p = layer.flow_params()
+    w = layer.params.free["w"]
+    assert torch.allclose(p.uhat, (math.log(2) - 1) * w / (w * w).sum(), atol=1e-14)
+    with torch.no_grad():
+        layer.params.free["u"].copy_(torch.randn(D))
+    p = layer.flow_params()
+    wu = (w * layer.params.free["u"]).sum()
+    assert torch.allclose((p.uhat * w).sum(), -1 + torch.nn.functional.softplus(wu), atol=1e-14)
+    assert torch.allclose(p.s, 1 + p.m, atol=1e-14)
+    with pytest.raises(ValueError, match="constraint"):
+        Planar(D, constraint="tanh")
+
+
 def test_polar_orthonormalize_is_the_codes_iteration_to_its_limit():
     """The polar factor ``U V^T`` of the source's SVD (the orthonormal matrix nearest to
     it), orthonormal to rounding, reached by the code's own step from the Frobenius-

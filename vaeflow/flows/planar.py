@@ -315,6 +315,12 @@ class _SamplingOnly(Transform):
 # -- planar -----------------------------------------------------------------------------
 
 
+#: ``m`` of the planar constraint ``w . uhat = m(w . u)``: ``"shifted"`` (vaeflow's,
+#: :func:`shifted_softplus`, ``m(0) = 0``) or ``"softplus"`` (the paper's and van den Berg
+#: et al.'s code's ``-1 + softplus``)
+PLANAR_CONSTRAINTS = ("shifted", "softplus")
+
+
 class PlanarParams(NamedTuple):
     """Constrained planar parameters; shapes ``(*c, D)`` or ``(*c)`` (no ``*c`` if shared).
 
@@ -357,18 +363,31 @@ class Planar(_SamplingOnly):
     Args:
         features: ``D``.
         context_features: ``C`` (0: shared, unconditional parameters).
+        amortization: ``"residual"`` or ``"linear"`` (see ``_AmortisedParams``).
+        constraint: ``"shifted"`` (default, above) or ``"softplus"``: the paper's
+            ``m(a) = -1 + softplus(a)`` (Appendix A.1; van den Berg et al.'s code), not the
+            identity at init.
 
     References:
         Rezende & Mohamed 2015, arXiv:1505.05770, section 4.1 and Appendix A.1.
     """
 
     def __init__(
-        self, features: int, context_features: int = 0, amortization: str = "residual"
+        self,
+        features: int,
+        context_features: int = 0,
+        amortization: str = "residual",
+        constraint: str = "shifted",
     ) -> None:
         _check_features("Planar", features, context_features)
         _check_amortization("Planar", amortization, context_features)
+        if constraint not in PLANAR_CONSTRAINTS:
+            raise ValueError(
+                f"Planar: constraint must be one of {PLANAR_CONSTRAINTS}, got {constraint!r}"
+            )
         super().__init__(features, context_features)
         self.features = features
+        self.constraint = constraint
         dtype = torch.get_default_dtype()
         self.params = _AmortisedParams(
             {
@@ -387,7 +406,11 @@ class Planar(_SamplingOnly):
         raw = self.params(context)
         u, w = raw["u"], raw["w"]
         wu = (w * u).sum(-1)
-        m, s = shifted_softplus(wu)
+        if self.constraint == "softplus":  # the paper's m(a) = -1 + softplus(a)
+            s = _softplus(wu)
+            m = s - 1.0
+        else:
+            m, s = shifted_softplus(wu)
         # |w|^2 only vanishes for w = 0, where w.u = 0, m = 0 and the correction is 0 too;
         # the clamp avoids 0/0 there.
         wsq = (w * w).sum(-1).clamp(min=torch.finfo(w.dtype).tiny)
@@ -827,6 +850,7 @@ def build_planar(
     context_features: int = 0,
     *,
     amortization: str = "residual",
+    constraint: str = "shifted",
 ) -> Transform:
     """A stack of ``num_layers`` :class:`Planar` layers (sampling direction only).
 
@@ -841,7 +865,11 @@ def build_planar(
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
+        constraint: ``"shifted"`` (default: the identity at init) or ``"softplus"`` (the
+            paper's ``-1 + softplus``); see :class:`Planar`.
+
+    Options: ``amortization`` and ``constraint`` (any other keyword is a ``TypeError``
+    naming it).
 
     Returns:
         A :class:`Composite` whose ``inverse`` is the flow, exactly the identity at init
@@ -851,7 +879,9 @@ def build_planar(
         Rezende & Mohamed 2015, arXiv:1505.05770.
     """
     _check_builder("build_planar", features, num_layers, context_features)
-    return Composite(Planar(features, context_features, amortization) for _ in range(num_layers))
+    return Composite(
+        Planar(features, context_features, amortization, constraint) for _ in range(num_layers)
+    )
 
 
 def build_radial(
@@ -873,7 +903,11 @@ def build_radial(
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
+        constraint: ``"shifted"`` (default: the identity at init) or ``"softplus"`` (the
+            paper's ``-1 + softplus``); see :class:`Planar`.
+
+    Options: ``amortization`` and ``constraint`` (any other keyword is a ``TypeError``
+    naming it).
 
     Returns:
         A :class:`Composite`, exactly the identity at init (``residual``).
@@ -988,7 +1022,11 @@ def build_sylvester_triangular(
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
+        constraint: ``"shifted"`` (default: the identity at init) or ``"softplus"`` (the
+            paper's ``-1 + softplus``); see :class:`Planar`.
+
+    Options: ``amortization`` and ``constraint`` (any other keyword is a ``TypeError``
+    naming it).
 
     Returns:
         A :class:`Composite`, exactly the identity at init (``residual``).
