@@ -44,6 +44,7 @@ SLOW = (
     "tests/test_sweep_cluster.py::test_submitit_local_sweep",
     "tests/test_sweep_cluster.py::test_preempted_job",
     "tests/test_train.py",
+    "tests/test_iaf_code_weight_norm.py::test_training_runs_the_init_pass_once",
     "tests/test_toy2d.py",
     "tests/test_docs.py::test_some_docstring_examples_exist",
     "ffjord",
