@@ -356,3 +356,53 @@ def test_iaf_log_q_per_dimension_sums_to_log_q_after_training_moves_it():
         torch.testing.assert_close(s.log_q_dims.sum(-1), s.log_q)
         # log q from the flow's density direction (D passes per layer) agrees.
         torch.testing.assert_close(post.log_prob(s.z, h), s.log_q)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 6])
+def test_free_bits_per_sub_batch_is_each_sub_batch_alone(group_size):
+    """``batch_splits = S``: each of S consecutive sub-batches is floored on its own mean,
+    exactly as if it were the whole batch (Kingma et al.'s code, one mean per GPU); the
+    same per-example values through ``elbo`` and for one group (group_size = D)."""
+    from vaeflow.models.bounds import Terms, elbo, free_bits_kl
+
+    g = torch.Generator().manual_seed(0)
+    k, b, d = 3, 8, 6
+    q = torch.randn(k, b, d, generator=g) * 0.3
+    # the first half of the batch has a small KL (floored), the second a large one
+    q[:, : b // 2] *= 0.5
+    q[:, b // 2 :] *= 8
+    terms = Terms(
+        log_px_z=torch.randn(k, b, generator=g) - 80,
+        log_pz=(-0.5 * q * q).sum(-1),
+        log_qz=torch.zeros(k, b),
+        log_pz_dims=-0.5 * q * q,
+        log_qz_dims=torch.zeros(k, b, d),
+    )
+    halves = [
+        Terms(
+            *(
+                None if t is None else t[:, sl]
+                for t in (
+                    terms.log_px_z,
+                    terms.log_pz,
+                    terms.log_qz,
+                    terms.log_pz_dims,
+                    terms.log_qz_dims,
+                )
+            )
+        )
+        for sl in (slice(0, b // 2), slice(b // 2, b))
+    ]
+    fb = 0.05
+    split = elbo(terms, free_bits=fb, num_dims=d, group_size=group_size, batch_splits=2)
+    alone = torch.cat([elbo(h, free_bits=fb, num_dims=d, group_size=group_size) for h in halves])
+    assert torch.allclose(split, alone)
+    whole = elbo(terms, free_bits=fb, num_dims=d, group_size=group_size)
+    assert not torch.allclose(split, whole)  # the split changes which groups are floored
+    if group_size < d:
+        assert torch.allclose(
+            free_bits_kl(terms, fb, group_size, batch_splits=2),
+            torch.cat([free_bits_kl(h, fb, group_size) for h in halves]),
+        )
+    with pytest.raises(ValueError, match="batch_splits"):
+        elbo(terms, free_bits=fb, num_dims=d, group_size=group_size, batch_splits=3)

@@ -162,6 +162,11 @@ def test_kl_warmup_can_start_above_zero() -> None:
             "free_bits",
         ),
         (['train.kl_warmup_target="elbo"', "train.kl_warmup_steps=10"], "kl_warmup_target"),
+        (["train.free_bits_batch_splits=2"], "free_bits_batch_splits.*without train.free_bits"),
+        (
+            ["train.free_bits=0.1", "data.batch_size=10", "train.free_bits_batch_splits=4"],
+            "free_bits_batch_splits.*divide data.batch_size = 10",
+        ),
         (["train.momentum=0.9"], "train.momentum = 0.9 is an RMSprop setting.*'adam'"),
         (['train.optimizer="adamax"', "train.alpha=0.9"], "train.alpha = 0.9 is an RMSprop"),
         (['train.optimizer="rmsprop"', "train.betas=[0.5, 0.9]"], "train.betas.*rmsprop"),

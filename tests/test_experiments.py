@@ -149,6 +149,9 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
     assert td.topdown.weight_norm == "iaf_code"
     assert td.posterior.options["weight_norm"] == "iaf_code"
     assert td.posterior.context_features == td.posterior.hidden == td.topdown.channels
+    # free bits floored per GPU's 32 images, as the code's 8 GPUs do
+    tdc = load_config(EXPERIMENTS / "kingma2016_iaf" / "topdown_cifar10.toml")
+    assert tdc.data.batch_size // tdc.train.free_bits_batch_splits == 32
 
 
 def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:

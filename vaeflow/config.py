@@ -340,6 +340,10 @@ class TrainConfig:
             KL that splits over dimensions (a diagonal Gaussian or (gated) IAF posterior
             with N(0, I) or a learned Gaussian prior) — otherwise a config error at the
             start of training; ``latent_dim`` (one group) works with any model.
+        free_bits_batch_splits: the floor compares each group's KL averaged over this many
+            consecutive sub-batches separately (1: the whole batch). Kingma et al.'s code
+            averages over each GPU's share (8 x 32 images in a batch of 256); must divide
+            ``data.batch_size`` (under DDP, each rank's share).
         clip_norm: clip the global gradient norm to this value (``None``, the default: no
             clipping — none of the reproduced papers' codes clips unless its config says
             so; TOML has no null, so a config that clips states it and one that does not
@@ -443,6 +447,7 @@ class TrainConfig:
     kl_warmup_target: Literal["kl", "joint"] = "kl"
     free_bits: float = 0.0
     free_bits_group_size: int = 1
+    free_bits_batch_splits: int = 1
     clip_norm: float | None = None
     skip_grad_norm: float | None = None
     max_consecutive_skips: int = 50
@@ -666,6 +671,15 @@ def validate(cfg: Config) -> Config:
             f">= 1 and divide the latent dimension {cfg.model.total_latent_dim}, or with "
             "model.upper_layers either equal it (one group) or divide every layer's size "
             f"{_layer_sizes(cfg.model)} so that no group straddles two layers",
+        ),
+        (
+            "train.free_bits_batch_splits",
+            t.free_bits_batch_splits,
+            t.free_bits_batch_splits >= 1
+            and cfg.data.batch_size % t.free_bits_batch_splits == 0
+            and (t.free_bits_batch_splits == 1 or t.free_bits > 0),
+            f">= 1, divide data.batch_size = {cfg.data.batch_size}, and be 1 without "
+            "train.free_bits",
         ),
         (
             "train.early_stopping_delay",

@@ -134,7 +134,22 @@ def kl(terms: Terms) -> Tensor:
     return terms.kl.mean(0)
 
 
-def free_bits_kl(terms: Terms, free_bits: float, group_size: int = 1) -> Tensor:
+def _batch_mean(per_example: Tensor, batch_splits: int) -> Tensor:
+    """Mean over the batch ``(B, *)`` -> ``(1, *)``, or with ``batch_splits = S`` over each of
+    ``S`` consecutive sub-batches, broadcast back to ``(B, *)`` (Kingma et al.'s code floors
+    each GPU's mean: its batch of 256 is 8 GPUs x 32 images)."""
+    if batch_splits == 1:
+        return per_example.mean(0, keepdim=True)
+    b = per_example.shape[0]
+    if batch_splits < 1 or b % batch_splits:
+        raise ValueError(f"free bits: batch_splits={batch_splits} must be >= 1 and divide B={b}")
+    parts = per_example.reshape(batch_splits, b // batch_splits, *per_example.shape[1:])
+    return parts.mean(1, keepdim=True).expand_as(parts).reshape(per_example.shape)
+
+
+def free_bits_kl(
+    terms: Terms, free_bits: float, group_size: int = 1, batch_splits: int = 1
+) -> Tensor:
     """KL with "free bits" (Kingma et al. 2016, arXiv:1606.04934, appendix C.8).
 
     The latent dimensions are split into consecutive groups of ``group_size``; each
@@ -151,6 +166,8 @@ def free_bits_kl(terms: Terms, free_bits: float, group_size: int = 1) -> Tensor:
         terms: log-terms ``(K, B)`` with ``kl_dims`` ``(K, B, D)`` unless one group.
         free_bits: floor per latent dimension, nats.
         group_size: dimensions per group; must divide ``D``.
+        batch_splits: the batch mean of each group's KL is taken over this many
+            consecutive sub-batches separately (1: the whole batch; ``B`` must divide).
 
     Returns:
         A per-example ``(B,)`` tensor whose batch mean equals the free-bits KL.
@@ -174,17 +191,19 @@ def free_bits_kl(terms: Terms, free_bits: float, group_size: int = 1) -> Tensor:
     groups = kl_dims.reshape(*kl_dims.shape[:-1], d // group_size, group_size).sum(-1)
     lam = float(free_bits) * group_size
     per_example = groups.mean(0)  # (B, G)
-    batch_mean = per_example.mean(0, keepdim=True)  # (1, G)
+    batch_mean = _batch_mean(per_example, batch_splits)  # (1 or B, G)
     floor = torch.full_like(per_example, lam)
     return torch.where(batch_mean < lam, floor, per_example).sum(-1)
 
 
-def _free_bits_one_group(terms: Terms, free_bits: float, num_dims: int) -> Tensor:
+def _free_bits_one_group(
+    terms: Terms, free_bits: float, num_dims: int, batch_splits: int = 1
+) -> Tensor:
     """The whole latent vector as one group: ``max(free_bits * D, E_batch[KL])``."""
     per_example = terms.kl.mean(0)  # (B,)
     lam = float(free_bits) * num_dims
     floor = torch.full_like(per_example, lam)
-    return torch.where(per_example.mean() < lam, floor, per_example)
+    return torch.where(_batch_mean(per_example, batch_splits) < lam, floor, per_example)
 
 
 def elbo(
@@ -193,6 +212,7 @@ def elbo(
     free_bits: float = 0.0,
     num_dims: int | None = None,
     group_size: int = 1,
+    batch_splits: int = 1,
 ) -> Tensor:
     """Evidence lower bound ``E_q[log p(x|z)] - beta * KL``, per example ``(B,)``.
 
@@ -206,12 +226,14 @@ def elbo(
         num_dims: latent dimension ``D`` (needed with free bits when ``group_size`` is
             ``D``, i.e. one group, where the per-dimension terms are not used).
         group_size: free-bits group size (:func:`free_bits_kl`).
+        batch_splits: sub-batches whose KL means are floored separately
+            (:func:`free_bits_kl`).
     """
     rec = terms.log_px_z.mean(0)
     if free_bits > 0:
         if num_dims is not None and group_size == num_dims:
-            return rec - beta * _free_bits_one_group(terms, free_bits, num_dims)
-        return rec - beta * free_bits_kl(terms, free_bits, group_size)
+            return rec - beta * _free_bits_one_group(terms, free_bits, num_dims, batch_splits)
+        return rec - beta * free_bits_kl(terms, free_bits, group_size, batch_splits)
     return rec - beta * kl(terms)
 
 

@@ -935,6 +935,7 @@ def training_loss(terms: Terms, t: TrainConfig, beta: float | Tensor, latent_dim
         free_bits=t.free_bits,
         num_dims=latent_dim,
         group_size=t.free_bits_group_size,
+        batch_splits=t.free_bits_batch_splits,
     )
     return -objective.mean()
 
