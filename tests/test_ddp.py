@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -173,7 +174,9 @@ SHARD_RUN = [
 ]
 
 
-def _shard_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+def _shard_worker(
+    rank: int, world: int, port: int, run_dir: str, out: str, extra: tuple[str, ...] = ()
+) -> None:
     _env(rank, world, port)
     torch.set_num_threads(1)
     from vaeflow.config import load_config
@@ -192,22 +195,29 @@ def _shard_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> N
         return model_seen["model"]
 
     train_mod.build_model = keep
-    train(load_config(None, SHARD_RUN), run_dir)
+    train(load_config(None, [*SHARD_RUN, *extra]), run_dir)
     state = {k: v.detach().clone() for k, v in model_seen["model"].state_dict().items()}
     torch.save({"batches": seen, "state": state}, f"{out}.rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_vaeflow_data_parallel_path_shards_and_matches_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("train.free_bits=0.1", "train.free_bits_batch_splits=2")],
+    ids=["elbo", "free-bits-per-sub-batch"],
+)
+def test_vaeflow_data_parallel_path_shards_and_matches_one_process(tmp_path, extra):
     """vaeflow's own DDP path (train() under 2 gloo processes): every rank ends with the
     same parameters, rank r trained on exactly examples r, r+2, ... of every global batch
     (disjoint shards covering the batch), and the result equals one process training on
-    the full batch (the same per-example noise), to float tolerance."""
+    the full batch (the same per-example noise), to float tolerance. With free bits
+    floored per sub-batch (train.free_bits_batch_splits = 2, strided), each rank floors
+    its own shard, which is one of the two sub-batches: again one process's result."""
     out = str(tmp_path / "shard")
     mp.spawn(
         _shard_worker,
-        args=(2, _free_port(), str(tmp_path / "ddp"), out),
+        args=(2, _free_port(), str(tmp_path / "ddp"), out, tuple(extra)),
         nprocs=2,
         join=True,
     )
@@ -225,7 +235,7 @@ def test_vaeflow_data_parallel_path_shards_and_matches_one_process(tmp_path):
         _deterministic_posterior_noise()
         full: list = []
         _record_training_batches(full)
-        train(load_config(None, SHARD_RUN), tmp_path / "single")
+        train(load_config(None, [*SHARD_RUN, *extra]), tmp_path / "single")
     finally:
         posteriors.GaussianPosterior.sample, vae.VAE.forward = original
     assert len(full) == len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 5

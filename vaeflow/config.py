@@ -341,9 +341,11 @@ class TrainConfig:
             with N(0, I) or a learned Gaussian prior) — otherwise a config error at the
             start of training; ``latent_dim`` (one group) works with any model.
         free_bits_batch_splits: the floor compares each group's KL averaged over this many
-            consecutive sub-batches separately (1: the whole batch). Kingma et al.'s code
-            averages over each GPU's share (8 x 32 images in a batch of 256); must divide
-            ``data.batch_size`` (under DDP, each rank's share).
+            sub-batches of the global batch separately (strided: example ``i`` in
+            sub-batch ``i mod S``; 1: the whole batch). Kingma et al.'s code averages over
+            each GPU's share (8 x 32 images in a batch of 256). Must divide
+            ``data.batch_size``; under DDP also be a multiple of the process count (each
+            rank then floors its own ``S / world`` sub-batches, the same as one process).
         clip_norm: clip the global gradient norm to this value (``None``, the default: no
             clipping — none of the reproduced papers' codes clips unless its config says
             so; TOML has no null, so a config that clips states it and one that does not

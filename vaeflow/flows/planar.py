@@ -163,38 +163,50 @@ def polar_orthonormalize(source: Tensor, max_steps: int = POLAR_MAX_STEPS) -> Te
     Newton-Schulz step ``Q <- Q (I + (I - Q^T Q) / 2)``, which drives every singular value
     to 1 and keeps the singular vectors: the limit is the polar factor, the orthonormal
     matrix nearest to ``source``. The code stops at a tolerance of ``1e-6`` (``1e-5`` when
-    ``M = D``); here the iteration runs until ``Q^T Q = I`` to a few ulps of the dtype
-    (the quadratic convergence makes that one or two steps more), so that the Sylvester
-    determinant formula, which assumes orthonormal columns, stays exact. A different map
-    from the raw parameters than :func:`orthonormalize` (QR), onto the same set.
+    ``M = D``); here the iteration stops when ``Q^T Q = I`` to a few ulps of float32 or
+    float64 (the quadratic convergence makes that one or two steps more), so that the
+    Sylvester determinant formula, which assumes orthonormal columns, stays exact: about
+    8 steps for a well-conditioned source, 50 for a condition number of 1e8. A different
+    map from the raw parameters than :func:`orthonormalize` (QR), onto the same set.
+
+    Like the code, it never raises: after ``max_steps`` it returns the last iterate (a
+    rank-deficient source is not orthonormalised; a non-finite one stays non-finite, so
+    the training step's non-finite-loss guard skips the update). It runs in float32 or
+    float64 even under autocast (a bfloat16 Gram matrix could not reach the tolerance).
+    Under ``torch.compile`` it runs a fixed ``POLAR_COMPILED_STEPS`` steps without the
+    convergence test (a data-dependent branch would break the graph); past convergence a
+    step changes ``Q`` only by rounding.
 
     Args:
         source: ``(*, D, M)``, ``M <= D``, full column rank.
         max_steps: iterations at most (the code's ``steps = 100``).
 
     Returns:
-        ``Q (*, D, M)``.
-
-    Raises:
-        ValueError: no convergence within ``max_steps`` (a rank-deficient source).
+        ``Q (*, D, M)``, in ``source``'s dtype.
     """
-    m = source.shape[-1]
-    eye = torch.eye(m, dtype=source.dtype, device=source.device)
-    tol = 64 * m * torch.finfo(source.dtype).eps
-    q = (
-        source
-        / torch.linalg.matrix_norm(source).clamp_min(torch.finfo(source.dtype).tiny)[
-            ..., None, None
-        ]
-    )
-    for _ in range(max_steps):
-        gram = q.mT @ q
-        if (gram - eye).abs().amax() <= tol:  # one host read per step, as the code's test
-            return q
-        q = q @ (eye + 0.5 * (eye - gram))
-    raise ValueError(
-        f"polar_orthonormalize: no convergence in {max_steps} steps (rank-deficient source?)"
-    )
+    dtype = source.dtype
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    with torch.autocast(source.device.type, enabled=False):
+        src = source.to(work)
+        m = src.shape[-1]
+        eye = torch.eye(m, dtype=work, device=src.device)
+        tol = 64 * m * torch.finfo(work).eps
+        norm = torch.linalg.matrix_norm(src).clamp_min(torch.finfo(work).tiny)
+        q = src / norm[..., None, None]
+        compiling = torch.compiler.is_compiling()
+        for _ in range(POLAR_COMPILED_STEPS if compiling else max_steps):
+            gram = q.mT @ q
+            # converged? (a non-finite matrix counts as done: it stays non-finite)
+            err = torch.nan_to_num((gram - eye).abs(), nan=0.0, posinf=0.0)
+            if not compiling and not bool(err.amax() > tol):
+                break
+            q = q @ (eye + 0.5 * (eye - gram))
+    return q.to(dtype)
+
+
+#: Fixed iterations of :func:`polar_orthonormalize` inside ``torch.compile`` (enough for a
+#: condition number of about 1e8; the eager loop stops at convergence).
+POLAR_COMPILED_STEPS = 60
 
 
 #: How a Sylvester layer's ``Q`` is made orthonormal (``orthogonalization`` option).
@@ -411,8 +423,8 @@ class Planar(_SamplingOnly):
             m = s - 1.0
         else:
             m, s = shifted_softplus(wu)
-        # |w|^2 only vanishes for w = 0, where w.u = 0, m = 0 and the correction is 0 too;
-        # the clamp avoids 0/0 there.
+        # |w|^2 only vanishes for w = 0, where w.u = 0 and the correction (m - w.u) w is 0
+        # too (whatever m(0) is); the clamp avoids 0/0 there.
         wsq = (w * w).sum(-1).clamp(min=torch.finfo(w.dtype).tiny)
         uhat = u + ((m - wu) / wsq).unsqueeze(-1) * w
         return PlanarParams(uhat, w, raw["b"], m, s)
@@ -864,7 +876,6 @@ def build_planar(
         amortization: ``residual`` (free parameters + a zero-initialised context head:
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
-
         constraint: ``"shifted"`` (default: the identity at init) or ``"softplus"`` (the
             paper's ``-1 + softplus``); see :class:`Planar`.
 
@@ -873,7 +884,7 @@ def build_planar(
 
     Returns:
         A :class:`Composite` whose ``inverse`` is the flow, exactly the identity at init
-        (``residual``).
+        with ``residual`` amortisation and the ``shifted`` constraint.
 
     References:
         Rezende & Mohamed 2015, arXiv:1505.05770.
@@ -903,11 +914,7 @@ def build_radial(
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-        constraint: ``"shifted"`` (default: the identity at init) or ``"softplus"`` (the
-            paper's ``-1 + softplus``); see :class:`Planar`.
-
-    Options: ``amortization`` and ``constraint`` (any other keyword is a ``TypeError``
-    naming it).
+    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
 
     Returns:
         A :class:`Composite`, exactly the identity at init (``residual``).
@@ -1022,11 +1029,7 @@ def build_sylvester_triangular(
             the identity at init) or ``linear`` (each parameter a ``Linear`` of the
             context, torch's init: van den Berg et al.'s code); see ``_AmortisedParams``.
 
-        constraint: ``"shifted"`` (default: the identity at init) or ``"softplus"`` (the
-            paper's ``-1 + softplus``); see :class:`Planar`.
-
-    Options: ``amortization`` and ``constraint`` (any other keyword is a ``TypeError``
-    naming it).
+    Options: ``amortization`` only (any other keyword is a ``TypeError`` naming it).
 
     Returns:
         A :class:`Composite`, exactly the identity at init (``residual``).

@@ -136,15 +136,17 @@ def kl(terms: Terms) -> Tensor:
 
 def _batch_mean(per_example: Tensor, batch_splits: int) -> Tensor:
     """Mean over the batch ``(B, *)`` -> ``(1, *)``, or with ``batch_splits = S`` over each of
-    ``S`` consecutive sub-batches, broadcast back to ``(B, *)`` (Kingma et al.'s code floors
-    each GPU's mean: its batch of 256 is 8 GPUs x 32 images)."""
+    ``S`` strided sub-batches (example ``i`` in sub-batch ``i mod S``), broadcast back to
+    ``(B, *)``: Kingma et al.'s code floors each GPU's mean (its batch of 256 is 8 GPUs x 32
+    images). Strided, not consecutive, so that under DDP a rank's strided shard
+    ``x[rank::world]`` split ``S / world`` ways gives exactly its global sub-batches."""
     if batch_splits == 1:
         return per_example.mean(0, keepdim=True)
     b = per_example.shape[0]
     if batch_splits < 1 or b % batch_splits:
         raise ValueError(f"free bits: batch_splits={batch_splits} must be >= 1 and divide B={b}")
-    parts = per_example.reshape(batch_splits, b // batch_splits, *per_example.shape[1:])
-    return parts.mean(1, keepdim=True).expand_as(parts).reshape(per_example.shape)
+    parts = per_example.reshape(b // batch_splits, batch_splits, *per_example.shape[1:])
+    return parts.mean(0, keepdim=True).expand_as(parts).reshape(per_example.shape)
 
 
 def free_bits_kl(
@@ -167,7 +169,8 @@ def free_bits_kl(
         free_bits: floor per latent dimension, nats.
         group_size: dimensions per group; must divide ``D``.
         batch_splits: the batch mean of each group's KL is taken over this many
-            consecutive sub-batches separately (1: the whole batch; ``B`` must divide).
+            strided sub-batches separately (example ``i`` in sub-batch ``i mod S``; 1: the
+            whole batch; ``S`` must divide ``B``).
 
     Returns:
         A per-example ``(B,)`` tensor whose batch mean equals the free-bits KL.

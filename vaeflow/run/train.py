@@ -486,6 +486,7 @@ def train(
         split, which ``"validation"`` then says), steps, skipped updates, timing.
     """
     run = _setup_run(cfg, run_dir, resume, splits)
+    cfg = run.cfg  # under DDP the loss's per-rank settings (see _setup_run)
     t = cfg.train
     t_start = time.perf_counter()
     steps_done = 0
@@ -687,6 +688,19 @@ def _setup_run(
             f"data.batch_size = {cfg.data.batch_size} is the global batch and must be "
             f"divisible by the {ctx.world} processes"
         )
+    run_cfg = cfg  # what the loop reads; config.json keeps cfg as written
+    if ctx.active and t.free_bits_batch_splits > 1:
+        # The S sub-batches are strided over the global batch (bounds._batch_mean), and
+        # each rank holds the strided shard x[rank::world]: its own S / world strided
+        # sub-batches are exactly its share of the global S, so DDP floors as one process.
+        if t.free_bits_batch_splits % ctx.world:
+            raise ConfigError(
+                f"train.free_bits_batch_splits = {t.free_bits_batch_splits} sub-batches of "
+                f"the global batch cannot be shared by {ctx.world} processes; use a multiple "
+                f"of {ctx.world}"
+            )
+        t = dataclasses.replace(t, free_bits_batch_splits=t.free_bits_batch_splits // ctx.world)
+        run_cfg = dataclasses.replace(cfg, train=t)
     amp = t.amp and device.type == "cuda"
     if t.amp and not amp:
         warnings.warn(
@@ -773,7 +787,7 @@ def _setup_run(
         frozen = _prior_parameters(model) if t.prior_freeze_steps else []
         compiled = _CompiledStep(model, opt, sched, ema, t, device, frozen)
     return _Run(
-        cfg=cfg,
+        cfg=run_cfg,
         run_dir=run_dir,
         ckpt_dir=ckpt_dir,
         ctx=ctx,
