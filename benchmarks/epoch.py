@@ -84,9 +84,11 @@ SMALL_TOPDOWN = [
     "model.topdown.latent_channels=2",
     "model.topdown.layers_per_resolution=[1]",
     "model.posterior.hidden=8",
-    "model.posterior.context_features=4",
+    # = hidden: the authors' conv IAF (weight_norm = "iaf_code") adds the context as it is
+    "model.posterior.context_features=8",
     "data.batch_size=4",
     "train.free_bits_group_size=1",
+    "train.free_bits_batch_splits=1",
 ]
 
 
@@ -98,6 +100,12 @@ def small_overrides(base: Path, overrides: list[str]) -> list[str]:
     small = SMALL_TOPDOWN if model.topdown is not None else SMALL
     if not model.posterior.context_projection:
         small = [o for o in small if not o.startswith("model.posterior.context_features=")]
+    elif model.posterior.options.get("made") == "sylvester_code":
+        # that MADE adds its (projected) context as it is: as wide as its hidden layers
+        small = [
+            "model.posterior.context_features=8" if o.startswith("model.posterior.context_") else o
+            for o in small
+        ]
     return small
 
 

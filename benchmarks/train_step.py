@@ -141,6 +141,7 @@ SMALL = {
         "model.posterior.context_features=8",
         "train.free_bits_group_size=1",
         "data.batch_size=4",
+        "train.free_bits_batch_splits=1",
     ],
     "rezende_planar_k80": [
         "model.encoder.options={hidden=[16]}",
