@@ -733,16 +733,14 @@ class Labeller:
         for key in dict.fromkeys([*TITLE_KEYS, *self.user_keys]):
             if key in varying or not configs or any(key not in c for c in configs):
                 continue
-            if key == "model.posterior.num_layers" and all(
-                c.get("model.posterior.flow") == "none" for c in configs
-            ):
+            if key == "model.posterior.num_layers" and not any(_applies(key, c) for c in configs):
                 continue  # no posterior flow: its number of steps says nothing
             if len({repr(c[key]) for c in configs}) == 1:
                 text = self.value(key, configs[0][key])
                 if text != "none":
                     name = self.name(key)
-                    if key == "model.posterior.num_layers" and any(
-                        c.get("model.posterior.flow") == "none" for c in configs
+                    if key == "model.posterior.num_layers" and not all(
+                        _applies(key, c) for c in configs
                     ):
                         name += " (flow posteriors)"  # some rows have none: not theirs
                     parts.append(f"{name}: {text}")
