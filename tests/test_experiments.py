@@ -141,6 +141,19 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
         assert t.clip_norm is None and t.early_stopping is None and t.ema_decay == 0.999
     mnist = load_config(EXPERIMENTS / "kingma2016_iaf" / "mnist.toml")
     assert (mnist.data.dataset, mnist.data.binarization, mnist.eval.k) == ("mnist", "dynamic", 128)
+    # appendix B: strided ResNet blocks of [16, 32, 32] maps, a stride-1 block between,
+    # a 450-unit dense layer, ELU, weight norm with data init; the decoder its mirror
+    for net, width in ((mnist.model.encoder, "out_features"), (mnist.model.decoder, "hidden")):
+        assert net.name == "strided_resnet"
+        o = net.options
+        assert (o["channels"], o["unstrided"], o[width], o["activation"]) == (
+            [16, 32, 32],
+            1,
+            450,
+            "elu",
+        )
+        assert o["weight_norm"] == "iaf_code"
+    assert mnist.model.latent_dim == 32
     cifar = load_config(EXPERIMENTS / "kingma2016_iaf" / "cifar10.toml")
     assert cifar.model.likelihood == "discretized_logistic"
     assert cifar.model.likelihood_options == {"scale": "per_channel"}

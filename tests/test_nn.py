@@ -37,6 +37,11 @@ TINY_ENC = {
         (2, 4, 4),
         {"channels": 3, "num_blocks": 2, "num_downsamples": 1, "weight_norm": True},
     ),
+    "strided_resnet": ((1, 7, 7), {"channels": (3, 4), "out_features": 5, "weight_norm": False}),
+    "strided_resnet_wn": (
+        (2, 6, 5),
+        {"channels": (3, 4, 2), "unstrided": 2, "out_features": 6, "weight_norm": "iaf_code"},
+    ),
 }
 TINY_DEC = {
     "mlp": ((1, 4, 4), {"hidden": (7, 5)}),
@@ -47,6 +52,11 @@ TINY_DEC = {
     "resnet_wn": (
         (2, 4, 4),
         {"channels": 3, "num_blocks": 2, "num_upsamples": 1, "weight_norm": True},
+    ),
+    "strided_resnet": ((1, 7, 7), {"channels": (3, 4), "hidden": 5, "weight_norm": True}),
+    "strided_resnet_wn": (
+        (2, 6, 5),
+        {"channels": (3, 4, 2), "unstrided": 2, "hidden": 6, "weight_norm": "iaf_code"},
     ),
 }
 LATENT = 3
@@ -59,7 +69,12 @@ def make_encoder(key: str) -> nn.Module:
 
 def make_decoder(key: str) -> nn.Module:
     param_shape, kw = TINY_DEC[key]
-    name = {"mlp_linear": "mlp", "mlp_gated": "mlp", "resnet_wn": "resnet"}.get(key, key)
+    name = {
+        "mlp_linear": "mlp",
+        "mlp_gated": "mlp",
+        "resnet_wn": "resnet",
+        "strided_resnet_wn": "strided_resnet",
+    }.get(key, key)
     return build_decoder(name, LATENT, param_shape, **kw)
 
 
@@ -365,7 +380,7 @@ def test_dtypes(dtype, key):
 
 
 def test_registries_list_every_family():
-    assert set(ENCODERS) == set(DECODERS) == {"mlp", "gated_conv", "resnet"}
+    assert set(ENCODERS) == set(DECODERS) == {"mlp", "gated_conv", "resnet", "strided_resnet"}
     assert isinstance(
         build_encoder("gated_conv", (1, 8, 8), channels=(2,), strides=(2,)), GatedConvEncoder
     )

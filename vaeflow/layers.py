@@ -14,7 +14,7 @@ rest of the batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -37,6 +37,11 @@ __all__ = [
     "WEIGHT_NORMS",
     "IAFCodeConv2d",
     "IAFCodeConvTranspose2d",
+    "IAFCodeLinear",
+    "check_weight_norm",
+    "wn_conv",
+    "wn_linear",
+    "StridedResidualBlock",
     "weight_norm_data_init",
     "data_init_active",
 ]
@@ -344,7 +349,9 @@ class ResidualBlock(nn.Module):
     Args:
         channels: channels in and out.
         activation: name from :data:`ACTIVATIONS`.
-        weight_norm: weight-normalise both convs (Salimans & Kingma 2016).
+        weight_norm: a :data:`WEIGHT_NORMS` setting for both convs (Salimans & Kingma
+            2016); under ``"iaf_code"`` the last conv's data init, not a zero gain, sets
+            its scale.
 
     Shapes:
         ``(N, channels, H, W) -> (N, channels, H, W)``.
@@ -354,13 +361,15 @@ class ResidualBlock(nn.Module):
         Child 2021 (vdvae), arXiv:2011.10650; Salimans & Kingma 2016, arXiv:1602.07868.
     """
 
-    def __init__(self, channels: int, activation: str = "silu", weight_norm: bool = False):
+    def __init__(
+        self, channels: int, activation: str = "silu", weight_norm: bool | str = False
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             make_activation(activation),
-            maybe_weight_norm(nn.Conv2d(channels, channels, 3, padding=1), weight_norm),
+            wn_conv(channels, channels, 3, 1, weight_norm),
             make_activation(activation),
-            maybe_weight_norm(nn.Conv2d(channels, channels, 3, padding=1), weight_norm, zero=True),
+            wn_conv(channels, channels, 3, 1, weight_norm, zero=True),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -436,13 +445,17 @@ class _IAFCodeWeightNorm:
         # init_scale, and store g = log(scale) / 3 and b = -mean * scale (not the g that
         # would reproduce that normalisation: the code applies exp(g), i.e. scale^(1/3)).
         y = self._conv(x, v, None)
-        mean = y.mean((0, 2, 3))
-        var = y.var((0, 2, 3), unbiased=False)
+        # Per-output-channel moments over every other dim: (0, 2, 3) for a conv's
+        # (N, C, H, W), (0,) for a dense layer's (N, C).
+        dims = tuple(d for d in range(y.dim()) if d != 1)
+        mean = y.mean(dims)
+        var = y.var(dims, unbiased=False)
         scale = self.init_scale / torch.sqrt(var + 1e-10)
         with torch.no_grad():
             self.log_gain.copy_(torch.log(scale) / 3.0)
             self.bias.copy_(-mean * scale)
-        return scale.reshape(1, -1, 1, 1) * (y - mean.reshape(1, -1, 1, 1))
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        return scale.reshape(shape) * (y - mean.reshape(shape))
 
 
 class IAFCodeConv2d(_IAFCodeWeightNorm, nn.Conv2d):
@@ -502,7 +515,7 @@ class IAFCodeConvTranspose2d(_IAFCodeWeightNorm, nn.ConvTranspose2d):
         kernel_size: int,
         stride: int = 1,
         padding: int = 0,
-        output_padding: int = 0,
+        output_padding: int | tuple[int, int] = 0,
         init_scale: float = 0.1,
     ) -> None:
         nn.ConvTranspose2d.__init__(
@@ -514,3 +527,136 @@ class IAFCodeConvTranspose2d(_IAFCodeWeightNorm, nn.ConvTranspose2d):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
+
+
+class IAFCodeLinear(_IAFCodeWeightNorm, nn.Linear):
+    """The dense layer of the same code (``tf_utils/layers.py`` ``linear``):
+    ``w = exp(g) v / |v|`` per output unit (torch's weight ``(out, in)`` normalised over
+    ``in``), ``v ~ N(0, 0.05^2)``, bias zero, and the same data init as
+    :class:`IAFCodeConv2d` with the moments taken over the batch.
+
+    Shapes:
+        ``(N, in_features) -> (N, out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, init_scale: float = 0.1) -> None:
+        nn.Linear.__init__(self, in_features, out_features)
+        self._gain_shape = (-1, 1)
+        self._norm_dims = (1,)
+        self._setup(out_features, init_scale, None)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
+# -------------------------------------------------- layers that take any WEIGHT_NORMS setting
+
+
+def check_weight_norm(weight_norm: bool | str) -> None:
+    """A typo such as ``"iaf-code"`` must not quietly become torch's weight norm."""
+    if not (isinstance(weight_norm, bool) or weight_norm == "iaf_code"):
+        raise ValueError(f"weight_norm={weight_norm!r} is not one of {WEIGHT_NORMS}")
+
+
+def wn_conv(
+    c_in: int,
+    c_out: int,
+    kernel: int,
+    stride: int = 1,
+    weight_norm: bool | str = False,
+    transpose: bool = False,
+    output_padding: int | tuple[int, int] = 0,
+    zero: bool = False,
+) -> nn.Module:
+    """A ``kernel x kernel`` conv (padding ``kernel // 2``), or its transpose, under a
+    :data:`WEIGHT_NORMS` setting. ``zero`` (ignored under ``"iaf_code"``, whose data init
+    sets the gain) starts it at an all-zero output, as :func:`maybe_weight_norm`."""
+    check_weight_norm(weight_norm)
+    pad = kernel // 2
+    if weight_norm == "iaf_code":
+        if transpose:
+            return IAFCodeConvTranspose2d(c_in, c_out, kernel, stride, pad, output_padding)
+        return IAFCodeConv2d(c_in, c_out, kernel, stride, pad)
+    if transpose:
+        conv: nn.Module = nn.ConvTranspose2d(c_in, c_out, kernel, stride, pad, output_padding)
+    else:
+        conv = nn.Conv2d(c_in, c_out, kernel, stride, pad)
+    return maybe_weight_norm(conv, bool(weight_norm), zero=zero)
+
+
+def wn_linear(n_in: int, n_out: int, weight_norm: bool | str = False) -> nn.Module:
+    """A dense layer under a :data:`WEIGHT_NORMS` setting."""
+    check_weight_norm(weight_norm)
+    if weight_norm == "iaf_code":
+        return IAFCodeLinear(n_in, n_out)
+    return maybe_weight_norm(nn.Linear(n_in, n_out), bool(weight_norm))
+
+
+class StridedResidualBlock(nn.Module):
+    """Pre-activation residual block that halves or doubles the resolution and may change
+    the width: ``shortcut(x) + conv(act(conv_s2(act(x))))``.
+
+    Down (``up=False``): the branch's first 3x3 conv has stride 2 (``H -> ceil(H / 2)``,
+    so 28 -> 14 -> 7 -> 4); the shortcut is a stride-2 1x1 conv (He et al.'s projection
+    shortcut, i.e. every other pixel, then a channel map). Up (``up=True``): the branch's
+    first conv is a stride-2 3x3 *transposed* conv to exactly ``out_size`` (its
+    ``output_padding`` chosen for it: 4 -> 7 needs 0, 7 -> 14 needs 1); the shortcut is
+    nearest-neighbour upsampling to ``out_size`` followed by a 1x1 conv. The paper that
+    uses such blocks (Kingma et al. 2016, appendix B, MNIST) names neither shortcut; these
+    are the standard ones. The branch's last conv starts at zero (torch weight norm or
+    none) so the block starts as its shortcut, as :class:`ResidualBlock`.
+
+    Args:
+        c_in, c_out: channels in and out.
+        up: upsample instead of downsample.
+        out_size: ``(H, W)`` of the output when ``up`` (required then).
+        in_size: ``(H, W)`` of the input when ``up`` (required then).
+        activation: name from :data:`ACTIVATIONS`.
+        weight_norm: a :data:`WEIGHT_NORMS` setting.
+
+    Shapes:
+        ``(N, c_in, H, W) -> (N, c_out, ceil(H / 2), ceil(W / 2))`` down,
+        ``(N, c_in, H, W) -> (N, c_out, *out_size)`` up.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        up: bool = False,
+        out_size: Sequence[int] | None = None,
+        in_size: Sequence[int] | None = None,
+        activation: str = "elu",
+        weight_norm: bool | str = False,
+    ) -> None:
+        super().__init__()
+        self.up = up
+        wn = weight_norm
+        if up:
+            if out_size is None or in_size is None:
+                raise ValueError("an upsampling block needs in_size and out_size")
+            self.out_size = (int(out_size[0]), int(out_size[1]))
+            # A stride-2, padding-1, 3x3 transposed conv gives 2 H - 1 (+ output_padding).
+            pads = tuple(o - (2 * int(i) - 1) for i, o in zip(in_size, self.out_size, strict=True))
+            if any(pad not in (0, 1) for pad in pads):
+                raise ValueError(
+                    f"cannot upsample {tuple(in_size)} to {self.out_size} by a factor of 2"
+                )
+            first = wn_conv(c_in, c_out, 3, 2, wn, transpose=True, output_padding=pads)
+        else:
+            self.out_size = None
+            first = wn_conv(c_in, c_out, 3, 2, wn)
+        self.branch = nn.Sequential(
+            make_activation(activation),
+            first,
+            make_activation(activation),
+            wn_conv(c_out, c_out, 3, 1, wn, zero=True),
+        )
+        self.shortcut = wn_conv(c_in, c_out, 1, 1 if up else 2, wn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.up:
+            skip = F.interpolate(x, size=self.out_size, mode="nearest")
+        else:
+            skip = x
+        return self.shortcut(skip) + self.branch(x)

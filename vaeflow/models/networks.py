@@ -37,9 +37,13 @@ from ..layers import (
     GatedConvTranspose2d,
     GatedLinear,
     ResidualBlock,
+    StridedResidualBlock,
+    check_weight_norm,
     flatten_leading,
     make_activation,
     maybe_weight_norm,
+    wn_conv,
+    wn_linear,
     zero_init,
 )
 
@@ -50,6 +54,8 @@ __all__ = [
     "GatedConvDecoder",
     "ResNetEncoder",
     "ResNetDecoder",
+    "StridedResNetEncoder",
+    "StridedResNetDecoder",
     "ENCODERS",
     "DECODERS",
     "build_encoder",
@@ -510,15 +516,197 @@ class ResNetDecoder(nn.Module):
         return self.net(z).reshape(*lead, *self.param_shape)
 
 
+def _halvings(size: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """Spatial sizes after 0..n stride-2, padding-1 3x3 convs: ``H -> ceil(H / 2)``."""
+    sizes = [(int(size[0]), int(size[1]))]
+    for _ in range(n):
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+def _stage_widths(channels: int | Sequence[int]) -> tuple[int, ...]:
+    widths = (int(channels),) if isinstance(channels, int) else tuple(int(c) for c in channels)
+    if not widths or any(c < 1 for c in widths):
+        raise ValueError(f"channels needs at least one width, all >= 1; got {channels!r}")
+    return widths
+
+
+class StridedResNetEncoder(_ImageEncoder):
+    """Residual encoder whose downsampling is done by strided residual blocks, one width
+    per resolution: Kingma et al.'s MNIST network (2016, appendix B).
+
+    For ``channels = (16, 32, 32)`` and ``unstrided = 1``: a stride-2 block to 16 maps,
+    a stride-1 block, a stride-2 block to 32, a stride-1 block, a stride-2 block to 32
+    (28x28 -> 14 -> 7 -> 4; any size works, each stride halves it rounding up), then the
+    activation, flatten and a dense layer of ``out_features`` (450) with the activation.
+    ``unstrided`` stride-1 :class:`~vaeflow.layers.ResidualBlock` sit *between* strided
+    ones (the paper: "a stride-1 block between strided ones"), not after the last.
+
+    Args:
+        x_shape: ``(C, H, W)``.
+        channels: width after each strided block (its length = number of halvings).
+        unstrided: stride-1 residual blocks between two strided ones.
+        out_features: feature width (the dense layer).
+        activation: name from :data:`~vaeflow.layers.ACTIVATIONS` (paper: ELU).
+        weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting: ``True`` (torch's),
+            ``False`` or ``"iaf_code"`` (the IAF code's weight norm with its data-dependent
+            init, which the paper's networks use: run by ``vaeflow train`` on the first
+            batch).
+        center: map inputs from ``[0, 1]`` to ``[-1, 1]`` first (see the module doc).
+
+    Shapes:
+        ``(*lead, C, H, W) -> (*lead, out_features)``.
+
+    References:
+        Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive
+        Flow", arXiv:1606.04934, appendix B; He et al. 2016, arXiv:1603.05027.
+    """
+
+    def __init__(
+        self,
+        x_shape: Sequence[int] = (1, 28, 28),
+        channels: int | Sequence[int] = (16, 32, 32),
+        unstrided: int = 1,
+        out_features: int = 450,
+        activation: str = "elu",
+        weight_norm: bool | str = True,
+        center: bool = False,
+    ) -> None:
+        super().__init__()
+        self.x_shape = _positive_shape(x_shape)
+        if len(self.x_shape) != 3:
+            raise ValueError(f"x_shape must be (C, H, W), got {self.x_shape}")
+        if unstrided < 0:
+            raise ValueError(f"unstrided must be >= 0, got {unstrided}")
+        check_weight_norm(weight_norm)
+        widths = _stage_widths(channels)
+        c, h, w = self.x_shape
+        self._set_center(center)
+        wn = weight_norm
+        layers: list[nn.Module] = []
+        c_in = c
+        for i, c_out in enumerate(widths):
+            if i > 0:
+                layers += [ResidualBlock(c_in, activation, wn) for _ in range(unstrided)]
+            layers.append(StridedResidualBlock(c_in, c_out, activation=activation, weight_norm=wn))
+            c_in = c_out
+        last = _halvings((h, w), len(widths))[-1]
+        layers += [
+            make_activation(activation),
+            nn.Flatten(),
+            wn_linear(c_in * last[0] * last[1], out_features, wn),
+            make_activation(activation),
+        ]
+        self.net = nn.Sequential(*layers)
+        self.out_features = out_features
+
+
+class StridedResNetDecoder(nn.Module):
+    """The mirror of :class:`StridedResNetEncoder` (the paper's "symmetric" decoder).
+
+    ``z`` -> dense ``hidden`` (450) -> activation -> dense to the encoder's last map
+    (``channels[-1]`` x 4 x 4 for MNIST) -> activation; then, for the widths in reverse
+    order, a strided *up* block (transposed 3x3 conv, exact output size: 4 -> 7 -> 14 ->
+    28) with ``unstrided`` stride-1 blocks between up blocks; finally the activation and a
+    3x3 conv to the ``P`` parameter channels. Widths: ``(16, 32, 32)`` decodes as 32 -> 32
+    (to 7x7), 32 -> 16 (to 14x14), 16 -> 16 (to 28x28), each up block ending at the width
+    the encoder had at that resolution's input side.
+
+    Args:
+        latent_dim: ``D``.
+        param_shape: ``(P, H, W)``.
+        channels: the encoder's widths (same order as the encoder's).
+        unstrided: stride-1 residual blocks between two up blocks.
+        hidden: width of the first dense layer (paper: 450).
+        activation: name from :data:`~vaeflow.layers.ACTIVATIONS`.
+        weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting.
+        zero_last: zero-initialise the output conv (not with ``"iaf_code"``).
+
+    Shapes:
+        ``(*lead, latent_dim) -> (*lead, P, H, W)``.
+
+    References:
+        Kingma et al. 2016, arXiv:1606.04934, appendix B.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        param_shape: Sequence[int] = (1, 28, 28),
+        channels: int | Sequence[int] = (16, 32, 32),
+        unstrided: int = 1,
+        hidden: int = 450,
+        activation: str = "elu",
+        weight_norm: bool | str = True,
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.param_shape = _positive_shape(param_shape)
+        if len(self.param_shape) != 3:
+            raise ValueError(f"param_shape must be (P, H, W), got {self.param_shape}")
+        if unstrided < 0:
+            raise ValueError(f"unstrided must be >= 0, got {unstrided}")
+        check_weight_norm(weight_norm)
+        if zero_last and weight_norm == "iaf_code":
+            raise ValueError('zero_last does not apply with weight_norm = "iaf_code"')
+        widths = _stage_widths(channels)
+        p, h, w = self.param_shape
+        wn = weight_norm
+        sizes = _halvings((h, w), len(widths))
+        base = (widths[-1], *sizes[-1])
+        layers: list[nn.Module] = [
+            wn_linear(latent_dim, hidden, wn),
+            make_activation(activation),
+            wn_linear(hidden, math.prod(base), wn),
+            make_activation(activation),
+            nn.Unflatten(1, base),
+        ]
+        # Up block j goes from resolution n - j to n - j - 1 and ends at the width the
+        # encoder had there: widths[n - j - 2], or widths[0] at full resolution.
+        n = len(widths)
+        c_in = widths[-1]
+        for j in range(n):
+            if j > 0:
+                layers += [ResidualBlock(c_in, activation, wn) for _ in range(unstrided)]
+            c_out = widths[max(n - j - 2, 0)]
+            layers.append(
+                StridedResidualBlock(
+                    c_in,
+                    c_out,
+                    up=True,
+                    in_size=sizes[n - j],
+                    out_size=sizes[n - j - 1],
+                    activation=activation,
+                    weight_norm=wn,
+                )
+            )
+            c_in = c_out
+        layers += [
+            make_activation(activation),
+            wn_conv(c_in, p, 3, 1, wn, zero=zero_last),
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Map ``z`` of shape ``(*lead, latent_dim)`` to ``(*lead, P, H, W)``."""
+        _check_trailing(z, (self.latent_dim,), type(self).__name__)
+        z, lead = flatten_leading(z, 1)
+        return self.net(z).reshape(*lead, *self.param_shape)
+
+
 ENCODERS: dict[str, type[nn.Module]] = {
     "mlp": MLPEncoder,
     "gated_conv": GatedConvEncoder,
     "resnet": ResNetEncoder,
+    "strided_resnet": StridedResNetEncoder,
 }
 DECODERS: dict[str, type[nn.Module]] = {
     "mlp": MLPDecoder,
     "gated_conv": GatedConvDecoder,
     "resnet": ResNetDecoder,
+    "strided_resnet": StridedResNetDecoder,
 }
 
 

@@ -49,12 +49,9 @@ from torch import Tensor, nn
 
 from ..flows.base import Transform
 from ..layers import (
-    WEIGHT_NORMS,
-    IAFCodeConv2d,
-    IAFCodeConvTranspose2d,
     data_init_active,
     make_activation,
-    maybe_weight_norm,
+    wn_conv,
 )
 from .bounds import Terms
 from .posteriors import LOG_STD_BOUND, PosteriorSample
@@ -513,21 +510,11 @@ class _JointPosterior:
 # ----------------------------------------------------------------------------- ResNet blocks
 
 
-def _check_weight_norm(weight_norm: bool | str) -> None:
-    """A typo such as ``"iaf-code"`` must not quietly become torch's weight norm."""
-    if not (isinstance(weight_norm, bool) or weight_norm == "iaf_code"):
-        raise ValueError(f"weight_norm={weight_norm!r} is not one of {WEIGHT_NORMS}")
-
-
 def _conv(
     c_in: int, c_out: int, weight_norm: bool | str, kernel: int = 3, stride: int = 1
 ) -> nn.Module:
     """A conv of the ResNet blocks; ``weight_norm``: see :data:`~vaeflow.layers.WEIGHT_NORMS`."""
-    _check_weight_norm(weight_norm)
-    if weight_norm == "iaf_code":
-        return IAFCodeConv2d(c_in, c_out, kernel, stride, kernel // 2, init_scale=0.1)
-    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
-    return maybe_weight_norm(conv, bool(weight_norm))
+    return wn_conv(c_in, c_out, kernel, stride, weight_norm)
 
 
 class ConvUp(nn.Module):
@@ -698,16 +685,9 @@ class ConvHead(nn.Module):
     ):
         super().__init__()
         self.act = make_activation(activation)
-        _check_weight_norm(weight_norm)
-        if weight_norm == "iaf_code":
-            self.deconv: nn.Module = IAFCodeConvTranspose2d(
-                channels, param_channels, 5, 2, padding=2, output_padding=1, init_scale=0.1
-            )
-        else:
-            deconv = nn.ConvTranspose2d(
-                channels, param_channels, 5, 2, padding=2, output_padding=1
-            )
-            self.deconv = maybe_weight_norm(deconv, bool(weight_norm))
+        self.deconv = wn_conv(
+            channels, param_channels, 5, 2, weight_norm, transpose=True, output_padding=1
+        )
 
     def forward(self, h: Tensor) -> Tensor:
         return self.deconv(self.act(h))

@@ -58,7 +58,7 @@ from ..data import (
     to_memory_format,
     to_unit_interval,
 )
-from ..layers import IAFCodeConv2d, IAFCodeConvTranspose2d, weight_norm_data_init
+from ..layers import IAFCodeConv2d, IAFCodeConvTranspose2d, IAFCodeLinear, weight_norm_data_init
 from ..models.bounds import Terms, elbo, iwae
 from ..models.build import build_model
 from ..models.init import output_bias_from_data_
@@ -1396,7 +1396,8 @@ def _init_pseudo_inputs_from_data(model: VAE, x_train: Tensor, seed: int) -> Non
 def needs_data_init(model: nn.Module) -> bool:
     """Whether ``model`` has layers with the IAF code's data-dependent init
     (``weight_norm = "iaf_code"``)."""
-    return any(isinstance(m, (IAFCodeConv2d, IAFCodeConvTranspose2d)) for m in model.modules())
+    data_init_layers = (IAFCodeConv2d, IAFCodeConvTranspose2d, IAFCodeLinear)
+    return any(isinstance(m, data_init_layers) for m in model.modules())
 
 
 def _data_dependent_init(model: nn.Module, x: Tensor, seed: int) -> None:
