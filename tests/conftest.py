@@ -33,6 +33,23 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def data_init_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the batches ``vaeflow train`` ran its data-dependent init pass on
+    (``vaeflow.run.train._data_dependent_init``, still run), one entry per pass."""
+    import vaeflow.run.train as train_mod
+
+    calls: list[tuple[int, ...]] = []
+    real = train_mod._data_dependent_init
+
+    def counting(model, x, seed):
+        calls.append(tuple(x.shape))
+        real(model, x, seed)
+
+    monkeypatch.setattr(train_mod, "_data_dependent_init", counting)
+    return calls
+
+
 # The long end-to-end checks (real training runs, subprocesses, benchmarks, ODE solves):
 # `pytest -m "not slow"` skips them for a fast local loop (about a minute); CI runs all.
 # A node id containing any of these strings is marked slow.

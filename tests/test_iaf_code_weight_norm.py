@@ -192,21 +192,13 @@ def test_config_accepts_the_codes_weight_norm_only():
         load_config(None, ['model.topdown={weight_norm="tf"}'])
 
 
-def test_training_runs_the_init_pass_once_not_on_resume(tmp_path, monkeypatch):
+def test_training_runs_the_init_pass_once_not_on_resume(tmp_path, data_init_calls):
     """``vaeflow train`` initialises from the first training batch at the start of a run;
     a resumed run keeps the trained weights; the trained run evaluates."""
-    import vaeflow.run.train as train_mod
     from tests.test_topdown import TINY
     from vaeflow.cli import main as cli_main
 
-    calls = []
-    real = train_mod._data_dependent_init
-
-    def counting(model, x, seed):
-        calls.append(tuple(x.shape))
-        real(model, x, seed)
-
-    monkeypatch.setattr(train_mod, "_data_dependent_init", counting)
+    calls = data_init_calls
     code = [s for s in TINY if not s.startswith("model.")] + TINY_CODE
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[run]\nname = "wn"\nroot = "{tmp_path}"\n')

@@ -168,22 +168,14 @@ def test_bad_settings_are_refused():
         StridedResidualBlock(2, 2, up=True)
 
 
-def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, monkeypatch):
+def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, data_init_calls):
     """A flat VAE with the strided ResNet and the code's weight norm: ``vaeflow train``
     runs the init pass on the first batch (its layers are detected), trains, evaluates."""
-    import vaeflow.run.train as train_mod
+    from tests.test_topdown import DATA
     from vaeflow.cli import main as cli_main
 
-    calls = []
-    real = train_mod._data_dependent_init
-
-    def counting(model, x, seed):
-        calls.append(tuple(x.shape))
-        real(model, x, seed)
-
-    monkeypatch.setattr(train_mod, "_data_dependent_init", counting)
+    calls = data_init_calls
     net = 'channels=[4, 4], out_features=16, weight_norm="iaf_code"'
-    from tests.test_topdown import DATA
 
     sets = [
         f'data.root="{DATA}"',

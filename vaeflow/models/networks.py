@@ -525,11 +525,25 @@ def _halvings(size: Sequence[int], n: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _stage_widths(channels: int | Sequence[int]) -> tuple[int, ...]:
+def _strided_plan(
+    what: str,
+    shape: Sequence[int],
+    channels: int | Sequence[int],
+    unstrided: int,
+    weight_norm: bool | str,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check the options of the strided ResNets; return the image or parameter shape
+    ``(C, H, W)`` and the widths, one per stride."""
+    image = _positive_shape(shape)
+    if len(image) != 3:
+        raise ValueError(f"{what} must be (C, H, W), got {image}")
+    if unstrided < 0:
+        raise ValueError(f"unstrided must be >= 0, got {unstrided}")
+    check_weight_norm(weight_norm)
     widths = (int(channels),) if isinstance(channels, int) else tuple(int(c) for c in channels)
     if not widths or any(c < 1 for c in widths):
         raise ValueError(f"channels needs at least one width, all >= 1; got {channels!r}")
-    return widths
+    return image, widths
 
 
 class StridedResNetEncoder(_ImageEncoder):
@@ -574,13 +588,7 @@ class StridedResNetEncoder(_ImageEncoder):
         center: bool = False,
     ) -> None:
         super().__init__()
-        self.x_shape = _positive_shape(x_shape)
-        if len(self.x_shape) != 3:
-            raise ValueError(f"x_shape must be (C, H, W), got {self.x_shape}")
-        if unstrided < 0:
-            raise ValueError(f"unstrided must be >= 0, got {unstrided}")
-        check_weight_norm(weight_norm)
-        widths = _stage_widths(channels)
+        self.x_shape, widths = _strided_plan("x_shape", x_shape, channels, unstrided, weight_norm)
         c, h, w = self.x_shape
         self._set_center(center)
         wn = weight_norm
@@ -643,15 +651,11 @@ class StridedResNetDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.param_shape = _positive_shape(param_shape)
-        if len(self.param_shape) != 3:
-            raise ValueError(f"param_shape must be (P, H, W), got {self.param_shape}")
-        if unstrided < 0:
-            raise ValueError(f"unstrided must be >= 0, got {unstrided}")
-        check_weight_norm(weight_norm)
+        self.param_shape, widths = _strided_plan(
+            "param_shape", param_shape, channels, unstrided, weight_norm
+        )
         if zero_last and weight_norm == "iaf_code":
             raise ValueError('zero_last does not apply with weight_norm = "iaf_code"')
-        widths = _stage_widths(channels)
         p, h, w = self.param_shape
         wn = weight_norm
         sizes = _halvings((h, w), len(widths))
