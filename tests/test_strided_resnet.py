@@ -29,35 +29,38 @@ def _randomise(module):
 
 
 def test_down_block_by_hand(float64):
-    """``shortcut(x) + conv3x3(elu(conv3x3_s2(elu(x))))``, the shortcut a stride-2 1x1."""
+    """``shortcut(x) + conv3x3(elu(conv3x3_s2(elu(x))))``, the shortcut a stride-2 3x3
+    conv (the paper: "strided convolution ... to replace the identity connection")."""
     block = StridedResidualBlock(3, 5, activation="elu", weight_norm=False)
     _randomise(block)
     x = torch.randn(2, 3, 7, 6)
     c1, c2 = block.branch[1], block.branch[3]
     h = F.conv2d(F.elu(x), c1.weight, c1.bias, stride=2, padding=1)
     h = F.conv2d(F.elu(h), c2.weight, c2.bias, padding=1)
-    skip = F.conv2d(x, block.shortcut.weight, block.shortcut.bias, stride=2)
+    skip = F.conv2d(x, block.shortcut.weight, block.shortcut.bias, stride=2, padding=1)
     want = skip + h
     assert want.shape == (2, 5, 4, 3)  # ceil(7 / 2), ceil(6 / 2)
+    assert block.shortcut.weight.shape == (5, 3, 3, 3)
     assert torch.allclose(block(x), want, atol=1e-12)
 
 
 def test_up_block_by_hand(float64):
-    """Nearest upsampling + 1x1 on the shortcut; a stride-2 transposed 3x3 to the exact
-    size (4 -> 7 needs no output padding, 7 -> 14 needs one) on the branch."""
-    for size_in, size_out, pad in (((4, 4), (7, 7), 0), ((7, 4), (14, 8), 1)):
+    """A stride-2 transposed 3x3 to the exact size on the branch and on the shortcut
+    (the paper: "transposed convolution"); 4 -> 7 needs no output padding, 7 -> 14 one,
+    per axis."""
+    for size_in, size_out, pad in (((4, 4), (7, 7), (0, 0)), ((7, 4), (14, 7), (1, 0))):
         block = StridedResidualBlock(
             4, 2, up=True, in_size=size_in, out_size=size_out, weight_norm=False
         )
         _randomise(block)
         x = torch.randn(3, 4, *size_in)
-        c1, c2 = block.branch[1], block.branch[3]
+        c1, c2, sc = block.branch[1], block.branch[3], block.shortcut
         h = F.conv_transpose2d(
             F.elu(x), c1.weight, c1.bias, stride=2, padding=1, output_padding=pad
         )
         h = F.conv2d(F.elu(h), c2.weight, c2.bias, padding=1)
-        up = x.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., : size_out[0], : size_out[1]]
-        skip = F.conv2d(up, block.shortcut.weight, block.shortcut.bias)
+        skip = F.conv_transpose2d(x, sc.weight, sc.bias, stride=2, padding=1, output_padding=pad)
+        assert skip.shape[-2:] == size_out and sc.weight.shape == (4, 2, 3, 3)
         assert torch.allclose(block(x), skip + h, atol=1e-12)
 
 
@@ -66,9 +69,12 @@ def test_blocks_start_as_their_shortcut(float64, weight_norm):
     down = StridedResidualBlock(2, 3, weight_norm=weight_norm)
     x = torch.randn(2, 2, 6, 6)
     assert torch.equal(down(x), down.shortcut(x))
-    up = StridedResidualBlock(3, 2, up=True, in_size=(3, 3), out_size=(6, 6))
+    up = StridedResidualBlock(
+        3, 2, up=True, in_size=(3, 3), out_size=(6, 6), weight_norm=weight_norm
+    )
     y = torch.randn(2, 3, 3, 3)
-    assert torch.equal(up(y), up.shortcut(F.interpolate(y, size=(6, 6))))
+    assert torch.equal(up(y), up.shortcut(y))
+    assert up(y).shape == (2, 2, 6, 6)
 
 
 def test_the_papers_mnist_plan():
@@ -97,58 +103,105 @@ def test_the_papers_mnist_plan():
     assert dec.net[0].in_features == 32 and dec.net[0].out_features == 450
 
 
-def test_iaf_code_weight_norm_on_every_layer_and_the_data_init_sets_them():
-    enc = StridedResNetEncoder(weight_norm="iaf_code")
-    dec = StridedResNetDecoder(32, weight_norm="iaf_code")
+def _layers(net):
+    """(the IAF code's layers, every other conv or dense layer) of ``net``."""
+    from torch.nn.utils import parametrize
+
     code = (IAFCodeConv2d, IAFCodeConvTranspose2d, IAFCodeLinear)
-    for net in (enc, dec):
-        plain = [
-            m
-            for m in net.modules()
-            if type(m) in (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
-        ]
-        assert not plain
-        layers = [m for m in net.modules() if isinstance(m, code)]
-        assert layers
+    plain_types = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+    mods = list(net.modules())
+    ours = [m for m in mods if isinstance(m, code)]
+    other = [
+        m
+        for m in mods
+        if (isinstance(m, plain_types) and not isinstance(m, code))
+        or parametrize.is_parametrized(m)
+    ]
+    return ours, other
+
+
+def test_iaf_code_weight_norm_on_every_layer_and_the_data_init_sets_them():
+    """The defaults are the paper's weight norm: the IAF code's, on every conv and dense
+    layer (encoder: 5 blocks x 2-3 convs + 1 dense = 14; decoder: 2 dense + 5 blocks +
+    the output conv = 16), none torch's or plain; the init pass sets every scale."""
+    enc = StridedResNetEncoder()
+    dec = StridedResNetDecoder(32)
+    for net, count in ((enc, 3 * 3 + 2 * 2 + 1), (dec, 2 + 3 * 3 + 2 * 2 + 1)):
+        ours, other = _layers(net)
+        assert len(ours) == count and not other, (len(ours), other)
     x = torch.rand(64, 1, 28, 28).round()
     with torch.no_grad(), weight_norm_data_init():
         h = enc(x)
         dec(torch.randn(64, 32))
     for net in (enc, dec):
-        for m in net.modules():
-            if isinstance(m, code):
-                assert m.log_gain.abs().sum() > 0, m
-    # in init mode the dense layer's output is normalised per unit: mean 0, std 0.1,
-    # before the last ELU
+        for m in _layers(net)[0]:
+            gain = m.gain if isinstance(m, IAFCodeLinear) else m.log_gain
+            assert not torch.equal(
+                gain, torch.full_like(gain, float(isinstance(m, IAFCodeLinear)))
+            ), m
+    # in init mode the dense layer's output is normalised per unit to the code's
+    # init_scale 1 (mean 0, std 1) before the last ELU; afterwards the layer gives the
+    # same numbers on the same batch (g = scale, linear: no /3 as in the convs)
     lin = enc.net[-2]
+    feats = enc.net[:-2](x)
     with torch.no_grad(), weight_norm_data_init():
-        y = lin(enc.net[:-2](x))
+        y = lin(feats)
     assert torch.allclose(y.mean(0), torch.zeros(450), atol=1e-5)
-    assert torch.allclose(y.std(0, unbiased=False), torch.full((450,), 0.1), rtol=1e-3)
+    assert torch.allclose(y.std(0, unbiased=False), torch.ones(450), rtol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(lin(feats), y, atol=1e-5)
     assert torch.isfinite(h).all()
 
 
-def test_iaf_code_linear_is_exp_gain_times_unit_rows(float64):
+def test_iaf_code_linear_is_the_codes_linear(float64):
+    """openai/iaf tf_utils/layers.py ``linear``: ``x V * g / |V|_col + b``; its init pass
+    stores ``g = init_scale / s`` and ``b = -m init_scale / s`` (moments per unit over the
+    batch, init_scale 1 by default) and returns the normalised output."""
     lin = IAFCodeLinear(5, 3)
     with torch.no_grad():
-        lin.log_gain.copy_(torch.randn(3))
+        lin.gain.copy_(torch.randn(3))
         lin.bias.copy_(torch.randn(3))
     x = torch.randn(4, 5)
-    w = torch.exp(lin.log_gain)[:, None] * lin.weight / lin.weight.norm(dim=1, keepdim=True)
-    assert torch.allclose(lin(x), x @ w.T + lin.bias, atol=1e-12)
-    # the data init: moments of x v^T / |v| per unit, g = log(0.1 / s) / 3, b = -m 0.1 / s
-    y = x @ (lin.weight / lin.weight.norm(dim=1, keepdim=True)).T
+    v = lin.weight.T  # the code's V: (in, out)
+    want = (x @ v) * (lin.gain / v.square().sum(0).sqrt()) + lin.bias
+    assert torch.allclose(lin(x), want, atol=1e-12)
+    y = x @ (v / v.norm(dim=0))
     m, s = y.mean(0), y.std(0, unbiased=False)
     with torch.no_grad(), weight_norm_data_init():
         out = lin(x)
-    assert torch.allclose(out, 0.1 * (y - m) / s, atol=1e-8)
-    assert torch.allclose(lin.log_gain, torch.log(0.1 / s) / 3, atol=1e-8)
-    assert torch.allclose(lin.bias, -m * 0.1 / s, atol=1e-8)
+    assert torch.allclose(out, (y - m) / s, atol=1e-8)
+    assert torch.allclose(lin.gain, 1.0 / s, atol=1e-8)
+    assert torch.allclose(lin.bias, -m / s, atol=1e-8)
+    assert torch.allclose(lin(x), out, atol=1e-8)  # the init is what the layer now does
+    # leading dims: the moments are over all of them, per unit
+    lin2 = IAFCodeLinear(5, 3, init_scale=0.5)
+    x3 = torch.randn(4, 2, 5)
+    with torch.no_grad(), weight_norm_data_init():
+        out3 = lin2(x3)
+    flat = out3.reshape(-1, 3)
+    assert torch.allclose(flat.std(0, unbiased=False), torch.full((3,), 0.5), rtol=1e-6)
+    assert len(set(lin2.gain.tolist())) == 3
     # a model whose only such layer is dense still gets the init pass
     from vaeflow.run.train import needs_data_init
 
     assert needs_data_init(torch.nn.Sequential(torch.nn.Linear(2, 2), IAFCodeLinear(2, 2)))
     assert not needs_data_init(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_resnet_takes_the_codes_weight_norm_on_every_layer():
+    """The one-width ``resnet`` networks: ``"iaf_code"`` reaches the stem, the resampling
+    convs, the dense layers and the output conv, not only the residual blocks."""
+    from vaeflow.models.networks import ResNetDecoder, ResNetEncoder
+
+    enc = ResNetEncoder((1, 8, 8), 4, 1, 1, 6, weight_norm="iaf_code")
+    dec = ResNetDecoder(3, (1, 8, 8), 4, 1, 1, weight_norm="iaf_code")
+    for net in (enc, dec):
+        ours, other = _layers(net)
+        assert ours and not other, other
+    with pytest.raises(ValueError, match="weight_norm"):
+        ResNetEncoder((1, 8, 8), 4, 1, 1, 6, weight_norm="iaf-code")
+    with pytest.raises(ValueError, match="zero_last"):
+        ResNetDecoder(3, (1, 8, 8), 4, 1, 1, weight_norm="iaf_code", zero_last=True)
 
 
 def test_bad_settings_are_refused():
@@ -166,6 +219,8 @@ def test_bad_settings_are_refused():
         StridedResidualBlock(2, 2, up=True, in_size=(4, 4), out_size=(9, 8))
     with pytest.raises(ValueError, match="in_size and out_size"):
         StridedResidualBlock(2, 2, up=True)
+    with pytest.raises(ValueError, match="up=True"):
+        StridedResidualBlock(2, 2, out_size=(4, 4), in_size=(2, 2))
 
 
 def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, data_init_calls):
@@ -206,8 +261,12 @@ def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, data_
     assert cli_main(args) == 0
     assert calls == [(8, 1, 28, 28)]
     ckpt = torch.load(tmp_path / "s/checkpoints/last.pt", weights_only=True)
-    gains = [v for k, v in ckpt["model"].items() if k.endswith("log_gain")]
-    assert len(gains) >= 20 and all(g.abs().sum() > 0 for g in gains)
+    logs = [v for k, v in ckpt["model"].items() if k.endswith("log_gain")]
+    lins = [v for k, v in ckpt["model"].items() if k.endswith(".gain")]
+    # two widths, one stride-1 block between: encoder 3 + 2 + 3 convs and 1 dense layer,
+    # decoder 2 dense layers, 3 + 2 + 3 convs and the output conv: 17 log gains, 3 gains
+    assert (len(logs), len(lins)) == (17, 3)
+    assert all(g.abs().sum() > 0 for g in logs) and all((g != 1).all() for g in lins)
     assert (
         cli_main(["eval", str(tmp_path / "s"), "--k", "2", "--chunk", "2", "--n-test", "8"]) == 0
     )

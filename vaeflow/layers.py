@@ -378,9 +378,10 @@ class ResidualBlock(nn.Module):
 
 # ----------------------------------------------------------------- the IAF code's weight norm
 
-#: ``weight_norm`` settings of the convolutional top-down VAE: ``True`` (torch's
-#: ``weight_norm``: ``w = g v / |v|``, ``g`` started at ``|v|`` of torch's init), ``False``
-#: and ``"iaf_code"`` (:class:`IAFCodeConv2d`)
+#: ``weight_norm`` settings of the convolutional networks (the top-down VAE, the ResNets,
+#: the strided ResNets): ``True`` (torch's ``weight_norm``: ``w = g v / |v|``, ``g``
+#: started at ``|v|`` of torch's init), ``False`` and ``"iaf_code"`` (the IAF code's:
+#: :class:`IAFCodeConv2d`, :class:`IAFCodeConvTranspose2d`, :class:`IAFCodeLinear`)
 WEIGHT_NORMS = (True, False, "iaf_code")
 
 _DATA_INIT = [False]
@@ -388,8 +389,8 @@ _DATA_INIT = [False]
 
 @contextmanager
 def weight_norm_data_init() -> Iterator[None]:
-    """Within this block every :class:`IAFCodeConv2d` / :class:`IAFCodeConvTranspose2d`
-    initialises itself from the batch it sees (see :class:`IAFCodeConv2d`), and a
+    """Within this block every :class:`IAFCodeConv2d` / :class:`IAFCodeConvTranspose2d` /
+    :class:`IAFCodeLinear` initialises itself from the batch it sees (see each), and a
     top-down VAE draws each group's base sample from its prior (the code's ``"init"``
     mode). Use it for one forward pass under ``torch.no_grad()``."""
     _DATA_INIT[0] = True
@@ -405,7 +406,8 @@ def data_init_active() -> bool:
 
 
 class _IAFCodeWeightNorm:
-    """Shared by the two conv classes: ``v ~ N(0, 0.05^2)``, a log gain, the data init."""
+    """Shared by the two conv classes: ``v ~ N(0, 0.05^2)``, a log gain, the data init
+    (:class:`IAFCodeLinear`, the code's dense layer, has a linear gain and its own)."""
 
     init_scale: float
     log_gain: nn.Parameter
@@ -445,17 +447,13 @@ class _IAFCodeWeightNorm:
         # init_scale, and store g = log(scale) / 3 and b = -mean * scale (not the g that
         # would reproduce that normalisation: the code applies exp(g), i.e. scale^(1/3)).
         y = self._conv(x, v, None)
-        # Per-output-channel moments over every other dim: (0, 2, 3) for a conv's
-        # (N, C, H, W), (0,) for a dense layer's (N, C).
-        dims = tuple(d for d in range(y.dim()) if d != 1)
-        mean = y.mean(dims)
-        var = y.var(dims, unbiased=False)
+        mean = y.mean((0, 2, 3))
+        var = y.var((0, 2, 3), unbiased=False)
         scale = self.init_scale / torch.sqrt(var + 1e-10)
         with torch.no_grad():
             self.log_gain.copy_(torch.log(scale) / 3.0)
             self.bias.copy_(-mean * scale)
-        shape = (1, -1) + (1,) * (y.dim() - 2)
-        return scale.reshape(shape) * (y - mean.reshape(shape))
+        return scale.reshape(1, -1, 1, 1) * (y - mean.reshape(1, -1, 1, 1))
 
 
 class IAFCodeConv2d(_IAFCodeWeightNorm, nn.Conv2d):
@@ -529,24 +527,57 @@ class IAFCodeConvTranspose2d(_IAFCodeWeightNorm, nn.ConvTranspose2d):
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
 
 
-class IAFCodeLinear(_IAFCodeWeightNorm, nn.Linear):
-    """The dense layer of the same code (``tf_utils/layers.py`` ``linear``):
-    ``w = exp(g) v / |v|`` per output unit (torch's weight ``(out, in)`` normalised over
-    ``in``), ``v ~ N(0, 0.05^2)``, bias zero, and the same data init as
-    :class:`IAFCodeConv2d` with the moments taken over the batch.
+class IAFCodeLinear(nn.Linear):
+    """The dense layer of the same code (``tf_utils/layers.py`` ``linear``), which is *not*
+    parametrised as its convs: ``w = g v / |v|`` with a **linear** gain ``g`` per output
+    unit (torch's weight ``(out, in)`` normalised over ``in``), ``v ~ N(0, 0.05^2)``, bias
+    zero, ``init_scale`` 1 by default.
+
+    Its data-dependent init (inside :func:`weight_norm_data_init`) takes the moments ``m``,
+    ``s^2`` of ``x v^T / |v|`` per unit over every leading dim, returns the normalised
+    output ``init_scale (y - m) / s`` and stores ``g = init_scale / s`` and
+    ``b = -m init_scale / s``, so that afterwards the layer outputs exactly that
+    normalisation on the init batch (no ``log`` and no ``/ 3``: those are the convs').
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        init_scale: the data init's target scale (the code's default: 1.0).
 
     Shapes:
-        ``(N, in_features) -> (N, out_features)``.
+        ``(*lead, in_features) -> (*lead, out_features)``.
+
+    References:
+        Salimans & Kingma 2016, arXiv:1602.07868; github.com/openai/iaf
+        ``tf_utils/layers.py`` ``linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, init_scale: float = 0.1) -> None:
-        nn.Linear.__init__(self, in_features, out_features)
-        self._gain_shape = (-1, 1)
-        self._norm_dims = (1,)
-        self._setup(out_features, init_scale, None)
+    def __init__(self, in_features: int, out_features: int, init_scale: float = 1.0) -> None:
+        super().__init__(in_features, out_features)
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        self.init_scale = float(init_scale)
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.05)
+            self.bias.zero_()
+        self.gain = nn.Parameter(torch.ones(out_features))
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
+    def direction(self) -> Tensor:
+        """``v / |v|``, each output unit's row normalised."""
+        return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = self.direction()
+        if not _DATA_INIT[0]:
+            return F.linear(x, self.gain[:, None] * v, self.bias)
+        y = F.linear(x, v)
+        flat = y.reshape(-1, y.shape[-1])
+        mean = flat.mean(0)
+        var = flat.var(0, unbiased=False)
+        scale = self.init_scale / torch.sqrt(var + 1e-10)
+        with torch.no_grad():
+            self.gain.copy_(scale)
+            self.bias.copy_(-mean * scale)
+        return scale * (y - mean)
 
 
 # -------------------------------------------------- layers that take any WEIGHT_NORMS setting
@@ -568,9 +599,10 @@ def wn_conv(
     output_padding: int | tuple[int, int] = 0,
     zero: bool = False,
 ) -> nn.Module:
-    """A ``kernel x kernel`` conv (padding ``kernel // 2``), or its transpose, under a
-    :data:`WEIGHT_NORMS` setting. ``zero`` (ignored under ``"iaf_code"``, whose data init
-    sets the gain) starts it at an all-zero output, as :func:`maybe_weight_norm`."""
+    """A ``kernel x kernel`` conv (padding ``kernel // 2``: size-preserving at stride 1 for
+    the odd kernels used here), or its transpose, under a :data:`WEIGHT_NORMS` setting.
+    ``zero`` (ignored under ``"iaf_code"``, whose data init sets the gain) starts it at an
+    all-zero output, as :func:`maybe_weight_norm`."""
     check_weight_norm(weight_norm)
     pad = kernel // 2
     if weight_norm == "iaf_code":
@@ -594,29 +626,34 @@ def wn_linear(n_in: int, n_out: int, weight_norm: bool | str = False) -> nn.Modu
 
 class StridedResidualBlock(nn.Module):
     """Pre-activation residual block that halves or doubles the resolution and may change
-    the width: ``shortcut(x) + conv(act(conv_s2(act(x))))``.
+    the width: ``shortcut(x) + conv3x3(act(conv3x3_s2(act(x))))``.
 
-    Down (``up=False``): the branch's first 3x3 conv has stride 2 (``H -> ceil(H / 2)``,
-    so 28 -> 14 -> 7 -> 4); the shortcut is a stride-2 1x1 conv (He et al.'s projection
-    shortcut, i.e. every other pixel, then a channel map). Up (``up=True``): the branch's
-    first conv is a stride-2 3x3 *transposed* conv to exactly ``out_size`` (its
-    ``output_padding`` chosen for it: 4 -> 7 needs 0, 7 -> 14 needs 1); the shortcut is
-    nearest-neighbour upsampling to ``out_size`` followed by a 1x1 conv. The paper that
-    uses such blocks (Kingma et al. 2016, appendix B, MNIST) names neither shortcut; these
-    are the standard ones. The branch's last conv starts at zero (torch weight norm or
-    none) so the block starts as its shortcut, as :class:`ResidualBlock`.
+    Kingma et al. 2016 (appendix B): "When there is a change in dimensionality, we use
+    strided convolution or transposed convolution to replace the identity connection in
+    ResNet blocks." Down (``up=False``): the branch's first conv and the shortcut are
+    stride-2 3x3 convs (``H -> ceil(H / 2)``, so 28 -> 14 -> 7 -> 4). Up (``up=True``):
+    both are stride-2 3x3 *transposed* convs to exactly ``out_size`` (``output_padding``
+    chosen per axis: 4 -> 7 needs 0, 7 -> 14 needs 1). The paper gives no kernel for the
+    shortcut; 3x3 is the network's filter size (a 1x1 transposed conv of stride 2 would
+    leave every other pixel zero). The branch's last conv starts at zero (torch weight
+    norm or none), so the block starts as its shortcut, as :class:`ResidualBlock`; under
+    ``"iaf_code"`` the data init sets every scale.
 
     Args:
         c_in, c_out: channels in and out.
         up: upsample instead of downsample.
-        out_size: ``(H, W)`` of the output when ``up`` (required then).
-        in_size: ``(H, W)`` of the input when ``up`` (required then).
+        out_size: ``(H, W)`` of the output; with ``in_size``, required when ``up`` and
+            refused otherwise.
+        in_size: ``(H, W)`` of the input (see ``out_size``).
         activation: name from :data:`ACTIVATIONS`.
         weight_norm: a :data:`WEIGHT_NORMS` setting.
 
     Shapes:
         ``(N, c_in, H, W) -> (N, c_out, ceil(H / 2), ceil(W / 2))`` down,
         ``(N, c_in, H, W) -> (N, c_out, *out_size)`` up.
+
+    References:
+        Kingma et al. 2016, arXiv:1606.04934, appendix B; He et al. 2016, arXiv:1603.05027.
     """
 
     def __init__(
@@ -630,33 +667,29 @@ class StridedResidualBlock(nn.Module):
         weight_norm: bool | str = False,
     ) -> None:
         super().__init__()
-        self.up = up
         wn = weight_norm
         if up:
             if out_size is None or in_size is None:
                 raise ValueError("an upsampling block needs in_size and out_size")
-            self.out_size = (int(out_size[0]), int(out_size[1]))
             # A stride-2, padding-1, 3x3 transposed conv gives 2 H - 1 (+ output_padding).
-            pads = tuple(o - (2 * int(i) - 1) for i, o in zip(in_size, self.out_size, strict=True))
-            if any(pad not in (0, 1) for pad in pads):
+            pads = tuple(int(o) - (2 * int(i) - 1) for i, o in zip(in_size, out_size, strict=True))
+            if len(pads) != 2 or any(pad not in (0, 1) for pad in pads):
                 raise ValueError(
-                    f"cannot upsample {tuple(in_size)} to {self.out_size} by a factor of 2"
+                    f"cannot upsample {tuple(in_size)} to {tuple(out_size)} by a factor of 2"
                 )
             first = wn_conv(c_in, c_out, 3, 2, wn, transpose=True, output_padding=pads)
+            self.shortcut = wn_conv(c_in, c_out, 3, 2, wn, transpose=True, output_padding=pads)
         else:
-            self.out_size = None
+            if out_size is not None or in_size is not None:
+                raise ValueError("in_size and out_size are for upsampling blocks (up=True)")
             first = wn_conv(c_in, c_out, 3, 2, wn)
+            self.shortcut = wn_conv(c_in, c_out, 3, 2, wn)
         self.branch = nn.Sequential(
             make_activation(activation),
             first,
             make_activation(activation),
             wn_conv(c_out, c_out, 3, 1, wn, zero=True),
         )
-        self.shortcut = wn_conv(c_in, c_out, 1, 1 if up else 2, wn)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.up:
-            skip = F.interpolate(x, size=self.out_size, mode="nearest")
-        else:
-            skip = x
-        return self.shortcut(skip) + self.branch(x)
+        return self.shortcut(x) + self.branch(x)

@@ -41,7 +41,6 @@ from ..layers import (
     check_weight_norm,
     flatten_leading,
     make_activation,
-    maybe_weight_norm,
     wn_conv,
     wn_linear,
     zero_init,
@@ -391,7 +390,8 @@ class ResNetEncoder(_ImageEncoder):
         num_downsamples: number of stride-2 convs (3: 32x32 -> 4x4).
         out_features: feature width.
         activation: name from :data:`ACTIVATIONS`.
-        weight_norm: weight-normalise every conv and linear layer.
+        weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting for every conv and
+            linear layer (``True``: torch's weight norm; ``"iaf_code"``: the IAF code's).
         center: map inputs from ``[0, 1]`` to ``[-1, 1]`` first (see the module doc).
 
     Shapes:
@@ -410,29 +410,29 @@ class ResNetEncoder(_ImageEncoder):
         num_downsamples: int = 3,
         out_features: int = 512,
         activation: str = "silu",
-        weight_norm: bool = False,
+        weight_norm: bool | str = False,
         center: bool = True,
     ) -> None:
         super().__init__()
         self.x_shape = _positive_shape(x_shape)
         if len(self.x_shape) != 3:
             raise ValueError(f"x_shape must be (C, H, W), got {self.x_shape}")
+        check_weight_norm(weight_norm)
         c, h, w = self.x_shape
         scale = 2**num_downsamples
         if h % scale or w % scale:
             raise ValueError(f"image size {(h, w)} is not divisible by 2**{num_downsamples}")
         self._set_center(center)
         wn = weight_norm
-        layers: list[nn.Module] = [maybe_weight_norm(nn.Conv2d(c, channels, 3, padding=1), wn)]
+        layers: list[nn.Module] = [wn_conv(c, channels, 3, 1, wn)]
         for stage in range(num_downsamples + 1):
             layers += [ResidualBlock(channels, activation, wn) for _ in range(num_blocks)]
             if stage < num_downsamples:
-                down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-                layers.append(maybe_weight_norm(down, wn))
+                layers.append(wn_conv(channels, channels, 3, 2, wn))
         layers += [
             make_activation(activation),
             nn.Flatten(),
-            maybe_weight_norm(nn.Linear(channels * (h // scale) * (w // scale), out_features), wn),
+            wn_linear(channels * (h // scale) * (w // scale), out_features, wn),
             make_activation(activation),
         ]
         self.net = nn.Sequential(*layers)
@@ -461,7 +461,8 @@ class ResNetDecoder(nn.Module):
         num_blocks: residual blocks per resolution.
         num_upsamples: number of 2x upsamplings (3: 4x4 -> 32x32).
         activation: name from :data:`ACTIVATIONS`.
-        weight_norm: weight-normalise every conv and linear layer.
+        weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting for every conv and
+            linear layer (``True``: torch's weight norm; ``"iaf_code"``: the IAF code's).
         zero_last: zero-initialise the output conv.
 
     Shapes:
@@ -480,7 +481,7 @@ class ResNetDecoder(nn.Module):
         num_blocks: int = 2,
         num_upsamples: int = 3,
         activation: str = "silu",
-        weight_norm: bool = False,
+        weight_norm: bool | str = False,
         zero_last: bool = False,
     ) -> None:
         super().__init__()
@@ -488,6 +489,7 @@ class ResNetDecoder(nn.Module):
         self.param_shape = _positive_shape(param_shape)
         if len(self.param_shape) != 3:
             raise ValueError(f"param_shape must be (P, H, W), got {self.param_shape}")
+        _check_zero_last(zero_last, weight_norm)
         p, h, w = self.param_shape
         scale = 2**num_upsamples
         if h % scale or w % scale:
@@ -495,17 +497,17 @@ class ResNetDecoder(nn.Module):
         wn = weight_norm
         base = (channels, h // scale, w // scale)
         layers: list[nn.Module] = [
-            maybe_weight_norm(nn.Linear(latent_dim, math.prod(base)), wn),
+            wn_linear(latent_dim, math.prod(base), wn),
             nn.Unflatten(1, base),
         ]
         for stage in range(num_upsamples + 1):
             if stage > 0:
-                up = nn.Conv2d(channels, channels, 3, padding=1)
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), maybe_weight_norm(up, wn)]
+                up = wn_conv(channels, channels, 3, 1, wn)
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), up]
             layers += [ResidualBlock(channels, activation, wn) for _ in range(num_blocks)]
         layers += [
             make_activation(activation),
-            maybe_weight_norm(nn.Conv2d(channels, p, 3, padding=1), wn, zero=zero_last),
+            wn_conv(channels, p, 3, 1, wn, zero=zero_last),
         ]
         self.net = nn.Sequential(*layers)
 
@@ -514,6 +516,12 @@ class ResNetDecoder(nn.Module):
         _check_trailing(z, (self.latent_dim,), type(self).__name__)
         z, lead = flatten_leading(z, 1)
         return self.net(z).reshape(*lead, *self.param_shape)
+
+
+def _check_zero_last(zero_last: bool, weight_norm: bool | str) -> None:
+    check_weight_norm(weight_norm)
+    if zero_last and weight_norm == "iaf_code":
+        raise ValueError('zero_last does not apply with weight_norm = "iaf_code"')
 
 
 def _halvings(size: Sequence[int], n: int) -> list[tuple[int, int]]:
@@ -584,7 +592,7 @@ class StridedResNetEncoder(_ImageEncoder):
         unstrided: int = 1,
         out_features: int = 450,
         activation: str = "elu",
-        weight_norm: bool | str = True,
+        weight_norm: bool | str = "iaf_code",
         center: bool = False,
     ) -> None:
         super().__init__()
@@ -646,7 +654,7 @@ class StridedResNetDecoder(nn.Module):
         unstrided: int = 1,
         hidden: int = 450,
         activation: str = "elu",
-        weight_norm: bool | str = True,
+        weight_norm: bool | str = "iaf_code",
         zero_last: bool = False,
     ) -> None:
         super().__init__()
@@ -654,8 +662,7 @@ class StridedResNetDecoder(nn.Module):
         self.param_shape, widths = _strided_plan(
             "param_shape", param_shape, channels, unstrided, weight_norm
         )
-        if zero_last and weight_norm == "iaf_code":
-            raise ValueError('zero_last does not apply with weight_norm = "iaf_code"')
+        _check_zero_last(zero_last, weight_norm)
         p, h, w = self.param_shape
         wn = weight_norm
         sizes = _halvings((h, w), len(widths))
