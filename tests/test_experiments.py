@@ -154,6 +154,19 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
         )
         assert o["weight_norm"] == "iaf_code"
     assert mnist.model.latent_dim == 32
+    # "The whole network is parametrized according to Weight Normalization ... and
+    # data-dependent initialization is used": no plain conv or dense layer anywhere, for
+    # the IAF rows and the diagonal one
+    from torch import nn
+
+    from vaeflow.layers import IAFCodeConv2d, IAFCodeConvTranspose2d, IAFCodeLinear
+    from vaeflow.models.build import build_model
+
+    code = (IAFCodeLinear, IAFCodeConv2d, IAFCodeConvTranspose2d)
+    for sets in ([], ["model.posterior.flow=none"]):
+        model = build_model(load_config(EXPERIMENTS / "kingma2016_iaf" / "mnist.toml", sets).model)
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert layers and all(isinstance(m, code) for m in layers), sets
     cifar = load_config(EXPERIMENTS / "kingma2016_iaf" / "cifar10.toml")
     assert cifar.model.likelihood == "discretized_logistic"
     assert cifar.model.likelihood_options == {"scale": "per_channel"}

@@ -249,6 +249,9 @@ def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, data_
         "model.posterior.flow=iaf",
         "model.posterior.num_layers=1",
         "model.posterior.hidden=8",
+        "model.posterior.context_features=4",
+        'model.posterior.weight_norm="iaf_code"',
+        'model.posterior.options={weight_norm="iaf_code"}',
         "train.steps=2",
         "train.val_every=2",
         "train.log_every=1",
@@ -262,11 +265,19 @@ def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, data_
     assert calls == [(8, 1, 28, 28)]
     ckpt = torch.load(tmp_path / "s/checkpoints/last.pt", weights_only=True)
     logs = [v for k, v in ckpt["model"].items() if k.endswith("log_gain")]
-    lins = [v for k, v in ckpt["model"].items() if k.endswith(".gain")]
+    lins = {k: v for k, v in ckpt["model"].items() if k.endswith(".gain")}
     # two widths, one stride-1 block between: encoder 3 + 2 + 3 convs and 1 dense layer,
-    # decoder 2 dense layers, 3 + 2 + 3 convs and the output conv: 17 log gains, 3 gains
-    assert (len(logs), len(lins)) == (17, 3)
-    assert all(g.abs().sum() > 0 for g in logs) and all((g != 1).all() for g in lins)
+    # decoder 2 dense layers, 3 + 2 + 3 convs and the output conv: 17 log gains; dense:
+    # those 3, the posterior's head and context projection, the MADE's two masked hidden
+    # layers (default num_hidden 2), its output and its context map: 9 gains
+    assert (len(logs), len(lins)) == (17, 9), sorted(lins)
+    assert all(g.abs().sum() > 0 for g in logs)
+    # every dense unit the init pass could scale moved off gain 1 (a MADE unit the mask
+    # cuts off from every input keeps it)
+    masks = {k[: -len("mask")]: v for k, v in ckpt["model"].items() if k.endswith(".mask")}
+    for k, g in lins.items():
+        live = masks[k[: -len("gain")]].sum(1) > 0 if k[: -len("gain")] in masks else g == g
+        assert (g[live] != 1).all(), k
     assert (
         cli_main(["eval", str(tmp_path / "s"), "--k", "2", "--chunk", "2", "--n-test", "8"]) == 0
     )

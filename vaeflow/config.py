@@ -75,6 +75,13 @@ class PosteriorConfig:
         context_projection: ``true``: the flow's context is a learned ``Linear`` of the
             encoder features; ``false``: the features themselves (``context_features``
             must equal the encoder's width; van den Berg et al.'s code).
+        weight_norm: the Gaussian head's and the context projection's: ``false`` (plain
+            ``Linear``), ``true`` (torch's weight norm) or ``"iaf_code"`` (the IAF code's
+            dense layer, :class:`~vaeflow.layers.IAFCodeLinear`, initialised from the first
+            training batch to outputs of scale 0.1, so that q starts near N(0, I); Kingma
+            et al. 2016, appendix B: "the whole network" weight-normalised). A flow's
+            own networks take theirs in ``options`` (``iaf``: ``weight_norm``). Not for the
+            top-down model (its groups have their own heads).
     """
 
     flow: str | None = None
@@ -84,6 +91,7 @@ class PosteriorConfig:
     options: dict[str, Any] = field(default_factory=dict)
     scale: Literal["log_std", "softplus_var", "log_var_hardtanh"] = "log_std"
     context_projection: bool = True
+    weight_norm: bool | Literal["iaf_code"] = False
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,10 @@ class MaskedLinear(nn.Linear):
             )
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
+    def masked_weight(self) -> Tensor:
+        """The weight the layer applies, ``weight * mask`` ``(out, in)``."""
+        return self.weight * self.mask
+
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.weight * self.mask, self.bias)
 
@@ -542,6 +546,8 @@ class IAFCodeLinear(nn.Linear):
     Args:
         in_features, out_features: as ``nn.Linear``.
         init_scale: the data init's target scale (the code's default: 1.0).
+        mask: optional 0/1 mask ``(out, in)`` applied to ``v`` before the norm (a MADE
+            layer under ``weight_norm = "iaf_code"``).
 
     Shapes:
         ``(*lead, in_features) -> (*lead, out_features)``.
@@ -551,19 +557,36 @@ class IAFCodeLinear(nn.Linear):
         ``tf_utils/layers.py`` ``linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, init_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        init_scale: float = 1.0,
+        mask: Tensor | None = None,
+    ) -> None:
         super().__init__(in_features, out_features)
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        if mask is not None and tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} != (out, in) = ({out_features}, {in_features})"
+            )
         self.init_scale = float(init_scale)
         with torch.no_grad():
             self.weight.normal_(0.0, 0.05)
             self.bias.zero_()
         self.gain = nn.Parameter(torch.ones(out_features))
+        self.register_buffer("mask", None if mask is None else mask.to(self.weight.dtype))
 
     def direction(self) -> Tensor:
-        """``v / |v|``, each output unit's row normalised."""
-        return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        """``v / |v|`` (``v`` masked first, as a MADE layer's), each output unit's row
+        normalised; a row the mask empties stays zero."""
+        v = self.weight if self.mask is None else self.weight * self.mask
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def masked_weight(self) -> Tensor:
+        """The weight the layer applies, ``g v / |v|`` ``(out, in)``."""
+        return self.gain[:, None] * self.direction()
 
     def forward(self, x: Tensor) -> Tensor:
         v = self.direction()
@@ -574,6 +597,11 @@ class IAFCodeLinear(nn.Linear):
         mean = flat.mean(0)
         var = flat.var(0, unbiased=False)
         scale = self.init_scale / torch.sqrt(var + 1e-10)
+        if self.mask is not None:
+            # A unit the mask cuts off from every input (a MADE's degree-0 units, which
+            # only the context reaches) outputs its bias alone: no scale to normalise, and
+            # 1 / sqrt(1e-10) would only park a huge gain on a zero direction.
+            scale = torch.where(self.mask.sum(1) > 0, scale, torch.ones_like(scale))
         with torch.no_grad():
             self.gain.copy_(scale)
             self.bias.copy_(-mean * scale)
@@ -616,11 +644,14 @@ def wn_conv(
     return maybe_weight_norm(conv, bool(weight_norm), zero=zero)
 
 
-def wn_linear(n_in: int, n_out: int, weight_norm: bool | str = False) -> nn.Module:
-    """A dense layer under a :data:`WEIGHT_NORMS` setting."""
+def wn_linear(
+    n_in: int, n_out: int, weight_norm: bool | str = False, init_scale: float = 1.0
+) -> nn.Module:
+    """A dense layer under a :data:`WEIGHT_NORMS` setting (``init_scale``: the data init's
+    target scale under ``"iaf_code"``)."""
     check_weight_norm(weight_norm)
     if weight_norm == "iaf_code":
-        return IAFCodeLinear(n_in, n_out)
+        return IAFCodeLinear(n_in, n_out, init_scale)
     return maybe_weight_norm(nn.Linear(n_in, n_out), bool(weight_norm))
 
 

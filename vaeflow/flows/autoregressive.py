@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..layers import MaskedLinear, make_activation, zero_init
+from ..layers import IAFCodeLinear, MaskedLinear, data_init_active, make_activation, zero_init
 from .base import (
     Composite,
     Inverse,
@@ -143,6 +143,16 @@ class MADE(nn.Module):
             ``(in, out)`` weight takes its fan from the outputs; the output layer's fan is
             ``D``, as the code's separate mean and gate layers), so the layer does not
             start at a fixed point. ``zero_last`` is ignored.
+        weight_norm: ``False`` (plain masked layers) or ``"iaf_code"``: every layer (the
+            masked ones and the context map) weight-normalised as the IAF code's dense
+            layer (:class:`~vaeflow.layers.IAFCodeLinear`, the mask applied before the
+            norm) and initialised from data by the model's init pass: hidden layers to
+            unit scale (the code's autoregressive layers), the output layer and the
+            context map to 0.1 (the scale at which the code's IAF update starts: it
+            multiplies its autoregressive outputs by 0.1, as its posterior's context
+            comes out of a 0.1-scale layer). ``zero_last`` is ignored. Kingma et al.
+            2016, appendix B: "The whole network is parametrized according to Weight
+            Normalization ... and data-dependent initialization is used".
 
     References:
         Germain et al. 2015, arXiv:1502.03509 (masks and degrees).
@@ -161,10 +171,19 @@ class MADE(nn.Module):
         activation: str = "relu",
         zero_last: bool = True,
         style: str = "vaeflow",
+        weight_norm: bool | str = False,
     ) -> None:
         super().__init__()
         if style not in MADE_STYLES:
             raise ValueError(f"MADE style {style!r} is not one of {MADE_STYLES}")
+        if weight_norm not in (False, "iaf_code"):
+            raise ValueError(
+                f"MADE weight_norm must be false or 'iaf_code', got {weight_norm!r} (torch's "
+                "weight norm would normalise the unmasked weight)"
+            )
+        if weight_norm and style != "vaeflow":
+            raise ValueError("MADE weight_norm = 'iaf_code' is for the 'vaeflow' style")
+        self.weight_norm = weight_norm
         if features < 1 or params_per_feature < 1:
             raise ValueError(
                 f"MADE needs features >= 1 and params_per_feature >= 1, "
@@ -189,7 +208,7 @@ class MADE(nn.Module):
         # Output unit (i, p) sits at index i * P + p, so a reshape gives (*, D, P).
         out_deg = in_deg.repeat_interleave(params_per_feature)
 
-        layers: list[MaskedLinear] = []
+        layers: list[nn.Linear] = []
         self.style = style
         if style == "sylvester_code":
             self._check_sylvester_code(ranks, hidden, num_hidden, context_features)
@@ -207,13 +226,19 @@ class MADE(nn.Module):
             out_mask = out_mask.repeat_interleave(params_per_feature, dim=0)
             self.out = MaskedLinear(hidden, features * params_per_feature, out_mask)
         else:
+
+            def masked(n_in: int, n_out: int, mask: Tensor, scale: float) -> nn.Linear:
+                if weight_norm:
+                    return IAFCodeLinear(n_in, n_out, init_scale=scale, mask=mask)
+                return MaskedLinear(n_in, n_out, mask)
+
             prev = in_deg
             for _ in range(num_hidden):
                 mask = (hid_deg[:, None] >= prev[None, :]).to(torch.get_default_dtype())
-                layers.append(MaskedLinear(prev.numel(), hidden, mask))
+                layers.append(masked(prev.numel(), hidden, mask, 1.0))
                 prev = hid_deg
             out_mask = (out_deg[:, None] > prev[None, :]).to(torch.get_default_dtype())
-            self.out = MaskedLinear(prev.numel(), features * params_per_feature, out_mask)
+            self.out = masked(prev.numel(), features * params_per_feature, out_mask, 0.1)
         self.hidden_layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(make_activation(activation) for _ in layers)
         first_width = hidden if num_hidden > 0 else features * params_per_feature
@@ -221,11 +246,12 @@ class MADE(nn.Module):
         # activation; vaeflow maps it per layer and adds it before.
         self.context_after_activation = style == "sylvester_code"
         self.context_identity = style == "sylvester_code" and context_features > 0
-        self.context = (
-            nn.Linear(context_features, first_width)
-            if context_features and not self.context_identity
-            else None
-        )
+        if not context_features or self.context_identity:
+            self.context: nn.Linear | None = None
+        elif weight_norm:
+            self.context = IAFCodeLinear(context_features, first_width, init_scale=0.1)
+        else:
+            self.context = nn.Linear(context_features, first_width)
         if style == "sylvester_code":
             # The code's output is two (hidden -> D) layers (mean, gate), each with fan D:
             # one layer of 2 D outputs here must not halve their variance.
@@ -234,7 +260,7 @@ class MADE(nn.Module):
                 for layer, fan in zip([*layers, self.out], fans, strict=True):
                     layer.weight.normal_(0.0, (2.0 / fan) ** 0.5)
                     layer.bias.zero_()
-        elif zero_last:
+        elif zero_last and not weight_norm:
             zero_init(self.out)
             if num_hidden == 0 and self.context is not None:
                 zero_init(self.context)
@@ -261,7 +287,24 @@ class MADE(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``x (*, D)``, ``context (*, C)`` (same leading dims) ``-> (*, D, P)``."""
+        if self.weight_norm and data_init_active():
+            return self._init_pass(x, context)
         return self._pass(x, *self._frozen(context))
+
+    def _init_pass(self, x: Tensor, context: Tensor | None) -> Tensor:
+        """The data-dependent init (``weight_norm = "iaf_code"``): :meth:`_pass` with each
+        layer called as a module, so that it sets its gain and bias from what it sees."""
+        h = x
+        ctx = None if self.context is None else self.context(context)
+        for i, (layer, act) in enumerate(zip(self.hidden_layers, self.activations, strict=True)):
+            h = layer(h)
+            if i == 0 and ctx is not None:
+                h = h + ctx
+            h = act(h)
+        out = self.out(h)
+        if not self.hidden_layers and ctx is not None:
+            out = out + ctx
+        return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
 
     def conditioner(self, context: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """This MADE as a function of ``x`` alone, for one fixed ``context``.
@@ -278,12 +321,12 @@ class MADE(nn.Module):
         self, context: Tensor | None
     ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor, Tensor | None]:
         """Masked weights with biases, the output layer's, and the context projection."""
-        weights = [(layer.weight * layer.mask, layer.bias) for layer in self.hidden_layers]
+        weights = [(layer.masked_weight(), layer.bias) for layer in self.hidden_layers]
         if self.context_identity:
             ctx = context
         else:
             ctx = None if self.context is None else self.context(context)
-        return weights, self.out.weight * self.out.mask, self.out.bias, ctx
+        return weights, self.out.masked_weight(), self.out.bias, ctx
 
     def _pass(
         self,
@@ -329,6 +372,7 @@ class _Autoregressive(Transform):
         seed: int,
         activation: str,
         made_style: str = "vaeflow",
+        weight_norm: bool | str = False,
     ) -> None:
         super().__init__(features, context_features)
         self.features = features
@@ -343,6 +387,7 @@ class _Autoregressive(Transform):
             activation=activation,
             zero_last=True,
             style=made_style,
+            weight_norm=weight_norm,
         )
 
     @property
@@ -403,6 +448,9 @@ class AffineAutoregressive(_Autoregressive):
         seed: seed of a random order.
         scale_bound: ``b`` of the soft clip (``None``: unbounded).
         activation: MADE non-linearity.
+        weight_norm: the MADE's (:class:`MADE`): ``False`` or ``"iaf_code"`` (then the
+            layer is not the identity at init: the model's data-dependent init pass sets
+            its scales).
 
     References:
         Papamakarios et al. 2017, arXiv:1705.07057, section 3 (MAF).
@@ -422,6 +470,7 @@ class AffineAutoregressive(_Autoregressive):
         seed: int = 0,
         scale_bound: float | None = 5.0,
         activation: str = "relu",
+        weight_norm: bool | str = False,
     ) -> None:
         if scale_bound is not None and not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
@@ -433,6 +482,7 @@ class AffineAutoregressive(_Autoregressive):
             order=order,
             seed=seed,
             activation=activation,
+            weight_norm=weight_norm,
         )
         self.scale_bound = scale_bound
 
@@ -668,6 +718,7 @@ def build_maf(
     scale_bound: float | None = 5.0,
     activation: str = "relu",
     seed: int = 0,
+    weight_norm: bool | str = False,
 ) -> Transform:
     """Masked autoregressive flow: a stack of :class:`AffineAutoregressive` layers.
 
@@ -689,9 +740,12 @@ def build_maf(
         scale_bound: soft clip of the log-scales (default 5.0; ``None`` disables it).
         activation: MADE non-linearity (default ``"relu"``).
         seed: base seed for random orders and permutations.
+        weight_norm: each MADE's (:class:`MADE`): ``False`` (default) or ``"iaf_code"``
+            (the IAF code's weight norm, set up by the model's data-dependent init pass;
+            the stack is then not the identity at init).
 
     Returns:
-        A :class:`Composite`, exactly the identity at init.
+        A :class:`Composite`, exactly the identity at init (unless ``weight_norm``).
 
     References:
         Papamakarios et al. 2017, arXiv:1705.07057.
@@ -710,6 +764,7 @@ def build_maf(
             seed=seed + i,
             scale_bound=scale_bound,
             activation=activation,
+            weight_norm=weight_norm,
         )
 
     return _stack(layer, features, num_layers, permutation, seed)
@@ -727,10 +782,10 @@ def build_iaf(
     The sampling direction (``inverse``, noise -> data) is one MADE pass per layer, and
     its log-det comes from the same pass; ``forward`` (scoring a given ``z``) costs ``D``
     passes per layer. Same options as :func:`build_maf`: ``num_hidden``, ``order``,
-    ``permutation``, ``scale_bound``, ``activation``, ``seed``.
+    ``permutation``, ``scale_bound``, ``activation``, ``seed``, ``weight_norm``.
 
     Returns:
-        An :class:`Inverse`, exactly the identity at init.
+        An :class:`Inverse`, exactly the identity at init (unless ``weight_norm``).
 
     References:
         Kingma et al. 2016, arXiv:1606.04934.

@@ -32,7 +32,7 @@ def build_posterior(
     names the config section in errors (``model.upper_layers[i].posterior`` for a
     hierarchy's upper layer)."""
     if cfg.flow is None:
-        return GaussianPosterior(in_features, latent_dim, cfg.scale)
+        return GaussianPosterior(in_features, latent_dim, cfg.scale, cfg.weight_norm)
     try:
         flow = _posterior_flow(cfg, latent_dim)
     except ConfigError:
@@ -40,7 +40,9 @@ def build_posterior(
     except ValueError as e:  # the flow's own argument checks
         raise ConfigError(f"{where}: {e}") from None
     try:
-        return FlowPosterior(in_features, latent_dim, flow, cfg.scale, cfg.context_projection)
+        return FlowPosterior(
+            in_features, latent_dim, flow, cfg.scale, cfg.context_projection, cfg.weight_norm
+        )
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -217,6 +219,12 @@ def _build_topdown(
         raise ConfigError(
             f"model.posterior.scale = {post.scale!r}: the top-down model's groups "
             "parameterise their scales themselves (log sigma); remove model.posterior.scale"
+        )
+    if post.weight_norm is not False:
+        raise ConfigError(
+            f"model.posterior.weight_norm = {post.weight_norm!r}: the top-down model's "
+            "groups have no dense head (their convs follow model.topdown.weight_norm); "
+            "remove model.posterior.weight_norm"
         )
     c, h, w = cfg.x_shape
     if td.activation not in ACTIVATIONS:

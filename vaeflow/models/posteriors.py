@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..flows.base import Transform
+from ..layers import wn_linear
 
 __all__ = ["PosteriorSample", "GaussianPosterior", "FlowPosterior", "SCALES", "log_std_from_raw"]
 
@@ -102,15 +103,23 @@ class GaussianPosterior(nn.Module):
         latent_dim: ``D``.
         scale: how the head's second half gives ``log sigma`` (:func:`log_std_from_raw`:
             ``log_std``, ``softplus_var`` or ``log_var_hardtanh``).
+        weight_norm: the head's (:func:`~vaeflow.layers.wn_linear`): ``False``, ``True``
+            or ``"iaf_code"`` (data init to outputs of scale 0.1: mu near 0, sigma near 1).
     """
 
-    def __init__(self, in_features: int, latent_dim: int, scale: str = "log_std") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        latent_dim: int,
+        scale: str = "log_std",
+        weight_norm: bool | str = False,
+    ) -> None:
         super().__init__()
         if scale not in SCALES:
             raise ValueError(f"unknown posterior scale {scale!r}; choose from {SCALES}")
         self.latent_dim = latent_dim
         self.scale = scale
-        self.head = nn.Linear(in_features, 2 * latent_dim)
+        self.head = wn_linear(in_features, 2 * latent_dim, weight_norm, init_scale=0.1)
 
     def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``h (B, H) -> (mu (B, D), log_std (B, D))``."""
@@ -161,6 +170,8 @@ class FlowPosterior(nn.Module):
             its width from the encoder's; ``False``: the flow reads ``h`` itself (its
             ``context_features`` must be ``H``), as van den Berg et al.'s code computes
             every flow parameter as one linear map of the encoder output.
+        weight_norm: the base head's and the context projection's (see
+            :class:`GaussianPosterior`; the projection's data init also to scale 0.1).
     """
 
     def __init__(
@@ -170,6 +181,7 @@ class FlowPosterior(nn.Module):
         flow: Transform,
         scale: str = "log_std",
         context_projection: bool = True,
+        weight_norm: bool | str = False,
     ) -> None:
         super().__init__()
         if flow.event_shape != (latent_dim,) or flow.out_event_shape != (latent_dim,):
@@ -177,7 +189,7 @@ class FlowPosterior(nn.Module):
                 f"FlowPosterior: flow acts on {flow.event_shape}, latents are ({latent_dim},)"
             )
         self.latent_dim = latent_dim
-        self.base = GaussianPosterior(in_features, latent_dim, scale)
+        self.base = GaussianPosterior(in_features, latent_dim, scale, weight_norm)
         self.flow = flow
         c = flow.context_features
         if c and not context_projection and c != in_features:
@@ -186,7 +198,11 @@ class FlowPosterior(nn.Module):
                 f"features, so its context_features must be {in_features}, got {c}"
             )
         # A learned projection decouples the flow's context width from the encoder's.
-        self.context = nn.Linear(in_features, c) if c and context_projection else None
+        self.context = (
+            wn_linear(in_features, c, weight_norm, init_scale=0.1)
+            if c and context_projection
+            else None
+        )
         self.reads_features = bool(c) and not context_projection
 
     def _context(self, h: Tensor) -> Tensor | None:
