@@ -165,7 +165,9 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
     code = (IAFCodeLinear, IAFCodeConv2d, IAFCodeConvTranspose2d)
     for sets in ([], ["model.posterior.flow=none"]):
         model = build_model(load_config(EXPERIMENTS / "kingma2016_iaf" / "mnist.toml", sets).model)
-        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = [
+            m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        ]
         assert layers and all(isinstance(m, code) for m in layers), sets
     cifar = load_config(EXPERIMENTS / "kingma2016_iaf" / "cifar10.toml")
     assert cifar.model.likelihood == "discretized_logistic"

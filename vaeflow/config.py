@@ -79,9 +79,12 @@ class PosteriorConfig:
             ``Linear``), ``true`` (torch's weight norm) or ``"iaf_code"`` (the IAF code's
             dense layer, :class:`~vaeflow.layers.IAFCodeLinear`, initialised from the first
             training batch to outputs of scale 0.1, so that q starts near N(0, I); Kingma
-            et al. 2016, appendix B: "the whole network" weight-normalised). A flow's
-            own networks take theirs in ``options`` (``iaf``: ``weight_norm``). Not for the
-            top-down model (its groups have their own heads).
+            et al. 2016, appendix B: "the whole network" weight-normalised; sigma starts
+            near 1 with the ``log_std`` and ``log_var_hardtanh`` heads, near 0.83 with
+            ``softplus_var``). A flow's own networks take theirs in ``options``
+            (``iaf``/``maf``: ``weight_norm``, in their one-pass direction: an ``iaf``
+            posterior, a ``maf`` prior). Not for the top-down model (its groups have their
+            own heads).
     """
 
     flow: str | None = None

@@ -43,6 +43,7 @@ __all__ = [
     "wn_linear",
     "StridedResidualBlock",
     "weight_norm_data_init",
+    "suspend_data_init",
     "data_init_active",
 ]
 
@@ -409,6 +410,20 @@ def data_init_active() -> bool:
     return _DATA_INIT[0]
 
 
+@contextmanager
+def suspend_data_init() -> Iterator[None]:
+    """Inside a :func:`weight_norm_data_init` block, run layers as initialised so far (no
+    layer re-initialises itself here): for a second pass through layers that the first
+    pass has set up, e.g. a VampPrior's pseudo-inputs through the encoder and the
+    posterior's head, which must keep the statistics of the data."""
+    was = _DATA_INIT[0]
+    _DATA_INIT[0] = False
+    try:
+        yield
+    finally:
+        _DATA_INIT[0] = was
+
+
 class _IAFCodeWeightNorm:
     """Shared by the two conv classes: ``v ~ N(0, 0.05^2)``, a log gain, the data init
     (:class:`IAFCodeLinear`, the code's dense layer, has a linear gain and its own)."""
@@ -577,12 +592,29 @@ class IAFCodeLinear(nn.Linear):
             self.bias.zero_()
         self.gain = nn.Parameter(torch.ones(out_features))
         self.register_buffer("mask", None if mask is None else mask.to(self.weight.dtype))
+        # rows the mask leaves exactly one input (see direction); not saved: the mask is
+        self._single: Tensor | None = None if mask is None else (mask != 0).sum(1) == 1
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # keep the derived row flags on the mask's device
+        out = super()._apply(fn, recurse)
+        if self.mask is not None:
+            self._single = (self.mask != 0).sum(1) == 1
+        return out
 
     def direction(self) -> Tensor:
         """``v / |v|`` (``v`` masked first, as a MADE layer's), each output unit's row
-        normalised; a row the mask empties stays zero."""
-        v = self.weight if self.mask is None else self.weight * self.mask
-        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        normalised; a row the mask empties stays zero.
+
+        A row the mask leaves one input is ``sign(v)``, whose true gradient is zero: it is
+        taken as a constant, because round-off gradients rescaled by Adam-type optimisers
+        would otherwise move (and could flip the sign of) that one weight; the gain
+        carries the row's magnitude and sign."""
+        if self.mask is None:
+            return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v = self.weight * self.mask
+        d = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.where(self._single[:, None], torch.sign(v).detach(), d)
 
     def masked_weight(self) -> Tensor:
         """The weight the layer applies, ``g v / |v|`` ``(out, in)``."""
@@ -597,11 +629,11 @@ class IAFCodeLinear(nn.Linear):
         mean = flat.mean(0)
         var = flat.var(0, unbiased=False)
         scale = self.init_scale / torch.sqrt(var + 1e-10)
-        if self.mask is not None:
-            # A unit the mask cuts off from every input (a MADE's degree-0 units, which
-            # only the context reaches) outputs its bias alone: no scale to normalise, and
-            # 1 / sqrt(1e-10) would only park a huge gain on a zero direction.
-            scale = torch.where(self.mask.sum(1) > 0, scale, torch.ones_like(scale))
+        # A unit whose output does not vary over the init batch (a MADE's degree-0 units,
+        # cut off from every input by the mask; or all-zero inputs) has no scale to
+        # normalise: 1 / sqrt(1e-10) would park a huge gain on it, which blows up as soon
+        # as its input starts to vary. It keeps gain 1.
+        scale = torch.where(var > 0, scale, torch.ones_like(scale))
         with torch.no_grad():
             self.gain.copy_(scale)
             self.bias.copy_(-mean * scale)

@@ -10,17 +10,33 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.flows.harness import EXACT_TOL, full_check, make_inputs
+from tests.flows.harness import (
+    EXACT_TOL,
+    check_logdet_bruteforce,
+    check_roundtrip,
+    full_check,
+    make_inputs,
+)
 from vaeflow.flows.autoregressive import MADE, build_iaf, build_maf
 from vaeflow.layers import IAFCodeLinear, MaskedLinear, weight_norm_data_init
 
 D, H = 5, 12
 
 
-def _init(flow, ctx_features: int, seed: int = 5):
+@pytest.fixture
+def float32_default():
+    """float32 for one test (the flow tests run in float64 by default): round-off is
+    what the single-input-row test is about."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _init(flow, ctx_features: int, seed: int = 5, features: int = D):
     """One data-init pass through the sampling direction on a random batch; returns it."""
     g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(64, D, generator=g)
+    eps = torch.randn(64, features, generator=g)
     ctx = torch.randn(64, ctx_features, generator=g) if ctx_features else None
     with torch.no_grad(), weight_norm_data_init():
         flow.inverse(eps, ctx)
@@ -54,21 +70,35 @@ def test_made_keeps_the_plain_masks_and_connectivity(num_hidden):
 
 
 @pytest.mark.parametrize("ctx", [0, 3])
-def test_iaf_is_exact_after_the_data_init(ctx):
-    """Round trip and log-det against the brute-force Jacobian in float64, on a flow whose
-    scales come from the data-dependent init (not the identity), then perturbed."""
+def test_iaf_and_maf_are_exact_after_the_data_init(ctx):
+    """Round trip and log-det against the brute-force Jacobian in float64 on flows whose
+    scales come from the data-dependent init (IAF through its sampling pass, MAF through
+    its density pass: each one's one-pass direction), as initialised and then perturbed."""
 
-    def make():
+    def make_iaf():
         flow = build_iaf(D, 2, H, ctx, weight_norm="iaf_code", activation="elu")
         _init(flow, ctx)
         return flow
 
-    errs = full_check(make, identity_at_init=False)
-    assert errs["roundtrip"] <= EXACT_TOL and errs["logdet"] <= EXACT_TOL
-    errs = full_check(
-        lambda: build_maf(D, 2, H, ctx, weight_norm="iaf_code"), identity_at_init=False
-    )
-    assert errs["logdet"] <= EXACT_TOL
+    def make_maf():
+        flow = build_maf(D, 2, H, ctx, weight_norm="iaf_code")
+        g = torch.Generator().manual_seed(6)
+        x = torch.randn(64, D, generator=g)
+        c = torch.randn(64, ctx, generator=g) if ctx else None
+        with torch.no_grad(), weight_norm_data_init():
+            flow(x, c)
+        return flow
+
+    for make in (make_iaf, make_maf):
+        flow = make()
+        gains = [m.gain for m in flow.modules() if isinstance(m, IAFCodeLinear)]
+        assert gains and all(not torch.equal(g, torch.ones_like(g)) for g in gains)
+        x, c = make_inputs(flow)
+        assert check_roundtrip(flow, x, c) <= EXACT_TOL
+        assert check_logdet_bruteforce(flow, x, c) <= EXACT_TOL
+        assert check_logdet_bruteforce(flow, x, c, inverse=True) <= EXACT_TOL
+        errs = full_check(make, identity_at_init=False)
+        assert errs["roundtrip"] <= EXACT_TOL and errs["logdet"] <= EXACT_TOL
 
 
 def test_the_init_pass_sets_the_stated_scales():
@@ -120,15 +150,118 @@ def test_bad_settings_are_refused():
 
 
 def test_default_made_is_unchanged():
-    """weight_norm off builds exactly the plain layers, from the same random draws."""
+    """weight_norm off: the plain layers (masked linears, a torch ``Linear`` context map),
+    the state-dict keys of earlier checkpoints, and a zero output layer (the identity)."""
+    made = MADE(D, 2, hidden=8, context_features=3)
+    assert all(type(m) is MaskedLinear for m in [*made.hidden_layers, made.out])
+    assert type(made.context) is torch.nn.Linear
+    assert sorted(made.state_dict()) == [
+        "context.bias",
+        "context.weight",
+        "hidden_layers.0.bias",
+        "hidden_layers.0.mask",
+        "hidden_layers.0.weight",
+        "hidden_layers.1.bias",
+        "hidden_layers.1.mask",
+        "hidden_layers.1.weight",
+        "order",
+        "out.bias",
+        "out.mask",
+        "out.weight",
+    ]
+    x, c = torch.randn(4, D), torch.randn(4, 3)
+    assert torch.equal(made(x, c), torch.zeros(4, D, 2))
+
+
+def test_single_input_rows_do_not_drift(float32_default):
+    """A row the mask leaves one input is sign(v): zero true gradient, so its weight is a
+    constant; Adamax steps (the Kingma configs' optimiser) leave it exactly as it was."""
     torch.manual_seed(0)
-    a = MADE(D, 2, hidden=8, context_features=3)
-    torch.manual_seed(0)
-    b = MADE(D, 2, hidden=8, context_features=3, weight_norm=False)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    x, c = make_inputs(build_iaf(D, 1, 8, 3))
-    assert torch.equal(a(x, c), b(x, c))
+    flow = build_iaf(8, 1, 32, 4, weight_norm="iaf_code", activation="elu")
+    layers = [m for m in flow.modules() if isinstance(m, IAFCodeLinear) and m.mask is not None]
+    single = [(m, (m.mask != 0).sum(1) == 1) for m in layers]
+    assert any(rows.any() for _, rows in single)
+    before = [m.weight[rows].clone() for m, rows in single]
+    opt = torch.optim.Adamax(flow.parameters(), lr=2e-3)
+    for _ in range(30):
+        eps, c = torch.randn(16, 8), torch.randn(16, 4)
+        z, ld = flow.inverse(eps, c)
+        loss = (z**2).sum() - ld.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for (m, rows), w in zip(single, before, strict=True):
+        assert torch.equal(m.weight[rows], w)
+        if rows.any():  # the gain carries those rows and learns
+            assert m.gain.grad is not None and m.gain.grad[rows].abs().sum() > 0
+
+
+def test_units_without_variance_keep_gain_one():
+    """D = 1 without context: the first hidden layer is cut off from the input, so the
+    next layers see constant inputs; none of them gets the 1 / sqrt(1e-10) gain."""
+    flow = build_iaf(1, 1, 4, 0, weight_norm="iaf_code")
+    _init(flow, 0, features=1)
+    for m in flow.modules():
+        if isinstance(m, IAFCodeLinear):
+            assert torch.equal(m.gain, torch.ones_like(m.gain))
+
+
+def test_a_sequential_direction_is_refused_for_the_data_init():
+    """An iaf prior scores densities, a maf posterior samples, sequentially: the init
+    pass could not set their MADEs, so the configs are refused (and the flow raises)."""
+    from vaeflow.config import ConfigError, load_config
+    from vaeflow.models.build import build_model
+
+    wn = "options={weight_norm='iaf_code'}"
+    for sets in (
+        ['model.posterior.flow="maf"', f"model.posterior.{wn}"],
+        ['model.prior.name="flow"', 'model.prior.flow="iaf"', f"model.prior.{wn}"],
+    ):
+        with pytest.raises(ConfigError, match="sequentially"):
+            build_model(load_config(None, sets).model)
+    flow = build_maf(D, 1, H, 0, weight_norm="iaf_code")
+    with pytest.raises(RuntimeError, match="one-pass"), weight_norm_data_init():
+        flow.inverse(torch.randn(3, D))
+
+
+def test_the_models_init_pass_sets_every_layer():
+    """``vaeflow train``'s init pass on a built model: every dense unit that can vary moves
+    off gain 1 (an IAF posterior and a MAF prior); with a VampPrior the pseudo-inputs do
+    not re-initialise the head, whose outputs on the data keep scale 0.1."""
+    from vaeflow.config import load_config
+    from vaeflow.models.build import build_model
+    from vaeflow.run.train import _data_dependent_init, needs_data_init
+
+    base = [
+        "model.x_shape=[1, 28, 28]",
+        "model.latent_dim=3",
+        "model.encoder.options={hidden=[16]}",
+        "model.decoder.options={hidden=[16]}",
+        'model.posterior.weight_norm="iaf_code"',
+        "model.posterior.context_features=4",
+    ]
+    x = (torch.rand(64, 1, 28, 28) > 0.5).to(torch.get_default_dtype())
+    flows = [
+        'model.posterior.flow="iaf"',
+        "model.posterior.options={weight_norm='iaf_code'}",
+        'model.prior.name="flow"',
+        'model.prior.flow="maf"',
+        "model.prior.options={weight_norm='iaf_code'}",
+    ]
+    model = build_model(load_config(None, base + flows).model)
+    assert needs_data_init(model)
+    _data_dependent_init(model, x, seed=0)
+    for name, m in model.named_modules():
+        if isinstance(m, IAFCodeLinear):
+            live = (m.mask != 0).sum(1) > 0 if m.mask is not None else m.gain == m.gain
+            assert (m.gain[live] != 1).all(), name
+    vamp = build_model(
+        load_config(None, [*base, 'model.prior.name="vamp"', "model.prior.num_components=5"]).model
+    )
+    _data_dependent_init(vamp, x, seed=0)
+    with torch.no_grad():
+        raw = vamp.posterior.head(vamp.encoder(x))
+    assert torch.allclose(raw.std(0, unbiased=False), torch.full((6,), 0.1), rtol=1e-4)
 
 
 def test_posterior_head_and_context_projection_take_the_codes_weight_norm():

@@ -312,7 +312,8 @@ class MADE(nn.Module):
         The masked weights and the context's contribution are computed here, once: a
         sequential inversion calls the result ``D`` times, and recomputing them on every
         pass would be four extra kernels per pass (``D = 784`` passes per MAF layer).
-        The returned function computes exactly what :meth:`forward` computes.
+        The returned function computes exactly what :meth:`forward` computes (outside the
+        data-dependent init pass, which only :meth:`forward` performs).
         """
         frozen = self._frozen(context)
         return lambda x: self._pass(x, *frozen)
@@ -410,6 +411,12 @@ class _Autoregressive(Transform):
         # at ranks <= D-2, which is all the last feature depends on, so the log-det from
         # them is exact too. Cost: D network passes (masked weights and the context term
         # computed once, the log-det only at the end).
+        if self.made.weight_norm and data_init_active():
+            raise RuntimeError(
+                "the data-dependent init of a weight-normalised MADE runs in its one-pass "
+                "direction only (IAF sampling, MAF density); this model inverts it "
+                "sequentially (see vaeflow.models.build: the option is refused there)"
+            )
         made = self.made.conditioner(context)
         x = torch.zeros_like(u)
         params = made(x)
@@ -431,8 +438,8 @@ class AffineAutoregressive(_Autoregressive):
     network passes, with ``log|det dx/du| = +sum_i s_i``.
 
     The MADE output layer is zero at init, so ``m = s = 0`` and the layer is exactly the
-    identity. The soft clip ``b * tanh(s / b)`` bounds every per-feature scale to
-    ``(e^-b, e^b)``.
+    identity (not under ``weight_norm = "iaf_code"``, see below). The soft clip
+    ``b * tanh(s / b)`` bounds every per-feature scale to ``(e^-b, e^b)``.
 
     ``Inverse(AffineAutoregressive(...))`` is the IAF of Kingma et al. 2016: its
     ``inverse`` (the sampling direction) is this class's one-pass ``forward`` applied to
@@ -450,7 +457,8 @@ class AffineAutoregressive(_Autoregressive):
         activation: MADE non-linearity.
         weight_norm: the MADE's (:class:`MADE`): ``False`` or ``"iaf_code"`` (then the
             layer is not the identity at init: the model's data-dependent init pass sets
-            its scales).
+            its scales, through the one-pass direction only: :meth:`forward`, i.e. IAF
+            sampling and MAF density).
 
     References:
         Papamakarios et al. 2017, arXiv:1705.07057, section 3 (MAF).
@@ -741,8 +749,9 @@ def build_maf(
         activation: MADE non-linearity (default ``"relu"``).
         seed: base seed for random orders and permutations.
         weight_norm: each MADE's (:class:`MADE`): ``False`` (default) or ``"iaf_code"``
-            (the IAF code's weight norm, set up by the model's data-dependent init pass;
-            the stack is then not the identity at init).
+            (the IAF code's dense weight norm, set up by the model's data-dependent init
+            pass through the one-pass direction, here density: a MAF prior; the stack is
+            then not the identity at init).
 
     Returns:
         A :class:`Composite`, exactly the identity at init (unless ``weight_norm``).

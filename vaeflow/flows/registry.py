@@ -245,7 +245,9 @@ def build_flow(
         **options: family-specific options; unknown ones are an error naming them.
 
     Returns:
-        A :class:`~vaeflow.flows.base.Transform` (data -> noise), the identity at init.
+        A :class:`~vaeflow.flows.base.Transform` (data -> noise), the identity at init
+        (except where a family documents otherwise, e.g. a gated IAF or a data-initialised
+        MADE).
     """
     try:
         spec = FLOWS[name]

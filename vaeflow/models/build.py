@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, PosteriorConfig, PriorConfig
 from ..flows.base import Transform
 from ..flows.registry import FLOWS, build_flow, flow_names
-from ..layers import ACTIVATIONS
+from ..layers import ACTIVATIONS, suspend_data_init
 from .hierarchy import BottomUpVAE, ConditionalGaussian, deterministic_net
 from .init import glorot_uniform_
 from .likelihoods import build_likelihood
@@ -25,6 +25,23 @@ from .vae import VAE
 __all__ = ["build_model", "build_posterior", "build_prior_for"]
 
 
+def _check_data_init_direction(flow: str, options: dict, direction: str, where: str) -> None:
+    """A flow's ``options.weight_norm`` (a data-initialised MADE) needs the model to use
+    the flow in its one-pass direction: the init pass sets each layer from one network
+    pass, and a sequential inversion would only read the layers, never set them."""
+    if not options.get("weight_norm"):
+        return
+    one_pass = FLOWS[flow].one_pass if flow in FLOWS else "both"
+    if one_pass not in ("both", direction):
+        use = "a posterior samples" if direction == "sampling" else "a prior scores densities"
+        raise ConfigError(
+            f"{where}.options.weight_norm = {options['weight_norm']!r}: {use} through "
+            f"{flow!r} sequentially, where its data-dependent init cannot run; use the flow "
+            f"whose {direction} direction is one pass (iaf for a posterior, maf for a "
+            "prior) or drop the option"
+        )
+
+
 def build_posterior(
     cfg: PosteriorConfig, in_features: int, latent_dim: int, where: str = "model.posterior"
 ) -> nn.Module:
@@ -33,11 +50,12 @@ def build_posterior(
     hierarchy's upper layer)."""
     if cfg.flow is None:
         return GaussianPosterior(in_features, latent_dim, cfg.scale, cfg.weight_norm)
+    _check_data_init_direction(cfg.flow, cfg.options, "sampling", where)
     try:
         flow = _posterior_flow(cfg, latent_dim)
     except ConfigError:
         raise  # already names its key
-    except ValueError as e:  # the flow's own argument checks
+    except (ValueError, TypeError) as e:  # the flow's own argument checks (and options)
         raise ConfigError(f"{where}: {e}") from None
     try:
         return FlowPosterior(
@@ -98,7 +116,10 @@ class _BaseEncode(nn.Module):
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         encoder, base = self._refs
-        return base.params(encoder(u))
+        # The data-dependent init pass sets these layers from the data; the pseudo-inputs
+        # must not set them again (the last call would win).
+        with suspend_data_init():
+            return base.params(encoder(u))
 
     def read_tensors(self) -> list[Tensor]:
         """The parameters and buffers it reads (VampPrior keys its cache on them)."""
@@ -116,6 +137,7 @@ def build_prior_for(
     if cfg.name == "flow":
         if cfg.flow is None:
             raise ConfigError("model.prior.name = 'flow' needs model.prior.flow (a flow name)")
+        _check_data_init_direction(cfg.flow, cfg.options, "density", "model.prior")
         return FlowPrior.from_registry(
             latent_dim, cfg.flow, cfg.num_layers, cfg.hidden, **cfg.options
         )

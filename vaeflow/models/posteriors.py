@@ -104,7 +104,8 @@ class GaussianPosterior(nn.Module):
         scale: how the head's second half gives ``log sigma`` (:func:`log_std_from_raw`:
             ``log_std``, ``softplus_var`` or ``log_var_hardtanh``).
         weight_norm: the head's (:func:`~vaeflow.layers.wn_linear`): ``False``, ``True``
-            or ``"iaf_code"`` (data init to outputs of scale 0.1: mu near 0, sigma near 1).
+            or ``"iaf_code"`` (data init to outputs of scale 0.1: mu near 0, the raw scale
+            near 0, so sigma near 1 for ``log_std``, near 0.83 for ``softplus_var``).
     """
 
     def __init__(
