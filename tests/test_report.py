@@ -761,6 +761,19 @@ def test_title_qualifies_flow_steps_when_some_rows_have_no_flow() -> None:
     assert "flow steps: 2" in Labeller().title(only_flows, ["model.posterior.flow"])
 
 
+def test_title_gives_every_layer_of_a_hierarchy() -> None:
+    """A bottom-up hierarchy's title reads "latent dims (z1 + z2): 100 + 50", not z1's
+    size alone; a one-layer model keeps "latent dim: 40"."""
+    from vaeflow.tools.report import Labeller
+
+    upper = str([{"latent_dim": 50, "hidden": [100, 100]}])
+    two = [{"model.latent_dim": 100, "model.upper_layers": upper, "train.k": k} for k in (1, 5)]
+    title = Labeller().title(two, ["train.k"])
+    assert "latent dims (z1 + z2): 100 + 50" in title and "latent dim:" not in title, title
+    one = [{"model.latent_dim": 40, "model.upper_layers": "[]"}]
+    assert Labeller().title(one, []) == "latent dim: 40"
+
+
 def test_layers_written_before_a_new_key_are_the_same_layers(tmp_path: Path) -> None:
     """A hierarchy run whose config.json predates a nested key (model.upper_layers[i]
     .posterior.scale) groups with a run written after it, as flat new keys do."""

@@ -29,6 +29,7 @@ figures without the run directories.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -737,6 +738,14 @@ class Labeller:
                 continue  # no posterior flow: its number of steps says nothing
             if len({repr(c[key]) for c in configs}) == 1:
                 text = self.value(key, configs[0][key])
+                if key == "model.latent_dim" and key not in self.user_keys:
+                    uppers = {_upper_latent_dims(c) for c in configs}
+                    if len(uppers) == 1 and (dims := uppers.pop()):
+                        # a hierarchy: z1 is model.latent_dim, the upper layers add theirs
+                        zs = " + ".join(f"z{i + 1}" for i in range(len(dims) + 1))
+                        sizes = " + ".join(str(d) for d in (configs[0][key], *dims))
+                        parts.append(f"latent dims ({zs}): {sizes}")
+                        continue
                 if text != "none":
                     name = self.name(key)
                     if key == "model.posterior.num_layers" and not all(
@@ -754,6 +763,18 @@ _NOT_APPLICABLE: dict[str, tuple[str, tuple[Any, ...]]] = {
     "model.posterior.hidden": ("model.posterior.flow", ("none", None)),
     "model.posterior.options": ("model.posterior.flow", ("none", None)),
 }
+
+
+def _upper_latent_dims(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The latent sizes of a bottom-up hierarchy's upper layers (``model.upper_layers``,
+    flattened to its text in a record), ``()`` for a one-layer model or an unreadable
+    value."""
+    raw = config.get("model.upper_layers")
+    try:
+        layers = ast.literal_eval(raw) if isinstance(raw, str) else raw
+        return tuple(int(layer["latent_dim"]) for layer in layers or ())
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        return ()
 
 
 def _applies(key: str, config: Mapping[str, Any]) -> bool:
