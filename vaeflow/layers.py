@@ -592,15 +592,10 @@ class IAFCodeLinear(nn.Linear):
             self.bias.zero_()
         self.gain = nn.Parameter(torch.ones(out_features))
         self.register_buffer("mask", None if mask is None else mask.to(self.weight.dtype))
-        # rows the mask leaves exactly one input (see direction); not saved: the mask is
-        self._single: Tensor | None = None if mask is None else (mask != 0).sum(1) == 1
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # keep the derived row flags on the mask's device
-        out = super()._apply(fn, recurse)
-        if self.mask is not None:
-            self._single = (self.mask != 0).sum(1) == 1
-        return out
+        # rows the mask leaves exactly one input (see direction); derived from the mask, so
+        # not saved with it
+        single = None if mask is None else (mask != 0).sum(1) == 1
+        self.register_buffer("single_input", single, persistent=False)
 
     def direction(self) -> Tensor:
         """``v / |v|`` (``v`` masked first, as a MADE layer's), each output unit's row
@@ -614,7 +609,7 @@ class IAFCodeLinear(nn.Linear):
             return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
         v = self.weight * self.mask
         d = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.where(self._single[:, None], torch.sign(v).detach(), d)
+        return torch.where(self.single_input[:, None], torch.sign(v).detach(), d)
 
     def masked_weight(self) -> Tensor:
         """The weight the layer applies, ``g v / |v|`` ``(out, in)``."""
