@@ -795,3 +795,112 @@ def test_layers_written_before_a_new_key_are_the_same_layers(tmp_path: Path) -> 
     config["model"]["upper_layers"] = [{**layer_new, "latent_dim": 20}]
     _write_run(tmp_path, "s2", config, nll=95.0)
     assert len(group(collect([tmp_path]))) == 2
+
+
+# ----------------------------------------------------------------------------- stored records
+
+
+def test_stored_records_report_again_without_their_run_directories(
+    runs: Path, tmp_path: Path
+) -> None:
+    first = write_report([runs], tmp_path / "first")
+    again = write_report([], tmp_path / "again", stored=[first["json"]])
+    assert again["markdown"].read_text() == first["markdown"].read_text()
+    before = json.loads(first["json"].read_text())
+    after = json.loads(again["json"].read_text())
+    assert after["groups"] == before["groups"]
+    assert [r["learning_curve"] for r in after["records"]] == [
+        r["learning_curve"] for r in before["records"]
+    ]
+    assert {r["stored_in"] for r in after["records"]} == {str(first["json"])}
+    # the file being rewritten may be the one read
+    write_report([], tmp_path / "first", stored=[first["json"]])
+    assert json.loads(first["json"].read_text())["groups"] == before["groups"]
+
+
+def test_a_run_directory_supersedes_its_stored_record(runs: Path, tmp_path: Path) -> None:
+    stored = write_report([runs], tmp_path / "old")["json"]
+    # the same sweep folder and run, finished again elsewhere with another number; and a
+    # new seed beside the stored ones
+    elsewhere = tmp_path / "machine2" / runs.name
+    _write_run(elsewhere, "iaf_s1", _config("iaf", 1), nll=89.0)
+    _write_run(elsewhere, "iaf_s3", _config("iaf", 3), nll=84.0)
+    with pytest.warns(UserWarning, match="iaf_s1: the run directory given supersedes"):
+        records = collect([elsewhere], stored=[stored])
+    assert sorted(r["name"] for r in records) == [
+        "iaf_s1", "iaf_s2", "iaf_s3", "planar_s1", "planar_s2",
+    ]  # fmt: skip
+    iaf = group(records)[0]
+    assert sorted(iaf["seeds"]) == [1, 2, 3]
+    assert iaf["metrics"]["test/nll_iw5000_nats"]["mean"] == pytest.approx((89 + 87 + 84) / 3)
+    # a run of the same name in another sweep folder is another run
+    other = tmp_path / "other_sweep"
+    _write_run(other, "iaf_s1", _config("iaf", 1), nll=70.0)
+    names = [r["run_dir"] for r in collect([other], stored=[stored])]
+    assert str(other / "iaf_s1") in names and str(runs / "iaf_s1") in names
+
+
+def test_stored_records_refused_or_dropped(runs: Path, tmp_path: Path) -> None:
+    _write_run(runs, "iaf_s3", _config("iaf", 3))  # trained, never evaluated
+    with pytest.warns(UserWarning):
+        stored = write_report([runs], tmp_path / "old")["json"]
+    with pytest.warns(UserWarning, match="iaf_s3 is not evaluated; left out"):
+        records = collect([], stored=[stored])
+    assert "iaf_s3" not in [r["name"] for r in records] and len(records) == 4
+    copy = tmp_path / "copy.json"
+    copy.write_text(stored.read_text())
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="iaf_s1 is stored in both"):
+        collect([], stored=[stored, copy])
+    not_a_report = tmp_path / "summary.json"
+    not_a_report.write_text(json.dumps({"test/nll": 1.0}))
+    with pytest.raises(ValueError, match="no 'records' list"):
+        collect([], stored=[not_a_report])
+    broken = json.loads(stored.read_text())
+    del broken["records"][0]["protocol"]
+    copy.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"record 0 lacks \['protocol'\]"):
+        collect([], stored=[copy])
+    with pytest.raises(FileNotFoundError, match="no such results.json"):
+        collect([], stored=[tmp_path / "missing.json"])
+    with pytest.raises(ValueError, match="nothing to report"):
+        write_report([], tmp_path / "empty")
+
+
+def test_stored_records_get_the_defaults_of_keys_added_since(runs: Path, tmp_path: Path) -> None:
+    stored = write_report([runs], tmp_path / "old")["json"]
+    data = json.loads(stored.read_text())
+    for r in data["records"]:
+        del r["config"]["train.prior_lr_scale"]  # as if written before the key existed
+        r["metrics"]["test/ess_mean"] = None  # a non-finite metric, as results.json writes it
+    stored.write_text(json.dumps(data))
+    records = collect([], stored=[stored])
+    assert all(r["config"]["train.prior_lr_scale"] == 1.0 for r in records)
+    assert all(math.isnan(r["metrics"]["test/ess_mean"]) for r in records)
+    assert [g["config"] for g in group(records)] == [
+        {"model.posterior.flow": "iaf"},
+        {"model.posterior.flow": "planar"},
+    ]
+
+
+def test_cli_from_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    stored = write_report([runs / "iaf_s1", runs / "iaf_s2"], tmp_path / "old")["json"]
+    out = tmp_path / "cli"
+    args = parser.parse_args(
+        ["report", str(runs / "planar_s1"), "--from-report", str(stored), "-o", str(out)]
+    )
+    assert args.func(args) == 0
+    rows = json.loads((out / "results.json").read_text())["groups"]
+    assert [g["n_seeds"] for g in rows] == [2, 1]
+    # a stored file alone (no run directories) is a report, not a redraw
+    args = parser.parse_args(["report", "--from-report", str(stored), "-o", str(out)])
+    assert args.func(args) == 0 and "markdown" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    args = parser.parse_args(["report", "--from-report", str(bad), "-o", str(out)])
+    with pytest.raises(SystemExit, match="vaeflow report: error: .*no 'records' list"):
+        args.func(args)
+    with pytest.raises(SystemExit, match="give run directories"):
+        args = parser.parse_args(["report", "-o", str(out)])
+        args.func(args)

@@ -280,7 +280,78 @@ def _test_curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     return {"step": [s for s, _ in tags[tag]], tag: [v for _, v in tags[tag]]}
 
 
-def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+#: What a stored record (an earlier report's ``results.json``) must hold to be reported again.
+_STORED_RECORD_KEYS = ("run_dir", "name", "status", "config", "protocol", "metrics", "notes")
+
+
+def _run_identity(run_dir: str) -> tuple[str, str]:
+    """A run's name and its sweep's folder name: how a fresh run directory is matched
+    with a stored record of the same run written on another machine (absolute paths
+    differ between machines; the sweep folder and run name do not)."""
+    path = Path(run_dir)
+    return path.parent.name, path.name
+
+
+def load_stored_records(results_json: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The evaluated run records of an earlier report, to report them again without
+    their run directories (which live outside the repository and do not outlive the
+    machine that trained them).
+
+    Each record is returned as :func:`collect` would have read it then, with the config
+    keys vaeflow added since filled in with their defaults (as for an old run directory)
+    and ``"stored_in"`` naming the file. Records stored as not evaluated are dropped with
+    a ``UserWarning``: they only held a learning curve so far, and finishing them needs
+    the run directory itself.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a report's results.json (no ``records`` list, or a
+            record without the keys a report needs) — the file and the key are named.
+    """
+    path = Path(results_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results.json (an earlier `vaeflow report`'s)")
+    try:
+        data = _read_json(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); expected a report's results.json"
+        ) from None
+    records = data.get("records") if isinstance(data, Mapping) else None
+    if not isinstance(records, list):
+        raise ValueError(
+            f"{path} has no 'records' list: not a results.json written by `vaeflow report`"
+        )
+    out = []
+    for i, raw in enumerate(records):
+        missing = [k for k in _STORED_RECORD_KEYS if not isinstance(raw, Mapping) or k not in raw]
+        if missing:
+            raise ValueError(
+                f"{path}: record {i} lacks {missing}; was it written by `vaeflow report`?"
+            )
+        if raw["status"] != "evaluated":
+            warnings.warn(
+                f"{path}: stored record {raw['run_dir']} is not evaluated; left out (only its "
+                "run directory can be finished and reported)",
+                stacklevel=2,
+            )
+            continue
+        record = dict(raw)
+        config = dict(raw["config"])
+        record["config"] = {**_defaults_for(config), **config}
+        # results.json writes a non-finite metric as null.
+        record["metrics"] = {
+            k: (math.nan if v is None else float(v)) for k, v in raw["metrics"].items()
+        }
+        record["stored_in"] = str(path)
+        out.append(record)
+    return out
+
+
+def collect(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    stored: Sequence[str | os.PathLike[str]] = (),
+) -> list[dict[str, Any]]:
     """Read run directories into one flat record each.
 
     Args:
@@ -300,11 +371,18 @@ def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
         ``summary.json`` has ``status == "not evaluated"`` and empty metrics, and a
         ``UserWarning`` names it.
 
+        stored: earlier reports' ``results.json`` files whose evaluated records are
+            reported again (:func:`load_stored_records`). A run directory given in
+            ``run_dirs`` supersedes a stored record of the same run (same sweep folder
+            and run name), with a ``UserWarning``; the same run stored twice is an error.
+
     Raises:
-        FileNotFoundError: a path holds no run directory.
+        FileNotFoundError: a path holds no run directory, or a stored file is missing.
+        ValueError: a stored file is not a report's results.json, or two stored files
+            hold the same run.
     """
     records = []
-    for run_dir in _run_dirs(run_dirs):
+    for run_dir in _run_dirs(run_dirs) if run_dirs else []:
         record = _load_record(run_dir)
         if record["status"] != "evaluated":
             warnings.warn(
@@ -313,6 +391,25 @@ def collect(run_dirs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
                 stacklevel=2,
             )
         records.append(record)
+    fresh = {_run_identity(r["run_dir"]) for r in records}
+    seen: dict[tuple[str, str], str] = {}
+    for source in stored:
+        for record in load_stored_records(source):
+            ident = _run_identity(record["run_dir"])
+            if ident in seen:
+                raise ValueError(
+                    f"run {'/'.join(ident)} is stored in both {seen[ident]} and {source}; "
+                    "give only one of them"
+                )
+            seen[ident] = str(source)
+            if ident in fresh:
+                warnings.warn(
+                    f"run {'/'.join(ident)}: the run directory given supersedes the record "
+                    f"stored in {source}",
+                    stacklevel=2,
+                )
+                continue
+            records.append(record)
     _align_unused_flow_steps(records)
     return records
 
@@ -1495,6 +1592,7 @@ def write_report(
     references: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     log_x: bool = False,
     metrics: Sequence[str] | None = None,
+    stored: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
@@ -1517,7 +1615,10 @@ def write_report(
     :func:`render_figures_from_json` can redraw the figures without the run directories.
 
     Args:
-        run_dirs, by: as for :func:`collect` and :func:`group`.
+        run_dirs, stored, by: as for :func:`collect` and :func:`group` (``stored``: earlier
+            reports' results.json files whose evaluated runs are reported again; the
+            file being rewritten may be one of them: it is read before anything is
+            written).
         labels: a label map, or a TOML/JSON file of one (:func:`load_labels`).
         references: a paper's reported numbers, ``{name: NLL in nats (positive)}``, drawn
             as dashed reference lines.
@@ -1527,13 +1628,18 @@ def write_report(
         ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap"}`` -> path,
         for the files written.
     """
+    if not run_dirs and not stored:
+        raise ValueError(
+            "nothing to report: give run directories and/or stored results.json files"
+        )
+    # Read everything first: a stored results.json may be the one this report rewrites.
+    label_map = _labels_arg(labels)
+    refs = _parse_references(references)
+    records = collect(run_dirs, stored)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Temps of an interrupted earlier report; only its own files (out may be shared).
     remove_stale_temps(out, final_names={"results.md", "results.json"})
-    label_map = _labels_arg(labels)
-    refs = _parse_references(references)
-    records = collect(run_dirs)
     groups = group(records, by)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
@@ -1624,7 +1730,14 @@ def _reference(text: str) -> tuple[str, float]:
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    if len(args.runs) == 1 and Path(args.runs[0]).is_file() and args.runs[0].endswith(".json"):
+    if not args.runs and not args.from_report:
+        raise SystemExit("vaeflow report: give run directories, --from-report FILE, or both")
+    if (
+        not args.from_report
+        and len(args.runs) == 1
+        and Path(args.runs[0]).is_file()
+        and args.runs[0].endswith(".json")
+    ):
         written = render_figures_from_json(
             args.runs[0],
             args.out,
@@ -1633,18 +1746,26 @@ def _report_command(args: argparse.Namespace) -> int:
             log_x=args.log_x or None,
         )
     else:
-        written = write_report(
-            args.runs,
-            args.out,
-            by=args.by,
-            labels=args.labels,
-            references=args.reference,
-            log_x=args.log_x,
-            metrics=args.metrics,
-        )
+        try:
+            written = _write_report_from_args(args)
+        except ValueError as e:  # a protocol mixture, a stored file that is no report, ...
+            raise SystemExit(f"vaeflow report: error: {e}") from None
     for name, path in written.items():
         print(f"{name:16s} {path}")
     return 0
+
+
+def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    return write_report(
+        args.runs,
+        args.out,
+        by=args.by,
+        labels=args.labels,
+        references=args.reference,
+        log_x=args.log_x,
+        metrics=args.metrics,
+        stored=args.from_report or (),
+    )
 
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -1656,12 +1777,22 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Average evaluated runs over seeds and write results.md, "
         "results.json, learning_curves.png (and test_curves.png, metric_vs_<key>.png, "
         "heatmap.png). "
-        "Given one results.json instead of run directories, redraw its figures.",
+        "Given one results.json instead of run directories, redraw its figures. "
+        "With --from-report, an earlier report's evaluated runs are reported again beside "
+        "the run directories given (which supersede stored records of the same run).",
     )
     p.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         help="run directories, or directories of them; or one results.json to redraw",
+    )
+    p.add_argument(
+        "--from-report",
+        action="append",
+        metavar="RESULTS_JSON",
+        help="an earlier report's results.json: its evaluated runs are reported again, "
+        "without their run directories (repeatable; a run directory given supersedes a "
+        "stored record of the same sweep folder and run name)",
     )
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument(
