@@ -1,4 +1,4 @@
-"""Command line: ``vaeflow train|eval|sample|sweep|report|data`` (also ``python -m vaeflow``).
+"""Command line: ``vaeflow train|eval|sample|sweep|report|carry|data`` (also ``python -m vaeflow``).
 
 Thin by design: parse, build the config, call the library.
 
@@ -230,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0, help="prior noise scale (e.g. 0.7)")
     s.set_defaults(func=_sample)
 
+    from .tools.carry import add_carry_parser
     from .tools.report import add_report_parser
     from .tools.sweep import add_sweep_parser, add_train_stack_parser
 
     add_sweep_parser(sub)
     add_train_stack_parser(sub)
     add_report_parser(sub)
+    add_carry_parser(sub)
 
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
