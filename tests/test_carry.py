@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -73,20 +74,39 @@ def test_a_corrupt_or_foreign_pack_is_refused_and_nothing_is_written(tmp_path: P
     pack = pack_run(_fake_run(tmp_path / "m1"), tmp_path / "packs")
     good = pack.read_bytes()
     flip = lambda ms: [(i, d[:-1] + b"X" if i.name.endswith("last.pt") else d) for i, d in ms]  # noqa: E731
+
+    def manifest(**kw: object):  # noqa: ANN202
+        def change(ms):  # noqa: ANN001, ANN202
+            return [
+                (i, json.dumps({**json.loads(d), **kw}).encode() if i.name == MANIFEST else d)
+                for i, d in ms
+            ]
+
+        return change
+
     cases = {
         "checkpoints/last.pt does not match its SHA-256": flip,
         "metrics.jsonl is in the manifest but not in the pack": lambda ms: [
-            (i, d) for i, d in ms if i.name != "metrics.jsonl"
+            (i, d) for i, d in ms if i.name != "run/metrics.jsonl"
         ],
         "extra.txt is in the pack but not in its manifest": lambda ms: [
             *ms,
-            (tarfile.TarInfo("extra.txt"), b"x"),
+            (tarfile.TarInfo("run/extra.txt"), b"x"),
         ],
         r"member '../escape' is not a file inside the run": lambda ms: [
             *ms,
             (tarfile.TarInfo("../escape"), b"x"),
         ],
+        "member 'elsewhere.txt' is not a file inside the run": lambda ms: [
+            *ms,
+            (tarfile.TarInfo("elsewhere.txt"), b"x"),
+        ],
         f"no {MANIFEST}": lambda ms: [(i, d) for i, d in ms if i.name != MANIFEST],
+        # the manifest names the folders the run goes to: never a path out of the root
+        "sweep '..' and run 'vae_k1' must be plain folder names": manifest(sweep=".."),
+        "sweep '/tmp/x' and run": manifest(sweep="/tmp/x"),
+        "run '' must be plain": manifest(run=""),
+        "run 'a/../../b' must be plain": manifest(run="a/../../b"),
     }
     for message, change in cases.items():
         pack.write_bytes(good)
@@ -97,6 +117,22 @@ def test_a_corrupt_or_foreign_pack_is_refused_and_nothing_is_written(tmp_path: P
     pack.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="not a readable run pack"):
         unpack_run(pack, tmp_path / "m2")
+    # a flipped bit in the compressed stream: zlib's or gzip's error or a checksum's,
+    # never a traceback; a flip that only touches the tar's zero padding (which tarfile
+    # never reads back) still gives the run's exact files
+    original = _files(tmp_path / "m1" / "burda_long" / "vae_k1")
+    expected = {k: v for k, v in original.items() if not k.endswith(".tmp")}
+    refused = 0
+    for n, at in enumerate(range(20, len(good) - 8, max(1, len(good) // 40))):
+        pack.write_bytes(good[:at] + bytes([good[at] ^ 0x10]) + good[at + 1 :])
+        try:
+            out = unpack_run(pack, tmp_path / f"flip{n}")
+        except ValueError as e:
+            assert re.search("not a readable run pack|SHA-256|manifest", str(e)), e
+            refused += 1
+        else:
+            assert _files(out) == expected
+    assert refused > 0
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         pack_run(tmp_path, tmp_path / "packs")
 
@@ -124,3 +160,30 @@ def test_a_carried_run_resumes_to_the_uninterrupted_run(tmp_path: Path) -> None:
     (tmp_path / "bad" / f"x{PACK_SUFFIX}").write_bytes(b"not gzip")
     with pytest.raises(SystemExit, match="vaeflow carry: error: .*not a readable run pack"):
         cli_main(["carry", "unpack", str(tmp_path / "bad"), "--root", str(tmp_path / "m3")])
+
+
+def test_packs_are_reproducible_and_leave_packs_out(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "m1")
+    first = pack_run(run, tmp_path / "a").read_bytes()
+    (run / f"old{PACK_SUFFIX}").write_bytes(b"a pack written into the run")
+    assert pack_run(run, tmp_path / "b").read_bytes() == first
+
+
+def test_a_failed_forced_unpack_puts_the_old_run_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pack = pack_run(_fake_run(tmp_path / "m1", step=20), tmp_path / "packs")
+    there = _fake_run(tmp_path / "m2", step=30)
+    before = _files(there)
+    rename = Path.rename
+
+    def failing(self: Path, target: Path) -> Path:
+        if self.name.endswith(".unpack"):
+            raise OSError("disk full")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk full"):
+        unpack_run(pack, tmp_path / "m2", force=True)
+    assert _files(there) == before
+    assert sorted(p.name for p in there.parent.iterdir()) == ["vae_k1"]

@@ -904,3 +904,52 @@ def test_cli_from_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit, match="give run directories"):
         args = parser.parse_args(["report", "-o", str(out)])
         args.func(args)
+
+
+def test_a_run_directory_given_relatively_is_still_recognised(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = write_report([runs], tmp_path / "old")["json"]
+    monkeypatch.chdir(runs / "iaf_s1")
+    (record,) = collect(["."])
+    assert (record["sweep"], record["name"]) == (runs.name, "iaf_s1")
+    monkeypatch.chdir(runs)
+    for given in (".", "iaf_s1", "./iaf_s1"):
+        with pytest.warns(UserWarning, match="supersedes"):
+            records = collect([given], stored=[stored])
+        iaf = group(records)[0]
+        assert sorted(iaf["seeds"]) == [1, 2], given  # not [1, 1, 2]
+
+
+def test_an_unevaluated_run_directory_keeps_its_stored_record(runs: Path, tmp_path: Path) -> None:
+    stored = write_report([runs], tmp_path / "old")["json"]
+    again = tmp_path / "machine2" / runs.name
+    _write_run(again, "iaf_s1", _config("iaf", 1))  # restarted elsewhere, not evaluated yet
+    (again / ".iaf_s2.k3j4.unpack").mkdir()  # an interrupted unpack's staging: not a run
+    (again / ".iaf_s2.k3j4.unpack" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning) as caught:
+        records = collect([again], stored=[stored])
+    assert any("not evaluated yet; the evaluated record stored" in str(w.message) for w in caught)
+    names = sorted((r["name"], r["status"]) for r in records)
+    assert names == [(n, "evaluated") for n in ("iaf_s1", "iaf_s2", "planar_s1", "planar_s2")]
+    assert group(records)[0]["metrics"]["test/nll_iw5000_nats"]["mean"] == 86.0
+
+
+def test_malformed_stored_records_are_named(runs: Path, tmp_path: Path) -> None:
+    stored = write_report([runs], tmp_path / "old")["json"]
+    good = json.loads(stored.read_text())
+    for change, message in (
+        (lambda r: r["metrics"].update({"test/nll_iw5000_nats": [1.0]}), "malformed.*metrics"),
+        (lambda r: r.update(config="x"), "malformed.*config"),
+        (lambda r: r.pop("seed"), r"lacks \['seed'\]"),
+    ):
+        data = json.loads(json.dumps(good))
+        change(data["records"][1])
+        stored.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=f"record 1 .*{message}|record 1 {message}"):
+            collect([], stored=[stored])
+    # one file may hold the same run twice (a report over two machines' copies)
+    data = json.loads(json.dumps(good))
+    data["records"].append(data["records"][0])
+    stored.write_text(json.dumps(data))
+    assert len(collect([], stored=[stored])) == 5

@@ -19,7 +19,10 @@ beside the target and renames), and never replaces an existing one unless asked 
 (``force``), since that one may hold newer steps than the pack.
 
 Pack a run only while no process writes to it: a checkpoint being replaced mid-pack would
-give a pack whose files disagree (the manifest cannot tell).
+give a pack whose files disagree (the manifest cannot tell). Packing and unpacking hold the
+run's files in memory (tens of MB for the MLP runs here). Checkpoints barely compress: a
+pack is about the size of the run directory, so committing packs to a repository suits
+small runs only (or Git LFS).
 
 Standard library only (no torch): packing and unpacking do not load checkpoints; the run
 checks them itself when it resumes (``weights_only=True``).
@@ -28,6 +31,7 @@ checks them itself when it resumes (``weights_only=True``).
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
@@ -35,6 +39,8 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -45,9 +51,36 @@ __all__ = ["MANIFEST", "PACK_SUFFIX", "add_carry_parser", "pack_run", "read_pack
 
 PACK_SUFFIX = ".run.tar.gz"
 #: The first member of every pack: ``{"format", "sweep", "run", "step", "files": {relative
-#: path: sha256}}``.
+#: path: sha256}}``; the run's files follow under ``run/``.
 MANIFEST = "vaeflow_carry.json"
+_FILES = "run/"
 _FORMAT = 1
+
+
+def _plain_name(value: Any) -> bool:
+    """One non-empty path component: no separator, not ``.`` or ``..``."""
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and "/" not in value
+        and "\\" not in value
+        and PurePosixPath(value).name == value
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX; a no-op where a folder
+    cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _last_step(run_dir: Path) -> int | None:
@@ -81,10 +114,16 @@ def pack_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no config.json): nothing to pack")
+    links = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_symlink())
+    if links:
+        warnings.warn(f"{run}: symbolic links are not packed: {', '.join(links)}", stacklevel=2)
     files = sorted(
         p
         for p in run.rglob("*")
-        if p.is_file() and not p.is_symlink() and not is_atomic_temp(p.name)
+        if p.is_file()
+        and not p.is_symlink()
+        and not is_atomic_temp(p.name)
+        and not p.name.endswith(PACK_SUFFIX)  # a pack written into the run itself
     )
     contents = {p.relative_to(run).as_posix(): p.read_bytes() for p in files}
     manifest = {
@@ -94,12 +133,25 @@ def pack_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -
         "step": _last_step(run),
         "files": {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()},
     }
+    if not _plain_name(manifest["sweep"]) or not _plain_name(manifest["run"]):
+        raise ValueError(
+            f"{run}: cannot name a pack after {manifest['sweep']!r}/{manifest['run']!r}"
+        )
     target = Path(out_dir) / manifest["sweep"] / f"{manifest['run']}{PACK_SUFFIX}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-        members = {MANIFEST: json.dumps(manifest, indent=1).encode(), **contents}
-        for rel, data in members.items():
-            info = tarfile.TarInfo(rel)
+    members = {
+        MANIFEST: json.dumps(manifest, indent=1).encode(),
+        **{_FILES + rel: data for rel, data in contents.items()},
+    }
+    # gzip with no time stamp or file name in its header: packing an unchanged run gives
+    # the same bytes (the same blob, where packs are committed).
+    with (
+        atomic_write(target, "wb") as f,
+        gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o600, 0
             tar.addfile(info, io.BytesIO(data))
     return target
@@ -123,20 +175,41 @@ def read_pack(pack: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, b
         with tarfile.open(path, mode="r:gz") as tar:
             for info in tar:
                 name = PurePosixPath(info.name)
-                if not info.isfile() or name.is_absolute() or ".." in name.parts:
+                if (
+                    not info.isfile()
+                    or name.is_absolute()
+                    or ".." in name.parts
+                    or not (info.name == MANIFEST or info.name.startswith(_FILES))
+                ):
                     raise ValueError(f"{path}: member {info.name!r} is not a file inside the run")
                 data = tar.extractfile(info).read()  # type: ignore[union-attr]
                 if info.name == MANIFEST:
                     manifest = json.loads(data)
                 else:
-                    files[info.name] = data
-    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
+                    files[info.name.removeprefix(_FILES)] = data
+    except (
+        tarfile.TarError,
+        EOFError,
+        OSError,
+        zlib.error,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+    ) as e:
         raise ValueError(f"{path} is not a readable run pack ({e}); pack the run again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise ValueError(
             f"{path} has no {MANIFEST} of format {_FORMAT}: not a `vaeflow carry` pack"
         )
-    expected = manifest.get("files", {})
+    if not _plain_name(manifest.get("sweep")) or not _plain_name(manifest.get("run")):
+        raise ValueError(
+            f"{path}: the manifest's sweep {manifest.get('sweep')!r} and run "
+            f"{manifest.get('run')!r} must be plain folder names"
+        )
+    expected = manifest.get("files")
+    if not isinstance(expected, dict):
+        raise ValueError(
+            f"{path}: its {MANIFEST} has no table of files: not a `vaeflow carry` pack"
+        )
     for rel in sorted(set(expected) | set(files)):
         if rel not in files:
             raise ValueError(f"{path}: {rel} is in the manifest but not in the pack")
@@ -181,26 +254,38 @@ def unpack_run(
             "replace it"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside the target (same file system: the rename is atomic) under a hidden
+    # name, which `vaeflow report` never takes for a run.
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".unpack", dir=target.parent)
     )
+    old = target.with_name(f".{target.name}.replaced")
+    moved_aside = False
     try:
+        staging.chmod(0o755)
         for rel, data in files.items():
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
+            with open(dest, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             dest.chmod(0o600)
-        old = None
+        for folder in {(staging / rel).parent for rel in files}:
+            _fsync_dir(folder)
         if target.exists():
-            old = target.with_name(f".{target.name}.replaced")
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
+            moved_aside = True
         staging.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if moved_aside and not target.exists():
+            old.rename(target)  # put back the run that was there
         raise
+    if moved_aside:
+        shutil.rmtree(old)
     return target
 
 
@@ -217,6 +302,10 @@ def _packs(paths: Sequence[str]) -> list[Path]:
 def _carry_command(args: argparse.Namespace) -> int:
     try:
         if args.carry_command == "pack":
+            idents = [(r.parent.name, r.name) for r in (Path(x).resolve() for x in args.runs)]
+            twice = sorted({"/".join(i) for i in idents if idents.count(i) > 1})
+            if twice:
+                raise ValueError(f"two runs given would both be packed as {', '.join(twice)}")
             for run in args.runs:
                 path = pack_run(run, args.out)
                 print(f"packed   {run} -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -138,7 +138,13 @@ def _run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         if (path / "config.json").is_file():
             candidates = [path]
         elif path.is_dir():
-            candidates = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+            # Hidden folders are not runs (e.g. the staging folder of an interrupted
+            # `vaeflow carry unpack`).
+            candidates = sorted(
+                p
+                for p in path.iterdir()
+                if not p.name.startswith(".") and (p / "config.json").is_file()
+            )
         else:
             candidates = []
         if not candidates:
@@ -247,7 +253,10 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
             notes.append(str(note))
     return {
         "run_dir": str(run_dir),
-        "name": run_dir.name,
+        # Resolved: a run directory given as "." or "run" still has its own name and
+        # its sweep folder's (how a stored record of the same run is recognised).
+        "name": run_dir.resolve().name,
+        "sweep": run_dir.resolve().parent.name,
         "status": "evaluated" if summary_path.is_file() else "not evaluated",
         "commit": env.get("commit") or "unknown",
         "seed": config.get("train.seed"),
@@ -281,15 +290,18 @@ def _test_curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
 
 
 #: What a stored record (an earlier report's ``results.json``) must hold to be reported again.
-_STORED_RECORD_KEYS = ("run_dir", "name", "status", "config", "protocol", "metrics", "notes")
+_STORED_RECORD_KEYS = (
+    "run_dir", "name", "status", "seed", "commit", "config", "protocol", "metrics", "notes",
+)  # fmt: skip
 
 
-def _run_identity(run_dir: str) -> tuple[str, str]:
-    """A run's name and its sweep's folder name: how a fresh run directory is matched
-    with a stored record of the same run written on another machine (absolute paths
-    differ between machines; the sweep folder and run name do not)."""
-    path = Path(run_dir)
-    return path.parent.name, path.name
+def _run_identity(record: Mapping[str, Any]) -> tuple[str, str]:
+    """A run's sweep folder and name: how a fresh run directory is matched with a
+    stored record of the same run written on another machine (absolute paths differ
+    between machines; the sweep folder and run name do not). Records from before the
+    ``sweep`` field take it from their (absolute) ``run_dir``."""
+    sweep = record.get("sweep") or Path(record["run_dir"]).parent.name
+    return str(sweep), str(record["name"])
 
 
 def load_stored_records(results_json: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -329,6 +341,17 @@ def load_stored_records(results_json: str | os.PathLike[str]) -> list[dict[str, 
             raise ValueError(
                 f"{path}: record {i} lacks {missing}; was it written by `vaeflow report`?"
             )
+        bad = [
+            k
+            for k in ("config", "protocol", "metrics")
+            if not isinstance(raw[k], Mapping)
+            or (k == "metrics" and not all(v is None or _is_number(v) for v in raw[k].values()))
+        ]
+        if bad or not isinstance(raw["notes"], list):
+            raise ValueError(
+                f"{path}: record {i} ({raw['run_dir']}) has malformed {bad or ['notes']} "
+                "(config, protocol: tables; metrics: numbers or null; notes: a list)"
+            )
         if raw["status"] != "evaluated":
             warnings.warn(
                 f"{path}: stored record {raw['run_dir']} is not evaluated; left out (only its "
@@ -359,7 +382,8 @@ def collect(
             (one level of recursion when a path has no ``config.json`` itself).
 
     Returns:
-        Records ``{"run_dir", "name", "status", "commit", "seed", "checkpoint_step",
+        Records ``{"run_dir", "name", "sweep" (the run directory's parent folder),
+        "status", "commit", "seed", "checkpoint_step",
         "config": {dotted.key: value}, "protocol": {dataset, binarization, k,
         n_examples}, "metrics": {"test/...": float}, "notes": [...], "train_examples":
         int | None (environment.json's training-split size), "learning_curve": {"step":
@@ -372,9 +396,11 @@ def collect(
         ``UserWarning`` names it.
 
         stored: earlier reports' ``results.json`` files whose evaluated records are
-            reported again (:func:`load_stored_records`). A run directory given in
-            ``run_dirs`` supersedes a stored record of the same run (same sweep folder
-            and run name), with a ``UserWarning``; the same run stored twice is an error.
+            reported again (:func:`load_stored_records`). An *evaluated* run directory
+            given in ``run_dirs`` supersedes a stored record of the same run (same sweep
+            folder and run name), with a ``UserWarning``; a run directory of that run not
+            evaluated yet is left out instead and the stored record kept (warned too).
+            The same run stored in two different files is an error.
 
     Raises:
         FileNotFoundError: a path holds no run directory, or a stored file is missing.
@@ -391,24 +417,32 @@ def collect(
                 stacklevel=2,
             )
         records.append(record)
-    fresh = {_run_identity(r["run_dir"]) for r in records}
+    fresh = {_run_identity(r): r for r in records}
     seen: dict[tuple[str, str], str] = {}
     for source in stored:
         for record in load_stored_records(source):
-            ident = _run_identity(record["run_dir"])
-            if ident in seen:
+            ident = _run_identity(record)
+            if seen.setdefault(ident, str(source)) != str(source):
                 raise ValueError(
                     f"run {'/'.join(ident)} is stored in both {seen[ident]} and {source}; "
-                    "give only one of them"
+                    "give only one of those files"
                 )
-            seen[ident] = str(source)
-            if ident in fresh:
+            newer = fresh.get(ident)
+            if newer is not None and newer["status"] == "evaluated":
                 warnings.warn(
                     f"run {'/'.join(ident)}: the run directory given supersedes the record "
                     f"stored in {source}",
                     stacklevel=2,
                 )
                 continue
+            if newer is not None and newer in records:
+                records.remove(newer)
+                warnings.warn(
+                    f"run {'/'.join(ident)}: the run directory given ({newer['run_dir']}) is "
+                    f"not evaluated yet; the evaluated record stored in {source} is reported "
+                    "instead",
+                    stacklevel=2,
+                )
             records.append(record)
     _align_unused_flow_steps(records)
     return records
@@ -1731,7 +1765,9 @@ def _reference(text: str) -> tuple[str, float]:
 
 def _report_command(args: argparse.Namespace) -> int:
     if not args.runs and not args.from_report:
-        raise SystemExit("vaeflow report: give run directories, --from-report FILE, or both")
+        raise SystemExit(
+            "vaeflow report: error: give run directories, --from-report FILE, or both"
+        )
     if (
         not args.from_report
         and len(args.runs) == 1
@@ -1756,6 +1792,7 @@ def _report_command(args: argparse.Namespace) -> int:
 
 
 def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    """:func:`write_report` with the parsed ``vaeflow report`` arguments."""
     return write_report(
         args.runs,
         args.out,
