@@ -24,8 +24,9 @@ run's files in memory (tens of MB for the MLP runs here). Checkpoints barely com
 pack is about the size of the run directory, so committing packs to a repository suits
 small runs only (or Git LFS).
 
-Standard library only (no torch): packing and unpacking do not load checkpoints; the run
-checks them itself when it resumes (``weights_only=True``).
+No torch (the standard library and the torch-free ``read_metrics``): packing and
+unpacking do not load checkpoints; the run checks them itself when it resumes
+(``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..atomic import atomic_write, is_atomic_temp
+from ..run.logger import read_metrics
 
 __all__ = ["MANIFEST", "PACK_SUFFIX", "add_carry_parser", "pack_run", "read_pack", "unpack_run"]
 
@@ -85,18 +87,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _last_step(run_dir: Path) -> int | None:
     """The last step logged in ``metrics.jsonl`` (what a reader compares two copies by)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    try:
+        with warnings.catch_warnings():  # a line cut by a kill: skipped, as the run does
+            warnings.simplefilter("ignore")
+            rows = read_metrics(run_dir)
+    except FileNotFoundError:
         return None
-    step = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill; the run skips it too
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            step = row["step"]
-    return step
+    steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
+    return steps[-1] if steps else None
 
 
 def pack_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
