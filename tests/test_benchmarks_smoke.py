@@ -287,6 +287,16 @@ def test_nll_eval_benchmark_conv_model_smoke() -> None:
         assert float(cells[6]) > 0 and float(cells[9].rstrip(" %")) >= 90, line
 
 
+def test_nll_eval_benchmark_experiment_model_with_overrides() -> None:
+    """A model given as a config plus --set overrides (Rezende's NICE K = 80 row) is built
+    with the overrides applied, and the header says which ones."""
+    proc = _run_script("nll_eval.py", "--small", "--threads", "1", "--model", "rezende_nice_k80")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("model:"))
+    assert 'model.posterior.flow="nice"' in header and "num_layers=80" in header, header
+    assert "14.95M parameters" in header, header  # 80 couplings with 400-unit conditioners
+
+
 def test_nll_eval_benchmark_on_a_trained_run(tmp_path: Path) -> None:
     """--run scores a trained run's model on its own test images, and the bf16 row
     reports its difference from float32 (the tolerance is measured on trained models)."""
