@@ -294,7 +294,14 @@ def test_rezende_compares_bounds_on_static_mnist(tmp_path: Path) -> None:
         10000,
     )
     assert t.clip_norm is None
-    rows = {p.name for p in sw.expand(EXPERIMENTS / "rezende2015_planar" / "sweep.toml")}
+    # eq. 20's inverse temperature weighs ln p(x, z_K); Appendix A.1's m(a) = -1 + softplus(a)
+    assert t.kl_warmup_target == "joint"
+    points = sw.expand(EXPERIMENTS / "rezende2015_planar" / "sweep.toml")
+    for p in points:
+        post = load_config(p.base, p.overrides).model.posterior
+        if post.flow == "planar":
+            assert post.options == {"constraint": "softplus"}, p.name
+    rows = {p.name for p in points}
     ks = (10, 20, 40, 80)
     assert rows == {"diag"} | {f"{f}_k{k}" for f in ("planar", "nice") for k in ks}
     stub, log = _stub(tmp_path)
