@@ -420,7 +420,11 @@ def _check_readable(fig: Any, n_series: int, constants: tuple[str, ...]) -> list
     title = fig.axes[0].get_title().replace("\n", " ")
     for constant in constants:
         assert constant in title, title
-    styles = [(h.get_color(), h.get_linestyle(), h.get_marker()) for h in handles]
+    # get_linestyle() says "--" for every custom dash pattern: compare the patterns too
+    styles = [
+        (h.get_color(), h.get_linestyle(), h.get_marker(), str(h._unscaled_dash_pattern))
+        for h in handles
+    ]
     assert len(styles) == len(set(styles)), styles  # no two entries look alike
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -662,7 +666,7 @@ def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
     data = json.loads(text, parse_constant=_refuse)
     first = next(r for r in data["records"] if r["name"] == "standard_normal_None_none_40_s1")
     assert first["learning_curve"] == {"step": [100, 200, 300], "val/elbo_nats": [-119, -99, -89]}
-    assert data["figures"]["references"] == [["paper", 85.57]]
+    assert data["figures"]["references"] == [["paper", 85.57, "nll"]]
     import shutil
 
     shutil.rmtree(root)
@@ -690,7 +694,7 @@ def test_cli_labels_references_and_redraw(
     argv = ["report", str(runs), "-o", str(out), "--labels", str(labels), "--log-x"]
     argv += ["--reference", "VampPrior (paper): 85.57", "--reference", "IWAE: 84.78"]
     args = parser.parse_args(argv)
-    assert args.reference == [("VampPrior (paper)", 85.57), ("IWAE", 84.78)]
+    assert args.reference == [("VampPrior (paper)", 85.57, "nll"), ("IWAE", 84.78, "nll")]
     assert args.func(args) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["figures"]["log_x"] is True
@@ -703,6 +707,48 @@ def test_cli_labels_references_and_redraw(
         with pytest.raises(SystemExit):
             parser.parse_args(["report", str(runs), "-o", str(out), "--reference", bad])
     assert "NAME: NLL" in capsys.readouterr().err
+
+
+def test_bound_references_are_labelled_as_bounds_and_kept_off_nll_axes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A paper that reports -ELBO (Rezende & Mohamed, the Sylvester paper): the line is
+    drawn at minus it on the ELBO axes and labelled -ELBO, never "NLL"; an NLL axis
+    shows the NLL references only; the kind survives results.json and a redraw; an old
+    results.json with (name, value) pairs still reads as NLLs."""
+    _flow_grid(tmp_path, PRIORS[2:5], latents=(16, 32))
+    records = collect([tmp_path])
+    refs = [REFERENCE, ("planar K = 80 (paper)", 85.1, "bound")]
+    figures = make_figures(records, group(records), references=refs)
+    curves = _check_readable(figures["learning_curves"][1], 12, ("data: MNIST",))
+    assert "planar K = 80 (paper): -ELBO 85.1 nats, drawn at -85.1" in curves
+    assert "VampPrior (paper): NLL 85.57 nats, drawn at -85.57" in curves
+    ys = sorted(ln.get_ydata()[0] for ln in figures["learning_curves"][1].axes[0].get_lines()[-2:])
+    assert ys == [-85.57, -85.1]
+    nll_axis = _check_readable(figures["metric_vs_key"][1], 6, ("data: MNIST",))
+    assert "VampPrior (paper): NLL 85.57 nats" in nll_axis
+    assert not any("85.1" in label for label in nll_axis)  # a bound is not an NLL
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    argv = ["report", str(tmp_path), "-o", str(out), "--reference", "VampPrior (paper): 85.57"]
+    args = parser.parse_args([*argv, "--bound-reference", "planar K = 80 (paper): 85.1"])
+    assert args.bound_reference == [("planar K = 80 (paper)", 85.1, "bound")]
+    assert args.func(args) == 0
+    stored = json.loads((out / "results.json").read_text())["figures"]["references"]
+    assert stored == [
+        ["VampPrior (paper)", 85.57, "nll"],
+        ["planar K = 80 (paper)", 85.1, "bound"],
+    ]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--bound-reference", "paper: -85.1"])
+    assert "NAME: -ELBO" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kind"):
+        make_figures(records, group(records), references=[("x", 85.0, "elbo")])
+    legacy = make_figures(records, group(records), references=[["old (paper)", 85.0]])
+    assert "old (paper): NLL 85 nats, drawn at -85" in _check_readable(
+        legacy["learning_curves"][1], 12, ("data: MNIST",)
+    )
 
 
 def test_keys_added_after_a_run_started_count_as_their_default(tmp_path: Path) -> None:

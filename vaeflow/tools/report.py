@@ -1129,32 +1129,63 @@ def _metric_axis_label(metric: str) -> str:
     return label
 
 
-def _parse_references(references: Any) -> list[tuple[str, float]]:
+#: What a paper's reference number is: ``"nll"``, its estimate of -log p(x); ``"bound"``,
+#: its -ELBO (an upper bound on -log p(x), as Rezende & Mohamed's and the Sylvester
+#: paper's tables report). Both are drawn at minus the value on ELBO axes; only NLLs on
+#: NLL axes, where a bound would be set beside a quantity it is not.
+REFERENCE_KINDS = {"nll": "NLL", "bound": "-ELBO"}
+
+
+def _parse_references(references: Any) -> list[tuple[str, float, str]]:
+    """``{name: nll}``, or ``[(name, value)]`` / ``[(name, value, kind)]`` (kind: a key of
+    :data:`REFERENCE_KINDS`, default ``"nll"``) -> ``[(name, value, kind)]``."""
     if not references:
         return []
     items = references.items() if isinstance(references, Mapping) else references
     out = []
-    for name, value in items:
+    for item in items:
+        name, value, *rest = item
+        kind = str(rest[0]) if rest else "nll"
+        if len(rest) > 1 or kind not in REFERENCE_KINDS:
+            raise ValueError(
+                f"reference {name!r}: expected (name, value) or (name, value, kind) with kind "
+                f"one of {sorted(REFERENCE_KINDS)}, got {list(item)!r}"
+            )
         v = float(value)
         if not math.isfinite(v) or v < 0:
+            what = "negative log-likelihood" if kind == "nll" else "negative ELBO"
             raise ValueError(
-                f"reference {name!r}: give the paper's negative log-likelihood in nats, a "
-                f"positive number (got {value!r}; for log p(x) = -85.57 give 85.57)"
+                f"reference {name!r}: give the paper's {what} in nats, a positive number "
+                f"(got {value!r}; for log p(x) = -85.57 give 85.57)"
             )
-        out.append((str(name), v))
+        out.append((str(name), v, kind))
     return out
 
 
-def _draw_references(ax: Any, references: Sequence[tuple[str, float]], sign: float) -> list:
+def _references_on_axis(
+    references: Sequence[tuple[str, float, str]], sign: float
+) -> list[tuple[str, float, str]]:
+    """The references an axis can show: every kind on an ELBO axis (``sign < 0``), NLLs
+    only on an NLL axis (``sign > 0``), none on other axes (``sign == 0``)."""
+    if sign < 0:
+        return list(references)
+    return [r for r in references if r[2] == "nll"] if sign > 0 else []
+
+
+def _reference_label(name: str, value: float, kind: str, sign: float) -> str:
+    """``"NAME: NLL 85.57 nats, drawn at -85.57"`` (the place said on ELBO axes)."""
+    where = f", drawn at {-value:g}" if sign < 0 else ""
+    return f"{name}: {REFERENCE_KINDS[kind]} {value:g} nats{where}"
+
+
+def _draw_references(ax: Any, references: Sequence[tuple[str, float, str]], sign: float) -> list:
     """Horizontal reference lines at ``sign * value``; returns (handle, label) pairs."""
     out = []
-    for i, (name, value) in enumerate(references):
-        y = sign * value
-        where = f", drawn at {y:g}" if sign < 0 else ""
+    for i, (name, value, kind) in enumerate(references):
         line = ax.axhline(
-            y, color="black", linestyle=_REF_DASHES[i % len(_REF_DASHES)], linewidth=1.2
+            sign * value, color="black", linestyle=_REF_DASHES[i % len(_REF_DASHES)], linewidth=1.2
         )
-        out.append((line, f"{name}: NLL {value:g} nats{where}"))
+        out.append((line, _reference_label(name, value, kind, sign)))
     return out
 
 
@@ -1215,8 +1246,9 @@ def learning_curves_figure(
     entry per group, named by :class:`LabelPlan`, styled by :func:`series_styles`, outside
     the axes; the keys that are the same in every run go into the title. The x axis is
     in epochs when every run knows its batch size and training-set size, else in steps.
-    ``references`` (name -> a paper's NLL in nats) are drawn at minus the NLL, where the
-    ELBO, a lower bound on log p(x), would have to be below them.
+    ``references`` (a paper's NLL or -ELBO in nats, :func:`_parse_references`) are drawn
+    at minus the value, where the ELBO, a lower bound on log p(x), would have to be below
+    them.
 
     Returns:
         The matplotlib ``Figure``, or ``None`` when no run logged ``val/elbo_nats``.
@@ -1239,7 +1271,7 @@ def learning_curves_figure(
             f"{n} ({len(ms)} seed{'s' if len(ms) != 1 else ''})"
             for n, ms in zip(names, buckets, strict=True)
         ]
-    legend_labels = names + [f"{n}: NLL {v:g} nats, drawn at {-v:g}" for n, v in refs]
+    legend_labels = names + [_reference_label(*r, sign=-1.0) for r in refs]
     fig = _new_figure(5.2 + _legend_width(legend_labels), 4.4)
     ax = fig.add_subplot()
     handles = []
@@ -1281,7 +1313,7 @@ def learning_curves_figure(
         handles.append(line)
     # Zoom before the reference lines exist (axhline's data are axes fractions), with
     # their values kept in the range.
-    zoomed = not log_x and _zoom_to_late_training(ax, [-v for _, v in refs])
+    zoomed = not log_x and _zoom_to_late_training(ax, [-r[1] for r in refs])
     ref_handles = _draw_references(ax, refs, sign=-1.0)
     handles += [h for h, _ in ref_handles]
     if log_x:
@@ -1368,8 +1400,9 @@ def metric_vs_key_figure(
 ) -> Any:
     """``metric`` (mean ± std over seeds) vs the numeric ``key``, one line per combination
     of the ``others`` keys, labelled and styled as in :func:`learning_curves_figure`;
-    ``references`` (a paper's NLL in nats) drawn at the NLL on an NLL axis, at minus it on
-    an ELBO axis, not at all on other axes. Log x when the values span a factor of 20."""
+    ``references`` (a paper's NLL or -ELBO in nats) drawn at minus the value on an ELBO
+    axis, NLLs at the value on an NLL axis (a -ELBO is not drawn there), none on other
+    axes. Log x when the values span a factor of 20."""
     labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
     present = [g for g in groups if metric in g["metrics"]]
     plan = labeller.plan([g["config"] for g in present], others)
@@ -1386,9 +1419,8 @@ def metric_vs_key_figure(
     names = [plan.label(configs[v]) for v in lines]
     rest = metric.partition("/")[2] or metric
     sign = 1.0 if rest.startswith("nll") else -1.0 if rest.startswith("elbo") else 0.0
-    refs = _parse_references(references) if sign else []
-    where = [f", drawn at {-v:g}" if sign < 0 else "" for _, v in refs]
-    ref_labels = [f"{n}: NLL {v:g} nats{w}" for (n, v), w in zip(refs, where, strict=True)]
+    refs = _references_on_axis(_parse_references(references), sign)
+    ref_labels = [_reference_label(*r, sign=sign) for r in refs]
     fig = _new_figure(5.2 + (_legend_width(names + ref_labels) if any(names) else 0), 4.2)
     ax = fig.add_subplot()
     handles, xs_all = [], []
@@ -1654,8 +1686,9 @@ def write_report(
             file being rewritten may be one of them: it is read before anything is
             written).
         labels: a label map, or a TOML/JSON file of one (:func:`load_labels`).
-        references: a paper's reported numbers, ``{name: NLL in nats (positive)}``, drawn
-            as dashed reference lines.
+        references: a paper's reported numbers, ``{name: NLL in nats (positive)}`` or
+            ``[(name, value, kind)]`` with kind ``"nll"`` or ``"bound"`` (a reported
+            -ELBO), drawn as dashed reference lines.
         log_x: log-scale the learning curves' x axis.
 
     Returns:
@@ -1748,19 +1781,30 @@ def render_figures_from_json(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _reference(text: str) -> tuple[str, float]:
-    """``"VampPrior (paper): 85.57"`` -> ``("VampPrior (paper)", 85.57)``."""
+def _reference(text: str, kind: str = "nll") -> tuple[str, float, str]:
+    """``"VampPrior (paper): 85.57"`` -> ``("VampPrior (paper)", 85.57, "nll")``."""
     name, sep, value = text.rpartition(":")
+    what = REFERENCE_KINDS[kind]
     try:
         if not sep or not name.strip():
             raise ValueError
-        (ref,) = _parse_references([(name.strip(), float(value))])
+        (ref,) = _parse_references([(name.strip(), float(value), kind)])
     except ValueError as e:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected 'NAME: NLL' with the NLL in nats, positive "
+            f"{text!r}: expected 'NAME: {what}' with the {what} in nats, positive "
             f"(e.g. 'VampPrior (paper): 85.57'){': ' + str(e) if str(e) else ''}"
         ) from None
     return ref
+
+
+def _bound_reference(text: str) -> tuple[str, float, str]:
+    """``"planar K = 80 (paper): 85.1"`` -> ``("planar K = 80 (paper)", 85.1, "bound")``."""
+    return _reference(text, "bound")
+
+
+def _references_from_args(args: argparse.Namespace) -> list[tuple[str, float, str]] | None:
+    refs = [*(args.reference or ()), *(args.bound_reference or ())]
+    return refs or None
 
 
 def _report_command(args: argparse.Namespace) -> int:
@@ -1778,7 +1822,7 @@ def _report_command(args: argparse.Namespace) -> int:
             args.runs[0],
             args.out,
             labels=args.labels,
-            references=args.reference,
+            references=_references_from_args(args),
             log_x=args.log_x or None,
         )
     else:
@@ -1798,7 +1842,7 @@ def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
         args.out,
         by=args.by,
         labels=args.labels,
-        references=args.reference,
+        references=_references_from_args(args),
         log_x=args.log_x,
         metrics=args.metrics,
         stored=args.from_report or (),
@@ -1860,6 +1904,15 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="'NAME: NLL'",
         help="a paper's reported NLL in nats (positive), drawn as a dashed line (at minus "
         "it on the ELBO axes); repeat for several",
+    )
+    p.add_argument(
+        "--bound-reference",
+        action="append",
+        type=_bound_reference,
+        metavar="'NAME: -ELBO'",
+        help="a paper's reported negative ELBO in nats (positive; tables that report bounds "
+        "on -log p(x)), drawn at minus it on the ELBO axes and not on NLL axes; repeat "
+        "for several",
     )
     p.add_argument("--log-x", action="store_true", help="log-scale the learning curves' x axis")
     p.set_defaults(func=_report_command)
