@@ -320,6 +320,11 @@ def test_rezende_compares_bounds_on_static_mnist(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     (report,) = [c for c in log.read_text().splitlines() if c.startswith("report ")]
     assert report.split("--metrics ")[1].split()[:2] == ["test/elbo_nats", r"test/nll_iw\d+_nats"]
+    # one row per flow and length, whatever else the NICE rows set
+    assert report.split("--by ")[1].split()[:2] == [
+        "model.posterior.flow",
+        "model.posterior.num_layers",
+    ]
 
 
 @pytest.mark.parametrize("sweep", ["sweep", "reduced", "long"])
