@@ -183,10 +183,8 @@ def test_rows_on_different_data_state_their_protocol(tmp_path: Path) -> None:
     (static / "summary.json").write_text(json.dumps(summary))
     md = to_markdown(group(collect([tmp_path])))
     assert md.startswith("**Rows differ in their evaluation protocol (dataset, binarization)")
-    assert "| model.posterior.flow | dataset | binarization | seeds |" in md
-    assert (
-        "| iaf | mnist | dynamic | 1 |" in md and "| planar | binarized_mnist | given | 1 |" in md
-    )
+    assert "| posterior | dataset | binarization | seeds |" in md
+    assert "| IAF | mnist | dynamic | 1 |" in md and "| planar | binarized_mnist | given | 1 |" in md
     # One protocol: no protocol columns, no warning.
     plain = to_markdown(group(collect([tmp_path / "grey"])))
     assert "Rows differ" not in plain and "| dataset |" not in plain
@@ -195,15 +193,29 @@ def test_rows_on_different_data_state_their_protocol(tmp_path: Path) -> None:
 def test_markdown_units_cells_notes_commits(runs: Path) -> None:
     md = to_markdown(group(collect([runs])))
     header = md.splitlines()[0]
-    assert header.startswith("| model.posterior.flow | seeds |")
+    assert header.startswith("| posterior | seeds |")
     for label in ("test NLL (nats, k=5000)", "test ELBO (nats)", "test KL (nats)"):
         assert label in header
-    assert "| iaf | 2 | 86.00 ± 1.41 (2) | -89.00 ± 1.41 (2) |" in md
+    assert "| IAF | 2 | 86.00 ± 1.41 (2) | -89.00 ± 1.41 (2) |" in md
     assert "planar" in md and "90.50 ± 0.71 (2)" in md
     assert NOTE in md and "`abc1234`" in md and "`def5678`" in md
     assert "k=5000" in md and "n_examples=10000" in md
     chosen = to_markdown(group(collect([runs])), metrics=["test/nll_iw5000_stderr_nats", "x/y"])
     assert "test NLL stderr (nats, k=5000)" in chosen and "| 0.10 ± 0.00 (2) | — |" in chosen
+
+
+def test_markdown_columns_use_the_figures_names(runs: Path) -> None:
+    """The table heads and fills its grouping columns with the reader's names the
+    figures use (a label map overrides them), and a footer line maps each name back to
+    the config key it stands for."""
+    md = to_markdown(group(collect([runs])))
+    assert "Columns: posterior = `model.posterior.flow`." in md
+    rows = [line.split(" | ")[0] for line in md.splitlines()[2:4]]
+    assert rows == ["| IAF", "| planar"]
+    labels = {"model.posterior.flow": {"name": "q(z|x)", "values": {"iaf": "IAF, 4 steps"}}}
+    named = to_markdown(group(collect([runs])), labels=labels)
+    assert named.startswith("| q(z|x) | seeds |") and "| IAF, 4 steps | 2 |" in named
+    assert "Columns: q(z|x) = `model.posterior.flow`." in named
 
 
 def test_metric_labels() -> None:
@@ -248,7 +260,7 @@ def test_write_report_files(runs: Path, tmp_path: Path) -> None:
     (out / ".notes.md.ab12cd34.tmp").write_text("x")  # not the report's: stays
     written = write_report([runs], out)
     assert set(written) == {"markdown", "json", "learning_curves"}  # flow is not numeric
-    assert written["markdown"].read_text().startswith("| model.posterior.flow")
+    assert written["markdown"].read_text().startswith("| posterior |")
     data = json.loads(written["json"].read_text(), parse_constant=_refuse)
     assert len(data["records"]) == 4 and len(data["groups"]) == 2
     assert data["by"] == ["model.posterior.flow"]

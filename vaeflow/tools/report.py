@@ -635,6 +635,7 @@ def to_markdown(
     groups: Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
     not_evaluated: Sequence[str] = (),
+    labels: Mapping[str, Any] | Labeller | None = None,
 ) -> str:
     """Render groups as a markdown table with a footer of protocol, notes and commits.
 
@@ -643,18 +644,23 @@ def to_markdown(
         metrics: metric names for the columns; default: NLL, bpd, ELBO, KL, recon,
             active units, those present.
         not_evaluated: run directories to list under the table as not evaluated.
+        labels: a label map or :class:`Labeller` (default: :data:`READER_NAMES` and
+            :data:`READER_VALUES`), the same names as the figures'.
 
     Returns:
-        Markdown: the grouping config keys as the first columns, then one
-        ``mean ± std (n)`` cell per metric (``mean (1)`` for a single seed, ``—`` when
-        missing), then a footer.
+        Markdown: the grouping config keys as the first columns, headed and filled with a
+        reader's names (``posterior``, ``diagonal Gaussian``; the footer's "Columns" line
+        maps each name back to its config key), then one ``mean ± std (n)`` cell per
+        metric (``mean (1)`` for a single seed, ``—`` when missing), then a footer.
     """
+    labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
     keys = list(groups[0]["by"]) if groups else []
     names = list(metrics) if metrics is not None else _default_metrics(groups)
     # Rows measured on different data or with different estimators must not sit side by
     # side unnoticed: then every row states its protocol in columns of its own.
     mixed = [pk for pk in PROTOCOL_KEYS if len({repr(g["protocol"].get(pk)) for g in groups}) > 1]
-    headers = (keys or ["runs"]) + mixed + ["seeds"] + [metric_label(n) for n in names]
+    headers = [labeller.name(k) for k in keys] or ["runs"]
+    headers += mixed + ["seeds"] + [metric_label(n) for n in names]
     lines = []
     if mixed:
         lines += [
@@ -669,12 +675,16 @@ def to_markdown(
         + "|",
     ]
     for g in groups:
-        first = [_fmt_value(g["config"][k]) for k in keys] or ["all"]
+        first = [labeller.value(k, g["config"][k]) for k in keys] or ["all"]
         protocol = [_fmt_value(g["protocol"].get(pk)) for pk in mixed]
         cells = [_cell(g["metrics"].get(n), n) for n in names]
         lines.append("| " + " | ".join([*first, *protocol, str(g["n_seeds"]), *cells]) + " |")
     if not groups:
         lines.append("| " + " | ".join(["(no evaluated runs)"] + [""] * (len(headers) - 1)) + " |")
+    if keys:
+        # The reader's names are for reading; the keys are what a config sets.
+        columns = ", ".join(f"{labeller.name(k)} = `{k}`" for k in keys)
+        lines += ["", f"Columns: {columns}."]
     lines += [
         "",
         "Cells: mean ± std over seeds (n); std uses n-1. A seed sets train.seed and, in "
@@ -1713,7 +1723,8 @@ def write_report(
     written: dict[str, Path] = {}
     columns = resolve_metrics(groups, metrics) if metrics is not None else None
     md = out / "results.md"
-    write_text_atomic(md, to_markdown(groups, columns, not_evaluated=not_evaluated))
+    markdown = to_markdown(groups, columns, not_evaluated=not_evaluated, labels=label_map)
+    write_text_atomic(md, markdown)
     written["markdown"] = md
     js = out / "results.json"
     payload = {
