@@ -138,3 +138,133 @@ def test_a_partial_of_another_evaluation_or_unreadable_is_not_used(
     with pytest.warns(UserWarning, match="unreadable"):
         result = ev.evaluate_run(run, data_root=DATA, k=20, chunk=7)
     assert result["test/n_examples"] == 60 and not k20.exists()
+
+
+# ----------------------------------------------------------------------------- growing
+
+
+def _count_batches(monkeypatch) -> list[int]:
+    """Record the batch size of every call of the k-sample estimator."""
+    from vaeflow.run import evaluate as ev
+
+    seen: list[int] = []
+    real = ev.VAE.log_likelihood
+
+    def counting(self, x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(ev.VAE, "log_likelihood", counting)
+    return seen
+
+
+def test_an_evaluation_grows_to_more_images_scoring_only_the_new_ones(
+    short_run, tmp_path, monkeypatch
+):
+    """20 images scored, then 60 asked for: the fixed random subsets are nested, so only
+    the 40 others are scored; the 20 keep their scores exactly, the summary's metrics are
+    those of the 60 merged scores, and it says what it extended."""
+    import shutil
+
+    from tests.test_train import DATA
+    from vaeflow.data import test_subset
+    from vaeflow.run import evaluate as ev
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    args = {"data_root": DATA, "k": 20, "chunk": 7}
+    small = ev.evaluate_run(run, n_test=20, **args)
+    first = ev.load_checkpoint(run / ev.TEST_SCORES)
+    seen = _count_batches(monkeypatch)
+    grown = ev.evaluate_run(run, n_test=60, **args)
+    assert sum(seen) == 40
+    assert grown["test/n_examples"] == 60 and small["test/n_examples"] == 20
+    assert grown["extended_from"] == small["test_examples"] != grown["test_examples"]
+    stored = ev.load_checkpoint(run / ev.TEST_SCORES)
+    n_total = int(grown["test_examples"].rsplit(" ", 1)[1])
+    assert torch.equal(stored["indices"], test_subset(n_total, 60)[0])
+    reused = torch.isin(stored["indices"], first["indices"])
+    assert int(reused.sum()) == 20
+    for name, values in first["per_example"].items():
+        assert torch.equal(stored["per_example"][name][reused], values), name
+    lp = stored["per_example"]["log_px"]
+    assert grown["test/nll_iw20_nats"] == pytest.approx(-lp.mean().item(), abs=1e-9)
+    assert grown["test/elbo_nats"] == pytest.approx(
+        stored["per_example"]["elbo"].mean().item(), abs=1e-9
+    )
+    assert torch.equal(stored["log_px"], lp)  # what `vaeflow compare` pairs
+    # The new images' noise is not the first pass's stream: a one-pass evaluation of the
+    # 60 gives other estimates for the 40 (same images, independent draws).
+    fresh = ev.evaluate_run(run, n_test=60, reuse=False, **args)
+    assert "extended_from" not in fresh and sum(seen) == 40 + 60
+    again = ev.load_checkpoint(run / ev.TEST_SCORES)["per_example"]["log_px"]
+    assert not torch.equal(again[~reused], lp[~reused])
+
+
+def test_only_the_same_estimator_is_grown(short_run, tmp_path, monkeypatch):
+    """Scores of another k, of the same images, or of a larger set are never merged: the
+    evaluation scores every image."""
+    import shutil
+
+    from tests.test_train import DATA
+    from vaeflow.run import evaluate as ev
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    ev.evaluate_run(run, data_root=DATA, n_test=20, k=5, chunk=5)
+    seen = _count_batches(monkeypatch)
+    other_k = ev.evaluate_run(run, data_root=DATA, n_test=40, k=20, chunk=7)
+    assert sum(seen) == 40 and "extended_from" not in other_k
+    same = ev.evaluate_run(run, data_root=DATA, n_test=40, k=20, chunk=10)
+    assert sum(seen) == 80 and "extended_from" not in same
+    ev.evaluate_run(run, data_root=DATA, n_test=20, k=20, chunk=7)  # fewer: all scored
+    assert sum(seen) == 100
+    # A pass shape of its own is the same estimator: grown.
+    grown = ev.evaluate_run(run, data_root=DATA, n_test=30, k=20, chunk=4)
+    assert sum(seen) == 110 and "extended_from" in grown
+
+
+def test_an_interrupted_growth_resumes_to_the_same_numbers(short_run, tmp_path, monkeypatch):
+    """The growth keeps a partial file of its own and resumes to what an uninterrupted
+    growth writes."""
+    import shutil
+
+    from tests.test_train import DATA
+    from vaeflow.run import evaluate as ev
+
+    monkeypatch.setattr(ev, "PARTIAL_EVERY_S", 0.0)
+    args = {"data_root": DATA, "k": 20, "chunk": 7}
+    runs = []
+    for name in ("whole", "interrupted"):
+        run = tmp_path / name
+        shutil.copytree(short_run, run)
+        ev.evaluate_run(run, n_test=20, **args)
+        runs.append(run)
+    reference = ev.evaluate_run(runs[0], n_test=60, **args)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate_run(runs[1], n_test=60, **args)
+    (partial,) = runs[1].glob("eval_partial.*.pt")
+    assert ev.load_checkpoint(partial)["key"]["extends"] == reference["extended_from"]
+    resumed = ev.evaluate_run(runs[1], n_test=60, **args)
+    for name, value in reference.items():
+        if name not in ("run_dir", "test/seconds_per_example"):
+            assert resumed[name] == value, name
+    assert not list(runs[1].glob("eval_partial.*"))
+
+
+def test_eval_cli_fresh_scores_every_image(short_run, tmp_path, monkeypatch):
+    """`vaeflow eval --n-test N` grows an earlier evaluation; `--fresh` does not."""
+    import shutil
+
+    from tests.test_train import DATA
+    from vaeflow.cli import main as cli_main
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    base = ["eval", str(run), "--k", "5", "--chunk", "5", "--data-root", str(DATA)]
+    assert cli_main([*base, "--n-test", "20"]) == 0
+    seen = _count_batches(monkeypatch)
+    assert cli_main([*base, "--n-test", "30"]) == 0 and sum(seen) == 10
+    assert cli_main([*base, "--n-test", "40", "--fresh"]) == 0 and sum(seen) == 50

@@ -1,4 +1,4 @@
-"""Command line: ``vaeflow train|eval|sample|sweep|report|carry|data`` (also ``python -m vaeflow``).
+"""Command line: ``vaeflow train|eval|sample|sweep|report|carry|data`` (or ``python -m vaeflow``).
 
 Thin by design: parse, build the config, call the library.
 
@@ -107,6 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device or "auto",
         data_root=args.data_root,
         compile=args.compile,
+        reuse=not args.fresh,
     )
     _print_summary(summary)
     print(f"\nwrote {Path(args.run_dir) / 'summary.json'}")
@@ -207,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile each chunk of importance samples (default: eval.compile)",
+    )
+    e.add_argument(
+        "--fresh",
+        action="store_true",
+        help="score every test image again; by default an evaluation of more images than "
+        "test_scores.pt holds (same checkpoint, k) scores only the images not in it",
     )
     e.set_defaults(func=_eval)
 

@@ -161,9 +161,32 @@ def evaluate_model(
     interrupted evaluation resumed gives what an uninterrupted one gives (bit for bit on
     the CPU). The caller removes it once the results are safe.
 
-    ``scores``: a dict to receive the per-example ``log_px`` and ``elbo`` (float64, CPU,
-    in ``x``'s order), for paired comparisons of runs on the same test images.
+    ``scores``: a dict to receive the per-example scores (float64, CPU, in ``x``'s
+    order): ``log_px``, ``elbo``, ``kl``, ``log_px_z``, ``ess`` ``(N,)``, and when the
+    model has them ``kl_dims (N, D)`` and ``layer_kl (N, L)`` -- for paired comparisons of
+    runs on the same test images, and for growing an evaluation to more images.
     """
+    per_example, seconds = score_examples(
+        model, x, k, chunk, batch_size, compile, partial, partial_key
+    )
+    if scores is not None:
+        scores.update(per_example)
+    return metrics_from_scores(model, x, per_example, seconds, k, bpd)
+
+
+@torch.no_grad()
+def score_examples(
+    model: VAE,
+    x: Tensor,
+    k: int = 5000,
+    chunk: int = 500,
+    batch_size: int = 20,
+    compile: bool = False,
+    partial: Path | None = None,
+    partial_key: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Tensor], float]:
+    """The k-sample estimator's per-example scores of ``x (N, *x_shape)`` (see
+    :func:`evaluate_model` for ``partial`` and the fields) and the seconds spent."""
     model.eval()
     key = dict(partial_key or {})
     done = _load_partial(partial, key) if partial is not None else None
@@ -196,21 +219,36 @@ def evaluate_model(
             _save_partial(partial, key, parts, n_done, seconds, x.device)
             last_save = time.perf_counter()
     seconds = seconds_before + time.perf_counter() - t0
-    log_px, elbos, kls, recons, ess = (parts[name] for name in _PER_EXAMPLE)
-    kl_dims, layer_kls = parts["kl_dims"], parts["layer_kl"]
-    lp = torch.cat(log_px)
-    if scores is not None:
-        scores["log_px"] = lp.double().cpu()
-        scores["elbo"] = torch.cat(elbos).double().cpu()
+    per_example = {
+        name: torch.cat(values, 1 if name == "layer_kl" else 0).double().cpu()
+        for name, values in parts.items()
+        if values
+    }
+    if "layer_kl" in per_example:  # (L, N) -> (N, L): every field is per example on dim 0
+        per_example["layer_kl"] = per_example["layer_kl"].T.contiguous()
+    return per_example, seconds
+
+
+def metrics_from_scores(
+    model: VAE,
+    x: Tensor,
+    per_example: Mapping[str, Tensor],
+    seconds: float,
+    k: int,
+    bpd: bool = False,
+) -> dict[str, Any]:
+    """The test metrics of per-example scores (:func:`score_examples`) of ``x``; active
+    units are measured on ``x`` itself. ``seconds``: the scoring time of all of them."""
+    lp = per_example["log_px"]
     n = lp.numel()
     nll = -lp.mean().item()
     out: dict[str, Any] = {
         f"test/nll_iw{k}_nats": nll,
         f"test/nll_iw{k}_stderr_nats": (lp.std() / math.sqrt(n)).item() if n > 1 else None,
-        "test/elbo_nats": torch.cat(elbos).mean().item(),
-        "test/kl_nats": torch.cat(kls).mean().item(),
-        "test/recon_nats": torch.cat(recons).mean().item(),
-        "test/ess_mean": torch.cat(ess).mean().item(),
+        "test/elbo_nats": per_example["elbo"].mean().item(),
+        "test/kl_nats": per_example["kl"].mean().item(),
+        "test/recon_nats": per_example["log_px_z"].mean().item(),
+        "test/ess_mean": per_example["ess"].mean().item(),
         "test/n_examples": n,
         "test/k": k,
         "test/seconds_per_example": seconds / n,
@@ -218,16 +256,16 @@ def evaluate_model(
     au = active_units(model, x)
     out["test/active_units"] = int((au > ACTIVE_UNIT_THRESHOLD).sum().item())
     out["test/latent_dim"] = int(au.numel())
-    if kl_dims:
-        out["test/kl_per_dim_nats"] = torch.cat(kl_dims).mean(0).tolist()
+    if "kl_dims" in per_example:
+        out["test/kl_per_dim_nats"] = per_example["kl_dims"].mean(0).tolist()
     # A hierarchical model (vaeflow.models.hierarchy): active units and KL per stochastic
     # layer, bottom first (Burda et al. 2016 count active units per layer).
     sizes = getattr(model, "latent_dims", None)
     if sizes is not None and len(sizes) > 1:
         for i, part in enumerate(au.split(list(sizes)), start=1):
             out[f"test/active_units_layer{i}"] = int((part > ACTIVE_UNIT_THRESHOLD).sum().item())
-    if layer_kls:
-        for i, value in enumerate(torch.cat(layer_kls, 1).mean(1).tolist(), start=1):
+    if "layer_kl" in per_example:
+        for i, value in enumerate(per_example["layer_kl"].mean(0).tolist(), start=1):
             out[f"test/kl_layer{i}_nats"] = value
     if bpd:
         d = math.prod(model.x_shape)
@@ -352,12 +390,23 @@ def evaluate_run(
     device: str = "auto",
     data_root: str | None = None,
     compile: bool | None = None,
+    reuse: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run directory on its test split and write ``summary.json``.
 
     Arguments left ``None`` come from the run's ``[eval]`` config; ``checkpoint`` (``best``,
     ``last`` or ``auto``) from ``eval.checkpoint`` (see :func:`resolve_checkpoint`), and
     ``summary.json`` records the one scored (``"checkpoint": "last"``, say).
+
+    Growing an evaluation (``reuse``): when ``test_scores.pt`` holds the scores of a
+    *smaller* set of this run's test images under the same estimator (checkpoint and its
+    step, EMA, k, dtype; the pass shape, device and compilation may differ), only the
+    other images are scored and the two are merged. Fixed random subsets are nested (the
+    1,000 images of ``--n-test 1000`` are among any larger subset's), so a k = 5000
+    evaluation of 1,000 images can grow to all 10,000 later, or on another machine. Every
+    image's estimate is independent and unbiased either way; the merged numbers are not
+    bit-identical to a one-pass evaluation's (other noise draws), and ``summary.json``
+    says what was extended (``extended_from``). ``reuse=False`` scores every image again.
     """
     run_dir = Path(run_dir)
     cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema is not False, device)
@@ -399,20 +448,37 @@ def evaluate_run(
         "device": dev.type,
         "dtype": str(x.dtype),
     }
+    order = torch.arange(len(x)) if indices is None else indices
+    earlier = _earlier_scores(run_dir, key, cfg.data.dataset, order) if reuse else None
+    todo = torch.ones(len(order), dtype=torch.bool)
+    if earlier is not None:
+        todo = ~torch.isin(order, earlier["indices"])
+        key["extends"] = earlier["evaluation"]["test_examples"]
+        # Fresh noise for the new images, not the stream the earlier ones were scored with.
+        torch.manual_seed(_extension_seed(cfg.train.seed, len(earlier["indices"])))
+        print(
+            f"{TEST_SCORES} holds this evaluation's scores of {len(earlier['indices'])} of the "
+            f"{len(order)} test examples ({earlier['evaluation']['test_examples']}): scoring "
+            f"the other {int(todo.sum())}",
+            flush=True,
+        )
     partial = partial_path(run_dir, key)
-    scores: dict[str, Tensor] = {}
-    metrics = evaluate_model(
+    x_todo = x
+    if earlier is not None:
+        x_todo = to_memory_format(x[todo.nonzero().squeeze(1).to(dev)], channels_last=nhwc)
+    new, seconds = score_examples(
         model,
-        x,
+        x_todo,
         k=k,
         chunk=chunk,
         batch_size=batch_size,
-        bpd=splits.kind == "8bit",
         compile=compile,
         partial=partial,
         partial_key=key,
-        scores=scores,
     )
+    scores = _merge_scores(order, todo, new, earlier)
+    seconds += earlier["seconds"] if earlier is not None else 0.0
+    metrics = metrics_from_scores(model, x, scores, seconds, k, bpd=splits.kind == "8bit")
     summary = {
         "run_dir": str(run_dir),
         "checkpoint": ckpt["checkpoint_name"],
@@ -428,11 +494,22 @@ def evaluate_run(
         "notes": list(splits.notes),
         **metrics,
     }
-    # Per-image scores beside the summary: `vaeflow compare` pairs two runs' images.
-    order = torch.arange(len(x)) if indices is None else indices
+    if earlier is not None:
+        summary["extended_from"] = earlier["evaluation"]["test_examples"]
+    # Per-image scores beside the summary: `vaeflow compare` pairs two runs' images, and a
+    # later evaluation of more images scores only the ones not in it.
+    key.pop("extends", None)
     save_checkpoint(
         run_dir / TEST_SCORES,
-        {"evaluation": key, "dataset": cfg.data.dataset, "indices": order, **scores},
+        {
+            "evaluation": key,
+            "dataset": cfg.data.dataset,
+            "indices": order,
+            "log_px": scores["log_px"],
+            "elbo": scores["elbo"],
+            "per_example": scores,
+            "seconds": seconds,
+        },
     )
     write_json_atomic(run_dir / "summary.json", summary)
     partial.unlink(missing_ok=True)  # the scores are safe in summary.json now
@@ -448,6 +525,72 @@ def evaluate_run(
             int(ckpt.get("step") or 0),
         )
     return summary
+
+
+#: The evaluation-key fields that define the estimator: scores agree on them or are not
+#: merged. The pass shape, device, compilation and memory layout only change how the same
+#: estimator is computed.
+_ESTIMATOR_FIELDS = ("checkpoint", "checkpoint_step", "ema", "k", "dtype")
+
+
+def _earlier_scores(
+    run_dir: Path, key: Mapping[str, Any], dataset: str, order: Tensor
+) -> dict[str, Any] | None:
+    """``test_scores.pt`` when it can be grown into this evaluation: the same dataset and
+    estimator (:data:`_ESTIMATOR_FIELDS`), per-example scores of every field, and images
+    that are a proper subset of ``order``; else ``None`` (a full evaluation follows)."""
+    path = run_dir / TEST_SCORES
+    if not path.is_file():
+        return None
+    try:
+        stored = load_checkpoint(path)
+    except CheckpointError as err:
+        warnings.warn(f"{path} is unreadable ({err}); scoring every image", stacklevel=3)
+        return None
+    evaluation = stored.get("evaluation") or {}
+    if (
+        stored.get("dataset") != dataset
+        or "per_example" not in stored  # written before vaeflow kept every field
+        or any(evaluation.get(f) != key[f] for f in _ESTIMATOR_FIELDS)
+    ):
+        return None
+    done = stored["indices"]
+    if len(done) >= len(order) or not bool(torch.isin(done, order).all()):
+        return None  # the same images (score them again) or not a subset
+    return stored
+
+
+def _extension_seed(seed: int, n_done: int) -> int:
+    """The random seed of a grown evaluation's new images (not the first pass's stream)."""
+    digest = hashlib.sha256(f"{seed}/extend/{n_done}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _merge_scores(
+    order: Tensor,
+    todo: Tensor,
+    new: Mapping[str, Tensor],
+    earlier: Mapping[str, Any] | None,
+) -> dict[str, Tensor]:
+    """Per-example scores of every image of ``order``: ``new`` for the ``todo`` ones (in
+    order), the earlier evaluation's for the rest."""
+    if earlier is None:
+        return dict(new)
+    old = earlier["per_example"]
+    if set(old) != set(new):
+        raise ValueError(
+            f"{TEST_SCORES} has the fields {sorted(old)}, this evaluation {sorted(new)}: "
+            "run `vaeflow eval --fresh` to score every image again"
+        )
+    position = {int(i): p for p, i in enumerate(earlier["indices"].tolist())}
+    rows = torch.tensor([position[int(i)] for i in order[~todo].tolist()], dtype=torch.long)
+    merged = {}
+    for name, values in new.items():
+        out = values.new_empty((len(order), *values.shape[1:]))
+        out[todo] = values
+        out[~todo] = old[name][rows].to(values)
+        merged[name] = out
+    return merged
 
 
 def hparams_metric_tags(cfg: Config) -> list[str]:
