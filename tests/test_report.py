@@ -213,6 +213,11 @@ def test_markdown_columns_use_the_figures_names(runs: Path) -> None:
     assert "Columns: posterior = `model.posterior.flow`." in md
     rows = [line.split(" | ")[0] for line in md.splitlines()[2:4]]
     assert rows == ["| IAF", "| planar"]
+    # Flow steps mean nothing without a flow: "—", not the config's unused value.
+    _write_run(runs, "diag_s1", _config("none", 1), 95.0)
+    by = ["model.posterior.flow", "model.posterior.num_layers"]
+    depth = to_markdown(group(collect([runs]), by=by))
+    assert "| diagonal Gaussian | — | 1 |" in depth and "| planar | 4 | 2 |" in depth
     labels = {"model.posterior.flow": {"name": "q(z|x)", "values": {"iaf": "IAF, 4 steps"}}}
     named = to_markdown(group(collect([runs])), labels=labels)
     assert named.startswith("| q(z|x) | seeds |") and "| IAF, 4 steps | 2 |" in named
@@ -684,8 +689,10 @@ def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
 
     shutil.rmtree(root)
     again = render_figures_from_json(written["json"], tmp_path / "again")
-    assert set(again) == {"learning_curves", "heatmap"}
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in again.values())
+    assert set(again) == {"markdown", "learning_curves", "heatmap"}
+    assert all(again[f].read_bytes()[:4] == b"\x89PNG" for f in ("learning_curves", "heatmap"))
+    # The table comes back too, as the report wrote it.
+    assert again["markdown"].read_text() == written["markdown"].read_text()
     # A results.json from before the curves were stored: no learning curves, a warning.
     for r in data["records"]:
         del r["learning_curve"]
@@ -693,7 +700,7 @@ def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
     old.parent.mkdir()
     old.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="val/elbo_nats"):
-        assert set(render_figures_from_json(old)) == {"heatmap"}
+        assert set(render_figures_from_json(old)) == {"markdown", "heatmap"}
 
 
 def test_cli_labels_references_and_redraw(
@@ -715,7 +722,8 @@ def test_cli_labels_references_and_redraw(
     redraw = parser.parse_args(["report", str(out / "results.json"), "-o", str(tmp_path / "r")])
     assert redraw.func(redraw) == 0
     assert (tmp_path / "r" / "learning_curves.png").is_file()
-    assert not (tmp_path / "r" / "results.md").exists()
+    # The table is redrawn too, with the stored label map.
+    assert (tmp_path / "r" / "results.md").read_text().startswith("| q(z|x) |")
     for bad in ("85.57", "paper: -85.57", "paper: lots"):
         with pytest.raises(SystemExit):
             parser.parse_args(["report", str(runs), "-o", str(out), "--reference", bad])

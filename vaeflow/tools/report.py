@@ -631,6 +631,16 @@ def _fmt_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _table_value(labeller: Labeller, key: str, config: Mapping[str, Any]) -> str:
+    """A grouping cell: the reader's name of the value, or "—" for a setting that means
+    nothing in this row (flow steps of a row without a posterior flow; only when the
+    deciding key is one of the table's columns)."""
+    rule = _NOT_APPLICABLE.get(key)
+    if rule is not None and rule[0] in config and config[rule[0]] in rule[1]:
+        return "—"
+    return labeller.value(key, config[key])
+
+
 def to_markdown(
     groups: Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
@@ -675,7 +685,7 @@ def to_markdown(
         + "|",
     ]
     for g in groups:
-        first = [labeller.value(k, g["config"][k]) for k in keys] or ["all"]
+        first = [_table_value(labeller, k, g["config"]) for k in keys] or ["all"]
         protocol = [_fmt_value(g["protocol"].get(pk)) for pk in mixed]
         cells = [_cell(g["metrics"].get(n), n) for n in names]
         lines.append("| " + " | ".join([*first, *protocol, str(g["n_seeds"]), *cells]) + " |")
@@ -1756,37 +1766,45 @@ def render_figures_from_json(
     references: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     log_x: bool | None = None,
 ) -> dict[str, Path]:
-    """Redraw a report's figures from its ``results.json``, without the run directories.
+    """Redraw a report's figures and its table from its ``results.json``, without the
+    run directories.
 
     Args:
         results_json: written by :func:`write_report`.
-        out_dir: where the figures go (default: beside ``results_json``).
+        out_dir: where the figures and ``results.md`` go (default: beside
+            ``results_json``).
         labels, references, log_x: override the ones stored in the file.
 
     Returns:
-        ``{"learning_curves", "metric_vs_key", "heatmap"}`` -> path, for the figures
-        written. A results.json from before the learning curves were stored gives no
-        learning curves (with a ``UserWarning``).
+        ``{"markdown", "learning_curves", "metric_vs_key", "heatmap"}`` -> path, for the
+        files written. A results.json from before the learning curves were stored gives
+        no learning curves (with a ``UserWarning``).
     """
     src = Path(results_json)
     data = _read_json(src)
     stored = data.get("figures") or {}
+    label_map = _labels_arg(labels) if labels is not None else stored.get("labels")
+    not_evaluated = [r["run_dir"] for r in data["records"] if r.get("status") != "evaluated"]
     for g in data["groups"]:
         for m in g["metrics"].values():
             if m.get("mean") is None:
                 m["mean"] = math.nan
+    markdown = to_markdown(
+        data["groups"], data.get("metrics"), not_evaluated=not_evaluated, labels=label_map
+    )
     out = Path(out_dir) if out_dir is not None else src.parent
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(
         data["records"],
         data["groups"],
         stored.get("by"),
-        _labels_arg(labels) if labels is not None else stored.get("labels"),
+        label_map,
         references if references is not None else stored.get("references"),
         bool(stored.get("log_x")) if log_x is None else log_x,
         metric=stored.get("metric"),
     )
-    return _save_figures(figures, out)
+    write_text_atomic(out / "results.md", markdown)
+    return {"markdown": out / "results.md", **_save_figures(figures, out)}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1869,7 +1887,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Average evaluated runs over seeds and write results.md, "
         "results.json, learning_curves.png (and test_curves.png, metric_vs_<key>.png, "
         "heatmap.png). "
-        "Given one results.json instead of run directories, redraw its figures. "
+        "Given one results.json instead of run directories, redraw its figures and table. "
         "With --from-report, an earlier report's evaluated runs are reported again beside "
         "the run directories given (which supersede stored records of the same run).",
     )
