@@ -202,8 +202,73 @@ def test_an_evaluation_grows_to_more_images_scoring_only_the_new_ones(
 
 
 def test_only_the_same_estimator_is_grown(short_run, tmp_path, monkeypatch):
-    """Scores of another k, of the same images, or of a larger set are never merged: the
-    evaluation scores every image."""
+    """Growth needs the same checkpoint (its bytes, not only its name and step), k and
+    dataset; the pass shape may differ. A quick check at another k or on fewer images in
+    between does not lose the scores to grow from; the same images are scored again."""
+    import shutil
+
+    from tests.test_train import DATA
+    from vaeflow.run import evaluate as ev
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    seen = _count_batches(monkeypatch)
+    ev.evaluate_run(run, data_root=DATA, n_test=20, k=20, chunk=7)
+    ev.evaluate_run(run, data_root=DATA, n_test=10, k=5, chunk=5)  # a quick other-k check
+    assert sum(seen) == 30
+    grown = ev.evaluate_run(run, data_root=DATA, n_test=40, k=20, chunk=4)
+    assert sum(seen) == 50 and "extended_from" in grown
+    assert [(p["examples"], p["chunk"]) for p in grown["passes"]] == [(20, 7), (20, 4)]
+    same = ev.evaluate_run(run, data_root=DATA, n_test=40, k=20, chunk=7)
+    assert sum(seen) == 90 and "extended_from" not in same
+    fewer = ev.evaluate_run(run, data_root=DATA, n_test=30, k=20, chunk=7)
+    assert sum(seen) == 120 and "extended_from" not in fewer
+    stored = [ev.load_checkpoint(f) for f in run.glob("test_scores.*.pt")]
+    assert sorted(len(r["indices"]) for r in stored) == [10, 40]  # per estimator, largest
+    # Other weights under the same name and step (a run retrained after a fix): no merge.
+    path = ev.ckpt_path(run, grown["checkpoint"])
+    ckpt = ev.load_checkpoint(path)
+    for t in ckpt["model"].values():
+        if t.is_floating_point():
+            t.add_(0.01)
+    if ckpt.get("ema") is not None:
+        for t in ckpt["ema"].values():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.add_(0.01)
+    ev.save_checkpoint(path, ckpt)
+    retrained = ev.evaluate_run(run, data_root=DATA, n_test=60, k=20, chunk=7)
+    assert sum(seen) == 180 and "extended_from" not in retrained
+
+
+def test_merge_puts_every_score_on_its_image() -> None:
+    """New scores land on the images they were computed for (in the evaluation's order),
+    earlier ones on theirs, whatever order the earlier file kept them in."""
+    from vaeflow.run.evaluate import _merge_scores
+
+    order = torch.tensor([1, 3, 4, 6, 8, 9])
+    earlier = {
+        "indices": torch.tensor([8, 3]),
+        "per_example": {
+            "log_px": torch.tensor([80.0, 30.0]),
+            "kl_dims": torch.tensor([[8.0, -8.0], [3.0, -3.0]]),
+        },
+    }
+    todo = ~torch.isin(order, earlier["indices"])
+    new_images = order[todo]
+    new = {
+        "log_px": new_images * 10.0,
+        "kl_dims": torch.stack([new_images, -new_images], 1).double(),
+    }
+    merged = _merge_scores(order, todo, new, earlier)
+    assert torch.equal(merged["log_px"], order * 10.0)
+    assert torch.equal(merged["kl_dims"], torch.stack([order, -order], 1).double())
+
+
+def test_an_unusable_growth_file_is_reported_and_every_image_scored(
+    short_run, tmp_path, monkeypatch
+):
+    """A growth file with a field missing, scores of the wrong length, or no scores at
+    all gives a warning and a full evaluation -- never a crash or a half-merge."""
     import shutil
 
     from tests.test_train import DATA
@@ -212,16 +277,20 @@ def test_only_the_same_estimator_is_grown(short_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(short_run, run)
     ev.evaluate_run(run, data_root=DATA, n_test=20, k=5, chunk=5)
+    (path,) = run.glob("test_scores.*.pt")
+    good = ev.load_checkpoint(path)
     seen = _count_batches(monkeypatch)
-    other_k = ev.evaluate_run(run, data_root=DATA, n_test=40, k=20, chunk=7)
-    assert sum(seen) == 40 and "extended_from" not in other_k
-    same = ev.evaluate_run(run, data_root=DATA, n_test=40, k=20, chunk=10)
-    assert sum(seen) == 80 and "extended_from" not in same
-    ev.evaluate_run(run, data_root=DATA, n_test=20, k=20, chunk=7)  # fewer: all scored
-    assert sum(seen) == 100
-    # A pass shape of its own is the same estimator: grown.
-    grown = ev.evaluate_run(run, data_root=DATA, n_test=30, k=20, chunk=4)
-    assert sum(seen) == 110 and "extended_from" in grown
+    broken = [
+        {**good, "per_example": {n: v for n, v in good["per_example"].items() if n != "ess"}},
+        {**good, "per_example": {n: v[:5] for n, v in good["per_example"].items()}},
+        {n: v for n, v in good.items() if n != "indices"},
+    ]
+    for i, record in enumerate(broken, start=1):
+        ev.save_checkpoint(path, record)
+        with pytest.warns(UserWarning, match="scoring every image"):
+            result = ev.evaluate_run(run, data_root=DATA, n_test=30, k=5, chunk=5)
+        assert "extended_from" not in result and sum(seen) == 30 * i
+        ev.save_checkpoint(path, good)
 
 
 def test_an_interrupted_growth_resumes_to_the_same_numbers(short_run, tmp_path, monkeypatch):
@@ -249,8 +318,10 @@ def test_an_interrupted_growth_resumes_to_the_same_numbers(short_run, tmp_path, 
     assert ev.load_checkpoint(partial)["key"]["extends"] == reference["extended_from"]
     resumed = ev.evaluate_run(runs[1], n_test=60, **args)
     for name, value in reference.items():
-        if name not in ("run_dir", "test/seconds_per_example"):
+        if name not in ("run_dir", "test/seconds_per_example", "passes"):
             assert resumed[name] == value, name
+    drop_time = [{f: v for f, v in p.items() if f != "seconds"} for p in reference["passes"]]
+    assert [{f: v for f, v in p.items() if f != "seconds"} for p in resumed["passes"]] == drop_time
     assert not list(runs[1].glob("eval_partial.*"))
 
 

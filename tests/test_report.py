@@ -154,9 +154,11 @@ def test_group_mean_std_n(runs: Path) -> None:
     assert elbo["mean"] == pytest.approx(-93.25)
     assert elbo["std"] == pytest.approx(statistics.stdev([-93.0, -93.5]))
     assert planar["protocol"]["k"] == 5000 and planar["commits"] == ["def5678"]
-    # explicit by: one group of all four runs; a single run: std None
-    (everything,) = group(collect([runs]), by=[])
-    assert everything["n_seeds"] == 4
+    # An explicit by that leaves out a key the runs differ in: refused, never averaged as
+    # seeds (Rezende's --by flow length would otherwise pool variants of one length).
+    with pytest.raises(ValueError, match=r"differ in \['model.posterior.flow'\] besides the seed"):
+        group(collect([runs]), by=[])
+    # a single run: std None
     single = group(collect([runs / "iaf_s1", runs / "planar_s1"]))
     assert all(g["metrics"]["test/nll_iw5000_nats"]["std"] is None for g in single)
     with pytest.raises(ValueError, match="no.such"):
@@ -201,11 +203,12 @@ def test_markdown_units_cells_notes_commits(runs: Path) -> None:
     assert "planar" in md and "90.50 ± 0.71 (2)" in md
     assert NOTE in md and "`abc1234`" in md and "`def5678`" in md
     assert "k=5000" in md and "n_examples=10000" in md
+    assert "test_examples" not in md  # not in these (older) summaries: left out, not None
     chosen = to_markdown(group(collect([runs])), metrics=["test/nll_iw5000_stderr_nats", "x/y"])
     assert "test NLL stderr (nats, k=5000)" in chosen and "| 0.10 ± 0.00 (2) | — |" in chosen
 
 
-def test_markdown_columns_use_the_figures_names(runs: Path) -> None:
+def test_markdown_columns_use_the_figures_names(runs: Path, tmp_path: Path) -> None:
     """The table heads and fills its grouping columns with the reader's names the
     figures use (a label map overrides them), and a footer line maps each name back to
     the config key it stands for."""
@@ -218,6 +221,15 @@ def test_markdown_columns_use_the_figures_names(runs: Path) -> None:
     by = ["model.posterior.flow", "model.posterior.num_layers"]
     depth = to_markdown(group(collect([runs]), by=by))
     assert "| diagonal Gaussian | — | 1 |" in depth and "| planar | 4 | 2 |" in depth
+    # ... and so do the posterior's options, key by key
+    opts = tmp_path / "opts"
+    for flow in ("none", "iaf"):
+        cfg = _config(flow, 0)
+        cfg["model"]["posterior"]["options"] = {"num_hidden": 2}
+        _write_run(opts, flow, cfg, 90.0)
+    by = ["model.posterior.flow", "model.posterior.options.num_hidden"]
+    table = to_markdown(group(collect([opts]), by=by))
+    assert "| diagonal Gaussian | — | 1 |" in table and "| IAF | 2 | 1 |" in table
     labels = {"model.posterior.flow": {"name": "q(z|x)", "values": {"iaf": "IAF, 4 steps"}}}
     named = to_markdown(group(collect([runs])), labels=labels)
     assert named.startswith("| q(z|x) | seeds |") and "| IAF, 4 steps | 2 |" in named

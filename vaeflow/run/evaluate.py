@@ -43,6 +43,9 @@ __all__ = [
     "resolve_checkpoint",
     "evaluate_model",
     "evaluate_run",
+    "growth_path",
+    "metrics_from_scores",
+    "score_examples",
     "active_units",
     "sample_run",
 ]
@@ -447,9 +450,16 @@ def evaluate_run(
         "channels_last": nhwc,
         "device": dev.type,
         "dtype": str(x.dtype),
+        # The weights themselves, not only their name and step: a run retrained to the
+        # same step after a fix must not have its old scores merged into new ones.
+        "checkpoint_sha256": _file_sha256(ckpt_path(run_dir, ckpt["checkpoint_name"])),
     }
     order = torch.arange(len(x)) if indices is None else indices
-    earlier = _earlier_scores(run_dir, key, cfg.data.dataset, order) if reuse else None
+    base = growth_path(run_dir, key, cfg.data.dataset)
+    earlier = None
+    if reuse and base.is_file():
+        fields = _score_fields(model, x)
+        earlier = _earlier_scores(base, key, cfg.data.dataset, order, fields)
     todo = torch.ones(len(order), dtype=torch.bool)
     if earlier is not None:
         todo = ~torch.isin(order, earlier["indices"])
@@ -457,7 +467,7 @@ def evaluate_run(
         # Fresh noise for the new images, not the stream the earlier ones were scored with.
         torch.manual_seed(_extension_seed(cfg.train.seed, len(earlier["indices"])))
         print(
-            f"{TEST_SCORES} holds this evaluation's scores of {len(earlier['indices'])} of the "
+            f"{base.name} holds this evaluation's scores of {len(earlier['indices'])} of the "
             f"{len(order)} test examples ({earlier['evaluation']['test_examples']}): scoring "
             f"the other {int(todo.sum())}",
             flush=True,
@@ -477,7 +487,17 @@ def evaluate_run(
         partial_key=key,
     )
     scores = _merge_scores(order, todo, new, earlier)
-    seconds += earlier["seconds"] if earlier is not None else 0.0
+    this_pass = {
+        "examples": int(todo.sum()),
+        "seconds": seconds,
+        "device": dev.type,
+        "batch_size": batch_size,
+        "chunk": chunk,
+        "compiled": compile,
+        "channels_last": nhwc,
+    }
+    passes = [*(earlier["passes"] if earlier is not None else []), this_pass]
+    seconds = sum(p["seconds"] for p in passes)
     metrics = metrics_from_scores(model, x, scores, seconds, k, bpd=splits.kind == "8bit")
     summary = {
         "run_dir": str(run_dir),
@@ -496,21 +516,25 @@ def evaluate_run(
     }
     if earlier is not None:
         summary["extended_from"] = earlier["evaluation"]["test_examples"]
-    # Per-image scores beside the summary: `vaeflow compare` pairs two runs' images, and a
-    # later evaluation of more images scores only the ones not in it.
+        summary["passes"] = passes  # where and how each part of the images was scored
+    # Per-image scores beside the summary: `vaeflow compare` pairs two runs' images (the
+    # last evaluation), and a later evaluation of more images with the same estimator
+    # scores only the ones not in its growth file (kept per estimator, so a quick check at
+    # another k in between does not lose hours of k = 5000 scores).
     key.pop("extends", None)
-    save_checkpoint(
-        run_dir / TEST_SCORES,
-        {
-            "evaluation": key,
-            "dataset": cfg.data.dataset,
-            "indices": order,
-            "log_px": scores["log_px"],
-            "elbo": scores["elbo"],
-            "per_example": scores,
-            "seconds": seconds,
-        },
-    )
+    record = {
+        "evaluation": key,
+        "dataset": cfg.data.dataset,
+        "indices": order,
+        "log_px": scores["log_px"],
+        "elbo": scores["elbo"],
+        "per_example": scores,
+        "seconds": seconds,
+        "passes": passes,
+    }
+    save_checkpoint(run_dir / TEST_SCORES, record)
+    if earlier is not None or _stored_examples(base) < len(order):
+        save_checkpoint(base, record)  # never replaced by fewer images
     write_json_atomic(run_dir / "summary.json", summary)
     partial.unlink(missing_ok=True)  # the scores are safe in summary.json now
     # The run's HParams row names the tags of a full evaluation at the config's k: only
@@ -530,31 +554,89 @@ def evaluate_run(
 #: The evaluation-key fields that define the estimator: scores agree on them or are not
 #: merged. The pass shape, device, compilation and memory layout only change how the same
 #: estimator is computed.
-_ESTIMATOR_FIELDS = ("checkpoint", "checkpoint_step", "ema", "k", "dtype")
+_ESTIMATOR_FIELDS = ("checkpoint", "checkpoint_step", "checkpoint_sha256", "ema", "k", "dtype")
+
+
+def ckpt_path(run_dir: Path, name: str) -> Path:
+    """``run_dir/checkpoints/<name>.pt``."""
+    return run_dir / "checkpoints" / f"{name}.pt"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def growth_path(run_dir: Path, key: Mapping[str, Any], dataset: str) -> Path:
+    """The file that keeps the most test images scored with one estimator
+    (:data:`_ESTIMATOR_FIELDS` and the dataset) -- what a larger evaluation grows from."""
+    estimator = {f: key[f] for f in _ESTIMATOR_FIELDS} | {"dataset": dataset}
+    digest = hashlib.sha256(json.dumps(estimator, sort_keys=True, default=str).encode())
+    return run_dir / f"test_scores.{digest.hexdigest()[:12]}.pt"
+
+
+def _stored_examples(path: Path) -> int:
+    """How many images a growth file holds (0 when missing or unreadable)."""
+    try:
+        return len(load_checkpoint(path)["indices"]) if path.is_file() else 0
+    except (CheckpointError, KeyError, TypeError):
+        return 0
+
+
+@torch.no_grad()
+def _score_fields(model: VAE, x: Tensor) -> set[str]:
+    """The per-example fields :func:`score_examples` gives for ``model`` (a one-sample
+    pass of one image, the random state put back as it was)."""
+    state = _rng_state(x.device)
+    try:
+        terms = model(x[:1], k=1)
+    finally:
+        _set_rng_state(state, x.device)
+    fields = set(_PER_EXAMPLE)
+    if terms.kl_dims is not None:
+        fields.add("kl_dims")
+    if terms.layer_kl is not None:
+        fields.add("layer_kl")
+    return fields
 
 
 def _earlier_scores(
-    run_dir: Path, key: Mapping[str, Any], dataset: str, order: Tensor
+    path: Path, key: Mapping[str, Any], dataset: str, order: Tensor, fields: set[str]
 ) -> dict[str, Any] | None:
-    """``test_scores.pt`` when it can be grown into this evaluation: the same dataset and
-    estimator (:data:`_ESTIMATOR_FIELDS`), per-example scores of every field, and images
-    that are a proper subset of ``order``; else ``None`` (a full evaluation follows)."""
-    path = run_dir / TEST_SCORES
-    if not path.is_file():
-        return None
+    """A growth file's record when this evaluation can grow from it: the same dataset and
+    estimator, every per-example field of this model for every stored image, and images
+    that are a proper subset of ``order``; else ``None`` (every image is scored). A file
+    that cannot be used is reported, never half-used."""
     try:
         stored = load_checkpoint(path)
-    except CheckpointError as err:
-        warnings.warn(f"{path} is unreadable ({err}); scoring every image", stacklevel=3)
+        evaluation = stored["evaluation"]
+        done, per_example = stored["indices"], stored["per_example"]
+        valid = (
+            isinstance(done, Tensor)
+            and done.dim() == 1
+            and len(torch.unique(done)) == len(done)
+            and set(per_example) == fields
+            and all(v.shape[0] == len(done) for v in per_example.values())
+            and all(f in p for p in stored["passes"] for f in ("examples", "seconds"))
+            and "test_examples" in evaluation
+        )
+    except (CheckpointError, KeyError, TypeError, AttributeError) as err:
+        warnings.warn(f"{path} is unusable ({err!r}); scoring every image", stacklevel=3)
         return None
-    evaluation = stored.get("evaluation") or {}
-    if (
-        stored.get("dataset") != dataset
-        or "per_example" not in stored  # written before vaeflow kept every field
-        or any(evaluation.get(f) != key[f] for f in _ESTIMATOR_FIELDS)
+    if not valid:
+        warnings.warn(
+            f"{path} does not hold this model's per-image scores ({sorted(fields)}) for "
+            "each of its images; scoring every image",
+            stacklevel=3,
+        )
+        return None
+    if stored.get("dataset") != dataset or any(
+        evaluation.get(f) != key[f] for f in _ESTIMATOR_FIELDS
     ):
         return None
-    done = stored["indices"]
     if len(done) >= len(order) or not bool(torch.isin(done, order).all()):
         return None  # the same images (score them again) or not a subset
     return stored
@@ -572,16 +654,12 @@ def _merge_scores(
     new: Mapping[str, Tensor],
     earlier: Mapping[str, Any] | None,
 ) -> dict[str, Tensor]:
-    """Per-example scores of every image of ``order``: ``new`` for the ``todo`` ones (in
-    order), the earlier evaluation's for the rest."""
+    """Per-example scores of every image of ``order`` (test-set indices ``(N,)``):
+    ``new`` for the ``todo`` ones, in ``order``'s order; the earlier evaluation's (its
+    ``indices`` and ``per_example``) for the rest."""
     if earlier is None:
         return dict(new)
     old = earlier["per_example"]
-    if set(old) != set(new):
-        raise ValueError(
-            f"{TEST_SCORES} has the fields {sorted(old)}, this evaluation {sorted(new)}: "
-            "run `vaeflow eval --fresh` to score every image again"
-        )
     position = {int(i): p for p, i in enumerate(earlier["indices"].tolist())}
     rows = torch.tensor([position[int(i)] for i in order[~todo].tolist()], dtype=torch.long)
     merged = {}

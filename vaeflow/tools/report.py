@@ -521,6 +521,15 @@ def group(
     groups = []
     for members in buckets.values():
         config = {k: members[0]["config"].get(k) for k in keys}
+        # A group's runs are seeds of one setting: runs that differ in anything else
+        # (keys a --by left out) must not be averaged as if they were.
+        other = [k for k in _varying_keys(members) if k not in keys]
+        if other:
+            names = ", ".join(m["name"] for m in members)
+            raise ValueError(
+                f"runs {names} fall in one group {config} but differ in {other} besides the "
+                "seed: add those keys to --by, or report the runs apart"
+            )
         protocol: dict[str, Any] = {}
         for pk in PROTOCOL_KEYS:
             values = {repr(m["protocol"].get(pk)) for m in members}
@@ -635,7 +644,10 @@ def _table_value(labeller: Labeller, key: str, config: Mapping[str, Any]) -> str
     """A grouping cell: the reader's name of the value, or "—" for a setting that means
     nothing in this row (flow steps of a row without a posterior flow; only when the
     deciding key is one of the table's columns)."""
-    rule = _NOT_APPLICABLE.get(key)
+    # model.posterior.options.num_hidden falls under model.posterior.options' rule
+    rule = next(
+        (r for k, r in _NOT_APPLICABLE.items() if key == k or key.startswith(k + ".")), None
+    )
     if rule is not None and rule[0] in config and config[rule[0]] in rule[1]:
         return "—"
     return labeller.value(key, config[key])
@@ -703,7 +715,11 @@ def to_markdown(
     ]
     protocols = []
     for g in groups:
-        p = ", ".join(f"{k}={g['protocol'].get(k)}" for k in PROTOCOL_KEYS)
+        # A key a summary does not have (older ones, or binarization on 8-bit data) is left
+        # out rather than printed as None.
+        p = ", ".join(
+            f"{k}={g['protocol'][k]}" for k in PROTOCOL_KEYS if g["protocol"].get(k) is not None
+        )
         if p not in protocols:
             protocols.append(p)
     if protocols:
