@@ -339,3 +339,25 @@ def test_eval_cli_fresh_scores_every_image(short_run, tmp_path, monkeypatch):
     seen = _count_batches(monkeypatch)
     assert cli_main([*base, "--n-test", "30"]) == 0 and sum(seen) == 10
     assert cli_main([*base, "--n-test", "40", "--fresh"]) == 0 and sum(seen) == 50
+
+
+def test_an_interrupted_full_evaluation_is_resumed_not_grown(short_run, tmp_path, monkeypatch):
+    """With a growth file of 20 images and an interrupted --fresh evaluation of the 60,
+    a plain evaluation of the 60 continues the interrupted one."""
+    import shutil
+
+    from tests.test_train import DATA
+    from vaeflow.run import evaluate as ev
+
+    monkeypatch.setattr(ev, "PARTIAL_EVERY_S", 0.0)
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    args = {"data_root": DATA, "k": 5, "chunk": 5, "n_test": 60}
+    ev.evaluate_run(run, **{**args, "n_test": 20})
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 5)  # four of six batches scored
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate_run(run, reuse=False, **args)
+    seen = _count_batches(monkeypatch)
+    result = ev.evaluate_run(run, **args)
+    assert sum(seen) == 20 and "extended_from" not in result

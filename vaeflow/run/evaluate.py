@@ -457,7 +457,9 @@ def evaluate_run(
     order = torch.arange(len(x)) if indices is None else indices
     base = growth_path(run_dir, key, cfg.data.dataset)
     earlier = None
-    if reuse and base.is_file():
+    # An interrupted evaluation of exactly these images (a --fresh one, say) is resumed
+    # rather than set aside for a growth that would score its images again.
+    if reuse and base.is_file() and not partial_path(run_dir, key).is_file():
         fields = _score_fields(model, x)
         earlier = _earlier_scores(base, key, cfg.data.dataset, order, fields)
     todo = torch.ones(len(order), dtype=torch.bool)
