@@ -272,6 +272,13 @@ def test_run_scripts_draw_the_papers_numbers(
     parsed = parser.parse_args(args_file.read_text().splitlines())
     given = [*(parsed.reference or ()), *(parsed.bound_reference or ())]
     assert {(n, kind): v for n, v, kind in given} == references
+    # One row per flow (and length): the flows' own options are not columns.
+    by = {
+        "flow_priors": None,
+        "rezende2015_planar": ["model.posterior.flow", "model.posterior.num_layers"],
+        "vandenberg2018_sylvester": ["model.posterior.flow"],
+    }
+    assert parsed.by == by[name]
 
 
 def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
