@@ -281,6 +281,34 @@ def test_run_scripts_draw_the_papers_numbers(
     assert parsed.by == by[name]
 
 
+@pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
+def test_reduced_reports_go_where_the_committed_results_are(tmp_path: Path, name: str) -> None:
+    """`run.sh reduced` rewrites the committed reduced results, not a superseded folder:
+    every report it writes goes to a results folder that holds a report (results.json)."""
+    targets = []
+    for extra in ([], ["two_layer"]) if name == "burda2016_iwae" else ([],):
+        stub, log = _stub(tmp_path)
+        log.unlink(missing_ok=True)
+        env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+        run = subprocess.run(
+            ["bash", str(EXPERIMENTS / name / "run.sh"), "reduced", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        for call in log.read_text().splitlines():
+            if call.startswith("report "):
+                targets.append(call.split(" -o ")[1].split()[0])
+    assert targets
+    for out in targets:
+        assert (REPO / out / "results.json").is_file(), out
+        readme = REPO / out / "README.md"
+        head = readme.read_text().lower().splitlines()[:5] if readme.is_file() else []
+        assert not any("superseded" in line for line in head), f"{out} is labelled superseded"
+
+
 def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
     stub, log = _stub(tmp_path, sweep_rc=1)
     env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}

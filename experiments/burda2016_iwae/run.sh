@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # burda2016_iwae: 'bash experiments/burda2016_iwae/run.sh' runs the full-budget sweep of the
 # one-layer rows (sweep.toml; meant for a GPU machine, one process per GPU -- set
-# JOBS/CUDA_VISIBLE_DEVICES to spread points) and reports to results/burda2016_iwae_full/.
-# 'run.sh reduced' runs the reduced CPU sweep (reduced.toml) behind results/burda2016_iwae/.
+# JOBS/CUDA_VISIBLE_DEVICES to spread points) and reports to
+# results/burda2016_iwae/one_layer_full/. 'run.sh reduced' runs the reduced CPU sweep
+# (reduced.toml) behind results/burda2016_iwae/one_layer/.
 # A second argument 'two_layer' does the same for the two-stochastic-layer rows
 # (sweep_two_layer.toml / reduced_two_layer.toml -> results/burda2016_iwae/two_layer[_full]/).
 # See README.md.
@@ -10,7 +11,7 @@ set -euo pipefail
 here="$(dirname "$0")"
 case "${2:-one_layer}" in
   one_layer)
-    exec bash "$here/../_run_sweep.sh" burda2016_iwae "${1:-full}" \
+    exec bash "$here/../_run_sweep.sh" burda2016_iwae/one_layer "${1:-full}" \
       "experiments/burda2016_iwae/sweep.toml" "experiments/burda2016_iwae/reduced.toml" ;;
   two_layer)
     exec bash "$here/../_run_sweep.sh" burda2016_iwae/two_layer "${1:-full}" \
