@@ -172,6 +172,17 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
     cifar = load_config(EXPERIMENTS / "kingma2016_iaf" / "cifar10.toml")
     assert cifar.model.likelihood == "discretized_logistic"
     assert cifar.model.likelihood_options == {"scale": "per_channel"}
+    # The one-layer CIFAR-10 model too (appendix C.6), full and reduced, IAF and diagonal
+    # rows; its IAF is C.9's "2 hidden layers and 1 step"
+    assert cifar.model.posterior.num_layers == 1
+    assert cifar.model.posterior.options["num_hidden"] == 2
+    for sweep in ("sweep_cifar10", "reduced_cifar10"):
+        for p in sw.expand(EXPERIMENTS / "kingma2016_iaf" / f"{sweep}.toml"):
+            model = build_model(load_config(p.base, p.overrides).model)
+            layers = [
+                m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+            ]
+            assert layers and all(isinstance(m, code) for m in layers), (sweep, p.name)
     # The top-down model: the code's weight norm and data init, in the blocks and the IAF
     td = load_config(EXPERIMENTS / "kingma2016_iaf" / "topdown_cifar10.toml").model
     assert td.topdown.weight_norm == "iaf_code"
