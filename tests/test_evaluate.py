@@ -174,13 +174,14 @@ def test_an_evaluation_grows_to_more_images_scoring_only_the_new_ones(
     shutil.copytree(short_run, run)
     args = {"data_root": DATA, "k": 20, "chunk": 7}
     small = ev.evaluate_run(run, n_test=20, **args)
-    first = ev.load_checkpoint(run / ev.TEST_SCORES)
+    (growth,) = run.glob("test_scores.*.pt")  # every image's scores, per estimator
+    first = ev.load_checkpoint(growth)
     seen = _count_batches(monkeypatch)
     grown = ev.evaluate_run(run, n_test=60, **args)
     assert sum(seen) == 40
     assert grown["test/n_examples"] == 60 and small["test/n_examples"] == 20
     assert grown["extended_from"] == small["test_examples"] != grown["test_examples"]
-    stored = ev.load_checkpoint(run / ev.TEST_SCORES)
+    stored = ev.load_checkpoint(growth)
     n_total = int(grown["test_examples"].rsplit(" ", 1)[1])
     assert torch.equal(stored["indices"], test_subset(n_total, 60)[0])
     reused = torch.isin(stored["indices"], first["indices"])
@@ -192,12 +193,13 @@ def test_an_evaluation_grows_to_more_images_scoring_only_the_new_ones(
     assert grown["test/elbo_nats"] == pytest.approx(
         stored["per_example"]["elbo"].mean().item(), abs=1e-9
     )
-    assert torch.equal(stored["log_px"], lp)  # what `vaeflow compare` pairs
+    last = ev.load_checkpoint(run / ev.TEST_SCORES)  # what `vaeflow compare` pairs
+    assert torch.equal(last["indices"], stored["indices"]) and torch.equal(last["log_px"], lp)
     # The new images' noise is not the first pass's stream: a one-pass evaluation of the
     # 60 gives other estimates for the 40 (same images, independent draws).
     fresh = ev.evaluate_run(run, n_test=60, reuse=False, **args)
     assert "extended_from" not in fresh and sum(seen) == 40 + 60
-    again = ev.load_checkpoint(run / ev.TEST_SCORES)["per_example"]["log_px"]
+    again = ev.load_checkpoint(run / ev.TEST_SCORES)["log_px"]
     assert not torch.equal(again[~reused], lp[~reused])
 
 

@@ -534,7 +534,8 @@ def evaluate_run(
         "seconds": seconds,
         "passes": passes,
     }
-    save_checkpoint(run_dir / TEST_SCORES, record)
+    last = {k: record[k] for k in ("evaluation", "dataset", "indices", "log_px", "elbo")}
+    save_checkpoint(run_dir / TEST_SCORES, last)  # what compare reads; the rest is in base
     if earlier is not None or _stored_examples(base) < len(order):
         save_checkpoint(base, record)  # never replaced by fewer images
     write_json_atomic(run_dir / "summary.json", summary)
