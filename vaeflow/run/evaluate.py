@@ -534,7 +534,7 @@ def evaluate_run(
         "seconds": seconds,
         "passes": passes,
     }
-    last = {k: record[k] for k in ("evaluation", "dataset", "indices", "log_px", "elbo")}
+    last = {f: record[f] for f in ("evaluation", "dataset", "indices", "log_px", "elbo")}
     save_checkpoint(run_dir / TEST_SCORES, last)  # what compare reads; the rest is in base
     if earlier is not None or _stored_examples(base) < len(order):
         save_checkpoint(base, record)  # never replaced by fewer images
