@@ -642,15 +642,9 @@ def _fmt_value(value: Any) -> str:
 
 def _table_value(labeller: Labeller, key: str, config: Mapping[str, Any]) -> str:
     """A grouping cell: the reader's name of the value, or "—" for a setting that means
-    nothing in this row (flow steps of a row without a posterior flow; only when the
-    deciding key is one of the table's columns)."""
-    # model.posterior.options.num_hidden falls under model.posterior.options' rule
-    rule = next(
-        (r for k, r in _NOT_APPLICABLE.items() if key == k or key.startswith(k + ".")), None
-    )
-    if rule is not None and rule[0] in config and config[rule[0]] in rule[1]:
-        return "—"
-    return labeller.value(key, config[key])
+    nothing in this row (:func:`_applies`: flow steps of a row without a posterior flow,
+    when the flow is one of the table's columns)."""
+    return labeller.value(key, config[key]) if _applies(key, config) else "—"
 
 
 def to_markdown(
@@ -945,9 +939,14 @@ def _upper_latent_dims(config: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 def _applies(key: str, config: Mapping[str, Any]) -> bool:
-    """Whether ``key`` means anything for ``config`` (see :data:`_NOT_APPLICABLE`)."""
-    rule = _NOT_APPLICABLE.get(key)
-    return rule is None or config.get(rule[0]) not in rule[1]
+    """Whether ``key`` means anything for ``config`` (see :data:`_NOT_APPLICABLE`; a
+    flattened option such as ``model.posterior.options.num_hidden`` falls under its
+    parent's rule). Only a config that sets the deciding key can say no: a table row
+    holds just its grouping keys."""
+    rule = next(
+        (r for k, r in _NOT_APPLICABLE.items() if key == k or key.startswith(k + ".")), None
+    )
+    return rule is None or rule[0] not in config or config[rule[0]] not in rule[1]
 
 
 class LabelPlan:
