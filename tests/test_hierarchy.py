@@ -46,7 +46,7 @@ from vaeflow.models.bounds import Terms, elbo, free_bits_kl, iwae, log_likelihoo
 from vaeflow.models.hierarchy import BottomUpVAE, ConditionalGaussian, deterministic_net
 from vaeflow.models.likelihoods import Gaussian
 from vaeflow.models.posteriors import LOG_STD_BOUND, FlowPosterior, GaussianPosterior
-from vaeflow.models.priors import FlowPrior, StandardNormalPrior
+from vaeflow.models.priors import FlowPrior, MixtureOfGaussiansPrior, StandardNormalPrior
 from vaeflow.models.vae import VAE
 
 
@@ -177,11 +177,12 @@ def _two_layer(posterior: str, prior: str, h1: int = 10, h2: int = 6) -> BottomU
 
     posts = [make_post(h1, dims[0]), make_post(h2, dims[1])]
     cond = ConditionalGaussian(deterministic_net(dims[1], [h2, h2]), h2, dims[0])
-    top = (
-        StandardNormalPrior(dims[1])
-        if prior == "standard"
-        else FlowPrior.from_registry(dims[1], "maf", num_layers=2, hidden=8)
-    )
+    if prior == "standard":
+        top = StandardNormalPrior(dims[1])
+    elif prior == "mog":
+        top = MixtureOfGaussiansPrior(dims[1], 4)
+    else:
+        top = FlowPrior.from_registry(dims[1], "maf", num_layers=2, hidden=8)
     dec = nn.Sequential(deterministic_net(dims[0], [h1, h1]), nn.Linear(h1, N_X))
     return BottomUpVAE(encoders, posts, [cond], top, dec, Gaussian(1, fixed_std=NOISE), (N_X,))
 
@@ -212,6 +213,23 @@ def test_gradients_reach_every_layer(posterior, prior):
         d1 = model.latent_dims[0]
         assert torch.allclose(terms.kl_dims[..., :d1].sum(-1), terms.layer_kl[0], atol=1e-5)
         assert torch.allclose(terms.kl_dims[..., d1:].sum(-1), terms.layer_kl[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("posterior", ["gaussian", "iaf"])
+def test_a_mixture_top_prior_splits_by_the_chain_rule(posterior):
+    """With ``kl_chain_rule`` (free bits per group) a mixture top prior gives per-dimension
+    terms too: its conditionals; each layer's slice still sums to that layer's KL."""
+    model = _two_layer(posterior, "mog")
+    with torch.no_grad():
+        perturb(model)
+    x = torch.randn(6, N_X)
+    assert model(x, k=3).kl_dims is None and not model.kl_splits_over_dimensions
+    model.kl_chain_rule = True
+    assert model.kl_splits_over_dimensions
+    terms = model(x, k=3)
+    d1 = model.latent_dims[0]
+    assert torch.allclose(terms.kl_dims[..., :d1].sum(-1), terms.layer_kl[0], atol=1e-5)
+    assert torch.allclose(terms.kl_dims[..., d1:].sum(-1), terms.layer_kl[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("posterior", ["gaussian", "iaf"])

@@ -606,3 +606,66 @@ def test_vamp_built_from_config_caches_through_the_builder(float64):
     with torch.enable_grad():
         torch.testing.assert_close(after, model.prior.log_prob(z).detach(), rtol=0, atol=0)
     assert not torch.allclose(before, after)
+
+
+def _prefix_marginal(loc: Tensor, log_scale: Tensor, logits: Tensor, z: Tensor, d: int) -> Tensor:
+    """``log p(z_1..z_d)`` of a diagonal-Gaussian mixture by torch.distributions: the
+    mixture of the components' marginals over the first ``d`` dimensions."""
+    comp = Independent(Normal(loc[:, :d], log_scale[:, :d].exp()), 1)
+    return MixtureSameFamily(Categorical(logits=logits), comp).log_prob(z[..., :d])
+
+
+@pytest.mark.parametrize("kind", ["mog", "vamp"])
+def test_mixture_chain_rule_terms_are_the_exact_conditionals(float64, kind):
+    """``log_prob_chain``: term d is ``log p(z_<=d) - log p(z_<d)`` (each prefix marginal
+    from torch.distributions), so a block of terms is ``log p(z_g | z_<g)`` and the sum is
+    ``log_prob``; in blocks of rows it is the same as in one pass."""
+    torch.manual_seed(0)
+    d = 5
+    if kind == "mog":
+        prior = MixtureOfGaussiansPrior(d, 7)
+        with torch.no_grad():
+            prior.log_scale.uniform_(-0.7, 0.3)
+            prior.logits.normal_()
+        loc, log_scale, logits = prior.loc, prior.log_scale, prior.logits
+    else:
+        enc = TinyEncoder(d)
+        prior = spread_vamp(VampPrior(d, 6, X_SHAPE, enc.gaussian))
+        loc, log_scale = prior.components()
+        logits = torch.zeros(6)
+    z = 1.5 * torch.randn(4, 3, d)
+    chain = prior.log_prob_chain(z)
+    assert chain.shape == (4, 3, d)
+    torch.testing.assert_close(chain.sum(-1), prior.log_prob(z))
+    previous = torch.zeros(4, 3)
+    for j in range(1, d + 1):
+        marginal = _prefix_marginal(loc, log_scale, logits, z, j)
+        torch.testing.assert_close(chain[..., j - 1], marginal - previous)
+        previous = marginal
+    # Conditionals differ from the marginals for a mixture (it does not factorise).
+    first_marginal = _prefix_marginal(loc[:, 1:], log_scale[:, 1:], logits, z[..., 1:], 1)
+    assert not torch.allclose(chain[..., 1], first_marginal)
+
+
+def test_mixture_chain_rule_in_row_blocks_equals_one_pass(float64, monkeypatch):
+    import vaeflow.models.priors as priors_mod
+
+    torch.manual_seed(1)
+    prior = MixtureOfGaussiansPrior(4, 3)
+    z = torch.randn(10, 4)
+    whole = prior.log_prob_chain(z)
+    monkeypatch.setattr(priors_mod, "MIXTURE_BLOCK_ELEMENTS", 12)  # one row per block
+    torch.testing.assert_close(prior.log_prob_chain(z), whole, rtol=0, atol=0)
+
+
+def test_chain_rule_terms_of_factorised_and_flow_priors(float64):
+    """A factorised prior's conditionals are its marginals; a one-component mixture's are
+    its Gaussian's; a flow prior has none."""
+    torch.manual_seed(2)
+    z = torch.randn(3, 4)
+    for prior in (StandardNormalPrior(4), LearnedGaussianPrior(4)):
+        torch.testing.assert_close(prior.log_prob_chain(z), prior.log_prob_dims(z))
+    one = MixtureOfGaussiansPrior(4, 1)
+    gauss = Independent(Normal(one.loc[0], one.log_scale[0].exp()), 0)
+    torch.testing.assert_close(one.log_prob_chain(z), gauss.log_prob(z))
+    assert FlowPrior.from_registry(4, "realnvp", 2, 8).log_prob_chain(z) is None

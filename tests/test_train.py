@@ -358,6 +358,52 @@ def test_free_bits_groups_need_a_kl_that_splits(tmp_path):
     assert ok["step"] == 2
 
 
+@pytest.mark.parametrize("flow", ["planar", "sylvester_orthogonal", "realnvp"])
+def test_free_bits_groups_refused_for_a_posterior_whose_log_q_does_not_split(tmp_path, flow):
+    """Planar, Sylvester and coupling posteriors give log q only as a whole: groups smaller
+    than the latent are a config error (with N(0, I), which factorises), and no run
+    directory is left."""
+    from vaeflow.config import ConfigError
+
+    cfg = _cfg(
+        "train.free_bits=0.1",
+        "train.free_bits_group_size=2",
+        'model.prior.name="standard_normal"',
+        "model.prior.flow=none",
+        f'model.posterior.flow="{flow}"',
+        "model.posterior.options={}",
+        "train.steps=2",
+    )
+    with pytest.raises(ConfigError, match="do\\s+not split log q"):
+        train(cfg, tmp_path / "fb")
+    assert not (tmp_path / "fb").exists()
+
+
+@pytest.mark.parametrize("prior", ['model.prior.name="mog"', 'model.prior.name="vamp"'])
+def test_free_bits_groups_with_a_mixture_prior_use_its_chain_rule(tmp_path, prior):
+    """A mixture or VampPrior prior does not factorise, but its conditionals are exact: per
+    group free bits train, against ``p(z_g | z_<g)`` (the model's ``kl_chain_rule``)."""
+    from vaeflow.run import train as train_mod
+
+    cfg = _cfg(
+        "train.free_bits=0.1",
+        "train.free_bits_group_size=2",
+        prior,
+        "model.prior.flow=none",
+        "model.prior.options={num_components=5}",
+        "model.posterior.flow=none",
+        "train.steps=2",
+    )
+    from vaeflow.models.build import build_model
+
+    model = build_model(cfg.model)
+    assert not model.kl_splits_over_dimensions  # alone, the mixture gives no dims
+    train_mod._check_free_bits(cfg, model)
+    assert model.kl_chain_rule and model.kl_splits_over_dimensions
+    ok = train(cfg, tmp_path / "fb")
+    assert ok["step"] == 2 and ok["skipped_steps"] == 0
+
+
 def test_prior_learning_rate_and_delay(tmp_path):
     """The prior's parameters learn at lr * prior_lr_scale and not at all during
     prior_freeze_steps; the rest of the model trains as usual."""

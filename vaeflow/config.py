@@ -348,9 +348,12 @@ class TrainConfig:
             group) or divide every layer's size, so no group straddles two layers); each
             group's floor is ``free_bits * size``. The
             same rule for every posterior: groups smaller than the latent vector need a
-            KL that splits over dimensions (a diagonal Gaussian or (gated) IAF posterior
-            with N(0, I) or a learned Gaussian prior) — otherwise a config error at the
-            start of training; ``latent_dim`` (one group) works with any model.
+            log q that splits over dimensions (a diagonal Gaussian or (gated) IAF
+            posterior) and per-dimension prior terms: N(0, I) and a learned Gaussian
+            factorise; a mixture or VampPrior prior is split by the chain rule (each
+            group's KL is ``log q(z_g) - log p(z_g | z_<g)``, as each layer's in a
+            hierarchy); a flow prior cannot be -- otherwise a config error at the start of
+            training; ``latent_dim`` (one group) works with any model.
         free_bits_batch_splits: the floor compares each group's KL averaged over this many
             sub-batches of the global batch separately (strided: example ``i`` in
             sub-batch ``i mod S``; 1: the whole batch). Kingma et al.'s code averages over

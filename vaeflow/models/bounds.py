@@ -184,7 +184,8 @@ def free_bits_kl(
     if kl_dims is None:
         raise ValueError(
             "free bits per group of latent dimensions need a KL that splits over dimensions "
-            "(a diagonal Gaussian or autoregressive-flow posterior and a factorised prior); "
+            "(a diagonal Gaussian or autoregressive-flow posterior and a prior with "
+            "per-dimension terms: factorised, or split by the chain rule); "
             "this model's does not: set train.free_bits_group_size to the latent dimension "
             "(one group) or train.free_bits = 0"
         )

@@ -216,7 +216,7 @@ class BottomUpVAE(ImportanceSampled, nn.Module):
         out: list[Tensor | None] = []
         for z, above, cond in zip(zs[:-1], zs[1:], self.conditionals, strict=True):
             out.append(cond.log_prob_dims(z, above) if dims else cond.log_prob(z, above))
-        out.append(self.prior.log_prob_dims(zs[-1]) if dims else self.prior.log_prob(zs[-1]))
+        out.append(self._prior_dims(self.prior, zs[-1]) if dims else self.prior.log_prob(zs[-1]))
         return out
 
     def terms_from_features(
@@ -304,13 +304,14 @@ class BottomUpVAE(ImportanceSampled, nn.Module):
     @property
     def kl_splits_over_dimensions(self) -> bool:
         """Whether ``Terms.kl_dims`` exists: every layer's posterior splits over
-        dimensions and the top prior factorises."""
+        dimensions and the top prior has per-dimension terms (it factorises, or
+        :attr:`kl_chain_rule` is set and its conditionals are tractable)."""
         q_splits = all(
             getattr(p, "flow", None) is None or p.flow.splits_logdet for p in self.posteriors
         )
         z = torch.zeros(1, self.latent_dims[-1], device=next(self.parameters()).device)
         with torch.no_grad():
-            return q_splits and self.prior.log_prob_dims(z) is not None
+            return q_splits and self._prior_dims(self.prior, z) is not None
 
     @torch.no_grad()
     def posterior_mean(self, x: Tensor, samples: int = 32) -> tuple[Tensor, Tensor]:

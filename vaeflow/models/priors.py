@@ -9,6 +9,12 @@ which the VAE relies on:
   last dimension is ``log_prob(z)``, for priors that factorise over dimensions (used for
   per-dimension free bits); ``None`` for priors that do not factorise (mixtures, flows).
   The method exists on every prior so callers test the result, never ``hasattr``.
+- ``log_prob_chain(z)``: ``(*lead, D) -> (*lead, D)`` the chain-rule terms
+  ``log p(z_d | z_<d)`` (dimension order), whose sum is also ``log_prob(z)``; for factorised
+  priors they are ``log_prob_dims``, mixtures of diagonal Gaussians compute them exactly,
+  ``None`` where the conditionals are not tractable (flows). Used for free bits per group
+  with a prior that does not factorise (Kingma et al. 2016: each group's KL is measured
+  against the prior conditioned on the groups before it, as in a hierarchy).
 - ``sample(n)``: ``(n, D)`` on the module's device and dtype.
 - ``sample_and_log_prob(n)``: ``(n, D)`` samples and their ``(n,)`` log-density.
 
@@ -105,6 +111,16 @@ class Prior(nn.Module):
         """
         self.check_latent(z)
         return None
+
+    def log_prob_chain(self, z: Tensor) -> Tensor | None:
+        """Chain-rule terms ``log p(z_d | z_1, ..., z_{d-1})``: ``(*lead, D) -> (*lead, D)``.
+
+        Their sum over the last dimension is ``log_prob(z)``, and the sum over a block of
+        consecutive dimensions ``g`` is ``log p(z_g | z_<g)``. This default is
+        :meth:`log_prob_dims` (for a factorised prior the conditionals are the marginals),
+        so ``None`` where the prior does not factorise and does not override this.
+        """
+        return self.log_prob_dims(z)
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """Draw ``n`` latents ``(n, D)`` on the module's device and dtype.
@@ -392,6 +408,38 @@ def _mixture_blocks_broadcast(
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def _mixture_log_prob_chain(
+    z: Tensor, loc: Tensor, log_scale: Tensor, log_weights: Tensor
+) -> Tensor:
+    """Chain-rule terms ``log p(z_d | z_<d)`` of a mixture of diagonal Gaussians, exactly.
+
+    The marginal of the first ``d`` dimensions is the mixture of the components' marginals
+    (same weights), so ``log p(z_<=d) = logsumexp_k (log w_k + sum_{j<=d} log N_kj)`` for
+    every ``d`` at once (a cumulative sum over dimensions), and the conditional is the
+    difference of consecutive marginals (``log p(z_<=0) = 0``: normalised weights).
+
+    Args:
+        z: ``(*lead, D)``.
+        loc, log_scale: ``(C, D)`` component parameters.
+        log_weights: ``(C,)`` normalised log mixture weights.
+
+    Returns:
+        ``(*lead, D)`` in ``z``'s dtype; the sum over ``D`` is the mixture's ``log p(z)``.
+    """
+    lead, d = z.shape[:-1], z.shape[-1]
+    rows = z.reshape(-1, d)
+    # A (rows, C, D) intermediate: cost C * D per row, like the broadcast log-density; in
+    # row blocks so that memory stays bounded.
+    block = max(1, MIXTURE_BLOCK_ELEMENTS // max(1, loc.numel()))
+    out = []
+    for r in rows.split(block):
+        comp = diag_normal_log_prob_dims(r.unsqueeze(-2), loc, log_scale)  # (R, C, D)
+        marginal = torch.logsumexp(comp.cumsum(-1) + log_weights.unsqueeze(-1), dim=-2)
+        out.append(torch.diff(marginal, dim=-1, prepend=marginal.new_zeros(len(r), 1)))
+    chain = out[0] if len(out) == 1 else torch.cat(out)
+    return chain.reshape(*lead, d)
+
+
 def _sample_mixture(
     n: int, loc: Tensor, log_scale: Tensor, logits: Tensor | None, temperature: float = 1.0
 ) -> Tensor:
@@ -447,6 +495,13 @@ class MixtureOfGaussiansPrior(Prior):
         self.check_latent(z)
         log_w = torch.log_softmax(self.logits, -1)
         return _mixture_log_prob(z, self.loc, self.log_scale, log_w)
+
+    def log_prob_chain(self, z: Tensor) -> Tensor:
+        """Exact chain-rule terms ``log p(z_d | z_<d)`` ``(*lead, D)`` (see
+        :meth:`Prior.log_prob_chain`)."""
+        self.check_latent(z)
+        log_w = torch.log_softmax(self.logits, -1)
+        return _mixture_log_prob_chain(z, self.loc, self.log_scale, log_w)
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """``(n, D)`` draws (the component choice is discrete, so not reparameterised)."""
@@ -627,6 +682,14 @@ class VampPrior(Prior):
         mu, log_std = self.components()
         log_w = z.new_full((self.num_components,), -math.log(self.num_components))
         return _mixture_log_prob(z, mu, log_std, log_w)
+
+    def log_prob_chain(self, z: Tensor) -> Tensor:
+        """Exact chain-rule terms ``log p(z_d | z_<d)`` ``(*lead, D)`` of the mixture (see
+        :meth:`Prior.log_prob_chain`)."""
+        self.check_latent(z)
+        mu, log_std = self.components()
+        log_w = z.new_full((self.num_components,), -math.log(self.num_components))
+        return _mixture_log_prob_chain(z, mu, log_std, log_w)
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """``(n, D)`` draws: a uniformly chosen pseudo-input, then ``q0(z | u_k)``."""

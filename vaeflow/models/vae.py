@@ -42,6 +42,9 @@ class PriorLike(Protocol):
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor: ...
 
+    # Optional: ``log_prob_chain(z) -> (*, D) | None``, the chain-rule terms
+    # (``Prior.log_prob_chain``); a prior without it is used with ``log_prob_dims``.
+
 
 class LikelihoodLike(Protocol):
     """``likelihood(params)`` returns a distribution whose ``log_prob`` sums the event."""
@@ -58,7 +61,27 @@ class ImportanceSampled:
 
     The model provides ``encode(x) -> h``, ``log_terms_from_features(x, h, n) ->
     (log p(x|z), log p(z), log q(z|x))`` each ``(n, B)``, ``likelihood`` and ``x_shape``.
+
+    ``kl_chain_rule`` (default False) chooses the prior's per-dimension terms in
+    ``Terms.kl_dims``: False, the factorised prior's marginals (``log_prob_dims``; none for a
+    prior that does not factorise); True, its chain-rule conditionals ``log p(z_d | z_<d)``
+    (``log_prob_chain``), so that a mixture or VampPrior prior has per-group KL terms too:
+    each group's ``log q(z_g) - log p(z_g | z_<g)``, the single-sample estimate Kingma et al.
+    2016 (arXiv:1606.04934, appendix C.8) floor per group. Training sets it when free bits
+    act on more than one group; it costs a ``(samples, components, D)`` pass, so evaluation
+    leaves it off.
     """
+
+    kl_chain_rule: bool = False
+
+    def _prior_dims(self, prior: nn.Module, z: Tensor) -> Tensor | None:
+        """The prior's per-dimension terms under :attr:`kl_chain_rule` ``(*, D)``, or None."""
+        if self.kl_chain_rule:
+            # Optional in PriorLike: a prior of one's own without it is taken as factorised.
+            chain = getattr(prior, "log_prob_chain", None)
+            if chain is not None:
+                return chain(z)
+        return prior.log_prob_dims(z)
 
     def _check_x(self, x: Tensor) -> None:
         """``x`` must be ``(B, *x_shape)``; the message names the model class."""
@@ -178,7 +201,7 @@ class VAE(ImportanceSampled, nn.Module):
         # Only when given: a posterior of one's own (PosteriorLike) need not take noise.
         s = self.posterior.sample(h, k) if noise is None else self.posterior.sample(h, k, noise)
         log_pz = self.prior.log_prob(s.z)
-        log_pz_dims = self.prior.log_prob_dims(s.z) if s.log_q_dims is not None else None
+        log_pz_dims = self._prior_dims(self.prior, s.z) if s.log_q_dims is not None else None
         log_px_z = self.likelihood(self.decoder(s.z)).log_prob(x)
         terms = Terms(log_px_z, log_pz, s.log_q, log_pz_dims, s.log_q_dims, s.flow_logdet)
         return terms, s
@@ -217,12 +240,14 @@ class VAE(ImportanceSampled, nn.Module):
     @property
     def kl_splits_over_dimensions(self) -> bool:
         """Whether ``Terms.kl_dims`` exists: log q splits over dimensions (a diagonal
-        Gaussian, or a flow with ``splits_logdet``) and the prior factorises."""
+        Gaussian, or a flow with ``splits_logdet``) and the prior has per-dimension terms
+        (it factorises, or :attr:`kl_chain_rule` is set and its conditionals are
+        tractable)."""
         flow = getattr(self.posterior, "flow", None)
         q_splits = flow is None or flow.splits_logdet
         z = torch.zeros(1, self.latent_dim, device=next(self.parameters()).device)
         with torch.no_grad():
-            return q_splits and self.prior.log_prob_dims(z) is not None
+            return q_splits and self._prior_dims(self.prior, z) is not None
 
     @torch.no_grad()
     def posterior_mean(self, x: Tensor, samples: int = 32) -> tuple[Tensor, Tensor]:

@@ -1428,20 +1428,27 @@ def _init_output_bias_from_data(model: VAE, x_train: Tensor) -> None:
 
 
 def _check_free_bits(cfg: Config, model: VAE) -> None:
-    """Free bits per group need a KL that splits over dimensions: say so before training.
+    """Free bits per group need a KL that splits over dimensions: arrange it, or say so
+    before training.
 
-    Otherwise the run would switch objective silently (or fail at the first step).
+    A prior that does not factorise (a mixture, the VampPrior) is split by the chain rule
+    (``model.kl_chain_rule``: each group's KL against ``p(z_g | z_<g)``); a posterior whose
+    log q does not split, or a flow prior (no tractable conditionals), is refused here --
+    otherwise the run would switch objective silently (or fail at the first step).
     """
     t = cfg.train
     if t.free_bits <= 0 or t.free_bits_group_size == model.latent_dim:
         return
+    if not model.kl_splits_over_dimensions and hasattr(model, "kl_chain_rule"):
+        model.kl_chain_rule = True
     if not model.kl_splits_over_dimensions:
         raise ConfigError(
             f"train.free_bits = {t.free_bits} with train.free_bits_group_size = "
             f"{t.free_bits_group_size} needs a KL that splits over latent dimensions, but "
             f"posterior {cfg.model.posterior.flow or 'gaussian'!r} with prior "
             f"{cfg.model.prior.name!r} does not (coupling, Sylvester and planar flows do "
-            "not split log q; mixture, VampPrior and flow priors do not factorise). Set "
+            "not split log q; a flow prior has no tractable conditionals p(z_g | z_<g) -- "
+            "mixture and VampPrior priors do). Set "
             f"train.free_bits_group_size = {model.latent_dim} (one group: the total KL) "
             "or train.free_bits = 0"
         )
