@@ -797,10 +797,11 @@ def test_keys_added_after_a_run_started_count_as_their_default(tmp_path: Path) -
     records = collect([tmp_path])
     assert records[0]["config"]["train.prior_lr_scale"] == 1.0
     # ... except a key whose absence meant something else: free-bits groups of a run from
-    # before the key existed are unknown, not the default; and a table the run filled in
+    # before the key existed are what its version did (an IAF posterior: one group, the
+    # whole latent), not the default; and a table the run filled in
     # (model.posterior.options.*) gets no empty-table default beside its entries.
-    assert records[0]["config"]["train.free_bits_group_size"] == "unknown"
-    assert records[1]["config"]["train.free_bits_group_size"] == "unknown"  # both lack it
+    assert records[0]["config"]["train.free_bits_group_size"] == 32
+    assert records[1]["config"]["train.free_bits_group_size"] == 32  # both lack it
     (only,) = group(records)  # one group: the two runs differ only in their seed
     assert only["n_seeds"] == 2
     assert "model.posterior.options" not in records[0]["config"] or not any(
@@ -1032,3 +1033,57 @@ def test_malformed_stored_records_are_named(runs: Path, tmp_path: Path) -> None:
     data["records"].append(data["records"][0])
     stored.write_text(json.dumps(data))
     assert len(collect([], stored=[stored])) == 5
+
+
+def test_old_runs_free_bits_rule_is_the_one_their_version_used(tmp_path: Path) -> None:
+    """Before train.free_bits_group_size (commit 3faea3d) free bits floored each dimension
+    for a diagonal Gaussian posterior with a factorised prior, and the whole latent for
+    any flow posterior or other prior; a hierarchy's rule cannot be told."""
+    cases = {
+        "diag": ({"flow": "none"}, "standard_normal", 1),
+        "iaf": ({"flow": "iaf"}, "standard_normal", 16),
+        "vamp": ({"flow": "none"}, "vamp", 16),
+        "no_fb": ({"flow": "iaf"}, "standard_normal", 1),  # no free bits: the default
+    }
+    for name, (posterior, prior, _) in cases.items():
+        cfg = _config(posterior["flow"], 0, latent=16)
+        cfg["model"]["prior"] = {"name": prior}
+        cfg["train"]["free_bits"] = 0.0 if name == "no_fb" else 0.25
+        _write_run(tmp_path, name, cfg, 85.0)
+    hier = _config("none", 0, latent=16)
+    hier["model"]["upper_layers"] = [{"latent_dim": 8}]
+    hier["train"]["free_bits"] = 0.25
+    _write_run(tmp_path, "hier", hier, 85.0)
+    found = {r["name"]: r["config"]["train.free_bits_group_size"] for r in collect([tmp_path])}
+    assert found == {**{n: c[2] for n, c in cases.items()}, "hier": "unknown"}
+
+
+def test_a_table_mixing_free_bits_rules_is_refused(tmp_path: Path) -> None:
+    """Rows on different free-bits rules (per dimension vs one group, or with vs without
+    free bits) are refused unless --by names the rule's keys; one rule is fine."""
+    diag = _config("none", 0)
+    iaf = _config("iaf", 0)
+    for cfg in (diag, iaf):
+        cfg["train"]["free_bits"] = 0.25
+    diag["train"]["free_bits_group_size"] = 1
+    iaf["train"]["free_bits_group_size"] = 32
+    _write_run(tmp_path / "a", "diag", diag, 85.0)
+    _write_run(tmp_path / "a", "iaf", iaf, 84.0)
+    records = collect([tmp_path / "a"])
+    with pytest.raises(ValueError, match=r"different free-bits rules.*free_bits_group_size"):
+        group(records, by=["model.posterior.flow"])
+    with pytest.raises(ValueError, match="different free-bits rules"):
+        group(records)  # the default --by is no licence either
+    shown = group(records, by=["model.posterior.flow", "train.free_bits_group_size"])
+    assert len(shown) == 2
+    # The same rule for both: a table.
+    iaf["train"]["free_bits_group_size"] = 1
+    _write_run(tmp_path / "b", "diag", diag, 85.0)
+    _write_run(tmp_path / "b", "iaf", iaf, 84.0)
+    assert len(group(collect([tmp_path / "b"]), by=["model.posterior.flow"])) == 2
+    # With free bits against without: train.free_bits must be a column.
+    iaf["train"]["free_bits"] = 0.0
+    _write_run(tmp_path / "c", "diag", diag, 85.0)
+    _write_run(tmp_path / "c", "iaf", iaf, 84.0)
+    with pytest.raises(ValueError, match=r"\['train.free_bits'\]"):
+        group(collect([tmp_path / "c"]), by=["model.posterior.flow"])

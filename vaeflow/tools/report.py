@@ -159,22 +159,47 @@ def _run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 #: Keys whose behaviour before they existed is not their default: a run whose config.json
-#: lacks them is shown as "unknown" rather than as the default when it mattered. (Before
-#: free_bits_group_size, a flow posterior or a non-factorised prior had one group; without
-#: free bits the key does not matter.)
+#: lacks them gets the value its vaeflow version acted on (see :func:`_behaviour_before`),
+#: or "unknown" where that cannot be told from its config.
 _NO_DEFAULT_BEFORE = {"train.free_bits_group_size"}
+
+#: Factorised priors of the vaeflow versions before ``train.free_bits_group_size``.
+_FACTORISED_PRIORS = ("standard_normal", "learned_gaussian")
+
+
+def _behaviour_before(key: str, run_config: Mapping[str, Any]) -> Any:
+    """What a run from before ``key`` existed did, from its flattened config.
+
+    ``train.free_bits_group_size`` (added at commit ``3faea3d``): free bits then floored each
+    dimension's KL (1) for a diagonal Gaussian posterior with a factorised prior, and the
+    whole latent's (``model.latent_dim``, one group) for any flow posterior or other prior;
+    without free bits the key does not matter (the default). Hierarchies came later, so a
+    config naming upper layers or a top-down model is "unknown".
+    """
+    if run_config.get("train.free_bits", 0) == 0:
+        return 1
+    if run_config.get("model.upper_layers") or any(
+        k.startswith("model.topdown") and v is not None for k, v in run_config.items()
+    ):
+        return "unknown"
+    flow = run_config.get("model.posterior.flow")
+    prior = run_config.get("model.prior.name", "standard_normal")
+    if flow in (None, "", "none") and prior in _FACTORISED_PRIORS:
+        return 1
+    latent = run_config.get("model.latent_dim")
+    return latent if isinstance(latent, int) else "unknown"
 
 
 def _defaults_for(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The current default of every config key the run's (flattened) config lacks."""
+    """The current default of every config key the run's (flattened) config lacks (for a
+    key of :data:`_NO_DEFAULT_BEFORE`, what the run's version did instead)."""
     from ..config import Config, to_dict
 
     out = {}
     for key, value in flatten_config(to_dict(Config())).items():
         if key in run_config or any(k.startswith(key + ".") for k in run_config):
             continue  # present, or a table the run gave entries of
-        unknown = key in _NO_DEFAULT_BEFORE and run_config.get("train.free_bits", 0) != 0
-        out[key] = "unknown" if unknown else value
+        out[key] = _behaviour_before(key, run_config) if key in _NO_DEFAULT_BEFORE else value
     return out
 
 
@@ -474,6 +499,44 @@ def _varying_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in keys if len({repr(r["config"].get(k)) for r in records}) > 1]
 
 
+def _free_bits_rule(config: Mapping[str, Any]) -> tuple[str, str]:
+    """``(free_bits, group size)`` of a run as text; the size only matters with free bits."""
+    fb = config.get("train.free_bits", 0)
+    size = config.get("train.free_bits_group_size") if fb else None
+    return _fmt_value(fb), _fmt_value(size)
+
+
+def _check_one_free_bits_rule(records: Sequence[Mapping[str, Any]], by: Sequence[str]) -> None:
+    """Refuse a table whose rows trained on different free-bits rules unless ``--by`` names
+    the keys that differ: otherwise a change of objective (Kingma et al.'s per-dimension
+    floors against one floor for the whole latent, say) would pass for the effect of the
+    row's setting (issue: "a mixed table cannot be built")."""
+    rules = {_free_bits_rule(r["config"]) for r in records}
+    if len(rules) < 2:
+        return
+    sizes = {size for _, size in rules if size != _fmt_value(None)}  # among runs with free bits
+    differing = [
+        key
+        for key, values in (
+            ("train.free_bits", {fb for fb, _ in rules}),
+            ("train.free_bits_group_size", sizes),
+        )
+        if len(values) > 1 and key not in by
+    ]
+    if differing:
+        runs = "; ".join(
+            f"{r['name']}: free_bits={a}, group size={b}"
+            for r in records
+            for a, b in [_free_bits_rule(r["config"])]
+        )
+        raise ValueError(
+            f"the runs trained on different free-bits rules ({runs}): their rows would mix "
+            "a change of objective with the setting a row stands for. Report them apart, or "
+            f"name {differing} in --by to tabulate the rule as a setting of its own (a run "
+            "from before train.free_bits_group_size existed shows the rule its version used)"
+        )
+
+
 def _sort_key(value: Any) -> tuple[int, float, str]:
     return (0, float(value), "") if _is_number(value) else (1, 0.0, str(value))
 
@@ -509,6 +572,7 @@ def group(
         unknown = [k for k in keys if not any(k in r["config"] for r in evaluated)]
         if unknown:
             raise ValueError(f"--by key(s) {unknown} are in no evaluated run's config")
+    _check_one_free_bits_rule(evaluated, keys if by is not None else [])
     buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in evaluated:
         buckets.setdefault(tuple(repr(r["config"].get(k)) for k in keys), []).append(r)
