@@ -530,6 +530,48 @@ def test_binarized_mnist_missing_files_name_the_expected_paths(tmp_path: Path) -
         load_splits("binarized_mnist", tmp_path, download=True, downloader=failing)
 
 
+def test_binarized_mnist_download_checks_each_file_before_saving_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real download path with urlopen served locally: each file is fetched from the
+    published folder, saved only when its sha256 is the original's, and a changed file is
+    rejected with nothing written."""
+    import hashlib
+    import io
+    import urllib.request
+
+    from vaeflow.data import datasets as ds
+
+    served = {
+        f"binarized_mnist_{s}.amat": f"{s} rows\n".encode() for s in ("train", "valid", "test")
+    }
+    asked: list[str] = []
+
+    def urlopen(url: str, timeout: float) -> io.BytesIO:
+        asked.append(url)
+        return io.BytesIO(served[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(
+        ds,
+        "_AMAT_SHA256",
+        {
+            s: hashlib.sha256(f"{s} rows\n".encode()).hexdigest()
+            for s in ("train", "valid", "test")
+        },
+    )
+    ds._binarized_mnist_download(tmp_path)
+    assert asked == [ds._AMAT_URL + name for name in served]
+    for name, data in served.items():
+        assert (tmp_path / "BinarizedMNIST" / name).read_bytes() == data
+    # A file that is not the original: refused, and nothing is saved.
+    other = tmp_path / "other"
+    served["binarized_mnist_train.amat"] = b"changed\n"
+    with pytest.raises(ValueError, match="binarized_mnist_train.amat has sha256 .* not saved"):
+        ds._binarized_mnist_download(other)
+    assert not any(p.is_file() for p in other.rglob("*"))
+
+
 def test_binarized_mnist_is_the_standard_file(tmp_path: Path) -> None:
     """The shipped files decompress to the originals, and load as 50k / 10k / 10k."""
     import hashlib

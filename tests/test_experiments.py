@@ -123,6 +123,54 @@ def test_burda_follows_the_authors_code(name: str) -> None:
     assert cfg.eval.checkpoint == "last"
 
 
+def test_sylvester_follows_the_authors_code() -> None:
+    """riannevdberg/sylvester-flows (main_experiment.py): Larochelle's static MNIST as
+    given, Adamax lr 5e-4 with eps 1e-7, batch 100, no clipping, KL warm-up over 100
+    epochs, early stopping after more than 100 epochs without improvement counted only
+    after the warm-up, at most 2000 epochs, k = 5000 at test time."""
+    cfg = load_config(EXPERIMENTS / "vandenberg2018_sylvester" / "config.toml")
+    t = cfg.train
+    assert (cfg.data.dataset, cfg.data.binarization, cfg.data.batch_size) == (
+        "binarized_mnist",
+        "given",
+        100,
+    )
+    assert (t.optimizer, t.lr, t.eps, t.clip_norm) == ("adamax", 5e-4, 1e-7, None)
+    per_epoch = 50000 // cfg.data.batch_size
+    assert t.kl_warmup_steps == 100 * per_epoch
+    assert (t.early_stopping, t.val_every) == (101, per_epoch)
+    assert t.early_stopping_delay == t.kl_warmup_steps
+    assert t.steps == 2000 * per_epoch and cfg.eval.k == 5000
+
+
+def test_flow_priors_follow_the_vampprior_code() -> None:
+    """jmtomczak/vae_vampprior: static MNIST as given, AdamNormGrad lr 5e-4, batch 100, no
+    clipping, KL warm-up over 100 epochs, early stopping after more than 50 epochs
+    without improvement counted from the end of the warm-up, at most 2000 epochs, the
+    best-validation model tested with k = 5000; a sweep's seeds also vary the batch order."""
+    cfg = load_config(EXPERIMENTS / "flow_priors" / "config.toml")
+    t = cfg.train
+    assert (cfg.data.dataset, cfg.data.binarization, cfg.data.batch_size) == (
+        "binarized_mnist",
+        "given",
+        100,
+    )
+    assert (t.optimizer, t.lr, t.clip_norm) == ("adam_normgrad", 5e-4, None)
+    per_epoch = 50000 // cfg.data.batch_size
+    assert t.kl_warmup_steps == 100 * per_epoch
+    assert (t.early_stopping, t.val_every, t.val_k) == (51, per_epoch, 1)
+    assert t.early_stopping_delay == t.kl_warmup_steps
+    assert t.steps == 2000 * per_epoch
+    # "auto" is best.pt when there is a validation split (Larochelle's valid file here).
+    assert (cfg.eval.k, cfg.eval.checkpoint, cfg.data.val_size != 0) == (5000, "auto", True)
+    points = sw.expand(EXPERIMENTS / "flow_priors" / "seeds.toml", validate=False)
+    seeds = set()
+    for p in points:
+        c = load_config(p.base, p.overrides)
+        seeds.add((c.train.seed, c.data.batch_seed))
+    assert seeds == {(1, 1), (2, 2)}
+
+
 def test_kingma_follows_the_paper_and_the_authors_code() -> None:
     """IAF (arXiv:1606.04934 and openai/iaf): Table 1 is dynamically binarised MNIST with
     k = 128; the code trains on every training image with Adamax 2e-3 at a constant rate,

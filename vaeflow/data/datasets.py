@@ -42,8 +42,10 @@ Files (below the data root, see :func:`resolve_data_root`):
   ``(N, 32, 32, 3)`` HWC, ``y`` uint8 ``(N,)``), else torchvision's ``cifar-10-batches-py``.
   :func:`pack_cifar10` converts the latter into the former (``vaeflow data pack``).
 
-Missing files: if ``download=True`` torchvision's download is tried; when that fails (no
-internet) or is disabled, :class:`DatasetNotFoundError` names the dataset, the searched root
+Missing files: if ``download=True`` the dataset's download is tried (torchvision's for
+MNIST, Fashion-MNIST and CIFAR-10; Larochelle & Murray's published folder for Binarized
+MNIST, each file checked against the original's sha256 before it is saved); when that fails
+(no internet) or is disabled, :class:`DatasetNotFoundError` names the dataset, the searched root
 and how it was resolved, the exact files expected and what to do.
 
 Preprocessing keeps the conventions of :mod:`vaeflow.models.likelihoods`:
@@ -200,7 +202,8 @@ class DatasetSpec:
         read: ``root -> (train_full, test, notes)`` uint8 ``(N, C, H, W)`` tensors, or
             ``None`` when the files are not there.
         expected: ``root -> [(description, [paths])]``, the file sets :attr:`read` accepts.
-        download: ``root -> None``, torchvision's download into ``root``.
+        download: ``root -> None``, the dataset's download into ``root`` (torchvision's,
+            or the published ``.amat`` files for ``binarized_mnist``).
         hint: dataset-specific advice for the not-found message.
         binarizations: the ``data.binarization`` values that fit the data: a grey
             dataset can be binarised ``dynamic`` or ``fixed_seed``; a dataset whose files
@@ -592,16 +595,19 @@ def load_splits(
     """Load a dataset as train/validation/test ``uint8`` tensors ``(N, C, H, W)``.
 
     Validation is the *last* ``val_size`` images of the training file, train the rest, in
-    file order (MNIST default: the classic 50k/10k/10k split; CIFAR-10: 45k/5k/test).
+    file order (MNIST default: the classic 50k/10k/10k split; CIFAR-10: 45k/5k/test;
+    Binarized MNIST: its train file then its valid file, so the default is the files' own
+    50k/10k split).
 
     Args:
-        name: a key of :data:`DATASETS` (``mnist``, ``fashion_mnist``, ``cifar10``).
+        name: a key of :data:`DATASETS` (``mnist``, ``fashion_mnist``,
+            ``binarized_mnist``, ``cifar10``).
         data_root: the data root; ``None`` resolves ``$VAEFLOW_DATA`` then ``./data``
             (:func:`resolve_data_root`).
         val_size: validation examples (``None``: the dataset default, 10000 for MNIST-like
             data, 5000 for CIFAR-10); 0 gives an empty validation split.
-        download: if the files are missing, try torchvision's download into the root.
-        downloader: replaces torchvision's download, called as ``downloader(name, root)``
+        download: if the files are missing, try the dataset's download into the root.
+        downloader: replaces the dataset's download, called as ``downloader(name, root)``
             (tests inject a failing or file-writing one so no network is touched).
 
     Returns:
