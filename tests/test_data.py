@@ -562,8 +562,8 @@ def test_binarized_mnist_download_checks_each_file_before_saving_it(
     )
     ds._binarized_mnist_download(tmp_path)
     assert asked == [ds._AMAT_URL + name for name in served]
-    for name, data in served.items():
-        assert (tmp_path / "BinarizedMNIST" / name).read_bytes() == data
+    for name, content in served.items():
+        assert (tmp_path / "BinarizedMNIST" / name).read_bytes() == content
     # A file that is not the original: refused, and nothing is saved.
     other = tmp_path / "other"
     served["binarized_mnist_train.amat"] = b"changed\n"

@@ -363,3 +363,34 @@ def test_an_interrupted_full_evaluation_is_resumed_not_grown(short_run, tmp_path
     seen = _count_batches(monkeypatch)
     result = ev.evaluate_run(run, **args)
     assert sum(seen) == 20 and "extended_from" not in result
+
+
+def test_a_model_trained_with_the_chain_rule_scores_like_a_rebuilt_one() -> None:
+    """Training turns ``kl_chain_rule`` on for free bits with a mixture prior; scoring the
+    same model object afterwards gives the fields and numbers of a freshly built one (no
+    chain-rule per-dimension KL), and leaves the flag as it was."""
+    from vaeflow.config import ModelConfig, from_dict
+    from vaeflow.models.build import build_model
+    from vaeflow.run.evaluate import _score_fields, score_examples
+
+    spec = {
+        "x_shape": [1, 4, 4],
+        "latent_dim": 4,
+        "encoder": {"name": "mlp", "options": {"hidden": [8]}},
+        "decoder": {"name": "mlp", "options": {"hidden": [8]}},
+        "prior": {"name": "mog", "options": {"num_components": 3}},
+    }
+    torch.manual_seed(0)
+    model = build_model(from_dict(ModelConfig, spec))
+    x = (torch.rand(6, 1, 4, 4) < 0.5).float()
+    torch.manual_seed(1)
+    plain, _ = score_examples(model, x, k=4, chunk=2, batch_size=3)
+    model.kl_chain_rule = True
+    assert model(x, k=1).kl_dims is not None  # on: training's per-group terms
+    assert _score_fields(model, x) == set(plain)
+    torch.manual_seed(1)
+    scored, _ = score_examples(model, x, k=4, chunk=2, batch_size=3)
+    assert set(scored) == set(plain) and "kl_dims" not in scored
+    for name in plain:
+        torch.testing.assert_close(scored[name], plain[name])
+    assert model.kl_chain_rule

@@ -223,10 +223,16 @@ def test_a_mixture_top_prior_splits_by_the_chain_rule(posterior):
     with torch.no_grad():
         perturb(model)
     x = torch.randn(6, N_X)
-    assert model(x, k=3).kl_dims is None and not model.kl_splits_over_dimensions
+    torch.manual_seed(3)
+    off = model(x, k=3)
+    assert off.kl_dims is None and not model.kl_splits_over_dimensions
     model.kl_chain_rule = True
     assert model.kl_splits_over_dimensions
+    torch.manual_seed(3)
     terms = model(x, k=3)
+    # The same samples: the chain terms add up to the prior's own log-density.
+    torch.testing.assert_close(terms.log_pz, off.log_pz)
+    torch.testing.assert_close(terms.layer_kl[1], off.layer_kl[1])
     d1 = model.latent_dims[0]
     assert torch.allclose(terms.kl_dims[..., :d1].sum(-1), terms.layer_kl[0], atol=1e-5)
     assert torch.allclose(terms.kl_dims[..., d1:].sum(-1), terms.layer_kl[1], atol=1e-5)

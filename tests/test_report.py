@@ -1072,10 +1072,10 @@ def test_a_table_mixing_free_bits_rules_is_refused(tmp_path: Path) -> None:
     records = collect([tmp_path / "a"])
     with pytest.raises(ValueError, match=r"different free-bits rules.*free_bits_group_size"):
         group(records, by=["model.posterior.flow"])
-    with pytest.raises(ValueError, match="different free-bits rules"):
-        group(records)  # the default --by is no licence either
     shown = group(records, by=["model.posterior.flow", "train.free_bits_group_size"])
     assert len(shown) == 2
+    # The default --by makes every varying key a column, the rule's included.
+    assert "train.free_bits_group_size" in group(records)[0]["by"]
     # The same rule for both: a table.
     iaf["train"]["free_bits_group_size"] = 1
     _write_run(tmp_path / "b", "diag", diag, 85.0)
@@ -1087,3 +1087,14 @@ def test_a_table_mixing_free_bits_rules_is_refused(tmp_path: Path) -> None:
     _write_run(tmp_path / "c", "iaf", iaf, 84.0)
     with pytest.raises(ValueError, match=r"\['train.free_bits'\]"):
         group(collect([tmp_path / "c"]), by=["model.posterior.flow"])
+
+
+def test_one_group_of_the_whole_latent_is_one_rule_across_latent_sizes(tmp_path: Path) -> None:
+    """A latent-size sweep with one free-bits group per run (the whole latent) trains every
+    row on the same rule: not refused."""
+    for latent in (16, 32):
+        cfg = _config("iaf", 0, latent=latent)
+        cfg["train"]["free_bits"] = 0.25
+        cfg["train"]["free_bits_group_size"] = latent
+        _write_run(tmp_path, f"z{latent}", cfg, 85.0)
+    assert len(group(collect([tmp_path]), by=["model.latent_dim"])) == 2

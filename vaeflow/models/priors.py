@@ -424,10 +424,15 @@ def _mixture_log_prob_chain(
         log_weights: ``(C,)`` normalised log mixture weights.
 
     Returns:
-        ``(*lead, D)`` in ``z``'s dtype; the sum over ``D`` is the mixture's ``log p(z)``.
+        ``(*lead, D)`` in ``z``'s dtype (computed in at least float32); the sum over ``D``
+        is the mixture's ``log p(z)``.
     """
     lead, d = z.shape[:-1], z.shape[-1]
-    rows = z.reshape(-1, d)
+    # At least float32: the terms are differences of running sums (bf16 under autocast
+    # would lose whole nats).
+    wide = torch.promote_types(z.dtype, torch.float32)
+    rows = z.reshape(-1, d).to(wide)
+    loc, log_scale, log_weights = loc.to(wide), log_scale.to(wide), log_weights.to(wide)
     # A (rows, C, D) intermediate: cost C * D per row, like the broadcast log-density; in
     # row blocks so that memory stays bounded.
     block = max(1, MIXTURE_BLOCK_ELEMENTS // max(1, loc.numel()))
@@ -437,7 +442,7 @@ def _mixture_log_prob_chain(
         marginal = torch.logsumexp(comp.cumsum(-1) + log_weights.unsqueeze(-1), dim=-2)
         out.append(torch.diff(marginal, dim=-1, prepend=marginal.new_zeros(len(r), 1)))
     chain = out[0] if len(out) == 1 else torch.cat(out)
-    return chain.reshape(*lead, d)
+    return chain.reshape(*lead, d).to(z.dtype)
 
 
 def _sample_mixture(

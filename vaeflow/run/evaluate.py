@@ -18,7 +18,8 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -207,20 +208,21 @@ def score_examples(
         )
     t0 = last_save = time.perf_counter()
     n_done = start
-    for xb in eval_batches(x[start:], batch_size):
-        ll = model.log_likelihood(xb, k=k, chunk=chunk, compile=compile)
-        for name in _PER_EXAMPLE:
-            parts[name].append(getattr(ll, name))
-        terms = model(xb, k=8)
-        if terms.kl_dims is not None:
-            parts["kl_dims"].append(terms.kl_dims.double().mean(0))
-        if terms.layer_kl is not None:  # a hierarchy: (L, B) per-layer KL
-            parts["layer_kl"].append(torch.stack([t.double().mean(0) for t in terms.layer_kl]))
-        n_done += xb.shape[0]
-        if partial is not None and time.perf_counter() - last_save >= PARTIAL_EVERY_S:
-            seconds = seconds_before + time.perf_counter() - t0
-            _save_partial(partial, key, parts, n_done, seconds, x.device)
-            last_save = time.perf_counter()
+    with _factorised_prior_terms(model):
+        for xb in eval_batches(x[start:], batch_size):
+            ll = model.log_likelihood(xb, k=k, chunk=chunk, compile=compile)
+            for name in _PER_EXAMPLE:
+                parts[name].append(getattr(ll, name))
+            terms = model(xb, k=8)
+            if terms.kl_dims is not None:
+                parts["kl_dims"].append(terms.kl_dims.double().mean(0))
+            if terms.layer_kl is not None:  # a hierarchy: (L, B) per-layer KL
+                parts["layer_kl"].append(torch.stack([t.double().mean(0) for t in terms.layer_kl]))
+            n_done += xb.shape[0]
+            if partial is not None and time.perf_counter() - last_save >= PARTIAL_EVERY_S:
+                seconds = seconds_before + time.perf_counter() - t0
+                _save_partial(partial, key, parts, n_done, seconds, x.device)
+                last_save = time.perf_counter()
     seconds = seconds_before + time.perf_counter() - t0
     per_example = {
         name: torch.cat(values, 1 if name == "layer_kl" else 0).double().cpu()
@@ -230,6 +232,21 @@ def score_examples(
     if "layer_kl" in per_example:  # (L, N) -> (N, L): every field is per example on dim 0
         per_example["layer_kl"] = per_example["layer_kl"].T.contiguous()
     return per_example, seconds
+
+
+@contextmanager
+def _factorised_prior_terms(model: VAE) -> Iterator[None]:
+    """Score with the prior's factorised per-dimension terms only: a model that training
+    set to the chain rule (``kl_chain_rule``, free bits with a mixture prior) scores the
+    same fields as the model rebuilt from its checkpoint (and skips the chain's cost)."""
+    before = getattr(model, "kl_chain_rule", False)
+    if before:
+        model.kl_chain_rule = False
+    try:
+        yield
+    finally:
+        if before:
+            model.kl_chain_rule = before
 
 
 def metrics_from_scores(
@@ -595,7 +612,8 @@ def _score_fields(model: VAE, x: Tensor) -> set[str]:
     pass of one image, the random state put back as it was)."""
     state = _rng_state(x.device)
     try:
-        terms = model(x[:1], k=1)
+        with _factorised_prior_terms(model):
+            terms = model(x[:1], k=1)
     finally:
         _set_rng_state(state, x.device)
     fields = set(_PER_EXAMPLE)
