@@ -305,24 +305,31 @@ def test_a_chunk_of_zero_weights_does_not_poison_the_estimate(float64):
     assert res.log_px[2] == -math.inf
 
 
+#: A tiny MLP VAE on 4x4 images (latent 6) for the free-bits tests.
+_TINY_SPEC = {
+    "x_shape": [1, 4, 4],
+    "latent_dim": 6,
+    "encoder": {"name": "mlp", "options": {"hidden": [8]}},
+    "decoder": {"name": "mlp", "options": {"hidden": [8]}},
+}
+
+
+def _build(spec: dict):
+    """The model of ``spec`` with the weights seed 0 draws (the same for every spec)."""
+    from vaeflow.config import ModelConfig, from_dict
+    from vaeflow.models.build import build_model
+
+    torch.manual_seed(0)
+    return build_model(from_dict(ModelConfig, spec))
+
+
 def test_free_bits_floors_are_the_same_for_gaussian_and_identity_iaf():
     """An IAF posterior at its identity init is the Gaussian: the same per-dimension KL
     terms, so the same free-bits floors bind on the same dimensions (Kingma et al. 2016
     group every posterior alike)."""
-    from vaeflow.config import ModelConfig, from_dict
-    from vaeflow.models.build import build_model
-
-    spec = {
-        "x_shape": [1, 4, 4],
-        "latent_dim": 6,
-        "encoder": {"name": "mlp", "options": {"hidden": [8]}},
-        "decoder": {"name": "mlp", "options": {"hidden": [8]}},
-    }
-    torch.manual_seed(0)
-    gauss = build_model(from_dict(ModelConfig, spec))
-    flow_spec = {**spec, "posterior": {"flow": "iaf", "num_layers": 2, "hidden": 8}}
-    torch.manual_seed(0)
-    iaf = build_model(from_dict(ModelConfig, flow_spec))
+    spec = dict(_TINY_SPEC)
+    gauss = _build(spec)
+    iaf = _build({**spec, "posterior": {"flow": "iaf", "num_layers": 2, "hidden": 8}})
     # Same encoder, decoder and Gaussian head weights; the IAF is the identity at init.
     iaf.encoder.load_state_dict(gauss.encoder.state_dict())
     iaf.decoder.load_state_dict(gauss.decoder.state_dict())
@@ -416,20 +423,9 @@ def test_free_bits_with_a_mixture_prior_measure_each_group_against_its_condition
     """With ``kl_chain_rule`` a mixture prior's per-dimension KL terms are ``log q(z_d) -
     log p(z_d | z_<d)``: they add up to the KL, and a mixture whose components all equal
     N(0, I) gives exactly N(0, I)'s terms and free-bits floors."""
-    from vaeflow.config import ModelConfig, from_dict
-    from vaeflow.models.build import build_model
-
-    spec = {
-        "x_shape": [1, 4, 4],
-        "latent_dim": 6,
-        "encoder": {"name": "mlp", "options": {"hidden": [8]}},
-        "decoder": {"name": "mlp", "options": {"hidden": [8]}},
-    }
-    torch.manual_seed(0)
-    gauss = build_model(from_dict(ModelConfig, spec))
-    mixture_spec = {**spec, "prior": {"name": "mog", "options": {"num_components": 3}}}
-    torch.manual_seed(0)
-    mog = build_model(from_dict(ModelConfig, mixture_spec))
+    spec = dict(_TINY_SPEC)
+    gauss = _build(spec)
+    mog = _build({**spec, "prior": {"name": "mog", "options": {"num_components": 3}}})
     mog.load_state_dict(gauss.state_dict(), strict=False)  # all but the prior
     x = (torch.rand(5, 1, 4, 4) < 0.5).float()
     torch.manual_seed(1)

@@ -123,24 +123,30 @@ def test_burda_follows_the_authors_code(name: str) -> None:
     assert cfg.eval.checkpoint == "last"
 
 
+def _static_mnist_schedule(experiment: str, early_stopping: int):
+    """``experiment``'s config.toml, checked for what the Sylvester and VampPrior codes
+    share: Larochelle's static MNIST as given, batch 100, KL warm-up over 100 epochs,
+    validation every epoch, early stopping after ``early_stopping - 1`` epochs without
+    improvement counted only after the warm-up, at most 2000 epochs."""
+    cfg = load_config(EXPERIMENTS / experiment / "config.toml")
+    t, d = cfg.train, cfg.data
+    assert (d.dataset, d.binarization, d.batch_size) == ("binarized_mnist", "given", 100)
+    per_epoch = 50000 // d.batch_size
+    assert (t.kl_warmup_steps, t.val_every) == (100 * per_epoch, per_epoch)
+    assert (t.early_stopping, t.early_stopping_delay) == (early_stopping, t.kl_warmup_steps)
+    assert t.steps == 2000 * per_epoch
+    return cfg
+
+
 def test_sylvester_follows_the_authors_code() -> None:
     """riannevdberg/sylvester-flows (main_experiment.py): Larochelle's static MNIST as
     given, Adamax lr 5e-4 with eps 1e-7, batch 100, no clipping, KL warm-up over 100
     epochs, early stopping after more than 100 epochs without improvement counted only
     after the warm-up, at most 2000 epochs, k = 5000 at test time."""
-    cfg = load_config(EXPERIMENTS / "vandenberg2018_sylvester" / "config.toml")
+    cfg = _static_mnist_schedule("vandenberg2018_sylvester", early_stopping=101)
     t = cfg.train
-    assert (cfg.data.dataset, cfg.data.binarization, cfg.data.batch_size) == (
-        "binarized_mnist",
-        "given",
-        100,
-    )
     assert (t.optimizer, t.lr, t.eps, t.clip_norm) == ("adamax", 5e-4, 1e-7, None)
-    per_epoch = 50000 // cfg.data.batch_size
-    assert t.kl_warmup_steps == 100 * per_epoch
-    assert (t.early_stopping, t.val_every) == (101, per_epoch)
-    assert t.early_stopping_delay == t.kl_warmup_steps
-    assert t.steps == 2000 * per_epoch and cfg.eval.k == 5000
+    assert cfg.eval.k == 5000
 
 
 def test_flow_priors_follow_the_vampprior_code() -> None:
@@ -148,19 +154,9 @@ def test_flow_priors_follow_the_vampprior_code() -> None:
     clipping, KL warm-up over 100 epochs, early stopping after more than 50 epochs
     without improvement counted from the end of the warm-up, at most 2000 epochs, the
     best-validation model tested with k = 5000; a sweep's seeds also vary the batch order."""
-    cfg = load_config(EXPERIMENTS / "flow_priors" / "config.toml")
+    cfg = _static_mnist_schedule("flow_priors", early_stopping=51)
     t = cfg.train
-    assert (cfg.data.dataset, cfg.data.binarization, cfg.data.batch_size) == (
-        "binarized_mnist",
-        "given",
-        100,
-    )
-    assert (t.optimizer, t.lr, t.clip_norm) == ("adam_normgrad", 5e-4, None)
-    per_epoch = 50000 // cfg.data.batch_size
-    assert t.kl_warmup_steps == 100 * per_epoch
-    assert (t.early_stopping, t.val_every, t.val_k) == (51, per_epoch, 1)
-    assert t.early_stopping_delay == t.kl_warmup_steps
-    assert t.steps == 2000 * per_epoch
+    assert (t.optimizer, t.lr, t.clip_norm, t.val_k) == ("adam_normgrad", 5e-4, None, 1)
     # "auto" is best.pt when there is a validation split (Larochelle's valid file here).
     assert (cfg.eval.k, cfg.eval.checkpoint, cfg.data.val_size != 0) == (5000, "auto", True)
     points = sw.expand(EXPERIMENTS / "flow_priors" / "seeds.toml", validate=False)
