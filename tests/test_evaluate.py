@@ -89,6 +89,10 @@ def test_an_interrupted_evaluation_resumes_to_the_same_numbers(
     shutil.copytree(short_run, whole)
     reference = ev.evaluate_run(whole, **args)
     assert reference["test/n_examples"] == 60 and not list(whole.glob("eval_partial.*"))
+    # Each save says how far it got and how long the rest takes at this rate.
+    progress = [line for line in capsys.readouterr().out.splitlines() if "min left" in line]
+    assert progress[0].startswith("evaluation: 10 of 60 test examples scored (")
+    assert progress[-1].startswith("evaluation: 60 of 60") and "about 0 min left" in progress[-1]
 
     run = tmp_path / "interrupted"
     shutil.copytree(short_run, run)

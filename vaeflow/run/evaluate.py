@@ -223,6 +223,7 @@ def score_examples(
                 seconds = seconds_before + time.perf_counter() - t0
                 _save_partial(partial, key, parts, n_done, seconds, x.device)
                 last_save = time.perf_counter()
+                print(_progress(n_done, len(x), start, time.perf_counter() - t0), flush=True)
     seconds = seconds_before + time.perf_counter() - t0
     per_example = {
         name: torch.cat(values, 1 if name == "layer_kl" else 0).double().cpu()
@@ -232,6 +233,17 @@ def score_examples(
     if "layer_kl" in per_example:  # (L, N) -> (N, L): every field is per example on dim 0
         per_example["layer_kl"] = per_example["layer_kl"].T.contiguous()
     return per_example, seconds
+
+
+def _progress(n_done: int, total: int, start: int, seconds: float) -> str:
+    """A progress line for long evaluations (hours on a CPU): how far, the rate of this
+    process, and the time left at that rate."""
+    rate = seconds / max(1, n_done - start)
+    left = (total - n_done) * rate
+    return (
+        f"evaluation: {n_done} of {total} test examples scored ({rate:.2f} s each here; "
+        f"about {left / 60:.0f} min left); saved, resumable"
+    )
 
 
 @contextmanager
