@@ -45,6 +45,22 @@ def test_paired_difference_known_answer(tmp_path: Path) -> None:
     assert d["neg_elbo_diff_nats"] == pytest.approx(-2.5)  # a's -ELBO 90 vs b's 92.5
 
 
+def test_a_table_of_runs_against_a_reference(tmp_path: Path, capsys) -> None:
+    """`vaeflow compare REF A B`: one row per run, each paired with the reference."""
+    ref = _write(tmp_path / "ref", [-80.0, -80.0, -80.0, -80.0], [-91.0, -92.0, -93.0, -94.0])
+    a = _write(tmp_path / "a", [-81.0, -82.0, -83.0, -86.0], [-90.0, -90.0, -90.0, -90.0])
+    b = _write(tmp_path / "b", [-79.0, -79.0, -79.0, -79.0], [-91.0, -92.0, -93.0, -94.0])
+    assert cli_main(["compare", str(ref), str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    se = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64).std().item() / 2
+    assert f"| {a} | 83.00 | +3.00 ± {se:.2f} | -2.50 ± " in out
+    assert f"| {b} | 79.00 | -1.00 ± 0.00 | +0.00 ± 0.00 |" in out
+    assert "reference: " + str(ref) + " (NLL 80.00 nats, k = 5000, 4 test images)" in out
+    other = _write(tmp_path / "c", [-1.0, -2.0], [-3.0, -3.0], indices=[0, 5])
+    assert cli_main(["compare", str(ref), str(a), str(other)]) == 2
+    assert "different test images" in capsys.readouterr().err
+
+
 def test_runs_that_cannot_be_paired_are_refused(tmp_path: Path) -> None:
     a = _write(tmp_path / "a", [-1.0, -2.0], [-3.0, -3.0])
     cases = {

@@ -115,8 +115,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .run.compare import paired_difference
+    from .run.compare import paired_difference, paired_table
 
+    if args.more:
+        print(paired_table(args.run_a, [args.run_b, *args.more]))
+        return 0
     d = paired_difference(args.run_a, args.run_b)
     print(f"A: {args.run_a}\nB: {args.run_b}")
     print(f"NLL (k = {d['k_a']}): A {d['nll_a_nats']:.3f}, B {d['nll_b_nats']:.3f} nats")
@@ -218,10 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     c = sub.add_parser(
-        "compare", help="paired NLL / -ELBO difference of two evaluated runs, image by image"
+        "compare",
+        help="paired NLL / -ELBO difference of two evaluated runs, image by image; with "
+        "more runs, a markdown table of each against the first",
     )
-    c.add_argument("run_a")
+    c.add_argument("run_a", help="the reference when more than two runs are given")
     c.add_argument("run_b")
+    c.add_argument("more", nargs="*", help="further runs, each compared with run_a")
     c.set_defaults(func=_compare)
 
     s = sub.add_parser("sample", help="write a grid of prior samples")

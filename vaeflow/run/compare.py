@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .evaluate import TEST_SCORES
 
-__all__ = ["ComparisonError", "paired_difference"]
+__all__ = ["ComparisonError", "paired_difference", "paired_table"]
 
 
 class ComparisonError(ValueError):
@@ -86,3 +86,38 @@ def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
         "neg_elbo_diff_nats": elbo,
         "neg_elbo_diff_stderr_nats": elbo_se,
     }
+
+
+def paired_table(reference: str | Path, others: list[str | Path]) -> str:
+    """A markdown table of every run in ``others`` against ``reference``, paired image by
+    image (:func:`paired_difference`): the run's NLL and -ELBO and their differences from
+    the reference's, each ± the standard error of the per-image differences.
+
+    Raises what :func:`paired_difference` raises for the first run that cannot be paired.
+    """
+    rows = [paired_difference(run, reference) for run in others]
+    first = rows[0]
+
+    def pm(value: float, se: float | None) -> str:
+        return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    lines = [
+        f"reference: {reference} (NLL {first['nll_b_nats']:.2f} nats, k = {first['k_b']}, "
+        f"{first['n']} test images)",
+        "",
+        "| run | NLL (nats) | NLL - reference | -ELBO - reference |",
+        "|---|---:|---:|---:|",
+    ]
+    for run, d in zip(others, rows, strict=True):
+        lines.append(
+            f"| {run} | {d['nll_a_nats']:.2f} | "
+            f"{pm(d['nll_diff_nats'], d['nll_diff_stderr_nats'])} | "
+            f"{pm(d['neg_elbo_diff_nats'], d['neg_elbo_diff_stderr_nats'])} |"
+        )
+    lines += [
+        "",
+        "Differences are paired over the test images both runs scored (negative: better than "
+        "the reference); ± is the standard error of the per-image differences, test-set "
+        "sampling only, not seed-to-seed variation.",
+    ]
+    return "\n".join(lines)
