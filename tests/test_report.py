@@ -1098,3 +1098,33 @@ def test_one_group_of_the_whole_latent_is_one_rule_across_latent_sizes(tmp_path:
         cfg["train"]["free_bits_group_size"] = latent
         _write_run(tmp_path, f"z{latent}", cfg, 85.0)
     assert len(group(collect([tmp_path]), by=["model.latent_dim"])) == 2
+
+
+COMMITTED_REPORTS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "results").rglob("results.json")
+    if "groups" in json.loads(p.read_text())
+)
+
+
+@pytest.mark.parametrize("path", COMMITTED_REPORTS, ids=lambda p: p.parent.name)
+def test_committed_tables_are_their_data(path: Path) -> None:
+    """Every committed results.md is exactly the table its results.json gives: no table
+    in results/ is edited apart from the numbers it reports."""
+    from vaeflow.tools.report import markdown_from_json
+
+    assert (path.parent / "results.md").read_text() == markdown_from_json(path), (
+        f"{path.parent}/results.md differs from its results.json: redraw it with "
+        f"`vaeflow report {path} -o {path.parent}`"
+    )
+
+
+def test_the_seed_note_only_where_a_row_has_seeds(tmp_path: Path) -> None:
+    """What a seed varies is said under a table with a spread over seeds, not under one
+    seed per row."""
+    for seed in (0, 1):
+        _write_run(tmp_path / "two", f"iaf_s{seed}", _config("iaf", seed), 85.0 + seed)
+    _write_run(tmp_path / "one", "iaf_s0", _config("iaf", 0), 85.0)
+    note = "A seed sets train.seed"
+    assert note in to_markdown(group(collect([tmp_path / "two"]))).replace("\n", " ")
+    assert note not in to_markdown(group(collect([tmp_path / "one"]))).replace("\n", " ")

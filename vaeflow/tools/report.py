@@ -57,6 +57,7 @@ __all__ = [
     "group",
     "heatmap_figure",
     "learning_curves_figure",
+    "markdown_from_json",
     "load_labels",
     "make_figures",
     "metric_label",
@@ -775,12 +776,15 @@ def to_markdown(
         # The reader's names are for reading; the keys are what a config sets.
         columns = ", ".join(f"{labeller.name(k)} = `{k}`" for k in keys)
         lines += ["", f"Columns: {columns}."]
-    lines += [
-        "",
-        "Cells: mean ± std over seeds (n); std uses n-1. A seed sets train.seed and, in "
-        "vaeflow sweeps, data.batch_seed: initial weights, posterior noise, batch order and "
-        "dynamic binarisation draws vary; validation and test data do not.",
-    ]
+    cells = "Cells: mean ± std over seeds (n); std uses n-1."
+    if any(g["n_seeds"] > 1 for g in groups):
+        # What the spread covers matters only where there is one.
+        cells += (
+            " A seed sets train.seed and, in vaeflow sweeps, data.batch_seed: initial "
+            "weights, posterior noise, batch order and dynamic binarisation draws vary; "
+            "validation and test data do not."
+        )
+    lines += ["", cells]
     protocols = []
     for g in groups:
         # A key a summary does not have (older ones, or binarization on 8-bit data) is left
@@ -1848,6 +1852,25 @@ def write_report(
     return written
 
 
+def markdown_from_json(results_json: str | os.PathLike[str]) -> str:
+    """The ``results.md`` table that ``results_json`` (written by :func:`write_report`)
+    gives with its stored labels: what a redraw writes, and what the committed table must
+    be (so a table is never edited apart from its data)."""
+    data = _read_json(Path(results_json))
+    return _markdown_from_data(data, (data.get("figures") or {}).get("labels"))
+
+
+def _markdown_from_data(data: dict[str, Any], labels: Any) -> str:
+    not_evaluated = [r["run_dir"] for r in data["records"] if r.get("status") != "evaluated"]
+    for g in data["groups"]:
+        for m in g["metrics"].values():
+            if m.get("mean") is None:  # results.json writes a non-finite mean as null
+                m["mean"] = math.nan
+    return to_markdown(
+        data["groups"], data.get("metrics"), not_evaluated=not_evaluated, labels=labels
+    )
+
+
 def render_figures_from_json(
     results_json: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
@@ -1873,14 +1896,7 @@ def render_figures_from_json(
     data = _read_json(src)
     stored = data.get("figures") or {}
     label_map = _labels_arg(labels) if labels is not None else stored.get("labels")
-    not_evaluated = [r["run_dir"] for r in data["records"] if r.get("status") != "evaluated"]
-    for g in data["groups"]:
-        for m in g["metrics"].values():
-            if m.get("mean") is None:
-                m["mean"] = math.nan
-    markdown = to_markdown(
-        data["groups"], data.get("metrics"), not_evaluated=not_evaluated, labels=label_map
-    )
+    markdown = _markdown_from_data(data, label_map)
     out = Path(out_dir) if out_dir is not None else src.parent
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(
