@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from vaeflow.tools.report import (
     add_report_parser,
@@ -1128,3 +1129,71 @@ def test_the_seed_note_only_where_a_row_has_seeds(tmp_path: Path) -> None:
     note = "A seed sets train.seed"
     assert note in to_markdown(group(collect([tmp_path / "two"]))).replace("\n", " ")
     assert note not in to_markdown(group(collect([tmp_path / "one"]))).replace("\n", " ")
+
+
+def _scores(run: Path, log_px: list[float], elbo: list[float]) -> None:
+    """The per-image scores `vaeflow eval` keeps (test_scores.pt) for a fake run."""
+    from vaeflow.run.checkpoint import save_checkpoint
+    from vaeflow.run.evaluate import TEST_SCORES
+
+    save_checkpoint(
+        run / TEST_SCORES,
+        {
+            "evaluation": {"k": 5000, "test_examples": "4 images"},
+            "dataset": "mnist",
+            "indices": torch.arange(4),
+            "log_px": torch.tensor(log_px, dtype=torch.float64),
+            "elbo": torch.tensor(elbo, dtype=torch.float64),
+        },
+    )
+
+
+def test_paired_columns_against_a_reference_row(tmp_path: Path) -> None:
+    """--paired-against: each row's per-image NLL / -ELBO (mean over its seeds) minus the
+    reference row's, ± the standard error of the per-image differences; the reference row
+    says so; a row without per-image scores gets '—' and the reason; the table is
+    reproduced from results.json; a selector that picks no row is refused."""
+    from vaeflow.tools.report import markdown_from_json
+
+    ref = _write_run(tmp_path, "none_s0", _config("none", 0), 80.0)
+    _scores(ref, [-80.0] * 4, [-91.0, -92.0, -93.0, -94.0])
+    iaf = _write_run(tmp_path, "iaf_s0", _config("iaf", 0), 83.0)
+    _scores(iaf, [-81.0, -82.0, -83.0, -86.0], [-90.0] * 4)
+    for seed, shift in ((0, 0.0), (1, 2.0)):  # two seeds: per image their mean, -79 - 1
+        maf = _write_run(tmp_path, f"maf_s{seed}", _config("maf", seed), 79.0)
+        _scores(maf, [-78.0 - shift] * 4, [-91.0, -92.0, -93.0, -94.0])
+    _write_run(tmp_path, "planar_s0", _config("planar", 0), 82.0)  # never scored per image
+    out = tmp_path / "report"
+    write_report(
+        [tmp_path],
+        out,
+        by=["model.posterior.flow"],
+        paired_against={"model.posterior.flow": "none"},
+    )
+    table = (out / "results.md").read_text()
+    se = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64).std().item() / 2
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    se_elbo = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).std().item() / 2
+    assert rows["IAF"].endswith(f"| +3.00 ± {se:.2f} | -2.50 ± {se_elbo:.2f} |")
+    assert rows["MAF"].endswith("| -1.00 ± 0.00 | +0.00 ± 0.00 |")
+    assert rows["diagonal Gaussian"].endswith("| reference | reference |")
+    assert rows["planar"].endswith("| — | — |")
+    assert "- not paired: " in table and "test_scores.pt does not exist" in table
+    assert "over the 4 test images every run scored" in table
+    assert markdown_from_json(out / "results.json") == table
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    cli = ["report", str(tmp_path), "-o", str(tmp_path / "cli"), "--by", "model.posterior.flow"]
+    args = parser.parse_args([*cli, "--paired-against", "model.posterior.flow=none"])
+    assert args.func(args) == 0
+    assert (tmp_path / "cli" / "results.md").read_text() == table
+    bad = parser.parse_args([*cli, "--paired-against", "model.posterior.flow"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bad.func(bad)
+    with pytest.raises(ValueError, match="selects 0 rows"):
+        write_report(
+            [tmp_path],
+            tmp_path / "r2",
+            by=["model.posterior.flow"],
+            paired_against={"model.posterior.flow": "nsf"},
+        )

@@ -12,5 +12,6 @@ exec bash "$here/../_run_sweep.sh" rezende2015_planar "${1:-full}" \
   "experiments/rezende2015_planar/sweep.toml" "experiments/rezende2015_planar/reduced.toml" \
   --bound-reference "DLGM, diagonal (paper, secondary source): 89.9" \
   --bound-reference "DLGM + NF, K = 80 (paper, secondary source): 85.1" \
+  --paired-against model.posterior.flow=none \
   --by model.posterior.flow model.posterior.num_layers \
   --metrics test/elbo_nats 'test/nll_iw\d+_nats' test/kl_nats test/recon_nats test/active_units

@@ -13,5 +13,6 @@ exec bash "$here/../_run_sweep.sh" vandenberg2018_sylvester/static_mnist "${1:-f
   "experiments/vandenberg2018_sylvester/sweep.toml" "experiments/vandenberg2018_sylvester/reduced.toml" \
   --bound-reference "no flow (paper, via FFJORD Table 3): 86.55" \
   --bound-reference "best Sylvester flow (paper, via FFJORD Table 3): 83.32" \
+  --paired-against model.posterior.flow=none \
   --by model.posterior.flow \
   --metrics test/elbo_nats 'test/nll_iw\d+_nats' test/kl_nats test/recon_nats test/active_units

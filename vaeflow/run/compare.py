@@ -12,6 +12,7 @@ training is a separate (usually larger) source, measured by training more seeds.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .evaluate import TEST_SCORES
 
-__all__ = ["ComparisonError", "paired_difference", "paired_table"]
+__all__ = ["ComparisonError", "paired_difference", "paired_group_difference", "paired_table"]
 
 
 class ComparisonError(ValueError):
@@ -37,6 +38,76 @@ def _scores(run_dir: Path) -> dict[str, Any]:
     return load_checkpoint(path)
 
 
+def _paired_scores(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    return [_scores(Path(r)) for r in runs]
+
+
+def _check_pairable(scores: Sequence[dict[str, Any]]) -> None:
+    """Every run scored the same dataset, the same test images, with the same k."""
+    first = scores[0]
+    for other in scores[1:]:
+        if other["dataset"] != first["dataset"]:
+            raise ComparisonError(
+                f"the runs scored different datasets: {first['dataset']} / {other['dataset']}"
+            )
+        if not torch.equal(other["indices"], first["indices"]):
+            raise ComparisonError(
+                f"the runs scored different test images "
+                f"({first['evaluation']['test_examples']} / "
+                f"{other['evaluation']['test_examples']}); evaluate both with the same "
+                "--n-test"
+            )
+        k_a, k_b = first["evaluation"]["k"], other["evaluation"]["k"]
+        if k_a != k_b:
+            raise ComparisonError(
+                f"the runs' NLLs use k = {k_a} / {k_b} importance samples: the estimates' "
+                "own bias differs; evaluate both with the same --k"
+            )
+
+
+def paired_group_difference(
+    runs: Sequence[str | Path], reference: Sequence[str | Path]
+) -> dict[str, Any]:
+    """The paired difference of two rows of a table, each a group of seeds: per test
+    image, the mean over ``runs`` of the NLL (and -ELBO) minus the mean over
+    ``reference``; then the mean over images and the standard error of the per-image
+    differences (test-set sampling only: the seeds' spread is not in it).
+
+    Returns:
+        ``{"n", "k", "nll_a_nats", "nll_b_nats", "nll_diff_nats", "nll_diff_stderr_nats",
+        "neg_elbo_diff_nats", "neg_elbo_diff_stderr_nats"}``; negative: ``runs`` better.
+
+    Raises:
+        FileNotFoundError: a run has no ``test_scores.pt``.
+        ComparisonError: the runs scored different datasets, images or k.
+    """
+    a, b = _paired_scores(runs), _paired_scores(reference)
+    _check_pairable([*a, *b])
+    n = a[0]["indices"].numel()
+
+    def mean_over(scores: Sequence[dict[str, Any]], field: str) -> torch.Tensor:
+        return -torch.stack([s[field].double() for s in scores]).mean(0)
+
+    def diff(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
+        d = x - y
+        se = (d.std() / math.sqrt(n)).item() if n > 1 else None
+        return d.mean().item(), se
+
+    nll_a, nll_b = mean_over(a, "log_px"), mean_over(b, "log_px")
+    nll, nll_se = diff(nll_a, nll_b)
+    elbo, elbo_se = diff(mean_over(a, "elbo"), mean_over(b, "elbo"))
+    return {
+        "n": n,
+        "k": a[0]["evaluation"]["k"],
+        "nll_a_nats": nll_a.mean().item(),
+        "nll_b_nats": nll_b.mean().item(),
+        "nll_diff_nats": nll,
+        "nll_diff_stderr_nats": nll_se,
+        "neg_elbo_diff_nats": elbo,
+        "neg_elbo_diff_stderr_nats": elbo_se,
+    }
+
+
 def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     """``NLL(a) - NLL(b)`` and ``-ELBO(a) - (-ELBO(b))`` over the test images both scored.
 
@@ -50,42 +121,8 @@ def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
         ComparisonError: the runs scored different datasets or different test images (say,
             another ``--n-test``), or different numbers of importance samples for the NLL.
     """
-    a, b = _scores(Path(run_a)), _scores(Path(run_b))
-    if a["dataset"] != b["dataset"]:
-        raise ComparisonError(
-            f"the runs scored different datasets: {a['dataset']} / {b['dataset']}"
-        )
-    if not torch.equal(a["indices"], b["indices"]):
-        raise ComparisonError(
-            f"the runs scored different test images ({a['evaluation']['test_examples']} / "
-            f"{b['evaluation']['test_examples']}); evaluate both with the same --n-test"
-        )
-    k_a, k_b = a["evaluation"]["k"], b["evaluation"]["k"]
-    if k_a != k_b:
-        raise ComparisonError(
-            f"the runs' NLLs use k = {k_a} / {k_b} importance samples: the estimates' own "
-            "bias differs; evaluate both with the same --k"
-        )
-    n = a["indices"].numel()
-
-    def diff(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
-        d = (x - y).double()
-        se = (d.std() / math.sqrt(n)).item() if n > 1 else None
-        return d.mean().item(), se
-
-    nll, nll_se = diff(-a["log_px"], -b["log_px"])
-    elbo, elbo_se = diff(-a["elbo"], -b["elbo"])
-    return {
-        "n": n,
-        "k_a": k_a,
-        "k_b": k_b,
-        "nll_a_nats": -a["log_px"].mean().item(),
-        "nll_b_nats": -b["log_px"].mean().item(),
-        "nll_diff_nats": nll,
-        "nll_diff_stderr_nats": nll_se,
-        "neg_elbo_diff_nats": elbo,
-        "neg_elbo_diff_stderr_nats": elbo_se,
-    }
+    d = paired_group_difference([run_a], [run_b])
+    return {**d, "k_a": d["k"], "k_b": d["k"]}
 
 
 def paired_table(reference: str | Path, others: list[str | Path]) -> str:

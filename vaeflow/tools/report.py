@@ -722,6 +722,22 @@ def _table_value(labeller: Labeller, key: str, config: Mapping[str, Any]) -> str
     return labeller.value(key, config[key]) if _applies(key, config) else "—"
 
 
+def _paired_cells(paired: Mapping[str, Any] | None) -> list[str]:
+    """The two paired-difference cells of a row (:func:`add_paired_differences`)."""
+    if not paired or "error" in paired:
+        return ["—", "—"]
+    if paired.get("reference"):
+        return ["reference", "reference"]
+
+    def pm(value: float, se: float | None) -> str:
+        return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    return [
+        pm(paired["nll_diff_nats"], paired["nll_diff_stderr_nats"]),
+        pm(paired["neg_elbo_diff_nats"], paired["neg_elbo_diff_stderr_nats"]),
+    ]
+
+
 def to_markdown(
     groups: Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
@@ -752,6 +768,9 @@ def to_markdown(
     mixed = [pk for pk in PROTOCOL_KEYS if len({repr(g["protocol"].get(pk)) for g in groups}) > 1]
     headers = [labeller.name(k) for k in keys] or ["runs"]
     headers += mixed + ["seeds"] + [metric_label(n) for n in names]
+    paired = [g.get("paired") for g in groups if g.get("paired")]
+    if paired:
+        headers += ["NLL − reference, paired (nats)", "−ELBO − reference, paired (nats)"]
     lines = []
     if mixed:
         lines += [
@@ -762,13 +781,18 @@ def to_markdown(
     lines += [
         "| " + " | ".join(headers) + " |",
         "|"
-        + "|".join(["---"] * ((len(keys) or 1) + len(mixed)) + ["---:"] * (1 + len(names)))
+        + "|".join(
+            ["---"] * ((len(keys) or 1) + len(mixed))
+            + ["---:"] * (1 + len(names) + 2 * bool(paired))
+        )
         + "|",
     ]
     for g in groups:
         first = [_table_value(labeller, k, g["config"]) for k in keys] or ["all"]
         protocol = [_fmt_value(g["protocol"].get(pk)) for pk in mixed]
         cells = [_cell(g["metrics"].get(n), n) for n in names]
+        if paired:
+            cells += _paired_cells(g.get("paired"))
         lines.append("| " + " | ".join([*first, *protocol, str(g["n_seeds"]), *cells]) + " |")
     if not groups:
         lines.append("| " + " | ".join(["(no evaluated runs)"] + [""] * (len(headers) - 1)) + " |")
@@ -785,6 +809,17 @@ def to_markdown(
             "validation and test data do not."
         )
     lines += ["", cells]
+    if paired:
+        done = [p for p in paired if "n" in p]
+        n = f" over the {done[0]['n']} test images every run scored" if done else ""
+        lines += [
+            "",
+            f"Paired columns: each row's per-image NLL and -ELBO (mean over its seeds) minus "
+            f"the reference row's ({paired[0]['against']}){n}, ± the standard error of the "
+            "per-image differences: test-set sampling only, not seed-to-seed variation "
+            "(negative: better than the reference).",
+        ]
+        lines += [f"- not paired: {p['error']}" for p in paired if "error" in p]
     protocols = []
     for g in groups:
         # A key a summary does not have (older ones, or binarization on 8-bit data) is left
@@ -1772,6 +1807,7 @@ def write_report(
     log_x: bool = False,
     metrics: Sequence[str] | None = None,
     stored: Sequence[str | os.PathLike[str]] = (),
+    paired_against: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
@@ -1803,6 +1839,10 @@ def write_report(
             ``[(name, value, kind)]`` with kind ``"nll"`` or ``"bound"`` (a reported
             -ELBO), drawn as dashed reference lines.
         log_x: log-scale the learning curves' x axis.
+        paired_against: ``{config key: value as the table prints it}`` selecting one row,
+            the reference: every other row gets its NLL and -ELBO difference from it,
+            paired image by image over the test images all runs scored
+            (:func:`add_paired_differences`).
 
     Returns:
         ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap"}`` -> path,
@@ -1821,6 +1861,8 @@ def write_report(
     # Temps of an interrupted earlier report; only its own files (out may be shared).
     remove_stale_temps(out, final_names={"results.md", "results.json"})
     groups = group(records, by)
+    if paired_against:
+        add_paired_differences(groups, paired_against)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
     written: dict[str, Path] = {}
@@ -1850,6 +1892,52 @@ def write_report(
     )
     written.update(_save_figures(figures, out))
     return written
+
+
+def add_paired_differences(groups: list[dict[str, Any]], reference: Mapping[str, str]) -> None:
+    """Give every group a ``"paired"`` entry: its NLL and -ELBO minus the reference row's,
+    image by image (:func:`vaeflow.run.compare.paired_group_difference`: per-image means
+    over each row's seeds, the standard error of the per-image differences).
+
+    Rows are far better compared this way than by their own standard errors: they share
+    the test images, whose difficulty cancels. The reference group gets
+    ``{"reference": True}``; a group whose runs cannot be paired (no per-image scores
+    here, say a row reported from a stored results.json, or other images or k) gets
+    ``{"error": why}`` and the table shows "—" with the reason below it.
+
+    Raises:
+        ValueError: ``reference`` selects no row or more than one.
+    """
+    from ..run.compare import ComparisonError, paired_group_difference
+
+    def matches(g: Mapping[str, Any]) -> bool:
+        # Case-blind, so that a flow given as "none" finds a config's None too.
+        return all(
+            k in g["config"] and _fmt_value(g["config"][k]).lower() == str(v).lower()
+            for k, v in reference.items()
+        )
+
+    chosen = [g for g in groups if matches(g)]
+    if len(chosen) != 1:
+        rows = "; ".join(
+            ", ".join(f"{k}={_fmt_value(v)}" for k, v in g["config"].items()) for g in groups
+        )
+        raise ValueError(
+            f"--paired-against {dict(reference)} selects {len(chosen)} rows, not one "
+            f"(the rows: {rows})"
+        )
+    (ref,) = chosen
+    label = ", ".join(f"{k}={v}" for k, v in reference.items())
+    for g in groups:
+        if g is ref:
+            g["paired"] = {"reference": True, "against": label}
+            continue
+        try:
+            d = paired_group_difference(g["runs"], ref["runs"])
+        except (FileNotFoundError, ComparisonError) as e:
+            g["paired"] = {"error": str(e).split(";")[0], "against": label}
+            continue
+        g["paired"] = {"against": label, **d}
 
 
 def markdown_from_json(results_json: str | os.PathLike[str]) -> str:
@@ -1980,7 +2068,19 @@ def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
         log_x=args.log_x,
         metrics=args.metrics,
         stored=args.from_report or (),
+        paired_against=_key_values(args.paired_against) if args.paired_against else None,
     )
+
+
+def _key_values(items: Sequence[str]) -> dict[str, str]:
+    """``["key=value", ...]`` -> ``{key: value}``; a malformed item is an error."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--paired-against takes KEY=VALUE items, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -2049,5 +2149,14 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "for several",
     )
     p.add_argument("--log-x", action="store_true", help="log-scale the learning curves' x axis")
+    p.add_argument(
+        "--paired-against",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="the reference row, by config keys and values as the runs' configs hold them "
+        "(e.g. model.posterior.flow=none): two columns give every other "
+        "row's NLL and -ELBO minus the reference's, paired image by image over the test "
+        "images all runs scored (needs the run directories' test_scores.pt)",
+    )
     p.set_defaults(func=_report_command)
     return p
