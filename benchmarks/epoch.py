@@ -170,15 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         batch = cfg.data.batch_size
         steps_per_epoch = n / batch
         timed = cfg
-        if args.batch and args.batch != batch:
-            # Free-bits sub-batches must divide the batch; one sub-batch costs the same.
-            timed = load_config(
-                base,
-                overrides
-                + small
-                + [f"data.batch_size={args.batch}", "train.free_bits_batch_splits=1"],
-            )
         try:
+            if args.batch and args.batch != batch:
+                # Free-bits sub-batches must divide the batch; one sub-batch costs the same.
+                timed = load_config(
+                    base,
+                    overrides
+                    + small
+                    + [f"data.batch_size={args.batch}", "train.free_bits_batch_splits=1"],
+                )
             step, _, params = make_step(timed, device, compile_=False, amp=False)
             seconds = time_fn(step, repeats=args.repeats, warmup=args.warmup, device=device)
         except Exception as e:  # one failing row must not hide the rest

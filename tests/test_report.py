@@ -1197,3 +1197,40 @@ def test_paired_columns_against_a_reference_row(tmp_path: Path) -> None:
             by=["model.posterior.flow"],
             paired_against={"model.posterior.flow": "nsf"},
         )
+
+
+def test_paired_columns_refuse_what_they_cannot_vouch_for(tmp_path: Path) -> None:
+    """A row is not paired ('—', the reason named with the row) when it comes from a
+    stored results.json, when its per-image scores do not average to its reported NLL
+    (evaluated again since), or when a score is not finite; such a table still redraws
+    from its results.json. The reference is matched case-blind."""
+    from vaeflow.tools.report import markdown_from_json
+
+    ref = _write_run(tmp_path / "runs", "none_s0", _config("none", 0), 80.0)
+    _scores(ref, [-80.0] * 4, [-91.0] * 4)
+    stale = _write_run(tmp_path / "runs", "iaf_s0", _config("iaf", 0), 83.0)
+    _scores(stale, [-70.0] * 4, [-90.0] * 4)  # averages 70, not the summary's 83
+    bad = _write_run(tmp_path / "runs", "maf_s0", _config("maf", 0), 79.0)
+    _scores(bad, [-78.0, -78.0, -78.0, -math.inf], [-91.0] * 4)
+    out = tmp_path / "one"
+    write_report([tmp_path / "runs"], out, paired_against={"model.posterior.flow": "NONE"})
+    table = (out / "results.md").read_text()
+    assert "model.posterior.flow=iaf: its per-image scores average 70.0000 nats" in table
+    assert "model.posterior.flow=maf: non-finite per-image scores" in table
+    assert table.count("| — | — |") == 2 and "| reference | reference |" in table
+    assert markdown_from_json(out / "results.json") == table
+    # Reported again from the stored file only: its rows are not re-read from disk.
+    planar = _write_run(tmp_path / "new", "planar_s0", _config("planar", 0), 82.0)
+    _scores(planar, [-82.0] * 4, [-90.0] * 4)
+    again = tmp_path / "two"
+    with pytest.warns(UserWarning, match="supersedes the record stored"):
+        write_report(
+            [tmp_path / "new", tmp_path / "runs" / "none_s0"],
+            again,
+            stored=[out / "results.json"],
+            paired_against={"model.posterior.flow": "none"},
+        )
+    table = (again / "results.md").read_text()
+    assert "reported from a stored results.json" in table
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert rows["planar"].endswith("| +2.00 ± 0.00 | -1.00 ± 0.00 |")

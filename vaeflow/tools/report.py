@@ -36,7 +36,7 @@ import os
 import re
 import statistics
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -724,7 +724,12 @@ def _table_value(labeller: Labeller, key: str, config: Mapping[str, Any]) -> str
 
 def _paired_cells(paired: Mapping[str, Any] | None) -> list[str]:
     """The two paired-difference cells of a row (:func:`add_paired_differences`)."""
-    if not paired or "error" in paired:
+    if (
+        not paired
+        or "error" in paired
+        or paired.get("nll_diff_nats") is None
+        and not paired.get("reference")
+    ):
         return ["—", "—"]
     if paired.get("reference"):
         return ["reference", "reference"]
@@ -819,7 +824,14 @@ def to_markdown(
             "per-image differences: test-set sampling only, not seed-to-seed variation "
             "(negative: better than the reference).",
         ]
-        lines += [f"- not paired: {p['error']}" for p in paired if "error" in p]
+        if any(g["n_seeds"] > 1 for g in groups if g.get("paired")):
+            lines.append(
+                "Rows with several seeds: the paired ± leaves out the seeds' own spread "
+                "(the metric cells' std); it says how well the test images determine the "
+                "gap between these trained models, not between the methods."
+            )
+        reasons = list(dict.fromkeys(p["error"] for p in paired if "error" in p))
+        lines += [f"- not paired: {why}" for why in reasons]
     protocols = []
     for g in groups:
         # A key a summary does not have (older ones, or binarization on 8-bit data) is left
@@ -1839,7 +1851,7 @@ def write_report(
             ``[(name, value, kind)]`` with kind ``"nll"`` or ``"bound"`` (a reported
             -ELBO), drawn as dashed reference lines.
         log_x: log-scale the learning curves' x axis.
-        paired_against: ``{config key: value as the table prints it}`` selecting one row,
+        paired_against: ``{config key: value as the runs' configs hold it}`` selecting one row,
             the reference: every other row gets its NLL and -ELBO difference from it,
             paired image by image over the test images all runs scored
             (:func:`add_paired_differences`).
@@ -1862,7 +1874,8 @@ def write_report(
     remove_stale_temps(out, final_names={"results.md", "results.json"})
     groups = group(records, by)
     if paired_against:
-        add_paired_differences(groups, paired_against)
+        stored_runs = {r["run_dir"] for r in records if r.get("stored_in")}
+        add_paired_differences(groups, paired_against, stored_runs)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
     written: dict[str, Path] = {}
@@ -1894,19 +1907,26 @@ def write_report(
     return written
 
 
-def add_paired_differences(groups: list[dict[str, Any]], reference: Mapping[str, str]) -> None:
+def add_paired_differences(
+    groups: list[dict[str, Any]],
+    reference: Mapping[str, str],
+    stored_runs: Collection[str] = (),
+) -> None:
     """Give every group a ``"paired"`` entry: its NLL and -ELBO minus the reference row's,
     image by image (:func:`vaeflow.run.compare.paired_group_difference`: per-image means
     over each row's seeds, the standard error of the per-image differences).
 
     Rows are far better compared this way than by their own standard errors: they share
     the test images, whose difficulty cancels. The reference group gets
-    ``{"reference": True}``; a group whose runs cannot be paired (no per-image scores
-    here, say a row reported from a stored results.json, or other images or k) gets
-    ``{"error": why}`` and the table shows "—" with the reason below it.
+    ``{"reference": True}``; a group that cannot be paired gets ``{"error": why}`` and the
+    table shows "—" with the reason below it: a run reported from a stored results.json
+    (``stored_runs``: whatever sits at its old path now need not be what was reported),
+    no per-image scores, other images or k, per-image scores whose mean is not the row's
+    NLL (re-evaluated since), or non-finite scores.
 
     Raises:
-        ValueError: ``reference`` selects no row or more than one.
+        ValueError: ``reference`` (config key -> value as the runs' configs hold it,
+            compared as text, case-blind) selects no row or more than one.
     """
     from ..run.compare import ComparisonError, paired_group_difference
 
@@ -1928,16 +1948,59 @@ def add_paired_differences(groups: list[dict[str, Any]], reference: Mapping[str,
         )
     (ref,) = chosen
     label = ", ".join(f"{k}={v}" for k, v in reference.items())
+    ref["paired"] = {"reference": True, "against": label}
+    ref_problem = _unpairable(ref, stored_runs)
     for g in groups:
         if g is ref:
-            g["paired"] = {"reference": True, "against": label}
             continue
-        try:
-            d = paired_group_difference(g["runs"], ref["runs"])
-        except (FileNotFoundError, ComparisonError) as e:
-            g["paired"] = {"error": str(e).split(";")[0], "against": label}
-            continue
-        g["paired"] = {"against": label, **d}
+        row = ", ".join(f"{k}={_fmt_value(v)}" for k, v in g["config"].items())
+        problem = ref_problem and f"the reference row: {ref_problem}"
+        problem = problem or _unpairable(g, stored_runs)
+        d: dict[str, Any] = {}
+        if problem is None:
+            try:
+                d = paired_group_difference(g["runs"], ref["runs"])
+            except (FileNotFoundError, ComparisonError) as e:
+                problem = str(e).split(";")[0]
+        if problem is None:
+            problem = _paired_mismatch(d, g, ref)
+        g["paired"] = {"against": label, **({"error": f"{row}: {problem}"} if problem else d)}
+
+
+def _unpairable(g: Mapping[str, Any], stored_runs: Collection[str]) -> str | None:
+    stored = [r for r in g["runs"] if r in stored_runs]
+    if stored:
+        return (
+            f"reported from a stored results.json ({stored[0]}): its per-image scores are "
+            "not read; give its run directory to pair it"
+        )
+    return None
+
+
+def _paired_mismatch(
+    d: Mapping[str, Any], g: Mapping[str, Any], ref: Mapping[str, Any]
+) -> str | None:
+    """Why a computed paired difference must not be shown, or None: non-finite values, or
+    per-image scores whose mean is not the NLL the row reports (the run was evaluated
+    again since its summary, say)."""
+    values = [d["nll_diff_nats"], d["neg_elbo_diff_nats"]]
+    values += [
+        v for v in (d["nll_diff_stderr_nats"], d["neg_elbo_diff_stderr_nats"]) if v is not None
+    ]
+    if not all(math.isfinite(v) for v in values):
+        return "non-finite per-image scores (an image with log p(x) = -inf or NaN)"
+    for group_, mean in ((g, d["nll_a_nats"]), (ref, d["nll_b_nats"])):
+        reported = [
+            m["mean"]
+            for name, m in group_["metrics"].items()
+            if re.fullmatch(r"test/nll_iw\d+_nats", name)
+        ]
+        if reported and abs(reported[0] - mean) > 1e-6 * max(1.0, abs(mean)):
+            return (
+                f"its per-image scores average {mean:.4f} nats, not the reported NLL "
+                f"{reported[0]:.4f} (evaluated again since?)"
+            )
+    return None
 
 
 def markdown_from_json(results_json: str | os.PathLike[str]) -> str:
