@@ -6,16 +6,18 @@
 # (reduced.toml) behind results/burda2016_iwae/one_layer/.
 # A second argument 'two_layer' does the same for the two-stochastic-layer rows
 # (sweep_two_layer.toml / reduced_two_layer.toml -> results/burda2016_iwae/two_layer[_full]/).
-# See README.md.
+# Reports pair every row with VAE k = 1, image by image (--paired-against). See README.md.
 set -euo pipefail
 here="$(dirname "$0")"
 case "${2:-one_layer}" in
   one_layer)
     exec bash "$here/../_run_sweep.sh" burda2016_iwae/one_layer "${1:-full}" \
-      "experiments/burda2016_iwae/sweep.toml" "experiments/burda2016_iwae/reduced.toml" ;;
+      "experiments/burda2016_iwae/sweep.toml" "experiments/burda2016_iwae/reduced.toml" \
+      --paired-against train.objective=elbo train.k=1 ;;
   two_layer)
     exec bash "$here/../_run_sweep.sh" burda2016_iwae/two_layer "${1:-full}" \
       "experiments/burda2016_iwae/sweep_two_layer.toml" \
-      "experiments/burda2016_iwae/reduced_two_layer.toml" ;;
+      "experiments/burda2016_iwae/reduced_two_layer.toml" \
+      --paired-against train.objective=elbo train.k=1 ;;
   *) echo "usage: run.sh [full|reduced] [one_layer|two_layer]  (got '$2')" >&2; exit 2 ;;
 esac
