@@ -21,7 +21,13 @@ import torch
 from .checkpoint import load_checkpoint
 from .evaluate import TEST_SCORES
 
-__all__ = ["ComparisonError", "paired_difference", "paired_group_difference", "paired_table"]
+__all__ = [
+    "ComparisonError",
+    "format_gap",
+    "paired_difference",
+    "paired_group_difference",
+    "paired_table",
+]
 
 
 class ComparisonError(ValueError):
@@ -125,6 +131,11 @@ def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     return {**d, "k_a": d["k"], "k_b": d["k"]}
 
 
+def format_gap(value: float, se: float | None) -> str:
+    """A paired difference as a table cell: ``+0.70 ± 0.08`` (no ± without a standard error)."""
+    return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
 def paired_table(reference: str | Path, others: list[str | Path]) -> str:
     """A markdown table of every run in ``others`` against ``reference``, paired image by
     image (:func:`paired_difference`): the run's NLL and -ELBO and their differences from
@@ -134,9 +145,6 @@ def paired_table(reference: str | Path, others: list[str | Path]) -> str:
     """
     rows = [paired_difference(run, reference) for run in others]
     first = rows[0]
-
-    def pm(value: float, se: float | None) -> str:
-        return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
     lines = [
         f"reference: {reference} (NLL {first['nll_b_nats']:.2f} nats, k = {first['k_b']}, "
@@ -148,8 +156,8 @@ def paired_table(reference: str | Path, others: list[str | Path]) -> str:
     for run, d in zip(others, rows, strict=True):
         lines.append(
             f"| {run} | {d['nll_a_nats']:.2f} | "
-            f"{pm(d['nll_diff_nats'], d['nll_diff_stderr_nats'])} | "
-            f"{pm(d['neg_elbo_diff_nats'], d['neg_elbo_diff_stderr_nats'])} |"
+            f"{format_gap(d['nll_diff_nats'], d['nll_diff_stderr_nats'])} | "
+            f"{format_gap(d['neg_elbo_diff_nats'], d['neg_elbo_diff_stderr_nats'])} |"
         )
     lines += [
         "",

@@ -734,12 +734,11 @@ def _paired_cells(paired: Mapping[str, Any] | None) -> list[str]:
     if paired.get("reference"):
         return ["reference", "reference"]
 
-    def pm(value: float, se: float | None) -> str:
-        return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+    from ..run.compare import format_gap
 
     return [
-        pm(paired["nll_diff_nats"], paired["nll_diff_stderr_nats"]),
-        pm(paired["neg_elbo_diff_nats"], paired["neg_elbo_diff_stderr_nats"]),
+        format_gap(paired["nll_diff_nats"], paired["nll_diff_stderr_nats"]),
+        format_gap(paired["neg_elbo_diff_nats"], paired["neg_elbo_diff_stderr_nats"]),
     ]
 
 
