@@ -1131,7 +1131,9 @@ def test_the_seed_note_only_where_a_row_has_seeds(tmp_path: Path) -> None:
     assert note not in to_markdown(group(collect([tmp_path / "one"]))).replace("\n", " ")
 
 
-def _scores(run: Path, log_px: list[float], elbo: list[float]) -> None:
+def _scores(
+    run: Path, log_px: list[float], elbo: list[float], indices: list[int] | None = None
+) -> None:
     """The per-image scores `vaeflow eval` keeps (test_scores.pt) for a fake run."""
     from vaeflow.run.checkpoint import save_checkpoint
     from vaeflow.run.evaluate import TEST_SCORES
@@ -1139,9 +1141,9 @@ def _scores(run: Path, log_px: list[float], elbo: list[float]) -> None:
     save_checkpoint(
         run / TEST_SCORES,
         {
-            "evaluation": {"k": 5000, "test_examples": "4 images"},
+            "evaluation": {"k": 5000, "test_examples": f"{len(log_px)} images"},
             "dataset": "mnist",
-            "indices": torch.arange(4),
+            "indices": torch.arange(4) if indices is None else torch.tensor(indices),
             "log_px": torch.tensor(log_px, dtype=torch.float64),
             "elbo": torch.tensor(elbo, dtype=torch.float64),
         },
@@ -1197,6 +1199,30 @@ def test_paired_columns_against_a_reference_row(tmp_path: Path) -> None:
             by=["model.posterior.flow"],
             paired_against={"model.posterior.flow": "nsf"},
         )
+
+
+def test_paired_columns_over_nested_test_subsets(tmp_path: Path) -> None:
+    """A row scored on a subset of the reference's images (a 1,000-image row beside one
+    grown to all 10,000, say) is paired over the images both scored, not refused, and its
+    own NLL is still checked against its summary; the note says the counts differ."""
+    ref = _write_run(tmp_path, "none_s0", _config("none", 0), 25.0)
+    _scores(ref, [-10.0, -20.0, -30.0, -40.0], [-11.0, -21.0, -31.0, -41.0])
+    sub = _write_run(tmp_path, "iaf_s0", _config("iaf", 0), 29.0)
+    _scores(sub, [-39.0, -19.0], [-43.0, -23.0], indices=[3, 1])
+    full = _write_run(tmp_path, "maf_s0", _config("maf", 0), 24.0)
+    _scores(full, [-9.0, -19.0, -29.0, -39.0], [-11.0, -21.0, -31.0, -41.0])
+    out = tmp_path / "report"
+    write_report([tmp_path], out, paired_against={"model.posterior.flow": "none"})
+    table = (out / "results.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert rows["IAF"].endswith("| -1.00 ± 0.00 | +2.00 ± 0.00 |"), table
+    assert rows["MAF"].endswith("| -1.00 ± 0.00 | +0.00 ± 0.00 |"), table
+    assert "each row and the reference both scored (2 to 4;" in table.replace("\n", " ")
+    paired = {
+        g["config"]["model.posterior.flow"]: g["paired"]
+        for g in json.loads((out / "results.json").read_text())["groups"]
+    }
+    assert paired["iaf"]["n"] == 2 and paired["maf"]["n"] == 4
 
 
 def test_paired_columns_refuse_what_they_cannot_vouch_for(tmp_path: Path) -> None:

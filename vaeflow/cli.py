@@ -122,7 +122,15 @@ def _compare(args: argparse.Namespace) -> int:
         return 0
     d = paired_difference(args.run_a, args.run_b)
     print(f"A: {args.run_a}\nB: {args.run_b}")
-    print(f"NLL (k = {d['k_a']}): A {d['nll_a_nats']:.3f}, B {d['nll_b_nats']:.3f} nats")
+    (n_a,), (n_b,) = d["scored_a"], d["scored_b"]
+    if n_a != n_b or d["n"] != n_a:
+        print(
+            f"A scored {n_a} test images, B {n_b}: paired over the {d['n']} both scored "
+            f"(their NLLs over those: A {d['nll_a_nats']:.3f}, B {d['nll_b_nats']:.3f} nats)"
+        )
+    print(
+        f"NLL (k = {d['k_a']}): A {d['nll_a_own_nats']:.3f}, B {d['nll_b_own_nats']:.3f} nats"
+    )
     for name, key in (("NLL", "nll"), ("-ELBO", "neg_elbo")):
         se = d[f"{key}_diff_stderr_nats"]
         err = f" ± {se:.3f}" if se is not None else ""

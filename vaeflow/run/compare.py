@@ -3,10 +3,14 @@
 Two rows of a table are scored on the same test set, so the difference of their mean NLLs
 is far better determined than two independent standard errors suggest: image difficulty
 is shared and cancels. ``paired_difference(run_a, run_b)`` reads the per-image scores that
-``vaeflow eval`` writes (``test_scores.pt``), checks that both runs scored the same images
-of the same dataset, and returns the mean difference with the standard error of the
-per-image differences. It covers test-set sampling only: seed-to-seed variation of the
-training is a separate (usually larger) source, measured by training more seeds.
+``vaeflow eval`` writes (``test_scores.pt``), checks that both runs scored the same test
+data (dataset, and for a grey dataset the evaluation binarisation draw, ``data.seed``) with
+the same k, lines the images up by test-set index, and returns the mean difference over
+the images both scored with the standard error of the per-image differences. Runs scored
+on nested subsets pair over the smaller one: a run grown to all 10,000 test images pairs
+with one scored on the fixed random 1,000 (``eval.n_test``) over those 1,000. It covers
+test-set sampling only: seed-to-seed variation of the training is a separate (usually
+larger) source, measured by training more seeds.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import json
+
 import torch
 
+from ..data.datasets import DATASETS
 from .checkpoint import load_checkpoint
 from .evaluate import TEST_SCORES
 
@@ -41,7 +48,24 @@ def _scores(run_dir: Path) -> dict[str, Any]:
             f"{path} does not exist: the run was evaluated before vaeflow kept per-image "
             f"scores, or not at all; run `vaeflow eval {run_dir}` to write it"
         )
-    return load_checkpoint(path)
+    scores = load_checkpoint(path)
+    scores["test_data"] = _test_data(run_dir, scores["dataset"])
+    return scores
+
+
+def _test_data(run_dir: Path, dataset: str) -> str:
+    """What the scored images are beyond the dataset's name: a grey dataset's test images
+    are binarised by a fixed draw from ``data.seed`` (:func:`vaeflow.data.prepare_eval`),
+    so two runs with another ``data.seed`` scored other images under the same indices.
+    Read from the run's ``config.json``; the dataset alone where there is none."""
+    spec = DATASETS.get(dataset)
+    config = run_dir / "config.json"
+    if spec is None or spec.kind != "binary" or not config.is_file():
+        return dataset
+    data = json.loads(config.read_text()).get("data", {})
+    if data.get("binarization") == "given":  # binary in its files (binarized_mnist)
+        return dataset
+    return f"{dataset}, evaluation binarisation of data.seed = {data.get('seed')}"
 
 
 def _paired_scores(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -49,19 +73,19 @@ def _paired_scores(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def _check_pairable(scores: Sequence[dict[str, Any]]) -> None:
-    """Every run scored the same dataset, the same test images, with the same k."""
+    """Every run scored the same test data with the same k (the images are lined up by
+    :func:`_aligned`)."""
     first = scores[0]
     for other in scores[1:]:
         if other["dataset"] != first["dataset"]:
             raise ComparisonError(
                 f"the runs scored different datasets: {first['dataset']} / {other['dataset']}"
             )
-        if not torch.equal(other["indices"], first["indices"]):
+        if other["test_data"] != first["test_data"]:
             raise ComparisonError(
-                f"the runs scored different test images "
-                f"({first['evaluation']['test_examples']} / "
-                f"{other['evaluation']['test_examples']}); evaluate both with the same "
-                "--n-test"
+                f"the runs scored differently binarised test images ({first['test_data']} / "
+                f"{other['test_data']}): the same indices are other images; compare runs "
+                "trained with the same data.seed"
             )
         k_a, k_b = first["evaluation"]["k"], other["evaluation"]["k"]
         if k_a != k_b:
@@ -69,6 +93,33 @@ def _check_pairable(scores: Sequence[dict[str, Any]]) -> None:
                 f"the runs' NLLs use k = {k_a} / {k_b} importance samples: the estimates' "
                 "own bias differs; evaluate both with the same --k"
             )
+
+
+def _aligned(scores: Sequence[dict[str, Any]]) -> tuple[int, list[dict[str, torch.Tensor]]]:
+    """Every run's per-image ``log_px`` and ``elbo`` over the test images all of them
+    scored, in one order (the first run's), whatever order or subset each scored.
+
+    Returns:
+        ``(n, [{"log_px": (n,), "elbo": (n,)}, ...])``, one dict per run.
+
+    Raises:
+        ComparisonError: no test image was scored by every run.
+    """
+    common = scores[0]["indices"]
+    for other in scores[1:]:
+        common = common[torch.isin(common, other["indices"])]
+    if common.numel() == 0:
+        described = " / ".join(s["evaluation"]["test_examples"] for s in scores)
+        raise ComparisonError(
+            f"the runs scored different test images, none in common ({described}); "
+            "evaluate them on the same images (the same --n-test, or all)"
+        )
+    out = []
+    for s in scores:
+        order = torch.argsort(s["indices"])
+        take = order[torch.searchsorted(s["indices"][order], common)]
+        out.append({f: s[f][take] for f in ("log_px", "elbo")})
+    return common.numel(), out
 
 
 def paired_group_difference(
@@ -80,33 +131,46 @@ def paired_group_difference(
     differences (test-set sampling only: the seeds' spread is not in it).
 
     Returns:
-        ``{"n", "k", "nll_a_nats", "nll_b_nats", "nll_diff_nats", "nll_diff_stderr_nats",
-        "neg_elbo_diff_nats", "neg_elbo_diff_stderr_nats"}``; negative: ``runs`` better.
+        ``{"n", "k", "scored_a", "scored_b", "nll_a_nats", "nll_b_nats", "nll_a_own_nats",
+        "nll_b_own_nats", "nll_diff_nats", "nll_diff_stderr_nats", "neg_elbo_diff_nats",
+        "neg_elbo_diff_stderr_nats"}``: ``n`` images every run scored (the pairs; each
+        run's count in ``scored_a`` / ``scored_b``), ``nll_*_nats`` the rows' mean NLLs
+        over those, ``nll_*_own_nats`` over each run's own images (what its summary
+        reports, averaged over the row's seeds); a negative difference: ``runs`` better.
 
     Raises:
         FileNotFoundError: a run has no ``test_scores.pt``.
-        ComparisonError: the runs scored different datasets, images or k.
+        ComparisonError: the runs scored different test data, no image in common, or
+            used another k.
     """
     a, b = _paired_scores(runs), _paired_scores(reference)
     _check_pairable([*a, *b])
-    n = a[0]["indices"].numel()
+    n, aligned = _aligned([*a, *b])
+    a_al, b_al = aligned[: len(a)], aligned[len(a) :]
 
     def mean_over(scores: Sequence[dict[str, Any]], field: str) -> torch.Tensor:
         return -torch.stack([s[field].double() for s in scores]).mean(0)
+
+    def own(scores: Sequence[dict[str, Any]]) -> float:
+        return sum(-s["log_px"].double().mean().item() for s in scores) / len(scores)
 
     def diff(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
         d = x - y
         se = (d.std() / math.sqrt(n)).item() if n > 1 else None
         return d.mean().item(), se
 
-    nll_a, nll_b = mean_over(a, "log_px"), mean_over(b, "log_px")
+    nll_a, nll_b = mean_over(a_al, "log_px"), mean_over(b_al, "log_px")
     nll, nll_se = diff(nll_a, nll_b)
-    elbo, elbo_se = diff(mean_over(a, "elbo"), mean_over(b, "elbo"))
+    elbo, elbo_se = diff(mean_over(a_al, "elbo"), mean_over(b_al, "elbo"))
     return {
         "n": n,
         "k": a[0]["evaluation"]["k"],
+        "scored_a": [s["indices"].numel() for s in a],
+        "scored_b": [s["indices"].numel() for s in b],
         "nll_a_nats": nll_a.mean().item(),
         "nll_b_nats": nll_b.mean().item(),
+        "nll_a_own_nats": own(a),
+        "nll_b_own_nats": own(b),
         "nll_diff_nats": nll,
         "nll_diff_stderr_nats": nll_se,
         "neg_elbo_diff_nats": elbo,
@@ -124,8 +188,8 @@ def paired_difference(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: a run has no ``test_scores.pt``.
-        ComparisonError: the runs scored different datasets or different test images (say,
-            another ``--n-test``), or different numbers of importance samples for the NLL.
+        ComparisonError: the runs scored different test data or no test image in common,
+            or used different numbers of importance samples for the NLL.
     """
     d = paired_group_difference([run_a], [run_b])
     return {**d, "k_a": d["k"], "k_b": d["k"]}
@@ -139,30 +203,35 @@ def format_gap(value: float, se: float | None) -> str:
 def paired_table(reference: str | Path, others: list[str | Path]) -> str:
     """A markdown table of every run in ``others`` against ``reference``, paired image by
     image (:func:`paired_difference`): the run's NLL and -ELBO and their differences from
-    the reference's, each ± the standard error of the per-image differences.
+    the reference's, each ± the standard error of the per-image differences. A column
+    says over how many images each row is paired when that is not every image both
+    runs scored (runs scored on nested subsets pair over the smaller).
 
     Raises what :func:`paired_difference` raises for the first run that cannot be paired.
     """
     rows = [paired_difference(run, reference) for run in others]
     first = rows[0]
-
+    partial = any(d["n"] != d["scored_a"][0] or d["n"] != d["scored_b"][0] for d in rows)
     lines = [
-        f"reference: {reference} (NLL {first['nll_b_nats']:.2f} nats, k = {first['k_b']}, "
-        f"{first['n']} test images)",
+        f"reference: {reference} (NLL {first['nll_b_own_nats']:.2f} nats, k = {first['k_b']}, "
+        f"{first['scored_b'][0]} test images)",
         "",
-        "| run | NLL (nats) | NLL - reference | -ELBO - reference |",
-        "|---|---:|---:|---:|",
+        "| run | NLL (nats) | NLL - reference | -ELBO - reference |"
+        + (" images paired |" if partial else ""),
+        "|---|---:|---:|---:|" + ("---:|" if partial else ""),
     ]
     for run, d in zip(others, rows, strict=True):
         lines.append(
-            f"| {run} | {d['nll_a_nats']:.2f} | "
+            f"| {run} | {d['nll_a_own_nats']:.2f} | "
             f"{format_gap(d['nll_diff_nats'], d['nll_diff_stderr_nats'])} | "
             f"{format_gap(d['neg_elbo_diff_nats'], d['neg_elbo_diff_stderr_nats'])} |"
+            + (f" {d['n']} |" if partial else "")
         )
     lines += [
         "",
-        "Differences are paired over the test images both runs scored (negative: better than "
-        "the reference); ± is the standard error of the per-image differences, test-set "
-        "sampling only, not seed-to-seed variation.",
+        "NLL: each run's own mean over the test images it scored. Differences are paired "
+        "over the test images both runs scored (negative: better than the reference); ± is "
+        "the standard error of the per-image differences, test-set sampling only, not "
+        "seed-to-seed variation.",
     ]
     return "\n".join(lines)

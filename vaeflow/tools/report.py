@@ -815,7 +815,14 @@ def to_markdown(
     lines += ["", cells]
     if paired:
         done = [p for p in paired if "n" in p]
-        n = f" over the {done[0]['n']} test images every run scored" if done else ""
+        counts = sorted({p["n"] for p in done})
+        n = f" over the {counts[0]} test images every run scored" if len(counts) == 1 else ""
+        if len(counts) > 1:  # nested subsets: each row pairs over the images it shares
+            n = (
+                " over the test images each row and the reference both scored "
+                f"({counts[0]} to {counts[-1]}; each row's count in results.json, "
+                "\"paired\": \"n\")"
+            )
         lines += [
             "",
             f"Paired columns: each row's per-image NLL and -ELBO (mean over its seeds) minus "
@@ -1988,7 +1995,7 @@ def _paired_mismatch(
     ]
     if not all(math.isfinite(v) for v in values):
         return "non-finite per-image scores (an image with log p(x) = -inf or NaN)"
-    for group_, mean in ((g, d["nll_a_nats"]), (ref, d["nll_b_nats"])):
+    for group_, mean in ((g, d["nll_a_own_nats"]), (ref, d["nll_b_own_nats"])):
         reported = [
             m["mean"]
             for name, m in group_["metrics"].items()
