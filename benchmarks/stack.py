@@ -45,7 +45,7 @@ from _timing import machine_header, markdown_table  # noqa: E402
 
 from vaeflow.config import Config, load_config  # noqa: E402
 from vaeflow.data import DataSplits  # noqa: E402
-from vaeflow.run.stack import _after_step, _Member, _Stack  # noqa: E402
+from vaeflow.run.stack import _after_step, _Member, _Stack, check_model_stackable  # noqa: E402
 from vaeflow.run.train import _beta, _setup_run, _update_step  # noqa: E402
 
 MODELS: dict[str, tuple[Path, list[str]]] = {
@@ -156,6 +156,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             cfgs = _configs(n, args.small, args.model, args.device)
+            check_model_stackable(cfgs)  # what `vaeflow sweep --stack` checks first
             seq_runs = [m.run for m in _setup(cfgs, Path(tmp) / f"seq{n}")]
             stack = _Stack(_setup(cfgs, Path(tmp) / f"st{n}"))
             _time_sequential(seq_runs, max(1, args.steps // 10))  # warm-up

@@ -108,7 +108,9 @@ def test_nested_subsets_and_other_orders_pair_over_the_common_images(tmp_path: P
     assert d["nll_diff_nats"] == pytest.approx(-1.0) and d["nll_diff_stderr_nats"] == 0.0
     assert d["neg_elbo_diff_nats"] == pytest.approx(2.0)
     assert d["nll_b_nats"] == pytest.approx(30.0)  # images 1 and 3 of the full run
-    assert d["nll_b_own_nats"] == pytest.approx(25.0) and d["nll_a_own_nats"] == pytest.approx(29.0)
+    assert d["nll_b_own_nats"] == pytest.approx(25.0) and d["nll_a_own_nats"] == pytest.approx(
+        29.0
+    )
     reverse = paired_difference(full, sub)
     assert reverse["nll_diff_nats"] == pytest.approx(1.0) and reverse["n"] == 2
 

@@ -53,6 +53,9 @@ RUNS = {
     "warmup_short": ["train.seed=2", "train.kl_warmup_steps=4", "train.steps=4"],
     # Every update skipped: diverges after two, as alone.
     "skipping": ["train.seed=3", "train.skip_grad_norm=1e-9", "train.max_consecutive_skips=2"],
+    # A learning rate that overshoots: its validation bound stops improving, and it stops
+    # early (patience 1, validating every step) while the others train on.
+    "early": ["train.seed=4", "train.lr=0.1", "train.early_stopping=1", "train.val_every=1"],
 }
 
 
@@ -108,11 +111,14 @@ def _assert_same_metrics(a_dir: Path, b_dir: Path, tol: float = 1e-9) -> None:
 def test_stack_equals_solo_runs_in_float64(tmp_path: Path, splits, float64) -> None:
     cfgs = [_cfg(*extra) for extra in RUNS.values()]
     solo = [_solo(c, tmp_path / f"solo_{n}", splits) for c, n in zip(cfgs, RUNS, strict=True)]
-    assert solo == ["completed", "completed", "completed", "diverged"]
+    assert solo[:4] == ["completed", "completed", "completed", "diverged"]
+    assert solo[4].startswith("early stopping at step ") and solo[4] != "early stopping at step 6"
     stacked = train_stack(cfgs, [tmp_path / f"stack_{n}" for n in RUNS], splits=splits)
     assert [s["status"] for s in stacked] == solo
     for name in RUNS:
         a, b = tmp_path / f"solo_{name}", tmp_path / f"stack_{name}"
+        # An ordinary run directory: TensorBoard events and the config beside the rest.
+        assert list(b.glob("events.out.tfevents.*")) and (b / "config.json").is_file()
         _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
         _assert_same_metrics(a, b)
         assert (a / "train_summary.json").exists() == (b / "train_summary.json").exists()
@@ -194,14 +200,112 @@ def test_stacked_run_resumes_alone_and_evaluates(tmp_path: Path, splits) -> None
 
 
 def test_unstackable_configs_are_refused_naming_the_key(tmp_path: Path, splits) -> None:
-    conv = _cfg('model.encoder.name="gated_conv"', "model.encoder.options={}")
-    with pytest.raises(ConfigError, match="model.encoder.name"):
-        train_stack([conv, conv], [tmp_path / "a", tmp_path / "b"], splits=splits)
+    """What a stack does not implement, configs that differ in a shape, and models whose
+    step a stack would get wrong (seed-drawn buffers, a step vmap cannot batch, random
+    draws besides the posterior noise) are refused before anything is written."""
     with pytest.raises(ConfigError, match="train.compile"):
         train_stack([_cfg("train.compile=true")], [tmp_path / "c"], splits=splits)
     with pytest.raises(ConfigError, match="model.latent_dim"):
         train_stack([_cfg(), _cfg("model.latent_dim=6")], [tmp_path / "d", tmp_path / "e"])
+    residual = 'model.posterior.flow="residual"'
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(ConfigError, match="buffer 'posterior.flow.*sn_u' differs"):
+        train_stack([_cfg(residual, "train.seed=0"), _cfg(residual, "train.seed=1")], dirs)
+    with pytest.raises(ConfigError, match="vmap cannot batch"):  # its power iteration
+        train_stack([_cfg(residual)], dirs[:1], splits=splits)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_model_drawing_its_own_noise_is_refused(tmp_path: Path, splits, monkeypatch) -> None:
+    """A forward that draws random numbers of its own (dropout, say) would give every run
+    of the stack one stream: refused, naming why."""
+    from vaeflow.models import build as build_module
+
+    real = build_module.build_model
+
+    def with_dropout(cfg):
+        model = real(cfg)
+        decoder = model.decoder
+        model.decoder = torch.nn.Sequential(torch.nn.Dropout(0.5), decoder)
+        return model
+
+    monkeypatch.setattr(build_module, "build_model", with_dropout)
+    with pytest.raises(ConfigError, match="draws random numbers besides the posterior noise"):
+        train_stack([_cfg()], [tmp_path / "a"], splits=splits)
+    assert not any(tmp_path.iterdir())
+
+
+def _assert_stack_equals_solo(tmp_path: Path, splits, cfgs) -> None:
+    """Each config trained alone and all of them stacked: the same checkpoints (weights,
+    optimiser state, EMA, RNG) and metrics, in float64; and the runs really differ."""
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"solo{i}", splits=splits)
+    train_stack(cfgs, [tmp_path / f"st{i}" for i in range(len(cfgs))], splits=splits)
+    for i in range(len(cfgs)):
+        a, b = tmp_path / f"solo{i}", tmp_path / f"st{i}"
+        _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
+        _assert_same_metrics(a, b)
+    w = [load_checkpoint(tmp_path / f"st{i}" / "checkpoints" / "last.pt")["model"] for i in (0, 1)]
+    assert any(not torch.allclose(w[0][k], w[1][k]) for k in w[0] if w[0][k].is_floating_point())
+
+
+CONV = [
+    'model.encoder.name="gated_conv"',
+    "model.encoder.options={channels=[4,4],strides=[2,2],kernel_size=3,out_features=16}",
+    'model.decoder.name="gated_conv"',
+    "model.decoder.options={channels=[4,4,4],strides=[2,2],kernel_size=3}",
+    "data.batch_size=8",
+    "train.steps=3",
+]
+
+
+def test_conv_sylvester_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:
+    """The Sylvester paper's model shape (gated convolutions, an orthogonal Sylvester flow
+    amortised from the encoder's features), two seeds, per-run free bits (one group: a
+    floor in one run, none in the other) and learning rates."""
+    syl = [
+        *CONV,
+        'model.posterior.flow="sylvester_orthogonal"',
+        "model.posterior.num_layers=2",
+        "model.posterior.context_features=16",
+        "model.posterior.context_projection=false",
+        'model.posterior.options={amortization="linear", num_ortho_vectors=2}',
+        'train.optimizer="adamax"',
+        "train.free_bits_group_size=4",
+    ]
+    cfgs = [
+        _cfg(*syl, "train.seed=0", "train.free_bits=2.0"),
+        _cfg(*syl, "train.seed=1", "train.free_bits=0", "train.lr=2e-3"),
+    ]
+    _assert_stack_equals_solo(tmp_path, splits, cfgs)
+
+
+def test_vampprior_planar_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:
+    """A learned prior whose parameters are pseudo-inputs (VampPrior) and a planar flow
+    posterior, per-dimension free bits against the prior's chain-rule conditionals."""
+    vamp = [
+        'model.prior.name="vamp"',
+        "model.prior.num_components=3",
+        'model.posterior.flow="planar"',
+        "model.posterior.num_layers=2",
+        "train.free_bits_group_size=4",
+    ]
+    cfgs = [_cfg(*vamp, "train.seed=0", "train.free_bits=0.5"), _cfg(*vamp, "train.seed=1")]
+    _assert_stack_equals_solo(tmp_path, splits, cfgs)
+
+
+def test_flow_prior_and_per_dimension_free_bits_stack_equals_solo(
+    tmp_path: Path, splits, float64
+) -> None:
+    """A MAF prior (its own masked networks) with a Gaussian posterior; and N(0, I) runs
+    whose per-dimension floors differ (0 in one: the plain KL, not a floor at 0)."""
+    maf = ['model.prior.name="flow"', 'model.prior.flow="maf"', "model.prior.num_layers=2"]
+    maf += ["model.prior.hidden=8"]
+    _assert_stack_equals_solo(
+        tmp_path / "maf", splits, [_cfg(*maf, "train.seed=0"), _cfg(*maf, "train.seed=1")]
+    )
+    cfgs = [_cfg("train.seed=0", "train.free_bits=0.3"), _cfg("train.seed=1", "train.free_bits=0")]
+    _assert_stack_equals_solo(tmp_path / "fb", splits, cfgs)
 
 
 def test_sweep_stack_makes_ordinary_run_dirs(tmp_path: Path) -> None:
@@ -222,7 +326,9 @@ set = {json.dumps(overrides)}
     )
     points = sw.expand(sweep, validate=False)
     groups = sw.stack_groups(points, 2)
-    # mlp seeds 0 and 1 together, seed 2 alone (the stack is full); gated_conv alone each.
+    # mlp seeds 0 and 1 together, seed 2 alone (the stack is full); gated_conv with the
+    # MLP's options cannot be built, so its model trial fails: alone each (where its
+    # training reports the error as its own).
     assert [[p.name for p in g] for g in groups] == [
         ["encoder.name=mlp__seed=0", "encoder.name=mlp__seed=1"],
         ["encoder.name=mlp__seed=2"],
@@ -230,6 +336,20 @@ set = {json.dumps(overrides)}
         ["encoder.name=gated_conv__seed=1"],
         ["encoder.name=gated_conv__seed=2"],
     ]
+    # A model the stack would get wrong (seed-drawn buffers of a residual flow) trains
+    # alone, point by point; so does one whose settings a stack does not implement.
+    sweep.write_text(
+        sweep.read_text()
+        .replace('"model.encoder.name"', '"model.posterior.flow"')
+        .replace('["mlp", "gated_conv"]', '["residual", "iaf"]')
+    )
+    groups = sw.stack_groups(sw.expand(sweep, validate=False), 3)
+    assert [len(g) for g in groups] == [1, 1, 1, 3], [[p.name for p in g] for g in groups]
+    sweep.write_text(
+        sweep.read_text()
+        .replace('"model.posterior.flow"', '"model.encoder.name"')
+        .replace('["residual", "iaf"]', '["mlp", "gated_conv"]')
+    )
     sweep.write_text(sweep.read_text().replace('["mlp", "gated_conv"]', '["mlp"]'))
     # A commands file for a scheduler groups the same way: one train-stack line per
     # stack, a plain train line for a point alone.
@@ -247,6 +367,25 @@ set = {json.dumps(overrides)}
     out = tmp_path / "report"
     assert cli_main(["report", str(tmp_path / "runs" / "st"), "-o", str(out)]) == 0
     assert any(out.iterdir())
+
+
+def test_burda_optimiser_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:
+    """Burda et al.'s own Adam (``adam_iwae``: its second-moment start and epsilon) and
+    their 3^i-epoch step decay, as the burda2016_iwae configs train, seeds stacked."""
+    burda = [
+        'train.optimizer="adam_iwae"',
+        "train.initial_second_moment=0.0025",
+        "train.betas=[0.99, 0.999]",
+        "train.eps=1e-4",
+        'train.lr_schedule="multistep"',
+        "train.lr_milestones=[1, 3]",
+        "train.lr_decay=0.5",
+        'train.objective="iwae"',
+        "train.k=3",
+        "train.steps=4",
+    ]
+    cfgs = [_cfg(*burda, "train.seed=0"), _cfg(*burda, "train.seed=1", "data.batch_seed=1")]
+    _assert_stack_equals_solo(tmp_path, splits, cfgs)
 
 
 def test_iaf_posterior_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:

@@ -128,9 +128,7 @@ def _compare(args: argparse.Namespace) -> int:
             f"A scored {n_a} test images, B {n_b}: paired over the {d['n']} both scored "
             f"(their NLLs over those: A {d['nll_a_nats']:.3f}, B {d['nll_b_nats']:.3f} nats)"
         )
-    print(
-        f"NLL (k = {d['k_a']}): A {d['nll_a_own_nats']:.3f}, B {d['nll_b_own_nats']:.3f} nats"
-    )
+    print(f"NLL (k = {d['k_a']}): A {d['nll_a_own_nats']:.3f}, B {d['nll_b_own_nats']:.3f} nats")
     for name, key in (("NLL", "nll"), ("-ELBO", "neg_elbo")):
         se = d[f"{key}_diff_stderr_nats"]
         err = f" ± {se:.3f}" if se is not None else ""

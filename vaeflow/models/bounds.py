@@ -150,7 +150,7 @@ def _batch_mean(per_example: Tensor, batch_splits: int) -> Tensor:
 
 
 def free_bits_kl(
-    terms: Terms, free_bits: float, group_size: int = 1, batch_splits: int = 1
+    terms: Terms, free_bits: float | Tensor, group_size: int = 1, batch_splits: int = 1
 ) -> Tensor:
     """KL with "free bits" (Kingma et al. 2016, arXiv:1606.04934, appendix C.8).
 
@@ -166,7 +166,8 @@ def free_bits_kl(
 
     Args:
         terms: log-terms ``(K, B)`` with ``kl_dims`` ``(K, B, D)`` unless one group.
-        free_bits: floor per latent dimension, nats.
+        free_bits: floor per latent dimension, nats (a 0-dim tensor in a stack of runs:
+            :mod:`vaeflow.run.stack` vmaps it, one floor per run).
         group_size: dimensions per group; must divide ``D``.
         batch_splits: the batch mean of each group's KL is taken over this many
             strided sub-batches separately (example ``i`` in sub-batch ``i mod S``; 1: the
@@ -193,27 +194,27 @@ def free_bits_kl(
     if group_size < 1 or d % group_size:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide D={d}")
     groups = kl_dims.reshape(*kl_dims.shape[:-1], d // group_size, group_size).sum(-1)
-    lam = float(free_bits) * group_size
+    lam = free_bits * group_size  # a number, or a 0-dim tensor (one per run of a stack)
     per_example = groups.mean(0)  # (B, G)
     batch_mean = _batch_mean(per_example, batch_splits)  # (1 or B, G)
-    floor = torch.full_like(per_example, lam)
+    floor = torch.zeros_like(per_example) + lam
     return torch.where(batch_mean < lam, floor, per_example).sum(-1)
 
 
 def _free_bits_one_group(
-    terms: Terms, free_bits: float, num_dims: int, batch_splits: int = 1
+    terms: Terms, free_bits: float | Tensor, num_dims: int, batch_splits: int = 1
 ) -> Tensor:
     """The whole latent vector as one group: ``max(free_bits * D, E_batch[KL])``."""
     per_example = terms.kl.mean(0)  # (B,)
-    lam = float(free_bits) * num_dims
-    floor = torch.full_like(per_example, lam)
+    lam = free_bits * num_dims
+    floor = torch.zeros_like(per_example) + lam
     return torch.where(_batch_mean(per_example, batch_splits) < lam, floor, per_example)
 
 
 def elbo(
     terms: Terms,
-    beta: float = 1.0,
-    free_bits: float = 0.0,
+    beta: float | Tensor = 1.0,
+    free_bits: float | Tensor = 0.0,
     num_dims: int | None = None,
     group_size: int = 1,
     batch_splits: int = 1,
@@ -234,7 +235,7 @@ def elbo(
             (:func:`free_bits_kl`).
     """
     rec = terms.log_px_z.mean(0)
-    if free_bits > 0:
+    if isinstance(free_bits, Tensor) or free_bits > 0:  # a tensor floor: always applied
         if num_dims is not None and group_size == num_dims:
             return rec - beta * _free_bits_one_group(terms, free_bits, num_dims, batch_splits)
         return rec - beta * free_bits_kl(terms, free_bits, group_size, batch_splits)

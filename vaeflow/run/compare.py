@@ -15,12 +15,11 @@ larger) source, measured by training more seeds.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import json
 
 import torch
 

@@ -26,7 +26,7 @@ How the runs stay independent:
   :func:`torch.func.functional_call` on the stacked leaves: one forward and one backward
   (batched matrix products) serve all runs; the runs share no parameter, so the
   gradient of the summed losses has run ``r``'s gradient in row ``r``. Buffers are not
-  stacked: the supported models' buffers are constants of the (shared) model config.
+  stacked: they must be constants equal in every run (:func:`check_model_stackable`).
   While a run's bookkeeping runs, its model gets parameters of its own
   (:meth:`_Stack.alone`): ``torch.save`` of a view would write the whole stack.
 * **Randomness is an input.** The only random draw of a supported training step is the
@@ -50,11 +50,18 @@ How the runs stay independent:
 Equality with a solo run is to float rounding, not bitwise: batched matrix products sum
 in another order than single ones (float64: ~1e-16; ``tests/test_stack.py``).
 
-Scope: one-stochastic-layer MLP VAEs (``mlp`` encoder and decoder, Gaussian posterior or
-the flows in :data:`STACKABLE_FLOWS`, priors in :data:`STACKABLE_PRIORS`, Bernoulli
-likelihood), one process (no DDP), eager (no ``train.compile`` or
-``train.compile_step``). Anything else is a :class:`~vaeflow.config.ConfigError` naming
-the key (:func:`check_stackable`).
+Scope: any one-stochastic-layer VAE whose training step draws no random number but the
+posterior noise ``(K, B, D)`` and whose buffers are constants equal in every run -- MLP
+or convolutional encoders and decoders, every likelihood, Gaussian or flow posteriors
+(IAF, planar, Sylvester, ...), N(0, I), mixture, VampPrior or flow priors -- in one
+eager process. What cannot be stacked is a :class:`~vaeflow.config.ConfigError` naming
+the key, before any run directory is written: settings the stack does not implement
+(:func:`check_stackable`: compiled or sync-free steps, bf16, channels-last, frozen or
+scaled prior learning rates, hierarchies, DDP) and, from a trial step of the model
+itself (:func:`check_model_stackable`), a model whose forward draws other random
+numbers (its noise would come from one shared stream), changes a buffer, holds buffers
+that differ between the runs (a seed-drawn permutation, say), or has an operation that
+:func:`torch.func.vmap` cannot batch.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ from .train import (
     StepResult,
     TrainingDiverged,
     _beta,
+    _check_free_bits,
     _finish,
     _periodic,
     _periodic_due,
@@ -92,8 +100,7 @@ from .train import (
 
 __all__ = [
     "STACKABLE_KEYS",
-    "STACKABLE_FLOWS",
-    "STACKABLE_PRIORS",
+    "check_model_stackable",
     "check_stackable",
     "stack_key",
     "train_stack",
@@ -133,17 +140,16 @@ STACKABLE_KEYS: frozenset[str] = frozenset(
         "train.log_every",
         "train.image_every",
         "train.ckpt_every",
+        # A tensor floor per run inside vmap (train.training_loss); 0 gives the plain KL.
+        "train.free_bits",
     }
 )
 _STACKABLE_SECTIONS = ("eval.", "run.")
-#: Posterior flows whose stacked training is tested equal to solo training.
-STACKABLE_FLOWS: frozenset[str | None] = frozenset({None, "iaf"})
-#: Priors whose stacked training is tested equal to solo training.
-STACKABLE_PRIORS: frozenset[str] = frozenset({"standard_normal"})
 
 
 def check_stackable(cfg: Config) -> None:
-    """Raise :class:`ConfigError`, naming the key, if ``cfg`` cannot train in a stack."""
+    """Raise :class:`ConfigError`, naming the key, if ``cfg`` asks for something a stack
+    does not implement (the model itself is checked by :func:`check_model_stackable`)."""
     m, t = cfg.model, cfg.train
     refusals = [
         (int(os.environ.get("WORLD_SIZE", "1")) > 1, "WORLD_SIZE", "data-parallel (torchrun)"),
@@ -154,23 +160,92 @@ def check_stackable(cfg: Config) -> None:
         (t.channels_last, "train.channels_last", "true"),
         (t.prior_lr_scale != 1.0, "train.prior_lr_scale", t.prior_lr_scale),
         (t.prior_freeze_steps != 0, "train.prior_freeze_steps", t.prior_freeze_steps),
-        (m.encoder.name != "mlp", "model.encoder.name", repr(m.encoder.name)),
-        (m.decoder.name != "mlp", "model.decoder.name", repr(m.decoder.name)),
         (bool(m.upper_layers), "model.upper_layers", "a hierarchy"),
         (m.topdown is not None, "model.topdown", "a top-down model"),
-        (m.likelihood != "bernoulli", "model.likelihood", repr(m.likelihood)),
-        (m.posterior.flow not in STACKABLE_FLOWS, "model.posterior.flow", repr(m.posterior.flow)),
-        (m.prior.name not in STACKABLE_PRIORS, "model.prior.name", repr(m.prior.name)),
     ]
     for refused, key, value in refusals:
         if refused:
             raise ConfigError(
-                f"{key} = {value} cannot be trained in a stack (vaeflow.run.stack supports "
-                "one-stochastic-layer MLP VAEs with a Bernoulli likelihood, posterior flow "
-                f"in {sorted(map(str, STACKABLE_FLOWS))}, prior in "
-                f"{sorted(STACKABLE_PRIORS)}, one eager process); train it alone "
-                "(vaeflow train, or vaeflow sweep without --stack)"
+                f"{key} = {value} cannot be trained in a stack (vaeflow.run.stack trains "
+                "one-stochastic-layer VAEs in one eager process, without compiled or "
+                "sync-free steps, bf16, channels-last or per-part learning rates); train "
+                "it alone (vaeflow train, or vaeflow sweep without --stack)"
             )
+
+
+def check_model_stackable(cfgs: Sequence[Config]) -> None:
+    """A trial of the stacked step on the models ``cfgs`` build (each under its own
+    ``train.seed``, as a run builds it), before any run directory exists: one vmapped
+    forward and backward of two images of ``model.x_shape`` (0 / 1 pixels: valid binary
+    and 8-bit data; the values do not matter, no data is read). Leaves the global RNG as
+    it found it.
+
+    Raises:
+        ConfigError: the models' buffers differ between runs (a buffer is not stacked:
+            every run would use run 0's), the forward draws random numbers besides the
+            posterior noise it is given or changes a buffer (both would be shared by all
+            runs of the stack), or vmap cannot batch an operation of the model.
+    """
+    from ..models.build import build_model
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            f"this model cannot be trained in a stack: {why}; train it alone (vaeflow "
+            "train, or vaeflow sweep without --stack)"
+        )
+
+    saved = torch.get_rng_state()
+    try:
+        models = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.train.seed)
+            try:
+                models.append(build_model(cfg.model))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"cannot build the model from [model]: {e}") from e
+            _check_free_bits(cfg, models[-1])  # as a run's set-up: chain-rule KL or refusal
+        first = dict(models[0].named_buffers())
+        for i, model in enumerate(models[1:], start=1):
+            for name, b in model.named_buffers():
+                if b is not None and not torch.equal(b, first[name]):
+                    raise refuse(
+                        f"buffer {name!r} differs between run 0 and run {i} (drawn from the "
+                        "seed?); a stack keeps one copy of the buffers"
+                    )
+        template = copy.deepcopy(models[0])
+        template.likelihood.validate = False
+        dtype = next(template.parameters()).dtype
+        x_shape = tuple(cfgs[0].model.x_shape)
+        x = (torch.arange(2 * math.prod(x_shape)) % 2).to(dtype).reshape(2, *x_shape)
+        params = {
+            name: torch.stack([p.detach(), p.detach()]).requires_grad_()
+            for name, p in template.named_parameters()
+        }
+        noise = torch.randn(2, cfgs[0].train.k, 2, template.latent_dim, dtype=x.dtype)
+        buffers = {n: b.clone() for n, b in template.named_buffers() if b is not None}
+        state = torch.get_rng_state()
+
+        def loss(p: dict[str, Tensor], xb: Tensor, eps: Tensor) -> Tensor:
+            terms = functional_call(template, p, (xb,), {"k": cfgs[0].train.k, "noise": eps})
+            return training_loss(terms, cfgs[0].train, 1.0, template.latent_dim)
+
+        own_noise = refuse(
+            "its training step draws random numbers besides the posterior noise (dropout, "
+            "a stochastic estimator?), which would come from one stream for all runs"
+        )
+        try:
+            vmap(loss)(params, torch.stack([x, x]), noise).sum().backward()
+        except Exception as e:  # noqa: BLE001 -- any failure of vmap means: not stackable
+            if "random operation" in str(e):  # vmap's randomness="error" caught a draw
+                raise own_noise from e
+            raise refuse(f"vmap cannot batch its training step ({type(e).__name__}: {e})") from e
+        if not torch.equal(torch.get_rng_state(), state):  # a draw vmap did not see
+            raise own_noise
+        for name, b in template.named_buffers():
+            if b is not None and not torch.equal(b, buffers[name]):
+                raise refuse(f"its training step changes buffer {name!r}")
+    finally:
+        torch.set_rng_state(saved)
 
 
 def stack_key(cfg: Config) -> str:
@@ -240,7 +315,7 @@ class _Stack:
         # every run's batch once, as the evaluator checks data once per batch.
         self.template = copy.deepcopy(model)
         self.template.likelihood.validate = False
-        self._loss = vmap(self._run_loss, in_dims=(0, 0, 0, 0))
+        self._loss = vmap(self._run_loss, in_dims=(0, 0, 0, 0, 0))
         self.members: list[_Member] = []
         self.params: dict[str, Tensor] = {}
         self._bind(members)
@@ -268,6 +343,10 @@ class _Stack:
             dtype=self.dtype,
             device=self.device,
         )
+        floors = [m.run.cfg.train.free_bits for m in members]
+        # Equal floors keep the solo arithmetic exactly (the config's float, not a tensor).
+        self.free_bits_differ = len(set(floors)) > 1
+        self.free_bits = torch.tensor(floors, dtype=self.dtype, device=self.device)
 
     @contextlib.contextmanager
     def alone(self, i: int) -> Iterator[None]:
@@ -294,12 +373,19 @@ class _Stack:
         self._bind([self.members[i] for i in keep])
 
     def _run_loss(
-        self, params: dict[str, Tensor], x: Tensor, noise: Tensor, beta: Tensor
+        self,
+        params: dict[str, Tensor],
+        x: Tensor,
+        noise: Tensor,
+        beta: Tensor,
+        free_bits: Tensor,
     ) -> tuple[Tensor, ...]:
-        """One run's loss and log-terms (vmapped over runs): the solo step's objective."""
+        """One run's loss and log-terms (vmapped over runs): the solo step's objective,
+        with the run's own KL weight and (where the runs' differ) free-bits floor."""
         t = self.members[0].run.cfg.train
         terms = functional_call(self.template, params, (x,), {"k": t.k, "noise": noise})
-        loss = training_loss(terms, t, beta, self.template.latent_dim)
+        floors = free_bits if self.free_bits_differ else None
+        loss = training_loss(terms, t, beta, self.template.latent_dim, floors)
         return loss, terms.log_px_z, terms.log_pz, terms.log_qz, terms.flow_logdet
 
     def step(self) -> list[str | None]:
@@ -320,16 +406,23 @@ class _Stack:
         beta = torch.tensor(betas, dtype=self.dtype, device=self.device)
         for p in self.params.values():
             p.grad = None
-        loss, *terms = self._loss(self.params, x, noise, beta)
+        loss, *terms = self._loss(self.params, x, noise, beta, self.free_bits)
         loss.sum().backward()  # the runs share no parameter: row r gets run r's gradient
+        # A parameter the loss does not reach has no gradient, as alone (clipping skips
+        # it, the optimiser leaves it); every other has (N, *shape), scalars (N,).
         grads = {name: p.grad for name, p in self.params.items()}
         with torch.no_grad():
             # clip_grad_norm_ per run: the norm of the per-tensor norms, before clipping.
-            per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()]
+            per_tensor = [
+                torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1)
+                for g in grads.values()
+                if g is not None
+            ]
             norm = torch.linalg.vector_norm(torch.stack(per_tensor, dim=1), dim=1)
             coef = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
             for g in grads.values():
-                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+                if g is not None:
+                    g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
             losses, norms = loss.detach().tolist(), norm.tolist()
         reasons = [
             _skip_reason(lo, gn, r.cfg.train.skip_grad_norm)
@@ -338,7 +431,7 @@ class _Stack:
         for i, (run, reason) in enumerate(zip(runs, reasons, strict=True)):
             if reason is None:  # the solo update on this run's rows
                 for name, p in run.model.named_parameters():
-                    p.grad = grads[name][i]
+                    p.grad = None if grads[name] is None else grads[name][i]
                 run.opt.step()
                 if run.ema is not None:
                     run.ema.update(run.model)
@@ -424,6 +517,8 @@ def train_stack(
     if splits is None:
         d = cfgs[0].data
         splits = load_splits(d.dataset, d.root, val_size=d.val_size, download=True)
+    if not all(flags):  # a resumed run passed the trial when it started
+        check_model_stackable(cfgs)
     members = []
     for i, (cfg, run_dir, flag) in enumerate(zip(cfgs, dirs, flags, strict=True)):
         run = _setup_run(cfg, run_dir, flag, splits)

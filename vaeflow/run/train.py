@@ -931,27 +931,40 @@ class StepResult:
         return self.skip_reason is not None
 
 
-def training_loss(terms: Terms, t: TrainConfig, beta: float | Tensor, latent_dim: int) -> Tensor:
+def training_loss(
+    terms: Terms,
+    t: TrainConfig,
+    beta: float | Tensor,
+    latent_dim: int,
+    free_bits: Tensor | None = None,
+) -> Tensor:
     """The loss the optimiser minimises, a scalar: the batch mean of the negated IWAE bound
     (``train.objective = "iwae"``, Burda et al. 2016) or of the negated beta-weighted ELBO
     with free bits (``train.free_bits`` per group of ``train.free_bits_group_size``
     dimensions of the ``latent_dim``-dimensional latent), or with
     ``train.kl_warmup_target = "joint"`` of ``beta (log p(x|z) + log p(z)) - log q(z|x)``
     (averaged over samples and examples). Shared by the solo step and the stacked one
-    (:mod:`vaeflow.run.stack`)."""
+    (:mod:`vaeflow.run.stack`), which passes ``free_bits``, a 0-dim tensor (one per run,
+    vmapped), where its runs' ``train.free_bits`` differ: a run whose floor is 0 gets the
+    plain KL, as alone (a floor of 0 is not the plain KL: a group's estimate can be < 0)."""
     if t.objective == "iwae":
         return -iwae(terms).mean()
     if t.kl_warmup_target == "joint":  # beta (log p(x|z) + log p(z)) - log q(z|x)
         return -(beta * (terms.log_px_z + terms.log_pz) - terms.log_qz).mean()
-    objective = elbo(
-        terms,
-        beta=beta,
-        free_bits=t.free_bits,
-        num_dims=latent_dim,
-        group_size=t.free_bits_group_size,
-        batch_splits=t.free_bits_batch_splits,
-    )
-    return -objective.mean()
+
+    def objective(floor: float | Tensor) -> Tensor:
+        return elbo(
+            terms,
+            beta=beta,
+            free_bits=floor,
+            num_dims=latent_dim,
+            group_size=t.free_bits_group_size,
+            batch_splits=t.free_bits_batch_splits,
+        )
+
+    if free_bits is None:
+        return -objective(t.free_bits).mean()
+    return -torch.where(free_bits > 0, objective(free_bits), objective(0.0)).mean()
 
 
 def _update_step(

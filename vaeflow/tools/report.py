@@ -821,7 +821,7 @@ def to_markdown(
             n = (
                 " over the test images each row and the reference both scored "
                 f"({counts[0]} to {counts[-1]}; each row's count in results.json, "
-                "\"paired\": \"n\")"
+                '"paired": "n")'
             )
         lines += [
             "",

@@ -542,8 +542,10 @@ def write_sweep_hparams(points: Sequence[Point], directory: str | Path) -> Path:
 def stack_groups(points: Sequence[Point], size: int) -> list[list[Point]]:
     """Split ``points`` into stacks of at most ``size``: points with equal
     :func:`vaeflow.run.stack.stack_key` in sweep order; a point that cannot be stacked
-    (or a stack of one) is a group of one, trained alone."""
-    from ..run.stack import check_stackable, stack_key  # torch only when stacking
+    (or a stack of one) is a group of one, trained alone. A stack's model is tried first
+    (:func:`vaeflow.run.stack.check_model_stackable`: one vmapped step on two dummy
+    images); a model the stack would get wrong trains alone, point by point."""
+    from ..run.stack import check_model_stackable, check_stackable, stack_key
 
     if size < 1:
         raise ConfigError(f"--stack must be >= 1, got {size}")
@@ -561,7 +563,16 @@ def stack_groups(points: Sequence[Point], size: int) -> list[list[Point]]:
             chunks.append([])
             groups.append(chunks[-1])
         chunks[-1].append(p)
-    return groups
+    out: list[list[Point]] = []
+    for g in groups:
+        if len(g) > 1:
+            try:
+                check_model_stackable([load_config(p.base, p.overrides) for p in g])
+            except ConfigError:
+                out.extend([p] for p in g)
+                continue
+        out.append(g)
+    return out
 
 
 def _stack_args(sweep_path: str | Path, group: Sequence[Point], extra: Sequence[str]) -> list[str]:
