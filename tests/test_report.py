@@ -686,6 +686,31 @@ def test_test_curves_figure_from_runs_and_from_results_json(tmp_path: Path) -> N
         make_figures(collect([tmp_path / "mixed"]), [])
 
 
+def test_gain_over_the_last_doubling_says_whether_a_curve_still_rises(tmp_path: Path) -> None:
+    """Each run's curves get a column-ready number: the bound at the last step minus at
+    half of it (interpolated), for the test curve and the validation curve; none where
+    no point lies at or before half the last step; a resumed run's repeated step keeps
+    its last value."""
+    from vaeflow.tools.report import gain_last_doubling
+
+    assert gain_last_doubling([(100, -120.0), (200, -100.0)]) == pytest.approx(20.0)
+    # half of 250 is 125, between (50, -130) and (150, -95): -103.75
+    assert gain_last_doubling([(50, -130.0), (150, -95.0), (250, -90.0)]) == pytest.approx(13.75)
+    assert gain_last_doubling([(300, -1.0), (400, -0.5)]) is None
+    assert gain_last_doubling([(100, -2.0), (200, -1.0), (200, -1.5)]) == pytest.approx(0.5)
+    root = tmp_path / "runs"
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        run = _write_run(root, f"s{seed}", _config("iaf", seed), 85.0)
+        _add_test_curve(run, {50: -130.0 + shift, 150: -95.0 + shift, 250: -90.0 + shift})
+    names = ["test_curve/iwae_gain_last_doubling_nats", "curve/val_elbo_gain_last_doubling_nats"]
+    written = write_report([root], tmp_path / "out", metrics=names)
+    table = written["markdown"].read_text()
+    header = "| test bound gain over the last doubling of steps (nats) | validation ELBO gain"
+    assert header in table
+    assert "| 13.75 ± 0.00 (2) | 20.00 ± 0.00 (2) |" in table, table
+    assert "near 0: the curve has flattened out" in table.replace("\n", " ")
+
+
 def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
     """results.json keeps each run's learning curve (one line per list) and the figure
     options, so the figures come back without the run directories."""

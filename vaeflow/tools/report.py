@@ -276,6 +276,14 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         if curve:
             break
     test_curve = _test_curve(rows)
+    # Is the run still improving? Each curve's gain over the last doubling of steps.
+    split = "val" if curve_tag == "val/elbo_nats" else "train"
+    gains = {f"curve/{split}_elbo_gain_last_doubling_nats": gain_last_doubling(curve)}
+    if test_curve:
+        tag = next(t for t in test_curve if t != "step")
+        points = list(zip(test_curve["step"], test_curve[tag], strict=True))
+        gains["test_curve/iwae_gain_last_doubling_nats"] = gain_last_doubling(points)
+    metrics.update({name: g for name, g in gains.items() if g is not None})
     notes: list[str] = []
     for note in [*summary.get("notes", []), *env.get("notes", [])]:
         if note not in notes:
@@ -301,6 +309,33 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         },
         **({"test_curve": test_curve} if test_curve else {}),
     }
+
+
+def gain_last_doubling(points: Sequence[tuple[int, float]]) -> float | None:
+    """How much a learning curve of a bound (higher is better) still rose over the last
+    doubling of training: its value at the last step minus its value at half that step
+    (linearly interpolated between the logged points). On a log-step axis the last
+    doubling is the last equal-width stretch, so a curve that has flattened out gives
+    about 0 and one still climbing a positive number of nats; ``None`` without a point
+    at or before half the last step.
+
+    Args:
+        points: ``(step, value)`` pairs; a step logged twice (a resumed run) keeps the
+            last value.
+    """
+    by_step = dict(points)
+    steps = sorted(by_step)
+    if len(steps) < 2 or steps[0] > steps[-1] / 2:
+        return None
+    half = steps[-1] / 2
+    j = next(i for i, step in enumerate(steps) if step >= half)
+    if steps[j] == half:
+        at_half = by_step[steps[j]]
+    else:  # steps[j - 1] < half < steps[j]
+        s0, s1 = steps[j - 1], steps[j]
+        w = (half - s0) / (s1 - s0)
+        at_half = (1 - w) * by_step[s0] + w * by_step[s1]
+    return by_step[steps[-1]] - at_half
 
 
 def _test_curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
@@ -654,6 +689,14 @@ def metric_label(name: str) -> str:
     split, _, rest = name.partition("/")
     if not rest:
         split, rest = "", split
+    gain = re.fullmatch(r"(\w+?)_gain_last_doubling_nats", rest)
+    if gain:  # gain_last_doubling's columns: how much a curve still rose at the end
+        what = {
+            "iwae": "test bound",
+            "val_elbo": "validation ELBO",
+            "train_elbo": "training ELBO",
+        }.get(gain.group(1), gain.group(1).replace("_", " "))
+        return f"{what} gain over the last doubling of steps (nats)"
     if rest == "bpd":
         return f"{split} bpd".strip()
     if rest == "active_units":
@@ -804,6 +847,14 @@ def to_markdown(
         # The reader's names are for reading; the keys are what a config sets.
         columns = ", ".join(f"{labeller.name(k)} = `{k}`" for k in keys)
         lines += ["", f"Columns: {columns}."]
+    if any(m.endswith("_gain_last_doubling_nats") for m in names):
+        lines += [
+            "",
+            "Gain over the last doubling of steps: the curve's value at the last logged "
+            "step minus its value at half that step (interpolated); near 0: the curve has "
+            "flattened out on a log-step axis; positive: still improving when training "
+            "stopped.",
+        ]
     cells = "Cells: mean ± std over seeds (n); std uses n-1."
     if any(g["n_seeds"] > 1 for g in groups):
         # What the spread covers matters only where there is one.
