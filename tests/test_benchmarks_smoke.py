@@ -342,4 +342,8 @@ def test_nll_eval_benchmark_on_a_trained_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"trained run {run}" in proc.stdout
     (bf16,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("| bf16 |")]
-    assert float(bf16.split("|")[-2]) >= 0, bf16
+    (eager,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("| eager |")]
+    # bf16 rounding moves every image's estimate (same noise, seed 1): a difference of
+    # exactly 0 would mean the row never ran in bf16; the float32 row is the reference.
+    assert 0 < float(bf16.split("|")[-2]) < 50, bf16
+    assert eager.split("|")[-2].strip() == "-", eager

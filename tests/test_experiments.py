@@ -459,3 +459,110 @@ def test_sylvester_posterior_follows_the_authors_code(sweep: str) -> None:
             assert post.options.get("constraint") == "softplus", p.name
         if post.flow == "sylvester_orthogonal":  # the code's iterative orthogonalisation
             assert post.options.get("orthogonalization") == "polar", p.name
+
+
+def test_burda_long_mode_reports_curves_against_the_papers_numbers(tmp_path: Path) -> None:
+    """`run.sh long` (issue 14's 500-epoch rows): long.toml's sweep, two single-threaded
+    processes, and a report on a log-epoch axis with the paper's VAE k = 1 and IWAE k = 5
+    NLLs as lines and each curve's last-doubling gain, in arguments the report accepts."""
+    import argparse
+
+    from vaeflow.tools.report import add_report_parser
+
+    stub, log = _stub(tmp_path)
+    env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+    env.pop("THREADS", None)
+    env.pop("JOBS", None)
+    script = EXPERIMENTS / "burda2016_iwae" / "run.sh"
+    run = subprocess.run(
+        ["bash", str(script), "long"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    sweep, report = log.read_text().splitlines()
+    assert sweep.startswith("sweep experiments/burda2016_iwae/long.toml --jobs 2 --threads 1")
+    directory = sw.load_sweep(EXPERIMENTS / "burda2016_iwae" / "long.toml").directory
+    assert report.startswith(f"report {directory} -o results/burda2016_iwae/long ")
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    args = report.split()[1:]
+    args[args.index("--metrics") + 1] = r"test/nll_iw\d+_nats"  # the log lost the quotes
+    parsed = parser.parse_args(["report", *_unsplit_references(args)])
+    assert parsed.log_x and "test_curve/iwae_gain_last_doubling_nats" in parsed.metrics
+    assert {n: v for n, v, _ in parsed.reference} == {
+        "VAE k = 1 (paper Table 1)": 86.76,
+        "IWAE k = 5 (paper Table 1)": 85.54,
+    }
+
+
+def _unsplit_references(args: list[str]) -> list[str]:
+    """Re-join the words of each ``--reference 'NAME: NLL'`` that the stub's log split."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in ("--reference", "--bound-reference"):
+            j = i + 1
+            while not args[j].endswith(")") and ":" not in args[j]:
+                j += 1
+            j += 1  # the number after "...):"
+            out += [args[i], " ".join(args[i + 1 : j + 1])]
+            i = j + 1
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
+@pytest.mark.slow
+def test_sylvester_long_mode_trains_evaluates_in_steps_and_reports(tmp_path: Path) -> None:
+    """`run.sh long` end to end on a tiny sweep (LONG_SWEEP): both rows trained without
+    evaluation, scored on the fixed random 1,000 test images, then grown to all 10,000,
+    and reported with their curves' gains and the paired column; a second call (a
+    resumed session) redoes nothing and gives the same table."""
+    data = os.environ.get("VAEFLOW_DATA") or str(REPO.parent / "shared" / "datasets")
+    sweep = tmp_path / "long.toml"
+    (tmp_path / "base.toml").write_text("")
+    sweep.write_text(
+        f"""base = "base.toml"
+name = "tiny_long"
+root = "{tmp_path / "runs"}"
+set = [
+  'data.root="{data}"', "data.dataset=\\"binarized_mnist\\"", "data.binarization=\\"given\\"",
+  "data.batch_size=20", "model.latent_dim=4", "model.encoder.options={{hidden=[16]}}",
+  "model.decoder.options={{hidden=[16]}}", "train.steps=6", "train.val_every=2",
+  "train.test_every=2", "train.test_k=1", "train.test_size=100", "train.ckpt_every=2",
+  "train.log_every=2", "train.image_every=0", "eval.k=2", "eval.chunk=2",
+]
+
+[[variant]]
+name = "no_flow"
+"model.posterior.flow" = "none"
+
+[[variant]]
+name = "planar"
+"model.posterior.flow" = "planar"
+"""
+    )
+    out = tmp_path / "report"
+    env = {**os.environ, "LONG_SWEEP": str(sweep), "LONG_OUT": str(out)}
+    env["VAEFLOW"] = str(Path(sys.executable).parent / "vaeflow")
+    env["PYTHON"] = sys.executable
+    script = EXPERIMENTS / "vandenberg2018_sylvester" / "run.sh"
+    import json
+
+    def call() -> str:
+        run = subprocess.run(
+            ["bash", str(script), "long"], env=env, capture_output=True, text=True, cwd=tmp_path
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return run.stdout
+
+    call()
+    for row in ("no_flow", "planar"):
+        summary = json.loads((tmp_path / "runs" / "tiny_long" / row / "summary.json").read_text())
+        assert summary["test/n_examples"] == 10000
+        assert summary["extended_from"] == "fixed random subset of 1000 of 10000"
+    table = (out / "results.md").read_text()
+    assert "test bound gain over the last doubling of steps (nats)" in table
+    assert "test results" not in call()  # a second session: nothing left to evaluate
+    assert (out / "results.md").read_text() == table
+    assert "| reference | reference |" in table and (out / "test_curves.png").is_file()
