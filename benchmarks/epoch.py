@@ -3,6 +3,9 @@ own protocol, and the projected wall time of the paper's budget; print a markdow
 
     python benchmarks/epoch.py --threads 2                 # CPU, every experiment row
     python benchmarks/epoch.py --device cuda               # on a GPU
+    python benchmarks/epoch.py --device cuda --compile-step --rows burda2016_iwae/vae_k1
+                                   # the whole update as one compiled graph
+                                   # (train.compile_step; CUDA graphs on a GPU)
     python benchmarks/epoch.py --rows burda2016_iwae/iwae_k50 flow_priors/gauss+vamp
     python benchmarks/epoch.py --small --repeats 2         # smoke run (tiny networks)
     python benchmarks/epoch.py --rows kingma2016_iaf_cifar10/diagonal --batch 4
@@ -149,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--small", action="store_true", help="tiny networks (smoke run)")
     p.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="time the compiled update (train.compile_step; on a GPU "
+        "one CUDA graph per step) instead of the eager one; rows whose config cannot "
+        "compile it say why",
+    )
+    p.add_argument(
         "--batch",
         type=int,
         default=0,
@@ -161,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(machine_header(device, torch.get_num_threads()))
-    print(f"median of {args.repeats} steps after {args.warmup} warm-up steps\n")
+    mode = "compiled update (train.compile_step)" if args.compile_step else "eager update"
+    print(f"{mode}; median of {args.repeats} steps after {args.warmup} warm-up steps\n")
     table = []
     for name, base, overrides in rows_to_measure(args.rows):
         small = small_overrides(base, overrides) if args.small else []
@@ -169,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         n = train_examples(cfg)
         batch = cfg.data.batch_size
         steps_per_epoch = n / batch
+        step_flags = ["train.compile_step=true"] if args.compile_step else []
+        if step_flags:
+            cfg = load_config(base, overrides + small + step_flags)
         timed = cfg
         try:
             if args.batch and args.batch != batch:
@@ -177,9 +191,12 @@ def main(argv: list[str] | None = None) -> None:
                     base,
                     overrides
                     + small
+                    + step_flags
                     + [f"data.batch_size={args.batch}", "train.free_bits_batch_splits=1"],
                 )
-            step, _, params = make_step(timed, device, compile_=False, amp=False)
+            step, _, params = make_step(
+                timed, device, compile_=False, amp=False, compile_step=args.compile_step
+            )
             seconds = time_fn(step, repeats=args.repeats, warmup=args.warmup, device=device)
         except Exception as e:  # one failing row must not hide the rest
             table.append([name, "", "", "", f"failed: {type(e).__name__}: {e}"[:100], "", ""])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU session for benchmarks/README.md's CUDA tables (run through the device tool):
 #   bash benchmarks/gpu_run.sh OUT_DIR [PART ...]
-# PARTs (default: all, in this order): flows nll train compile_step stack. One device call
+# PARTs (default: all, in this order): flows nll train compile_step stack epoch. One device call
 # may run at most 10 minutes and a session has 15 minutes of device time in all, so run the
 # parts a session needs (their time limits below add up to ~25 minutes).
 # Expects the zuko/nflows packages in .gpuwheels/site (carried: the GPU machine has no
@@ -9,9 +9,9 @@
 # as it finishes. CUDA correctness checks (bf16, RNG state, training on MNIST from
 # .gpudata/MNIST/raw) are a separate script: python3 benchmarks/gpu_check.py --out OUT_DIR.
 set -uo pipefail
-out="${1:?usage: gpu_run.sh OUT_DIR [flows|nll|train|compile_step|stack ...]}"
+out="${1:?usage: gpu_run.sh OUT_DIR [flows|nll|train|compile_step|stack|epoch ...]}"
 shift
-parts=" ${*:-flows nll train compile_step stack} "
+parts=" ${*:-flows nll train compile_step stack epoch} "
 want() { [[ "$parts" == *" $1 "* ]]; }
 mkdir -p "$out" && : >> "$out/stderr.txt"
 export PYTHONPATH="$PWD:$PWD/benchmarks:$PWD/.gpuwheels/site" VAEFLOW_DATA="$PWD/.gpudata"
@@ -29,4 +29,9 @@ want compile_step && timeout 240 python3 benchmarks/train_step.py --device cuda 
 # Stacked runs (issue 14: >= 10x for 16 stacked Burda-size runs on a GPU), then the gated-conv model.
 want stack && timeout 240 python3 benchmarks/stack.py --device cuda --sizes 1 4 16 --steps 100 --repeats 3 2>>"$out/stderr.txt" | tee "$out/stack_cuda.md"
 want stack && timeout 240 python3 benchmarks/stack.py --device cuda --model sylvester --sizes 1 4 16 --steps 10 --repeats 3 2>>"$out/stderr.txt" | tee "$out/stack_sylvester_cuda.md"
+# The cost of a reproduction on this GPU (issue 14: a Burda 1-layer epoch in <= 1 s with
+# graphs; the 3280-epoch row in under an hour): every paper row eager, then the Burda rows
+# with the compiled update (one CUDA graph per step), and its training loop.
+want epoch && timeout 300 python3 benchmarks/epoch.py --device cuda --repeats 20 --warmup 5 2>>"$out/stderr.txt" | tee "$out/epoch_cuda.md"
+want epoch && timeout 200 python3 benchmarks/epoch.py --device cuda --compile-step --rows burda2016_iwae/vae_k1 burda2016_iwae/iwae_k5 burda2016_iwae/iwae_k50 --repeats 50 --warmup 10 2>>"$out/stderr.txt" | tee "$out/epoch_compile_step_cuda.md"
 tail -5 "$out/stderr.txt"

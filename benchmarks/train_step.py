@@ -88,6 +88,8 @@ MODELS: dict[str, tuple[str, list[str]]] = {
             "data.batch_size=64",
         ],
     ),
+    # Burda et al.'s one-layer VAE (issue 14's GPU target: an epoch of batch 20 in <= 1 s).
+    "burda_one_layer": ("experiments/burda2016_iwae/config.toml", []),
     # The hierarchies as their experiments configure them (issue 13's benchmarks).
     "burda_two_layer": ("experiments/burda2016_iwae/two_layer.toml", []),
     "topdown_cifar10": ("experiments/kingma2016_iaf/topdown_cifar10.toml", []),
@@ -132,6 +134,7 @@ SMALL = {
         "model.likelihood_options={num_mixtures=2}",
         "data.batch_size=4",
     ],
+    "burda_one_layer": ["model.latent_dim=4", "data.batch_size=4"],
     "burda_two_layer": ["model.latent_dim=4", "data.batch_size=4"],
     "topdown_cifar10": [
         "model.topdown.channels=8",

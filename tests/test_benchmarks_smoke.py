@@ -107,7 +107,7 @@ def test_train_step_benchmark_smoke() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "eager" in ln]
-    assert len(rows) == 14, proc.stdout  # 7 models x (eager, eager + channels_last)
+    assert len(rows) == 16, proc.stdout  # 8 models x (eager, eager + channels_last)
     assert not any("failed" in r for r in rows), proc.stdout
 
 
@@ -161,6 +161,18 @@ def test_train_loop_benchmark_smoke() -> None:
     assert len(rows) == 2, proc.stdout
     for row in rows:
         assert float(row.split(" | ")[2].split()[0]) > 0, row  # steps/s
+
+
+def test_epoch_benchmark_times_the_compiled_update() -> None:
+    """--compile-step (issue 14's GPU target: a Burda epoch in <= 1 s with graphs) times
+    the loop's compiled update of the experiment's own row, and says so."""
+    row = "burda2016_iwae/vae_k1"
+    args = ("--small", "--repeats", "1", "--warmup", "1", "--compile-step", "--rows", row)
+    proc = _run_script("epoch.py", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "compiled update (train.compile_step)" in proc.stdout
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"| {row} |")]
+    assert "failed" not in line and float(line.split(" | ")[4]) > 0, line  # ms/step
 
 
 def test_epoch_benchmark_smoke() -> None:
