@@ -15,6 +15,11 @@ Prints a report (and writes it to OUT_DIR/gpu_check.md). Not a test: CI has no G
    rate and KL weight, EMA and two skipped updates: the largest parameter, EMA and loss
    differences after N steps (expected: float rounding, ~1e-5), whether inductor skipped
    the CUDA graph (and why), recompilations, and ms per step of both.
+6. Precision of the bounds: a quickstart model trained briefly in float32, its per-image
+   k = 100 bound and ELBO on 500 test images in strict float32, TF32 (``train.tf32``'s
+   flags) and bf16 autocast (``train.amp``), same noise; the mean and mean absolute
+   per-image differences from float32 against the stated tolerance
+   (:data:`TOLERANCE_NATS`): whether each may be used where a bound is reported.
 """
 
 from __future__ import annotations
@@ -95,6 +100,71 @@ def check_training(lines: list[str], steps: int, compile_: bool) -> None:
             f"| {label} | {s['steps_per_second']:.1f} | {s['val/elbo_nats']:.2f} | "
             f"{s['val/iwae_k100_nats']:.2f} | {s['skipped_steps']} |"
         )
+    lines.append("")
+
+
+#: What a precision may move a reported bound by, per test image: the mean absolute
+#: difference from float32, and the mean difference (a bias), in nats.
+TOLERANCE_NATS = {"mean_abs": 0.05, "mean": 0.02}
+
+
+def check_precision(
+    lines: list[str], steps: int = 500, device: str = "cuda", images: int = 500
+) -> None:
+    """Section 6: TF32 and bf16 against strict float32 on one trained model's bounds
+    (``device="cpu"`` runs the same code where TF32 does nothing: the smoke test)."""
+    from vaeflow.data import load_splits, prepare_eval
+    from vaeflow.run.evaluate import load_run
+    from vaeflow.run.utils import set_tf32
+
+    base = [
+        f"train.device={device}",
+        f"train.steps={steps}",
+        f"train.val_every={steps}",
+        f"train.ckpt_every={steps}",
+    ]
+    cfg = load_config(ROOT / "experiments/quickstart/mnist_iaf_flowprior.toml", base)
+    with tempfile.TemporaryDirectory() as d:
+        train(cfg, Path(d) / "run")
+        _, model, _ = load_run(Path(d) / "run", "last", True, device)
+    model.eval()
+    splits = load_splits(cfg.data.dataset, cfg.data.root, val_size=cfg.data.val_size)
+    x = prepare_eval(
+        splits.test[:images], splits.kind, cfg.data.binarization, cfg.data.seed, device
+    )
+
+    def scores(tf32: bool, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        set_tf32(tf32)
+        torch.manual_seed(0)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+        with torch.no_grad(), autocast:
+            out = [model.log_likelihood(xb, k=100, chunk=100) for xb in x.split(100)]
+        set_tf32(False)
+        return (
+            torch.cat([o.log_px for o in out]).double(),
+            torch.cat([o.elbo for o in out]).double(),
+        )
+
+    ref_px, ref_elbo = scores(False, False)
+    lines += [
+        f"## Precision of the bounds (quickstart model, {steps} steps, {images} test images, "
+        f"k = 100): tolerance mean |diff| <= {TOLERANCE_NATS['mean_abs']}, "
+        f"|mean diff| <= {TOLERANCE_NATS['mean']} nats",
+        "",
+        "| precision | bound: mean diff | bound: mean abs diff | ELBO: mean diff | "
+        "ELBO: mean abs diff | within tolerance |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, tf32, bf16 in (("TF32", True, False), ("bf16 autocast", False, True)):
+        px, elbo = scores(tf32, bf16)
+        diffs = [px - ref_px, elbo - ref_elbo]
+        ok = all(
+            d.abs().mean() <= TOLERANCE_NATS["mean_abs"]
+            and d.mean().abs() <= TOLERANCE_NATS["mean"]
+            for d in diffs
+        )
+        cells = [f"{d.mean().item():+.4f} | {d.abs().mean().item():.4f}" for d in diffs]
+        lines.append(f"| {label} | {' | '.join(cells)} | {'yes' if ok else 'NO'} |")
     lines.append("")
 
 
@@ -242,7 +312,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     lines = [f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-    for fn in (check_flows, check_rng, check_nll, check_compiled_step):
+    for fn in (check_flows, check_rng, check_nll, check_compiled_step, check_precision):
         try:
             fn(lines)
         except Exception as e:  # report every section, even after a failure

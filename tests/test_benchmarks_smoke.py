@@ -359,3 +359,20 @@ def test_nll_eval_benchmark_on_a_trained_run(tmp_path: Path) -> None:
     # exactly 0 would mean the row never ran in bf16; the float32 row is the reference.
     assert 0 < float(bf16.split("|")[-2]) < 50, bf16
     assert eager.split("|")[-2].strip() == "-", eager
+
+
+def test_gpu_check_precision_section_runs(tmp_path: Path) -> None:
+    """gpu_check.py's section 6 (TF32 / bf16 against float32 on a trained model's bounds,
+    with the stated tolerance) runs as written; on a CPU TF32 changes nothing, so its row
+    differs by exactly 0 and is within tolerance, and bf16 autocast moves the bound."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import TOLERANCE_NATS, check_precision
+
+    lines: list[str] = []
+    check_precision(lines, steps=2, device="cpu", images=20)
+    text = "\n".join(lines)
+    assert f"tolerance mean |diff| <= {TOLERANCE_NATS['mean_abs']}" in text
+    (tf32,) = [ln for ln in lines if ln.startswith("| TF32 |")]
+    assert tf32 == "| TF32 | +0.0000 | 0.0000 | +0.0000 | 0.0000 | yes |", tf32
+    (bf16,) = [ln for ln in lines if ln.startswith("| bf16 autocast |")]
+    assert float(bf16.split(" | ")[2]) > 0, bf16

@@ -984,3 +984,25 @@ def test_joint_warmup_weighs_the_log_joint(float64):
     at_one = training_loss(terms, joint.train, 1.0, 4)
     assert torch.allclose(at_one, -elbo(terms).mean(), atol=1e-12)
     assert torch.allclose(at_one, training_loss(terms, kl.train, 1.0, 4), atol=1e-12)
+
+
+def test_tf32_is_a_choice_of_training_and_never_of_evaluation(tmp_path: Path) -> None:
+    """torch's defaults differ (CUDA matmuls strict float32, cuDNN convolutions TF32), so a
+    run never inherits them: training sets ``train.tf32`` for both (default off; a CPU
+    warns that it has no TF32), and evaluation always switches to strict float32, so a
+    reported bound is a float32 number whatever the run trained with."""
+    import torch
+
+    from vaeflow.run.evaluate import evaluate_run
+
+    def flags() -> tuple[bool, bool]:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    torch.backends.cudnn.allow_tf32 = True  # torch's default
+    train(_cfg("train.steps=2", "train.val_every=2"), tmp_path / "strict")
+    assert flags() == (False, False)
+    with pytest.warns(UserWarning, match="train.tf32 = true is ignored on CPU"):
+        train(_cfg("train.steps=2", "train.val_every=2", "train.tf32=true"), tmp_path / "tf32")
+    assert flags() == (True, True)
+    evaluate_run(tmp_path / "tf32", data_root=DATA, k=2, chunk=2, n_test=5)
+    assert flags() == (False, False)

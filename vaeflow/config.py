@@ -398,6 +398,11 @@ class TrainConfig:
         seed: global seed.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: bf16 autocast on CUDA (ignored on CPU with a warning).
+        tf32: TF32 matmuls and convolutions in training on CUDA (ignored on CPU with a
+            warning). Off: strict float32 for both (torch's default would run cuDNN
+            convolutions in TF32). Evaluation is always strict float32
+            (:func:`vaeflow.run.utils.set_tf32`); ``benchmarks/gpu_check.py`` measures
+            how far TF32 and bf16 move the bounds.
         compile: wrap the model in ``torch.compile`` (its forward; backward, optimiser and
             EMA stay eager; ``compile_step`` compiles all of it).
         channels_last: keep conv weights and image batches in NHWC memory layout (the
@@ -483,6 +488,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False
+    tf32: bool = False
     compile: bool = False
     channels_last: bool = False
     sync_free: bool = False

@@ -34,7 +34,7 @@ from ..models.build import build_model
 from ..models.vae import VAE
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .logger import log_test_scalars
-from .utils import resolve_device
+from .utils import resolve_device, set_tf32
 
 __all__ = [
     "hparams_metric_tags",
@@ -441,6 +441,7 @@ def evaluate_run(
     says what was extended (``extended_from``). ``reuse=False`` scores every image again.
     """
     run_dir = Path(run_dir)
+    set_tf32(False)  # a reported bound is a float32 number, whatever training used
     cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema is not False, device)
     # Leftovers of an interrupted write (of summary.json, say). Only the top level: the
     # run's training, which may still be running, cleans checkpoints/ and samples/.

@@ -79,7 +79,7 @@ from .logger import (
     hparams_order,
 )
 from .optim import AdamNormGrad, IWAEAdam, init_state, update_unless
-from .utils import resolve_device
+from .utils import resolve_device, set_tf32
 
 __all__ = [
     "train",
@@ -706,6 +706,9 @@ def _setup_run(
         warnings.warn(
             "train.amp = true is ignored on CPU (bf16 autocast is CUDA-only)", stacklevel=3
         )
+    if t.tf32 and device.type != "cuda":
+        warnings.warn("train.tf32 = true is ignored on CPU (TF32 is CUDA-only)", stacklevel=3)
+    set_tf32(t.tf32)  # never torch's default (cuDNN convolutions in TF32)
 
     if splits is None:
         splits = load_splits(

@@ -1,10 +1,10 @@
-"""Device resolution shared by training, evaluation and the CLI."""
+"""Device resolution and float32 precision, shared by training, evaluation and the CLI."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "set_tf32"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -16,3 +16,14 @@ def resolve_device(name: str) -> torch.device:
             f"device {name!r} requested but no CUDA device is available; use 'auto'"
         )
     return torch.device(name)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (inputs rounded to a 10-bit mantissa) for CUDA matmuls and cuDNN convolutions,
+    or strict float32 for both. Process-wide flags. torch's own defaults differ between
+    the two (matmuls strict, cuDNN convolutions TF32), so a run never inherits them:
+    training sets ``train.tf32`` (default off), evaluation always strict float32, so a
+    reported bound is a float32 number (TF32's effect on the bounds is measured by
+    ``benchmarks/gpu_check.py``, not assumed). No effect on a CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
