@@ -70,6 +70,7 @@ from vaeflow.run.train import (  # noqa: E402
     _optimizer,
     _update_step,
 )
+from vaeflow.run.utils import set_tf32  # noqa: E402
 
 MODELS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("experiments/quickstart/mnist_iaf_flowprior.toml", []),
@@ -179,6 +180,7 @@ def make_step(
     ``compile_``: ``torch.compile`` the model (``train.compile``); ``compile_step``: the
     whole update compiled (``train.compile_step``, the loop's ``_CompiledStep``)."""
     torch.manual_seed(0)
+    set_tf32(cfg.train.tf32)  # as the loop does: strict float32 unless the config asks
     model = build_model(cfg.model).to(device)
     if channels_last:  # as the loop does for train.channels_last
         model = model.to(memory_format=torch.channels_last)

@@ -282,7 +282,7 @@ def test_conv_sylvester_stack_equals_solo_in_float64(tmp_path: Path, splits, flo
 
 def test_vampprior_planar_stack_equals_solo_in_float64(tmp_path: Path, splits, float64) -> None:
     """A learned prior whose parameters are pseudo-inputs (VampPrior) and a planar flow
-    posterior, per-dimension free bits against the prior's chain-rule conditionals."""
+    posterior, one free-bits group per run that has a floor."""
     vamp = [
         'model.prior.name="vamp"',
         "model.prior.num_components=3",
@@ -292,6 +292,45 @@ def test_vampprior_planar_stack_equals_solo_in_float64(tmp_path: Path, splits, f
     ]
     cfgs = [_cfg(*vamp, "train.seed=0", "train.free_bits=0.5"), _cfg(*vamp, "train.seed=1")]
     _assert_stack_equals_solo(tmp_path, splits, cfgs)
+
+
+@pytest.mark.parametrize("floors", [(0.0, 0.5), (0.5, 0.0)])
+def test_chain_rule_free_bits_stack_equals_solo(tmp_path: Path, splits, float64, floors) -> None:
+    """Per-dimension free bits against a VampPrior's chain-rule conditionals in one run of
+    the stack and none in the other, in either order: the stack's one module computes the
+    chain-rule KL if any run needs it (for the other it is the same KL, summed)."""
+    vamp = ['model.prior.name="vamp"', "model.prior.num_components=3"]
+    cfgs = [_cfg(*vamp, f"train.seed={i}", f"train.free_bits={fb}") for i, fb in enumerate(floors)]
+    _assert_stack_equals_solo(tmp_path, splits, cfgs)
+
+
+def test_a_gradient_the_stack_would_miss_is_refused(tmp_path: Path, splits, monkeypatch) -> None:
+    """A forward that reads a parameter through a plain attribute (a tied weight kept
+    outside the module's parameters) gets that parameter's gradient alone but not in a
+    stack (functional_call replaces only registered parameters): the trial compares the
+    stacked gradients with the run's own and refuses."""
+    from vaeflow.models import build as build_module
+
+    real = build_module.build_model
+
+    class Tied(torch.nn.Module):
+        def __init__(self, decoder: torch.nn.Module, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.decoder = decoder
+            self.__dict__["tied"] = weight  # not registered: invisible to functional_call
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.decoder(z) + 1e-2 * self.tied.sum()
+
+    def tied(cfg):
+        model = real(cfg)
+        model.decoder = Tied(model.decoder, next(model.encoder.parameters()))
+        return model
+
+    monkeypatch.setattr(build_module, "build_model", tied)
+    with pytest.raises(ConfigError, match="stacked gradient of parameter 'encoder"):
+        train_stack([_cfg()], [tmp_path / "a"], splits=splits)
+    assert not any(tmp_path.iterdir())
 
 
 def test_flow_prior_and_per_dimension_free_bits_stack_equals_solo(
@@ -325,7 +364,8 @@ set = {json.dumps(overrides)}
 """
     )
     points = sw.expand(sweep, validate=False)
-    groups = sw.stack_groups(points, 2)
+    with pytest.warns(UserWarning, match="--stack: .*gated_conv.* train alone: cannot build"):
+        groups = sw.stack_groups(points, 2)
     # mlp seeds 0 and 1 together, seed 2 alone (the stack is full); gated_conv with the
     # MLP's options cannot be built, so its model trial fails: alone each (where its
     # training reports the error as its own).
@@ -343,7 +383,8 @@ set = {json.dumps(overrides)}
         .replace('"model.encoder.name"', '"model.posterior.flow"')
         .replace('["mlp", "gated_conv"]', '["residual", "iaf"]')
     )
-    groups = sw.stack_groups(sw.expand(sweep, validate=False), 3)
+    with pytest.warns(UserWarning, match="train alone: this model cannot be trained in a stack"):
+        groups = sw.stack_groups(sw.expand(sweep, validate=False), 3)
     assert [len(g) for g in groups] == [1, 1, 1, 3], [[p.name for p in g] for g in groups]
     sweep.write_text(
         sweep.read_text()

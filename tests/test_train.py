@@ -989,11 +989,13 @@ def test_joint_warmup_weighs_the_log_joint(float64):
 def test_tf32_is_a_choice_of_training_and_never_of_evaluation(tmp_path: Path) -> None:
     """torch's defaults differ (CUDA matmuls strict float32, cuDNN convolutions TF32), so a
     run never inherits them: training sets ``train.tf32`` for both (default off; a CPU
-    warns that it has no TF32), and evaluation always switches to strict float32, so a
-    reported bound is a float32 number whatever the run trained with."""
+    warns that it has no TF32), and the test evaluation scores in strict float32 (and
+    puts the flags back), so a reported bound is a float32 number whatever the run
+    trained with."""
     import torch
 
     from vaeflow.run.evaluate import evaluate_run
+    from vaeflow.run.utils import set_tf32
 
     def flags() -> tuple[bool, bool]:
         return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -1004,5 +1006,20 @@ def test_tf32_is_a_choice_of_training_and_never_of_evaluation(tmp_path: Path) ->
     with pytest.warns(UserWarning, match="train.tf32 = true is ignored on CPU"):
         train(_cfg("train.steps=2", "train.val_every=2", "train.tf32=true"), tmp_path / "tf32")
     assert flags() == (True, True)
-    evaluate_run(tmp_path / "tf32", data_root=DATA, k=2, chunk=2, n_test=5)
-    assert flags() == (False, False)
+    from vaeflow.run import evaluate
+
+    seen = []
+    real = evaluate.score_examples
+
+    def spy(*args, **kwargs):  # the flags while the test images are scored
+        seen.append(flags())
+        return real(*args, **kwargs)
+
+    evaluate.score_examples = spy
+    try:
+        evaluate_run(tmp_path / "tf32", data_root=DATA, k=2, chunk=2, n_test=5)
+    finally:
+        evaluate.score_examples = real
+    assert seen == [(False, False)]
+    assert flags() == (True, True)  # put back: the process's flags are not evaluation's
+    set_tf32(False)

@@ -400,9 +400,10 @@ class TrainConfig:
         amp: bf16 autocast on CUDA (ignored on CPU with a warning).
         tf32: TF32 matmuls and convolutions in training on CUDA (ignored on CPU with a
             warning). Off: strict float32 for both (torch's default would run cuDNN
-            convolutions in TF32). Evaluation is always strict float32
-            (:func:`vaeflow.run.utils.set_tf32`); ``benchmarks/gpu_check.py`` measures
-            how far TF32 and bf16 move the bounds.
+            convolutions in TF32). Validation and test-curve points follow it; the test
+            evaluation (``vaeflow eval``) is always strict float32
+            (:func:`vaeflow.run.utils.strict_float32`); ``benchmarks/gpu_check.py``
+            measures how far TF32 and bf16 move the bounds.
         compile: wrap the model in ``torch.compile`` (its forward; backward, optimiser and
             EMA stay eager; ``compile_step`` compiles all of it).
         channels_last: keep conv weights and image batches in NHWC memory layout (the

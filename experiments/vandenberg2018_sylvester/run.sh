@@ -48,9 +48,11 @@ out="${LONG_OUT:-results/vandenberg2018_sylvester/long}"
 cmds="$(mktemp)"
 trap 'rm -f "$cmds"' EXIT
 "$VAEFLOW" sweep "$sweep" --commands-file "$cmds"
-# 1. Training, both rows at once (one line per row: `vaeflow train ... --run-dir DIR`).
+rc=0
+# 1. Training, both rows at once (one line per row: `vaeflow train ... --run-dir DIR`). A
+# row that fails (diverges, say) does not stop the other's evaluation and the report.
 sed -e "s|^vaeflow |\"\$VAEFLOW\" |" -e "s|\$| --no-eval --resume auto --threads $threads|" "$cmds" \
-  | xargs -d '\n' -P 2 -I{} bash -c '{}'
+  | xargs -d '\n' -P 2 -I{} bash -c '{}' || rc=$?
 # Every point's run directory (the commands file lists only the points still to train).
 mapfile -t runs < <("$PYTHON" -c 'import sys; from vaeflow.tools.sweep import expand
 for p in expand(sys.argv[1], validate=False): print(p.run_dir)' "$sweep")
@@ -62,13 +64,21 @@ scored() {  # test images the run's summary.json covers (0: not evaluated)
 try: print(json.load(open(sys.argv[1] + "/summary.json")).get("test/n_examples", 0))
 except OSError: print(0)' "$1"
 }
+trained() {  # the run finished training: completed, or stopped early (train_summary.json)
+  "$PYTHON" -c 'import json, sys
+try: s = json.load(open(sys.argv[1] + "/train_summary.json"))["status"]
+except (OSError, KeyError, ValueError): s = ""
+print(s == "completed" or s.startswith("early stopping"))' "$1"
+}
 for n in 1000 10000; do
   for run in "${runs[@]}"; do
-    if [ "$(scored "$run")" -lt "$n" ]; then
-      "$VAEFLOW" eval "$run" --n-test "$n" --threads "$threads"
+    if [ "$(trained "$run")" = True ] && [ "$(scored "$run")" -lt "$n" ]; then
+      "$VAEFLOW" eval "$run" --n-test "$n" --threads "$threads" || rc=$?
     fi
   done
 done
+# The report of whatever was evaluated (a row without summary.json is listed as such).
 "$VAEFLOW" report "${runs[@]}" -o "$out" --log-x \
   "${report_args[@]}" --metrics "${metrics[@]}" \
-  test_curve/iwae_gain_last_doubling_nats curve/val_elbo_gain_last_doubling_nats
+  test_curve/iwae_gain_last_doubling_nats curve/val_elbo_gain_last_doubling_nats || rc=$?
+exit "$rc"

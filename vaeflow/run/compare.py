@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..config import DataConfig, to_dict
 from ..data.datasets import DATASETS
 from .checkpoint import load_checkpoint
 from .evaluate import TEST_SCORES
@@ -61,10 +62,10 @@ def _test_data(run_dir: Path, dataset: str) -> str:
     config = run_dir / "config.json"
     if spec is None or spec.kind != "binary" or not config.is_file():
         return dataset
-    data = json.loads(config.read_text()).get("data", {})
-    if data.get("binarization") == "given":  # binary in its files (binarized_mnist)
+    data = {**to_dict(DataConfig()), **json.loads(config.read_text()).get("data", {})}
+    if data["binarization"] == "given":  # binary in its files (binarized_mnist)
         return dataset
-    return f"{dataset}, evaluation binarisation of data.seed = {data.get('seed')}"
+    return f"{dataset}, evaluation binarisation of data.seed = {data['seed']}"
 
 
 def _paired_scores(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -104,6 +105,12 @@ def _aligned(scores: Sequence[dict[str, Any]]) -> tuple[int, list[dict[str, torc
     Raises:
         ComparisonError: no test image was scored by every run.
     """
+    for s in scores:  # an evaluation scores each test image once
+        if len(torch.unique(s["indices"])) != len(s["indices"]):
+            raise ComparisonError(
+                f"per-image scores ({s['evaluation']['test_examples']}) list a test image "
+                "twice; evaluate the run again"
+            )
     common = scores[0]["indices"]
     for other in scores[1:]:
         common = common[torch.isin(common, other["indices"])]
@@ -203,8 +210,8 @@ def paired_table(reference: str | Path, others: list[str | Path]) -> str:
     """A markdown table of every run in ``others`` against ``reference``, paired image by
     image (:func:`paired_difference`): the run's NLL and -ELBO and their differences from
     the reference's, each ± the standard error of the per-image differences. A column
-    says over how many images each row is paired when that is not every image both
-    runs scored (runs scored on nested subsets pair over the smaller).
+    says over how many images each row is paired when that is not every image each of
+    the two runs scored (runs scored on nested subsets pair over the smaller).
 
     Raises what :func:`paired_difference` raises for the first run that cannot be paired.
     """

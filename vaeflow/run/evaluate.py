@@ -34,7 +34,7 @@ from ..models.build import build_model
 from ..models.vae import VAE
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .logger import log_test_scalars
-from .utils import resolve_device, set_tf32
+from .utils import resolve_device, strict_float32
 
 __all__ = [
     "hparams_metric_tags",
@@ -412,6 +412,7 @@ def eval_channels_last(
     return train_setting or (conv and device.type == "cpu")
 
 
+@strict_float32()  # a reported bound is a float32 number, whatever training used
 def evaluate_run(
     run_dir: str | Path,
     k: int | None = None,
@@ -441,7 +442,6 @@ def evaluate_run(
     says what was extended (``extended_from``). ``reuse=False`` scores every image again.
     """
     run_dir = Path(run_dir)
-    set_tf32(False)  # a reported bound is a float32 number, whatever training used
     cfg, model, ckpt = load_run(run_dir, checkpoint, use_ema is not False, device)
     # Leftovers of an interrupted write (of summary.json, say). Only the top level: the
     # run's training, which may still be running, cleans checkpoints/ and samples/.

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import time
@@ -78,10 +79,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..config import Config, ConfigError, to_dict
+from ..config import Config, ConfigError, TrainConfig, to_dict
 from ..data import DataSplits, load_splits
 from ..models.bounds import Terms
 from .logger import Progress, flatten_config
@@ -173,18 +174,53 @@ def check_stackable(cfg: Config) -> None:
             )
 
 
+def _template(models: Sequence[nn.Module]) -> nn.Module:
+    """The one module ``functional_call`` runs for every run of a stack: a copy of run 0's
+    model (buffers are equal in every run: :func:`check_model_stackable`) whose
+    likelihood does not check data (a data-dependent branch vmap cannot take; the stack
+    checks every run's batch once) and whose KL uses the prior's chain-rule conditionals
+    if any run's does (free bits per group with a prior that does not factorise:
+    ``train._check_free_bits``; for the other runs it is the same KL, summed)."""
+    template = copy.deepcopy(models[0])
+    template.likelihood.validate = False
+    if hasattr(template, "kl_chain_rule"):
+        template.kl_chain_rule = any(getattr(m, "kl_chain_rule", False) for m in models)
+    return template
+
+
+def _run_loss(
+    template: nn.Module,
+    t: TrainConfig,
+    floors_differ: bool,
+    params: dict[str, Tensor],
+    x: Tensor,
+    noise: Tensor,
+    beta: Tensor,
+    free_bits: Tensor,
+) -> tuple[Tensor, ...]:
+    """One run's loss and log-terms (vmapped over runs): the solo step's objective, with
+    the run's own KL weight and (where the runs' differ) free-bits floor."""
+    terms = functional_call(template, params, (x,), {"k": t.k, "noise": noise})
+    loss = training_loss(terms, t, beta, template.latent_dim, free_bits if floors_differ else None)
+    return loss, terms.log_px_z, terms.log_pz, terms.log_qz, terms.flow_logdet
+
+
 def check_model_stackable(cfgs: Sequence[Config]) -> None:
     """A trial of the stacked step on the models ``cfgs`` build (each under its own
-    ``train.seed``, as a run builds it), before any run directory exists: one vmapped
-    forward and backward of two images of ``model.x_shape`` (0 / 1 pixels: valid binary
-    and 8-bit data; the values do not matter, no data is read). Leaves the global RNG as
+    ``train.seed``, as a run builds it), before any run directory exists: the stack's own
+    loss (:func:`_run_loss`, per-run free bits and KL weights) vmapped over two copies of
+    each run's parameters and two images of ``model.x_shape`` (0 / 1 pixels: valid binary
+    and 8-bit data; the values do not matter, no data is read), forward and backward, and
+    its gradients against the same run's loss alone. Leaves the global random state as
     it found it.
 
     Raises:
         ConfigError: the models' buffers differ between runs (a buffer is not stacked:
             every run would use run 0's), the forward draws random numbers besides the
             posterior noise it is given or changes a buffer (both would be shared by all
-            runs of the stack), or vmap cannot batch an operation of the model.
+            runs of the stack), vmap cannot batch an operation of the model, or a stacked
+            gradient is not the run's own (a tensor the forward reads outside its
+            parameters, say).
     """
     from ..models.build import build_model
 
@@ -194,8 +230,8 @@ def check_model_stackable(cfgs: Sequence[Config]) -> None:
             "train, or vaeflow sweep without --stack)"
         )
 
-    saved = torch.get_rng_state()
-    try:
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         models = []
         for cfg in cfgs:
             torch.manual_seed(cfg.train.seed)
@@ -212,29 +248,32 @@ def check_model_stackable(cfgs: Sequence[Config]) -> None:
                         f"buffer {name!r} differs between run 0 and run {i} (drawn from the "
                         "seed?); a stack keeps one copy of the buffers"
                     )
-        template = copy.deepcopy(models[0])
-        template.likelihood.validate = False
+        template = _template(models)
+        n, t = len(models), cfgs[0].train
+        floors = [c.train.free_bits for c in cfgs]
         dtype = next(template.parameters()).dtype
         x_shape = tuple(cfgs[0].model.x_shape)
         x = (torch.arange(2 * math.prod(x_shape)) % 2).to(dtype).reshape(2, *x_shape)
         params = {
-            name: torch.stack([p.detach(), p.detach()]).requires_grad_()
+            name: torch.stack(
+                [dict(m.named_parameters())[name].detach() for m in models]
+            ).requires_grad_(p.requires_grad)
             for name, p in template.named_parameters()
         }
-        noise = torch.randn(2, cfgs[0].train.k, 2, template.latent_dim, dtype=x.dtype)
-        buffers = {n: b.clone() for n, b in template.named_buffers() if b is not None}
+        noise = torch.randn(n, t.k, 2, template.latent_dim, dtype=dtype)
+        beta = torch.ones(n, dtype=dtype)
+        fb = torch.tensor(floors, dtype=dtype)
+        differ = len(set(floors)) > 1
+        buffers = {name: b.clone() for name, b in template.named_buffers() if b is not None}
         state = torch.get_rng_state()
-
-        def loss(p: dict[str, Tensor], xb: Tensor, eps: Tensor) -> Tensor:
-            terms = functional_call(template, p, (xb,), {"k": cfgs[0].train.k, "noise": eps})
-            return training_loss(terms, cfgs[0].train, 1.0, template.latent_dim)
-
         own_noise = refuse(
             "its training step draws random numbers besides the posterior noise (dropout, "
             "a stochastic estimator?), which would come from one stream for all runs"
         )
+        loss = functools.partial(_run_loss, template, t, differ)
         try:
-            vmap(loss)(params, torch.stack([x, x]), noise).sum().backward()
+            stacked = vmap(loss)(params, x.expand(n, *x.shape), noise, beta, fb)[0]
+            stacked.sum().backward()
         except Exception as e:  # noqa: BLE001 -- any failure of vmap means: not stackable
             if "random operation" in str(e):  # vmap's randomness="error" caught a draw
                 raise own_noise from e
@@ -244,8 +283,24 @@ def check_model_stackable(cfgs: Sequence[Config]) -> None:
         for name, b in template.named_buffers():
             if b is not None and not torch.equal(b, buffers[name]):
                 raise refuse(f"its training step changes buffer {name!r}")
-    finally:
-        torch.set_rng_state(saved)
+        # Run 0 alone, as its solo step computes it: its model, its own floor and KL rule.
+        alone = models[0]
+        alone.likelihood.validate = False
+        for p in alone.parameters():
+            p.grad = None
+        terms = alone(x, k=t.k, noise=noise[0])
+        training_loss(terms, cfgs[0].train, 1.0, alone.latent_dim).backward()
+        for name, q in alone.named_parameters():
+            g_stack = params[name].grad
+            # Float rounding of batched vs single products, relative to the tensor's scale.
+            if (q.grad is None) != (g_stack is None) or (
+                q.grad is not None
+                and (g_stack[0] - q.grad).abs().max() > 1e-3 * q.grad.abs().max() + 1e-6
+            ):
+                raise refuse(
+                    f"the stacked gradient of parameter {name!r} is not the run's own (does "
+                    "the forward read a tensor outside the module's parameters?)"
+                )
 
 
 def stack_key(cfg: Config) -> str:
@@ -313,9 +368,7 @@ class _Stack:
         # The module functional_call runs: parameters come from the stack; its likelihood
         # does not check data (a data-dependent branch vmap cannot take): step() checks
         # every run's batch once, as the evaluator checks data once per batch.
-        self.template = copy.deepcopy(model)
-        self.template.likelihood.validate = False
-        self._loss = vmap(self._run_loss, in_dims=(0, 0, 0, 0, 0))
+        self.template = _template([m.run.model for m in members])
         self.members: list[_Member] = []
         self.params: dict[str, Tensor] = {}
         self._bind(members)
@@ -329,7 +382,9 @@ class _Stack:
             return
         models = [dict(m.run.model.named_parameters()) for m in members]
         self.params = {
-            name: torch.stack([p[name].detach() for p in models]).requires_grad_()
+            name: torch.stack([p[name].detach() for p in models]).requires_grad_(
+                models[0][name].requires_grad  # a frozen parameter stays frozen, as alone
+            )
             for name in self.names
         }
         for i, params in enumerate(models):
@@ -345,8 +400,11 @@ class _Stack:
         )
         floors = [m.run.cfg.train.free_bits for m in members]
         # Equal floors keep the solo arithmetic exactly (the config's float, not a tensor).
-        self.free_bits_differ = len(set(floors)) > 1
         self.free_bits = torch.tensor(floors, dtype=self.dtype, device=self.device)
+        run_loss = functools.partial(
+            _run_loss, self.template, members[0].run.cfg.train, len(set(floors)) > 1
+        )
+        self._loss = vmap(run_loss)
 
     @contextlib.contextmanager
     def alone(self, i: int) -> Iterator[None]:
@@ -371,22 +429,6 @@ class _Stack:
                 for p in m.run.model.parameters():
                     p.data = p.data.clone()
         self._bind([self.members[i] for i in keep])
-
-    def _run_loss(
-        self,
-        params: dict[str, Tensor],
-        x: Tensor,
-        noise: Tensor,
-        beta: Tensor,
-        free_bits: Tensor,
-    ) -> tuple[Tensor, ...]:
-        """One run's loss and log-terms (vmapped over runs): the solo step's objective,
-        with the run's own KL weight and (where the runs' differ) free-bits floor."""
-        t = self.members[0].run.cfg.train
-        terms = functional_call(self.template, params, (x,), {"k": t.k, "noise": noise})
-        floors = free_bits if self.free_bits_differ else None
-        loss = training_loss(terms, t, beta, self.template.latent_dim, floors)
-        return loss, terms.log_px_z, terms.log_pz, terms.log_qz, terms.flow_logdet
 
     def step(self) -> list[str | None]:
         """One update of every run in the stack; returns each run's skip reason (``None``:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["resolve_device", "set_tf32"]
+__all__ = ["resolve_device", "set_tf32", "strict_float32"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -22,8 +25,21 @@ def set_tf32(enabled: bool) -> None:
     """TF32 (inputs rounded to a 10-bit mantissa) for CUDA matmuls and cuDNN convolutions,
     or strict float32 for both. Process-wide flags. torch's own defaults differ between
     the two (matmuls strict, cuDNN convolutions TF32), so a run never inherits them:
-    training sets ``train.tf32`` (default off), evaluation always strict float32, so a
-    reported bound is a float32 number (TF32's effect on the bounds is measured by
-    ``benchmarks/gpu_check.py``, not assumed). No effect on a CPU."""
+    training sets ``train.tf32`` (default off) for its steps, validation and test-curve
+    points; the test evaluation (``vaeflow eval``, :func:`strict_float32`) is always
+    strict float32, so a reported bound is a float32 number (TF32's effect on the bounds
+    is measured by ``benchmarks/gpu_check.py``, not assumed). No effect on a CPU."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextmanager
+def strict_float32() -> Iterator[None]:
+    """Strict float32 matmuls and convolutions for the block (:func:`set_tf32`); the
+    flags are put back as they were after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

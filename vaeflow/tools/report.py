@@ -851,9 +851,10 @@ def to_markdown(
         lines += [
             "",
             "Gain over the last doubling of steps: the curve's value at the last logged "
-            "step minus its value at half that step (interpolated); near 0: the curve has "
-            "flattened out on a log-step axis; positive: still improving when training "
-            "stopped.",
+            "step minus its value at half that step (interpolated; non-finite points left "
+            "out, so a run that ended in NaN is read at its last finite point); near 0: the "
+            "curve has flattened out on a log-step axis; positive: still improving when "
+            "training stopped.",
         ]
     cells = "Cells: mean ± std over seeds (n); std uses n-1."
     if any(g["n_seeds"] > 1 for g in groups):
@@ -868,6 +869,12 @@ def to_markdown(
         done = [p for p in paired if "n" in p]
         counts = sorted({p["n"] for p in done})
         n = f" over the {counts[0]} test images every run scored" if len(counts) == 1 else ""
+        # (Records of reports before these counts were kept have none.)
+        scored = [
+            (p["n"], c) for p in done for c in (*p.get("scored_a", ()), *p.get("scored_b", ()))
+        ]
+        if any(c != n_pair for n_pair, c in scored):
+            n += " (the NLL and ELBO columns are over each run's own test images)"
         if len(counts) > 1:  # nested subsets: each row pairs over the images it shares
             n = (
                 " over the test images each row and the reference both scored "

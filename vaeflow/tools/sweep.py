@@ -76,6 +76,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -568,7 +569,9 @@ def stack_groups(points: Sequence[Point], size: int) -> list[list[Point]]:
         if len(g) > 1:
             try:
                 check_model_stackable([load_config(p.base, p.overrides) for p in g])
-            except ConfigError:
+            except ConfigError as e:
+                names = ", ".join(p.name for p in g)
+                warnings.warn(f"--stack: {names} train alone: {e}", stacklevel=2)
                 out.extend([p] for p in g)
                 continue
         out.append(g)
