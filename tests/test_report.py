@@ -687,17 +687,25 @@ def test_test_curves_figure_from_runs_and_from_results_json(tmp_path: Path) -> N
 
 
 def test_gain_over_the_last_doubling_says_whether_a_curve_still_rises(tmp_path: Path) -> None:
-    """Each run's curves get a column-ready number: the bound at the last step minus at
-    half of it (interpolated), for the test curve and the validation curve; none where
-    no point lies at or before half the last step; a resumed run's repeated step keeps
-    its last value."""
+    """Each run's curves get a column-ready number: the curve's mean over the last tenth
+    of its steps minus over the tenth before half of them (interpolated at a window's
+    middle when it holds no point), for the test curve and the validation curve; none
+    where no point lies at or before half the last step; a resumed run's repeated step keeps
+    its last value; a noisy curve is read by its window means, not by single points."""
     from vaeflow.tools.report import gain_last_doubling
 
     assert gain_last_doubling([(100, -120.0), (200, -100.0)]) == pytest.approx(20.0)
-    # half of 250 is 125, between (50, -130) and (150, -95): -103.75
-    assert gain_last_doubling([(50, -130.0), (150, -95.0), (250, -90.0)]) == pytest.approx(13.75)
+    # the earlier window [112.5, 125] holds no point: the curve at 118.75, between
+    # (50, -130) and (150, -95), is -130 + 0.6875 * 35
+    expected = -90.0 - (-130.0 + 0.6875 * 35.0)
+    assert gain_last_doubling([(50, -130.0), (150, -95.0), (250, -90.0)]) == pytest.approx(
+        expected
+    )
     assert gain_last_doubling([(300, -1.0), (400, -0.5)]) is None
     assert gain_last_doubling([(100, -2.0), (200, -1.0), (200, -1.5)]) == pytest.approx(0.5)
+    # A flat curve with alternating noise: its window means, not its last point.
+    noisy = [(s, -80.0 + (1.0 if (s // 10) % 2 else -1.0)) for s in range(10, 1010, 10)]
+    assert gain_last_doubling(noisy) == pytest.approx(0.0, abs=0.2)
     root = tmp_path / "runs"
     for seed, shift in ((0, 0.0), (1, 2.0)):
         run = _write_run(root, f"s{seed}", _config("iaf", seed), 85.0)
@@ -707,7 +715,8 @@ def test_gain_over_the_last_doubling_says_whether_a_curve_still_rises(tmp_path: 
     table = written["markdown"].read_text()
     header = "| test bound gain over the last doubling of steps (nats) | validation ELBO gain"
     assert header in table
-    assert "| 13.75 ± 0.00 (2) | 20.00 ± 0.00 (2) |" in table, table
+    gain = f"{expected:.2f} ± 0.00 (2)"
+    assert f"| {gain} | 20.00 ± 0.00 (2) |" in table, table
     assert "near 0: the curve has flattened out" in table.replace("\n", " ")
 
 

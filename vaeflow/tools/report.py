@@ -311,31 +311,43 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def gain_last_doubling(points: Sequence[tuple[int, float]]) -> float | None:
+def gain_last_doubling(points: Sequence[tuple[int, float]], window: float = 0.1) -> float | None:
     """How much a learning curve of a bound (higher is better) still rose over the last
-    doubling of training: its value at the last step minus its value at half that step
-    (linearly interpolated between the logged points). On a log-step axis the last
-    doubling is the last equal-width stretch, so a curve that has flattened out gives
-    about 0 and one still climbing a positive number of nats; ``None`` without a point
-    at or before half the last step.
+    doubling of training: its level at the end minus its level at half the last step.
+    On a log-step axis the last doubling is the last equal-width stretch, so a curve that
+    has flattened out gives about 0 and one still climbing a positive number of nats.
+
+    A level is the mean of the logged points in a window of ``window`` times its end
+    step -- ``[(1 - window) T, T]`` and ``[(1 - window) T / 2, T / 2]``, equal widths on a
+    log axis -- so that a noisy curve (a training bound logged from single minibatches)
+    is read by its average, not by one batch; a window without points takes the curve
+    linearly interpolated at its middle. ``None`` without a point at or before ``T / 2``.
 
     Args:
         points: ``(step, value)`` pairs; a step logged twice (a resumed run) keeps the
             last value.
+        window: the windows' width as a fraction of their end step.
     """
     by_step = dict(points)
     steps = sorted(by_step)
-    if len(steps) < 2 or steps[0] > steps[-1] / 2:
+    last = steps[-1] if steps else 0
+    if len(steps) < 2 or steps[0] > last / 2:
         return None
-    half = steps[-1] / 2
-    j = next(i for i, step in enumerate(steps) if step >= half)
-    if steps[j] == half:
-        at_half = by_step[steps[j]]
-    else:  # steps[j - 1] < half < steps[j]
+
+    def at(step: float) -> float:  # linear interpolation (step within the curve's range)
+        j = next(i for i, s in enumerate(steps) if s >= step)
+        if steps[j] == step or j == 0:
+            return by_step[steps[j]]
         s0, s1 = steps[j - 1], steps[j]
-        w = (half - s0) / (s1 - s0)
-        at_half = (1 - w) * by_step[s0] + w * by_step[s1]
-    return by_step[steps[-1]] - at_half
+        w = (step - s0) / (s1 - s0)
+        return (1 - w) * by_step[s0] + w * by_step[s1]
+
+    def level(end: float) -> float:
+        start = (1 - window) * end
+        inside = [by_step[s] for s in steps if start <= s <= end]
+        return sum(inside) / len(inside) if inside else at((start + end) / 2)
+
+    return level(last) - level(last / 2)
 
 
 def _test_curve(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
@@ -850,11 +862,13 @@ def to_markdown(
     if any(m.endswith("_gain_last_doubling_nats") for m in names):
         lines += [
             "",
-            "Gain over the last doubling of steps: the curve's value at the last logged "
-            "step minus its value at half that step (interpolated; non-finite points left "
-            "out, so a run that ended in NaN is read at its last finite point); near 0: the "
-            "curve has flattened out on a log-step axis; positive: still improving when "
-            "training stopped.",
+            "Gain over the last doubling of steps: the curve's mean over the last tenth of "
+            "its steps minus its mean over the tenth before half of them (equal widths on a "
+            "log-step axis; a window without points: the curve interpolated at its middle; "
+            "non-finite points left out, so a run that ended in NaN is read at its last "
+            "finite point); near 0: the curve has flattened out; positive: still improving "
+            "when training stopped. A training-bound curve is of single minibatches: read "
+            "it with its noise.",
         ]
     cells = "Cells: mean ± std over seeds (n); std uses n-1."
     if any(g["n_seeds"] > 1 for g in groups):
