@@ -720,6 +720,27 @@ def test_gain_over_the_last_doubling_says_whether_a_curve_still_rises(tmp_path: 
     assert "near 0: the curve has flattened out" in table.replace("\n", " ")
 
 
+def test_a_training_curve_is_drawn_as_a_moving_mean(tmp_path: Path) -> None:
+    """A run without a validation split has only its training bound, one minibatch per
+    logged step: drawn as a trailing moving mean over a 25th of its points, and the axis
+    says so; the stored curve keeps the raw values."""
+    from vaeflow.tools.report import _moving_mean
+
+    assert _moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    run = _write_run(tmp_path / "runs", "s0", _config("iaf", 0), 85.0, curve=())
+    raw = [-100.0 + (5.0 if i % 2 else -5.0) for i in range(100)]
+    rows = [{"step": 10 * (i + 1), "train/elbo_nats": v} for i, v in enumerate(raw)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = collect([tmp_path / "runs"])
+    assert records[0]["learning_curve"]["train/elbo_nats"] == raw
+    fig = learning_curves_figure(records, [])
+    ax = fig.axes[0]
+    assert "moving mean of 4 logged minibatches" in ax.get_ylabel()
+    drawn = list(ax.get_lines()[0].get_ydata())
+    assert drawn == pytest.approx(_moving_mean(raw, 4))
+    assert all(v == pytest.approx(-100.0) for v in drawn[3:])  # the +-5 noise averaged out
+
+
 def test_figures_redrawn_from_results_json(tmp_path: Path) -> None:
     """results.json keeps each run's learning curve (one line per list) and the figure
     options, so the figures come back without the run directories."""

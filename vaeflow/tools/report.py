@@ -1513,10 +1513,15 @@ def learning_curves_figure(
     fig = _new_figure(5.2 + _legend_width(legend_labels), 4.4)
     ax = fig.add_subplot()
     handles = []
+    windows: set[int] = set()
     for members, style in zip(buckets, styles, strict=True):
         per_epoch = _steps_per_epoch(members[0]) if epochs else None
         scale = 1.0 / per_epoch if per_epoch else 1.0
-        curves = [dict(zip(*_curve(m, tag), strict=True)) for m in members]
+        raw = [_curve(m, tag) for m in members]
+        if tag == "train/elbo_nats":  # single minibatches: drawn as a moving mean
+            windows.update(_smoothing_window(len(steps)) for steps, _ in raw)
+            raw = [(steps, _moving_mean(v, _smoothing_window(len(steps)))) for steps, v in raw]
+        curves = [dict(zip(*c, strict=True)) for c in raw]
         common = sorted(set.intersection(*(set(c) for c in curves)))
         marker = style["marker"] or ("o" if len(common) <= 1 else "")
         if common:
@@ -1567,6 +1572,9 @@ def learning_curves_figure(
     else:
         split = "validation" if tag.startswith("val/") else "training (no validation split)"
         bound = f"{split} ELBO (nats)"
+        if windows - {1}:
+            w = "/".join(str(n) for n in sorted(windows))
+            bound = f"{split} ELBO (nats),\nmoving mean of {w} logged minibatches"
     ax.set_ylabel(f"{bound}\nlower bound on log p(x): higher is better")
     ax.grid(alpha=0.3)
     n = seeds.pop() if len(seeds) == 1 else None
@@ -1620,6 +1628,25 @@ def _log_x(ax: Any) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _smoothing_window(points: int) -> int:
+    """The moving-mean width of a training curve of ``points`` logged minibatches: a
+    25th of them (one point each below 50), so its shape survives and a single batch's
+    noise does not dominate."""
+    return max(1, points // 25)
+
+
+def _moving_mean(values: Sequence[float], width: int) -> list[float]:
+    """Each value replaced by the mean of the ``width`` values ending at it (fewer at the
+    start): a trailing mean, so no point shows a later minibatch."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
 
 
 def _curve(record: Mapping[str, Any], tag: str) -> tuple[list[float], list[float]]:
