@@ -18,9 +18,11 @@ from vaeflow.tools.report import (
     add_report_parser,
     collect,
     group,
+    heatmap_figure,
     learning_curves_figure,
     make_figures,
     metric_label,
+    metric_vs_key_figure,
     render_figures_from_json,
     series_styles,
     to_markdown,
@@ -718,6 +720,33 @@ def test_gain_over_the_last_doubling_says_whether_a_curve_still_rises(tmp_path: 
     gain = f"{expected:.2f} ± 0.00 (2)"
     assert f"| {gain} | 20.00 ± 0.00 (2) |" in table, table
     assert "near 0: the curve has flattened out" in table.replace("\n", " ")
+
+
+def test_a_posterior_without_a_flow_has_no_flow_steps_in_the_figures(tmp_path: Path) -> None:
+    """The diagonal row's config holds the flow settings' leftover defaults: the metric vs
+    flow-steps figure draws it as a horizontal line ("no flow steps"), not a point at
+    them, and the heat map puts it in a row of its own ("—"), as the table does."""
+    root = tmp_path / "runs"
+    for flow, layers, nll in (("none", 4, 87.0), ("iaf", 2, 86.0), ("iaf", 4, 85.0)):
+        cfg = _config(flow, 0)
+        cfg["model"]["posterior"]["num_layers"] = layers
+        cfg["run"]["name"] = f"{flow}_{layers}"
+        _write_run(root, f"{flow}_{layers}", cfg, nll)
+    groups = group(collect([root]), by=["model.posterior.flow", "model.posterior.num_layers"])
+    fig = metric_vs_key_figure(
+        groups, "model.posterior.num_layers", "test/nll_iw5000_nats", ["model.posterior.flow"]
+    )
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "posterior: diagonal Gaussian (no flow steps)" in legend, legend
+    flat = [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [87.0, 87.0]]
+    assert len(flat) == 1 and list(flat[0].get_xdata()) == [0, 1]  # axes fractions
+    assert all(87.0 not in list(ln.get_ydata()) for ln in ax.get_lines() if ln is not flat[0])
+    heat = heatmap_figure(
+        groups, ["model.posterior.flow", "model.posterior.num_layers"], "test/nll_iw5000_nats"
+    )
+    rows = [t.get_text() for t in heat.axes[0].get_yticklabels()]
+    assert "—" in rows and "2" in rows and "4" in rows, rows
 
 
 def test_a_training_curve_is_drawn_as_a_moving_mean(tmp_path: Path) -> None:

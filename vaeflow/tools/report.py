@@ -1210,8 +1210,10 @@ class LabelPlan:
         for _, keys in self.entries:
             if len(keys) == 2:
                 out.append(self._prior(config))
-            else:
+            elif _applies(keys[0], config):
                 out.append(self.labeller.value(keys[0], config.get(keys[0])))
+            else:  # a leftover default (the flow steps of a posterior without a flow)
+                out.append("—")
         return tuple(out)
 
     def sort_key(self, config: Mapping[str, Any], only: int | None = None) -> list[tuple]:
@@ -1667,21 +1669,28 @@ def metric_vs_key_figure(
     of the ``others`` keys, labelled and styled as in :func:`learning_curves_figure`;
     ``references`` (a paper's NLL or -ELBO in nats) drawn at minus the value on an ELBO
     axis, NLLs at the value on an NLL axis (a -ELBO is not drawn there), none on other
-    axes. Log x when the values span a factor of 20."""
+    axes. Log x when the values span a factor of 20. A group for which ``key`` means
+    nothing (the flow steps of a posterior without a flow, :func:`_applies`) is a
+    horizontal line across the axis, not a point at its leftover default."""
     labeller = labels if isinstance(labels, Labeller) else Labeller(labels)
     present = [g for g in groups if metric in g["metrics"]]
     plan = labeller.plan([g["config"] for g in present], others)
     present.sort(key=lambda g: plan.sort_key(g["config"]))
     lines: dict[tuple[str, ...], list[tuple[float, float, float]]] = {}
     configs: dict[tuple[str, ...], Mapping[str, Any]] = {}
+    flat: list[tuple[tuple[str, ...], float]] = []  # (series, mean): key not applicable
     for g in present:
         m = g["metrics"][metric]
         mean = math.nan if m["mean"] is None else m["mean"]
         values = plan.values(g["config"])
-        lines.setdefault(values, []).append((g["config"][key], mean, m["std"] or 0.0))
         configs.setdefault(values, g["config"])
-    styles = series_styles(list(lines))
+        if not _applies(key, g["config"]):
+            flat.append((values, mean))
+            continue
+        lines.setdefault(values, []).append((g["config"][key], mean, m["std"] or 0.0))
+    styles = series_styles([*lines, *(v for v, _ in flat)])
     names = [plan.label(configs[v]) for v in lines]
+    names += [f"{plan.label(configs[v]) or 'all runs'} (no {labeller.name(key)})" for v, _ in flat]
     rest = metric.partition("/")[2] or metric
     sign = 1.0 if rest.startswith("nll") else -1.0 if rest.startswith("elbo") else 0.0
     refs = _references_on_axis(_parse_references(references), sign)
@@ -1689,7 +1698,7 @@ def metric_vs_key_figure(
     fig = _new_figure(5.2 + (_legend_width(names + ref_labels) if any(names) else 0), 4.2)
     ax = fig.add_subplot()
     handles, xs_all = [], []
-    for pts, style in zip(lines.values(), styles, strict=True):
+    for pts, style in zip(lines.values(), styles[: len(lines)], strict=True):
         xs, ys, errs = zip(*sorted(pts), strict=True)
         xs_all += xs
         container = ax.errorbar(
@@ -1702,6 +1711,8 @@ def metric_vs_key_figure(
             capsize=3,
         )
         handles.append(container.lines[0])
+    for (_, mean), style in zip(flat, styles[len(lines) :], strict=True):
+        handles.append(ax.axhline(mean, color=style["color"], linestyle=style["linestyle"]))
     ref_handles = _draw_references(ax, refs, sign=sign) if refs else []
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
         ax.set_xscale("log")
