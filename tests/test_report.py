@@ -1344,3 +1344,30 @@ def test_paired_columns_refuse_what_they_cannot_vouch_for(tmp_path: Path) -> Non
     assert "reported from a stored results.json" in table
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert rows["planar"].endswith("| +2.00 ± 0.00 | -1.00 ± 0.00 |")
+
+
+def test_a_training_curve_of_interval_means_is_drawn_as_logged(tmp_path: Path) -> None:
+    """Runs that logged ``train/mean_elbo_nats`` (the mean over each logging interval)
+    are drawn by it, unsmoothed; beside a run from before those means existed, every run
+    falls back to its single minibatches (one kind of curve per figure)."""
+    root = tmp_path / "runs"
+    new = _write_run(root, "new", _config("iaf", 0), 85.0, curve=())
+    rows = [
+        {
+            "step": 10 * (i + 1),
+            "train/elbo_nats": -100.0 + i % 2,
+            "train/mean_elbo_nats": -90.0 + i,
+        }
+        for i in range(60)
+    ]
+    (new / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = collect([root])
+    assert records[0]["learning_curve"]["train/mean_elbo_nats"][:2] == [-90.0, -89.0]
+    fig = learning_curves_figure(records, [])
+    assert "mean over each logging interval" in fig.axes[0].get_ylabel()
+    assert list(fig.axes[0].get_lines()[0].get_ydata())[:3] == [-90.0, -89.0, -88.0]
+    old = _write_run(root, "old", _config("iaf", 1), 85.0, curve=())
+    old_rows = [{"step": 10 * (i + 1), "train/elbo_nats": -100.0} for i in range(60)]
+    (old / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in old_rows) + "\n")
+    fig = learning_curves_figure(collect([root]), ["train.seed"])
+    assert "moving mean of 2 logged minibatches" in fig.axes[0].get_ylabel()

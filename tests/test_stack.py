@@ -78,6 +78,8 @@ def _solo(cfg, run_dir: Path, splits) -> str:
 def _assert_same_checkpoint(a_path: Path, b_path: Path, tol: float = 1e-12) -> None:
     a, b = load_checkpoint(a_path), load_checkpoint(b_path)
     assert a["step"] == b["step"]
+    sums_a, sums_b = a["train_state"].pop("interval_sums"), b["train_state"].pop("interval_sums")
+    assert sums_b == pytest.approx(sums_a, rel=tol, abs=tol)  # the logging interval's sums
     assert b["train_state"] == pytest.approx(a["train_state"], rel=tol, abs=tol)
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=tol, atol=tol)

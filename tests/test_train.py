@@ -1023,3 +1023,33 @@ def test_tf32_is_a_choice_of_training_and_never_of_evaluation(tmp_path: Path) ->
     assert seen == [(False, False)]
     assert flags() == (True, True)  # put back: the process's flags are not evaluation's
     set_tf32(False)
+
+
+def test_interval_means_average_the_steps_since_the_last_log(tmp_path: Path) -> None:
+    """``train/mean_*`` at a logging step is the mean of the steps' own scalars since the
+    previous log (summed on the device, read at the log); logging changes nothing in
+    training, so a run logging every step gives the steps' values. A run stopped inside
+    an interval and resumed logs the same means (the sums travel in the checkpoint)."""
+    from vaeflow.run.logger import read_metrics
+
+    every = _cfg("train.steps=6", "train.val_every=6", "train.log_every=1")
+    third = _cfg("train.steps=6", "train.val_every=6", "train.log_every=3", "train.ckpt_every=2")
+    train(every, tmp_path / "every")
+    train(third, tmp_path / "third")
+    per_step = {r["step"]: r for r in read_metrics(tmp_path / "every") if "train/elbo_nats" in r}
+    assert all(r["train/mean_elbo_nats"] == r["train/elbo_nats"] for r in per_step.values())
+    logged = {
+        r["step"]: r for r in read_metrics(tmp_path / "third") if "train/mean_elbo_nats" in r
+    }
+    assert sorted(logged) == [3, 6]
+    for end in (3, 6):
+        for name in ("loss", "elbo", "kl", "recon"):
+            window = [per_step[s][f"train/{name}_nats"] for s in range(end - 2, end + 1)]
+            assert logged[end][f"train/mean_{name}_nats"] == pytest.approx(
+                sum(window) / 3, rel=1e-6
+            ), (end, name)
+    # Stopped at step 2 (a checkpoint inside the first interval), resumed: the same means.
+    train(third, tmp_path / "parts", stop_after_step=2)
+    train(third, tmp_path / "parts", resume=True)
+    again = {r["step"]: r for r in read_metrics(tmp_path / "parts") if "train/mean_elbo_nats" in r}
+    assert again[3]["train/mean_elbo_nats"] == pytest.approx(logged[3]["train/mean_elbo_nats"])

@@ -626,6 +626,7 @@ def _after_step(
     run, t = m.run, m.run.cfg.train
     step = run.state.step
     run.state.record_update(skip_reason is not None)
+    run.means.add(stack.result(i))  # the interval means, as the solo loop adds them
     run.state.step = step + 1
     m.steps_done += 1
     with warnings.catch_warnings():

@@ -391,6 +391,9 @@ class _State:
     bad_validations: int = 0
     skipped: int = 0
     consecutive_skips: int = 0
+    # The training scalars' sums since the last log (:class:`_IntervalMeans`), copied to
+    # the host when a checkpoint is written, so a resumed run logs the same means.
+    interval_sums: list[float] | None = None
 
     def record_update(self, skipped: bool) -> None:
         """Count a skipped update, or reset the run of consecutive skips."""
@@ -399,6 +402,55 @@ class _State:
             self.consecutive_skips += 1
         else:
             self.consecutive_skips = 0
+
+
+class _IntervalMeans:
+    """The training scalars averaged over each logging interval, summed on the device.
+
+    A single logged step is one minibatch (noisy: batch 16 moves the ELBO by several
+    nats); the mean over the ``log_every`` steps since the last log is what a learning
+    curve should show. Each update adds its loss, ELBO, KL and reconstruction to device
+    sums (no host read); :meth:`read` takes the means at a logging step and starts the
+    next interval. A step whose scalars are not all finite (a skipped update) is left out
+    of the means. Logged as ``train/mean_<name>_nats`` beside the step's own
+    ``train/<name>_nats``.
+    """
+
+    NAMES = ("loss", "elbo", "kl", "recon")
+
+    def __init__(self, device: torch.device, sums: Sequence[float] | None = None) -> None:
+        # float64 sums: thousands of float32 additions would lose digits of the mean.
+        start = list(sums) if sums else [0.0] * (len(self.NAMES) + 1)
+        self.sums = torch.tensor(start, dtype=torch.float64, device=device)  # [..., count]
+
+    @torch.no_grad()
+    def add(self, result: StepResult) -> None:
+        """Add one update's batch means (device ops only)."""
+        terms = result.terms
+        values = torch.stack(
+            [
+                result.loss.detach().double().reshape(()),
+                elbo(terms).mean().double(),
+                terms.kl.mean().double(),
+                terms.log_px_z.mean().double(),
+            ]
+        )
+        finite = torch.isfinite(values).all()
+        self.sums[:-1] += torch.where(finite, values, torch.zeros_like(values))
+        self.sums[-1] += finite.double()
+
+    def read(self) -> dict[str, float]:
+        """The interval's means (one host read), and a fresh interval; ``{}`` when no
+        finite step was added."""
+        *sums, count = self.sums.tolist()
+        self.sums.zero_()
+        if count == 0:
+            return {}
+        return {f"train/mean_{n}_nats": v / count for n, v in zip(self.NAMES, sums, strict=True)}
+
+    def host(self) -> list[float]:
+        """The running sums and count, for a checkpoint (one host read)."""
+        return self.sums.tolist()
 
 
 class _DeviceSkips:
@@ -521,6 +573,7 @@ def train(
                 run.state.record_update(result.skipped)
             else:
                 run.skips.record(result.skip_code, step)
+            run.means.add(result)
             run.state.step = step + 1
             steps_done += 1
             if run.skips is None:
@@ -619,11 +672,14 @@ class _Run:
     skips: _DeviceSkips | None = None  # train.sync_free: the skip counters on the device
     compiled: _CompiledStep | None = None  # train.compile_step: the whole update compiled
     x_test: Tensor | None = None  # train.test_every: the test-curve examples, else None
+    means: _IntervalMeans | None = None  # the training scalars' means since the last log
 
     def save(self, name: str) -> None:
         """Write ``checkpoints/<name>`` (rank 0 only): everything a bit-exact resume needs."""
         if self.ctx.rank != 0:
             return
+        if self.means is not None:
+            self.state.interval_sums = self.means.host()
         save_checkpoint(
             self.ckpt_dir / name,
             {
@@ -814,6 +870,7 @@ def _setup_run(
         skips=_DeviceSkips(state, t.max_consecutive_skips, device) if _sync_free(t) else None,
         compiled=compiled,
         x_test=x_test,
+        means=_IntervalMeans(device, state.interval_sums),
     )
 
 
@@ -1352,6 +1409,8 @@ def _log_step(run: _Run, result: StepResult) -> None:
         # A hierarchical model's KL per stochastic layer, bottom first (they sum to kl).
         for i, layer_kl in enumerate(terms.layer_kl or (), start=1):
             scalars[f"train/kl_layer{i}_nats"] = layer_kl.mean().item()
+    if run.means is not None:  # the means over the interval since the last log
+        scalars.update(run.means.read())
     run.logger.log_scalars(scalars, run.state.step)
     run.progress.update(run.state.step, result.loss.item())
 

@@ -265,16 +265,19 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         rows = []
     # The validation ELBO; the training ELBO for a run without a validation split
-    # (data.val_size = 0), recorded under its own name so the two are never mixed.
+    # (data.val_size = 0), recorded under its own name so the two are never mixed: its
+    # mean over each logging interval where the run logged it (train/mean_elbo_nats, since
+    # vaeflow accumulates it), else the logged steps' single minibatches.
     curve_tag, curve = "val/elbo_nats", []
-    for curve_tag in ("val/elbo_nats", "train/elbo_nats"):
-        curve = [
-            (row["step"], row[curve_tag])
-            for row in rows
-            if _is_number(row.get(curve_tag)) and math.isfinite(row[curve_tag])
-        ]
+    for curve_tag in ("val/elbo_nats", "train/mean_elbo_nats", "train/elbo_nats"):
+        curve = _points(rows, curve_tag)
         if curve:
             break
+    extra = {}  # the single-minibatch curve too, for a figure with runs from before
+    if curve_tag == "train/mean_elbo_nats":
+        single = _points(rows, "train/elbo_nats")
+        if [s for s, _ in single] == [s for s, _ in curve]:
+            extra = {"train/elbo_nats": [v for _, v in single]}
     test_curve = _test_curve(rows)
     # Is the run still improving? Each curve's gain over the last doubling of steps.
     split = "val" if curve_tag == "val/elbo_nats" else "train"
@@ -306,9 +309,19 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         "learning_curve": {
             "step": [step for step, _ in curve],
             curve_tag: [value for _, value in curve],
+            **extra,
         },
         **({"test_curve": test_curve} if test_curve else {}),
     }
+
+
+def _points(rows: Sequence[Mapping[str, Any]], tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every finite ``tag`` in a run's metrics rows."""
+    return [
+        (row["step"], row[tag])
+        for row in rows
+        if _is_number(row.get(tag)) and math.isfinite(row[tag])
+    ]
 
 
 def gain_last_doubling(points: Sequence[tuple[int, float]], window: float = 0.1) -> float | None:
@@ -1442,11 +1455,13 @@ def _curve_tag(records: Sequence[Mapping[str, Any]], which: str = "validation") 
             )
         return tags[0] if tags else "test_curve/iwae_nats"
     has = lambda tag: any((r.get("learning_curve") or {}).get(tag) for r in records)  # noqa: E731
-    return (
-        "val/elbo_nats"
-        if has("val/elbo_nats") or not has("train/elbo_nats")
-        else ("train/elbo_nats")
-    )
+    if has("val/elbo_nats") or not (has("train/elbo_nats") or has("train/mean_elbo_nats")):
+        return "val/elbo_nats"
+    # The interval means when every run with a curve logged them, else (runs from before
+    # vaeflow accumulated them) every run's single minibatches, drawn as a moving mean.
+    curves = [r.get("learning_curve") or {} for r in records]
+    every = all(c.get("train/mean_elbo_nats") for c in curves if c.get("step"))
+    return "train/mean_elbo_nats" if every else "train/elbo_nats"
 
 
 def _curve_buckets(
@@ -1574,6 +1589,8 @@ def learning_curves_figure(
     else:
         split = "validation" if tag.startswith("val/") else "training (no validation split)"
         bound = f"{split} ELBO (nats)"
+        if tag == "train/mean_elbo_nats":
+            bound = f"{split} ELBO (nats),\nmean over each logging interval"
         if windows - {1}:
             w = "/".join(str(n) for n in sorted(windows))
             bound = f"{split} ELBO (nats),\nmoving mean of {w} logged minibatches"
