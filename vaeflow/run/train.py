@@ -427,17 +427,13 @@ class _IntervalMeans:
     def add(self, result: StepResult) -> None:
         """Add one update's batch means (device ops only)."""
         terms = result.terms
-        values = torch.stack(
-            [
-                result.loss.detach().double().reshape(()),
-                elbo(terms).mean().double(),
-                terms.kl.mean().double(),
-                terms.log_px_z.mean().double(),
-            ]
-        )
+        loss = result.loss.detach().reshape(())
+        kl_, recon = terms.kl.mean(), terms.log_px_z.mean()
+        # The ELBO's batch mean is recon - KL (both linear means): no third reduction.
+        values = torch.stack([loss.to(kl_.dtype), recon - kl_, kl_, recon]).double()
         finite = torch.isfinite(values).all()
-        self.sums[:-1] += torch.where(finite, values, torch.zeros_like(values))
-        self.sums[-1] += finite.double()
+        self.sums[:-1] += torch.where(finite, values, 0.0)
+        self.sums[-1] += finite
 
     def read(self) -> dict[str, float]:
         """The interval's means (one host read), and a fresh interval; ``{}`` when no
