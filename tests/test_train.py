@@ -906,15 +906,17 @@ def test_run_without_validation_split_trains_keeps_last_and_evaluates_it(tmp_pat
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     assert "train/reconstructions" in acc.Tags()["images"]
-    # Without validation curves the HParams columns are the training ones (and the test
-    # metrics that eval added).
+    # Without validation curves the HParams columns are the training ones -- the means
+    # over each logging interval, logged under those tags -- and the test metrics that
+    # eval added.
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         acc.PluginTagToContent("hparams")["_hparams_/experiment"]
     ).experiment
     columns = [m.name.tag for m in experiment.metric_infos]
-    assert "train/elbo_nats" in columns and not [c for c in columns if c.startswith("val/")]
+    assert "train/mean_elbo_nats" in columns and not [c for c in columns if c.startswith("val/")]
+    assert "train/mean_elbo_nats" in acc.Tags()["scalars"]
     assert "test/nll_iw20_nats" in columns
     capsys.readouterr()
     assert cli_main(["eval", str(run), "--checkpoint", "best", "--k", "2", "--n-test", "5"]) == 2

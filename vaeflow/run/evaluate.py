@@ -713,8 +713,8 @@ def hparams_metric_tags(cfg: Config) -> list[str]:
     tags = [f"test/nll_iw{k}_nats", "test/elbo_nats"]
     if cfg.data.dataset == "cifar10":
         tags.append("test/bpd")
-    if cfg.data.val_size == 0:  # no validation curves: the training ones
-        return [*tags, "train/elbo_nats", "train/kl_nats"]
+    if cfg.data.val_size == 0:  # no validation curves: the training ones, interval means
+        return [*tags, "train/mean_elbo_nats", "train/mean_kl_nats"]
     return [*tags, "val/elbo_nats", f"val/iwae_k{cfg.train.val_k}_nats", "val/kl_nats"]
 
 
