@@ -1371,3 +1371,13 @@ def test_a_training_curve_of_interval_means_is_drawn_as_logged(tmp_path: Path) -
     (old / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in old_rows) + "\n")
     fig = learning_curves_figure(collect([root]), ["train.seed"])
     assert "moving mean of 2 logged minibatches" in fig.axes[0].get_ylabel()
+    # A run resumed across the version that added the means has them only from the
+    # resume on: its whole curve is its single minibatches.
+    resumed = _write_run(tmp_path / "resumed", "r", _config("iaf", 2), 85.0, curve=())
+    rows = [{"step": 10 * (i + 1), "train/elbo_nats": -100.0 + i} for i in range(60)]
+    for r in rows[30:]:
+        r["train/mean_elbo_nats"] = -50.0
+    (resumed / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (record,) = collect([tmp_path / "resumed"])
+    assert list(record["learning_curve"]) == ["step", "train/elbo_nats"]
+    assert len(record["learning_curve"]["step"]) == 60

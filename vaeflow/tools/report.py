@@ -268,16 +268,16 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
     # (data.val_size = 0), recorded under its own name so the two are never mixed: its
     # mean over each logging interval where the run logged it (train/mean_elbo_nats, since
     # vaeflow accumulates it), else the logged steps' single minibatches.
-    curve_tag, curve = "val/elbo_nats", []
-    for curve_tag in ("val/elbo_nats", "train/mean_elbo_nats", "train/elbo_nats"):
-        curve = _points(rows, curve_tag)
-        if curve:
-            break
+    curve_tag, curve = "val/elbo_nats", _points(rows, "val/elbo_nats")
     extra = {}  # the single-minibatch curve too, for a figure with runs from before
-    if curve_tag == "train/mean_elbo_nats":
-        single = _points(rows, "train/elbo_nats")
-        if [s for s, _ in single] == [s for s, _ in curve]:
-            extra = {"train/elbo_nats": [v for _, v in single]}
+    if not curve:
+        curve_tag, curve = "train/elbo_nats", _points(rows, "train/elbo_nats")
+        means = _points(rows, "train/mean_elbo_nats")
+        # The means only where they cover the whole run (one resumed across the version
+        # that added them has them from the resume on: its single minibatches, then).
+        if means and [s for s, _ in means] == [s for s, _ in curve]:
+            extra = {curve_tag: [v for _, v in curve]}
+            curve_tag, curve = "train/mean_elbo_nats", means
     test_curve = _test_curve(rows)
     # Is the run still improving? Each curve's gain over the last doubling of steps.
     split = "val" if curve_tag == "val/elbo_nats" else "train"
