@@ -73,7 +73,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,15 @@ def _template(models: Sequence[nn.Module]) -> nn.Module:
     return template
 
 
+def _stacked_parameters(models: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Each parameter of all runs as one leaf ``(N, *shape)`` (row ``r``: run ``r``'s),
+    a frozen parameter staying frozen, as alone."""
+    return {
+        name: torch.stack([m[name].detach() for m in models]).requires_grad_(p.requires_grad)
+        for name, p in models[0].items()
+    }
+
+
 def _run_loss(
     template: nn.Module,
     t: TrainConfig,
@@ -254,12 +263,7 @@ def check_model_stackable(cfgs: Sequence[Config]) -> None:
         dtype = next(template.parameters()).dtype
         x_shape = tuple(cfgs[0].model.x_shape)
         x = (torch.arange(2 * math.prod(x_shape)) % 2).to(dtype).reshape(2, *x_shape)
-        params = {
-            name: torch.stack(
-                [dict(m.named_parameters())[name].detach() for m in models]
-            ).requires_grad_(p.requires_grad)
-            for name, p in template.named_parameters()
-        }
+        params = _stacked_parameters([dict(m.named_parameters()) for m in models])
         noise = torch.randn(n, t.k, 2, template.latent_dim, dtype=dtype)
         beta = torch.ones(n, dtype=dtype)
         fb = torch.tensor(floors, dtype=dtype)
@@ -381,12 +385,7 @@ class _Stack:
             self.params = {}
             return
         models = [dict(m.run.model.named_parameters()) for m in members]
-        self.params = {
-            name: torch.stack([p[name].detach() for p in models]).requires_grad_(
-                models[0][name].requires_grad  # a frozen parameter stays frozen, as alone
-            )
-            for name in self.names
-        }
+        self.params = _stacked_parameters(models)
         for i, params in enumerate(models):
             for name, p in params.items():
                 p.data = self.params[name].detach()[i]
