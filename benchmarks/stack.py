@@ -17,7 +17,11 @@ pixel values, so no dataset is needed). The N runs differ in ``train.seed``.
   after the other.
 * **stacked**: the same N runs in one :class:`vaeflow.run.stack._Stack`, ``--steps``
   iterations of its step and the per-run bookkeeping (``stack._after_step``: schedule
-  step, state, the periodic check).
+  step, state, the periodic check). Its stacked parameters are laid out in memory as
+  the batched backward produces their gradients (``stack._gradient_orders``).
+* **stacked, contiguous parameters**: the same, with the stacked parameters contiguous
+  (``_Stack(..., gradient_layout=False)``, the layout before that change): autograd then
+  copies each transposed weight gradient into the parameter's layout every step.
 
 Logging, validation and checkpoints are kept out of the timed steps (their periods are
 set beyond ``--steps``) in both, as they are the same solo code in both. Set-up is not
@@ -29,6 +33,7 @@ these shared machines only ratios from one run count. Each cell is the median of
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -46,7 +51,7 @@ from _timing import machine_header, markdown_table  # noqa: E402
 from vaeflow.config import Config, load_config  # noqa: E402
 from vaeflow.data import DataSplits  # noqa: E402
 from vaeflow.run.stack import _after_step, _Member, _Stack, check_model_stackable  # noqa: E402
-from vaeflow.run.train import _beta, _setup_run, _update_step  # noqa: E402
+from vaeflow.run.train import _beta, _Run, _setup_run, _update_step  # noqa: E402
 
 MODELS: dict[str, tuple[Path, list[str]]] = {
     "burda": (
@@ -70,7 +75,9 @@ MODELS: dict[str, tuple[Path, list[str]]] = {
 TITLES = {"burda": "Burda 1-layer VAE", "sylvester": "Sylvester gated-conv VAE"}
 
 
-def _configs(n: int, small: bool, model: str = "burda", device: str = "cpu") -> list[Config]:
+def _configs(
+    n: int, small: bool, model: str = "burda", device: str = "cpu", compile_step: bool = False
+) -> list[Config]:
     far = 10**9  # no logging, validation or checkpoint inside the timed steps
     common = [
         f"train.device={device}",
@@ -78,6 +85,7 @@ def _configs(n: int, small: bool, model: str = "burda", device: str = "cpu") -> 
         f"train.log_every={far}",
         f"train.val_every={far}",
         f"train.ckpt_every={far}",
+        f"train.compile_step={str(compile_step).lower()}",
         *(MODELS[model][1] if small else []),
     ]
     path = MODELS[model][0]
@@ -123,6 +131,7 @@ def _time_sequential(runs: list, steps: int) -> float:
                 run.batches.batch(step), t, beta=_beta(run.cfg, step), device=run.device,
             )  # fmt: skip
             run.state.record_update(result.skipped)
+            run.means.add(result)  # the interval means, as the loop (and the stack) adds
             run.state.step = step + 1
     _sync()
     return time.perf_counter() - start
@@ -139,6 +148,33 @@ def _time_stacked(stack: _Stack, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def _time_compiled_solo(run: _Run, steps: int) -> float:
+    """``steps`` iterations of one run's compiled step (``train.compile_step``), as the
+    solo loop calls it."""
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step = run.state.step
+        result = run.compiled(run.batches.batch(step), _beta(run.cfg, step))
+        run.skips.record(result.skip_code, step)  # on the device, as the solo loop
+        run.means.add(result)
+        run.state.step = step + 1
+    _sync()
+    return time.perf_counter() - start
+
+
+#: The variants timed side by side (``--variants``): name -> what it is.
+VARIANTS = {
+    "sequential": "N runs one after another, the eager solo step",
+    "sequential_compiled": "the solo step with train.compile_step (one run's rate x N: "
+    "each run compiles its own graph)",
+    "stacked_before": "the stack before this change: contiguous parameters, each run's "
+    "optimiser stepping on its rows",
+    "stacked": "the stack: parameters laid out as their gradients come, one batched update",
+    "stacked_compiled": "the stack with train.compile_step: its batched update compiled",
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="burda")
@@ -148,33 +184,64 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--small", action="store_true", help="tiny hidden layers (smoke run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="what to time (the first one is the reference of the ratio columns)",
+    )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_header(args.device, args.threads))
+    for name in args.variants:
+        print(f"- {name}: {VARIANTS[name]}")
     batch = _configs(1, args.small, args.model, args.device)[0].data.batch_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             cfgs = _configs(n, args.small, args.model, args.device)
+            compiled_cfgs = _configs(n, args.small, args.model, args.device, compile_step=True)
             check_model_stackable(cfgs)  # what `vaeflow sweep --stack` checks first
-            seq_runs = [m.run for m in _setup(cfgs, Path(tmp) / f"seq{n}")]
-            stack = _Stack(_setup(cfgs, Path(tmp) / f"st{n}"))
-            _time_sequential(seq_runs, max(1, args.steps // 10))  # warm-up
-            _time_stacked(stack, max(1, args.steps // 10))
-            seq, st = [], []
-            for _ in range(args.repeats):  # alternate, so load changes hit both alike
-                seq.append(_time_sequential(seq_runs, args.steps))
-                st.append(_time_stacked(stack, args.steps))
+            root = Path(tmp) / f"n{n}"
+            timers = {}
+            opened = []
+            for name in args.variants:
+                if name == "sequential":
+                    runs = [m.run for m in _setup(cfgs, root / name)]
+                    timers[name] = functools.partial(_time_sequential, runs)
+                    opened += runs
+                elif name == "sequential_compiled":
+                    run = _setup(compiled_cfgs[:1], root / name)[0].run
+                    timers[name] = lambda steps, run=run, n=n: _time_compiled_solo(run, n * steps)
+                    opened.append(run)
+                else:
+                    stack = _Stack(
+                        _setup(compiled_cfgs if name == "stacked_compiled" else cfgs, root / name),
+                        gradient_layout=name != "stacked_before",
+                        batched_update=name != "stacked_before",
+                    )
+                    timers[name] = functools.partial(_time_stacked, stack)
+                    opened += [m.run for m in stack.members]
+            for timer in timers.values():  # warm-up (and compilation)
+                timer(max(2, args.steps // 10))
+            times: dict[str, list[float]] = {name: [] for name in timers}
+            for _ in range(args.repeats):  # alternate, so load changes hit all alike
+                for name, timer in timers.items():
+                    times[name].append(timer(args.steps))
             images = n * args.steps * batch
-            seq_rate, st_rate = images / statistics.median(seq), images / statistics.median(st)
-            rows.append([n, f"{seq_rate:,.0f}", f"{st_rate:,.0f}", f"{st_rate / seq_rate:.2f}x"])
-            for run in [*seq_runs, *(m.run for m in stack.members)]:
+            rates = {name: images / statistics.median(t) for name, t in times.items()}
+            ref = rates[args.variants[0]]
+            rows.append(
+                [n, *(f"{r:,.0f}" for r in rates.values())]
+                + [f"{r / ref:.2f}x" for r in list(rates.values())[1:]]
+            )
+            for run in opened:
                 run.logger.close()
     print(
         f"\nimages/s of N runs ({TITLES[args.model]}, batch {batch}, {args.steps} steps per "
-        f"timing, median of {args.repeats}, {args.device}, {args.threads} thread(s))\n"
+        f"timing, median of {args.repeats}, {args.device}, {args.threads} thread(s)); ratios "
+        f"against {args.variants[0]}\n"
     )
-    print(markdown_table(["N", "sequential", "stacked", "stacked / sequential"], rows))
+    header = ["N", *args.variants, *(f"{v} / {args.variants[0]}" for v in args.variants[1:])]
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

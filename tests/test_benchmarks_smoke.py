@@ -227,13 +227,19 @@ def test_train_conv_bound_smoke() -> None:
     assert "of the step |" in proc.stdout and "Ceiling for any speed-up" in proc.stdout
 
 
-@pytest.mark.parametrize("model", ["burda", "sylvester"])
-def test_stack_benchmark_smoke(model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "variants"),
+    [
+        ("burda", []),  # every variant, the compiled ones included
+        ("sylvester", ["--variants", "sequential", "stacked_before", "stacked"]),
+    ],
+)
+def test_stack_benchmark_smoke(model: str, variants: list[str]) -> None:
     """N stacked runs vs N sequential runs, the MLP and the gated-conv model (whose
     orthogonal Sylvester flows run under vmap): one table row per N."""
     proc = _run_script(
         "stack.py", "--small", "--model", model, "--sizes", "1", "2", "--steps", "2",
-        "--repeats", "1",
+        "--repeats", "1", *variants,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]

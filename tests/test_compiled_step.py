@@ -273,11 +273,11 @@ def test_unsupported_combinations_are_config_errors(extra, match):
         load_config(None, [*TINY, *extra])
 
 
-def test_compile_step_cannot_be_stacked_or_data_parallel(tmp_path, monkeypatch):
+def test_compile_step_cannot_be_data_parallel(tmp_path, monkeypatch):
+    """(A stack takes train.compile_step: it compiles its batched update, tests/test_stack.py.)"""
     from vaeflow.run.train import train
 
-    with pytest.raises(ConfigError, match=r"train\.compile_step = true cannot be trained"):
-        check_stackable(load_config(None, TINY))
+    check_stackable(load_config(None, TINY))  # no refusal
     monkeypatch.setattr(
         "vaeflow.run.train._init_distributed",
         lambda device: __import__("vaeflow.run.train", fromlist=["_Dist"])._Dist(0, 2, 0),

@@ -27,7 +27,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AdamNormGrad", "IWAEAdam", "NORMGRAD_EPS", "init_state", "update_unless"]
+#: a hyperparameter: a number, a 0-d tensor, or one value per stacked run (``(N, 1, ..., 1)``)
+Scalar = float | Tensor
+
+__all__ = [
+    "AdamNormGrad",
+    "IWAEAdam",
+    "NORMGRAD_EPS",
+    "init_state",
+    "masked_update",
+    "update_unless",
+]
 
 #: added to each gradient's norm before dividing (the VampPrior code's constant)
 NORMGRAD_EPS = 1e-7
@@ -145,15 +155,15 @@ def _init_iwae_state(state: dict, p: Tensor, v0: float) -> None:
 
 
 def _iwae_new_values(
-    p: Tensor, grad: Tensor, state: dict, lr, beta1: float, beta2: float, eps: float
+    p: Tensor, grad: Tensor, state: dict, lr, beta1: Scalar, beta2: Scalar, eps: Scalar
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:class:`IWAEAdam`'s new ``(p, m, v, step)`` from the old ones (nothing written)."""
     step, m_old, v_old = state["step"], state["exp_avg"], state["exp_avg_sq"]
     t = step.double() + 1  # the code's timestep before its increment
-    alpha = lr * (1 - beta2**t).sqrt() / (1 - beta1**t)
-    new_p = p - (alpha * m_old / (v_old.sqrt() + eps)).to(p.dtype)
-    m = m_old.lerp(grad, 1 - beta1)
-    v = v_old.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    alpha = _like(lr * (1 - beta2**t).sqrt() / (1 - beta1**t), p)
+    new_p = p - (alpha * m_old / (v_old.sqrt() + _like(eps, p))).to(p.dtype)
+    m = m_old.lerp(grad, _like(1 - beta1, p))
+    v = _second_moment(v_old, grad, _like(beta2, p))
     return new_p, m, v, step + 1
 
 
@@ -188,7 +198,8 @@ def _moments(opt: torch.optim.Optimizer) -> tuple[str, str]:
 def init_state(opt: torch.optim.Optimizer) -> None:
     """Give every parameter of ``opt`` (Adam, AdamNormGrad, IWAEAdam or Adamax) without
     state the state its first update creates -- zero moments (IWAEAdam: its initial second
-    moment) and a 0-d float32 step count -- with the step count on the parameter's device
+    moment) and a 0-d step count (float32; float64 where torch's step makes it so) --
+    with the step count on the parameter's device
     (as torch keeps it for fused and capturable optimisers; existing CPU step counts are
     moved there too), so that :func:`update_unless` can run as one device graph from the
     first step on. A
@@ -201,7 +212,11 @@ def init_state(opt: torch.optim.Optimizer) -> None:
             if not state and isinstance(opt, IWAEAdam):
                 _init_iwae_state(state, p, group["initial_second_moment"])
             elif not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                # torch's own choice (optimizer._get_scalar_dtype): float64 under a float64
+                # default dtype unless fused, so the state equals what opt.step() makes.
+                wide = torch.get_default_dtype() == torch.float64 and not group.get("fused")
+                dtype = torch.float64 if wide else torch.float32
+                state["step"] = torch.zeros((), dtype=dtype, device=p.device)
                 for name in names:
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif state["step"].device != p.device:
@@ -248,43 +263,103 @@ def update_unless(
         skip: 0-d bool tensor on the parameters' device: true leaves everything as it was.
     """
     first, second = _moments(opt)
-    iwae = isinstance(opt, IWAEAdam)
-    adamax = second == "exp_inf"
-    normgrad = isinstance(opt, AdamNormGrad)
+    kind = _kind(opt)
     for group, group_params, group_grads in zip(opt.param_groups, params, grads, strict=True):
-        if group.get("amsgrad") or group["maximize"] or group.get("decoupled_weight_decay"):
-            raise ValueError(
-                "update_unless implements these optimisers without amsgrad, maximize or "
-                "decoupled weight decay"
-            )
+        _check_group(group)
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         for p, grad in zip(group_params, group_grads, strict=True):
             state = opt.state[p]
-            step, m_old, v_old = state["step"], state[first], state[second]
-            if normgrad:
-                grad = grad / (torch.linalg.vector_norm(grad) + NORMGRAD_EPS)
-            if weight_decay != 0 and not iwae:  # IWAEAdam has none (its step ignores it)
-                grad = grad.add(p, alpha=weight_decay)
-            if iwae:
-                new_p, m, v, new_step = _iwae_new_values(p, grad, state, lr, beta1, beta2, eps)
-                p.copy_(torch.where(skip, p, new_p))
-                m_old.copy_(torch.where(skip, m_old, m))
-                v_old.copy_(torch.where(skip, v_old, v))
-                step.copy_(torch.where(skip, step, new_step))
-                continue
-            new_step = step + 1
-            n = new_step.double()
-            m = m_old.lerp(grad, 1 - beta1)
-            step_size = lr / (1 - beta1**n)
-            if adamax:
-                v = torch.maximum(v_old * beta2, grad.abs() + eps)
-                new_p = p - step_size * m / v
-            else:
-                v = v_old.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = v.sqrt() / (1 - beta2**n).sqrt() + eps
-                new_p = p - step_size * m / denom
-            p.copy_(torch.where(skip, p, new_p))
-            m_old.copy_(torch.where(skip, m_old, m))
-            v_old.copy_(torch.where(skip, v_old, v))
-            step.copy_(torch.where(skip, step, new_step))
+            masked_update(
+                kind, p, grad, state["step"], state[first], state[second],
+                lr, beta1, beta2, eps, weight_decay, skip,
+            )  # fmt: skip
+
+
+def _kind(opt: torch.optim.Optimizer) -> str:
+    """Which update rule of :func:`masked_update` ``opt`` follows."""
+    _moments(opt)  # raises for an optimiser this module does not implement
+    if isinstance(opt, IWAEAdam):
+        return "iwae"
+    if isinstance(opt, AdamNormGrad):
+        return "normgrad"
+    return "adamax" if isinstance(opt, torch.optim.Adamax) else "adam"
+
+
+def _check_group(group: dict) -> None:
+    if group.get("amsgrad") or group["maximize"] or group.get("decoupled_weight_decay"):
+        raise ValueError(
+            "update_unless implements these optimisers without amsgrad, maximize or "
+            "decoupled weight decay"
+        )
+
+
+@torch.no_grad()
+def masked_update(
+    kind: str,
+    p: Tensor,
+    grad: Tensor,
+    step: Tensor,
+    m_old: Tensor,
+    v_old: Tensor,
+    lr: Scalar,
+    beta1: Scalar,
+    beta2: Scalar,
+    eps: Scalar,
+    weight_decay: Scalar,
+    skip: Tensor | None,
+    norm_dims: tuple[int, ...] | None = None,
+) -> None:
+    """One tensor's update by rule ``kind`` (``"adam"``, ``"normgrad"``, ``"iwae"``,
+    ``"adamax"``: see :func:`update_unless`), written in place into ``p``, the moments
+    ``m_old`` / ``v_old`` and the step count ``step`` except where ``skip`` is true
+    (``None``: nowhere, known on the host; saves the masking passes).
+
+    Every hyperparameter and ``step`` may be a float / 0-d tensor (one run) or a tensor
+    that broadcasts against ``p`` with ``skip`` alike: the stacked runs of
+    :mod:`vaeflow.run.stack_optim` update parameters ``(N, *shape)`` with per-run
+    hyperparameters, step counts and skip flags of shape ``(N, 1, ..., 1)``.
+    ``norm_dims``: the dimensions of one run's tensor (``"normgrad"`` divides each run's
+    gradient by its own norm; ``None``: all; ``()``: each element is a run's tensor).
+    Per-run tensors may be float64 (bias corrections are computed in float64); the
+    elementwise arithmetic is in ``p``'s dtype, as alone.
+    """
+    if kind == "normgrad":
+        if norm_dims == ():  # one number per run: its norm is its size
+            norm = grad.abs()
+        else:
+            norm = torch.linalg.vector_norm(grad, dim=norm_dims, keepdim=norm_dims is not None)
+        grad = grad / (norm + NORMGRAD_EPS)
+    if kind != "iwae" and not (isinstance(weight_decay, float | int) and weight_decay == 0):
+        grad = grad + _like(weight_decay, p) * p  # IWAEAdam has none (its step ignores it)
+    if kind == "iwae":
+        state = {"step": step, "exp_avg": m_old, "exp_avg_sq": v_old}
+        new_p, m, v, new_step = _iwae_new_values(p, grad, state, lr, beta1, beta2, eps)
+    else:
+        new_step = step + 1
+        n = new_step.double()
+        m = m_old.lerp(grad, _like(1 - beta1, p))
+        step_size = _like(lr / (1 - beta1**n), p)  # bias corrections in float64
+        if kind == "adamax":
+            v = torch.maximum(v_old * _like(beta2, p), grad.abs() + _like(eps, p))
+            new_p = p - step_size * m / v
+        else:
+            v = _second_moment(v_old, grad, _like(beta2, p))
+            denom = v.sqrt() / _like((1 - beta2**n).sqrt(), p) + _like(eps, p)
+            new_p = p - step_size * m / denom
+    for old, new in ((p, new_p), (m_old, m), (v_old, v), (step, new_step)):
+        old.copy_(new if skip is None else torch.where(skip, old, new))
+
+
+def _like(x: Scalar, p: Tensor) -> Scalar:
+    """A per-run factor ``x`` (float64 bias corrections) in ``p``'s dtype, so that a float32
+    stack computes in float32 as each run alone does; numbers and 0-d tensors unchanged
+    (they do not promote ``p``)."""
+    return x.to(p.dtype) if isinstance(x, Tensor) and x.dim() > 0 else x
+
+
+def _second_moment(v_old: Tensor, grad: Tensor, beta2: Scalar) -> Tensor:
+    """``beta2 v + (1 - beta2) g^2`` (one fused op where ``beta2`` is a number)."""
+    if isinstance(beta2, Tensor):
+        return torch.addcmul(v_old * beta2, grad, grad * (1 - beta2))
+    return v_old.mul(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -11,23 +11,29 @@ checks parameters, optimiser state and metrics in float64).
 
 How the runs stay independent:
 
-* **Set-up, update and persistence are the solo run's.** Every run is built by
+* **Set-up and persistence are the solo run's.** Every run is built by
   :func:`vaeflow.run.train._setup_run` (model under its ``train.seed``, data batches,
   optimiser, schedule, EMA, logger, run directory; or all of it restored from
-  ``last.pt``) and keeps those objects: its own optimiser steps on its parameters (its
-  kernel, state, learning rate from its own ``LambdaLR``, step count: any optimiser,
-  AdamNormGrad's per-tensor norms included), its EMA averages them, and the loop's own
+  ``last.pt``) and keeps those objects: its optimiser holds its state and its learning
+  rate from its own ``LambdaLR``, its EMA averages its parameters, and the loop's own
   :func:`~vaeflow.run.train._periodic` and :func:`~vaeflow.run.train._finish` log,
   validate, checkpoint, stop early and summarise. The stack adds no copy of that code.
-* **Only the forward and backward are batched.** Parameter ``name`` of all runs is one
-  leaf ``(N, *shape)``, and each run's model parameters are views of its row
-  (``p.data``), so the optimisers update the stack in place and nothing is copied
-  between steps. One copy of the model runs under :func:`torch.func.vmap` with
-  :func:`torch.func.functional_call` on the stacked leaves: one forward and one backward
-  (batched matrix products) serve all runs; the runs share no parameter, so the
-  gradient of the summed losses has run ``r``'s gradient in row ``r``. Buffers are not
-  stacked: they must be constants equal in every run (:func:`check_model_stackable`).
-  While a run's bookkeeping runs, its model gets parameters of its own
+* **The forward, the backward and the update are batched.** Parameter ``name`` of all
+  runs is one leaf ``(N, *shape)``, and each run's model parameters are views of its
+  row (``p.data``), so nothing is copied between steps. One copy of the model runs
+  under :func:`torch.func.vmap` with :func:`torch.func.functional_call` on the stacked
+  leaves: one forward and one backward (batched matrix products) serve all runs; the
+  runs share no parameter, so the gradient of the summed losses has run ``r``'s
+  gradient in row ``r``. The leaves are laid out in memory as the backward produces
+  their gradients (:func:`_gradient_orders`: vmap's linear backward gives weight
+  gradients transposed, and autograd would copy each into a contiguous parameter's
+  layout every step). The optimisers' update is one batched computation too
+  (:mod:`vaeflow.run.stack_optim`: each run's optimiser state is views of stacked
+  moments, its own hyperparameters broadcast per run; ``train.compile_step`` compiles
+  it into one graph), for Adam, AdamNormGrad, Burda's Adam and Adamax; another
+  optimiser (RMSprop) steps run by run on its rows. Buffers are not stacked: they must
+  be constants equal in every run (:func:`check_model_stackable`). While a run's
+  bookkeeping runs, its model and optimiser get tensors of their own
   (:meth:`_Stack.alone`): ``torch.save`` of a view would write the whole stack.
 * **Randomness is an input.** The only random draw of a supported training step is the
   posterior noise ``(K, B, D)``. Each run owns a generator that starts from the global
@@ -56,7 +62,7 @@ or convolutional encoders and decoders, every likelihood, Gaussian or flow poste
 (IAF, planar, Sylvester, ...), N(0, I), mixture, VampPrior or flow priors -- in one
 eager process. What cannot be stacked is a :class:`~vaeflow.config.ConfigError` naming
 the key, before any run directory is written: settings the stack does not implement
-(:func:`check_stackable`: compiled or sync-free steps, bf16, channels-last, frozen or
+(:func:`check_stackable`: a compiled model, sync-free steps, bf16, channels-last, frozen or
 scaled prior learning rates, hierarchies, DDP) and, from a trial step of the model
 itself (:func:`check_model_stackable`), a model whose forward draws other random
 numbers (its noise would come from one shared stream), changes a buffer, holds buffers
@@ -85,6 +91,7 @@ from torch.func import functional_call, vmap
 from ..config import Config, ConfigError, TrainConfig, to_dict
 from ..data import DataSplits, load_splits
 from ..models.bounds import Terms
+from . import stack_optim
 from .logger import Progress, flatten_config
 from .train import (
     StepResult,
@@ -92,6 +99,7 @@ from .train import (
     _beta,
     _check_free_bits,
     _finish,
+    _match_state_layout,
     _periodic,
     _periodic_due,
     _Run,
@@ -156,7 +164,6 @@ def check_stackable(cfg: Config) -> None:
         (int(os.environ.get("WORLD_SIZE", "1")) > 1, "WORLD_SIZE", "data-parallel (torchrun)"),
         (t.compile, "train.compile", "true"),
         (t.sync_free, "train.sync_free", "true"),
-        (t.compile_step, "train.compile_step", "true"),
         (t.amp, "train.amp", "true"),
         (t.channels_last, "train.channels_last", "true"),
         (t.prior_lr_scale != 1.0, "train.prior_lr_scale", t.prior_lr_scale),
@@ -168,7 +175,7 @@ def check_stackable(cfg: Config) -> None:
         if refused:
             raise ConfigError(
                 f"{key} = {value} cannot be trained in a stack (vaeflow.run.stack trains "
-                "one-stochastic-layer VAEs in one eager process, without compiled or "
+                "one-stochastic-layer VAEs in one eager process, without a compiled model, "
                 "sync-free steps, bf16, channels-last or per-part learning rates); train "
                 "it alone (vaeflow train, or vaeflow sweep without --stack)"
             )
@@ -188,13 +195,76 @@ def _template(models: Sequence[nn.Module]) -> nn.Module:
     return template
 
 
-def _stacked_parameters(models: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+def _stacked_parameters(
+    models: Sequence[Mapping[str, Tensor]], orders: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, Tensor]:
     """Each parameter of all runs as one leaf ``(N, *shape)`` (row ``r``: run ``r``'s),
-    a frozen parameter staying frozen, as alone."""
-    return {
-        name: torch.stack([m[name].detach() for m in models]).requires_grad_(p.requires_grad)
-        for name, p in models[0].items()
+    a frozen parameter staying frozen, as alone.
+
+    ``orders[name]`` (from :func:`_gradient_orders`) lays the leaf out in memory with
+    its dimensions in that order, outermost first: the layout in which the batched
+    backward produces the gradient, so that autograd takes the gradient as it is instead
+    of copying it into the parameter's layout (vmap's linear backward gives the weight
+    gradients transposed; the copy was 44 % of the Burda-size stacked step at N = 16).
+    """
+    out = {}
+    for name, p in models[0].items():
+        stacked = torch.stack([m[name].detach() for m in models])
+        order = (orders or {}).get(name)
+        if order is not None and order != tuple(range(stacked.dim())):
+            laid = torch.empty(
+                [stacked.shape[d] for d in order], dtype=stacked.dtype, device=stacked.device
+            )
+            stacked = laid.permute(_inverse(order)).copy_(stacked)
+        out[name] = stacked.requires_grad_(p.requires_grad)
+    return out
+
+
+def _inverse(order: Sequence[int]) -> tuple[int, ...]:
+    """The permutation that undoes ``order``: ``t.permute(order).permute(_inverse(order))``
+    is ``t``."""
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return tuple(inv)
+
+
+def _dense_order(t: Tensor) -> tuple[int, ...] | None:
+    """The order of ``t``'s dimensions in memory (outermost first) if ``t`` is a dense
+    permutation of a contiguous tensor; ``None`` otherwise (overlapping or with gaps)."""
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d)))
+    expected = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return order
+
+
+def _gradient_orders(
+    loss: Any, params: Mapping[str, Tensor], *inputs: Tensor
+) -> dict[str, tuple[int, ...]]:
+    """The memory order in which the stacked backward produces each parameter's gradient:
+    one trial forward and backward of ``loss(params, *inputs)`` (vmapped; its first output
+    is the per-run loss) on detached copies of ``params``, read by tensor hooks before
+    autograd lays the gradient out like its parameter. Draws no random number."""
+    trial = {
+        name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in params.items()
     }
+    orders: dict[str, tuple[int, ...]] = {}
+    for name, p in trial.items():
+        if p.requires_grad:
+
+            def record(g: Tensor, name: str = name) -> None:
+                order = _dense_order(g)
+                if order is not None:
+                    orders[name] = order
+
+            p.register_hook(record)
+    cuda = sorted({p.device.index or 0 for p in trial.values() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        loss(trial, *inputs)[0].sum().backward()
+    return orders
 
 
 def _run_loss(
@@ -364,7 +434,14 @@ class _Stack:
     its rows (its own kernel, state, learning rate and step count, exactly as alone).
     """
 
-    def __init__(self, members: list[_Member]) -> None:
+    def __init__(
+        self, members: list[_Member], gradient_layout: bool = True, batched_update: bool = True
+    ) -> None:
+        """``gradient_layout=False`` keeps the stacked parameters contiguous (the layout
+        before :func:`_gradient_orders`), ``batched_update=False`` steps each run's
+        optimiser on its rows (before :mod:`~vaeflow.run.stack_optim`): the stack as it
+        was, which ``benchmarks/stack.py`` times beside the current one."""
+        self.batched_update = batched_update
         model = members[0].run.model
         self.names = [name for name, _ in model.named_parameters()]
         self.device = next(model.parameters()).device
@@ -375,7 +452,23 @@ class _Stack:
         self.template = _template([m.run.model for m in members])
         self.members: list[_Member] = []
         self.params: dict[str, Tensor] = {}
+        self.orders: dict[str, tuple[int, ...]] = {}
         self._bind(members)
+        if not gradient_layout:
+            return
+        # Lay the stacked parameters out as their gradients come (see _stacked_parameters).
+        cfg = members[0].run.cfg
+        n, shape = len(members), (cfg.data.batch_size, *cfg.model.x_shape)
+        x = torch.zeros((n, *shape), dtype=self.dtype, device=self.device)
+        noise = torch.zeros(
+            (n, cfg.train.k, shape[0], self.template.latent_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        beta = torch.ones(n, dtype=self.dtype, device=self.device)
+        self.orders = _gradient_orders(self._loss, self.params, x, noise, beta, self.free_bits)
+        if any(o != tuple(range(len(o))) for o in self.orders.values()):
+            self._bind(members)
 
     @torch.no_grad()
     def _bind(self, members: list[_Member]) -> None:
@@ -385,10 +478,22 @@ class _Stack:
             self.params = {}
             return
         models = [dict(m.run.model.named_parameters()) for m in members]
-        self.params = _stacked_parameters(models)
+        self.params = _stacked_parameters(models, self.orders)
         for i, params in enumerate(models):
             for name, p in params.items():
                 p.data = self.params[name].detach()[i]
+        opts = [m.run.opt for m in members]
+        if self.batched_update and stack_optim.supported(opts):  # one batched update
+            compiled = members[0].run.cfg.train.compile_step  # the update as one graph
+            self.optimizer: stack_optim.StackedOptimizer | None = stack_optim.StackedOptimizer(
+                opts, models, self.params, compiled
+            )
+        else:  # each run's optimiser steps on its rows
+            self.optimizer = None
+            for opt in opts:
+                # A fused kernel pairs elements by memory position: the moments must have
+                # the layout the rows now have (a stack's rows need not be contiguous).
+                _match_state_layout(opt)
         self.clip = torch.tensor(
             [
                 math.inf if m.run.cfg.train.clip_norm is None else m.run.cfg.train.clip_norm
@@ -412,8 +517,10 @@ class _Stack:
         params = list(self.members[i].run.model.named_parameters())
         for _, p in params:
             p.data = p.data.clone()
+        optimizer = self.optimizer.alone(i) if self.optimizer else contextlib.nullcontext()
         try:
-            yield
+            with optimizer:
+                yield
         finally:
             with torch.no_grad():
                 for name, p in params:
@@ -427,6 +534,8 @@ class _Stack:
             if i not in keep:
                 for p in m.run.model.parameters():
                     p.data = p.data.clone()
+                if self.optimizer is not None:
+                    self.optimizer.release(i)
         self._bind([self.members[i] for i in keep])
 
     def step(self) -> list[str | None]:
@@ -454,8 +563,10 @@ class _Stack:
         grads = {name: p.grad for name, p in self.params.items()}
         with torch.no_grad():
             # clip_grad_norm_ per run: the norm of the per-tensor norms, before clipping.
-            per_tensor = [
-                torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1)
+            per_tensor = [  # over each row's own dimensions, without a copy of g
+                torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
+                if g.dim() > 1
+                else g.abs()
                 for g in grads.values()
                 if g is not None
             ]
@@ -469,11 +580,16 @@ class _Stack:
             _skip_reason(lo, gn, r.cfg.train.skip_grad_norm)
             for lo, gn, r in zip(losses, norms, runs, strict=True)
         ]
+        if self.optimizer is not None:  # every run's update at once, skipped runs masked
+            skipped = [r is not None for r in reasons]
+            skip = torch.tensor(skipped, device=self.device) if any(skipped) else None
+            self.optimizer.step(self.params, grads, skip)
         for i, (run, reason) in enumerate(zip(runs, reasons, strict=True)):
             if reason is None:  # the solo update on this run's rows
-                for name, p in run.model.named_parameters():
-                    p.grad = None if grads[name] is None else grads[name][i]
-                run.opt.step()
+                if self.optimizer is None:
+                    for name, p in run.model.named_parameters():
+                        p.grad = None if grads[name] is None else grads[name][i]
+                    run.opt.step()
                 if run.ema is not None:
                     run.ema.update(run.model)
         self._last = (loss.detach(), [t.detach() for t in terms], norms, betas, reasons)
@@ -563,6 +679,9 @@ def train_stack(
     members = []
     for i, (cfg, run_dir, flag) in enumerate(zip(cfgs, dirs, flags, strict=True)):
         run = _setup_run(cfg, run_dir, flag, splits)
+        # train.compile_step: the stack's step replaces the run's own compiled step (and
+        # its device-side skip counters); the stack compiles its batched update instead.
+        run.compiled, run.skips = None, None
         if i > 0:  # one progress line for the stack, not N fighting over one terminal line
             run.progress = Progress(cfg.train.steps, enabled=False)
         # _setup_run leaves the global RNG where this run's training draws start.
