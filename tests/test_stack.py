@@ -546,3 +546,40 @@ def test_compiled_stacked_update_equals_solo_in_float64(
         a, b = tmp_path / f"solo{i}", tmp_path / f"st{i}"
         _assert_same_checkpoint(a / "checkpoints" / "last.pt", b / "checkpoints" / "last.pt")
         _assert_same_metrics(a, b)
+
+
+def test_a_failed_compilation_of_the_stacked_forward_falls_back_to_eager(
+    tmp_path: Path, splits, monkeypatch
+) -> None:
+    """``train.compile_step``: if compiling the vmapped forward fails, the stack warns and
+    trains on eagerly -- the same step as a stack that never compiled."""
+    from vaeflow.run import stack_optim
+    from vaeflow.run.stack import _Member, _Stack
+    from vaeflow.run.train import _setup_run
+
+    monkeypatch.setattr(stack_optim, "_update_compiled", stack_optim._update)  # no compile
+
+    def make(name: str, *extra: str) -> _Stack:
+        members = []
+        for i in range(2):
+            run = _setup_run(
+                _cfg(f"train.seed={i}", *extra), tmp_path / f"{name}{i}", False, splits
+            )
+            members.append(_Member(run, torch.Generator().manual_seed(i)))
+        return _Stack(members)
+
+    compiled, eager = make("c", "train.compile_step=true"), make("e")
+    assert compiled._compiled_loss is not None and eager._compiled_loss is None
+
+    def broken(*args):
+        raise RuntimeError("inductor could not compile this")
+
+    compiled._compiled_loss = broken
+    with pytest.warns(UserWarning, match="compiled forward failed.*eager"):
+        compiled.step()
+    eager.step()
+    assert compiled._compiled_loss is None
+    for name, p in eager.params.items():
+        torch.testing.assert_close(compiled.params[name], p, rtol=0, atol=0)
+    for m in [*compiled.members, *eager.members]:
+        m.run.logger.close()

@@ -442,7 +442,10 @@ class TrainConfig:
             the step; benchmarks/README.md). Needs ``optimizer = "adam"``,
             ``"adam_normgrad"`` or ``"adamax"`` (not the fused kernel ``sync_free``
             needs); not with ``compile`` (this compiles the model too), ``amp``
-            (untested), data-parallel runs (torchrun) or ``sweep --stack``.
+            (untested) or data-parallel runs (torchrun). In a stack (``sweep --stack``)
+            it compiles the stack's own step instead: the vmapped forward and backward
+            of all runs and their one batched update (``vaeflow.run.stack_optim``),
+            with the stack's host-side skip decisions.
     """
 
     steps: int = 10000

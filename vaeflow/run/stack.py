@@ -442,6 +442,7 @@ class _Stack:
         optimiser on its rows (before :mod:`~vaeflow.run.stack_optim`): the stack as it
         was, which ``benchmarks/stack.py`` times beside the current one."""
         self.batched_update = batched_update
+        self._compile_loss = True  # until a compilation fails (_forward)
         model = members[0].run.model
         self.names = [name for name, _ in model.named_parameters()]
         self.device = next(model.parameters()).device
@@ -509,6 +510,27 @@ class _Stack:
             _run_loss, self.template, members[0].run.cfg.train, len(set(floors)) > 1
         )
         self._loss = vmap(run_loss)
+        # train.compile_step: the batched forward and backward as compiled graphs too
+        # (one compilation per set of runs; recompiled when runs leave).
+        compile_step = members[0].run.cfg.train.compile_step and self._compile_loss
+        self._compiled_loss = torch.compile(self._loss, dynamic=False) if compile_step else None
+
+    def _forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """The vmapped loss of all runs: compiled under ``train.compile_step``, unless its
+        compilation failed once (then eager from there on, with a warning; an error of the
+        model itself is raised again by the eager call)."""
+        if self._compiled_loss is not None:
+            try:
+                return self._compiled_loss(*inputs)
+            except Exception as e:  # noqa: BLE001 -- dynamo/inductor failures of any kind
+                warnings.warn(
+                    f"train.compile_step: the stack's compiled forward failed ({type(e).__name__}:"
+                    f" {str(e)[:300]}); the stack trains on with the eager forward and "
+                    "backward (its update stays compiled)",
+                    stacklevel=2,
+                )
+                self._compiled_loss, self._compile_loss = None, False
+        return self._loss(*inputs)
 
     @contextlib.contextmanager
     def alone(self, i: int) -> Iterator[None]:
@@ -556,7 +578,7 @@ class _Stack:
         beta = torch.tensor(betas, dtype=self.dtype, device=self.device)
         for p in self.params.values():
             p.grad = None
-        loss, *terms = self._loss(self.params, x, noise, beta, self.free_bits)
+        loss, *terms = self._forward(self.params, x, noise, beta, self.free_bits)
         loss.sum().backward()  # the runs share no parameter: row r gets run r's gradient
         # A parameter the loss does not reach has no gradient, as alone (clipping skips
         # it, the optimiser leaves it); every other has (N, *shape), scalars (N,).
