@@ -27,8 +27,8 @@ want train && timeout 150 python3 benchmarks/train_step.py --device cuda --compi
 # train.compile_step (one CUDA graph per step) next to eager and the compiled model, interleaved.
 want compile_step && timeout 240 python3 benchmarks/train_step.py --device cuda --compile --compile-step --interleave --models quickstart sylvester_iaf --repeats 30 --warmup 5 2>>"$out/stderr.txt" | tee "$out/train_step_compile_step_cuda.md"
 # Stacked runs (issue 14: >= 10x for 16 stacked Burda-size runs on a GPU), then the gated-conv model.
-want stack && timeout 240 python3 benchmarks/stack.py --device cuda --sizes 1 4 16 --steps 100 --repeats 3 2>>"$out/stderr.txt" | tee "$out/stack_cuda.md"
-want stack && timeout 240 python3 benchmarks/stack.py --device cuda --model sylvester --sizes 1 4 16 --steps 10 --repeats 3 2>>"$out/stderr.txt" | tee "$out/stack_sylvester_cuda.md"
+want stack && timeout 400 python3 benchmarks/stack.py --device cuda --sizes 1 4 16 --steps 100 --repeats 3 2>>"$out/stderr.txt" | tee "$out/stack_cuda.md"
+want stack && timeout 240 python3 benchmarks/stack.py --device cuda --model sylvester --sizes 1 4 16 --steps 10 --repeats 3 --variants sequential stacked_before stacked 2>>"$out/stderr.txt" | tee "$out/stack_sylvester_cuda.md"
 # The cost of a reproduction on this GPU (issue 14: a Burda 1-layer epoch in <= 1 s with
 # graphs; the 3280-epoch row in under an hour): every paper row eager, then the Burda rows
 # with the compiled update (one CUDA graph per step), and its training loop.
