@@ -100,13 +100,13 @@ def _splits() -> DataSplits:
     return DataSplits(train, val, val, (1, 28, 28), "binary", "random")
 
 
-def _setup(cfgs: list[Config], root: Path) -> list[_Member]:
-    """The runs as ``train_stack`` sets them up: each with the noise stream its set-up
-    leaves in the global RNG."""
+def _setup(cfgs: list[Config], root: Path, stacked: bool = True) -> list[_Member]:
+    """The runs as ``train_stack`` sets them up (``stacked``; else as ``vaeflow train``
+    does): each with the noise stream its set-up leaves in the global RNG."""
     splits = _splits()
     members = []
     for i, cfg in enumerate(cfgs):
-        run = _setup_run(cfg, root / f"run{i}", False, splits)
+        run = _setup_run(cfg, root / f"run{i}", False, splits, stacked=stacked)
         gen = torch.Generator()
         gen.set_state(torch.get_rng_state())
         members.append(_Member(run, gen))
@@ -205,11 +205,11 @@ def main() -> None:
             opened = []
             for name in args.variants:
                 if name == "sequential":
-                    runs = [m.run for m in _setup(cfgs, root / name)]
+                    runs = [m.run for m in _setup(cfgs, root / name, stacked=False)]
                     timers[name] = functools.partial(_time_sequential, runs)
                     opened += runs
                 elif name == "sequential_compiled":
-                    run = _setup(compiled_cfgs[:1], root / name)[0].run
+                    run = _setup(compiled_cfgs[:1], root / name, stacked=False)[0].run
                     timers[name] = lambda steps, run=run, n=n: _time_compiled_solo(run, n * steps)
                     opened.append(run)
                 else:

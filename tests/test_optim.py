@@ -90,3 +90,48 @@ def test_rmsprop_with_momentum_follows_its_update_rule() -> None:
             ref[i] = ref[i] - 0.01 * buf[i]
     for p, r in zip(params, ref, strict=True):
         torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["adam", "normgrad", "iwae", "adamax"])
+@pytest.mark.parametrize("shape", [(5, 7), ()])
+def test_masked_update_of_stacked_runs_equals_each_run_alone_in_float32(kind, shape) -> None:
+    """``masked_update`` on ``(N, *shape)`` tensors with per-run float64 hyperparameters
+    and skips (how ``stack_optim`` calls it) gives each run exactly what the call on its
+    own tensor with Python-float hyperparameters gives (the solo compiled step's call):
+    float32, where computing ``1 - beta`` after the cast to float32 would already differ."""
+    from vaeflow.run.optim import masked_update
+
+    g = torch.Generator().manual_seed(0)
+    n = 3
+    hyper = {  # per run: lr, beta1, beta2, eps, weight decay (IWAEAdam has none)
+        "lr": [1e-3, 3e-4, 2e-2],
+        "beta1": [0.9, 0.99, 0.5],
+        "beta2": [0.999, 0.9999, 0.99],
+        "eps": [1e-8, 1e-4, 1e-6],
+        "wd": [0.0, 0.1, 1e-3],
+    }
+    skip = [False, True, False]
+    p = torch.randn(n, *shape, generator=g)
+    grad = torch.randn(n, *shape, generator=g)
+    m = torch.randn(n, *shape, generator=g) * 0.1
+    v = torch.rand(n, *shape, generator=g) + 0.5
+    step = torch.tensor([0.0, 3.0, 10.0])
+    solo = [(p[i].clone(), m[i].clone(), v[i].clone(), step[i].clone()) for i in range(n)]
+    for i, (ps, ms, vs, ss) in enumerate(solo):
+        masked_update(
+            kind, ps, grad[i], ss, ms, vs,
+            *(hyper[k][i] for k in ("lr", "beta1", "beta2", "eps", "wd")),
+            torch.tensor(skip[i]),
+        )  # fmt: skip
+    view = (-1, *[1] * len(shape))
+    per_run = [torch.tensor(hyper[k], dtype=torch.float64).view(view) for k in hyper]
+    masked_update(
+        kind, p, grad, step.view(view), m, v, *per_run, torch.tensor(skip).view(view),
+        norm_dims=tuple(range(1, 1 + len(shape))),
+    )  # fmt: skip
+    for i, (ps, ms, vs, ss) in enumerate(solo):
+        torch.testing.assert_close(p[i], ps, rtol=0, atol=0)
+        torch.testing.assert_close(m[i], ms, rtol=0, atol=0)
+        torch.testing.assert_close(v[i], vs, rtol=0, atol=0)
+        assert step[i] == ss
+    assert not torch.equal(p[0], solo[1][0])  # (the runs really differ)

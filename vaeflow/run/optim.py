@@ -163,7 +163,7 @@ def _iwae_new_values(
     alpha = _like(lr * (1 - beta2**t).sqrt() / (1 - beta1**t), p)
     new_p = p - (alpha * m_old / (v_old.sqrt() + _like(eps, p))).to(p.dtype)
     m = m_old.lerp(grad, _like(1 - beta1, p))
-    v = _second_moment(v_old, grad, _like(beta2, p))
+    v = _second_moment(v_old, grad, beta2)
     return new_p, m, v, step + 1
 
 
@@ -344,7 +344,7 @@ def masked_update(
             v = torch.maximum(v_old * _like(beta2, p), grad.abs() + _like(eps, p))
             new_p = p - step_size * m / v
         else:
-            v = _second_moment(v_old, grad, _like(beta2, p))
+            v = _second_moment(v_old, grad, beta2)
             denom = v.sqrt() / _like((1 - beta2**n).sqrt(), p) + _like(eps, p)
             new_p = p - step_size * m / denom
     for old, new in ((p, new_p), (m_old, m), (v_old, v), (step, new_step)):
@@ -359,7 +359,10 @@ def _like(x: Scalar, p: Tensor) -> Scalar:
 
 
 def _second_moment(v_old: Tensor, grad: Tensor, beta2: Scalar) -> Tensor:
-    """``beta2 v + (1 - beta2) g^2`` (one fused op where ``beta2`` is a number)."""
-    if isinstance(beta2, Tensor):
-        return torch.addcmul(v_old * beta2, grad, grad * (1 - beta2))
+    """``beta2 v + (1 - beta2) g^2`` (one fused op where ``beta2`` is a number). A per-run
+    ``beta2`` tensor (float64) gives ``1 - beta2`` in float64 before the cast to ``v``'s
+    dtype, as a number does (in float32, 1 - 0.999 computed after the cast is off by
+    1e-5 relative)."""
+    if isinstance(beta2, Tensor) and beta2.dim() > 0:
+        return torch.addcmul(v_old * _like(beta2, v_old), grad, grad * _like(1 - beta2, v_old))
     return v_old.mul(beta2).addcmul_(grad, grad, value=1 - beta2)

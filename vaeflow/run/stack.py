@@ -428,10 +428,12 @@ class _Stack:
     """The runs still training, their parameters stacked: ``params[name]`` is a leaf
     ``(N, *shape)`` whose row ``r`` is ``members[r]``'s parameter ``name``.
 
-    Each member's own model parameters are views of its rows (``p.data``), so its solo
-    optimiser, EMA, validation and checkpoints read and write the stack directly: the
-    batched forward/backward fills ``params[name].grad``, each run's optimiser steps on
-    its rows (its own kernel, state, learning rate and step count, exactly as alone).
+    Each member's own model parameters are views of its rows (``p.data``), so its EMA,
+    validation and checkpoints read the stack directly: the batched forward/backward
+    fills ``params[name].grad``, and one batched update (:attr:`optimizer`, a
+    :class:`~vaeflow.run.stack_optim.StackedOptimizer` whose moments each run's
+    optimiser holds as views) moves every run's rows by its own learning rate, constants
+    and step count; an optimiser it does not implement steps run by run on its rows.
     """
 
     def __init__(
@@ -558,6 +560,11 @@ class _Stack:
                     p.data = p.data.clone()
                 if self.optimizer is not None:
                     self.optimizer.release(i)
+        if self._compiled_loss is not None or (self.optimizer and self.optimizer.compiled):
+            # Fewer runs: new shapes for every compiled graph. Start the compiler afresh
+            # (~15 s on a 2-core CPU for the MLP), instead of piling up recompilations
+            # of the same code until dynamo's recompile limit (8) silently runs it eagerly.
+            torch._dynamo.reset()
         self._bind([self.members[i] for i in keep])
 
     def step(self) -> list[str | None]:
@@ -700,10 +707,7 @@ def train_stack(
         check_model_stackable(cfgs)
     members = []
     for i, (cfg, run_dir, flag) in enumerate(zip(cfgs, dirs, flags, strict=True)):
-        run = _setup_run(cfg, run_dir, flag, splits)
-        # train.compile_step: the stack's step replaces the run's own compiled step (and
-        # its device-side skip counters); the stack compiles its batched update instead.
-        run.compiled, run.skips = None, None
+        run = _setup_run(cfg, run_dir, flag, splits, stacked=True)
         if i > 0:  # one progress line for the stack, not N fighting over one terminal line
             run.progress = Progress(cfg.train.steps, enabled=False)
         # _setup_run leaves the global RNG where this run's training draws start.

@@ -9,10 +9,10 @@ one batched computation, in the stack's own style:
 
 * **The state is stacked, and each run's state is views of it.** Moment ``key`` of
   parameter ``name`` of all runs is one tensor ``(N, *shape)`` laid out like the stacked
-  parameter, its step counts one ``(N,)`` float32 tensor; run ``r``'s optimiser state
-  holds row ``r`` of each. The batched update writes the rows in place, so each run's
-  optimiser always holds its own state as alone, and its checkpoint saves it
-  (:meth:`StackedOptimizer.alone` gives it copies for the save).
+  parameter, its step counts one ``(N,)`` tensor (as ``init_state`` makes them); run
+  ``r``'s optimiser state holds row ``r`` of each. The batched update writes the rows
+  in place, so each run's optimiser always holds its own state as alone, and its
+  checkpoint saves it (:meth:`StackedOptimizer.alone` gives it copies for the save).
 * **Per-run hyperparameters** (learning rate from the run's schedule, betas, eps, weight
   decay: :data:`~vaeflow.run.stack.STACKABLE_KEYS` lets them differ) are read from each
   run's param group every step and broadcast as ``(N, 1, ..., 1)`` tensors; each run's
@@ -66,7 +66,8 @@ class StackedOptimizer:
             tensors its optimiser holds.
         params: the stacked parameters, ``params[name]`` of shape ``(N, *shape)``.
         compiled: run the update as one ``torch.compile`` graph (the stack's
-            ``train.compile_step``); a changed number of runs compiles it again.
+            ``train.compile_step``); when runs leave, the stack resets the compiler and
+            it compiles afresh (never piling up recompilations to dynamo's limit).
 
     Creates each run's missing state as its first ``opt.step()`` would
     (:func:`~vaeflow.run.optim.init_state`), then stacks it.

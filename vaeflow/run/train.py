@@ -692,9 +692,18 @@ class _Run:
 
 
 def _setup_run(
-    cfg: Config, run_dir: str | Path | None, resume: bool, splits: DataSplits | None
+    cfg: Config,
+    run_dir: str | Path | None,
+    resume: bool,
+    splits: DataSplits | None,
+    stacked: bool = False,
 ) -> _Run:
     """Build the model, data, optimiser and logger of a run, fresh or resumed.
+
+    ``stacked``: the run trains in a stack (:mod:`vaeflow.run.stack`), whose own step
+    replaces the run's: no compiled step (``train.compile_step`` compiles the stack's
+    step instead; building the run's would turn its learning rates into device tensors
+    and its EMA to masked updates) and host-side skip counting.
 
     The order is part of the behaviour: the model is built (under ``train.seed``, the
     same weights on every rank) before the run directory is touched, so a config error
@@ -838,7 +847,7 @@ def _setup_run(
     step_model = _wrap_for_speed(model, cfg, ctx, device)
     model.train()
     compiled = None
-    if t.compile_step:  # after the resume: it holds the restored state's tensors
+    if t.compile_step and not stacked:  # after the resume: it holds the restored state's tensors
         frozen = _prior_parameters(model) if t.prior_freeze_steps else []
         compiled = _CompiledStep(model, opt, sched, ema, t, device, frozen)
     return _Run(
@@ -863,7 +872,11 @@ def _setup_run(
         logger=logger,
         progress=progress,
         last_val={},
-        skips=_DeviceSkips(state, t.max_consecutive_skips, device) if _sync_free(t) else None,
+        skips=(
+            _DeviceSkips(state, t.max_consecutive_skips, device)
+            if _sync_free(t) and not stacked
+            else None
+        ),
         compiled=compiled,
         x_test=x_test,
         means=_IntervalMeans(device, state.interval_sums),
