@@ -20,6 +20,8 @@ Prints a report (and writes it to OUT_DIR/gpu_check.md). Not a test: CI has no G
    flags) and bf16 autocast (``train.amp``), same noise; the mean and mean absolute
    per-image differences from float32 against the stated tolerance
    (:data:`TOLERANCE_NATS`): whether each may be used where a bound is reported.
+7. The stack (``vaeflow sweep --stack``) on CUDA: two runs stacked, eager and with
+   ``train.compile_step``, against the same runs alone: parameter differences and time.
 """
 
 from __future__ import annotations
@@ -305,6 +307,75 @@ def check_compiled_step(lines: list[str], steps: int = 60, device: str = "cuda")
     ]
 
 
+def check_stack(
+    lines: list[str],
+    steps: int = 200,
+    device: str = "cuda",
+    variants: tuple[str, ...] = ("eager", "compiled"),
+    small: bool = False,
+) -> None:
+    """Section 7: two Burda-size runs trained in a stack (``vaeflow.run.stack``) against
+    the same runs trained alone on ``device``, eager and with ``train.compile_step``
+    (the stack's compiled forward/backward and batched update): the largest parameter
+    difference of each run's ``last.pt`` from its solo run's (expected: float32 rounding
+    grown over the steps, ~1e-5), and seconds per step. Random binary images (no dataset
+    needed); ``device="cpu"``, ``variants=("eager",)``, ``small=True``: the smoke test."""
+    from vaeflow.data import DataSplits
+    from vaeflow.run.stack import train_stack
+
+    g = torch.Generator().manual_seed(0)
+    images = ((torch.rand(2000, 1, 28, 28, generator=g) > 0.5) * 255).to(torch.uint8)
+    splits = DataSplits(images, images[:200], images[:200], (1, 28, 28), "binary", "random")
+    base = [
+        f"train.device={device}",
+        f"train.steps={steps}",
+        f"train.val_every={steps}",
+        f"train.ckpt_every={steps}",
+        f"train.log_every={steps}",
+        "train.image_every=0",
+        "data.val_size=200",
+    ]
+    if small:
+        base += ["model.encoder.options={hidden=[32]}", "model.decoder.options={hidden=[32]}"]
+    per_run = (["train.seed=0"], ["train.seed=1", "train.lr=3e-4"])
+    path = ROOT / "experiments/burda2016_iwae/config.toml"
+    lines += [
+        f"## the stack on {device} vs the same runs alone ({steps} steps, Burda 1-layer "
+        "VAE, 2 runs)",
+        "",
+        "| stack | max abs parameter difference from solo | stacked s/step (2 runs) "
+        "| solo s/step (one run) |",
+        "|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        for variant in variants:
+            flag = [f"train.compile_step={str(variant == 'compiled').lower()}"]
+            cfgs = [load_config(path, [*base, *flag, *extra]) for extra in per_run]
+            t0 = time.perf_counter()
+            solo = [
+                train(c, Path(d) / f"{variant}_solo{i}", splits=splits) for i, c in enumerate(cfgs)
+            ]
+            solo_s = (time.perf_counter() - t0) / (2 * steps)
+            t0 = time.perf_counter()
+            train_stack(cfgs, [Path(d) / f"{variant}_st{i}" for i in range(2)], splits=splits)
+            stack_s = (time.perf_counter() - t0) / steps
+            diff = 0.0
+            for i in range(2):
+                a = load_checkpoint(Path(d) / f"{variant}_solo{i}" / "checkpoints" / "last.pt")
+                b = load_checkpoint(Path(d) / f"{variant}_st{i}" / "checkpoints" / "last.pt")
+                diff = max(
+                    diff,
+                    *((a["model"][k].double() - b["model"][k].double()).abs().max().item()
+                      for k in a["model"]),
+                )  # fmt: skip
+            assert all(s["status"] == "completed" for s in solo)
+            lines.append(
+                f"| {variant} | {diff:.2e} | {stack_s:.4f} (incl. set-up, compilation) | "
+                f"{solo_s:.4f} (incl. set-up, compilation) |"
+            )
+    lines.append("")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("."))
@@ -312,7 +383,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     lines = [f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-    for fn in (check_flows, check_rng, check_nll, check_compiled_step, check_precision):
+    checks = (check_flows, check_rng, check_nll, check_compiled_step, check_precision, check_stack)
+    for fn in checks:
         try:
             fn(lines)
         except Exception as e:  # report every section, even after a failure

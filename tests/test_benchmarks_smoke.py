@@ -382,3 +382,15 @@ def test_gpu_check_precision_section_runs(tmp_path: Path) -> None:
     assert tf32 == "| TF32 | +0.0000 | 0.0000 | +0.0000 | 0.0000 | yes |", tf32
     (bf16,) = [ln for ln in lines if ln.startswith("| bf16 autocast |")]
     assert float(bf16.split(" | ")[2]) > 0, bf16
+
+
+def test_gpu_check_stack_section_runs() -> None:
+    """gpu_check.py's section 7 (stacked vs solo runs) runs as written; on the CPU, eager,
+    the stacked runs end where the solo runs do, to float32 rounding."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import check_stack
+
+    lines: list[str] = []
+    check_stack(lines, steps=3, device="cpu", variants=("eager",), small=True)
+    (row,) = [ln for ln in lines if ln.startswith("| eager |")]
+    assert float(row.split(" | ")[1]) < 1e-4, row
