@@ -596,3 +596,23 @@ def test_a_failed_compilation_of_the_stacked_forward_falls_back_to_eager(
         torch.testing.assert_close(compiled.params[name], p, rtol=0, atol=0)
     for m in [*compiled.members, *eager.members]:
         m.run.logger.close()
+
+
+def test_dense_order_and_laid_out_stacking() -> None:
+    """The memory order read from a gradient, and stacking into that order: the values
+    are the rows', only the layout changes; a gapped or overlapping gradient gives none."""
+    from vaeflow.run.stack import _dense_order, _inverse, _stacked_parameters
+
+    t = torch.empty(2, 3, 4)
+    assert _dense_order(t) == (0, 1, 2)
+    assert _dense_order(t.permute(0, 2, 1)) == (0, 2, 1)
+    assert _dense_order(t.transpose(0, 2)) == (2, 1, 0)
+    assert _dense_order(torch.empty(4, 6)[:, ::2]) is None  # gaps
+    assert _dense_order(torch.empty(3, 1).expand(3, 5)) is None  # overlapping
+    assert _inverse((0, 2, 1)) == (0, 2, 1) and _inverse((2, 0, 1)) == (1, 2, 0)
+    rows = [{"w": torch.randn(3, 5), "b": torch.randn(5)} for _ in range(4)]
+    stacked = _stacked_parameters(rows, {"w": (0, 2, 1)})
+    assert stacked["w"].shape == (4, 3, 5) and stacked["w"].stride() == (15, 1, 3)
+    assert stacked["b"].is_contiguous() and stacked["w"].is_leaf
+    for i, r in enumerate(rows):
+        assert torch.equal(stacked["w"][i], r["w"]) and torch.equal(stacked["b"][i], r["b"])
