@@ -1,11 +1,13 @@
-"""AdamNormGrad (the VampPrior code's optimiser) against Adam on hand-normalised gradients."""
+"""The papers' optimisers: AdamNormGrad (the VampPrior code's) against Adam on
+hand-normalised gradients, RMSprop with momentum, IAFAdamax (the IAF code's AdaMax)
+against its update written out, and the batched update of stacked runs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vaeflow.run.optim import NORMGRAD_EPS, AdamNormGrad
+from vaeflow.run.optim import NORMGRAD_EPS, AdamNormGrad, IAFAdamax, init_state, update_unless
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -92,7 +94,7 @@ def test_rmsprop_with_momentum_follows_its_update_rule() -> None:
         torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["adam", "normgrad", "iwae", "adamax"])
+@pytest.mark.parametrize("kind", ["adam", "normgrad", "iwae", "adamax", "adamax_iaf"])
 @pytest.mark.parametrize("shape", [(5, 7), ()])
 def test_masked_update_of_stacked_runs_equals_each_run_alone_in_float32(kind, shape) -> None:
     """``masked_update`` on ``(N, *shape)`` tensors with per-run float64 hyperparameters
@@ -135,3 +137,70 @@ def test_masked_update_of_stacked_runs_equals_each_run_alone_in_float32(kind, sh
         torch.testing.assert_close(v[i], vs, rtol=0, atol=0)
         assert step[i] == ss
     assert not torch.equal(p[0], solo[1][0])  # (the runs really differ)
+
+
+def test_iaf_adamax_follows_the_iaf_codes_update_rule() -> None:
+    """IAFAdamax against the IAF code's AdaMax written out (Theano ``AdaMaxAvg``, in torch's
+    sign convention): ``m = b1 m + (1 - b1) g``, ``u = max(b2 u, |g| + eps)``,
+    ``w -= lr m / u``, no bias correction; float64, five steps with weight decay. Its
+    first step moves each weight by ``(1 - b1) lr sign(g)``, a tenth of torch's Adamax."""
+    lr, b1, b2, eps, wd = 2e-3, 0.9, 0.999, 1e-8, 0.01
+    params = _params(0)
+    ref = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(r) for r in ref]
+    u = [torch.zeros_like(r) for r in ref]
+    opt = IAFAdamax(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    torch_adamax = [p.detach().clone().requires_grad_() for p in _params(0)]
+    plain = torch.optim.Adamax(torch_adamax, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        grads = [
+            torch.randn(r.shape, generator=g, dtype=torch.float64) * 10**i
+            for i, r in enumerate(ref)
+        ]
+        for p, q, gr in zip(params, torch_adamax, grads, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        first = [p.detach().clone() for p in params]
+        opt.step()
+        plain.step()
+        for i, gr in enumerate(grads):
+            gr = gr + wd * ref[i]
+            m[i] = b1 * m[i] + (1 - b1) * gr
+            u[i] = torch.maximum(b2 * u[i], gr.abs() + eps)
+            ref[i] = ref[i] - lr * m[i] / u[i]
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-13, atol=1e-15)
+        if step == 0:
+            for p, f, q in zip(params, first, torch_adamax, strict=True):
+                moved = (p.detach() - f).abs()
+                torch.testing.assert_close(
+                    moved, torch.full_like(moved, (1 - b1) * lr), rtol=1e-6, atol=0
+                )
+                assert not torch.allclose(q.detach(), p.detach())  # torch's moved 10x as far
+    assert opt.state[params[0]]["step"] == 5
+
+
+def test_iaf_adamax_update_unless_equals_its_step() -> None:
+    """The compiled step's update (``update_unless``, rule ``"adamax_iaf"``) gives what
+    ``IAFAdamax.step`` gives, and a skipped update changes nothing."""
+    a, b = _params(2), _params(2)
+    opt_a = IAFAdamax(a, lr=1e-2, weight_decay=0.1)
+    opt_b = IAFAdamax(b, lr=1e-2, weight_decay=0.1)
+    init_state(opt_b)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in a]
+        for p, gr in zip(a, grads, strict=True):
+            p.grad = gr
+        opt_a.step()
+        skip = torch.tensor(step == 2)
+        before = [p.detach().clone() for p in b]
+        update_unless(opt_b, [b], [grads], skip)
+        if step == 2:  # skipped: redo it unskipped so that both saw the same updates
+            for p, q in zip(b, before, strict=True):
+                assert torch.equal(p.detach(), q)
+            update_unless(opt_b, [b], [grads], torch.tensor(False))
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(opt_a.state[p]["exp_avg"], opt_b.state[q]["exp_avg"])
+        torch.testing.assert_close(opt_a.state[p]["exp_inf"], opt_b.state[q]["exp_inf"])

@@ -459,6 +459,8 @@ def test_iaf_posterior_stack_equals_solo_in_float64(tmp_path: Path, splits, floa
         # flow's one-number parameters (a (N,) stacked tensor) by their own sizes
         ("adam_normgrad", (["train.eps=1e-3"], ["train.lr=3e-3"])),
         ("adamax", (["train.betas=[0.5, 0.9]", "train.weight_decay=0.2"], [])),
+        # the IAF code's AdaMax (no bias correction)
+        ("adamax_iaf", (["train.betas=[0.5, 0.9]"], ["train.lr=3e-3"])),
         # no batched rule: each run's own RMSprop steps on its (re-laid-out) rows
         ("rmsprop", (["train.lr=1e-3"], ["train.lr=3e-4"])),
     ],

@@ -297,7 +297,10 @@ class TrainConfig:
         steps: total optimiser steps.
         objective: ``elbo`` or ``iwae`` (Burda et al. 2016) with ``k`` samples.
         k: importance samples per example during training.
-        optimizer: ``adam``, ``adamax``, ``adam_normgrad`` (Adam on gradients
+        optimizer: ``adam``, ``adamax``, ``adamax_iaf`` (AdaMax as Kingma et al.'s IAF
+            code writes it: no bias correction of the first moment, so the first ~20
+            updates ramp up from a tenth of the rate; ``vaeflow.run.optim.IAFAdamax``),
+            ``adam_normgrad`` (Adam on gradients
             rescaled to unit L2 norm per parameter tensor, the optimiser of Tomczak &
             Welling's VampPrior code, ``vaeflow.run.optim.AdamNormGrad``), ``adam_iwae``
             (Adam as Burda et al.'s IWAE code writes it: second moment started at
@@ -440,7 +443,8 @@ class TrainConfig:
             the CPU: 1.18x for the quickstart MLP's step, 1.07x for the Sylvester
             gated-conv VAE's loop with ``channels_last`` (its convolutions are ~90 % of
             the step; benchmarks/README.md). Needs ``optimizer = "adam"``,
-            ``"adam_normgrad"`` or ``"adamax"`` (not the fused kernel ``sync_free``
+            ``"adam_normgrad"``, ``"adam_iwae"``, ``"adamax"`` or ``"adamax_iaf"`` (not
+            the fused kernel ``sync_free``
             needs); not with ``compile`` (this compiles the model too), ``amp``
             (untested) or data-parallel runs (torchrun). In a stack (``sweep --stack``)
             it compiles the stack's own step instead: the vmapped forward and backward
@@ -451,7 +455,9 @@ class TrainConfig:
     steps: int = 10000
     objective: Literal["elbo", "iwae"] = "elbo"
     k: int = 1
-    optimizer: Literal["adam", "adamax", "adam_normgrad", "adam_iwae", "rmsprop"] = "adam"
+    optimizer: Literal["adam", "adamax", "adamax_iaf", "adam_normgrad", "adam_iwae", "rmsprop"] = (
+        "adam"
+    )
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
     initial_second_moment: float | None = None
@@ -844,10 +850,10 @@ def _check_compile_step(t: TrainConfig) -> None:
     """``train.compile_step``: refuse what the compiled step does not do, saying what to
     use instead (data-parallel runs are refused when the run starts: the config does not
     know the process count)."""
-    if t.optimizer not in ("adam", "adam_normgrad", "adam_iwae", "adamax"):
+    if t.optimizer not in ("adam", "adam_normgrad", "adam_iwae", "adamax", "adamax_iaf"):
         raise ConfigError(
             "train.compile_step = true compiles the update of optimizer = 'adam', "
-            "'adam_normgrad', 'adam_iwae' or 'adamax', got train.optimizer = "
+            "'adam_normgrad', 'adam_iwae', 'adamax' or 'adamax_iaf', got train.optimizer = "
             f"{t.optimizer!r}; for this optimiser use train.compile = true (the model's "
             "forward only) and set train.compile_step = false"
         )

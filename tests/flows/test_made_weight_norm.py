@@ -305,3 +305,52 @@ def test_posterior_head_and_context_projection_take_the_codes_weight_norm():
     )
     with pytest.raises(ConfigError, match="model.posterior.weight_norm"):
         build_model(td.model)
+
+
+def test_output_scale_keeps_the_start_and_scales_the_outputs_rate():
+    """``output_scale = 0.1`` (the IAF code's constant factor on the MADE outputs): after
+    the data init the flow computes what it computes with the factor 1 (the output layer
+    targets 0.1 / 0.1 = 1 before the factor), and a change of the output layer's bias
+    moves the outputs by a tenth as much (what sets their pace under Adam-type updates)."""
+    flows = {}
+    for a in (1.0, 0.1):
+        torch.manual_seed(0)
+        flow = build_iaf(D, 2, H, 3, weight_norm="iaf_code", activation="elu", output_scale=a)
+        eps, ctx = _init(flow, 3)
+        flows[a] = flow
+    z1, ld1 = flows[1.0].inverse(eps, ctx)
+    z01, ld01 = flows[0.1].inverse(eps, ctx)
+    torch.testing.assert_close(z01, z1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld01, ld1, rtol=1e-10, atol=1e-10)
+    made = {a: next(m for m in f.modules() if isinstance(m, MADE)) for a, f in flows.items()}
+    torch.testing.assert_close(made[0.1].out.gain, 10 * made[1.0].out.gain)
+    x = torch.randn(4, D, dtype=torch.float64)
+    c = torch.randn(4, 3, dtype=torch.float64)
+    moved = {}
+    for a, m in made.items():
+        before = m(x, c)
+        with torch.no_grad():
+            m.out.bias.add_(1.0)
+        moved[a] = (m(x, c) - before).abs().amax()
+    torch.testing.assert_close(moved[0.1], torch.tensor(0.1, dtype=torch.float64))
+    torch.testing.assert_close(moved[1.0], torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("ctx", [0, 3])
+def test_iaf_with_output_scale_is_exact(ctx):
+    """Round trip and log-det against the brute-force Jacobian (float64) with the
+    outputs scaled, after the data init and perturbed."""
+
+    def make():
+        flow = build_iaf(D, 2, H, ctx, weight_norm="iaf_code", activation="elu", output_scale=0.1)
+        _init(flow, ctx)
+        return flow
+
+    errs = full_check(make, identity_at_init=False)
+    assert errs["roundtrip"] <= EXACT_TOL and errs["logdet"] <= EXACT_TOL
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1])
+def test_output_scale_must_be_positive(bad):
+    with pytest.raises(ValueError, match="output_scale must be > 0"):
+        MADE(D, 2, output_scale=bad)

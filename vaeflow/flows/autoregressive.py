@@ -153,6 +153,14 @@ class MADE(nn.Module):
             comes out of a 0.1-scale layer). ``zero_last`` is ignored. Kingma et al.
             2016, appendix B: "The whole network is parametrized according to Weight
             Normalization ... and data-dependent initialization is used".
+        output_scale: a constant factor on the outputs (default 1). The IAF code computes
+            its update from ``0.1 *`` the autoregressive outputs (``z = (z - 0.1 m) /
+            exp(0.1 s)``); with ``weight_norm = "iaf_code"`` the output layer's data init
+            then targets ``0.1 / output_scale``, so the start is the same for any value,
+            but the training dynamics are not: under Adam-type optimisers every parameter
+            moves by about the learning rate per step, so the constant sets how fast the
+            outputs move (``output_scale = 0.1`` is the code's parametrisation; 1 puts
+            the 0.1 into the learned gain, whose output moves ten times faster).
 
     References:
         Germain et al. 2015, arXiv:1502.03509 (masks and degrees).
@@ -172,6 +180,7 @@ class MADE(nn.Module):
         zero_last: bool = True,
         style: str = "vaeflow",
         weight_norm: bool | str = False,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if style not in MADE_STYLES:
@@ -184,6 +193,11 @@ class MADE(nn.Module):
         if weight_norm and style != "vaeflow":
             raise ValueError("MADE weight_norm = 'iaf_code' is for the 'vaeflow' style")
         self.weight_norm = weight_norm
+        if not output_scale > 0:
+            raise ValueError(f"MADE output_scale must be > 0, got {output_scale}")
+        if output_scale != 1.0 and style != "vaeflow":
+            raise ValueError("MADE output_scale is for the 'vaeflow' style")
+        self.output_scale = float(output_scale)
         if features < 1 or params_per_feature < 1:
             raise ValueError(
                 f"MADE needs features >= 1 and params_per_feature >= 1, "
@@ -238,7 +252,9 @@ class MADE(nn.Module):
                 layers.append(masked(prev.numel(), hidden, mask, 1.0))
                 prev = hid_deg
             out_mask = (out_deg[:, None] > prev[None, :]).to(torch.get_default_dtype())
-            self.out = masked(prev.numel(), features * params_per_feature, out_mask, 0.1)
+            # The data init puts the outputs (after the constant factor) at scale 0.1.
+            out_scale = 0.1 / self.output_scale
+            self.out = masked(prev.numel(), features * params_per_feature, out_mask, out_scale)
         self.hidden_layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(make_activation(activation) for _ in layers)
         first_width = hidden if num_hidden > 0 else features * params_per_feature
@@ -304,6 +320,8 @@ class MADE(nn.Module):
         out = self.out(h)
         if not self.hidden_layers and ctx is not None:
             out = out + ctx
+        if self.output_scale != 1.0:
+            out = out * self.output_scale
         return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
 
     def conditioner(self, context: Tensor | None = None) -> Callable[[Tensor], Tensor]:
@@ -352,6 +370,8 @@ class MADE(nn.Module):
         out = F.linear(h, out_w, out_b)
         if not weights and ctx is not None:
             out = out + ctx
+        if self.output_scale != 1.0:
+            out = out * self.output_scale
         return out.reshape(*x.shape[:-1], self.features, self.params_per_feature)
 
 
@@ -374,6 +394,7 @@ class _Autoregressive(Transform):
         activation: str,
         made_style: str = "vaeflow",
         weight_norm: bool | str = False,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__(features, context_features)
         self.features = features
@@ -389,6 +410,7 @@ class _Autoregressive(Transform):
             zero_last=True,
             style=made_style,
             weight_norm=weight_norm,
+            output_scale=output_scale,
         )
 
     @property
@@ -459,6 +481,8 @@ class AffineAutoregressive(_Autoregressive):
             layer is not the identity at init: the model's data-dependent init pass sets
             its scales, through the one-pass direction only: :meth:`forward`, i.e. IAF
             sampling and MAF density).
+        output_scale: the MADE's constant factor on its outputs (:class:`MADE`; the IAF
+            code's 0.1).
 
     References:
         Papamakarios et al. 2017, arXiv:1705.07057, section 3 (MAF).
@@ -479,6 +503,7 @@ class AffineAutoregressive(_Autoregressive):
         scale_bound: float | None = 5.0,
         activation: str = "relu",
         weight_norm: bool | str = False,
+        output_scale: float = 1.0,
     ) -> None:
         if scale_bound is not None and not scale_bound > 0:
             raise ValueError(f"scale_bound must be > 0 or None, got {scale_bound}")
@@ -491,6 +516,7 @@ class AffineAutoregressive(_Autoregressive):
             seed=seed,
             activation=activation,
             weight_norm=weight_norm,
+            output_scale=output_scale,
         )
         self.scale_bound = scale_bound
 
@@ -727,6 +753,7 @@ def build_maf(
     activation: str = "relu",
     seed: int = 0,
     weight_norm: bool | str = False,
+    output_scale: float = 1.0,
 ) -> Transform:
     """Masked autoregressive flow: a stack of :class:`AffineAutoregressive` layers.
 
@@ -752,6 +779,8 @@ def build_maf(
             (the IAF code's dense weight norm, set up by the model's data-dependent init
             pass through the one-pass direction, here density: a MAF prior; the stack is
             then not the identity at init).
+        output_scale: each MADE's constant factor on its outputs (default 1; the IAF
+            code's 0.1: :class:`MADE`).
 
     Returns:
         A :class:`Composite`, exactly the identity at init (unless ``weight_norm``).
@@ -774,6 +803,7 @@ def build_maf(
             scale_bound=scale_bound,
             activation=activation,
             weight_norm=weight_norm,
+            output_scale=output_scale,
         )
 
     return _stack(layer, features, num_layers, permutation, seed)
@@ -791,7 +821,8 @@ def build_iaf(
     The sampling direction (``inverse``, noise -> data) is one MADE pass per layer, and
     its log-det comes from the same pass; ``forward`` (scoring a given ``z``) costs ``D``
     passes per layer. Same options as :func:`build_maf`: ``num_hidden``, ``order``,
-    ``permutation``, ``scale_bound``, ``activation``, ``seed``, ``weight_norm``.
+    ``permutation``, ``scale_bound``, ``activation``, ``seed``, ``weight_norm``,
+    ``output_scale``.
 
     Returns:
         An :class:`Inverse`, exactly the identity at init (unless ``weight_norm``).

@@ -78,7 +78,7 @@ from .logger import (
     has_hparams_experiment,
     hparams_order,
 )
-from .optim import AdamNormGrad, IWAEAdam, init_state, update_unless
+from .optim import AdamNormGrad, IAFAdamax, IWAEAdam, init_state, update_unless
 from .utils import resolve_device, set_tf32
 
 __all__ = [
@@ -324,6 +324,8 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         # resumed run keeps its checkpoint's implementation (load_state_dict restores the
         # param groups' fused/foreach flags), so it continues bit-exactly.
         return torch.optim.Adam(groups, fused=fusable, **kw)
+    if t.optimizer == "adamax_iaf":
+        return IAFAdamax(groups, **kw)
     return torch.optim.Adamax(groups, foreach=True, **kw)  # Adamax has no fused kernel
 
 
@@ -1224,8 +1226,8 @@ class _CompiledStep:
         if not isinstance(opt, torch.optim.Adam | torch.optim.Adamax | IWAEAdam):
             raise ConfigError(
                 "train.compile_step needs train.optimizer = 'adam', 'adam_normgrad', "
-                "'adam_iwae' or "
-                f"'adamax', got {type(opt).__name__}"
+                "'adam_iwae', 'adamax' or "
+                f"'adamax_iaf', got {type(opt).__name__}"
             )
         self.model, self.opt, self.sched, self.ema, self.t = model, opt, sched, ema, t
         init_state(opt)
