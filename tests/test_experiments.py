@@ -199,6 +199,9 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
             "elu",
         )
         assert o["weight_norm"] == "iaf_code"
+        # the Theano code's blocks add 0.1 x their branch
+        assert o["residual_scale"] == 0.1
+    assert mnist.model.decoder.options["output_scale"] == 0.1  # ".1 * x_dec(...)"
     assert mnist.model.latent_dim == 32
     # "The whole network is parametrized according to Weight Normalization ... and
     # data-dependent initialization is used": no plain conv or dense layer anywhere, for

@@ -19,7 +19,12 @@ from vaeflow.layers import (
     StridedResidualBlock,
     weight_norm_data_init,
 )
-from vaeflow.models.networks import StridedResNetDecoder, StridedResNetEncoder
+from vaeflow.models.networks import (
+    ResNetDecoder,
+    ResNetEncoder,
+    StridedResNetDecoder,
+    StridedResNetEncoder,
+)
 
 
 def _randomise(module):
@@ -281,3 +286,55 @@ def test_trains_with_the_data_init_and_evaluates_through_the_cli(tmp_path, data_
     assert (
         cli_main(["eval", str(tmp_path / "s"), "--k", "2", "--chunk", "2", "--n-test", "8"]) == 0
     )
+
+
+def test_residual_scale_multiplies_the_branch_only(float64):
+    """``residual_scale = a`` (the IAF code's ``input + .1 * branch``): ``x + a net(x)`` and
+    ``shortcut(x) + a branch(x)``, the same weights as the unscaled blocks."""
+    x = torch.randn(2, 4, 7, 6)
+    plain, scaled = ResidualBlock(4, "elu"), ResidualBlock(4, "elu", residual_scale=0.1)
+    _randomise(plain)
+    scaled.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(scaled(x), x + 0.1 * plain.net(x))
+    for up in (False, True):
+        kw = dict(up=True, in_size=(7, 6), out_size=(14, 12)) if up else {}
+        plain = StridedResidualBlock(4, 3, activation="elu", **kw)
+        scaled = StridedResidualBlock(4, 3, activation="elu", residual_scale=0.1, **kw)
+        _randomise(plain)
+        scaled.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(scaled(x), plain.shortcut(x) + 0.1 * plain.branch(x))
+
+
+def test_the_networks_pass_residual_and_output_scales_on(float64):
+    """Every residual block of the strided encoder and decoder gets ``residual_scale``; the
+    decoder's output is ``output_scale`` x the unscaled decoder's (the code's logits)."""
+    enc = StridedResNetEncoder(residual_scale=0.1, weight_norm=False)
+    blocks = [m for m in enc.modules() if isinstance(m, ResidualBlock | StridedResidualBlock)]
+    assert len(blocks) == 5 and all(b.residual_scale == 0.1 for b in blocks)
+    z = torch.randn(3, 32)
+    plain = StridedResNetDecoder(32, weight_norm=False, residual_scale=0.1)
+    scaled = StridedResNetDecoder(32, weight_norm=False, residual_scale=0.1, output_scale=0.1)
+    _randomise(plain)
+    scaled.load_state_dict(plain.state_dict())
+    blocks = [m for m in scaled.modules() if isinstance(m, ResidualBlock | StridedResidualBlock)]
+    assert len(blocks) == 5 and all(b.residual_scale == 0.1 for b in blocks)
+    torch.testing.assert_close(scaled(z), 0.1 * plain(z))
+    for bad in (dict(residual_scale=0.0), dict(output_scale=-1.0)):
+        with pytest.raises(ValueError, match="_scale must be > 0"):
+            StridedResNetDecoder(32, weight_norm=False, **bad)
+
+
+def test_the_cifar_resnet_passes_the_scales_on(float64):
+    """The one-layer CIFAR-10 ResNet (``resnet``): every block gets ``residual_scale``, the
+    decoder's output is ``output_scale`` x the unscaled one's."""
+    enc = ResNetEncoder((3, 8, 8), channels=4, num_blocks=1, num_downsamples=1, out_features=6,
+                        residual_scale=0.1)  # fmt: skip
+    blocks = [m for m in enc.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 2 and all(b.residual_scale == 0.1 for b in blocks)
+    kw = dict(param_shape=(3, 8, 8), channels=4, num_blocks=1, num_upsamples=1, residual_scale=0.1)
+    plain, scaled = ResNetDecoder(5, **kw), ResNetDecoder(5, output_scale=0.1, **kw)
+    _randomise(plain)
+    scaled.load_state_dict(plain.state_dict())
+    assert all(b.residual_scale == 0.1 for b in scaled.modules() if isinstance(b, ResidualBlock))
+    z = torch.randn(2, 5)
+    torch.testing.assert_close(scaled(z), 0.1 * plain(z))

@@ -357,6 +357,11 @@ class ResidualBlock(nn.Module):
         weight_norm: a :data:`WEIGHT_NORMS` setting for both convs (Salimans & Kingma
             2016); under ``"iaf_code"`` the last conv's data init, not a zero gain, sets
             its scale.
+        residual_scale: a constant factor on the branch, ``x + a * branch(x)`` (default
+            1). The IAF code multiplies every residual branch by 0.1 (``input + .1 *
+            up_conv2(...)``); under ``"iaf_code"`` its data init sets the branch's scale
+            before the factor, and under Adam-type optimisers the factor also slows how
+            fast the branch's output moves.
 
     Shapes:
         ``(N, channels, H, W) -> (N, channels, H, W)``.
@@ -367,9 +372,14 @@ class ResidualBlock(nn.Module):
     """
 
     def __init__(
-        self, channels: int, activation: str = "silu", weight_norm: bool | str = False
+        self,
+        channels: int,
+        activation: str = "silu",
+        weight_norm: bool | str = False,
+        residual_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.residual_scale = _check_residual_scale(residual_scale)
         self.net = nn.Sequential(
             make_activation(activation),
             wn_conv(channels, channels, 3, 1, weight_norm),
@@ -378,7 +388,15 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.residual_scale != 1.0:
+            return x + self.residual_scale * self.net(x)
         return x + self.net(x)
+
+
+def _check_residual_scale(scale: float) -> float:
+    if not scale > 0:
+        raise ValueError(f"residual_scale must be > 0, got {scale}")
+    return float(scale)
 
 
 # ----------------------------------------------------------------- the IAF code's weight norm
@@ -705,6 +723,9 @@ class StridedResidualBlock(nn.Module):
         in_size: ``(H, W)`` of the input (see ``out_size``).
         activation: name from :data:`ACTIVATIONS`.
         weight_norm: a :data:`WEIGHT_NORMS` setting.
+        residual_scale: a constant factor on the branch (not the shortcut), as
+            :class:`ResidualBlock`'s (the IAF code: ``input + .1 * branch`` with the
+            strided conv as ``input``).
 
     Shapes:
         ``(N, c_in, H, W) -> (N, c_out, ceil(H / 2), ceil(W / 2))`` down,
@@ -723,8 +744,10 @@ class StridedResidualBlock(nn.Module):
         in_size: Sequence[int] | None = None,
         activation: str = "elu",
         weight_norm: bool | str = False,
+        residual_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.residual_scale = _check_residual_scale(residual_scale)
         wn = weight_norm
         if up:
             if out_size is None or in_size is None:
@@ -750,4 +773,6 @@ class StridedResidualBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.residual_scale != 1.0:
+            return self.shortcut(x) + self.residual_scale * self.branch(x)
         return self.shortcut(x) + self.branch(x)

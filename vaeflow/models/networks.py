@@ -393,6 +393,8 @@ class ResNetEncoder(_ImageEncoder):
         weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting for every conv and
             linear layer (``True``: torch's weight norm; ``"iaf_code"``: the IAF code's).
         center: map inputs from ``[0, 1]`` to ``[-1, 1]`` first (see the module doc).
+        residual_scale: a constant factor on every residual branch
+            (:class:`~vaeflow.layers.ResidualBlock`; the IAF code's 0.1).
 
     Shapes:
         ``(*lead, C, H, W) -> (*lead, out_features)``.
@@ -412,6 +414,7 @@ class ResNetEncoder(_ImageEncoder):
         activation: str = "silu",
         weight_norm: bool | str = False,
         center: bool = True,
+        residual_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.x_shape = _positive_shape(x_shape)
@@ -426,7 +429,9 @@ class ResNetEncoder(_ImageEncoder):
         wn = weight_norm
         layers: list[nn.Module] = [wn_conv(c, channels, 3, 1, wn)]
         for stage in range(num_downsamples + 1):
-            layers += [ResidualBlock(channels, activation, wn) for _ in range(num_blocks)]
+            layers += [
+                ResidualBlock(channels, activation, wn, residual_scale) for _ in range(num_blocks)
+            ]
             if stage < num_downsamples:
                 layers.append(wn_conv(channels, channels, 3, 2, wn))
         layers += [
@@ -464,6 +469,10 @@ class ResNetDecoder(nn.Module):
         weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting for every conv and
             linear layer (``True``: torch's weight norm; ``"iaf_code"``: the IAF code's).
         zero_last: zero-initialise the output conv.
+        residual_scale: a constant factor on every residual branch
+            (:class:`~vaeflow.layers.ResidualBlock`; the IAF code's 0.1).
+        output_scale: a constant factor on the output parameters (the IAF code's 0.1:
+            ``output = .1 * x_dec(...)``).
 
     Shapes:
         ``(*lead, latent_dim) -> (*lead, P, H, W)``.
@@ -483,6 +492,8 @@ class ResNetDecoder(nn.Module):
         activation: str = "silu",
         weight_norm: bool | str = False,
         zero_last: bool = False,
+        residual_scale: float = 1.0,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -490,6 +501,9 @@ class ResNetDecoder(nn.Module):
         if len(self.param_shape) != 3:
             raise ValueError(f"param_shape must be (P, H, W), got {self.param_shape}")
         _check_zero_last(zero_last, weight_norm)
+        if not output_scale > 0:
+            raise ValueError(f"output_scale must be > 0, got {output_scale}")
+        self.output_scale = float(output_scale)
         p, h, w = self.param_shape
         scale = 2**num_upsamples
         if h % scale or w % scale:
@@ -504,7 +518,9 @@ class ResNetDecoder(nn.Module):
             if stage > 0:
                 up = wn_conv(channels, channels, 3, 1, wn)
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), up]
-            layers += [ResidualBlock(channels, activation, wn) for _ in range(num_blocks)]
+            layers += [
+                ResidualBlock(channels, activation, wn, residual_scale) for _ in range(num_blocks)
+            ]
         layers += [
             make_activation(activation),
             wn_conv(channels, p, 3, 1, wn, zero=zero_last),
@@ -515,7 +531,10 @@ class ResNetDecoder(nn.Module):
         """Map ``z`` of shape ``(*lead, latent_dim)`` to ``(*lead, P, H, W)``."""
         _check_trailing(z, (self.latent_dim,), type(self).__name__)
         z, lead = flatten_leading(z, 1)
-        return self.net(z).reshape(*lead, *self.param_shape)
+        out = self.net(z)
+        if self.output_scale != 1.0:  # the IAF code's .1 * x_dec(...)
+            out = out * self.output_scale
+        return out.reshape(*lead, *self.param_shape)
 
 
 def _check_zero_last(zero_last: bool, weight_norm: bool | str) -> None:
@@ -576,6 +595,8 @@ class StridedResNetEncoder(_ImageEncoder):
             init, which the paper's networks use: run by ``vaeflow train`` on the first
             batch).
         center: map inputs from ``[0, 1]`` to ``[-1, 1]`` first (see the module doc).
+        residual_scale: a constant factor on every residual branch
+            (:class:`~vaeflow.layers.ResidualBlock`; the IAF code's 0.1).
 
     Shapes:
         ``(*lead, C, H, W) -> (*lead, out_features)``.
@@ -594,6 +615,7 @@ class StridedResNetEncoder(_ImageEncoder):
         activation: str = "elu",
         weight_norm: bool | str = "iaf_code",
         center: bool = False,
+        residual_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.x_shape, widths = _strided_plan("x_shape", x_shape, channels, unstrided, weight_norm)
@@ -604,8 +626,18 @@ class StridedResNetEncoder(_ImageEncoder):
         c_in = c
         for i, c_out in enumerate(widths):
             if i > 0:
-                layers += [ResidualBlock(c_in, activation, wn) for _ in range(unstrided)]
-            layers.append(StridedResidualBlock(c_in, c_out, activation=activation, weight_norm=wn))
+                layers += [
+                    ResidualBlock(c_in, activation, wn, residual_scale) for _ in range(unstrided)
+                ]
+            layers.append(
+                StridedResidualBlock(
+                    c_in,
+                    c_out,
+                    activation=activation,
+                    weight_norm=wn,
+                    residual_scale=residual_scale,
+                )
+            )
             c_in = c_out
         last = _halvings((h, w), len(widths))[-1]
         layers += [
@@ -638,6 +670,10 @@ class StridedResNetDecoder(nn.Module):
         activation: name from :data:`~vaeflow.layers.ACTIVATIONS`.
         weight_norm: a :data:`~vaeflow.layers.WEIGHT_NORMS` setting.
         zero_last: zero-initialise the output conv (not with ``"iaf_code"``).
+        residual_scale: a constant factor on every residual branch
+            (:class:`~vaeflow.layers.ResidualBlock`; the IAF code's 0.1).
+        output_scale: a constant factor on the output parameters (the IAF code's 0.1:
+            ``output = .1 * x_dec(...)``).
 
     Shapes:
         ``(*lead, latent_dim) -> (*lead, P, H, W)``.
@@ -656,6 +692,8 @@ class StridedResNetDecoder(nn.Module):
         activation: str = "elu",
         weight_norm: bool | str = "iaf_code",
         zero_last: bool = False,
+        residual_scale: float = 1.0,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -663,6 +701,9 @@ class StridedResNetDecoder(nn.Module):
             "param_shape", param_shape, channels, unstrided, weight_norm
         )
         _check_zero_last(zero_last, weight_norm)
+        if not output_scale > 0:
+            raise ValueError(f"output_scale must be > 0, got {output_scale}")
+        self.output_scale = float(output_scale)
         p, h, w = self.param_shape
         wn = weight_norm
         sizes = _halvings((h, w), len(widths))
@@ -680,7 +721,9 @@ class StridedResNetDecoder(nn.Module):
         c_in = widths[-1]
         for j in range(n):
             if j > 0:
-                layers += [ResidualBlock(c_in, activation, wn) for _ in range(unstrided)]
+                layers += [
+                    ResidualBlock(c_in, activation, wn, residual_scale) for _ in range(unstrided)
+                ]
             c_out = widths[max(n - j - 2, 0)]
             layers.append(
                 StridedResidualBlock(
@@ -691,6 +734,7 @@ class StridedResNetDecoder(nn.Module):
                     out_size=sizes[n - j - 1],
                     activation=activation,
                     weight_norm=wn,
+                    residual_scale=residual_scale,
                 )
             )
             c_in = c_out
@@ -704,7 +748,10 @@ class StridedResNetDecoder(nn.Module):
         """Map ``z`` of shape ``(*lead, latent_dim)`` to ``(*lead, P, H, W)``."""
         _check_trailing(z, (self.latent_dim,), type(self).__name__)
         z, lead = flatten_leading(z, 1)
-        return self.net(z).reshape(*lead, *self.param_shape)
+        out = self.net(z)
+        if self.output_scale != 1.0:  # the IAF code's .1 * x_dec(...)
+            out = out * self.output_scale
+        return out.reshape(*lead, *self.param_shape)
 
 
 ENCODERS: dict[str, type[nn.Module]] = {
