@@ -47,6 +47,14 @@ __all__ = [
 NORMGRAD_EPS = 1e-7
 
 
+def _closure_loss(closure: Callable[[], float] | None) -> float | None:
+    """``optimizer.step(closure)``'s contract: re-evaluate the loss with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamNormGrad(torch.optim.Adam):
     """Adam on per-tensor normalised gradients: ``g <- g / (||g||_2 + 1e-7)``, then Adam.
 
@@ -63,10 +71,7 @@ class AdamNormGrad(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # noqa: D102
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         grads = [
             p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
@@ -136,10 +141,7 @@ class IWAEAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # noqa: D102
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -216,10 +218,7 @@ class IAFAdamax(torch.optim.Adamax):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient (:func:`masked_update`,
         rule ``"adamax_iaf"``); state as torch's Adamax keeps it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             _check_group(group)
             beta1, beta2 = group["betas"]
