@@ -219,7 +219,10 @@ class ModelConfig:
             al.'s IWAE code; :func:`vaeflow.models.init.glorot_uniform_`), or
             ``iwae_code``: the same with the code's very draws (each layer from a fresh
             ``RandomState(123)``: equal-shaped layers start identical). Plain fully
-            connected models only.
+            connected models only. Or ``he_normal``: weights ``N(0, 2 / fan_in)``,
+            biases as built, for the same layers, gated ones included (Tomczak &
+            Welling's VampPrior code, ``he_init``; :func:`vaeflow.models.init.he_normal_`);
+            fully connected models only.
         output_bias_from_data: a Bernoulli decoder's output bias starts at the logit of
             the training images' mean pixel, clipped to [0.001, 0.999] (the IWAE code's
             ``get_train_bias_np``; :func:`vaeflow.models.init.output_bias_from_data_`);
@@ -236,7 +239,7 @@ class ModelConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     upper_layers: tuple[StochasticLayerConfig, ...] = ()
     topdown: TopDownConfig | None = None
-    init: Literal["torch", "glorot_uniform", "iwae_code"] = "torch"
+    init: Literal["torch", "glorot_uniform", "iwae_code", "he_normal"] = "torch"
     output_bias_from_data: bool = False
 
     @property

@@ -14,7 +14,7 @@ from ..flows.base import Transform
 from ..flows.registry import FLOWS, build_flow, flow_names
 from ..layers import ACTIVATIONS, suspend_data_init
 from .hierarchy import BottomUpVAE, ConditionalGaussian, deterministic_net
-from .init import glorot_uniform_
+from .init import glorot_uniform_, he_normal_
 from .likelihoods import build_likelihood
 from .networks import build_decoder, build_encoder
 from .posteriors import FlowPosterior, GaussianPosterior
@@ -165,6 +165,11 @@ def build_model(cfg: ModelConfig) -> VAE | BottomUpVAE | TopDownVAE:
     if cfg.init in ("glorot_uniform", "iwae_code"):
         try:
             glorot_uniform_(model, code_draws=cfg.init == "iwae_code")
+        except ValueError as e:
+            raise ConfigError(f"model.init = {cfg.init!r}: {e}") from None
+    elif cfg.init == "he_normal":
+        try:
+            he_normal_(model)
         except ValueError as e:
             raise ConfigError(f"model.init = {cfg.init!r}: {e}") from None
     return model

@@ -13,6 +13,12 @@ model's ~-206 nats); with this start they learn (experiments/burda2016_iwae/READ
 hierarchy's conditional layers and the decoder; flows and priors keep their own
 initialisation (an IAF's zero-initialised last layer is what makes it start as the
 identity). :func:`output_bias_from_data_` sets the Bernoulli output bias.
+
+Tomczak & Welling's VampPrior code (github.com/jmtomczak/vae_vampprior, ``utils/nn.py``
+``he_init``, applied in ``models/VAE.py`` to every ``nn.Linear`` of the VAE before the
+pseudo-inputs are added) draws the weights from ``N(0, 2 / fan_in)`` and leaves the
+biases at torch's default: :func:`he_normal_`. Its standard deviation is sqrt(6) = 2.45x
+that of torch's default (Kaiming-uniform, ``a = sqrt(5)``: ``U(-1/sqrt(fan_in), ...)``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IWAE_CODE_SEED", "LOGIT_CLIP", "glorot_uniform_", "output_bias_from_data_"]
+__all__ = [
+    "IWAE_CODE_SEED",
+    "LOGIT_CLIP",
+    "glorot_uniform_",
+    "he_normal_",
+    "output_bias_from_data_",
+]
 
 #: The IWAE code draws every linear layer from a fresh ``numpy.random.RandomState(123)``.
 IWAE_CODE_SEED = 123
@@ -126,6 +138,45 @@ def glorot_uniform_(model: nn.Module, code_draws: bool = False) -> int:
         # Glorot(H, D) layer of its own.
         _glorot_(m, halves=2 if id(m) in heads else 1, code_draws=code_draws)
         count += 1
+    return count
+
+
+@torch.no_grad()
+def he_normal_(model: nn.Module) -> int:
+    """Re-initialise ``model``'s networks as the VampPrior code does; returns the number of
+    linear layers set.
+
+    Every ``nn.Linear`` outside the prior and the posterior flows -- the encoder's, the
+    decoder's, the posterior's Gaussian head, the hierarchy's conditional layers -- gets
+    weights ``N(0, 2 / fan_in)``; biases keep their initialisation. A gated layer's one
+    ``Linear`` (value and gate fused) and a Gaussian head's one ``Linear`` (mean and scale
+    fused) are the code's two layers each: every row has the same ``fan_in``, so the
+    fused draw is the code's distribution. The VampPrior's pseudo-inputs belong to the
+    prior and keep their own init (the code adds them after ``he_init``); its encoder is
+    the VAE's, initialised here once.
+
+    Only for fully connected networks (the code applies ``he_init`` to ``nn.Linear``
+    alone): a convolution is an error, as a mixed init would be neither the code's nor
+    torch's.
+
+    References:
+        He et al. 2015, "Delving deep into rectifiers", ICCV, arXiv:1502.01852; Tomczak &
+        Welling 2018, arXiv:1705.07120 (code: ``utils/nn.py`` ``he_init``).
+    """
+    skip = _excluded(model)
+    count = 0
+    for m in model.modules():
+        if id(m) in skip:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            raise ValueError(
+                "he_normal_ re-initialises fully connected networks (the VampPrior code's "
+                f"he_init on nn.Linear); this model has a {type(m).__name__}: keep "
+                "model.init = 'torch'"
+            )
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, (2.0 / m.in_features) ** 0.5)
+            count += 1
     return count
 
 
