@@ -1283,6 +1283,14 @@ def test_paired_columns_against_a_reference_row(tmp_path: Path) -> None:
             by=["model.posterior.flow"],
             paired_against={"model.posterior.flow": "nsf"},
         )
+    # a key the rows do not differ by, and a single row: each refused with why
+    with pytest.raises(ValueError, match=r"train\.lr is not among the config keys the rows"):
+        write_report([tmp_path], tmp_path / "r3", paired_against={"train.lr": "0.001"})
+    _write_run(tmp_path / "one", "none_s0", _config("none", 0), 80.0)
+    with pytest.raises(ValueError, match=r"form 1 row\(s\).*without --paired-against"):
+        write_report(
+            [tmp_path / "one"], tmp_path / "r4", paired_against={"model.posterior.flow": "none"}
+        )
 
 
 def test_paired_columns_over_nested_test_subsets(tmp_path: Path) -> None:

@@ -2058,7 +2058,8 @@ def add_paired_differences(
     NLL (re-evaluated since), or non-finite scores.
 
     Raises:
-        ValueError: ``reference`` (config key -> value as the runs' configs hold it,
+        ValueError: fewer than two rows; a key of ``reference`` that the rows do not
+            differ by; ``reference`` (config key -> value as the runs' configs hold it,
             compared as text, case-blind) selects no row or more than one.
     """
     from ..run.compare import ComparisonError, paired_group_difference
@@ -2070,6 +2071,20 @@ def add_paired_differences(
             for k, v in reference.items()
         )
 
+    if len(groups) < 2:
+        raise ValueError(
+            f"--paired-against {dict(reference)}: the runs form {len(groups)} row(s), and "
+            "a paired difference needs a reference row and another; report them without "
+            "--paired-against, or add the runs to compare against"
+        )
+    keys = {k for g in groups for k in g["config"]}
+    unknown = [k for k in reference if k not in keys]
+    if unknown:
+        raise ValueError(
+            f"--paired-against {dict(reference)}: {', '.join(unknown)} is not among the "
+            f"config keys the rows differ by ({', '.join(sorted(keys)) or 'none'}); name "
+            "one of those (or group the rows by it with --by)"
+        )
     chosen = [g for g in groups if matches(g)]
     if len(chosen) != 1:
         rows = "; ".join(
