@@ -458,6 +458,11 @@ def test_iaf_posterior_stack_equals_solo_in_float64(tmp_path: Path, splits, floa
         # AdamNormGrad: each run's gradient tensors divided by their own norms; the planar
         # flow's one-number parameters (a (N,) stacked tensor) by their own sizes
         ("adam_normgrad", (["train.eps=1e-3"], ["train.lr=3e-3"])),
+        # ... and with the VampPrior code's split of the fused Gaussian head (mean, scale)
+        (
+            "adam_normgrad",
+            (["train.normgrad_split=true", "train.eps=1e-3"], ["train.normgrad_split=true"]),
+        ),
         ("adamax", (["train.betas=[0.5, 0.9]", "train.weight_decay=0.2"], [])),
         # the IAF code's AdaMax (no bias correction)
         ("adamax_iaf", (["train.betas=[0.5, 0.9]"], ["train.lr=3e-3"])),

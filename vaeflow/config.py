@@ -317,6 +317,11 @@ class TrainConfig:
             required with that optimiser, refused with any other. The IWAE code starts it
             at 1 on the gradient of the batch *sum*; vaeflow's loss is the batch mean, so
             the same dynamics need ``1 / batch_size^2``.
+        normgrad_split: with ``adam_normgrad``, normalise each tensor of the VampPrior
+            code where vaeflow fuses two into one parameter (a gated layer's value and
+            gate, a Gaussian head's mean and scale; ``vaeflow.layers.fused_parameters``)
+            by its own norm, as the code does; ``false`` (the default) normalises the
+            fused parameter as one tensor. Refused with any other optimiser.
         momentum: RMSprop's momentum (only with ``optimizer = "rmsprop"``).
         alpha: RMSprop's smoothing constant of the squared-gradient average (torch's
             default 0.99; only with ``optimizer = "rmsprop"``).
@@ -464,6 +469,7 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
     initial_second_moment: float | None = None
+    normgrad_split: bool = False
     momentum: float = 0.0
     alpha: float = 0.99
     eps: float = 1e-8
@@ -805,6 +811,12 @@ def validate(cfg: Config) -> Config:
             f"train.initial_second_moment = {t.initial_second_moment} starts the second "
             f'moment of optimizer = "adam_iwae", but train.optimizer = {t.optimizer!r}; use '
             '"adam_iwae" or remove train.initial_second_moment'
+        )
+    if t.normgrad_split and t.optimizer != "adam_normgrad":
+        raise ConfigError(
+            "train.normgrad_split = true splits the per-tensor normalisation of "
+            f'optimizer = "adam_normgrad", but train.optimizer = {t.optimizer!r}; use '
+            '"adam_normgrad" or remove train.normgrad_split'
         )
     if t.optimizer == "adam_iwae" and t.weight_decay != 0.0:
         raise ConfigError(

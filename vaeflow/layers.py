@@ -30,6 +30,7 @@ __all__ = [
     "make_activation",
     "flatten_leading",
     "maybe_weight_norm",
+    "fused_parameters",
     "GatedLinear",
     "GatedConv2d",
     "GatedConvTranspose2d",
@@ -207,6 +208,31 @@ def maybe_weight_norm(layer: nn.Module, enabled: bool, zero: bool = False) -> nn
     return layer
 
 
+def fused_parameters(model: nn.Module) -> dict[nn.Parameter, tuple[int, int]]:
+    """Every parameter of ``model`` that fuses several tensors of the papers' code into
+    one, mapped to ``(parts, dim)``: it holds ``parts`` of them as equal slices along
+    ``dim``.
+
+    The modules say so themselves (a ``fused_parts()`` method): :class:`GatedLinear`,
+    :class:`GatedConv2d` and :class:`GatedConvTranspose2d` (value and gate; the codes
+    have two layers), the Gaussian heads of
+    :class:`~vaeflow.models.posteriors.GaussianPosterior` and
+    :class:`~vaeflow.models.hierarchy.ConditionalGaussian` (mean and scale; the codes
+    have two). For optimisers whose rule depends on how the parameters are cut into
+    tensors (:class:`~vaeflow.run.optim.AdamNormGrad` under ``train.normgrad_split``).
+    """
+    out: dict[nn.Parameter, tuple[int, int]] = {}
+    for m in model.modules():
+        parts = getattr(m, "fused_parts", None)
+        if callable(parts):
+            out.update(parts())
+    return out
+
+
+def _halves(params: Iterator[nn.Parameter], dim: int = 0) -> dict[nn.Parameter, tuple[int, int]]:
+    return {p: (2, dim) for p in params}
+
+
 class GatedLinear(nn.Module):
     """Gated dense layer ``h = act(W_a x + b_a) * sigmoid(W_b x + b_b)``.
 
@@ -232,6 +258,10 @@ class GatedLinear(nn.Module):
         self.linear = nn.Linear(in_features, 2 * out_features)
         self.act = _optional_activation(activation)
         self.out_features = out_features
+
+    def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """Value and gate rows: two layers of the papers' code (:func:`fused_parameters`)."""
+        return _halves(self.linear.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.linear(x).chunk(2, dim=-1)
@@ -274,6 +304,11 @@ class GatedConv2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size, stride, padding)
         self.act = _optional_activation(activation)
+
+    def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """Value and gate output channels (dim 0 of the weight and the bias): two convs of
+        the papers' code (:func:`fused_parameters`)."""
+        return _halves(self.conv.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.conv(x).chunk(2, dim=1)
@@ -338,6 +373,12 @@ class GatedConvTranspose2d(nn.Module):
                 self.conv.weight.uniform_(-bound, bound)
                 self.conv.bias.uniform_(-bound, bound)
         self.act = _optional_activation(activation)
+
+    def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """Value and gate output channels -- dim 1 of a transposed conv's weight ``(in,
+        out, kh, kw)``, dim 0 of the bias: two layers of the papers' code
+        (:func:`fused_parameters`)."""
+        return {self.conv.weight: (2, 1), self.conv.bias: (2, 0)}
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.conv(x).chunk(2, dim=1)

@@ -66,6 +66,11 @@ class ConditionalGaussian(nn.Module):
         self.out_dim = int(out_dim)
         self.head = nn.Linear(in_features, 2 * self.out_dim)
 
+    def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """The head's mean and scale rows: two layers of the papers' code
+        (:func:`vaeflow.layers.fused_parameters`)."""
+        return {p: (2, 0) for p in self.head.parameters()}
+
     def params(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``z (*, D_l) -> (mu (*, D_{l-1}), log_std (*, D_{l-1}))``."""
         mu, raw = self.head(self.net(z)).chunk(2, dim=-1)

@@ -122,6 +122,11 @@ class GaussianPosterior(nn.Module):
         self.scale = scale
         self.head = wn_linear(in_features, 2 * latent_dim, weight_norm, init_scale=0.1)
 
+    def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """The head's mean and scale rows: two layers of the papers' code
+        (:func:`vaeflow.layers.fused_parameters`)."""
+        return {p: (2, 0) for p in self.head.parameters()}
+
     def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``h (B, H) -> (mu (B, D), log_std (B, D))``."""
         mu, raw = self.head(h).chunk(2, dim=-1)

@@ -25,7 +25,7 @@ compiled training step (``train.compile_step``), where torch's fused kernel cann
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -33,13 +33,20 @@ from torch import Tensor
 #: a hyperparameter: a number, a 0-d tensor, or one value per stacked run (``(N, 1, ..., 1)``)
 Scalar = float | Tensor
 
+#: ``(parts, dim)``: a parameter that holds ``parts`` tensors of the reference code side by
+#: side, as equal slices along ``dim`` (a gated layer's value and gate, a Gaussian head's
+#: mean and scale; :func:`vaeflow.layers.fused_parameters`)
+Split = tuple[int, int]
+
 __all__ = [
     "AdamNormGrad",
     "IAFAdamax",
     "IWAEAdam",
     "NORMGRAD_EPS",
+    "Split",
     "init_state",
     "masked_update",
+    "split_normalised",
     "update_unless",
 ]
 
@@ -64,23 +71,79 @@ class AdamNormGrad(torch.optim.Adam):
     ``state_dict``, fused/foreach kernels, weight decay (applied by Adam after the
     rescaling, as in the reference code) — is :class:`torch.optim.Adam`'s.
 
+    The reference code normalises each of *its* tensors; where vaeflow fuses several of
+    them into one parameter (a gated layer's value and gate, a Gaussian head's mean and
+    scale: one matmul instead of two), ``splits`` maps such a parameter to ``(parts,
+    dim)``, and each of its ``parts`` slices along ``dim`` is normalised by its own norm,
+    exactly as the separate tensors would be (``train.normgrad_split``). The splits are
+    not part of ``state_dict``: they follow from the model and the config.
+
+    Args:
+        params: as :class:`torch.optim.Adam`.
+        splits: parameter -> :data:`Split`, for parameters of ``params``; ``dim`` must
+            divide into ``parts`` equal slices.
+        **kwargs: :class:`torch.optim.Adam`'s.
+
     References:
         Tomczak & Welling 2018, "VAE with a VampPrior", AISTATS, arXiv:1705.07120 (code:
         jmtomczak/vae_vampprior, ``AdamNormGrad``).
     """
 
+    def __init__(
+        self,
+        params: Iterable,
+        *args: object,
+        splits: Mapping[Tensor, Split] | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(params, *args, **kwargs)
+        own = {p for group in self.param_groups for p in group["params"]}
+        self._splits: dict[Tensor, Split] = {}
+        for p, (parts, dim) in (splits or {}).items():
+            if p not in own:
+                raise ValueError("AdamNormGrad splits: a parameter that is not optimised here")
+            if parts < 1 or not 0 <= dim < p.dim() or p.shape[dim] % parts:
+                raise ValueError(
+                    f"AdamNormGrad splits: a parameter of shape {tuple(p.shape)} does not "
+                    f"split into {parts} equal parts along dim {dim}"
+                )
+            if parts > 1:
+                self._splits[p] = (int(parts), int(dim))
+
+    def split_of(self, p: Tensor) -> Split | None:
+        """``p``'s :data:`Split`, or ``None``: normalised as one tensor."""
+        return self._splits.get(p)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # noqa: D102
         loss = _closure_loss(closure)
-        grads = [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None and p not in self._splits]
         if grads:
             norms = torch._foreach_norm(grads)
             torch._foreach_add_(norms, NORMGRAD_EPS)
             torch._foreach_div_(grads, norms)
+        for p in params:
+            if p.grad is not None and p in self._splits:
+                p.grad.copy_(split_normalised(p.grad, *self._splits[p]))
         super().step()
         return loss
+
+
+def split_normalised(grad: Tensor, parts: int, dim: int, lead: int = 0) -> Tensor:
+    """``grad`` with each of its ``parts`` equal slices along ``dim`` divided by its own
+    L2 norm (+ :data:`NORMGRAD_EPS`), as :class:`AdamNormGrad` treats separate tensors.
+
+    ``lead``: leading dimensions kept apart, each index its own tensor (1 for the stacked
+    runs' ``(N, *shape)``, where ``dim`` counts within ``shape``).
+    """
+    d = dim + lead
+    shape = grad.shape
+    g = grad.reshape(*shape[:d], parts, shape[d] // parts, *shape[d + 1 :])
+    kept = {*range(lead), d}
+    dims = tuple(i for i in range(g.dim()) if i not in kept)
+    norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
+    return (g / (norm + NORMGRAD_EPS)).reshape(shape)
 
 
 class IWAEAdam(torch.optim.Optimizer):
@@ -334,9 +397,10 @@ def update_unless(
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         for p, grad in zip(group_params, group_grads, strict=True):
             state = opt.state[p]
+            split = opt.split_of(p) if isinstance(opt, AdamNormGrad) else None
             masked_update(
                 kind, p, grad, state["step"], state[first], state[second],
-                lr, beta1, beta2, eps, weight_decay, skip,
+                lr, beta1, beta2, eps, weight_decay, skip, norm_split=split,
             )  # fmt: skip
 
 
@@ -375,6 +439,7 @@ def masked_update(
     weight_decay: Scalar,
     skip: Tensor | None,
     norm_dims: tuple[int, ...] | None = None,
+    norm_split: Split | None = None,
 ) -> None:
     """One tensor's update by rule ``kind`` (``"adam"``, ``"normgrad"``, ``"iwae"``,
     ``"adamax"``, ``"adamax_iaf"``: see :func:`update_unless` and :class:`IAFAdamax`),
@@ -388,10 +453,14 @@ def masked_update(
     hyperparameters, step counts and skip flags of shape ``(N, 1, ..., 1)``.
     ``norm_dims``: the dimensions of one run's tensor (``"normgrad"`` divides each run's
     gradient by its own norm; ``None``: all; ``()``: each element is a run's tensor).
+    ``norm_split``: ``"normgrad"`` of a fused parameter (:class:`AdamNormGrad`'s
+    ``splits``): each slice normalised by its own norm (``dim`` within one run's tensor).
     Per-run tensors may be float64 (bias corrections are computed in float64); the
     elementwise arithmetic is in ``p``'s dtype, as alone.
     """
-    if kind == "normgrad":
+    if kind == "normgrad" and norm_split is not None:
+        grad = split_normalised(grad, *norm_split, lead=0 if norm_dims is None else 1)
+    elif kind == "normgrad":
         if norm_dims == ():  # one number per run: its norm is its size
             norm = grad.abs()
         else:

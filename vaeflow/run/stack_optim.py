@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .optim import _check_group, _kind, _moments, init_state, masked_update
+from .optim import AdamNormGrad, Split, _check_group, _kind, _moments, init_state, masked_update
 
 __all__ = ["StackedOptimizer", "supported"]
 
@@ -43,7 +43,7 @@ __all__ = ["StackedOptimizer", "supported"]
 def supported(opts: Sequence[torch.optim.Optimizer]) -> bool:
     """Whether :class:`StackedOptimizer` implements these runs' optimisers: all of one
     class that :func:`~vaeflow.run.optim.masked_update` implements, one param group each,
-    no amsgrad, maximize or decoupled weight decay."""
+    no amsgrad, maximize or decoupled weight decay, the same AdamNormGrad splits."""
     if len({type(o) for o in opts}) != 1:
         return False
     try:
@@ -54,7 +54,14 @@ def supported(opts: Sequence[torch.optim.Optimizer]) -> bool:
             _check_group(o.param_groups[0])
     except ValueError:
         return False
-    return True
+    # one batched rule: every run cuts its parameters into the same tensors
+    return len({tuple(_splits(o)) for o in opts}) == 1
+
+
+def _splits(opt: torch.optim.Optimizer) -> list[Split | None]:
+    """AdamNormGrad's split of each parameter, in order (others: none)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return [opt.split_of(p) if isinstance(opt, AdamNormGrad) else None for p in params]
 
 
 class StackedOptimizer:
@@ -85,6 +92,13 @@ class StackedOptimizer:
         self.models = list(models)
         self.kind = _kind(self.opts[0])
         self.keys = _moments(self.opts[0])
+        # AdamNormGrad's fused parameters (train.normgrad_split): the same in every run
+        # (supported() checks), so the first run's hold for all.
+        first = self.opts[0]
+        self.splits: dict[str, Split | None] = {
+            name: first.split_of(p) if isinstance(first, AdamNormGrad) else None
+            for name, p in self.models[0].items()
+        }
         for opt in self.opts:
             init_state(opt)
         self.state: dict[str, dict[str, Tensor]] = {}
@@ -146,6 +160,7 @@ class StackedOptimizer:
             [self.state[name][second] for name in names],
             (lr, beta1, beta2, eps, weight_decay),
             skip,
+            [self.splits.get(name) for name in names],
         )
 
     @contextlib.contextmanager
@@ -189,16 +204,20 @@ def _update(
     seconds: list[Tensor],
     hyper: tuple[Tensor | float, ...],
     skip: Tensor | None,
+    splits: list[Split | None],
 ) -> None:
     """:func:`~vaeflow.run.optim.masked_update` of each stacked tensor, the per-run
     hyperparameters ``(lr, beta1, beta2, eps, weight_decay)`` (``(N,)`` tensors; the
-    weight decay may be the number 0) and skip flags broadcast over each run's rows."""
-    for p, grad, step, m, v in zip(params, grads, steps, firsts, seconds, strict=True):
+    weight decay may be the number 0) and skip flags broadcast over each run's rows;
+    ``splits``: each tensor's :data:`~vaeflow.run.optim.Split` (AdamNormGrad) or ``None``."""
+    tensors = zip(params, grads, steps, firsts, seconds, splits, strict=True)
+    for p, grad, step, m, v, split in tensors:
         view = (-1, *[1] * (p.dim() - 1))
         lr, beta1, beta2, eps, decay = (h.view(view) if torch.is_tensor(h) else h for h in hyper)
         masked_update(
             kind, p, grad, step.view(view), m, v, lr, beta1, beta2, eps, decay,
             None if skip is None else skip.view(view), norm_dims=tuple(range(1, p.dim())),
+            norm_split=split,
         )  # fmt: skip
 
 

@@ -58,7 +58,13 @@ from ..data import (
     to_memory_format,
     to_unit_interval,
 )
-from ..layers import IAFCodeConv2d, IAFCodeConvTranspose2d, IAFCodeLinear, weight_norm_data_init
+from ..layers import (
+    IAFCodeConv2d,
+    IAFCodeConvTranspose2d,
+    IAFCodeLinear,
+    fused_parameters,
+    weight_norm_data_init,
+)
 from ..models.bounds import Terms, elbo, iwae
 from ..models.build import build_model
 from ..models.init import output_bias_from_data_
@@ -308,7 +314,8 @@ def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             foreach=True,
         )
     if t.optimizer == "adam_normgrad":
-        return AdamNormGrad(groups, fused=fusable, **kw)
+        splits = fused_parameters(model) if t.normgrad_split else None
+        return AdamNormGrad(groups, fused=fusable, splits=splits, **kw)
     if t.optimizer == "adam_iwae":
         return IWAEAdam(
             groups,
