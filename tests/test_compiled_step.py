@@ -93,6 +93,7 @@ VARIANTS = {
         'model.prior.name="vamp"',
         "model.prior.num_components=5",
     ],
+    "gated+mog": [*_GATED, 'model.prior.name="mog"', "model.prior.num_components=3"],
     # ... with AdamNormGrad normalising the gated layers' and the head's halves apart
     "gated+mog, split normgrad": [
         *_GATED,

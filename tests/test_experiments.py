@@ -240,6 +240,14 @@ def test_kingma_follows_the_paper_and_the_authors_code() -> None:
     # free bits floored per GPU's 32 images, as the code's 8 GPUs do
     tdc = load_config(EXPERIMENTS / "kingma2016_iaf" / "topdown_cifar10.toml")
     assert tdc.data.batch_size // tdc.train.free_bits_batch_splits == 32
+    # ... and the reduced rows shrink the sizes only: every row with the code's weight norm
+    # in the blocks and the IAF, the unbounded IAF scale, and the code's AdaMax
+    for p in sw.expand(EXPERIMENTS / "kingma2016_iaf" / "reduced_topdown_cifar10.toml"):
+        rc = load_config(p.base, p.overrides)
+        assert rc.model.topdown.weight_norm == "iaf_code", p.name
+        assert rc.model.posterior.options["weight_norm"] == "iaf_code", p.name
+        assert rc.model.posterior.options["scale_bound"] == "none", p.name
+        assert rc.train.optimizer == tdc.train.optimizer == "adamax_iaf", p.name
 
 
 def _stub(tmp_path: Path, sweep_rc: int = 0) -> tuple[Path, Path]:

@@ -139,3 +139,27 @@ def test_the_option_reaches_the_optimiser_and_only_adam_normgrad_takes_it() -> N
         assert opt.split_of(model.decoder.net[-1].weight) is None
     with pytest.raises(ConfigError, match="normgrad_split.*'adam'"):
         load_config(FLOW_PRIORS, ['train.optimizer="adam"', "train.normgrad_split=true"])
+    # a decoder whose output layer fuses a likelihood's two parameters is not split: refused
+    with pytest.raises(ConfigError, match="normgrad_split.*'discretized_logistic'.*not split"):
+        rgb = ['data.dataset="cifar10"', "model.x_shape=[3, 32, 32]"]
+        rgb += ['model.likelihood="discretized_logistic"', "train.normgrad_split=true"]
+        load_config(FLOW_PRIORS, rgb)
+
+
+def test_resuming_with_the_other_split_is_refused(tmp_path: Path) -> None:
+    """The split is not in the optimiser's state: a resume under the other setting would
+    change the update rule unnoticed."""
+    import json
+
+    from vaeflow.run.train import _check_same_optimizer
+
+    train = {"optimizer": "adam_normgrad", "normgrad_split": True}
+    (tmp_path / "config.json").write_text(json.dumps({"train": train}))
+    _check_same_optimizer(tmp_path, "adam_normgrad", True)
+    with pytest.raises(ConfigError, match="normgrad_split = true; resuming it with false"):
+        _check_same_optimizer(tmp_path, "adam_normgrad", False)
+    # a run from before the option existed resumes without it, and only without it
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"optimizer": "adam_normgrad"}}))
+    _check_same_optimizer(tmp_path, "adam_normgrad", False)
+    with pytest.raises(ConfigError, match="normgrad_split = false"):
+        _check_same_optimizer(tmp_path, "adam_normgrad", True)

@@ -1,7 +1,7 @@
 """``model.init = "he_normal"``: the VampPrior code's ``he_init`` (jmtomczak/vae_vampprior,
 ``utils/nn.py``): every linear layer of the encoder, the decoder and the Gaussian head
-gets weights ``N(0, 2 / fan_in)``; biases, the prior (pseudo-inputs, flows) and the
-posterior's flow keep the initialisation they were built with."""
+gets weights ``N(0, 2 / fan_in)``; biases, convolutions, the prior (pseudo-inputs, flows)
+and the posterior's flow keep the initialisation they were built with."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from vaeflow.models.init import he_normal_
 REPO = Path(__file__).resolve().parents[1]
 FLOW_PRIORS = REPO / "experiments" / "flow_priors" / "config.toml"
 SYLVESTER = REPO / "experiments" / "vandenberg2018_sylvester" / "config.toml"
+TWO_LAYER = REPO / "experiments" / "burda2016_iwae" / "two_layer.toml"
 
 # The flow_priors VAE with the VampPrior and an IAF posterior: every kind of part.
 VAMP_IAF = [
@@ -71,9 +72,41 @@ def test_he_normal_sets_the_networks_and_keeps_the_rest():
             assert torch.equal(after, before), key
 
 
-def test_he_normal_counts_layers_and_refuses_convolutions():
+def test_he_normal_counts_layers_and_leaves_convolutions_alone():
+    """As the code's convolutional models: ``he_init`` on the linear layers only."""
     model = _build("torch")
     assert he_normal_(model) == 6
-    with pytest.raises(ConfigError, match=r"model\.init = 'he_normal'.*Conv"):
-        cfg = load_config(SYLVESTER, ['model.init="he_normal"'])
-        build_model(cfg.model)
+    sylvester = load_config(SYLVESTER)
+    torch.manual_seed(0)
+    before = build_model(sylvester.model).state_dict()
+    torch.manual_seed(0)
+    model = build_model(load_config(SYLVESTER, ['model.init="he_normal"']).model)
+    linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert linears and convs
+    for key, value in model.state_dict().items():
+        if key in linears and not _kept(key):
+            _check_he_normal(value, linears[key].in_features, key)
+        else:
+            assert torch.equal(value, before[key]), key
+
+
+def test_he_normal_covers_the_hierarchy():
+    """Burda et al.'s two-layer model: the conditional Gaussians' heads and networks."""
+    torch.manual_seed(0)
+    model = build_model(load_config(TWO_LAYER, ['model.init="he_normal"']).model)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 12 and any(n == "conditionals.0.head" for n, _ in linears)
+    for name, m in linears:
+        _check_he_normal(m.weight, m.in_features, name)
+
+
+@pytest.mark.parametrize("init", ["he_normal", "glorot_uniform"])
+def test_weight_normalised_layers_are_refused(init: str) -> None:
+    """A weight-normalised head computes its weight: writing into it would be lost."""
+    with pytest.raises(ConfigError, match=rf"model\.init = '{init}'.*weight-normalised"):
+        plain = [
+            f'model.{net}.options={{hidden=[300],activation="tanh"}}'
+            for net in ("encoder", "decoder")
+        ]
+        _build(init, [*plain, "model.posterior.weight_norm=true"])

@@ -222,7 +222,7 @@ class ModelConfig:
             connected models only. Or ``he_normal``: weights ``N(0, 2 / fan_in)``,
             biases as built, for the same layers, gated ones included (Tomczak &
             Welling's VampPrior code, ``he_init``; :func:`vaeflow.models.init.he_normal_`);
-            fully connected models only.
+            convolutions keep their initialisation, as in that code.
         output_bias_from_data: a Bernoulli decoder's output bias starts at the logit of
             the training images' mean pixel, clipped to [0.001, 0.999] (the IWAE code's
             ``get_train_bias_np``; :func:`vaeflow.models.init.output_bias_from_data_`);
@@ -321,7 +321,9 @@ class TrainConfig:
             code where vaeflow fuses two into one parameter (a gated layer's value and
             gate, a Gaussian head's mean and scale; ``vaeflow.layers.fused_parameters``)
             by its own norm, as the code does; ``false`` (the default) normalises the
-            fused parameter as one tensor. Refused with any other optimiser.
+            fused parameter as one tensor. Refused with any other optimiser, and with a
+            likelihood of more than one parameter per pixel (whose decoder output layer
+            would be fused too: not split).
         momentum: RMSprop's momentum (only with ``optimizer = "rmsprop"``).
         alpha: RMSprop's smoothing constant of the squared-gradient average (torch's
             default 0.99; only with ``optimizer = "rmsprop"``).
@@ -817,6 +819,13 @@ def validate(cfg: Config) -> Config:
             "train.normgrad_split = true splits the per-tensor normalisation of "
             f'optimizer = "adam_normgrad", but train.optimizer = {t.optimizer!r}; use '
             '"adam_normgrad" or remove train.normgrad_split'
+        )
+    if t.normgrad_split and cfg.model.likelihood != "bernoulli":
+        raise ConfigError(
+            f"train.normgrad_split = true with model.likelihood = {cfg.model.likelihood!r}: "
+            "the decoder's output layer then fuses the likelihood's parameters (the "
+            "VampPrior code's separate mean and log-variance layers) and is not split; "
+            "it is implemented for the Bernoulli decoder (one output per pixel)"
         )
     if t.optimizer == "adam_iwae" and t.weight_decay != 0.0:
         raise ConfigError(

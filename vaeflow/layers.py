@@ -209,10 +209,12 @@ def maybe_weight_norm(layer: nn.Module, enabled: bool, zero: bool = False) -> nn
 
 
 def fused_parameters(model: nn.Module) -> dict[nn.Parameter, tuple[int, int]]:
-    """Every parameter of ``model`` that fuses several tensors of the papers' code into
-    one, mapped to ``(parts, dim)``: it holds ``parts`` of them as equal slices along
+    """The parameters of ``model`` that fuse two tensors of the papers' code into one,
+    mapped to ``(parts, dim)``: each holds ``parts`` of them as equal slices along
     ``dim``.
 
+    Not listed: a decoder's output layer for a likelihood of several parameters per
+    pixel (means and scales in one layer; ``train.normgrad_split`` refuses such models).
     The modules say so themselves (a ``fused_parts()`` method): :class:`GatedLinear`,
     :class:`GatedConv2d` and :class:`GatedConvTranspose2d` (value and gate; the codes
     have two layers), the Gaussian heads of

@@ -71,9 +71,23 @@ def _glorot_(linear: nn.Linear, halves: int = 1, code_draws: bool = False) -> No
         nn.init.zeros_(linear.bias)
 
 
+def _check_plain(m: nn.Linear, what: str) -> None:
+    """Refuse a weight-normalised linear layer: its weight is computed (``g v / |v|``), so
+    writing into ``m.weight`` would be lost (torch's parametrisation) or only set the
+    direction (``IAFCodeLinear``), silently leaving the layer as built."""
+    from ..layers import IAFCodeLinear
+
+    if nn.utils.parametrize.is_parametrized(m) or isinstance(m, IAFCodeLinear):
+        raise ValueError(
+            f"{what} sets plain weights, but this model has a weight-normalised "
+            f"{type(m).__name__} (weight = g v / |v|) outside its prior and flows; turn "
+            "its weight_norm off or keep model.init = 'torch'"
+        )
+
+
 def _excluded(model: nn.Module) -> set[int]:
-    """Ids of the modules :func:`glorot_uniform_` leaves alone: the prior's and every
-    posterior flow's (and its context layer's)."""
+    """Ids of the modules :func:`glorot_uniform_` and :func:`he_normal_` leave alone: the
+    prior's and every posterior flow's (and its context layer's)."""
     out: set[int] = set()
     roots: list[nn.Module] = []
     if getattr(model, "prior", None) is not None:
@@ -134,6 +148,7 @@ def glorot_uniform_(model: nn.Module, code_draws: bool = False) -> int:
             )
         if not isinstance(m, nn.Linear):
             continue
+        _check_plain(m, "glorot_uniform_")
         # A Gaussian head is two layers of the code in one: each half of the rows is a
         # Glorot(H, D) layer of its own.
         _glorot_(m, halves=2 if id(m) in heads else 1, code_draws=code_draws)
@@ -155,9 +170,9 @@ def he_normal_(model: nn.Module) -> int:
     prior and keep their own init (the code adds them after ``he_init``); its encoder is
     the VAE's, initialised here once.
 
-    Only for fully connected networks (the code applies ``he_init`` to ``nn.Linear``
-    alone): a convolution is an error, as a mixed init would be neither the code's nor
-    torch's.
+    Convolutions keep their initialisation, as in the code's convolutional models, which
+    apply ``he_init`` to ``nn.Linear`` alone. A weight-normalised linear layer is an
+    error (its weight is computed; see :func:`_check_plain`).
 
     References:
         He et al. 2015, "Delving deep into rectifiers", ICCV, arXiv:1502.01852; Tomczak &
@@ -168,13 +183,8 @@ def he_normal_(model: nn.Module) -> int:
     for m in model.modules():
         if id(m) in skip:
             continue
-        if isinstance(m, nn.modules.conv._ConvNd):
-            raise ValueError(
-                "he_normal_ re-initialises fully connected networks (the VampPrior code's "
-                f"he_init on nn.Linear); this model has a {type(m).__name__}: keep "
-                "model.init = 'torch'"
-            )
         if isinstance(m, nn.Linear):
+            _check_plain(m, "he_normal_")
             nn.init.normal_(m.weight, 0.0, (2.0 / m.in_features) ** 0.5)
             count += 1
     return count

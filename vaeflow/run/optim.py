@@ -459,7 +459,8 @@ def masked_update(
     elementwise arithmetic is in ``p``'s dtype, as alone.
     """
     if kind == "normgrad" and norm_split is not None:
-        grad = split_normalised(grad, *norm_split, lead=0 if norm_dims is None else 1)
+        lead = 0 if norm_dims is None else p.dim() - len(norm_dims)  # the run dimension
+        grad = split_normalised(grad, *norm_split, lead=lead)
     elif kind == "normgrad":
         if norm_dims == ():  # one number per run: its norm is its size
             norm = grad.abs()

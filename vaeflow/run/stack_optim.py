@@ -20,7 +20,8 @@ one batched computation, in the stack's own style:
   as they were, as alone, where its optimiser does not step).
 * **The same rule as alone**: :func:`vaeflow.run.optim.masked_update`, the update of
   ``update_unless`` (the compiled step's), for torch's Adam, :class:`AdamNormGrad`
-  (each run's gradient tensor divided by its own norm), :class:`IWAEAdam` and Adamax:
+  (each run's gradient tensor, or each slice of one split under ``train.normgrad_split``,
+  divided by its own norm), :class:`IWAEAdam` and Adamax:
   equal to each run's ``opt.step()`` to float rounding (bias corrections in float64, as
   torch's fused kernel; ``tests/test_stack.py`` compares stacked and solo training in
   float64). Any other optimiser (RMSprop) steps run by run, as before

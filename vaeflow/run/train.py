@@ -836,7 +836,7 @@ def _setup_run(
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     config_dict = to_dict(cfg)
     if resume:
-        _check_same_optimizer(run_dir, t.optimizer)
+        _check_same_optimizer(run_dir, t.optimizer, t.normgrad_split)
         state = _restore(ckpt_dir / "last.pt", model, opt, sched, ema, device)
         if ctx.rank == 0:
             _record_resumed_config(run_dir, config_dict, state.step)
@@ -1547,19 +1547,29 @@ def _check_free_bits(cfg: Config, model: VAE) -> None:
         )
 
 
-def _check_same_optimizer(run_dir: Path, optimizer: str) -> None:
+def _check_same_optimizer(run_dir: Path, optimizer: str, normgrad_split: bool = False) -> None:
     """Refuse to resume under another ``train.optimizer``: Adam, AdamNormGrad and IWAEAdam
     keep state under the same names, so a checkpoint would load into the other optimiser
-    and continue silently with its moments read under other rules."""
+    and continue silently with its moments read under other rules. Likewise another
+    ``train.normgrad_split`` (not in the optimiser's state: it would pass unnoticed)."""
     path = run_dir / "config.json"
     if not path.exists():
         return
-    before = json.loads(path.read_text()).get("train", {}).get("optimizer", "adam")
+    train_before = json.loads(path.read_text()).get("train", {})
+    before = train_before.get("optimizer", "adam")
     if before != optimizer:
         raise ConfigError(
             f"{run_dir} was trained with train.optimizer = {before!r}; resuming it with "
             f"{optimizer!r} would read the first optimiser's state under the second's rules. "
             f"Resume with train.optimizer = {before!r}, or start a new run"
+        )
+    split_before = bool(train_before.get("normgrad_split", False))
+    if split_before != normgrad_split:
+        flag = str(split_before).lower()
+        raise ConfigError(
+            f"{run_dir} was trained with train.normgrad_split = {flag}; resuming it with "
+            f"{str(normgrad_split).lower()} would change the update rule mid-run. Resume "
+            f"with train.normgrad_split = {flag}, or start a new run"
         )
 
 
