@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vaeflow.config import load_config
+from vaeflow.config import load_config, to_dict
 from vaeflow.models.build import build_model
 from vaeflow.tools import sweep as sw
 
@@ -165,6 +165,26 @@ def test_flow_priors_follow_the_vampprior_code() -> None:
         c = load_config(p.base, p.overrides)
         seeds.add((c.train.seed, c.data.batch_seed))
     assert seeds == {(1, 1), (2, 2)}
+    # code_exact.toml: the seeds.toml N(0, I) row of seed 2 with the code's head, init and
+    # per-tensor normalisation, and nothing else changed
+    (exact,) = sw.expand(EXPERIMENTS / "flow_priors" / "code_exact.toml")
+    (plain,) = [p for p in points if p.name == exact.name]
+    a = to_dict(load_config(exact.base, exact.overrides))
+    b = to_dict(load_config(plain.base, plain.overrides))
+    changed = {
+        f"{section}.{key}"
+        for section in a
+        for key in a[section]
+        if a[section][key] != b[section][key]
+    }
+    assert changed == {
+        "model.posterior",  # scale, inside the posterior table
+        "model.init",
+        "train.normgrad_split",
+        "run.root",
+    }
+    assert a["model"]["posterior"]["scale"] == "log_var_hardtanh"
+    assert (a["model"]["init"], a["train"]["normgrad_split"]) == ("he_normal", True)
 
 
 def test_kingma_follows_the_paper_and_the_authors_code() -> None:
