@@ -167,24 +167,27 @@ def test_flow_priors_follow_the_vampprior_code() -> None:
     assert seeds == {(1, 1), (2, 2)}
     # code_exact.toml: the seeds.toml N(0, I) row of seed 2 with the code's head, init and
     # per-tensor normalisation, and nothing else changed
-    (exact,) = sw.expand(EXPERIMENTS / "flow_priors" / "code_exact.toml")
-    (plain,) = [p for p in points if p.name == exact.name]
-    a = to_dict(load_config(exact.base, exact.overrides))
-    b = to_dict(load_config(plain.base, plain.overrides))
-    changed = {
-        f"{section}.{key}"
-        for section in a
-        for key in a[section]
-        if a[section][key] != b[section][key]
-    }
-    assert changed == {
-        "model.posterior",  # scale, inside the posterior table
-        "model.init",
-        "train.normgrad_split",
-        "run.root",
-    }
-    assert a["model"]["posterior"]["scale"] == "log_var_hardtanh"
-    assert (a["model"]["init"], a["train"]["normgrad_split"]) == ("he_normal", True)
+    exact_points = sw.expand(EXPERIMENTS / "flow_priors" / "code_exact.toml")
+    names = {"gauss+standard__seed=2", "gauss+vamp__seed=2"}
+    assert {p.name for p in exact_points} == names
+    for exact in exact_points:
+        (plain,) = [p for p in points if p.name == exact.name]
+        a = to_dict(load_config(exact.base, exact.overrides))
+        b = to_dict(load_config(plain.base, plain.overrides))
+        changed = {
+            f"{section}.{key}"
+            for section in a
+            for key in a[section]
+            if a[section][key] != b[section][key]
+        }
+        assert changed == {
+            "model.posterior",  # scale, inside the posterior table
+            "model.init",
+            "train.normgrad_split",
+            "run.root",
+        }, exact.name
+        assert a["model"]["posterior"]["scale"] == "log_var_hardtanh"
+        assert (a["model"]["init"], a["train"]["normgrad_split"]) == ("he_normal", True)
 
 
 def test_kingma_follows_the_paper_and_the_authors_code() -> None:
