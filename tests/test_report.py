@@ -939,6 +939,22 @@ def test_title_gives_every_layer_of_a_hierarchy() -> None:
     assert Labeller().title(one, []) == "latent dim: 40"
 
 
+def test_title_leaves_out_what_a_topdown_model_does_not_use() -> None:
+    """A top-down model's latents and priors are per group: the defaults of
+    ``model.latent_dim`` and ``model.prior.name`` it carries are not its own."""
+    from vaeflow.tools.report import Labeller
+
+    common = {"model.latent_dim": 32, "model.prior.name": "standard_normal", "train.k": 1}
+    topdown = [
+        {**common, "model.topdown.channels": 32, "model.posterior.flow": f}
+        for f in ("none", "conv_iaf")
+    ]
+    title = Labeller().title(topdown, ["model.posterior.flow"])
+    assert "latent dim" not in title and "prior" not in title and "k: 1" in title, title
+    one_layer = [{**common, "model.topdown": None}, {**common, "model.topdown": "none"}]
+    assert "latent dim: 32" in Labeller().title(one_layer, [])
+
+
 def test_layers_written_before_a_new_key_are_the_same_layers(tmp_path: Path) -> None:
     """A hierarchy run whose config.json predates a nested key (model.upper_layers[i]
     .posterior.scale) groups with a run written after it, as flat new keys do."""

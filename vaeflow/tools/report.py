@@ -993,6 +993,7 @@ READER_NAMES: dict[str, str] = {
 _FLOW_VALUES = {
     "iaf": "IAF",
     "gated_iaf": "gated IAF",
+    "conv_iaf": "conv IAF",
     "maf": "MAF",
     "realnvp": "RealNVP",
     "realnvp_image": "RealNVP (image)",
@@ -1113,6 +1114,8 @@ class Labeller:
                 continue
             if key == "model.posterior.num_layers" and not any(_applies(key, c) for c in configs):
                 continue  # no posterior flow: its number of steps says nothing
+            if key in _NOT_TOPDOWN and key not in self.user_keys and all(map(_topdown, configs)):
+                continue  # a top-down model has neither: per-group latents and priors
             if len({repr(c[key]) for c in configs}) == 1:
                 text = self.value(key, configs[0][key])
                 if key == "model.latent_dim" and key not in self.user_keys:
@@ -1140,6 +1143,18 @@ _NOT_APPLICABLE: dict[str, tuple[str, tuple[Any, ...]]] = {
     "model.posterior.hidden": ("model.posterior.flow", ("none", None)),
     "model.posterior.options": ("model.posterior.flow", ("none", None)),
 }
+
+
+#: model keys a top-down model (``model.topdown``) does not use (the config refuses
+#: setting them): its latents and priors are per group, inside its blocks
+_NOT_TOPDOWN = ("model.latent_dim", "model.prior.name", "model.prior.flow")
+
+
+def _topdown(config: Mapping[str, Any]) -> bool:
+    """Whether a (flattened) run config is a top-down model's."""
+    # a record keeps a missing table as the text "none"
+    flat = config.get("model.topdown")
+    return any(k.startswith("model.topdown.") for k in config) or flat not in (None, "none", "")
 
 
 def _upper_latent_dims(config: Mapping[str, Any]) -> tuple[int, ...]:
