@@ -231,7 +231,8 @@ def fused_parameters(model: nn.Module) -> dict[nn.Parameter, tuple[int, int]]:
     return out
 
 
-def _halves(params: Iterator[nn.Parameter], dim: int = 0) -> dict[nn.Parameter, tuple[int, int]]:
+def halves(params: Iterator[nn.Parameter], dim: int = 0) -> dict[nn.Parameter, tuple[int, int]]:
+    """``params`` as fused pairs along ``dim`` (a ``fused_parts()`` answer)."""
     return {p: (2, dim) for p in params}
 
 
@@ -263,7 +264,7 @@ class GatedLinear(nn.Module):
 
     def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
         """Value and gate rows: two layers of the papers' code (:func:`fused_parameters`)."""
-        return _halves(self.linear.parameters())
+        return halves(self.linear.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.linear(x).chunk(2, dim=-1)
@@ -310,7 +311,7 @@ class GatedConv2d(nn.Module):
     def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
         """Value and gate output channels (dim 0 of the weight and the bias): two convs of
         the papers' code (:func:`fused_parameters`)."""
-        return _halves(self.conv.parameters())
+        return halves(self.conv.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.conv(x).chunk(2, dim=1)

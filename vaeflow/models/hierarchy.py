@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import make_activation
+from ..layers import halves, make_activation
 from .bounds import Terms
 from .posteriors import LOG_STD_BOUND, FlowPosterior, PosteriorSample
 from .priors import diag_normal_log_prob_dims
@@ -69,7 +69,7 @@ class ConditionalGaussian(nn.Module):
     def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
         """The head's mean and scale rows: two layers of the papers' code
         (:func:`vaeflow.layers.fused_parameters`)."""
-        return {p: (2, 0) for p in self.head.parameters()}
+        return halves(self.head.parameters())
 
     def params(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``z (*, D_l) -> (mu (*, D_{l-1}), log_std (*, D_{l-1}))``."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..flows.base import Transform
-from ..layers import wn_linear
+from ..layers import halves, wn_linear
 
 __all__ = ["PosteriorSample", "GaussianPosterior", "FlowPosterior", "SCALES", "log_std_from_raw"]
 
@@ -125,7 +125,7 @@ class GaussianPosterior(nn.Module):
     def fused_parts(self) -> dict[nn.Parameter, tuple[int, int]]:
         """The head's mean and scale rows: two layers of the papers' code
         (:func:`vaeflow.layers.fused_parameters`)."""
-        return {p: (2, 0) for p in self.head.parameters()}
+        return halves(self.head.parameters())
 
     def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``h (B, H) -> (mu (B, D), log_std (B, D))``."""

@@ -47,6 +47,7 @@ __all__ = [
     "init_state",
     "masked_update",
     "split_normalised",
+    "split_of",
     "update_unless",
 ]
 
@@ -128,6 +129,12 @@ class AdamNormGrad(torch.optim.Adam):
                 p.grad.copy_(split_normalised(p.grad, *self._splits[p]))
         super().step()
         return loss
+
+
+def split_of(opt: torch.optim.Optimizer, p: Tensor) -> Split | None:
+    """How ``opt`` cuts ``p`` for its update: :meth:`AdamNormGrad.split_of` for
+    AdamNormGrad, ``None`` (one tensor) for every other optimiser."""
+    return opt.split_of(p) if isinstance(opt, AdamNormGrad) else None
 
 
 def split_normalised(grad: Tensor, parts: int, dim: int, lead: int = 0) -> Tensor:
@@ -397,7 +404,7 @@ def update_unless(
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         for p, grad in zip(group_params, group_grads, strict=True):
             state = opt.state[p]
-            split = opt.split_of(p) if isinstance(opt, AdamNormGrad) else None
+            split = split_of(opt, p)
             masked_update(
                 kind, p, grad, state["step"], state[first], state[second],
                 lr, beta1, beta2, eps, weight_decay, skip, norm_split=split,

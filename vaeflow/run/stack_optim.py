@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .optim import AdamNormGrad, Split, _check_group, _kind, _moments, init_state, masked_update
+from .optim import Split, _check_group, _kind, _moments, init_state, masked_update, split_of
 
 __all__ = ["StackedOptimizer", "supported"]
 
@@ -62,7 +62,7 @@ def supported(opts: Sequence[torch.optim.Optimizer]) -> bool:
 def _splits(opt: torch.optim.Optimizer) -> list[Split | None]:
     """AdamNormGrad's split of each parameter, in order (others: none)."""
     params = [p for group in opt.param_groups for p in group["params"]]
-    return [opt.split_of(p) if isinstance(opt, AdamNormGrad) else None for p in params]
+    return [split_of(opt, p) for p in params]
 
 
 class StackedOptimizer:
@@ -97,8 +97,7 @@ class StackedOptimizer:
         # (supported() checks), so the first run's hold for all.
         first = self.opts[0]
         self.splits: dict[str, Split | None] = {
-            name: first.split_of(p) if isinstance(first, AdamNormGrad) else None
-            for name, p in self.models[0].items()
+            name: split_of(first, p) for name, p in self.models[0].items()
         }
         for opt in self.opts:
             init_state(opt)
