@@ -188,6 +188,31 @@ def test_flow_priors_follow_the_vampprior_code() -> None:
         }, exact.name
         assert a["model"]["posterior"]["scale"] == "log_var_hardtanh"
         assert (a["model"]["init"], a["train"]["normgrad_split"]) == ("he_normal", True)
+    # code_exact_each.toml: that N(0, I) row with one of the three settings each
+    (plain,) = [p for p in points if p.name == "gauss+standard__seed=2"]
+    b = to_dict(load_config(plain.base, plain.overrides))
+    each = {
+        p.name: _changed(to_dict(load_config(p.base, p.overrides)), b) - {"run.root", "run.name"}
+        for p in sw.expand(EXPERIMENTS / "flow_priors" / "code_exact_each.toml")
+    }
+    assert each == {
+        "gauss+standard+head__seed=2": {"model.posterior.scale"},
+        "gauss+standard+he_init__seed=2": {"model.init"},
+        "gauss+standard+normgrad_split__seed=2": {"train.normgrad_split"},
+    }
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> set[str]:
+    """The dotted keys whose values differ between two config dicts (nested tables
+    compared key by key)."""
+    out = set()
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out |= _changed(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.add(f"{prefix}{key}")
+    return out
 
 
 def test_kingma_follows_the_paper_and_the_authors_code() -> None:
