@@ -753,7 +753,7 @@ def test_a_training_curve_is_drawn_as_a_moving_mean(tmp_path: Path) -> None:
     """A run without a validation split has only its training bound, one minibatch per
     logged step: drawn as a trailing moving mean over a 25th of its points, and the axis
     says so; the stored curve keeps the raw values."""
-    from vaeflow.tools.report import _moving_mean
+    from vaeflow.tools.report.figures import _moving_mean
 
     assert _moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     run = _write_run(tmp_path / "runs", "s0", _config("iaf", 0), 85.0, curve=())
