@@ -94,18 +94,16 @@ from ..data import DataSplits, load_splits
 from ..models.bounds import Terms
 from . import stack_optim
 from .logger import Progress, flatten_config
+from .schedule import _beta, _match_state_layout
+from .step import StepResult, training_loss
 from .train import (
-    StepResult,
     TrainingDiverged,
-    _beta,
     _check_free_bits,
     _finish,
-    _match_state_layout,
     _periodic,
     _periodic_due,
     _Run,
     _setup_run,
-    training_loss,
 )
 
 __all__ = [
@@ -636,7 +634,7 @@ class _Stack:
 
 
 def _skip_reason(loss: float, grad_norm: float, skip_grad_norm: float | None) -> str | None:
-    """The solo step's skip decision (``vaeflow.run.train._update_step``)."""
+    """The solo step's skip decision (``vaeflow.run.step._update_step``)."""
     if not math.isfinite(loss):
         return "non-finite loss"
     if not math.isfinite(grad_norm):

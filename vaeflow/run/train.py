@@ -6,8 +6,12 @@ keeps ``last.pt``/``best.pt``, and writes TensorBoard + ``metrics.jsonl``. The m
 only ever used as ``model(x, k) -> Terms`` (docs/design.md). It is a short driver over
 parts that can be read and tested alone: :func:`_setup_run` (model, data, optimiser,
 resume), :func:`_wrap_for_speed` (DDP, ``torch.compile``), :func:`_update_step` (one
-robust update; under ``train.compile_step`` :class:`_CompiledStep`, the same update
-compiled whole) and :func:`_periodic` (log, validate, images, checkpoint, early stop).
+robust update, :mod:`vaeflow.run.step`; under ``train.compile_step`` :class:`_CompiledStep`,
+the same update compiled whole, :mod:`vaeflow.run.compiled_step`) and :func:`_periodic`
+(log, validate, images, checkpoint, early stop). The optimiser and its schedules come from
+:mod:`vaeflow.run.schedule`, the weight average from :mod:`vaeflow.run.ema`, image grids
+and posterior statistics from :mod:`vaeflow.run.visuals` and the data-parallel context
+from :mod:`vaeflow.run.distributed`; this module holds the run's set-up and its loop.
 
 Without a validation split (``data.val_size = 0``: a fixed budget on the whole training
 file, as Burda et al. 2016 and the IAF code train) there are no validation passes and no
@@ -17,8 +21,9 @@ training examples, and the HParams metrics are the last training scalars.
 Robust step (after vdvae): a non-finite loss, a non-finite gradient norm or a norm above
 ``skip_grad_norm`` skips the update; skips are counted and logged, and too many in a row
 stop the run with a message and a usable checkpoint. Under ``train.sync_free`` the same
-decision is a device tensor, applied without a host read (:func:`_apply_unless_skipped`),
-and the counters live on the device (:class:`_DeviceSkips`) until the next periodic step.
+decision is a device tensor, applied without a host read
+(:func:`vaeflow.run.step._apply_unless_skipped`), and the counters live on the device
+(:class:`_DeviceSkips`) until the next periodic step.
 
 Resume is bit-exact on CPU: data batches are a pure function of (seed, step)
 (:class:`vaeflow.data.TrainBatches`), RNG states are checkpointed, and validation runs
@@ -27,17 +32,14 @@ under a forked RNG so its frequency never changes the training trajectory.
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -62,13 +64,12 @@ from ..layers import (
     IAFCodeConv2d,
     IAFCodeConvTranspose2d,
     IAFCodeLinear,
-    fused_parameters,
     weight_norm_data_init,
 )
-from ..models.bounds import Terms, elbo, iwae
+from ..models.bounds import elbo
 from ..models.build import build_model
 from ..models.init import output_bias_from_data_
-from ..models.vae import VAE, _data_validation_off
+from ..models.vae import VAE
 from .checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -76,6 +77,9 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .compiled_step import _CompiledStep, _host_lrs
+from .distributed import _any, _Dist, _init_distributed
+from .ema import EMA
 from .evaluate import hparams_metric_tags
 from .logger import (
     Progress,
@@ -84,8 +88,25 @@ from .logger import (
     has_hparams_experiment,
     hparams_order,
 )
-from .optim import AdamNormGrad, IAFAdamax, IWAEAdam, init_state, update_unless
+from .schedule import (
+    _beta,
+    _check_same_optimizer,
+    _lr_lambdas,
+    _match_state_layout,
+    _optimizer,
+    _prior_parameters,
+)
+from .schedule import _lr_lambda as _lr_lambda
+from .step import SKIP_REASONS, StepResult, _update_step
+from .step import training_loss as training_loss
 from .utils import resolve_device, set_tf32
+from .visuals import MAX_LAYER_GRIDS as MAX_LAYER_GRIDS
+from .visuals import _latent_statistics, _log_images, _side_pass
+from .visuals import layers_to_show as layers_to_show
+
+# The parts of a run moved to modules of their own (compiled_step, distributed, ema,
+# schedule, step, visuals) stay importable from here, as tests, benchmarks and the stack
+# import them; the ``x as x`` imports re-export those this module does not use itself.
 
 __all__ = [
     "train",
@@ -100,266 +121,6 @@ __all__ = [
 class TrainingDiverged(RuntimeError):
     """Too many consecutive skipped updates (non-finite loss or exploding gradients), or a
     validation bound fallen more than ``train.divergence_nats`` below its best."""
-
-
-@dataclass(frozen=True)
-class _Dist:
-    """Data-parallel context: ``world == 1`` without ``torchrun``."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _init_distributed(device_name: str) -> _Dist:
-    """Join the process group that ``torchrun`` describes in the environment, if any.
-
-    Backend: NCCL on CUDA, gloo on CPU (multi-node works the same way: ``torchrun``
-    sets MASTER_ADDR/PORT, RANK and WORLD_SIZE).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local)
-    return _Dist(rank, world, local)
-
-
-def _any(flag: bool, ctx: _Dist, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (skip decisions must agree across ranks)."""
-    if not ctx.active:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class EMA:
-    """Exponential moving average of a model's floating-point state (Polyak averaging).
-
-    After update ``n`` the average is ``ema = d_n * ema + (1 - d_n) * current`` with
-    ``d_n = min(decay, (1 + n) / (10 + n))``: the warm-up keeps the average from being
-    dominated by the random initial weights early in training (a plain 0.999 average
-    still holds 74 % of the initialisation after 300 steps).
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self._updates = 0
-        # The count on the device once an update was masked by a device flag
-        # (train.sync_free): the host cannot know it without a read.
-        self._count: Tensor | None = None
-        self.shadow = {
-            k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
-        }
-
-    @property
-    def updates(self) -> int:
-        """Updates averaged in so far (under ``train.sync_free`` a host read of the device
-        count)."""
-        return int(self._count.item()) if self._count is not None else self._updates
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
-        """Average the model's current weights in; with ``skip`` (a 0-d bool tensor on the
-        device, ``train.sync_free``) only where it is false, without reading it."""
-        live = model.state_dict()
-        keys = list(self.shadow)
-        if skip is None and self._count is None:
-            d = min(self.decay, (1 + self._updates) / (10 + self._updates))
-            if keys:  # one foreach call instead of a lerp_ per tensor (same arithmetic)
-                torch._foreach_lerp_(
-                    [self.shadow[k] for k in keys], [live[k].detach() for k in keys], 1.0 - d
-                )
-            self._updates += 1
-            return
-        self.count_on(skip.device if skip is not None else self._count.device)
-        self.update_masked([live[k].detach() for k in keys], skip)
-
-    def count_on(self, device: torch.device) -> Tensor:
-        """The update count as a float64 device tensor (created from the host count on
-        first use; from then on the count lives there)."""
-        if self._count is None:
-            self._count = torch.tensor(float(self._updates), dtype=torch.float64, device=device)
-        return self._count
-
-    def live_tensors(self, model: nn.Module) -> list[Tensor]:
-        """The model's tensors that are averaged, in the order of :meth:`update_masked`:
-        the parameters and buffers themselves (``state_dict(keep_vars=True)``)."""
-        live = model.state_dict(keep_vars=True)
-        return [live[k] for k in self.shadow]
-
-    @torch.no_grad()
-    def update_masked(self, live: list[Tensor], skip: Tensor | None) -> None:
-        """Average ``live`` (one tensor per shadow entry, in order) in unless the 0-d bool
-        ``skip`` is set, without reading it; :meth:`count_on` must have been called. Only
-        tensor operations, so the compiled training step (``train.compile_step``) traces
-        it."""
-        assert self._count is not None, "call count_on(device) first"
-        applied = torch.ones_like(self._count, dtype=torch.bool) if skip is None else ~skip
-        # The host path's weight computed in float64 (Python's floats), so that it rounds
-        # to the same float32; weight 0 leaves the average as it was (live weights finite).
-        n = self._count
-        d = torch.clamp((1 + n) / (10 + n), max=self.decay)
-        weight = torch.where(applied, 1.0 - d, torch.zeros_like(d))
-        if live:
-            shadow = list(self.shadow.values())
-            by_dtype = {v.dtype: weight.to(v.dtype) for v in shadow}
-            # A list of 0-d weights: a tensor passed as the one weight is converted to a
-            # Python scalar, a host read.
-            torch._foreach_lerp_(shadow, live, [by_dtype[v.dtype] for v in shadow])
-        self._count += applied
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shadow": self.shadow, "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.shadow = {k: v.to(device) for k, v in state["shadow"].items()}
-        self._updates = int(state["updates"])
-        self._count = None
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module):
-        """Temporarily load the averaged weights into ``model``."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict(self.shadow, strict=False)
-        try:
-            yield model
-        finally:
-            model.load_state_dict(backup, strict=False)
-
-
-def _prior_split(cfg: Config) -> bool:
-    """Whether the prior's parameters get a param group of their own (only then, so
-    runs without these options keep the one-group optimiser state of older checkpoints)."""
-    t = cfg.train
-    return t.prior_lr_scale != 1.0 or t.prior_freeze_steps > 0
-
-
-def _lr_lambdas(cfg: Config, model: nn.Module) -> list:
-    """One schedule per param group: the model's, and the prior's when it has its own
-    (the same schedule, zero while the prior is frozen; its scale is in its base lr)."""
-    factor = _lr_lambda(cfg)
-    if not _prior_split(cfg) or not _prior_parameters(model):
-        return [factor]
-    freeze = cfg.train.prior_freeze_steps
-
-    def prior_factor(step: int) -> float:
-        return 0.0 if step < freeze else factor(step)
-
-    return [factor, prior_factor]
-
-
-def _prior_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The prior's own parameters (a VampPrior's encoder belongs to the model, not here)."""
-    prior = getattr(model, "prior", None)
-    if prior is None:
-        return []
-    shared = {
-        id(p) for name, m in model.named_children() if name != "prior" for p in m.parameters()
-    }
-    return [p for p in prior.parameters() if id(p) not in shared]
-
-
-def _lr_lambda(cfg: Config):
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / t.lr_warmup_steps) if t.lr_warmup_steps > 0 else 1.0
-        if t.lr_schedule == "cosine":
-            progress = min(1.0, step / max(1, t.steps))
-            decay = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-        elif t.lr_schedule == "exponential":
-            decay = t.lr_decay ** (step // t.lr_decay_every)
-        elif t.lr_schedule == "multistep":
-            decay = t.lr_decay ** bisect.bisect_right(t.lr_milestones, step)
-        else:
-            decay = 1.0
-        return warm * decay
-
-    return factor
-
-
-def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimiser over the model's parameters: one param group, or two
-    when the prior learns at its own rate or starts late (``_prior_split``)."""
-    t = cfg.train
-    kw = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
-    params = list(model.parameters())
-    fusable = _fusable(params)
-    prior = _prior_parameters(model) if _prior_split(cfg) else []
-    groups: list = params
-    if prior:
-        ids = {id(p) for p in prior}
-        rest = [p for p in params if id(p) not in ids]
-        groups = [{"params": rest}, {"params": prior, "lr": t.lr * t.prior_lr_scale}]
-    if t.optimizer == "rmsprop":
-        return torch.optim.RMSprop(
-            groups,
-            lr=t.lr,
-            alpha=t.alpha,
-            eps=t.eps,
-            weight_decay=t.weight_decay,
-            momentum=t.momentum,
-            foreach=True,
-        )
-    if t.optimizer == "adam_normgrad":
-        splits = fused_parameters(model) if t.normgrad_split else None
-        return AdamNormGrad(groups, fused=fusable, splits=splits, **kw)
-    if t.optimizer == "adam_iwae":
-        return IWAEAdam(
-            groups,
-            lr=t.lr,
-            betas=tuple(t.betas),
-            eps=t.eps,
-            initial_second_moment=t.initial_second_moment,
-        )
-    if t.optimizer == "adam":
-        # The fused kernel (CPU and CUDA): one pass over all parameters instead of ~10
-        # small ops per tensor (the gain is measured in benchmarks/README.md). Same
-        # update rule, different rounding. A
-        # resumed run keeps its checkpoint's implementation (load_state_dict restores the
-        # param groups' fused/foreach flags), so it continues bit-exactly.
-        return torch.optim.Adam(groups, fused=fusable, **kw)
-    if t.optimizer == "adamax_iaf":
-        return IAFAdamax(groups, **kw)
-    return torch.optim.Adamax(groups, foreach=True, **kw)  # Adamax has no fused kernel
-
-
-def _match_state_layout(opt: torch.optim.Optimizer) -> None:
-    """Give each per-parameter state tensor (Adam's moments) its parameter's memory layout.
-
-    ``load_state_dict`` keeps the saved layout; after a resume that switched
-    ``train.channels_last`` the conv weights are NHWC and their moments NCHW, and the fused
-    kernel walks all of them linearly, pairing each weight with another element's moments.
-    """
-    for p, state in opt.state.items():
-        for key, v in state.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
-
-
-def _fusable(params: list[torch.Tensor]) -> bool:
-    return all(
-        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
-        for p in params
-    )
-
-
-def _beta(cfg: Config, step: int) -> float:
-    """KL weight of the step: ``min(1, kl_warmup_start + step / kl_warmup_steps)``."""
-    w = cfg.train.kl_warmup_steps
-    return 1.0 if w <= 0 else min(1.0, cfg.train.kl_warmup_start + step / w)
 
 
 def _git_commit() -> str:
@@ -976,377 +737,6 @@ def _wrap_for_speed(model: nn.Module, cfg: Config, ctx: _Dist, device: torch.dev
     return step_model
 
 
-# ----------------------------------------------------------------------------- one update
-
-
-#: Why an update is skipped; under ``train.sync_free`` a step's skip code is 0 (applied)
-#: or 1 + an index into this.
-SKIP_REASONS = ("non-finite loss", "non-finite gradient", "gradient norm > train.skip_grad_norm")
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one update step did: its loss and terms (for logging), the gradient norm
-    before clipping, the KL weight, and why the update was skipped (``None``: applied).
-
-    Under ``train.sync_free`` nothing is read from the device: ``grad_norm`` is a tensor,
-    ``skip_reason`` is ``None`` and ``skip_code`` says what the update did (0: applied,
-    else 1 + an index into :data:`SKIP_REASONS`).
-    """
-
-    loss: Tensor
-    terms: Terms
-    grad_norm: float | Tensor
-    beta: float
-    skip_reason: str | None
-    skip_code: Tensor | None = None
-
-    @property
-    def skipped(self) -> bool:
-        """Whether the update was skipped (under ``train.sync_free`` a host read)."""
-        if self.skip_code is not None:
-            return bool(self.skip_code.item() != 0)
-        return self.skip_reason is not None
-
-
-def training_loss(
-    terms: Terms,
-    t: TrainConfig,
-    beta: float | Tensor,
-    latent_dim: int,
-    free_bits: Tensor | None = None,
-) -> Tensor:
-    """The loss the optimiser minimises, a scalar: the batch mean of the negated IWAE bound
-    (``train.objective = "iwae"``, Burda et al. 2016) or of the negated beta-weighted ELBO
-    with free bits (``train.free_bits`` per group of ``train.free_bits_group_size``
-    dimensions of the ``latent_dim``-dimensional latent), or with
-    ``train.kl_warmup_target = "joint"`` of ``beta (log p(x|z) + log p(z)) - log q(z|x)``
-    (averaged over samples and examples). Shared by the solo step and the stacked one
-    (:mod:`vaeflow.run.stack`), which passes ``free_bits``, a 0-dim tensor (one per run,
-    vmapped), where its runs' ``train.free_bits`` differ: a run whose floor is 0 gets the
-    plain KL, as alone (a floor of 0 is not the plain KL: a group's estimate can be < 0)."""
-    if t.objective == "iwae":
-        return -iwae(terms).mean()
-    if t.kl_warmup_target == "joint":  # beta (log p(x|z) + log p(z)) - log q(z|x)
-        return -(beta * (terms.log_px_z + terms.log_pz) - terms.log_qz).mean()
-
-    def objective(floor: float | Tensor) -> Tensor:
-        return elbo(
-            terms,
-            beta=beta,
-            free_bits=floor,
-            num_dims=latent_dim,
-            group_size=t.free_bits_group_size,
-            batch_splits=t.free_bits_batch_splits,
-        )
-
-    if free_bits is None:
-        return -objective(t.free_bits).mean()
-    return -torch.where(free_bits > 0, objective(free_bits), objective(0.0)).mean()
-
-
-def _update_step(
-    model: VAE,
-    step_model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    ema: EMA | None,
-    x: Tensor,
-    t: TrainConfig,
-    *,
-    beta: float,
-    ctx: _Dist = _Dist(),
-    device: torch.device | None = None,
-    amp: bool = False,
-    frozen: Sequence[Tensor] = (),
-) -> StepResult:
-    """One robust optimiser update on batch ``x``: loss, backward, clip, skip, EMA.
-
-    ``frozen`` parameters have their gradients dropped before clipping, so the optimiser
-    neither moves them nor builds up moments for them (Adam skips parameters without a
-    gradient) — unlike a zero learning rate, whose moments would carry the frozen steps.
-
-    The loss is the negated (beta-weighted, free-bits) ELBO or IWAE bound. A non-finite
-    loss (on any rank), a non-finite gradient norm or a norm above ``t.skip_grad_norm``
-    skips the update: parameters, optimiser state and EMA stay as they were. The
-    schedule steps either way (it is indexed by step, skipped updates included).
-
-    Under ``t.sync_free`` the same decision is made and applied on the device
-    (:func:`_skip_code`, :func:`_apply_unless_skipped`); the result is bit-identical.
-    ``t.compile_step`` is not looked at: the loop calls :class:`_CompiledStep` instead.
-    """
-    # The likelihood's check that x is data (e.g. in {0, 1}) reads a tensor on the host;
-    # under sync_free it is off: training batches are binarised or quantised by the data
-    # pipeline (vaeflow.data.TrainBatches), valid by construction.
-    checks = _data_validation_off(model.likelihood) if t.sync_free else contextlib.nullcontext()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    with checks, autocast:
-        terms = step_model(x, k=t.k)
-    loss = training_loss(terms, t, beta, model.latent_dim)
-    opt.zero_grad(set_to_none=True)
-    # Backward runs even for a non-finite loss so that every rank takes part in the
-    # gradient all-reduce; the update is then skipped everywhere.
-    loss.backward()
-    for p in frozen:
-        p.grad = None
-    max_norm = t.clip_norm if t.clip_norm is not None else math.inf
-    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if t.sync_free:
-        code = _skip_code(loss, norm, t.skip_grad_norm, ctx)
-        _apply_unless_skipped(code != 0, opt, model, ema)
-        _step_schedule(sched)
-        return StepResult(loss, terms, norm, beta, None, code)
-    grad_norm = norm.item()
-    skip_reason = None
-    if _any(not math.isfinite(loss.item()), ctx, device):
-        skip_reason = "non-finite loss"
-    elif not math.isfinite(grad_norm):
-        skip_reason = "non-finite gradient"
-    elif t.skip_grad_norm is not None and grad_norm > t.skip_grad_norm:
-        skip_reason = f"gradient norm {grad_norm:.3g} > {t.skip_grad_norm}"
-    if skip_reason is None:
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-    _step_schedule(sched)
-    return StepResult(loss, terms, grad_norm, beta, skip_reason)
-
-
-def _step_schedule(sched: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """Advance the learning-rate schedule (every step, skipped updates included)."""
-    with warnings.catch_warnings():
-        # torch warns when the very first optimiser step was skipped; intended here.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-        sched.step()
-
-
-def _skip_code(
-    loss: Tensor, grad_norm: Tensor, skip_grad_norm: float | None, ctx: _Dist
-) -> Tensor:
-    """The syncing step's skip decision as a 0-d int64 device tensor: 0 (apply), else
-    1 + the index of the first reason in :data:`SKIP_REASONS` that holds."""
-    bad_loss = ~torch.isfinite(loss.detach())
-    if ctx.active:  # as _any, without reading the flag: every rank skips together
-        flag = bad_loss.to(torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad_loss = flag[0] > 0
-    # The syncing step compares Python floats: the norm in float64, so that a threshold
-    # that float32 cannot represent is compared the same way.
-    norm = grad_norm.detach().double()
-    too_large = norm > skip_grad_norm if skip_grad_norm is not None else torch.zeros_like(bad_loss)
-    return torch.where(
-        bad_loss,
-        1,
-        torch.where(~torch.isfinite(norm), 2, torch.where(too_large, 3, 0)),
-    )
-
-
-def _apply_unless_skipped(
-    skip: Tensor, opt: torch.optim.Optimizer, model: nn.Module, ema: EMA | None
-) -> None:
-    """Take the optimiser step and the EMA update unless the device flag ``skip`` is set,
-    without reading it.
-
-    The fused Adam kernel takes ``found_inf`` (GradScaler's way in): when it is 1 the
-    parameters and moments stay as they are and the step counts are incremented and
-    decremented again. Adam creates its state at a parameter's first update, even a
-    skipped one; so while a parameter with a gradient has no state yet (the first step,
-    a delayed prior's first step) the flag is read, and a skip leaves the state absent as
-    the syncing step does.
-    """
-    if _state_missing(opt) and bool(skip.item()):
-        return
-    opt.found_inf = skip.to(torch.float32)  # read by Adam.step (getattr) for the fused kernel
-    try:
-        opt.step()
-    finally:
-        del opt.found_inf
-    if ema is not None:
-        ema.update(model, skip)
-
-
-def _state_missing(opt: torch.optim.Optimizer) -> bool:
-    """Whether a parameter with a gradient has no optimiser state yet."""
-    return any(
-        p.grad is not None and not opt.state.get(p)
-        for group in opt.param_groups
-        for p in group["params"]
-    )
-
-
-# ----------------------------------------------------------------------------- compiled step
-
-
-class _CompiledStep:
-    """``train.compile_step``: one update -- forward, loss, backward, gradient norm and
-    clipping, skip decision, Adam, EMA -- as one ``torch.compile``d function, then the
-    schedule step. Called as ``step(x, beta, frozen)`` in place of :func:`_update_step`
-    (the same arguments' meaning; the same :class:`StepResult` as under ``sync_free``).
-
-    What lets it compile once and then only replay:
-
-    - the learning rates are float64 0-d tensors in the param groups, on the device (the
-      schedule fills them in place: ``LRScheduler`` does so for tensor learning rates),
-      and the KL weight is a 0-d tensor filled before each call: values the graph reads,
-      not constants it would be specialised on (and recompiled for at every step);
-    - batches have one shape (``TrainBatches`` drops each epoch's ragged last batch; the
-      function is compiled with ``dynamic=False``, so another shape would recompile);
-    - nothing is read on the host: the skip decision is :func:`_skip_code`'s device
-      tensor, applied by masking (:func:`~vaeflow.run.optim.update_unless`,
-      :meth:`EMA.update_masked`); the gradients are clipped functionally;
-    - the optimiser's state exists before the first call
-      (:func:`~vaeflow.run.optim.init_state`: zero moments, step counts on the device),
-      so the first step is like any other and a skipped first step needs no host read.
-      A parameter not updated yet (the first steps, a delayed prior) holds zero state
-      instead of none: the same updates, a slightly different checkpoint.
-
-    One graph: the gradients come from ``torch.autograd.grad``, which dynamo traces
-    under its ``trace_autograd_ops`` setting (set for these calls only), so the backward
-    is in the same graph as the forward and the update (``loss.backward()`` would be a
-    graph break, and ``.grad`` is not used: ``zero_grad`` is not needed either). On CUDA
-    the graph is captured as a CUDA graph (inductor's ``triton.cudagraphs``, what
-    ``mode="reduce-overhead"`` sets): a step is one graph replay plus the eager KL-weight
-    fill and schedule step. The tensors the update writes (optimiser state, EMA average and
-    count) and the rates it reads are marked static, so that the CUDA graph reads and
-    writes them in place. The CUDA path has not been run on a GPU yet
-    (``benchmarks/gpu_check.py`` compares it with the eager step). A torch without
-    ``trace_autograd_ops`` breaks the graph at the gradient (two graphs; same results).
-
-    Randomness: inductor's ``fallback_random`` draws the posterior noise from torch's
-    generator as eager code does, so a compiled run takes the same steps as an eager run
-    of the same seed, to float rounding, and resumes from the checkpoint's RNG state.
-
-    Keep the object for the run: it holds the optimiser's and the EMA's tensors as they
-    are when it is built (after any resume).
-    """
-
-    def __init__(
-        self,
-        model: VAE,
-        opt: torch.optim.Optimizer,
-        sched: torch.optim.lr_scheduler.LRScheduler,
-        ema: EMA | None,
-        t: TrainConfig,
-        device: torch.device,
-        frozen: Sequence[Tensor] = (),
-    ) -> None:
-        if not isinstance(opt, torch.optim.Adam | torch.optim.Adamax | IWAEAdam):
-            raise ConfigError(
-                "train.compile_step needs train.optimizer = 'adam', 'adam_normgrad', "
-                "'adam_iwae', 'adamax' or "
-                f"'adamax_iaf', got {type(opt).__name__}"
-            )
-        self.model, self.opt, self.sched, self.ema, self.t = model, opt, sched, ema, t
-        init_state(opt)
-        for group in opt.param_groups:  # filled in place by the schedule from now on
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
-        dtype = next(model.parameters()).dtype
-        self._beta = torch.zeros((), dtype=dtype, device=device)
-        frozen_ids = {id(p) for p in frozen}
-        self._groups = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
-        self._unfrozen = [[p for p in ps if id(p) not in frozen_ids] for ps in self._groups]
-        self._ema_live: list[Tensor] = []
-        static = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
-        static += [g["lr"] for g in opt.param_groups] + [self._beta]
-        if ema is not None:
-            static += [*ema.shadow.values(), ema.count_on(device)]
-            self._ema_live = ema.live_tensors(model)
-        for v in static:  # a guard on each address: a replaced tensor recompiles
-            torch._dynamo.mark_static_address(v, guard=True)
-        self._cuda_graphs = device.type == "cuda"
-        options = {"fallback_random": True}
-        if self._cuda_graphs:
-            options["triton.cudagraphs"] = True  # mode="reduce-overhead" (not both allowed)
-        self._compiled = torch.compile(self._step, dynamic=False, options=options)
-        config = torch._dynamo.config
-        self._tracing = (
-            config.patch(trace_autograd_ops=True)
-            if hasattr(config, "trace_autograd_ops")
-            else contextlib.nullcontext()
-        )
-
-    def __call__(self, x: Tensor, beta: float, frozen: bool = False) -> StepResult:
-        """One update on the full batch ``x`` with KL weight ``beta``; ``frozen``: leave
-        the delayed prior out (``step < train.prior_freeze_steps``)."""
-        self._beta.fill_(beta)
-        if self._cuda_graphs:  # the previous step's outputs are no longer needed
-            torch.compiler.cudagraph_mark_step_begin()
-        with self._tracing:
-            loss, terms, norm, code = self._compiled(x, frozen)
-        _step_schedule(self.sched)
-        return StepResult(loss, terms, norm, beta, None, code)
-
-    def _step(self, x: Tensor, frozen: bool) -> tuple[Tensor, Terms, Tensor, Tensor]:
-        # Training batches are valid by construction (as under sync_free): no data check.
-        with _data_validation_off(self.model.likelihood):
-            terms = self.model(x, k=self.t.k)
-        loss = training_loss(terms, self.t, self._beta, self.model.latent_dim)
-        groups = self._unfrozen if frozen else self._groups
-        flat = torch.autograd.grad(loss, sum(groups, []), allow_unused=True)
-        params, grads, i = [], [], 0
-        for ps in groups:  # per param group; a parameter the loss does not use: no update
-            pairs = [
-                (p, g) for p, g in zip(ps, flat[i : i + len(ps)], strict=True) if g is not None
-            ]
-            params.append([p for p, _ in pairs])
-            grads.append([g for _, g in pairs])
-            i += len(ps)
-        norm, code = self._update(loss.detach(), params, grads)
-        # Detached: tensors still holding the consumed autograd graph would end the graph.
-        return loss.detach(), _detached(terms), norm, code
-
-    @torch.no_grad()
-    def _update(
-        self, loss: Tensor, params: list[list[Tensor]], grads: list[list[Tensor]]
-    ) -> tuple[Tensor, Tensor]:
-        # Under no_grad: with torch 2.14 a prototype that wrote the parameters through
-        # .detach() aliases with grad mode on was miscompiled silently (a parameter
-        # overwritten by a step count).
-        # As clip_grad_norm_: the norm of the per-tensor norms, one clipping coefficient.
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(sum(grads, []))))
-        if self.t.clip_norm is not None:
-            coef = torch.clamp(self.t.clip_norm / (norm + 1e-6), max=1.0)
-            grads = [[g * coef for g in gs] for gs in grads]
-        code = _skip_code(loss, norm, self.t.skip_grad_norm, _Dist())
-        skip = code != 0
-        update_unless(self.opt, params, grads, skip)
-        if self.ema is not None:
-            self.ema.update_masked(self._ema_live, skip)
-        return norm, code
-
-
-def _detached(terms: Terms) -> Terms:
-    """``terms`` without their autograd history (for logging)."""
-
-    def detach(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return tuple(t.detach() for t in v)
-        return None if v is None else v.detach()
-
-    return Terms(**{f.name: detach(getattr(terms, f.name)) for f in dataclasses.fields(terms)})
-
-
-def _host_lrs(state: dict[str, Any]) -> dict[str, Any]:
-    """An optimiser's or schedule's ``state_dict`` with its learning rates as Python floats
-    (``train.compile_step`` holds them as device tensors): checkpoints look the same
-    whichever step wrote them, and resume under either (one host read per rate, at
-    checkpoints only)."""
-
-    def plain(v: Any) -> Any:
-        return float(v) if torch.is_tensor(v) else v
-
-    state = dict(state)
-    if "param_groups" in state:
-        state["param_groups"] = [
-            {k: plain(v) if k in ("lr", "initial_lr") else v for k, v in group.items()}
-            for group in state["param_groups"]
-        ]
-    for key in ("base_lrs", "_last_lr"):
-        if key in state:
-            state[key] = [plain(v) for v in state[key]]
-    return state
-
-
 # ----------------------------------------------------------------------------- periodic
 
 
@@ -1547,32 +937,6 @@ def _check_free_bits(cfg: Config, model: VAE) -> None:
         )
 
 
-def _check_same_optimizer(run_dir: Path, optimizer: str, normgrad_split: bool = False) -> None:
-    """Refuse to resume under another ``train.optimizer``: Adam, AdamNormGrad and IWAEAdam
-    keep state under the same names, so a checkpoint would load into the other optimiser
-    and continue silently with its moments read under other rules. Likewise another
-    ``train.normgrad_split`` (not in the optimiser's state: it would pass unnoticed)."""
-    path = run_dir / "config.json"
-    if not path.exists():
-        return
-    train_before = json.loads(path.read_text()).get("train", {})
-    before = train_before.get("optimizer", "adam")
-    if before != optimizer:
-        raise ConfigError(
-            f"{run_dir} was trained with train.optimizer = {before!r}; resuming it with "
-            f"{optimizer!r} would read the first optimiser's state under the second's rules. "
-            f"Resume with train.optimizer = {before!r}, or start a new run"
-        )
-    split_before = bool(train_before.get("normgrad_split", False))
-    if split_before != normgrad_split:
-        flag = str(split_before).lower()
-        raise ConfigError(
-            f"{run_dir} was trained with train.normgrad_split = {flag}; resuming it with "
-            f"{str(normgrad_split).lower()} would change the update rule mid-run. Resume "
-            f"with train.normgrad_split = {flag}, or start a new run"
-        )
-
-
 def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:
     """Keep ``config.json`` equal to the config in force; keep the previous one beside it.
 
@@ -1590,21 +954,6 @@ def _record_resumed_config(run_dir: Path, config_dict: dict, step: int) -> None:
             f"config.before_resume_step{step}.json",
             stacklevel=4,  # the caller of train()
         )
-
-
-def _eval_context(model: nn.Module, ema: EMA | None):
-    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
-
-
-@contextlib.contextmanager
-def _side_pass(model: nn.Module, ema: EMA | None, x: Tensor) -> Iterator[None]:
-    """A pass beside training (validation, test curve, image grids): the EMA weights when
-    kept, and a forked RNG (CPU, and ``x``'s GPU), so its draws do not shift the training
-    trajectory -- a run's result does not depend on how often it looks (and resume stays
-    exact)."""
-    devices = [torch.cuda.current_device()] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices), _eval_context(model, ema):
-        yield
 
 
 def _validate(
@@ -1670,89 +1019,3 @@ def _log_test_curve(
     logger.log_scalars(
         {"test_curve/elbo_nats": v["elbo"], f"test_curve/iwae_k{k}_nats": v["iwae"]}, step
     )
-
-
-@torch.no_grad()
-def _latent_statistics(model: VAE, x: Tensor, batch_size: int, samples: int = 8) -> dict:
-    """Posterior statistics on ``x``: base means/log-stds, flow log-dets, active units.
-
-    A unit is active when the variance over ``x`` of its posterior mean ``E_q[z_d|x]``
-    exceeds 0.01 (Burda et al. 2016, section 5.2); the mean is estimated with
-    ``samples`` draws so flow posteriors are covered.
-    """
-    model.eval()
-    mus, log_stds, lds, means, noise = [], [], [], [], []
-    for xb in eval_batches(x, batch_size):
-        s = model.posterior.sample(model.encode(xb), samples)
-        mus.append(s.mu)
-        log_stds.append(s.log_std)
-        lds.append(s.flow_logdet.reshape(-1))
-        m, v = model.posterior_mean(xb, samples)
-        means.append(m)
-        noise.append(v)
-    model.train()
-    # Noise-corrected Var_x(E_q[z|x]) (see vaeflow.run.evaluate.active_units).
-    variance = torch.cat(means).double().var(0) - torch.cat(noise).double().mean(0)
-    active = (variance > 0.01).sum().item()
-    sizes = getattr(model, "latent_dims", ())
-    per_layer = variance.split(list(sizes)) if len(sizes) > 1 else ()
-    return {
-        "mu": torch.cat(mus),
-        "log_std": torch.cat(log_stds),
-        "flow_logdet": torch.cat(lds),
-        "active_units": float(active),
-        # per stochastic layer of a hierarchy, bottom first (empty for one layer)
-        "active_units_layers": [float((part > 0.01).sum().item()) for part in per_layer],
-    }
-
-
-#: At most this many "reconstruction from layer l" grids per image log (the top-down
-#: CIFAR-10 model has 20 groups: 19 grids each time would bury the other images).
-MAX_LAYER_GRIDS = 4
-
-
-def layers_to_show(num_layers: int, at_most: int = MAX_LAYER_GRIDS) -> list[int]:
-    """The layers ``l >= 2`` whose reconstructions are logged: all of them up to
-    ``at_most``, else ``at_most`` spread evenly from layer 2 to the top (top included)."""
-    layers = list(range(2, num_layers + 1))
-    if len(layers) <= at_most:
-        return layers
-    picks = {layers[round(i * (len(layers) - 1) / (at_most - 1))] for i in range(at_most)}
-    return sorted(picks)
-
-
-def _log_images(
-    model: VAE,
-    ema: EMA | None,
-    x: Tensor,
-    logger: RunLogger,
-    step: int,
-    split: str = "val",
-) -> None:
-    """Reconstructions of ``x[:32]`` (tagged ``<split>/reconstructions``) and prior samples
-    (``<split>/prior_samples_t<T>``, temperatures 1 and 0.7). A hierarchy also logs, for
-    the layers ``l >= 2`` of :func:`layers_to_show`,
-    ``<split>/reconstructions_from_layer<l>``: the posterior
-    samples of the layers ``l`` and above kept, the layers below sampled from the prior
-    conditionals (``model.reconstruct_from_layer``): what those layers alone encode.
-
-    Both sit in the ``<split>`` tag group, next to the curves they accompany: TensorBoard
-    orders tag groups by name and opens the first two, so a group of their own
-    (``samples/``) sorted before ``train/`` and ``val/`` and opened the dashboard on image
-    grids instead of the curves (docs/design.md §6).
-    """
-    with _side_pass(model, ema, x), torch.no_grad():
-        model.eval()
-        torch.manual_seed(step)
-        x = x[:32]
-        rec = model.reconstruct(x)
-        grid = torch.cat([x, rec]).clamp(0, 1)
-        logger.log_images(f"{split}/reconstructions", grid, step, nrow=16)
-        for layer in layers_to_show(getattr(model, "num_layers", 1)):
-            rec = model.reconstruct_from_layer(x, layer)
-            grid = torch.cat([x, rec]).clamp(0, 1)
-            logger.log_images(f"{split}/reconstructions_from_layer{layer}", grid, step, nrow=16)
-        for temperature in (1.0, 0.7):
-            images = model.sample(64, temperature=temperature).clamp(0, 1)
-            logger.log_images(f"{split}/prior_samples_t{temperature:g}", images, step, nrow=8)
-        model.train()
