@@ -206,6 +206,36 @@ def test_flow_priors_follow_the_vampprior_code() -> None:
     }
 
 
+def test_flow_priors_reduced_code_is_reduced_on_the_codes_settings() -> None:
+    """reduced_code.toml: reduced.toml's rows and budget with config.toml's (the code's)
+    head, init and per-tensor AdamNormGrad, at seed 2; its N(0, I) and VampPrior points
+    are code_exact.toml's, config for config, so a sweep skips the ones already run."""
+    folder = EXPERIMENTS / "flow_priors"
+    vaeflow_rows = {p.name.split("__")[0]: p for p in sw.expand(folder / "reduced.toml")}
+    code_rows = sw.expand(folder / "reduced_code.toml")
+    assert {p.name.split("__")[0] for p in code_rows} == set(vaeflow_rows)
+    for p in code_rows:
+        a = to_dict(load_config(p.base, p.overrides))
+        plain = vaeflow_rows[p.name.split("__")[0]]
+        b = to_dict(load_config(plain.base, plain.overrides))
+        assert _changed(a, b) == {
+            "model.posterior.scale",
+            "model.init",
+            "train.normgrad_split",
+            "train.seed",
+            "data.batch_seed",
+            "run.root",
+            "run.name",
+        }, p.name
+        assert (a["model"]["init"], a["train"]["seed"]) == ("he_normal", 2), p.name
+    by_name = {p.name: p for p in code_rows}
+    for exact in sw.expand(folder / "code_exact.toml"):
+        mine = by_name[exact.name]
+        assert mine.run_dir == exact.run_dir, exact.name
+        a = to_dict(load_config(exact.base, exact.overrides))
+        assert a == to_dict(load_config(mine.base, mine.overrides)), exact.name
+
+
 def _changed(a: dict, b: dict, prefix: str = "") -> set[str]:
     """The dotted keys whose values differ between two config dicts (nested tables
     compared key by key)."""
