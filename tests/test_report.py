@@ -1370,6 +1370,79 @@ def test_paired_columns_refuse_what_they_cannot_vouch_for(tmp_path: Path) -> Non
     assert rows["planar"].endswith("| +2.00 ± 0.00 | -1.00 ± 0.00 |")
 
 
+def _paired_cells(table: str) -> dict[str, str]:
+    """Row name -> its two paired cells, from a results.md table."""
+    return {
+        line.split(" | ")[0].strip("| "): " | ".join(line.rstrip(" |").split(" | ")[-2:])
+        for line in table.splitlines()
+        if line.startswith("| ") and " | " in line
+    }
+
+
+def test_kept_scores_pair_stored_rows_without_their_run_directories(tmp_path: Path) -> None:
+    """--keep-scores writes every run's per-image scores beside results.json (readable
+    with weights_only); a later report of that results.json pairs its rows exactly as
+    the run directories did, after they are gone, and keeps the scores again by itself.
+    Kept scores that do not average to their row's NLL are not used; without the file the
+    stored rows are not paired; an unreadable file is an error naming it."""
+    import shutil
+
+    from vaeflow.run.checkpoint import load_checkpoint
+    from vaeflow.tools.report import SCORES_FILE
+
+    runs = tmp_path / "sweep"
+    ref = _write_run(runs, "none_s0", _config("none", 0), 80.0)
+    _scores(ref, [-80.0] * 4, [-91.0, -92.0, -93.0, -94.0])
+    iaf = _write_run(runs, "iaf_s0", _config("iaf", 0), 83.0)
+    _scores(iaf, [-81.0, -82.0, -83.0, -86.0], [-90.0] * 4)
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        maf = _write_run(runs, f"maf_s{seed}", _config("maf", seed), 78.0 + shift)
+        _scores(maf, [-78.0 - shift] * 4, [-91.0, -92.0, -93.0, -94.0], indices=[3, 2, 1, 0])
+    against = {"model.posterior.flow": "none"}
+    first = tmp_path / "first"
+    written = write_report([runs], first, paired_against=against, keep_scores=True)
+    assert written["scores"] == first / SCORES_FILE
+    kept = load_checkpoint(first / SCORES_FILE)["runs"]
+    assert sorted(kept) == ["sweep/iaf_s0", "sweep/maf_s0", "sweep/maf_s1", "sweep/none_s0"]
+    assert kept["sweep/iaf_s0"]["log_px"].dtype == torch.float32
+    assert kept["sweep/maf_s0"]["indices"].tolist() == [3, 2, 1, 0]
+    table = (first / "results.md").read_text()
+    cells = _paired_cells(table)
+    assert cells["MAF"].startswith("-1.00 ± 0.00 |") and "±" in cells["IAF"], table
+    shutil.rmtree(runs)
+
+    second = tmp_path / "second"
+    write_report([], second, stored=[first / "results.json"], paired_against=against)
+    again = (second / "results.md").read_text()
+    assert _paired_cells(again) == cells, again
+    assert (second / SCORES_FILE).is_file()  # kept again without asking
+
+    # Kept scores that are not the reported evaluation: that row is not paired.
+    state = load_checkpoint(first / SCORES_FILE)
+    state["runs"]["sweep/iaf_s0"]["log_px"] += 1.0
+    torch.save(state, first / SCORES_FILE)
+    with pytest.warns(UserWarning, match="do not average to the NLL"):
+        write_report(
+            [], tmp_path / "third", stored=[first / "results.json"], paired_against=against
+        )
+    third = _paired_cells((tmp_path / "third" / "results.md").read_text())
+    assert third["IAF"] == "— | —" and third["MAF"] == cells["MAF"]
+
+    (first / SCORES_FILE).unlink()
+    write_report([], tmp_path / "fourth", stored=[first / "results.json"], paired_against=against)
+    fourth = (tmp_path / "fourth" / "results.md").read_text()
+    assert "kept no per-image scores" in fourth and _paired_cells(fourth)["MAF"] == "— | —"
+    assert not (tmp_path / "fourth" / SCORES_FILE).exists()
+
+    (first / SCORES_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"{SCORES_FILE}: cannot read the report's kept"):
+        write_report([], tmp_path / "fifth", stored=[first / "results.json"])
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", str(ref.parent), "-o", "x", "--keep-scores"])
+    assert args.keep_scores is True
+
+
 def test_a_training_curve_of_interval_means_is_drawn_as_logged(tmp_path: Path) -> None:
     """Runs that logged ``train/mean_elbo_nats`` (the mean over each logging interval)
     are drawn by it, unsmoothed; beside a run from before those means existed, every run

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "paired_difference",
     "paired_group_difference",
     "paired_table",
+    "read_scores",
 ]
 
 
@@ -41,7 +42,16 @@ class ComparisonError(ValueError):
     """Two runs whose scores cannot be paired (other images, dataset or k)."""
 
 
-def _scores(run_dir: Path) -> dict[str, Any]:
+def read_scores(run_dir: str | Path) -> dict[str, Any]:
+    """A run's per-image test scores as pairing needs them: ``test_scores.pt``'s
+    ``{"evaluation", "dataset", "indices": (n,), "log_px": (n,), "elbo": (n,)}`` plus
+    ``"test_data"`` (what the scored images are, :func:`_test_data`).
+
+    Raises:
+        FileNotFoundError: the run has no ``test_scores.pt`` (the message says how to
+            write it).
+    """
+    run_dir = Path(run_dir)
     path = run_dir / TEST_SCORES
     if not path.is_file():
         raise FileNotFoundError(
@@ -68,8 +78,10 @@ def _test_data(run_dir: Path, dataset: str) -> str:
     return f"{dataset}, evaluation binarisation of data.seed = {data['seed']}"
 
 
-def _paired_scores(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    return [_scores(Path(r)) for r in runs]
+def _paired_scores(
+    runs: Sequence[str | Path], known: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    return [dict(known[str(r)]) if str(r) in known else read_scores(r) for r in runs]
 
 
 def _check_pairable(scores: Sequence[dict[str, Any]]) -> None:
@@ -129,12 +141,18 @@ def _aligned(scores: Sequence[dict[str, Any]]) -> tuple[int, list[dict[str, torc
 
 
 def paired_group_difference(
-    runs: Sequence[str | Path], reference: Sequence[str | Path]
+    runs: Sequence[str | Path],
+    reference: Sequence[str | Path],
+    known: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The paired difference of two rows of a table, each a group of seeds: per test
     image, the mean over ``runs`` of the NLL (and -ELBO) minus the mean over
     ``reference``; then the mean over images and the standard error of the per-image
     differences (test-set sampling only: the seeds' spread is not in it).
+
+    ``known``: per-image scores already read, by run (as :func:`read_scores` returns
+    them; e.g. kept by a report whose run directories are gone), used instead of the
+    run's ``test_scores.pt``.
 
     Returns:
         ``{"n", "k", "scored_a", "scored_b", "nll_a_nats", "nll_b_nats", "nll_a_own_nats",
@@ -149,7 +167,7 @@ def paired_group_difference(
         ComparisonError: the runs scored different test data, no image in common, or
             used another k.
     """
-    a, b = _paired_scores(runs), _paired_scores(reference)
+    a, b = _paired_scores(runs, known or {}), _paired_scores(reference, known or {})
     _check_pairable([*a, *b])
     n, aligned = _aligned([*a, *b])
     a_al, b_al = aligned[: len(a)], aligned[len(a) :]

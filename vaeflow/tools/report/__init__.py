@@ -39,6 +39,8 @@ The package's modules, one job each; a module imports only those above it here:
 - ``figures``: series styles and figures (:func:`series_styles`, :func:`make_figures`).
 - ``paired``: paired per-image differences from a reference row
   (:func:`add_paired_differences`).
+- ``scores``: per-image test scores kept beside a report, so that its stored rows pair
+  without their run directories (:func:`load_kept_scores`, :func:`write_kept_scores`).
 - ``write``: ``results.md``, ``results.json`` and figures on disk, and redrawn from
   ``results.json`` (:func:`write_report`, :func:`render_figures_from_json`,
   :func:`markdown_from_json`).
@@ -64,6 +66,7 @@ from .group import group
 from .keys import EXCLUDED_KEYS, IMPLEMENTATION_KEYS, PROTOCOL_KEYS
 from .labels import READER_NAMES, READER_VALUES, TITLE_KEYS, Labeller, LabelPlan, load_labels
 from .paired import add_paired_differences
+from .scores import SCORES_FILE, load_kept_scores, write_kept_scores
 from .tables import metric_label, resolve_metrics, to_markdown
 from .write import markdown_from_json, render_figures_from_json, write_report
 
@@ -75,6 +78,7 @@ __all__ = [
     "READER_NAMES",
     "READER_VALUES",
     "REFERENCE_KINDS",
+    "SCORES_FILE",
     "TITLE_KEYS",
     "ZOOM_FROM",
     "LabelPlan",
@@ -86,6 +90,7 @@ __all__ = [
     "group",
     "heatmap_figure",
     "learning_curves_figure",
+    "load_kept_scores",
     "load_labels",
     "load_stored_records",
     "make_figures",
@@ -96,5 +101,6 @@ __all__ = [
     "resolve_metrics",
     "series_styles",
     "to_markdown",
+    "write_kept_scores",
     "write_report",
 ]

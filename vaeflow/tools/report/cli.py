@@ -77,6 +77,7 @@ def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
         metrics=args.metrics,
         stored=args.from_report or (),
         paired_against=_key_values(args.paired_against) if args.paired_against else None,
+        keep_scores=True if args.keep_scores else None,
     )
 
 
@@ -165,6 +166,14 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(e.g. model.posterior.flow=none): two columns give every other "
         "row's NLL and -ELBO minus the reference's, paired image by image over the test "
         "images all runs scored (needs the run directories' test_scores.pt)",
+    )
+    p.add_argument(
+        "--keep-scores",
+        action="store_true",
+        help="also write every run's per-image test scores (test_scores.pt, about 120 KB "
+        "per 10,000 images) beside results.json, so that a later --from-report of this "
+        "report can still pair its rows (--paired-against) without their run directories; "
+        "on by itself where OUT or a --from-report report already keeps them",
     )
     p.set_defaults(func=_report_command)
     return p

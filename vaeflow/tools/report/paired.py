@@ -15,6 +15,7 @@ def add_paired_differences(
     groups: list[dict[str, Any]],
     reference: Mapping[str, str],
     stored_runs: Collection[str] = (),
+    known: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Give every group a ``"paired"`` entry: its NLL and -ELBO minus the reference row's,
     image by image (:func:`vaeflow.run.compare.paired_group_difference`: per-image means
@@ -24,9 +25,11 @@ def add_paired_differences(
     the test images, whose difficulty cancels. The reference group gets
     ``{"reference": True}``; a group that cannot be paired gets ``{"error": why}`` and the
     table shows "—" with the reason below it: a run reported from a stored results.json
-    (``stored_runs``: whatever sits at its old path now need not be what was reported),
-    no per-image scores, other images or k, per-image scores whose mean is not the row's
-    NLL (re-evaluated since), or non-finite scores.
+    (``stored_runs``: whatever sits at its old path now need not be what was reported)
+    whose report kept no per-image scores for it (``known``: the kept scores by run,
+    :func:`vaeflow.tools.report.scores.load_kept_scores`), no per-image scores, other
+    images or k, per-image scores whose mean is not the row's NLL (re-evaluated since),
+    or non-finite scores.
 
     Raises:
         ValueError: fewer than two rows; a key of ``reference`` that the rows do not
@@ -68,6 +71,8 @@ def add_paired_differences(
     (ref,) = chosen
     label = ", ".join(f"{k}={v}" for k, v in reference.items())
     ref["paired"] = {"reference": True, "against": label}
+    known = known or {}
+    stored_runs = {r for r in stored_runs if r not in known}
     ref_problem = _unpairable(ref, stored_runs)
     for g in groups:
         if g is ref:
@@ -78,7 +83,7 @@ def add_paired_differences(
         d: dict[str, Any] = {}
         if problem is None:
             try:
-                d = paired_group_difference(g["runs"], ref["runs"])
+                d = paired_group_difference(g["runs"], ref["runs"], known)
             except (FileNotFoundError, ComparisonError) as e:
                 problem = str(e).split(";")[0]
         if problem is None:
@@ -90,8 +95,9 @@ def _unpairable(g: Mapping[str, Any], stored_runs: Collection[str]) -> str | Non
     stored = [r for r in g["runs"] if r in stored_runs]
     if stored:
         return (
-            f"reported from a stored results.json ({stored[0]}): its per-image scores are "
-            "not read; give its run directory to pair it"
+            f"reported from a stored results.json ({stored[0]}) that kept no per-image "
+            "scores for it; give its run directory to pair it (and `vaeflow report "
+            "--keep-scores` keeps them for the next report)"
         )
     return None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .figures import _parse_references, _save_figures, make_figures
 from .group import group
 from .labels import load_labels
 from .paired import add_paired_differences
+from .scores import SCORES_FILE, load_kept_scores, write_kept_scores
 from .tables import resolve_metrics, to_markdown
 
 
@@ -77,6 +79,7 @@ def write_report(
     metrics: Sequence[str] | None = None,
     stored: Sequence[str | os.PathLike[str]] = (),
     paired_against: Mapping[str, str] | None = None,
+    keep_scores: bool | None = None,
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
@@ -111,11 +114,18 @@ def write_report(
         paired_against: ``{config key: value as the runs' configs hold it}`` selecting one row,
             the reference: every other row gets its NLL and -ELBO difference from it,
             paired image by image over the test images all runs scored
-            (:func:`add_paired_differences`).
+            (:func:`add_paired_differences`). A stored row is paired when the report
+            that stored it kept its per-image scores (``keep_scores``).
+        keep_scores: write every evaluated run's per-image test scores to
+            ``test_scores.pt`` beside ``results.json`` (:mod:`.scores`; about 120 KB per
+            run of 10,000 images), so that a later report of this one (``stored``) can
+            pair its rows after their run directories are gone. ``None``: keep them
+            when ``out_dir`` already has such a file or a stored report kept some, so
+            that scores once kept are never dropped by a rewrite.
 
     Returns:
-        ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap"}`` -> path,
-        for the files written.
+        ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap", "scores"}``
+        -> path, for the files written.
     """
     if not run_dirs and not stored:
         raise ValueError(
@@ -125,14 +135,19 @@ def write_report(
     label_map = _labels_arg(labels)
     refs = _parse_references(references)
     records = collect(run_dirs, stored)
+    kept = load_kept_scores(stored, records)
     out = Path(out_dir)
+    if keep_scores is None:
+        keep_scores = (out / SCORES_FILE).is_file() or any(
+            (Path(s).parent / SCORES_FILE).is_file() for s in stored
+        )
     out.mkdir(parents=True, exist_ok=True)
     # Temps of an interrupted earlier report; only its own files (out may be shared).
-    remove_stale_temps(out, final_names={"results.md", "results.json"})
+    remove_stale_temps(out, final_names={"results.md", "results.json", SCORES_FILE})
     groups = group(records, by)
     if paired_against:
         stored_runs = {r["run_dir"] for r in records if r.get("stored_in")}
-        add_paired_differences(groups, paired_against, stored_runs)
+        add_paired_differences(groups, paired_against, stored_runs, known=kept)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
     not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
     written: dict[str, Path] = {}
@@ -161,6 +176,10 @@ def write_report(
         records, groups, by, label_map, refs, log_x, metric=columns[0] if columns else None
     )
     written.update(_save_figures(figures, out))
+    if keep_scores:
+        written["scores"], left_out = write_kept_scores(out, records, kept)
+        for why in left_out:
+            warnings.warn(f"{written['scores']}: not kept: {why}", stacklevel=2)
     return written
 
 
