@@ -1443,6 +1443,45 @@ def test_kept_scores_pair_stored_rows_without_their_run_directories(tmp_path: Pa
     assert args.keep_scores is True
 
 
+def test_where_reports_a_slice_of_the_runs_and_says_so(tmp_path: Path) -> None:
+    """--where KEY=VALUE: only the runs (and stored records) whose config holds every
+    value, matched case-blind as text; the table says which slice it is, and redraws so
+    from results.json; an unknown key or an empty slice is refused with what there is."""
+    from vaeflow.tools.report import markdown_from_json
+
+    for flow, lr in (("none", 1e-3), ("iaf", 1e-3), ("iaf", 5e-4), ("maf", 5e-4)):
+        cfg = _config(flow, 0)
+        cfg["train"]["lr"] = lr
+        _write_run(tmp_path / "runs", f"{flow}_{lr:g}", cfg, 80.0 + lr * 1000)
+    out = tmp_path / "slice"
+    write_report([tmp_path / "runs"], out, where={"train.lr": "0.0005"})
+    table = (out / "results.md").read_text()
+    rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]}
+    assert {"IAF", "MAF"} <= rows and "diagonal Gaussian" not in rows, table
+    assert "Runs: only those with `train.lr` = 0.0005 (`vaeflow report --where`)." in table
+    assert markdown_from_json(out / "results.json") == table
+    # a stored record is sliced too; None matches "NONE"
+    again = tmp_path / "again"
+    write_report([tmp_path / "runs"], tmp_path / "full")
+    stored = [tmp_path / "full" / "results.json"]
+    write_report([], again, stored=stored, where={"model.posterior.flow": "NONE"})
+    (record,) = json.loads((again / "results.json").read_text())["records"]
+    assert record["name"] == "none_0.001"
+    with pytest.raises(ValueError, match=r"no run's config has train\.lrr"):
+        write_report([tmp_path / "runs"], tmp_path / "x", where={"train.lrr": "1"})
+    with pytest.raises(ValueError, match=r"selects no run \(the runs have: .*0\.0005"):
+        write_report([tmp_path / "runs"], tmp_path / "x", where={"train.lr": "0.1"})
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    cli = ["report", str(tmp_path / "runs"), "-o", str(tmp_path / "cli")]
+    args = parser.parse_args([*cli, "--where", "train.lr=0.0005"])
+    assert args.func(args) == 0
+    assert (tmp_path / "cli" / "results.md").read_text() == table
+    bad = parser.parse_args([*cli, "--where", "train.lr"])
+    with pytest.raises(SystemExit, match="--where takes KEY=VALUE"):
+        bad.func(bad)
+
+
 def test_a_training_curve_of_interval_means_is_drawn_as_logged(tmp_path: Path) -> None:
     """Runs that logged ``train/mean_elbo_nats`` (the mean over each logging interval)
     are drawn by it, unsmoothed; beside a run from before those means existed, every run

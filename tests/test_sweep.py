@@ -340,6 +340,60 @@ def test_resume_and_skip_detection(tmp_path: Path) -> None:
     assert [s["status"] for s in statuses[:3]] == ["resume", "skipped", "pending"]
 
 
+def _reported(tmp_path: Path, points: list, overrides: dict[int, list[str]]) -> Path:
+    """A report (results.json) of some of ``points``, evaluated on another machine: run
+    directories of the same sweep folder and names elsewhere, each trained with the
+    point's settings plus ``overrides[i]``."""
+    from vaeflow.config import to_dict
+    from vaeflow.tools.report import write_report
+
+    elsewhere = tmp_path / "other_machine" / points[0].run_dir.parent.name
+    for i, extra in overrides.items():
+        p = points[i]
+        run = elsewhere / p.run_dir.name
+        run.mkdir(parents=True)
+        config = to_dict(load_config(p.base, [*p.overrides, *extra]))
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "summary.json").write_text(
+            json.dumps({"test/nll_iw4_nats": 90.0 + i, "test/k": 4, "dataset": "mnist"})
+        )
+    write_report([elsewhere], tmp_path / "report")
+    return tmp_path / "report" / "results.json"
+
+
+def test_skip_reported_continues_a_table_from_its_report(tmp_path: Path) -> None:
+    """--skip-reported: the points an earlier report holds evaluated (same sweep folder,
+    run name and settings, whatever the paths and speed settings) are not run, nor
+    written to a commands file; a record of a point's name trained with other settings
+    is an error naming the key, not a silent skip or a second run."""
+    path = _grid_sweep(tmp_path)
+    points = sw.expand(path)
+    speed_only = ['data.root="/elsewhere"', "train.compile_step=true", "train.log_every=7"]
+    results = _reported(tmp_path, points, {0: speed_only, 3: []})
+    statuses = sw.run_sweep(path, dry_run=True, skip_reported=[results])
+    assert [s["status"] for s in statuses[:4]] == ["reported", "pending", "pending", "reported"]
+    assert sw.reported_points(points, [results]) == {
+        points[0].name: str(results),
+        points[3].name: str(results),
+    }
+    parser = argparse.ArgumentParser()
+    sw.add_sweep_parser(parser.add_subparsers())
+    out = tmp_path / "cmds.txt"
+    cli = ["sweep", str(path), "--commands-file", str(out), "--skip-reported", str(results)]
+    args = parser.parse_args(cli)
+    assert args.func(args) == 0
+    written = [shlex.split(line)[-1] for line in out.read_text().splitlines()]
+    assert len(written) == len(points) - 2
+    assert not {str(points[0].run_dir), str(points[3].run_dir)} & set(written)
+    # Another seed or learning rate under the point's name: refused, naming the key.
+    shutil.rmtree(tmp_path / "other_machine")
+    wrong = _reported(tmp_path, points, {1: ["train.lr=0.5"]})
+    with pytest.raises(ConfigError, match=r"record of .* other settings: train\.lr \(0\.5 there"):
+        sw.run_sweep(path, dry_run=True, skip_reported=[wrong])
+    with pytest.raises(ConfigError, match="--skip-reported: .*no such results.json"):
+        sw.run_sweep(path, dry_run=True, skip_reported=[tmp_path / "missing.json"])
+
+
 def test_failing_point_does_not_stop_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -33,7 +33,11 @@ fails the whole sweep up front, naming the key.
 
 Points whose run directory holds ``summary.json`` (trained and evaluated) are skipped,
 so an interrupted sweep is continued by running it again; a point with
-``checkpoints/last.pt`` but no summary is continued with ``--resume``.
+``checkpoints/last.pt`` but no summary is continued with ``--resume``. Run directories
+last as long as their machine, while a report's ``results.json`` is committed:
+``--skip-reported RESULTS_JSON`` (:func:`reported_points`) also skips the points that
+such a report holds evaluated (the same sweep folder and run name, trained with the same
+settings), so a table grown over several machines is continued where it stands.
 
 Running: :func:`run_sweep` starts each pending point as a subprocess
 (``python -m vaeflow train ...``), at most ``jobs`` at a time, and writes
@@ -446,6 +450,82 @@ def needs_resume(point: Point) -> bool:
     return not is_finished(point) and (point.run_dir / "checkpoints" / "last.pt").is_file()
 
 
+def _ignored_when_matching_reports() -> set[str]:
+    """Config keys that may differ between a point and its reported run: paths and
+    names, and settings that change how a run computes or logs, not its numbers (the
+    report's :data:`vaeflow.tools.report.EXCLUDED_KEYS` without the seeds, which must
+    agree)."""
+    from .report.keys import EXCLUDED_KEYS
+
+    return set(EXCLUDED_KEYS) - {"train.seed", "data.batch_seed"}
+
+
+def reported_points(
+    points: Sequence[Point], results_jsons: Sequence[str | Path]
+) -> dict[str, str]:
+    """The points that earlier reports already hold, evaluated: point name -> the
+    ``results.json`` (written by ``vaeflow report``) with its record.
+
+    A record is a point's when it names the same run (sweep folder and run name, as
+    ``vaeflow report --from-report`` matches a stored record with a run directory) and
+    was trained with the same settings: every config key agrees, the seeds included,
+    except paths, names and settings that change only speed or logging
+    (:data:`vaeflow.tools.report.EXCLUDED_KEYS`), and the flow length of a posterior
+    without a flow (which the model never reads, and reports rewrite); keys vaeflow
+    added after the record was written count as their defaults, as in the report.
+
+    Raises:
+        ConfigError: a results.json that is missing or not a report's, or a record that
+            names one of the points but was trained with other settings (the keys are
+            named): the point would otherwise be trained a second time under the same
+            name, or silently taken for that other run.
+    """
+    from ..run.logger import flatten_config
+    from .report.collect import _list_tables_with_defaults, _run_identity, load_stored_records
+
+    ignored = _ignored_when_matching_reports()
+    records: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for source in results_jsons:
+        try:
+            stored = load_stored_records(source)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--skip-reported: {e}") from None
+        for record in stored:
+            records.setdefault(_run_identity(record), (str(source), record))
+    out: dict[str, str] = {}
+    for p in points:
+        hit = records.get((p.run_dir.parent.name, p.run_dir.name))
+        if hit is None:
+            continue
+        source, record = hit
+        mine = flatten_config(
+            _list_tables_with_defaults(to_dict(load_config(p.base, p.overrides)))
+        )
+        theirs = record["config"]
+        skip = set(ignored)
+        flow = "model.posterior.flow"
+        if mine.get(flow) in (None, "none") and theirs.get(flow) in (None, "none"):
+            # unused without a flow, and rewritten by reports (a flow-length axis's 0)
+            skip.add("model.posterior.num_layers")
+        differ = sorted(
+            k
+            for k in mine.keys() | theirs.keys()
+            if k not in skip and mine.get(k) != theirs.get(k)
+        )
+        if differ:
+            shown = ", ".join(
+                f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differ[:4]
+            )
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            raise ConfigError(
+                f"--skip-reported {source}: its record of {p.name} was trained with other "
+                f"settings: {shown}{more}. It is not this point's run: give the report of "
+                "this sweep's runs, or leave --skip-reported out to train the point anew"
+            )
+        out[p.name] = source
+    return out
+
+
 def _train_args(point: Point, extra_args: Sequence[str] = ()) -> list[str]:
     args = ["train", str(point.base)]
     for item in point.overrides:
@@ -782,6 +862,7 @@ def run_sweep(
     executor: str = "local",
     cluster: Sequence[str] = (),
     wait: bool = True,
+    skip_reported: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
     """Run the sweep's pending points: as subprocesses here, at most ``jobs`` at a time,
     or as submitit jobs.
@@ -803,10 +884,13 @@ def run_sweep(
             executors; :mod:`vaeflow.tools.cluster`).
         wait: wait for the jobs. ``False`` (``submitit-slurm`` only): submit, record
             the job ids in ``sweep.json`` (status ``submitted``) and return.
+        skip_reported: earlier reports' ``results.json`` files: the points they hold
+            evaluated are not run (status ``reported``; :func:`reported_points`).
 
     Returns:
         One dict per point, in sweep order: ``name``, ``run_dir``, ``overrides``,
-        ``command``, ``status`` (``skipped`` = already finished, ``finished``,
+        ``command``, ``status`` (``skipped`` = already finished, ``reported`` = in a
+        report of ``skip_reported``, ``finished``,
         ``failed``, ``submitted`` (in a Slurm job not waited for), or
         ``pending``/``resume`` in a dry run) and ``returncode``; the submitit executors
         add ``job_id``. Also written to ``<root>/<name>/sweep.json`` (not in a dry run),
@@ -846,7 +930,10 @@ def run_sweep(
         folder = earlier.get("submitit_folder") or sweep.directory / "submitit"
         attached = _submit_module().reattach(in_flight, folder)
     busy = set(in_flight) if dry_run else set(attached)
-    pending = [p for p in points if not is_finished(p) and p.name not in busy]
+    reported = reported_points(points, skip_reported) if skip_reported else {}
+    pending = [
+        p for p in points if not is_finished(p) and p.name not in busy and p.name not in reported
+    ]
     groups = stack_groups(pending, stack) if stack else [[p] for p in pending]
     group_of = {p.name: g for g in groups for p in g}
     statuses: list[dict[str, Any]] = []
@@ -866,7 +953,11 @@ def run_sweep(
                     ]
                 )
             ),
-            "status": "skipped" if done else ("resume" if needs_resume(p) else "pending"),
+            "status": "skipped"
+            if done
+            else "reported"
+            if p.name in reported
+            else ("resume" if needs_resume(p) else "pending"),
             "returncode": None,
         }
         if on_cluster:
@@ -1015,7 +1106,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
                 "--executor, --cluster or --no-wait"
             )
         points = expand(args.sweep)
-        pending = [p for p in points if not is_finished(p)]
+        reported = reported_points(points, args.skip_reported) if args.skip_reported else {}
+        pending = [p for p in points if not is_finished(p) and p.name not in reported]
         extra = ["--threads", str(args.threads)] if args.threads else []
         path = write_commands(
             pending, args.commands_file, extra_args=extra, stack=args.stack, sweep_path=args.sweep
@@ -1034,16 +1126,19 @@ def _sweep_command(args: argparse.Namespace) -> int:
         executor=args.executor,
         cluster=args.cluster or (),
         wait=not args.no_wait,
+        skip_reported=args.skip_reported or (),
     )
     if args.dry_run:
         return 0
-    ok = ("finished", "skipped") if not args.no_wait else ("finished", "skipped", "submitted")
+    ok = ("finished", "skipped", "reported")
+    ok += ("submitted",) if args.no_wait else ()
     return 0 if all(s["status"] in ok for s in statuses) else 1
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``sweep SWEEP.toml [--jobs N] [--dry-run] [--threads N] [--stack N]
-    [--commands-file PATH] [--executor E] [--cluster KEY=VALUE ...] [--no-wait]``."""
+    [--commands-file PATH] [--executor E] [--cluster KEY=VALUE ...] [--no-wait]
+    [--skip-reported RESULTS_JSON ...]``."""
     s = subparsers.add_parser("sweep", help="run a grid/seed sweep over a base config")
     s.add_argument("sweep", help="sweep TOML (base, name, [grid], seeds, set, [cluster])")
     s.add_argument("--jobs", type=int, help="concurrent runs with the local executor (default 1)")
@@ -1085,6 +1180,15 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="submitit-slurm: submit, print the job ids and return; the same command "
         "without --no-wait later waits for them and writes sweep.json",
+    )
+    s.add_argument(
+        "--skip-reported",
+        action="append",
+        metavar="RESULTS_JSON",
+        help="an earlier `vaeflow report`'s results.json (repeatable): points it holds "
+        "evaluated -- the same sweep folder and run name, trained with the same settings "
+        "-- are not run, so a table grown on machines that do not keep each other's run "
+        "directories continues where it stands (report it with --from-report)",
     )
     s.set_defaults(func=_sweep_command)
     return s

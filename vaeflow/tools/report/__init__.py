@@ -30,7 +30,8 @@ The package's modules, one job each; a module imports only those above it here:
 - ``keys``: the config keys set apart (:data:`IMPLEMENTATION_KEYS`,
   :data:`EXCLUDED_KEYS`, :data:`PROTOCOL_KEYS`) and how a config value prints and sorts.
 - ``collect``: run directories and stored ``results.json`` records -> records
-  (:func:`collect`, :func:`load_stored_records`, :func:`gain_last_doubling`).
+  (:func:`collect`, :func:`load_stored_records`, :func:`gain_last_doubling`), and a
+  slice of them by config values (:func:`select_records`).
 - ``group``: records -> rows averaged over seeds, protocol checked (:func:`group`).
 - ``labels``: a reader's names for keys and values (:class:`Labeller`,
   :class:`LabelPlan`, :data:`READER_NAMES`, :data:`READER_VALUES`, :func:`load_labels`).
@@ -52,7 +53,13 @@ Every name of ``__all__`` is importable from here.
 from __future__ import annotations
 
 from .cli import add_report_parser
-from .collect import EXPECTED_FILES, collect, gain_last_doubling, load_stored_records
+from .collect import (
+    EXPECTED_FILES,
+    collect,
+    gain_last_doubling,
+    load_stored_records,
+    select_records,
+)
 from .figures import (
     REFERENCE_KINDS,
     ZOOM_FROM,
@@ -99,6 +106,7 @@ __all__ = [
     "metric_vs_key_figure",
     "render_figures_from_json",
     "resolve_metrics",
+    "select_records",
     "series_styles",
     "to_markdown",
     "write_kept_scores",

@@ -76,18 +76,21 @@ def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
         log_x=args.log_x,
         metrics=args.metrics,
         stored=args.from_report or (),
-        paired_against=_key_values(args.paired_against) if args.paired_against else None,
+        paired_against=(
+            _key_values(args.paired_against, "--paired-against") if args.paired_against else None
+        ),
         keep_scores=True if args.keep_scores else None,
+        where=_key_values(args.where, "--where") if args.where else None,
     )
 
 
-def _key_values(items: Sequence[str]) -> dict[str, str]:
+def _key_values(items: Sequence[str], option: str) -> dict[str, str]:
     """``["key=value", ...]`` -> ``{key: value}``; a malformed item is an error."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--paired-against takes KEY=VALUE items, got {item!r}")
+            raise ValueError(f"{option} takes KEY=VALUE items, got {item!r}")
         out[key.strip()] = value.strip()
     return out
 
@@ -166,6 +169,14 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(e.g. model.posterior.flow=none): two columns give every other "
         "row's NLL and -ELBO minus the reference's, paired image by image over the test "
         "images all runs scored (needs the run directories' test_scores.pt)",
+    )
+    p.add_argument(
+        "--where",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="report only the runs whose config holds every KEY=VALUE (values as the "
+        "configs hold them, case-blind): a slice of a sweep's folder, e.g. the runs on "
+        "one setting; stated under the table",
     )
     p.add_argument(
         "--keep-scores",

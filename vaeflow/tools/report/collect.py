@@ -431,6 +431,42 @@ def collect(
     return records
 
 
+def select_records(
+    records: Sequence[dict[str, Any]], where: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The records whose config holds every ``key: value`` of ``where`` (a slice of a
+    sweep's runs, e.g. those on one setting of three keys); values compared as text,
+    case-blind, as ``--paired-against`` matches a row (``none`` finds ``None``).
+
+    Raises:
+        ValueError: a key that no record's config has, or no record matching (the values
+            the runs have for those keys are listed).
+    """
+    from .keys import _fmt_value
+
+    unknown = [k for k in where if not any(k in r["config"] for r in records)]
+    if unknown:
+        raise ValueError(
+            f"--where {dict(where)}: no run's config has {', '.join(unknown)}; name config "
+            "keys as dotted paths (e.g. model.prior.name)"
+        )
+
+    def holds(r: Mapping[str, Any]) -> bool:
+        return all(
+            k in r["config"] and _fmt_value(r["config"][k]).lower() == str(v).lower()
+            for k, v in where.items()
+        )
+
+    chosen = [r for r in records if holds(r)]
+    if not chosen:
+        found = {
+            k: sorted({_fmt_value(r["config"].get(k)) for r in records if k in r["config"]})
+            for k in where
+        }
+        raise ValueError(f"--where {dict(where)} selects no run (the runs have: {found})")
+    return chosen
+
+
 def _align_unused_flow_steps(records: list[dict[str, Any]]) -> None:
     """Give the runs whose posterior has no flow a ``model.posterior.num_layers`` that
     says so, in place: the key is a leftover default there (4, or 1 where a sweep set

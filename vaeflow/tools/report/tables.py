@@ -128,6 +128,7 @@ def to_markdown(
     metrics: Sequence[str] | None = None,
     not_evaluated: Sequence[str] = (),
     labels: Mapping[str, Any] | Labeller | None = None,
+    where: Mapping[str, str] | None = None,
 ) -> str:
     """Render groups as a markdown table with a footer of protocol, notes and commits.
 
@@ -138,6 +139,8 @@ def to_markdown(
         not_evaluated: run directories to list under the table as not evaluated.
         labels: a label map or :class:`Labeller` (default: :data:`READER_NAMES` and
             :data:`READER_VALUES`), the same names as the figures'.
+        where: the selection the runs were reported under (``--where``), stated under
+            the table: the rows are a slice of what their folders hold.
 
     Returns:
         Markdown: the grouping config keys as the first columns, headed and filled with a
@@ -185,6 +188,9 @@ def to_markdown(
         # The reader's names are for reading; the keys are what a config sets.
         columns = ", ".join(f"{labeller.name(k)} = `{k}`" for k in keys)
         lines += ["", f"Columns: {columns}."]
+    if where:
+        chosen = ", ".join(f"`{k}` = {v}" for k, v in where.items())
+        lines += ["", f"Runs: only those with {chosen} (`vaeflow report --where`)."]
     if any(m.endswith("_gain_last_doubling_nats") for m in names):
         lines += [
             "",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...atomic import remove_stale_temps, write_text_atomic
-from .collect import _read_json, collect
+from .collect import _read_json, collect, select_records
 from .figures import _parse_references, _save_figures, make_figures
 from .group import group
 from .labels import load_labels
@@ -80,6 +80,7 @@ def write_report(
     stored: Sequence[str | os.PathLike[str]] = (),
     paired_against: Mapping[str, str] | None = None,
     keep_scores: bool | None = None,
+    where: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Collect, group and write ``results.md``, ``results.json`` and figures.
 
@@ -123,6 +124,9 @@ def write_report(
             when ``out_dir`` already has such a file or a stored report kept some, so
             that scores once kept are never dropped by a rewrite.
 
+        where: ``{config key: value}``: report only the runs (and stored records) whose
+            config holds all of them (:func:`select_records`); stated under the table.
+
     Returns:
         ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap", "scores"}``
         -> path, for the files written.
@@ -135,6 +139,8 @@ def write_report(
     label_map = _labels_arg(labels)
     refs = _parse_references(references)
     records = collect(run_dirs, stored)
+    if where:
+        records = select_records(records, where)
     kept = load_kept_scores(stored, records)
     out = Path(out_dir)
     if keep_scores is None:
@@ -153,7 +159,9 @@ def write_report(
     written: dict[str, Path] = {}
     columns = resolve_metrics(groups, metrics) if metrics is not None else None
     md = out / "results.md"
-    markdown = to_markdown(groups, columns, not_evaluated=not_evaluated, labels=label_map)
+    markdown = to_markdown(
+        groups, columns, not_evaluated=not_evaluated, labels=label_map, where=where
+    )
     write_text_atomic(md, markdown)
     written["markdown"] = md
     js = out / "results.json"
@@ -167,6 +175,7 @@ def write_report(
             "metric": columns[0] if columns else None,
         },
         "metrics": columns,
+        "where": dict(where) if where else None,
         "records": records,
         "groups": groups,
     }
@@ -198,7 +207,11 @@ def _markdown_from_data(data: dict[str, Any], labels: Any) -> str:
             if m.get("mean") is None:  # results.json writes a non-finite mean as null
                 m["mean"] = math.nan
     return to_markdown(
-        data["groups"], data.get("metrics"), not_evaluated=not_evaluated, labels=labels
+        data["groups"],
+        data.get("metrics"),
+        not_evaluated=not_evaluated,
+        labels=labels,
+        where=data.get("where"),
     )
 
 
