@@ -1380,86 +1380,124 @@ def _paired_cells(table: str) -> dict[str, str]:
 
 
 def test_kept_scores_pair_stored_rows_without_their_run_directories(tmp_path: Path) -> None:
-    """--keep-scores writes every run's per-image scores beside results.json (readable
-    with weights_only); a later report of that results.json pairs its rows exactly as
-    the run directories did, after they are gone, and keeps the scores again by itself.
-    Kept scores that do not average to their row's NLL are not used; without the file the
+    """--keep-scores writes every run's per-image scores beside results.json (float32,
+    readable with weights_only); a later report of that results.json (however its path
+    is spelled) pairs its rows as the run directories did, after they are gone, also
+    against a run directory given beside them, and keeps the scores again by itself.
+    Kept scores that are not the reported evaluation are not used; without the file the
     stored rows are not paired; an unreadable file is an error naming it."""
     import shutil
 
     from vaeflow.run.checkpoint import load_checkpoint
     from vaeflow.tools.report import SCORES_FILE
 
-    runs = tmp_path / "sweep"
-    ref = _write_run(runs, "none_s0", _config("none", 0), 80.0)
-    _scores(ref, [-80.0] * 4, [-91.0, -92.0, -93.0, -94.0])
-    iaf = _write_run(runs, "iaf_s0", _config("iaf", 0), 83.0)
-    _scores(iaf, [-81.0, -82.0, -83.0, -86.0], [-90.0] * 4)
-    for seed, shift in ((0, 0.0), (1, 2.0)):
-        maf = _write_run(runs, f"maf_s{seed}", _config("maf", seed), 78.0 + shift)
-        _scores(maf, [-78.0 - shift] * 4, [-91.0, -92.0, -93.0, -94.0], indices=[3, 2, 1, 0])
+    def run(name: str, flow: str, seed: int, log_px: list[float], **kw: Any) -> Path:
+        nll = -sum(log_px) / len(log_px)  # what the run's summary reports
+        path = _write_run(tmp_path / "sweep", name, _config(flow, seed), nll)
+        _scores(path, log_px, [v - 11.3 for v in log_px], **kw)
+        return path
+
+    ref = run("none_s0", "none", 0, [-80.123457, -80.7, -79.91, -80.05])
+    run("iaf_s0", "iaf", 0, [-81.3, -82.25, -83.123, -86.0])
+    run("maf_s0", "maf", 0, [-78.4, -78.1, -78.3, -77.9], indices=[3, 2, 1, 0])
+    run("maf_s1", "maf", 1, [-80.4, -79.7, -80.3, -80.1])
     against = {"model.posterior.flow": "none"}
     first = tmp_path / "first"
-    written = write_report([runs], first, paired_against=against, keep_scores=True)
-    assert written["scores"] == first / SCORES_FILE
+    written = write_report([tmp_path / "sweep"], first, paired_against=against, keep_scores=True)
+    assert written["scores"] == first / SCORES_FILE and SCORES_FILE != "test_scores.pt"
     kept = load_checkpoint(first / SCORES_FILE)["runs"]
     assert sorted(kept) == ["sweep/iaf_s0", "sweep/maf_s0", "sweep/maf_s1", "sweep/none_s0"]
     assert kept["sweep/iaf_s0"]["log_px"].dtype == torch.float32
     assert kept["sweep/maf_s0"]["indices"].tolist() == [3, 2, 1, 0]
-    table = (first / "results.md").read_text()
-    cells = _paired_cells(table)
-    assert cells["MAF"].startswith("-1.00 ± 0.00 |") and "±" in cells["IAF"], table
-    shutil.rmtree(runs)
+    cells = _paired_cells((first / "results.md").read_text())
+    assert cells["diagonal Gaussian"] == "reference | reference"
+    assert all("±" in cells[row] for row in ("IAF", "MAF"))
+    for gone in ("iaf_s0", "maf_s0", "maf_s1"):
+        shutil.rmtree(tmp_path / "sweep" / gone)
 
+    # The path spelled otherwise; the reference from its run directory, which supersedes
+    # its stored record; the other rows from their kept scores.
     second = tmp_path / "second"
-    write_report([], second, stored=[first / "results.json"], paired_against=against)
-    again = (second / "results.md").read_text()
-    assert _paired_cells(again) == cells, again
+    with pytest.warns(UserWarning, match="supersedes the record stored"):
+        write_report([ref], second, stored=[f"{first}//results.json"], paired_against=against)
+    assert _paired_cells((second / "results.md").read_text()) == cells
     assert (second / SCORES_FILE).is_file()  # kept again without asking
+    assert len(load_checkpoint(second / SCORES_FILE)["runs"]) == 4
 
     # Kept scores that are not the reported evaluation: that row is not paired.
     state = load_checkpoint(first / SCORES_FILE)
-    state["runs"]["sweep/iaf_s0"]["log_px"] += 1.0
+    state["runs"]["sweep/iaf_s0"]["log_px"] += 0.01
     torch.save(state, first / SCORES_FILE)
-    with pytest.warns(UserWarning, match="do not average to the NLL"):
-        write_report(
-            [], tmp_path / "third", stored=[first / "results.json"], paired_against=against
-        )
+    stored = [first / "results.json"]
+    with pytest.warns(UserWarning, match="not the evaluation its stored record reports"):
+        write_report([], tmp_path / "third", stored=stored, paired_against=against)
     third = _paired_cells((tmp_path / "third" / "results.md").read_text())
     assert third["IAF"] == "— | —" and third["MAF"] == cells["MAF"]
 
     (first / SCORES_FILE).unlink()
-    write_report([], tmp_path / "fourth", stored=[first / "results.json"], paired_against=against)
+    write_report([], tmp_path / "fourth", stored=stored, paired_against=against)
     fourth = (tmp_path / "fourth" / "results.md").read_text()
     assert "kept no per-image scores" in fourth and _paired_cells(fourth)["MAF"] == "— | —"
     assert not (tmp_path / "fourth" / SCORES_FILE).exists()
 
     (first / SCORES_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"{SCORES_FILE}: cannot read the report's kept"):
-        write_report([], tmp_path / "fifth", stored=[first / "results.json"])
+        write_report([], tmp_path / "fifth", stored=stored)
+    # The command line: --keep-scores writes the file, --no-keep-scores does not.
     parser = argparse.ArgumentParser()
     add_report_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["report", str(ref.parent), "-o", "x", "--keep-scores"])
-    assert args.keep_scores is True
+    for flag, kept_file in (("--keep-scores", True), ("--no-keep-scores", False)):
+        out = tmp_path / flag
+        args = parser.parse_args(["report", str(ref), "-o", str(out), flag])
+        assert args.func(args) == 0
+        assert (out / SCORES_FILE).is_file() == kept_file, flag
+
+
+def test_the_same_seed_twice_is_not_two_seeds(tmp_path: Path) -> None:
+    """Two runs of one setting with the same seed (one run stored under one sweep folder
+    and re-run under another, say) are refused, not averaged as two seeds; another
+    data.batch_seed makes them two draws."""
+    for folder in ("old", "new"):
+        _write_run(tmp_path / folder, "iaf_s0", _config("iaf", 0), 85.0)
+    with pytest.raises(ValueError, match=r"same seed \(train\.seed 0.*one run reported twice"):
+        group(collect([tmp_path / "old", tmp_path / "new"]))
+    cfg = _config("iaf", 0)
+    cfg["data"]["batch_seed"] = 5
+    _write_run(tmp_path / "other", "iaf_s0", cfg, 86.0)
+    (row,) = group(collect([tmp_path / "old", tmp_path / "other"]))
+    assert row["n_seeds"] == 2
 
 
 def test_where_reports_a_slice_of_the_runs_and_says_so(tmp_path: Path) -> None:
     """--where KEY=VALUE: only the runs (and stored records) whose config holds every
-    value, matched case-blind as text; the table says which slice it is, and redraws so
-    from results.json; an unknown key or an empty slice is refused with what there is."""
+    value -- numbers as numbers, other values as text, case-blind; the table says which
+    slice it is (in the configs' spelling) and redraws so from results.json; what the
+    report derives from the runs (a no-flow run's flow length) follows the slice alone;
+    an unknown key or an empty slice is refused with what there is."""
     from vaeflow.tools.report import markdown_from_json
 
-    for flow, lr in (("none", 1e-3), ("iaf", 1e-3), ("iaf", 5e-4), ("maf", 5e-4)):
+    for flow, lr, steps in (
+        ("none", 1e-3, 4),
+        ("iaf", 1e-3, 2),
+        ("iaf", 5e-4, 4),
+        ("maf", 5e-4, 4),
+    ):
         cfg = _config(flow, 0)
         cfg["train"]["lr"] = lr
+        cfg["model"]["posterior"]["num_layers"] = steps
         _write_run(tmp_path / "runs", f"{flow}_{lr:g}", cfg, 80.0 + lr * 1000)
     out = tmp_path / "slice"
-    write_report([tmp_path / "runs"], out, where={"train.lr": "0.0005"})
+    write_report([tmp_path / "runs"], out, where={"train.lr": "5e-4"})
     table = (out / "results.md").read_text()
     rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]}
     assert {"IAF", "MAF"} <= rows and "diagonal Gaussian" not in rows, table
     assert "Runs: only those with `train.lr` = 0.0005 (`vaeflow report --where`)." in table
     assert markdown_from_json(out / "results.json") == table
+    # the flow-length column comes from the slice: none where it does not vary
+    both = tmp_path / "both"
+    write_report([tmp_path / "runs"], both, where={"model.posterior.num_layers": "4"})
+    header = (both / "results.md").read_text().splitlines()[0]
+    assert "flow steps" not in header and "learning rate" in header, header
     # a stored record is sliced too; None matches "NONE"
     again = tmp_path / "again"
     write_report([tmp_path / "runs"], tmp_path / "full")

@@ -340,10 +340,12 @@ def test_resume_and_skip_detection(tmp_path: Path) -> None:
     assert [s["status"] for s in statuses[:3]] == ["resume", "skipped", "pending"]
 
 
-def _reported(tmp_path: Path, points: list, overrides: dict[int, list[str]]) -> Path:
+def _reported(
+    tmp_path: Path, points: list, overrides: dict[int, list[str]], k: int | None = None
+) -> Path:
     """A report (results.json) of some of ``points``, evaluated on another machine: run
     directories of the same sweep folder and names elsewhere, each trained with the
-    point's settings plus ``overrides[i]``."""
+    point's settings plus ``overrides[i]``, evaluated with the config's k (or ``k``)."""
     from vaeflow.config import to_dict
     from vaeflow.tools.report import write_report
 
@@ -352,11 +354,14 @@ def _reported(tmp_path: Path, points: list, overrides: dict[int, list[str]]) -> 
         p = points[i]
         run = elsewhere / p.run_dir.name
         run.mkdir(parents=True)
-        config = to_dict(load_config(p.base, [*p.overrides, *extra]))
-        (run / "config.json").write_text(json.dumps(config))
-        (run / "summary.json").write_text(
-            json.dumps({"test/nll_iw4_nats": 90.0 + i, "test/k": 4, "dataset": "mnist"})
-        )
+        cfg = load_config(p.base, [*p.overrides, *extra])
+        (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+        k = k or cfg.eval.k
+        summary = {f"test/nll_iw{k}_nats": 90.0 + i, "test/k": k, "dataset": "mnist"}
+        n = cfg.eval.n_test
+        scored = f"fixed random subset of {n} of 10000" if n else "all 10000"
+        summary |= {"test/n_examples": n or 10000, "test_examples": scored}
+        (run / "summary.json").write_text(json.dumps(summary))
     write_report([elsewhere], tmp_path / "report")
     return tmp_path / "report" / "results.json"
 
@@ -390,6 +395,11 @@ def test_skip_reported_continues_a_table_from_its_report(tmp_path: Path) -> None
     wrong = _reported(tmp_path, points, {1: ["train.lr=0.5"]})
     with pytest.raises(ConfigError, match=r"record of .* other settings: train\.lr \(0\.5 there"):
         sw.run_sweep(path, dry_run=True, skip_reported=[wrong])
+    # Evaluated with another k or on fewer test images: not the point's number.
+    shutil.rmtree(tmp_path / "other_machine")
+    other_k = _reported(tmp_path, points, {2: []}, k=7)
+    with pytest.raises(ConfigError, match=r"evaluated otherwise \(k = 7, the point's eval\.k"):
+        sw.run_sweep(path, dry_run=True, skip_reported=[other_k])
     with pytest.raises(ConfigError, match="--skip-reported: .*no such results.json"):
         sw.run_sweep(path, dry_run=True, skip_reported=[tmp_path / "missing.json"])
 

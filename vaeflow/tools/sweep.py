@@ -81,7 +81,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -475,10 +475,11 @@ def reported_points(
     added after the record was written count as their defaults, as in the report.
 
     Raises:
-        ConfigError: a results.json that is missing or not a report's, or a record that
-            names one of the points but was trained with other settings (the keys are
-            named): the point would otherwise be trained a second time under the same
-            name, or silently taken for that other run.
+        ConfigError: a results.json that is missing or not a report's; a run stored in
+            two of them; a record that names one of the points but was trained with other
+            settings (the keys are named) or evaluated otherwise (another k or number of
+            test images): the point would otherwise be trained a second time under the
+            same name, or silently taken for that other run.
     """
     from ..run.logger import flatten_config
     from .report.collect import _list_tables_with_defaults, _run_identity, load_stored_records
@@ -491,7 +492,13 @@ def reported_points(
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"--skip-reported: {e}") from None
         for record in stored:
-            records.setdefault(_run_identity(record), (str(source), record))
+            ident = _run_identity(record)
+            if ident in records and records[ident][0] != str(source):
+                raise ConfigError(
+                    f"--skip-reported: run {'/'.join(ident)} is stored in both "
+                    f"{records[ident][0]} and {source}; give only one of those files"
+                )
+            records[ident] = (str(source), record)
     out: dict[str, str] = {}
     for p in points:
         hit = records.get((p.run_dir.parent.name, p.run_dir.name))
@@ -522,8 +529,37 @@ def reported_points(
                 f"settings: {shown}{more}. It is not this point's run: give the report of "
                 "this sweep's runs, or leave --skip-reported out to train the point anew"
             )
+        evaluated = _evaluated_otherwise(record["protocol"], mine)
+        if evaluated:
+            raise ConfigError(
+                f"--skip-reported {source}: its record of {p.name} was evaluated "
+                f"otherwise ({evaluated}): its number is not this point's. Evaluate that "
+                "run as the point says, or leave --skip-reported out to train it anew"
+            )
         out[p.name] = source
     return out
+
+
+def _evaluated_otherwise(protocol: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """How a reported run's evaluation (its record's ``protocol``) differs from what the
+    point's flattened ``config`` asks for -- another k, or another number of test images
+    -- or ``""``. Fields an older record lacks are not compared."""
+    out = []
+    k, n_test = protocol.get("k"), config.get("eval.n_test")
+    if k is not None and k != config.get("eval.k"):
+        out.append(f"k = {k}, the point's eval.k = {config.get('eval.k')}")
+    examples = protocol.get("test_examples")
+    if isinstance(examples, str):
+        everything, n = examples.startswith("all"), protocol.get("n_examples")
+        if n_test in (None, "none"):
+            wrong = not everything
+        elif everything:  # an n_test of at least the split's size scores all of it
+            wrong = isinstance(n, int) and n_test < n
+        else:
+            wrong = n != n_test
+        if wrong:
+            out.append(f"test images: {examples}, the point's eval.n_test = {n_test}")
+    return "; ".join(out)
 
 
 def _train_args(point: Point, extra_args: Sequence[str] = ()) -> list[str]:

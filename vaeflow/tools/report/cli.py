@@ -79,7 +79,7 @@ def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
         paired_against=(
             _key_values(args.paired_against, "--paired-against") if args.paired_against else None
         ),
-        keep_scores=True if args.keep_scores else None,
+        keep_scores=args.keep_scores,
         where=_key_values(args.where, "--where") if args.where else None,
     )
 
@@ -168,7 +168,8 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the reference row, by config keys and values as the runs' configs hold them "
         "(e.g. model.posterior.flow=none): two columns give every other "
         "row's NLL and -ELBO minus the reference's, paired image by image over the test "
-        "images all runs scored (needs the run directories' test_scores.pt)",
+        "images all runs scored (needs the run directories' test_scores.pt, or the "
+        "scores a --from-report report kept: --keep-scores)",
     )
     p.add_argument(
         "--where",
@@ -180,11 +181,13 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--keep-scores",
-        action="store_true",
-        help="also write every run's per-image test scores (test_scores.pt, about 120 KB "
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write every run's per-image test scores (kept_scores.pt, about 120 KB "
         "per 10,000 images) beside results.json, so that a later --from-report of this "
         "report can still pair its rows (--paired-against) without their run directories; "
-        "on by itself where OUT or a --from-report report already keeps them",
+        "on by itself where OUT or a --from-report report already keeps them "
+        "(--no-keep-scores: never)",
     )
     p.set_defaults(func=_report_command)
     return p

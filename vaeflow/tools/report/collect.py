@@ -357,6 +357,7 @@ def load_stored_records(results_json: str | os.PathLike[str]) -> list[dict[str, 
 def collect(
     run_dirs: Sequence[str | os.PathLike[str]],
     stored: Sequence[str | os.PathLike[str]] = (),
+    where: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Read run directories into one flat record each.
 
@@ -384,6 +385,9 @@ def collect(
             folder and run name), with a ``UserWarning``; a run directory of that run not
             evaluated yet is left out instead and the stored record kept (warned too).
             The same run stored in two different files is an error.
+        where: keep only the records whose config holds these values
+            (:func:`select_records`), chosen before anything is derived from the whole
+            set (a no-flow run's flow length follows the flow runs kept).
 
     Raises:
         FileNotFoundError: a path holds no run directory, or a stored file is missing.
@@ -427,6 +431,8 @@ def collect(
                     stacklevel=2,
                 )
             records.append(record)
+    if where:
+        records = select_records(records, where)
     _align_unused_flow_steps(records)
     return records
 
@@ -436,13 +442,14 @@ def select_records(
 ) -> list[dict[str, Any]]:
     """The records whose config holds every ``key: value`` of ``where`` (a slice of a
     sweep's runs, e.g. those on one setting of three keys); values compared as text,
-    case-blind, as ``--paired-against`` matches a row (``none`` finds ``None``).
+    as ``--paired-against`` matches a row (:func:`vaeflow.tools.report.keys.value_matches`:
+    numbers as numbers, other values as text, case-blind).
 
     Raises:
         ValueError: a key that no record's config has, or no record matching (the values
             the runs have for those keys are listed).
     """
-    from .keys import _fmt_value
+    from .keys import _fmt_value, config_matches
 
     unknown = [k for k in where if not any(k in r["config"] for r in records)]
     if unknown:
@@ -451,13 +458,7 @@ def select_records(
             "keys as dotted paths (e.g. model.prior.name)"
         )
 
-    def holds(r: Mapping[str, Any]) -> bool:
-        return all(
-            k in r["config"] and _fmt_value(r["config"][k]).lower() == str(v).lower()
-            for k, v in where.items()
-        )
-
-    chosen = [r for r in records if holds(r)]
+    chosen = [r for r in records if config_matches(r["config"], where)]
     if not chosen:
         found = {
             k: sorted({_fmt_value(r["config"].get(k)) for r in records if k in r["config"]})

@@ -81,8 +81,9 @@ def group(
         finite ones; a metric with none has mean ``nan``).
 
     Raises:
-        ValueError: a ``by`` key no run has, or a protocol key (dataset, binarization,
-            k, n_examples) that differs within a group — it is named.
+        ValueError: a ``by`` key no run has; a protocol key (dataset, binarization, k,
+            n_examples) that differs within a group — it is named; or two runs of a
+            group with the same seed (one run reported twice, not two seeds).
     """
     evaluated = [r for r in records if r["status"] == "evaluated"]
     if by is None:
@@ -114,6 +115,18 @@ def group(
                 f"runs {names} fall in one group {config} but differ in {other} besides the "
                 "seed: add those keys to --by, or report the runs apart"
             )
+        # ... and distinct seeds: the same seed twice is one run reported twice (stored
+        # under one sweep folder and re-run under another, say), not two draws.
+        seen: dict[tuple[Any, Any], str] = {}
+        for m in members:
+            seed = (m["seed"], m["config"].get("data.batch_seed"))
+            if seed in seen:
+                raise ValueError(
+                    f"runs {seen[seed]} and {m['run_dir']} have the same settings {config} "
+                    f"and the same seed (train.seed {seed[0]}, data.batch_seed {seed[1]}): "
+                    "one run reported twice, or a repeat, not two seeds; report one of them"
+                )
+            seen[seed] = str(m["run_dir"])
         protocol: dict[str, Any] = {}
         for pk in PROTOCOL_KEYS:
             values = {repr(m["protocol"].get(pk)) for m in members}

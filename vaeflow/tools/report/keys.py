@@ -3,6 +3,7 @@ protocol) and how a config value prints and sorts: shared by the report's other 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 #: config keys that never define a group (seeds are averaged; names and paths are labels;
@@ -49,3 +50,27 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
 
 def _fmt_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def value_matches(value: Any, wanted: str) -> bool:
+    """Whether a run's (flattened) config value is ``wanted``, as a user types it on the
+    command line: numbers compared as numbers (``5e-4`` finds ``0.0005``), anything else
+    as text, case-blind (``none`` finds ``None``, ``true`` finds ``True``)."""
+    text = _fmt_value(value)
+    if _is_number(value):
+        number = _as_number(wanted)
+        return number is not None and float(value) == number
+    return text.lower() == str(wanted).strip().lower()
+
+
+def config_matches(config: Mapping[str, Any], wanted: Mapping[str, str]) -> bool:
+    """Whether ``config`` (flattened) holds every ``key: value`` of ``wanted``
+    (:func:`value_matches`); a key it lacks does not match."""
+    return all(k in config and value_matches(config[k], v) for k, v in wanted.items())

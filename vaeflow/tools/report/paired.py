@@ -8,7 +8,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from .keys import _fmt_value
+from .keys import _fmt_value, config_matches
 
 
 def add_paired_differences(
@@ -38,13 +38,6 @@ def add_paired_differences(
     """
     from ...run.compare import ComparisonError, paired_group_difference
 
-    def matches(g: Mapping[str, Any]) -> bool:
-        # Case-blind, so that a flow given as "none" finds a config's None too.
-        return all(
-            k in g["config"] and _fmt_value(g["config"][k]).lower() == str(v).lower()
-            for k, v in reference.items()
-        )
-
     if len(groups) < 2:
         raise ValueError(
             f"--paired-against {dict(reference)}: the runs form {len(groups)} row(s), and "
@@ -59,7 +52,7 @@ def add_paired_differences(
             f"config keys the rows differ by ({', '.join(sorted(keys)) or 'none'}); name "
             "one of those (or group the rows by it with --by)"
         )
-    chosen = [g for g in groups if matches(g)]
+    chosen = [g for g in groups if config_matches(g["config"], reference)]
     if len(chosen) != 1:
         rows = "; ".join(
             ", ".join(f"{k}={_fmt_value(v)}" for k, v in g["config"].items()) for g in groups
@@ -115,14 +108,36 @@ def _paired_mismatch(
     if not all(math.isfinite(v) for v in values):
         return "non-finite per-image scores (an image with log p(x) = -inf or NaN)"
     for group_, mean in ((g, d["nll_a_own_nats"]), (ref, d["nll_b_own_nats"])):
-        reported = [
-            m["mean"]
-            for name, m in group_["metrics"].items()
-            if re.fullmatch(r"test/nll_iw\d+_nats", name)
-        ]
-        if reported and abs(reported[0] - mean) > 1e-6 * max(1.0, abs(mean)):
+        metrics = {name: m["mean"] for name, m in group_["metrics"].items()}
+        reported = reported_nll(metrics, d["k"])
+        if reported is not None and not scores_match(mean, reported):
             return (
                 f"its per-image scores average {mean:.4f} nats, not the reported NLL "
-                f"{reported[0]:.4f} (evaluated again since?)"
+                f"{reported:.4f} (evaluated again since?)"
             )
     return None
+
+
+#: How closely per-image scores must average to the NLL a row reports to be taken for
+#: that evaluation's (relative): float64 sums in another order differ by ~1e-12, scores
+#: kept in float32 (:mod:`.scores`) by at most ~6e-8; another evaluation by far more.
+SCORES_RELATIVE_TOLERANCE = 1e-6
+
+
+def reported_nll(metrics: Mapping[str, float], k: int | None = None) -> float | None:
+    """The test NLL among ``metrics`` (``test/nll_iw<k>_nats``: that k's, or with ``k``
+    None the first such metric), or None."""
+    if k is not None:
+        return metrics.get(f"test/nll_iw{k}_nats")
+    for name, value in metrics.items():
+        if re.fullmatch(r"test/nll_iw\d+_nats", name):
+            return value
+    return None
+
+
+def scores_match(mean_nll: float, reported: float) -> bool:
+    """Whether per-image scores averaging ``mean_nll`` are the evaluation that reported
+    ``reported`` (:data:`SCORES_RELATIVE_TOLERANCE`); never for a non-finite value."""
+    if not (math.isfinite(mean_nll) and math.isfinite(reported)):
+        return False
+    return abs(reported - mean_nll) <= SCORES_RELATIVE_TOLERANCE * max(1.0, abs(reported))

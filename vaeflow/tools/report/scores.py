@@ -1,4 +1,4 @@
-"""Per-image test scores kept beside a report (``test_scores.pt``), so that its rows can be
+"""Per-image test scores kept beside a report (``kept_scores.pt``), so that its rows can be
 paired image by image (``--paired-against``) after their run directories are gone.
 
 Run directories live outside the repository and rarely outlive the machine that trained
@@ -21,14 +21,14 @@ File layout (written with :func:`vaeflow.run.checkpoint.save_checkpoint`, read w
          "log_px": float32 (n,), "elbo": float32 (n,)}}}
 
 Scores are stored in float32 (about 120 KB per run of 10,000 images): the rounding is at
-most 1e-5 nats per image for NLLs below 128 nats, far below the tables' precision and the
-per-image differences' standard errors.
+most 6e-8 of each value (5e-6 nats per image for NLLs below 128 nats), far below the
+tables' precision and the per-image differences' standard errors. The file is
+``kept_scores.pt``, not ``test_scores.pt`` (one run's own file in its run directory).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,69 +38,70 @@ import torch
 
 from ...run.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .collect import _run_identity
+from .paired import reported_nll, scores_match
 
-#: The file a report keeps its runs' per-image scores in, beside ``results.json``.
-SCORES_FILE = "test_scores.pt"
+#: The file a report keeps its runs' per-image scores in, beside ``results.json`` (not
+#: ``test_scores.pt``: that is one run's own, in its run directory).
+SCORES_FILE = "kept_scores.pt"
 _FORMAT = 1
 
 
-def _reported_nll(record: Mapping[str, Any]) -> float | None:
-    """The record's test NLL (``test/nll_iw<k>_nats``), or None."""
-    for name, value in record["metrics"].items():
-        if re.fullmatch(r"test/nll_iw\d+_nats", name):
-            return float(value)
-    return None
-
-
-def _consistent(record: Mapping[str, Any], scores: Mapping[str, Any]) -> bool:
-    """The scores average to the NLL the record reports (so they are that evaluation's)."""
-    nll = _reported_nll(record)
-    if nll is None or not math.isfinite(nll) or scores["log_px"].numel() == 0:
-        return False
+def _why_not_this_evaluation(record: Mapping[str, Any], scores: Mapping[str, Any]) -> str | None:
+    """Why ``scores`` are not the evaluation ``record`` reports, or None when they are:
+    they average to its NLL for their k (:func:`vaeflow.tools.report.paired.scores_match`)."""
+    k = scores["evaluation"].get("k")
+    reported = reported_nll(record["metrics"], k)
+    if reported is None or not math.isfinite(reported):
+        return f"it reports no finite NLL for the scores' k = {k} ({reported})"
+    if scores["log_px"].numel() == 0:
+        return "no image was scored"
     mean = -scores["log_px"].double().mean().item()
-    # float32 storage: the mean moves by far less than this.
-    return abs(mean - nll) <= 1e-5 * max(1.0, abs(nll))
+    if not scores_match(mean, reported):
+        return (
+            f"its per-image scores average {mean:.4f} nats, not the reported NLL "
+            f"{reported:.4f} (evaluated again since?)"
+        )
+    return None
 
 
 def _key(record: Mapping[str, Any]) -> str:
     return "/".join(_run_identity(record))
 
 
-def load_kept_scores(
-    stored: Sequence[str | Path], records: Sequence[Mapping[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """The per-image scores kept beside the stored ``results.json`` files, for the
-    stored records among ``records`` (those with ``"stored_in"``), keyed by the record's
-    ``run_dir`` (how :func:`vaeflow.run.compare.paired_group_difference` asks for them).
+def load_kept_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The per-image scores kept for the stored records among ``records`` (those with
+    ``"stored_in"``): read from the ``kept_scores.pt`` beside each record's
+    ``results.json``, keyed by the record's ``run_dir`` (how
+    :func:`vaeflow.run.compare.paired_group_difference` asks for them).
 
-    A record whose kept scores do not average to its reported NLL is left without (with a
-    ``UserWarning``): they would not be the evaluation the table reports.
+    A record whose kept scores are not its reported evaluation is left without (with a
+    ``UserWarning`` saying why): pairing it would compare another evaluation.
 
     Raises:
-        ValueError: a ``test_scores.pt`` beside a stored file that cannot be read or is
-            not a report's (the path and what to do are named).
+        ValueError: a ``kept_scores.pt`` that cannot be read or is not a report's (the
+            path and what to do are named).
     """
+    files: dict[Path, dict[str, dict[str, Any]]] = {}
     out: dict[str, dict[str, Any]] = {}
-    for source in stored:
-        path = Path(source).parent / SCORES_FILE
-        if not path.is_file():
+    for record in records:
+        if not record.get("stored_in"):
             continue
-        runs = _read(path)
-        for record in records:
-            if record.get("stored_in") != str(source):
-                continue
-            scores = runs.get(_key(record))
-            if scores is None:
-                continue
-            if not _consistent(record, scores):
-                warnings.warn(
-                    f"{path}: the per-image scores kept for {_key(record)} do not average "
-                    "to the NLL its stored record reports; that row is not paired",
-                    stacklevel=2,
-                )
-                continue
-            # int64 indices, as a run directory's: pairing sorts and searches them together
-            out[str(record["run_dir"])] = {**scores, "indices": scores["indices"].long()}
+        path = Path(record["stored_in"]).parent / SCORES_FILE
+        if path not in files:
+            files[path] = _read(path) if path.is_file() else {}
+        scores = files[path].get(_key(record))
+        if scores is None:
+            continue
+        why = _why_not_this_evaluation(record, scores)
+        if why is not None:
+            warnings.warn(
+                f"{path}: the per-image scores kept for {_key(record)} are not the "
+                f"evaluation its stored record reports ({why}); that row is not paired",
+                stacklevel=2,
+            )
+            continue
+        # int64 indices, as a run directory's: pairing sorts and searches them together
+        out[str(record["run_dir"])] = {**scores, "indices": scores["indices"].long()}
     return out
 
 
@@ -127,13 +128,13 @@ def write_kept_scores(
     records: Sequence[Mapping[str, Any]],
     kept: Mapping[str, Mapping[str, Any]],
 ) -> tuple[Path, list[str]]:
-    """Write ``out_dir/test_scores.pt`` with every evaluated record's per-image scores:
+    """Write ``out_dir/kept_scores.pt`` with every evaluated record's per-image scores:
     a run directory's own ``test_scores.pt``, or a stored record's kept scores (``kept``,
     from :func:`load_kept_scores`).
 
     Returns:
-        The path written, and the runs left out with why (no per-image scores, or scores
-        that do not average to the reported NLL: evaluated again since).
+        The path written, and the runs left out with why (no per-image scores, unreadable
+        ones, or scores that are not the reported evaluation).
     """
     from ...run.compare import read_scores
 
@@ -154,11 +155,12 @@ def write_kept_scores(
             except FileNotFoundError:
                 left_out.append(f"{key}: its run directory has no per-image scores")
                 continue
-            if not _consistent(record, scores):
-                left_out.append(
-                    f"{key}: its per-image scores do not average to its reported NLL "
-                    "(evaluated again since?)"
-                )
+            except (CheckpointError, OSError, KeyError) as e:
+                left_out.append(f"{key}: its per-image scores cannot be read ({e})")
+                continue
+            why = _why_not_this_evaluation(record, scores)
+            if why is not None:
+                left_out.append(f"{key}: {why}")
                 continue
         indices = scores["indices"]
         small = indices.numel() == 0 or int(indices.max()) < 2**31

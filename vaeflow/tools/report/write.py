@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ...atomic import remove_stale_temps, write_text_atomic
-from .collect import _read_json, collect, select_records
+from .collect import _read_json, collect
 from .figures import _parse_references, _save_figures, make_figures
 from .group import group
+from .keys import _fmt_value
 from .labels import load_labels
 from .paired import add_paired_differences
 from .scores import SCORES_FILE, load_kept_scores, write_kept_scores
@@ -118,7 +119,7 @@ def write_report(
             (:func:`add_paired_differences`). A stored row is paired when the report
             that stored it kept its per-image scores (``keep_scores``).
         keep_scores: write every evaluated run's per-image test scores to
-            ``test_scores.pt`` beside ``results.json`` (:mod:`.scores`; about 120 KB per
+            ``kept_scores.pt`` beside ``results.json`` (:mod:`.scores`; about 120 KB per
             run of 10,000 images), so that a later report of this one (``stored``) can
             pair its rows after their run directories are gone. ``None``: keep them
             when ``out_dir`` already has such a file or a stored report kept some, so
@@ -138,10 +139,10 @@ def write_report(
     # Read everything first: a stored results.json may be the one this report rewrites.
     label_map = _labels_arg(labels)
     refs = _parse_references(references)
-    records = collect(run_dirs, stored)
-    if where:
-        records = select_records(records, where)
-    kept = load_kept_scores(stored, records)
+    records = collect(run_dirs, stored, where=where)
+    if where:  # stated as the configs hold the values, not as typed (5e-4, NONE)
+        where = {k: _fmt_value(records[0]["config"][k]) for k in where}
+    kept = load_kept_scores(records)
     out = Path(out_dir)
     if keep_scores is None:
         keep_scores = (out / SCORES_FILE).is_file() or any(
