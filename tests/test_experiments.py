@@ -182,21 +182,15 @@ def test_flow_priors_follow_the_vampprior_code() -> None:
     assert {p.name for p in exact_points} == names
     for exact in exact_points:
         (plain,) = [p for p in points if p.name == exact.name]
-        a = to_dict(load_config(exact.base, exact.overrides))
-        b = to_dict(load_config(plain.base, plain.overrides))
-        assert _changed(a, b) == {
-            "model.posterior.scale",
-            "model.init",
-            "train.normgrad_split",
-            "run.root",
-        }, exact.name
+        a, b = _as_dict(exact), _as_dict(plain)
+        assert _changed(a, b) == _CODE_SETTINGS | {"run.root"}, exact.name
         assert a["model"]["posterior"]["scale"] == "log_var_hardtanh"
         assert (a["model"]["init"], a["train"]["normgrad_split"]) == ("he_normal", True)
     # code_exact_each.toml: that N(0, I) row with one of the three settings each
     (plain,) = [p for p in points if p.name == "gauss+standard__seed=2"]
-    b = to_dict(load_config(plain.base, plain.overrides))
+    b = _as_dict(plain)
     each = {
-        p.name: _changed(to_dict(load_config(p.base, p.overrides)), b) - {"run.root", "run.name"}
+        p.name: _changed(_as_dict(p), b) - {"run.root", "run.name"}
         for p in sw.expand(EXPERIMENTS / "flow_priors" / "code_exact_each.toml")
     }
     assert each == {
@@ -215,25 +209,26 @@ def test_flow_priors_reduced_code_is_reduced_on_the_codes_settings() -> None:
     code_rows = sw.expand(folder / "reduced_code.toml")
     assert {p.name.split("__")[0] for p in code_rows} == set(vaeflow_rows)
     for p in code_rows:
-        a = to_dict(load_config(p.base, p.overrides))
-        plain = vaeflow_rows[p.name.split("__")[0]]
-        b = to_dict(load_config(plain.base, plain.overrides))
-        assert _changed(a, b) == {
-            "model.posterior.scale",
-            "model.init",
-            "train.normgrad_split",
-            "train.seed",
-            "data.batch_seed",
-            "run.root",
-            "run.name",
-        }, p.name
+        a = _as_dict(p)
+        b = _as_dict(vaeflow_rows[p.name.split("__")[0]])
+        seed = {"train.seed", "data.batch_seed"}
+        assert _changed(a, b) == _CODE_SETTINGS | seed | {"run.root", "run.name"}, p.name
         assert (a["model"]["init"], a["train"]["seed"]) == ("he_normal", 2), p.name
     by_name = {p.name: p for p in code_rows}
     for exact in sw.expand(folder / "code_exact.toml"):
         mine = by_name[exact.name]
         assert mine.run_dir == exact.run_dir, exact.name
-        a = to_dict(load_config(exact.base, exact.overrides))
-        assert a == to_dict(load_config(mine.base, mine.overrides)), exact.name
+        assert _as_dict(exact) == _as_dict(mine), exact.name
+
+
+#: The settings where vaeflow's defaults differ from the VampPrior code's: the posterior's
+#: head, the initialisation and AdamNormGrad's tensors (experiments/flow_priors/README.md).
+_CODE_SETTINGS = {"model.posterior.scale", "model.init", "train.normgrad_split"}
+
+
+def _as_dict(point: sw.Point) -> dict:
+    """A sweep point's whole config as a nested dict."""
+    return to_dict(load_config(point.base, point.overrides))
 
 
 def _changed(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -457,6 +452,54 @@ def test_reduced_reports_go_where_the_committed_results_are(tmp_path: Path, name
         readme = REPO / out / "README.md"
         head = readme.read_text().lower().splitlines()[:5] if readme.is_file() else []
         assert not any("superseded" in line for line in head), f"{out} is labelled superseded"
+
+
+def test_flow_priors_code_mode_grows_its_table(tmp_path: Path) -> None:
+    """`run.sh code` runs reduced_code.toml and writes its table from the runs on the
+    code's three settings only, with their per-image scores kept and every row paired
+    with the VampPrior. Where the table exists it skips the points the table holds and
+    reports its stored rows again; where not (a fresh checkout of the experiment), it
+    trains and reports everything. The report's parser takes what it passes."""
+    import argparse
+    import shutil
+
+    from vaeflow.tools.report import add_report_parser
+
+    table = "results/flow_priors/vampprior_protocol/code_settings"
+    fresh = tmp_path / "fresh"  # the experiment without its results
+    shutil.copytree(EXPERIMENTS / "flow_priors", fresh / "experiments" / "flow_priors")
+    shutil.copy(EXPERIMENTS / "_run_sweep.sh", fresh / "experiments")
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    for root, grows in ((REPO, True), (fresh, False)):
+        assert (root / table / "results.json").is_file() == grows
+        stub, log = _stub(tmp_path)
+        log.unlink(missing_ok=True)
+        env = {**os.environ, "VAEFLOW": str(stub), "PYTHON": sys.executable}
+        env.pop("SWEEP_ARGS", None)
+        run = subprocess.run(
+            ["bash", str(root / "experiments" / "flow_priors" / "run.sh"), "code"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        sweep_call, report_call = log.read_text().splitlines()
+        assert sweep_call.startswith("sweep experiments/flow_priors/reduced_code.toml --jobs 2")
+        skip = f"--skip-reported {table}/results.json"
+        assert sweep_call.endswith(skip) == grows, sweep_call
+        directory = sw.load_sweep(EXPERIMENTS / "flow_priors" / "reduced_code.toml").directory
+        assert report_call.startswith(f"report {directory} -o {table} "), report_call
+        args = parser.parse_args(["report", *_unsplit_references(report_call.split()[1:])])
+        assert args.from_report == ([f"{table}/results.json"] if grows else None)
+        assert args.keep_scores
+        assert args.where == [
+            "model.init=he_normal",
+            "model.posterior.scale=log_var_hardtanh",
+            "train.normgrad_split=true",
+        ]
+        assert args.paired_against == ["model.prior.name=vamp"]
 
 
 def test_run_script_reports_even_when_a_point_failed(tmp_path: Path) -> None:
