@@ -1520,6 +1520,61 @@ def test_where_reports_a_slice_of_the_runs_and_says_so(tmp_path: Path) -> None:
         bad.func(bad)
 
 
+def test_a_grown_report_keeps_the_slice_it_was_written_with(tmp_path: Path) -> None:
+    """A report grown from a sliced one (--from-report, no --where) takes the same slice
+    of the sweep folder: a run of another setting that has since landed there does not
+    join the table; --no-where reports every run; two stored reports of different slices
+    need an explicit --where; an explicit --where wins."""
+    runs = tmp_path / "runs"
+    for name, lr in (("a", 1e-3), ("b", 5e-4)):
+        cfg = _config("iaf" if name == "a" else "maf", 0)
+        cfg["train"]["lr"] = lr
+        _write_run(runs, name, cfg, 85.0)
+    sliced = tmp_path / "sliced"
+    write_report([runs], sliced, where={"train.lr": "0.001"})
+    stored = [sliced / "results.json"]
+    # another run lands in the folder, on the other setting, and one on the slice's
+    cfg = _config("nsf", 0)
+    cfg["train"]["lr"] = 5e-4
+    _write_run(runs, "c", cfg, 84.0)
+    cfg = _config("realnvp", 0)
+    cfg["train"]["lr"] = 1e-3
+    _write_run(runs, "d", cfg, 84.5)
+    write_report([runs], sliced, stored=stored)
+    data = json.loads((sliced / "results.json").read_text())
+    assert sorted(r["name"] for r in data["records"]) == ["a", "d"]
+    assert data["where"] == {"train.lr": "0.001"}
+    assert "only those with `train.lr` = 0.001" in (sliced / "results.md").read_text()
+    write_report([runs], tmp_path / "every", stored=stored, where={})
+    data = json.loads((tmp_path / "every" / "results.json").read_text())
+    assert sorted(r["name"] for r in data["records"]) == ["a", "b", "c", "d"]
+    assert data["where"] is None
+    write_report([runs], tmp_path / "other", stored=stored, where={"train.lr": "5e-4"})
+    data = json.loads((tmp_path / "other" / "results.json").read_text())
+    assert sorted(r["name"] for r in data["records"]) == ["b", "c"]
+    # two stored reports of different slices
+    other_runs = tmp_path / "other_runs"
+    cfg = _config("maf", 1)
+    cfg["train"]["lr"] = 5e-4
+    _write_run(other_runs, "e", cfg, 85.5)
+    second = tmp_path / "second"
+    write_report([other_runs], second, where={"train.lr": "5e-4"})
+    both = [*stored, second / "results.json"]
+    with pytest.raises(ValueError, match="different --where slices.*--no-where"):
+        write_report([], tmp_path / "x", stored=both)
+    # the command line: --no-where, and both flags at once refused
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    cli = ["report", "--from-report", str(stored[0]), "-o", str(tmp_path / "cli")]
+    args = parser.parse_args([*cli, str(runs), "--no-where"])
+    assert args.func(args) == 0
+    data = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert len(data["records"]) == 4
+    args = parser.parse_args([*cli, "--no-where", "--where", "train.lr=1"])
+    with pytest.raises(SystemExit, match="--where and --no-where contradict"):
+        args.func(args)
+
+
 def test_a_training_curve_of_interval_means_is_drawn_as_logged(tmp_path: Path) -> None:
     """Runs that logged ``train/mean_elbo_nats`` (the mean over each logging interval)
     are drawn by it, unsmoothed; beside a run from before those means existed, every run

@@ -80,8 +80,18 @@ def _write_report_from_args(args: argparse.Namespace) -> dict[str, Path]:
             _key_values(args.paired_against, "--paired-against") if args.paired_against else None
         ),
         keep_scores=args.keep_scores,
-        where=_key_values(args.where, "--where") if args.where else None,
+        where=_where_from_args(args),
     )
+
+
+def _where_from_args(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--where`` as a mapping; ``{}`` for ``--no-where`` (every run, not the slice of a
+    --from-report report); ``None`` when neither is given (that slice, if any)."""
+    if args.where and args.no_where:
+        raise ValueError("--where and --no-where contradict each other; give one")
+    if args.no_where:
+        return {}
+    return _key_values(args.where, "--where") if args.where else None
 
 
 def _key_values(items: Sequence[str], option: str) -> dict[str, str]:
@@ -177,7 +187,14 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="report only the runs whose config holds every KEY=VALUE (values as the "
         "configs hold them, case-blind): a slice of a sweep's folder, e.g. the runs on "
-        "one setting; stated under the table",
+        "one setting; stated under the table. A report grown from --from-report "
+        "reports keeps the slice they were written with unless --where or --no-where is "
+        "given",
+    )
+    p.add_argument(
+        "--no-where",
+        action="store_true",
+        help="report every run, not the --where slice a --from-report report was written with",
     )
     p.add_argument(
         "--keep-scores",

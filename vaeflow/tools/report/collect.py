@@ -437,6 +437,40 @@ def collect(
     return records
 
 
+def stored_where(stored: Sequence[str | os.PathLike[str]]) -> dict[str, str] | None:
+    """The slice (``--where``) that the stored reports were written with, so that a
+    report grown from them (``--from-report``) takes the same slice of a sweep folder
+    without it being given again: the folder may hold runs of other settings (e.g.
+    ``code_exact*.toml``'s beside ``reduced_code.toml``'s), and a row silently joined by
+    them would be a different table.
+
+    Returns:
+        The common ``{key: value}`` of the stored reports that have one, or ``None``
+        when none has.
+
+    Raises:
+        ValueError: two stored reports were written with different slices (give
+            ``--where``, or ``--no-where`` for every run).
+    """
+    found: dict[str, dict[str, str]] = {}
+    for source in stored:
+        try:
+            data = _read_json(Path(source))
+        except (OSError, json.JSONDecodeError):
+            continue  # :func:`load_stored_records` says what is wrong with the file
+        where = data.get("where") if isinstance(data, Mapping) else None
+        if isinstance(where, Mapping) and where:
+            found[str(source)] = {str(k): str(v) for k, v in where.items()}
+    slices = {tuple(sorted(w.items())) for w in found.values()}
+    if len(slices) > 1:
+        raise ValueError(
+            "the --from-report reports were written with different --where slices ("
+            + "; ".join(f"{src}: {w}" for src, w in found.items())
+            + "); give --where for this report, or --no-where to report every run"
+        )
+    return dict(slices.pop()) if slices else None
+
+
 def select_records(
     records: Sequence[dict[str, Any]], where: Mapping[str, str]
 ) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...atomic import remove_stale_temps, write_text_atomic
-from .collect import _read_json, collect
+from .collect import _read_json, collect, stored_where
 from .figures import _parse_references, _save_figures, make_figures
 from .group import group
 from .keys import _fmt_value
@@ -127,6 +127,9 @@ def write_report(
 
         where: ``{config key: value}``: report only the runs (and stored records) whose
             config holds all of them (:func:`select_records`); stated under the table.
+            ``None``: the slice the ``stored`` reports were written with, if any
+            (:func:`stored_where`), so a grown table stays the same slice; ``{}``: every
+            run.
 
     Returns:
         ``{"markdown", "json", "learning_curves", "metric_vs_key", "heatmap", "scores"}``
@@ -139,6 +142,8 @@ def write_report(
     # Read everything first: a stored results.json may be the one this report rewrites.
     label_map = _labels_arg(labels)
     refs = _parse_references(references)
+    if where is None:  # a grown report keeps its slice; ``{}`` reports every run
+        where = stored_where(stored)
     records = collect(run_dirs, stored, where=where)
     if where:  # stated as the configs hold the values, not as typed (5e-4, NONE)
         where = {k: _fmt_value(records[0]["config"][k]) for k in where}
