@@ -1524,7 +1524,9 @@ def test_a_grown_report_keeps_the_slice_it_was_written_with(tmp_path: Path) -> N
     """A report grown from a sliced one (--from-report, no --where) takes the same slice
     of the sweep folder: a run of another setting that has since landed there does not
     join the table; --no-where reports every run; two stored reports of different slices
-    need an explicit --where; an explicit --where wins."""
+    (every run being one) need an explicit --where; an explicit --where wins; the stored
+    slice selects the same runs again (floats exactly, a rewritten key by its runs'
+    values); a redraw refuses --where/--no-where rather than ignoring them."""
     runs = tmp_path / "runs"
     for name, lr in (("a", 1e-3), ("b", 5e-4)):
         cfg = _config("iaf" if name == "a" else "maf", 0)
@@ -1562,6 +1564,32 @@ def test_a_grown_report_keeps_the_slice_it_was_written_with(tmp_path: Path) -> N
     both = [*stored, second / "results.json"]
     with pytest.raises(ValueError, match="different --where slices.*--no-where"):
         write_report([], tmp_path / "x", stored=both)
+    # every run is a slice of its own: a sliced report's slice must not thin out an
+    # unsliced one's records unnoticed
+    whole = tmp_path / "whole"
+    write_report([other_runs], whole)
+    with pytest.raises(ValueError, match="different --where slices.*every run"):
+        write_report([], tmp_path / "x", stored=[*stored, whole / "results.json"])
+    # a float that :g would cut to 6 digits, and a key the report rewrites for no-flow
+    # runs (their flow length), still select the same runs when the report grows
+    odd = tmp_path / "odd_runs"
+    for name, flow, steps in (("f", "none", 1), ("g", "iaf", 2), ("h", "iaf", 4)):
+        cfg = _config(flow, 0)
+        cfg["train"]["lr"] = 1 / 3 * 1e-3
+        cfg["model"]["posterior"]["num_layers"] = steps
+        _write_run(odd, name, cfg, 85.0)
+    for key, given, picked in (
+        ("train.lr", repr(1 / 3 * 1e-3), ["f", "g", "h"]),
+        ("model.posterior.num_layers", "1", ["f"]),
+    ):
+        first = tmp_path / f"odd_{key}"
+        write_report([odd], first, where={key: given})
+        grown = tmp_path / f"grown_{key}"
+        write_report([odd], grown, stored=[first / "results.json"])
+        for out in (first, grown):
+            data = json.loads((out / "results.json").read_text())
+            assert sorted(r["name"] for r in data["records"]) == picked, (key, out)
+            assert data["where"] == {key: given}
     # the command line: --no-where, and both flags at once refused
     parser = argparse.ArgumentParser()
     add_report_parser(parser.add_subparsers(dest="command"))
@@ -1573,6 +1601,11 @@ def test_a_grown_report_keeps_the_slice_it_was_written_with(tmp_path: Path) -> N
     args = parser.parse_args([*cli, "--no-where", "--where", "train.lr=1"])
     with pytest.raises(SystemExit, match="--where and --no-where contradict"):
         args.func(args)
+    redraw = ["report", str(stored[0]), "-o", str(tmp_path / "redraw")]
+    for flag in (["--no-where"], ["--where", "train.lr=1"]):
+        args = parser.parse_args([*redraw, *flag])
+        with pytest.raises(SystemExit, match="a redraw of one results.json has no runs"):
+            args.func(args)
 
 
 def test_a_training_curve_of_interval_means_is_drawn_as_logged(tmp_path: Path) -> None:

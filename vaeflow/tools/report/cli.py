@@ -48,6 +48,13 @@ def _report_command(args: argparse.Namespace) -> int:
         and Path(args.runs[0]).is_file()
         and args.runs[0].endswith(".json")
     ):
+        if args.where or args.no_where:
+            raise SystemExit(
+                "vaeflow report: error: --where/--no-where choose runs, and a redraw of one "
+                "results.json has no runs to choose: it keeps the slice it was written "
+                "with; to report another slice, give --from-report "
+                f"{args.runs[0]} --where ..."
+            )
         written = render_figures_from_json(
             args.runs[0],
             args.out,
@@ -188,8 +195,8 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="report only the runs whose config holds every KEY=VALUE (values as the "
         "configs hold them, case-blind): a slice of a sweep's folder, e.g. the runs on "
         "one setting; stated under the table. A report grown from --from-report "
-        "reports keeps the slice they were written with unless --where or --no-where is "
-        "given",
+        "reports keeps the slice they were written with (given here, --where replaces "
+        "it); reports of different slices need --where or --no-where",
     )
     p.add_argument(
         "--no-where",

@@ -445,12 +445,12 @@ def stored_where(stored: Sequence[str | os.PathLike[str]]) -> dict[str, str] | N
     them would be a different table.
 
     Returns:
-        The common ``{key: value}`` of the stored reports that have one, or ``None``
-        when none has.
+        The stored reports' common ``{key: value}``, or ``None`` when none has a slice.
 
     Raises:
-        ValueError: two stored reports were written with different slices (give
-            ``--where``, or ``--no-where`` for every run).
+        ValueError: the stored reports were written with different slices -- every run
+            being a slice of its own: one report's slice applied to another's records
+            would drop rows unnoticed (give ``--where``, or ``--no-where`` for every run).
     """
     found: dict[str, dict[str, str]] = {}
     for source in stored:
@@ -459,16 +459,18 @@ def stored_where(stored: Sequence[str | os.PathLike[str]]) -> dict[str, str] | N
         except (OSError, json.JSONDecodeError):
             continue  # :func:`load_stored_records` says what is wrong with the file
         where = data.get("where") if isinstance(data, Mapping) else None
-        if isinstance(where, Mapping) and where:
-            found[str(source)] = {str(k): str(v) for k, v in where.items()}
+        found[str(source)] = (
+            {str(k): str(v) for k, v in where.items()} if isinstance(where, Mapping) else {}
+        )
     slices = {tuple(sorted(w.items())) for w in found.values()}
     if len(slices) > 1:
         raise ValueError(
             "the --from-report reports were written with different --where slices ("
-            + "; ".join(f"{src}: {w}" for src, w in found.items())
+            + "; ".join(f"{src}: {w or 'every run'}" for src, w in found.items())
             + "); give --where for this report, or --no-where to report every run"
         )
-    return dict(slices.pop()) if slices else None
+    common = dict(slices.pop()) if slices else {}
+    return common or None
 
 
 def select_records(

@@ -16,7 +16,7 @@ from ...atomic import remove_stale_temps, write_text_atomic
 from .collect import _read_json, collect, stored_where
 from .figures import _parse_references, _save_figures, make_figures
 from .group import group
-from .keys import _fmt_value
+from .keys import _fmt_value, value_matches
 from .labels import load_labels
 from .paired import add_paired_differences
 from .scores import SCORES_FILE, load_kept_scores, write_kept_scores
@@ -145,8 +145,8 @@ def write_report(
     if where is None:  # a grown report keeps its slice; ``{}`` reports every run
         where = stored_where(stored)
     records = collect(run_dirs, stored, where=where)
-    if where:  # stated as the configs hold the values, not as typed (5e-4, NONE)
-        where = {k: _fmt_value(records[0]["config"][k]) for k in where}
+    if where:
+        where = _stated_where(records, where)
     kept = load_kept_scores(records)
     out = Path(out_dir)
     if keep_scores is None:
@@ -196,6 +196,28 @@ def write_report(
         for why in left_out:
             warnings.warn(f"{written['scores']}: not kept: {why}", stacklevel=2)
     return written
+
+
+def _stated_where(records: Sequence[dict[str, Any]], where: Mapping[str, str]) -> dict[str, str]:
+    """``where`` as the selected runs' configs hold the values (``5e-4`` -> ``0.0005``,
+    ``NONE`` -> ``None``), in text that selects them again when a later report grows
+    from this one (:func:`stored_where`): a float by ``repr``, which round-trips (``:g``
+    keeps 6 digits). Read from a run that still matches -- not one whose value the
+    report rewrote (a no-flow run's flow length) -- or kept as given if none does."""
+    stated = {}
+    for key, given in where.items():
+        held = [
+            r["config"][key]
+            for r in records
+            if key in r["config"] and value_matches(r["config"][key], given)
+        ]
+        if not held:
+            stated[key] = str(given)
+        elif isinstance(held[0], float) and math.isfinite(held[0]):
+            stated[key] = repr(held[0])
+        else:
+            stated[key] = _fmt_value(held[0])
+    return stated
 
 
 def markdown_from_json(results_json: str | os.PathLike[str]) -> str:
