@@ -950,7 +950,7 @@ def test_title_leaves_out_what_a_topdown_model_does_not_use() -> None:
         for f in ("none", "conv_iaf")
     ]
     title = Labeller().title(topdown, ["model.posterior.flow"])
-    assert "latent dim" not in title and "prior" not in title and "k: 1" in title, title
+    assert "latent dim" not in title and "prior" not in title and "training k: 1" in title, title
     one_layer = [{**common, "model.topdown": None}, {**common, "model.topdown": "none"}]
     assert "latent dim: 32" in Labeller().title(one_layer, [])
 

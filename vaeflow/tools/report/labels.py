@@ -33,7 +33,7 @@ READER_NAMES: dict[str, str] = {
     "model.prior.num_layers": "prior flow steps",
     "model.prior.num_components": "prior components",
     "train.objective": "objective",
-    "train.k": "k",
+    "train.k": "training k",
     "train.lr": "learning rate",
     "train.optimizer": "optimiser",
     "train.steps": "training steps",
