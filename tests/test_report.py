@@ -58,10 +58,13 @@ def _write_run(
     k: int = 5000,
     commit: str = "abc1234",
     curve: tuple[float, ...] = (-120.0, -100.0),
+    trained: bool = True,
 ) -> Path:
     run = root / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config))
+    if trained:  # what vaeflow train writes when training ends
+        (run / "train_summary.json").write_text(json.dumps({"status": "completed"}))
     (run / "environment.json").write_text(
         json.dumps({"commit": commit, "versions": {"torch": "2.x"}, "notes": [NOTE]})
     )
@@ -338,6 +341,39 @@ def test_not_evaluated_run_listed_not_averaged(runs: Path, tmp_path: Path) -> No
     assert "Not evaluated" in md and "iaf_s3" in md
     data = json.loads(written["json"].read_text())
     assert any(r["status"] == "not evaluated" for r in data["records"])
+
+
+def test_a_run_still_training_is_marked_unfinished(runs: Path, tmp_path: Path) -> None:
+    """A run without train_summary.json (still training, or killed) has a curve that
+    stops short: its warning, its line under the table and its legend entry say so, also
+    when the figures are redrawn from results.json; a trained run's do not."""
+    _write_run(runs, "iaf_s3", _config("iaf", 3))  # trained, not evaluated
+    _write_run(runs, "planar_s3", _config("planar", 3), trained=False)  # still training
+    with pytest.warns(UserWarning) as caught:
+        records = collect([runs])
+    messages = [str(w.message) for w in caught]
+    assert any("planar_s3 has not finished training" in m for m in messages), messages
+    assert not any("iaf_s3 has not finished training" in m for m in messages), messages
+    assert {r["name"]: r["trained"] for r in records if r["status"] != "evaluated"} == {
+        "iaf_s3": True,
+        "planar_s3": False,
+    }
+    with _saved_figures() as captured, pytest.warns(UserWarning):
+        written = write_report([runs], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "planar_s3 (training unfinished)" in md
+    assert "iaf_s3 (training unfinished)" not in md and "iaf_s3" in md
+    legend = [t.get_text() for t in captured[0].legends[0].get_texts()]
+    unfinished = [t for t in legend if "training unfinished" in t]
+    # the planar group (seeds 1-3, one of them unfinished) says so; the IAF group not
+    assert len(unfinished) == 1 and "planar" in unfinished[0].lower(), legend
+    assert any("iaf" in t.lower() for t in legend), legend
+    from vaeflow.tools.report import markdown_from_json, render_figures_from_json
+
+    assert markdown_from_json(written["json"]) == md
+    with _saved_figures() as again:
+        render_figures_from_json(written["json"], tmp_path / "redrawn")
+    assert [t.get_text() for t in again[0].legends[0].get_texts()] == legend
 
 
 def test_cli_parser(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

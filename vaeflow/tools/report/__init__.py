@@ -12,9 +12,10 @@ A run directory (written by :mod:`vaeflow.run.train` and :mod:`vaeflow.run.evalu
 Runs without ``summary.json`` are **kept** with ``status = "not evaluated"`` (and a
 ``UserWarning`` naming them): they have no test metrics, so :func:`group` leaves them
 out of every table, but :func:`write_report` lists them under the table and still draws
-their learning curves. Numbers measured under different protocols (dataset,
-binarisation, importance samples ``k``, number of test examples) are never averaged:
-:func:`group` raises ``ValueError`` naming the key instead.
+their learning curves -- marked "(training unfinished)" for a run without
+``train_summary.json``, whose curve stops short. Numbers measured under different
+protocols (dataset, binarisation, importance samples ``k``, number of test examples)
+are never averaged: :func:`group` raises ``ValueError`` naming the key instead.
 
 Figures are for a reader who sees only ``results/``: one line per group of seeds (mean
 and a min-max band), legends that name what varies in a reader's words

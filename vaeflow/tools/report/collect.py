@@ -192,6 +192,10 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         "name": run_dir.resolve().name,
         "sweep": run_dir.resolve().parent.name,
         "status": "evaluated" if summary_path.is_file() else "not evaluated",
+        # train_summary.json is written when training ends (completed, stopped early or
+        # stopped on purpose): without it the run is still training, or was killed, and
+        # its learning curve stops short -- a figure must not pass it off as finished.
+        "trained": (run_dir / "train_summary.json").is_file(),
         "commit": env.get("commit") or "unknown",
         "seed": config.get("train.seed"),
         "checkpoint_step": summary.get("checkpoint_step"),
@@ -367,17 +371,17 @@ def collect(
 
     Returns:
         Records ``{"run_dir", "name", "sweep" (the run directory's parent folder),
-        "status", "commit", "seed", "checkpoint_step",
-        "config": {dotted.key: value}, "protocol": {dataset, binarization, k,
-        n_examples}, "metrics": {"test/...": float}, "notes": [...], "train_examples":
-        int | None (environment.json's training-split size), "learning_curve": {"step":
-        [...], "val/elbo_nats": [...]} (finite validation ELBOs from metrics.jsonl, or
-        ``"train/elbo_nats"`` for a run without a validation split)}``, and for a run
+        "status", "trained" (``train_summary.json`` exists: training ended), "commit",
+        "seed", "checkpoint_step", "config": {dotted.key: value}, "protocol": {dataset,
+        binarization, k, n_examples}, "metrics": {"test/...": float}, "notes": [...],
+        "train_examples": int | None (environment.json's training-split size),
+        "learning_curve": {"step": [...], "val/elbo_nats": [...]} (finite validation
+        ELBOs from metrics.jsonl, or ``"train/elbo_nats"`` for a run without a validation
+        split)}``, and for a run
         trained with ``train.test_every`` ``"test_curve": {"step": [...],
-        "test_curve/iwae_k<K>_nats": [...]}``. A
-        run without
-        ``summary.json`` has ``status == "not evaluated"`` and empty metrics, and a
-        ``UserWarning`` names it.
+        "test_curve/iwae_k<K>_nats": [...]}``. A run without ``summary.json`` has
+        ``status == "not evaluated"`` and empty metrics, and a ``UserWarning`` names it
+        (saying when its training has not ended either).
 
         stored: earlier reports' ``results.json`` files whose evaluated records are
             reported again (:func:`load_stored_records`). An *evaluated* run directory
@@ -397,7 +401,14 @@ def collect(
     records = []
     for run_dir in _run_dirs(run_dirs) if run_dirs else []:
         record = _load_record(run_dir)
-        if record["status"] != "evaluated":
+        if record["status"] != "evaluated" and not record["trained"]:
+            warnings.warn(
+                f"{run_dir} has not finished training (no train_summary.json: still "
+                "running, or killed -- `vaeflow train ... --resume` continues it): listed as "
+                "'not evaluated', left out of the tables, its curve marked unfinished",
+                stacklevel=2,
+            )
+        elif record["status"] != "evaluated":
             warnings.warn(
                 f"{run_dir} has no summary.json (run `vaeflow eval {run_dir}`): listed as "
                 "'not evaluated' and left out of the tables",

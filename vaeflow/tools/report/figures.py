@@ -246,8 +246,10 @@ def learning_curves_figure(
     over the group's seeds on the steps they all logged, a band from their minimum to
     maximum, and after the shortest seed stopped each seed's own curve, thin. One legend
     entry per group, named by :class:`LabelPlan`, styled by :func:`series_styles`, outside
-    the axes; the keys that are the same in every run go into the title. The x axis is
-    in epochs when every run knows its batch size and training-set size, else in steps.
+    the axes; the keys that are the same in every run go into the title; a group with a
+    run whose training has not ended (``trained`` false) says "(training unfinished)".
+    The x axis is in epochs when every run knows its batch size and training-set size,
+    else in steps.
     ``references`` (a paper's NLL or -ELBO in nats, :func:`_parse_references`) are drawn
     at minus the value, where the ELBO, a lower bound on log p(x), would have to be below
     them.
@@ -273,6 +275,12 @@ def learning_curves_figure(
             f"{n} ({len(ms)} seed{'s' if len(ms) != 1 else ''})"
             for n, ms in zip(names, buckets, strict=True)
         ]
+    # A run still training (or killed) stops short: said in its legend entry, so its
+    # curve is not read as a finished run's (records from before the field were trained).
+    names = [
+        f"{n} (training unfinished)" if any(m.get("trained") is False for m in ms) else n
+        for n, ms in zip(names, buckets, strict=True)
+    ]
     legend_labels = names + [_reference_label(*r, sign=-1.0) for r in refs]
     fig = _new_figure(5.2 + _legend_width(legend_labels), 4.4)
     ax = fig.add_subplot()

@@ -136,7 +136,8 @@ def to_markdown(
         groups: from :func:`group`.
         metrics: metric names for the columns; default: NLL, bpd, ELBO, KL, recon,
             active units, those present.
-        not_evaluated: run directories to list under the table as not evaluated.
+        not_evaluated: run directories to list under the table as not evaluated (with
+            "(training unfinished)" after those whose training has not ended).
         labels: a label map or :class:`Labeller` (default: :data:`READER_NAMES` and
             :data:`READER_VALUES`), the same names as the figures'.
         where: the selection the runs were reported under (``--where``), stated under

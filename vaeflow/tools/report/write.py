@@ -161,7 +161,7 @@ def write_report(
         stored_runs = {r["run_dir"] for r in records if r.get("stored_in")}
         add_paired_differences(groups, paired_against, stored_runs, known=kept)
     keys = list(groups[0]["by"]) if groups else (list(by) if by else [])
-    not_evaluated = [r["run_dir"] for r in records if r["status"] != "evaluated"]
+    not_evaluated = _not_evaluated(records)
     written: dict[str, Path] = {}
     columns = resolve_metrics(groups, metrics) if metrics is not None else None
     md = out / "results.md"
@@ -228,8 +228,18 @@ def markdown_from_json(results_json: str | os.PathLike[str]) -> str:
     return _markdown_from_data(data, (data.get("figures") or {}).get("labels"))
 
 
+def _not_evaluated(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The runs to list under the table as not evaluated, each saying whether its
+    training ended (records from before the ``trained`` field were all trained)."""
+    return [
+        r["run_dir"] if r.get("trained", True) else f"{r['run_dir']} (training unfinished)"
+        for r in records
+        if r.get("status") != "evaluated"
+    ]
+
+
 def _markdown_from_data(data: dict[str, Any], labels: Any) -> str:
-    not_evaluated = [r["run_dir"] for r in data["records"] if r.get("status") != "evaluated"]
+    not_evaluated = _not_evaluated(data["records"])
     for g in data["groups"]:
         for m in g["metrics"].values():
             if m.get("mean") is None:  # results.json writes a non-finite mean as null
