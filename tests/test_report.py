@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -352,8 +353,8 @@ def test_a_run_still_training_is_marked_unfinished(runs: Path, tmp_path: Path) -
     with pytest.warns(UserWarning) as caught:
         records = collect([runs])
     messages = [str(w.message) for w in caught]
-    assert any("planar_s3 has not finished training" in m for m in messages), messages
-    assert not any("iaf_s3 has not finished training" in m for m in messages), messages
+    assert any("planar_s3: its training has not ended" in m for m in messages), messages
+    assert not any("iaf_s3: its training has not ended" in m for m in messages), messages
     assert {r["name"]: r["trained"] for r in records if r["status"] != "evaluated"} == {
         "iaf_s3": True,
         "planar_s3": False,
@@ -374,6 +375,58 @@ def test_a_run_still_training_is_marked_unfinished(runs: Path, tmp_path: Path) -
     with _saved_figures() as again:
         render_figures_from_json(written["json"], tmp_path / "redrawn")
     assert [t.get_text() for t in again[0].legends[0].get_texts()] == legend
+    # a results.json from before the field: its runs were all trained
+    data = json.loads(written["json"].read_text())
+    for record in data["records"]:
+        del record["trained"]
+    old = tmp_path / "old" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps(data))
+    assert "unfinished" not in markdown_from_json(old)
+    with _saved_figures() as redrawn:
+        render_figures_from_json(old, tmp_path / "old")
+    assert not any("unfinished" in t.get_text() for t in redrawn[0].legends[0].get_texts())
+
+
+@pytest.mark.parametrize(
+    ("summary", "trained"),
+    [
+        (None, False),  # still training, killed or diverged
+        ({"status": "completed", "step": 1000}, True),
+        ({"status": "early stopping at step 600", "step": 600}, True),
+        ({"status": "completed", "step": 1000, "_steps": 2000}, False),  # resumed, longer
+        ({"status": "stopped after step 400 (stop_after_step)", "step": 400}, False),
+        ("{not json", False),  # a summary cut off mid-write
+    ],
+)
+def test_when_a_run_counts_as_trained(
+    tmp_path: Path, summary: dict[str, Any] | str | None, trained: bool
+) -> None:
+    """Training ended: train_summary.json says it stopped early or reached train.steps
+    (config.json holds the budget of the latest resume)."""
+    config = _config("iaf", 0)
+    config["train"]["steps"] = 1000
+    if isinstance(summary, dict) and "_steps" in summary:
+        config["train"]["steps"] = summary.pop("_steps")
+    run = _write_run(tmp_path, "iaf_s0", config, trained=False)
+    if summary is not None:
+        text = summary if isinstance(summary, str) else json.dumps(summary)
+        (run / "train_summary.json").write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (record,) = collect([run])
+    assert record["trained"] is trained
+
+
+def test_a_run_evaluated_before_its_training_ended_is_noted(tmp_path: Path) -> None:
+    """Its numbers are a mid-training checkpoint's: the warning and the table say so."""
+    _write_run(tmp_path, "iaf_s0", _config("iaf", 0), 85.0)
+    _write_run(tmp_path, "iaf_s1", _config("iaf", 1), 86.0, trained=False)
+    with pytest.warns(UserWarning, match="iaf_s1 was evaluated but its training has not ended"):
+        written = write_report([tmp_path], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "iaf_s1: evaluated before its training ended" in md
+    assert "iaf_s0: evaluated before" not in md
 
 
 def test_cli_parser(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

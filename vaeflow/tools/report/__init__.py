@@ -12,8 +12,9 @@ A run directory (written by :mod:`vaeflow.run.train` and :mod:`vaeflow.run.evalu
 Runs without ``summary.json`` are **kept** with ``status = "not evaluated"`` (and a
 ``UserWarning`` naming them): they have no test metrics, so :func:`group` leaves them
 out of every table, but :func:`write_report` lists them under the table and still draws
-their learning curves -- marked "(training unfinished)" for a run without
-``train_summary.json``, whose curve stops short. Numbers measured under different
+their learning curves -- marked "(training unfinished)" for a run whose
+training has not ended (no ``train_summary.json`` that reaches ``train.steps`` or
+stopped early), whose curve stops short. Numbers measured under different
 protocols (dataset, binarisation, importance samples ``k``, number of test examples)
 are never averaged: :func:`group` raises ``ValueError`` naming the key instead.
 

@@ -25,6 +25,27 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _training_ended(run_dir: Path, config: Mapping[str, Any]) -> bool:
+    """Whether the run's training ended: ``train_summary.json`` (written when a training
+    session ends) says it stopped early, or reached ``train.steps``. Without one the run
+    is still training, was killed or diverged; one that stops short of ``train.steps``
+    is left from before a resume that raised the budget, or from a run stopped on
+    purpose (``stop_after_step``). Either way its curve stops short, and a figure must
+    not pass it off as a finished run's."""
+    path = run_dir / "train_summary.json"
+    try:
+        summary = _read_json(path)
+    except (OSError, ValueError):
+        return False
+    status = str(summary.get("status", ""))
+    if status.startswith("early stopping"):
+        return True
+    step, steps = summary.get("step"), config.get("train.steps")
+    if _is_number(step) and _is_number(steps):
+        return step >= steps
+    return status == "completed"
+
+
 def _run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Expand ``paths`` into run directories (a path without config.json: its children)."""
     found: list[Path] = []
@@ -192,10 +213,7 @@ def _load_record(run_dir: Path) -> dict[str, Any]:
         "name": run_dir.resolve().name,
         "sweep": run_dir.resolve().parent.name,
         "status": "evaluated" if summary_path.is_file() else "not evaluated",
-        # train_summary.json is written when training ends (completed, stopped early or
-        # stopped on purpose): without it the run is still training, or was killed, and
-        # its learning curve stops short -- a figure must not pass it off as finished.
-        "trained": (run_dir / "train_summary.json").is_file(),
+        "trained": _training_ended(run_dir, config),
         "commit": env.get("commit") or "unknown",
         "seed": config.get("train.seed"),
         "checkpoint_step": summary.get("checkpoint_step"),
@@ -371,7 +389,7 @@ def collect(
 
     Returns:
         Records ``{"run_dir", "name", "sweep" (the run directory's parent folder),
-        "status", "trained" (``train_summary.json`` exists: training ended), "commit",
+        "status", "trained" (training ended: :func:`_training_ended`), "commit",
         "seed", "checkpoint_step", "config": {dotted.key: value}, "protocol": {dataset,
         binarization, k, n_examples}, "metrics": {"test/...": float}, "notes": [...],
         "train_examples": int | None (environment.json's training-split size),
@@ -401,11 +419,22 @@ def collect(
     records = []
     for run_dir in _run_dirs(run_dirs) if run_dirs else []:
         record = _load_record(run_dir)
-        if record["status"] != "evaluated" and not record["trained"]:
+        unended = (
+            "its training has not ended (no train_summary.json, or one short of "
+            "train.steps: still running, killed, diverged, or stopped on purpose; its "
+            "log says which)"
+        )
+        if record["status"] == "evaluated" and not record["trained"]:
+            # under the table, beside the numbers it qualifies
+            record["notes"].append(
+                f"{record['name']}: evaluated before its training ended (no "
+                "train_summary.json, or one short of train.steps): a mid-training checkpoint"
+            )
+            warnings.warn(f"{run_dir} was evaluated but {unended}", stacklevel=2)
+        elif record["status"] != "evaluated" and not record["trained"]:
             warnings.warn(
-                f"{run_dir} has not finished training (no train_summary.json: still "
-                "running, or killed -- `vaeflow train ... --resume` continues it): listed as "
-                "'not evaluated', left out of the tables, its curve marked unfinished",
+                f"{run_dir}: {unended}: listed as 'not evaluated', left out of the tables, "
+                "its curve marked unfinished",
                 stacklevel=2,
             )
         elif record["status"] != "evaluated":
